@@ -1,0 +1,136 @@
+"""Messages between dpbus services (always msgpack). Not part of the public contract,
+but versioned with it: every service of one deployment runs the same dpbus.
+
+Flow for one group g::
+
+    ingest  --Submit (request/reply: SubmitAck)-->  publisher g
+    publisher g  --Step (epoch, seq)-->  every worker of g
+    leader worker of g  --StepResult | StepFailure-->  publisher g
+    each worker of g  --Heartbeat-->  publisher g
+    publisher g  --LoadReport-->  ingest
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+from msgspec import Struct
+
+from schemas.codec import Encoding
+from schemas.errors import ErrorCode
+from schemas.public import SamplingParams
+
+
+class Submit(Struct):
+    """A validated, tokenized request routed to one group."""
+
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    stream: bool
+    reply: str                 # the client's reply subject
+    encoding: Encoding         # answers go back in the request's encoding
+    accepted_at: float         # unix time when ingest accepted it
+    dp_rank: int
+
+
+class SubmitAck(Struct, omit_defaults=True):
+    accepted: bool
+    code: ErrorCode | None = None
+    message: str = ""
+    waiting: int = 0
+
+
+class GroupAbort(Struct):
+    rid: str
+
+
+class RowSampling(Struct, array_like=True):
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
+class PrefillItem(Struct, array_like=True):
+    """Write ``token_ids`` into ``slot`` from position ``start``; sample after the last chunk."""
+
+    slot: int
+    start: int
+    token_ids: list[int]
+    last: bool
+    sampling: RowSampling
+
+
+class DecodeItem(Struct, array_like=True):
+    """Feed ``token`` at ``position`` of ``slot``; ``counter`` = tokens generated so far."""
+
+    slot: int
+    token: int
+    position: int
+    counter: int
+    sampling: RowSampling
+
+
+class Step(Struct):
+    """One scheduling step of a group. ``seq`` counts 1, 2, 3... within an ``epoch``;
+    a new epoch (a publisher restart or a reset after a failure) starts again at 1."""
+
+    epoch: int
+    seq: int
+    prefill: list[PrefillItem] = []
+    decode: list[DecodeItem] = []
+
+
+class StepResult(Struct, tag="result", tag_field="type"):
+    epoch: int
+    seq: int
+    node_rank: int
+    prefill_tokens: list[int]   # one per prefill item; -1 where the item was not the last chunk
+    decode_tokens: list[int]    # one per decode item
+    elapsed_ms: float
+
+
+class StepFailure(Struct, tag="failure", tag_field="type"):
+    epoch: int
+    seq: int
+    node_rank: int
+    code: ErrorCode
+    message: str
+
+
+StepReply = Union[StepResult, StepFailure]
+
+
+class Heartbeat(Struct):
+    node_rank: int
+    dp_rank: int
+    attn_tp_rank: int
+    ready: bool
+    epoch: int
+    last_seq: int
+    time: float
+
+
+class LoadReport(Struct):
+    dp_rank: int
+    seq: int
+    time: float
+    ready: bool
+    waiting: int
+    running: int
+    free_slots: int
+    outstanding_tokens: int
+
+
+_enc = msgspec.msgpack.Encoder()
+
+
+def pack(msg: Struct) -> bytes:
+    return _enc.encode(msg)
+
+
+def unpacker(typ):
+    """A fast msgpack decoder for one internal message type (or union)."""
+    return msgspec.msgpack.Decoder(typ)

@@ -1,0 +1,106 @@
+"""The public contract: what clients publish on ``dpbus.generate`` / ``dpbus.abort``
+and the answers they receive on their reply subject.
+
+Answers are a tagged union on ``"type"``: any number of ``chunk`` then exactly one
+terminal ``done`` or ``error``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from schemas.errors import ErrorCode
+
+MAX_NEW_TOKENS_LIMIT = 1 << 16
+MAX_PROMPT_TOKENS_LIMIT = 1 << 20
+TOKEN_ID = Annotated[int, Meta(ge=0, le=(1 << 31) - 1)]
+RID = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"      # EOS or one of stop_token_ids
+    ABORT = "abort"    # cancelled through dpbus.abort
+
+
+class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """How to pick each next token. ``temperature`` 0 means greedy."""
+
+    max_new_tokens: Annotated[int, Meta(ge=1, le=MAX_NEW_TOKENS_LIMIT)] = 32
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0, le=1 << 20)] = 0  # 0: no top-k cut
+    seed: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)] | None = None
+    stop_token_ids: Annotated[list[TOKEN_ID], Meta(max_length=64)] = []
+    ignore_eos: bool = False
+
+
+class GenerateRequest(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Published on ``dpbus.generate`` with a reply subject. Give ``text`` or ``input_ids``."""
+
+    rid: RID | None = None
+    text: str | None = None
+    input_ids: Annotated[list[TOKEN_ID], Meta(max_length=MAX_PROMPT_TOKENS_LIMIT)] | None = None
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    stream: bool = True
+    dp_rank: int | None = None
+
+
+class AbortRequest(Struct, forbid_unknown_fields=True):
+    """Published on ``dpbus.abort`` (with a reply subject for the acknowledgement)."""
+
+    rid: RID
+
+
+class Timings(Struct, omit_defaults=True):
+    queue_ms: float = 0.0        # accepted by ingest -> first scheduled
+    ttft_ms: float = 0.0         # accepted by ingest -> first token
+    total_ms: float = 0.0        # accepted by ingest -> terminal message
+
+
+class Chunk(Struct, tag="chunk", tag_field="type"):
+    rid: str
+    index: int                   # 0, 1, 2, ... per request
+    token_ids: list[int]
+    text: str
+
+
+class Done(Struct, tag="done", tag_field="type", omit_defaults=True):
+    rid: str
+    dp_rank: int
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings = msgspec.field(default_factory=Timings)
+    token_ids: list[int] | None = None  # the whole output, when stream is false
+    text: str | None = None
+
+
+class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
+    code: ErrorCode
+    message: str
+    rid: str | None = None
+    dp_rank: int | None = None
+
+
+class AbortAck(Struct, tag="abort", tag_field="type", omit_defaults=True):
+    """The answer to ``dpbus.abort``: whether a group still had the request."""
+
+    rid: str
+    found: bool
+    dp_rank: int | None = None
+
+
+Answer = Union[Chunk, Done, Error]
+PUBLIC_MESSAGES = {
+    "GenerateRequest": GenerateRequest,
+    "AbortRequest": AbortRequest,
+    "Chunk": Chunk,
+    "Done": Done,
+    "Error": Error,
+    "AbortAck": AbortAck,
+}

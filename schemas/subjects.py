@@ -1,0 +1,53 @@
+"""Every NATS subject dpbus uses, built in one place from a prefix (default ``dpbus``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INGEST_QUEUE = "dpbus-ingest"
+
+
+@dataclass(frozen=True)
+class Subjects:
+    prefix: str = "dpbus"
+
+    # public
+    @property
+    def generate(self) -> str:
+        return f"{self.prefix}.generate"
+
+    @property
+    def abort(self) -> str:
+        return f"{self.prefix}.abort"
+
+    # per DP group, all under {prefix}.dp.{g}.
+    def group(self, g: int) -> str:
+        return f"{self.prefix}.dp.{g}"
+
+    def submit(self, g: int) -> str:
+        """ingest -> publisher g: a validated request (request/reply; the reply is the ack)."""
+        return f"{self.group(g)}.submit"
+
+    def group_abort(self, g: int) -> str:
+        """ingest -> publisher g: cancel a rid (request/reply)."""
+        return f"{self.group(g)}.abort"
+
+    def step(self, g: int) -> str:
+        """publisher g -> every worker of g: the ordered steps."""
+        return f"{self.group(g)}.step"
+
+    def result(self, g: int) -> str:
+        """leader worker of g -> publisher g: sampled tokens of a step."""
+        return f"{self.group(g)}.result"
+
+    def heartbeat(self, g: int) -> str:
+        """each worker of g -> publisher g: alive, ready, last step applied."""
+        return f"{self.group(g)}.heartbeat"
+
+    def load(self, g: int) -> str:
+        """publisher g -> ingest: queue lengths and readiness of the group."""
+        return f"{self.group(g)}.load"
+
+    @property
+    def all_loads(self) -> str:
+        return f"{self.prefix}.dp.*.load"

@@ -1,0 +1,1 @@
+"""dpbus services: everything that runs (ingest, publisher, worker, the CLI)."""

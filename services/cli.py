@@ -1,0 +1,234 @@
+"""The ``dpbus`` command.
+
+    dpbus up         the whole system on this machine (embedded NATS unless --nats-url)
+    dpbus demo       up + a few concurrent requests + a summary table + clean shutdown
+    dpbus generate   send one request and print the streamed answer
+    dpbus node       what one TPU VM runs: a worker, plus its group's publisher if it leads
+    dpbus ingest | publisher | worker    one service (what `up` and compose start)
+    dpbus schemas    the JSON Schema of every public message
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from typing import Any
+
+from services import settings as st
+
+ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
+                 "worker": st.WorkerSettings, "node": st.NodeSettings}
+
+
+def use_local_devices(n: int) -> None:
+    """Ask XLA for ``n`` virtual CPU devices. Must run before JAX is imported."""
+    if n <= 0:
+        return
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+async def _until_signalled(*services: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await asyncio.gather(*(s.run(stop) for s in services))
+
+
+def run_role(role: str, cfg: Any) -> int:
+    from services import logs
+
+    if role in ("worker", "node"):
+        use_local_devices(cfg.local_devices)
+    context = {"service": role}
+    if role in ("worker", "node"):
+        context["node_rank"] = cfg.node_rank
+    log = logs.configure(cfg.log_level, cfg.log_json, **context)
+    services: list[Any] = []
+    if role == "ingest":
+        from services.ingest.service import Ingest
+        services.append(Ingest(cfg, log))
+    elif role == "publisher":
+        from services.publisher.service import Publisher
+        services.append(Publisher(cfg, log))
+    else:
+        from services.worker.service import Worker
+        worker_cfg = st.project(cfg, st.WorkerSettings) if role == "node" else cfg
+        worker = Worker(worker_cfg, log)
+        services.append(worker)
+        if role == "node":
+            from services.publisher.service import Publisher
+            from services.topology import should_run_publisher
+            if should_run_publisher(cfg):
+                services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log))
+    asyncio.run(_until_signalled(*services))
+    return 0
+
+
+# ---- user commands ----------------------------------------------------------------------
+def cmd_up(a: argparse.Namespace) -> int:
+    from services.launcher import Cluster
+
+    cluster = Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=a.nats_url or os.environ.get("NATS_URL"),
+                      prefix=a.prefix, log_dir=a.log_dir)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        seconds = await cluster.start()
+        print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at {cluster.nats_url} "
+              f"(try: dpbus generate --nats-url {cluster.nats_url} 'hello'); Ctrl-C stops everything", flush=True)
+        while not stop.is_set():
+            for p in list(cluster.procs):
+                if p.popen.poll() is not None:
+                    print(f"warning: {p.name} exited with code {p.popen.returncode}; log {p.log_path}", flush=True)
+                    cluster.procs.remove(p)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    try:
+        asyncio.run(main())
+    except (RuntimeError, TimeoutError) as e:
+        print(f"dpbus up failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping every process dpbus started ...", flush=True)
+        cluster.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import nats
+
+    from schemas import Chunk, Done
+    from services.client import stream
+
+    req: dict[str, Any] = {"text": a.text, "stream": not a.no_stream,
+                           "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature}}
+    if a.seed is not None:
+        req["sampling"]["seed"] = a.seed
+    if a.dp_rank is not None:
+        req["dp_rank"] = a.dp_rank
+
+    async def main() -> int:
+        nc = await nats.connect(a.nats_url or os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+        code = 1
+        try:
+            async for ans in stream(nc, req, msgpack=a.msgpack, timeout=a.timeout):
+                if a.raw:
+                    import msgspec
+                    print(msgspec.json.encode(ans).decode(), flush=True)
+                elif isinstance(ans, Chunk):
+                    print(ans.text, end="", flush=True)
+                elif isinstance(ans, Done):
+                    if ans.text:
+                        print(ans.text, end="")
+                    print(f"\n[{ans.finish_reason.value}: group {ans.dp_rank}, {ans.completion_tokens} tokens, "
+                          f"first token {ans.timings.ttft_ms:.0f} ms, total {ans.timings.total_ms:.0f} ms]",
+                          file=sys.stderr)
+                    code = 0
+                else:
+                    print(f"\nerror {ans.code.value}: {ans.message}", file=sys.stderr)
+        finally:
+            await nc.close()
+        return code
+
+    return asyncio.run(main())
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return run_demo(a)
+
+
+def cmd_schemas(a: argparse.Namespace) -> int:
+    import msgspec
+
+    from schemas.public import PUBLIC_MESSAGES
+
+    doc = {name: msgspec.json.schema(typ) for name, typ in PUBLIC_MESSAGES.items()}
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        for name, schema in doc.items():
+            with open(os.path.join(a.out, f"{name}.schema.json"), "w") as f:
+                json.dump(schema, f, indent=2)
+        print(f"wrote {len(doc)} schemas to {a.out}")
+    else:
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpbus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def layout(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--dp-size", type=int, default=2, help="attention data-parallel groups (default 2)")
+        q.add_argument("--nnodes", type=int, default=None, help="worker processes (default: dp-size)")
+        q.add_argument("--local-devices", type=int, default=2, help="virtual CPU devices per worker (default 2)")
+        q.add_argument("--nats-url", default=None, help="use this NATS server instead of the embedded one")
+        q.add_argument("--prefix", default="dpbus", help="subject prefix (default dpbus)")
+        q.add_argument("--log-dir", default=None, help="where service logs go (default: a new temp dir)")
+
+    q = sub.add_parser("up", help="run the whole system on this machine")
+    layout(q)
+    q.set_defaults(fn=cmd_up)
+    q = sub.add_parser("demo", help="up + concurrent requests + summary table + shutdown")
+    layout(q)
+    q.add_argument("--requests", type=int, default=8)
+    q.add_argument("--max-new-tokens", type=int, default=24)
+    q.set_defaults(fn=cmd_demo)
+    q = sub.add_parser("generate", help="send one request and print the streamed answer")
+    q.add_argument("text")
+    q.add_argument("--nats-url", default=None, help="default: $NATS_URL or nats://127.0.0.1:4222")
+    q.add_argument("--max-new-tokens", type=int, default=32)
+    q.add_argument("--temperature", type=float, default=0.0)
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--dp-rank", type=int, default=None, help="pin the request to this group")
+    q.add_argument("--no-stream", action="store_true", help="only the final answer")
+    q.add_argument("--msgpack", action="store_true", help="send the request as msgpack")
+    q.add_argument("--raw", action="store_true", help="print every answer message as JSON")
+    q.add_argument("--timeout", type=float, default=120.0)
+    q.set_defaults(fn=cmd_generate)
+    q = sub.add_parser("schemas", help="print the JSON Schema of every public message")
+    q.add_argument("--out", default=None, help="write one file per message into this directory")
+    q.set_defaults(fn=cmd_schemas)
+    helps = {"node": "a worker, plus its group's publisher when should_run_publisher says so",
+             "ingest": "the ingest service", "publisher": "the publisher of one DP group", "worker": "one worker"}
+    for role, cls in ROLE_SETTINGS.items():
+        q = sub.add_parser(role, help=helps[role])
+        st.add_settings_args(q, cls)
+        q.set_defaults(fn=None, role=role)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if getattr(a, "nnodes", 0) is None:
+        a.nnodes = a.dp_size
+    try:
+        if a.fn is None:
+            return run_role(a.role, st.build(ROLE_SETTINGS[a.role], a))
+        return a.fn(a)
+    except ValueError as e:
+        print(f"dpbus {a.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

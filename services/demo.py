@@ -1,0 +1,67 @@
+"""``dpbus demo``: start everything, send concurrent requests spread over the groups,
+print one row per request, shut down cleanly. Exit 0 when every request got its
+``done`` and every group served."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import nats
+from rich.console import Console
+from rich.table import Table
+
+from schemas import Done
+from services.client import generate
+from services.launcher import Cluster
+
+PROMPTS = [
+    "The quick brown fox", "Once upon a time", "NATS subjects are", "Data parallel attention",
+    "A TPU VM host runs", "Continuous batching means", "The KV cache holds", "Hello, dpbus!",
+]
+
+
+def run_demo(a: argparse.Namespace) -> int:
+    console = Console()
+    cluster = Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=a.nats_url or os.environ.get("NATS_URL"),
+                      prefix=a.prefix, log_dir=a.log_dir, say=console.print)
+
+    async def main() -> int:
+        seconds = await cluster.start()
+        console.print(f"[bold]ready in {seconds:.1f}s[/]; sending {a.requests} concurrent requests")
+        nc = await nats.connect(cluster.nats_url)
+        try:
+            reqs = [{"text": PROMPTS[i % len(PROMPTS)], "rid": f"demo-{i}",
+                     "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": 0.0}}
+                    for i in range(a.requests)]
+            outs = await asyncio.gather(*(generate(nc, r, timeout=120) for r in reqs))
+        finally:
+            await nc.close()
+        table = Table(title="dpbus demo")
+        for col in ("rid", "group", "prompt", "tokens", "finish", "first token ms", "total ms", "tok/s"):
+            table.add_column(col, no_wrap=True)
+        groups, ok = set(), 0
+        for r, o in zip(reqs, outs):
+            t = o.terminal
+            if isinstance(t, Done):
+                ok += 1
+                groups.add(t.dp_rank)
+                rate = t.completion_tokens / o.total_s if o.total_s else 0.0
+                table.add_row(r["rid"], str(t.dp_rank), r["text"][:18], str(t.completion_tokens),
+                              t.finish_reason.value, f"{o.ttft_s * 1000:.0f}", f"{o.total_s * 1000:.0f}", f"{rate:.0f}")
+            else:
+                table.add_row(r["rid"], "-", r["text"][:18], "-", f"error {getattr(t, 'code', None)}", "-", "-", "-")
+        console.print(table)
+        console.print(f"{ok}/{len(reqs)} requests done; groups that served: {sorted(groups)}")
+        return 0 if ok == len(reqs) and len(groups) == a.dp_size else 1
+
+    try:
+        return asyncio.run(main())
+    except (RuntimeError, TimeoutError) as e:
+        console.print(f"[red]demo failed:[/] {e}")
+        return 1
+    finally:
+        console.print("shutting down ...")
+        cluster.stop()
+        console.print("all processes stopped")

@@ -1,0 +1,178 @@
+"""The ingest service (``dpbus-ingest``, a ``nats.micro`` service in a queue group).
+
+``dpbus.generate``: decode and check the request, tokenize, pick a group, forward it on
+``dpbus.dp.{g}.submit`` and wait for the publisher's acknowledgement. Anything wrong
+becomes an ``error`` answer on the client's reply subject at once; from the
+acknowledgement on, the publisher owns the request and its terminal answer.
+
+``dpbus.abort``: ask every group to cancel the ``rid``; answer whether one had it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import nats.errors
+import nats.micro
+
+from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects, decode_abort, decode_request
+from schemas.codec import encode_answer, sniff_encoding
+from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
+from schemas.subjects import INGEST_QUEUE
+from services import bus, tokenizer
+from services.ingest.router import Router
+from services.model_config import ModelConfig
+from services.settings import IngestSettings
+
+VERSION = "0.1.0"
+
+
+class Rejected(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Ingest:
+    def __init__(self, settings: IngestSettings, log: Any) -> None:
+        self.s = settings
+        self.subjects = Subjects(settings.prefix)
+        self.log = log
+        self.model = ModelConfig(max_seq_len=settings.max_seq_len)
+        self.router = Router(settings.dp_size, stale_after=max(5.0, 10 * 0.5))
+        self.errors: Counter[str] = Counter()
+        self.forwarded = 0
+        self.tasks: set[asyncio.Task] = set()
+        self._ack = unpacker(SubmitAck)
+        self._ack_abort = unpacker(AbortAck)
+        self._load = unpacker(LoadReport)
+
+    # ---- checks ------------------------------------------------------------------------
+    def admit(self, body: bytes, reply: str) -> tuple[Submit, list[int] | None]:
+        """Turn a body into a Submit; raises DecodeError/Rejected. Also returns the groups to try."""
+        req, enc = decode_request(body)
+        if req.dp_rank is not None and req.dp_rank >= self.s.dp_size:
+            raise Rejected(ErrorCode.UNKNOWN_DP_RANK,
+                           f"dp_rank {req.dp_rank} does not exist: this deployment has dp_size={self.s.dp_size} "
+                           f"(groups 0..{self.s.dp_size - 1})")
+        ids = tokenizer.encode(req.text) if req.text is not None else req.input_ids
+        bad = next((t for t in ids if t >= self.model.vocab_size), None)
+        if bad is not None:
+            raise Rejected(ErrorCode.BAD_REQUEST, f"token id {bad} is outside the vocabulary (0..{self.model.vocab_size - 1})")
+        if len(ids) >= self.model.max_seq_len:
+            raise Rejected(ErrorCode.PROMPT_TOO_LONG,
+                           f"the prompt has {len(ids)} tokens; the context holds {self.model.max_seq_len}, "
+                           "and at least one must be left to generate")
+        rid = req.rid or uuid.uuid4().hex
+        sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1)
+        return sub, [req.dp_rank] if req.dp_rank is not None else None
+
+    # ---- handlers ----------------------------------------------------------------------
+    async def answer_error(self, reply: str, enc: Encoding, code: ErrorCode, message: str, rid: str | None = None) -> None:
+        self.errors[code.value] += 1
+        self.log.info("request_rejected", code=code.value, reason=message[:200], rid=rid)
+        if reply:
+            await self.nc.publish(reply, encode_answer(Error(code, message, rid=rid), enc))
+
+    async def on_generate(self, req: Any) -> None:
+        reply = bus.reply_subject(req)
+        if not reply:
+            self.errors["no_reply_subject"] += 1
+            self.log.warning("request_without_reply_subject")
+            return
+        body = req.data
+        try:
+            sub, pinned = self.admit(body, reply)
+        except DecodeError as e:
+            await self.answer_error(reply, sniff_encoding(body), e.code, e.message)
+            return
+        except Rejected as e:
+            await self.answer_error(reply, sniff_encoding(body), e.code, e.message)
+            return
+        if len(self.tasks) >= self.s.max_inflight:
+            await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
+                                    f"ingest has {len(self.tasks)} requests being forwarded", sub.rid)
+            return
+        task = asyncio.create_task(self.forward(sub, pinned))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def forward(self, sub: Submit, pinned: list[int] | None) -> None:
+        """Offer the request to groups in turn until one acknowledges it."""
+        tried: list[str] = []
+        for g in pinned or self.router.order():
+            sub.dp_rank = g
+            try:
+                msg = await self.nc.request(self.subjects.submit(g), pack(sub), timeout=self.s.submit_timeout)
+                ack = self._ack.decode(msg.data)
+            except nats.errors.NoRespondersError:
+                tried.append(f"group {g}: no publisher")
+                continue
+            except nats.errors.TimeoutError:
+                tried.append(f"group {g}: no acknowledgement within {self.s.submit_timeout}s")
+                continue
+            except Exception as e:  # noqa: BLE001
+                tried.append(f"group {g}: {e!r}")
+                continue
+            if ack.accepted:
+                self.forwarded += 1
+                return
+            tried.append(f"group {g}: {ack.message}")
+            if ack.code is ErrorCode.OVERLOADED and not pinned:
+                continue
+            await self.answer_error(sub.reply, sub.encoding, ack.code or ErrorCode.INTERNAL, ack.message, sub.rid)
+            return
+        overloaded = tried and all("waiting" in t for t in tried)
+        await self.answer_error(sub.reply, sub.encoding, ErrorCode.OVERLOADED if overloaded else ErrorCode.UNAVAILABLE,
+                                "no group could take the request: " + "; ".join(tried), sub.rid)
+
+    async def on_abort(self, req: Any) -> None:
+        reply = bus.reply_subject(req)
+        try:
+            abort, enc = decode_abort(req.data)
+        except DecodeError as e:
+            await self.answer_error(reply, sniff_encoding(req.data), e.code, e.message)
+            return
+
+        async def ask(g: int) -> AbortAck | None:
+            try:
+                msg = await self.nc.request(self.subjects.group_abort(g), pack(GroupAbort(abort.rid)),
+                                            timeout=self.s.submit_timeout)
+                return self._ack_abort.decode(msg.data)
+            except Exception:  # noqa: BLE001 - a group that cannot answer does not have it running
+                return None
+
+        acks = await asyncio.gather(*(ask(g) for g in range(self.s.dp_size)))
+        hit = next((a for a in acks if a is not None and a.found), None)
+        answer = hit or AbortAck(rid=abort.rid, found=False)
+        if reply:
+            await self.nc.publish(reply, encode_answer(answer, enc))
+
+    async def on_load(self, msg: Any) -> None:
+        try:
+            self.router.on_load(self._load.decode(msg.data))
+        except Exception:  # noqa: BLE001
+            self.errors["bad_load_report"] += 1
+
+    def stats(self, *_: Any) -> dict:
+        return {"forwarded": self.forwarded, "inflight": len(self.tasks), "errors": dict(self.errors)}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.nc = await bus.connect(self.s.nats_url, "dpbus-ingest", self.log)
+        await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
+        svc = await nats.micro.add_service(
+            self.nc, name="dpbus-ingest", version=VERSION, description="dpbus front door: validate and route",
+            queue_group=INGEST_QUEUE, metadata={"dp_size": str(self.s.dp_size)}, stats_handler=self.stats,
+        )
+        await svc.add_endpoint(name="generate", subject=self.subjects.generate, handler=self.on_generate)
+        await svc.add_endpoint(name="abort", subject=self.subjects.abort, handler=self.on_abort)
+        self.log.info("ingest_ready", subjects=[self.subjects.generate, self.subjects.abort])
+        await stop.wait()
+        await svc.stop()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=self.s.submit_timeout * self.s.dp_size + 1)
+        await self.nc.drain()

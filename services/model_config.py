@@ -1,0 +1,30 @@
+"""The model's shape, without importing JAX (ingest and the publisher need it too)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 32
+    ffn_dim: int = 768
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 1024
+    tie_embeddings: bool = False
+
+    def check_tensor_size(self, tensor: int) -> None:
+        for name in ("n_heads", "n_kv_heads", "ffn_dim"):
+            if getattr(self, name) % tensor:
+                raise ValueError(f"{name}={getattr(self, name)} is not divisible by the tensor axis size {tensor}")
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)

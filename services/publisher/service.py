@@ -1,0 +1,272 @@
+"""The publisher service of one DP group.
+
+It takes submitted requests (``dpbus.dp.{g}.submit``, acknowledged at once), runs the
+scheduling loop (one ``Step`` at a time on ``dpbus.dp.{g}.step``, waiting for the
+leader's result), streams ``chunk``s and exactly one terminal message to each client,
+watches its workers' heartbeats and reports the group's load.
+
+When the group fails (a step fails or times out, a worker stops beating), every running
+request gets an ``error`` answer and the group starts a new epoch; queued requests wait
+for the group to be whole again, up to ``queue_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import nats.micro
+
+from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
+from schemas.internal import (
+    GroupAbort, Heartbeat, LoadReport, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck, pack, unpacker,
+)
+from schemas.public import AbortAck
+from schemas.codec import Encoding
+from services import bus
+from services.publisher.scheduler import Plan, Scheduler, Sequence
+from services.settings import PublisherSettings
+from services.topology import group_nodes
+
+VERSION = "0.1.0"
+
+
+class GroupFailure(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Publisher:
+    def __init__(self, settings: PublisherSettings, log: Any) -> None:
+        s = self.s = settings
+        self.g = s.dp_rank
+        if not 0 <= self.g < s.dp_size:
+            raise ValueError(f"dp_rank {self.g} is out of range for dp_size={s.dp_size}")
+        self.members = group_nodes(self.g, s.nnodes, s.dp_size)
+        self.subjects = Subjects(s.prefix)
+        self.log = log.bind(dp_rank=self.g)
+        self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, s.max_seq_len)
+        self.beats: dict[int, tuple[float, Heartbeat]] = {}
+        self.epoch = time.time_ns() // 1000
+        self.seq = 0
+        self.pending: asyncio.Future | None = None
+        self.wake = asyncio.Event()
+        self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0}
+        self._unpack = {k: unpacker(t) for k, t in
+                        (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply))}
+
+    # ---- readiness -------------------------------------------------------------------
+    def missing_members(self, now: float) -> list[int]:
+        out = []
+        for node in self.members:
+            seen = self.beats.get(node)
+            if seen is None or not seen[1].ready or now - seen[0] > self.s.heartbeat_timeout:
+                out.append(node)
+        return out
+
+    def ready(self) -> bool:
+        return not self.missing_members(time.monotonic())
+
+    # ---- NATS handlers ---------------------------------------------------------------
+    async def on_submit(self, req: Any) -> None:
+        try:
+            sub = self._unpack["submit"].decode(req.data)
+        except Exception as e:  # noqa: BLE001
+            self.counts["rejected"] += 1
+            await req.respond(pack(SubmitAck(False, ErrorCode.BAD_REQUEST, f"bad submit: {e}")))
+            return
+        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at)
+        if not self.sched.add(seq):
+            self.counts["rejected"] += 1
+            await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED,
+                                             f"group {self.g} has {len(self.sched.waiting)} requests waiting")))
+            return
+        self.counts["accepted"] += 1
+        await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting))))
+        self.wake.set()
+
+    async def on_abort(self, req: Any) -> None:
+        try:
+            rid = self._unpack["abort"].decode(req.data).rid
+        except Exception as e:  # noqa: BLE001
+            await req.respond(pack(AbortAck(rid="", found=False)))
+            self.log.warning("bad_abort", error=str(e))
+            return
+        found = self.sched.abort(rid) is not None
+        await req.respond(pack(AbortAck(rid=rid, found=found, dp_rank=self.g if found else None)))
+        if found:
+            self.wake.set()
+
+    async def on_heartbeat(self, msg: Any) -> None:
+        try:
+            beat = self._unpack["beat"].decode(msg.data)
+        except Exception:  # noqa: BLE001
+            return
+        if beat.node_rank in self.members:
+            was_ready = self.ready()
+            self.beats[beat.node_rank] = (time.monotonic(), beat)
+            if not was_ready and self.ready():
+                self.log.info("group_ready", members=self.members)
+                self.wake.set()
+
+    async def on_result(self, msg: Any) -> None:
+        try:
+            reply = self._unpack["result"].decode(msg.data)
+        except Exception as e:  # noqa: BLE001
+            self.log.error("bad_result", error=str(e))
+            return
+        if reply.epoch != self.epoch or reply.seq != self.seq:
+            self.log.warning("stale_result", epoch=reply.epoch, seq=reply.seq, node_rank=reply.node_rank)
+            return
+        if self.pending is not None and not self.pending.done():
+            self.pending.set_result(reply)
+
+    # ---- answers ---------------------------------------------------------------------
+    async def send(self, seq: Sequence, msg: Any) -> None:
+        try:
+            await self.nc.publish(seq.reply, encode_answer(msg, seq.encoding))
+        except Exception as e:  # noqa: BLE001 - the client may be gone; nothing else to do
+            self.log.warning("answer_failed", rid=seq.rid, error=repr(e))
+
+    async def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        now = time.time()
+        timings = Timings(
+            queue_ms=round(max(seq.scheduled_at - seq.accepted_at, 0) * 1000, 3) if seq.scheduled_at else 0.0,
+            ttft_ms=round(max(seq.first_token_at - seq.accepted_at, 0) * 1000, 3) if seq.first_token_at else 0.0,
+            total_ms=round((now - seq.accepted_at) * 1000, 3),
+        )
+        done = Done(seq.rid, self.g, reason, len(seq.prompt), len(seq.output), timings)
+        if not seq.stream:
+            done.token_ids = list(seq.output)
+            done.text = seq.detok.feed(seq.output, final=True)
+        self.counts["done"] += 1
+        await self.send(seq, done)
+
+    async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
+        self.counts["errors"] += 1
+        await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
+
+    # ---- the scheduling loop -----------------------------------------------------------
+    async def run_step(self, plan: Plan) -> StepResult:
+        self.seq += 1
+        step = Step(self.epoch, self.seq, [i for _, i in plan.prefill], [i for _, i in plan.decode])
+        loop = asyncio.get_running_loop()
+        self.pending = loop.create_future()
+        await self.nc.publish(self.subjects.step(self.g), pack(step))
+        deadline = time.monotonic() + self.s.step_timeout
+        while True:
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(self.pending), 0.25)
+                break
+            except asyncio.TimeoutError:
+                now = time.monotonic()
+                missing = self.missing_members(now)
+                if missing:
+                    raise GroupFailure(ErrorCode.WORKER_LOST, f"group {self.g} lost node(s) {missing} during step "
+                                                              f"{self.seq}") from None
+                if now > deadline:
+                    raise GroupFailure(ErrorCode.TIMEOUT, f"step {self.seq} of group {self.g} took longer than "
+                                                          f"{self.s.step_timeout}s") from None
+        if isinstance(reply, StepFailure):
+            raise GroupFailure(reply.code, f"node {reply.node_rank}: {reply.message}")
+        return reply
+
+    async def emit(self, events: list) -> None:
+        now = time.time()
+        for seq, token, reason in events:
+            if not seq.first_token_at:
+                seq.first_token_at = now
+            if seq.stream:
+                text = seq.detok.feed([token], final=reason is not None)
+                await self.send(seq, Chunk(seq.rid, len(seq.output) - 1, [token], text))
+            if reason is not None:
+                await self.finish(seq, reason)
+
+    async def reset_group(self, failure: GroupFailure) -> None:
+        self.counts["group_failures"] += 1
+        victims = self.sched.take_all()
+        self.log.error("group_failed", code=failure.code.value, reason=failure.message, failed_requests=len(victims))
+        for seq in victims:
+            await self.fail(seq, failure.code, failure.message)
+        self.epoch += 1
+        self.seq = 0
+
+    async def schedule_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() or self.sched.running:
+            for seq in self.sched.take_aborted():
+                await self.finish(seq, FinishReason.ABORT)
+            if not self.sched.has_work():
+                self.wake.clear()
+                await self._wait_wake(stop)
+                continue
+            if not self.ready():
+                await self._wait_wake(stop, 0.1)
+                continue
+            plan = self.sched.build_step(time.time())
+            if not plan:
+                continue
+            try:
+                result = await self.run_step(plan)
+                events = self.sched.apply(plan, result.prefill_tokens, result.decode_tokens)
+            except GroupFailure as f:
+                await self.reset_group(f)
+                continue
+            except Exception as e:  # noqa: BLE001 - a bug: fail loudly but keep the group alive
+                self.log.exception("step_error")
+                await self.reset_group(GroupFailure(ErrorCode.INTERNAL, repr(e)))
+                continue
+            self.counts["steps"] += 1
+            await self.emit(events)
+
+    async def _wait_wake(self, stop: asyncio.Event, timeout: float = 1.0) -> None:
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def housekeeping_loop(self, stop: asyncio.Event) -> None:
+        """Load reports, and an answer for requests that waited too long for a whole group."""
+        n = 0
+        while not stop.is_set():
+            n += 1
+            for seq in self.sched.take_expired(time.time(), self.s.queue_timeout):
+                missing = self.missing_members(time.monotonic())
+                await self.fail(seq, ErrorCode.UNAVAILABLE if missing else ErrorCode.TIMEOUT,
+                                f"waited {self.s.queue_timeout}s in group {self.g}'s queue"
+                                + (f"; nodes {missing} are not ready" if missing else ""))
+            report = LoadReport(self.g, n, time.time(), self.ready(), len(self.sched.waiting),
+                                len(self.sched.running), len(self.sched.free),
+                                sum(s.outstanding_tokens for s in (*self.sched.waiting, *self.sched.running.values())))
+            try:
+                await self.nc.publish(self.subjects.load(self.g), pack(report))
+            except Exception as e:  # noqa: BLE001
+                self.log.warning("load_report_failed", error=repr(e))
+            await asyncio.sleep(self.s.load_interval)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        g, subj = self.g, self.subjects
+        self.nc = await bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log)
+        await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
+        await bus.subscribe(self.nc, subj.result(g), self.on_result)
+        svc = await nats.micro.add_service(
+            self.nc, name="dpbus-publisher", version=VERSION, description=f"dpbus publisher of DP group {g}",
+            metadata={"dp_rank": str(g)}, queue_group=f"dpbus-publisher-{g}",
+        )
+        await svc.add_endpoint(name="submit", subject=subj.submit(g), handler=self.on_submit)
+        await svc.add_endpoint(name="abort", subject=subj.group_abort(g), handler=self.on_abort)
+        self.log.info("publisher_started", members=self.members, epoch=self.epoch)
+        tasks = [asyncio.create_task(self.schedule_loop(stop)), asyncio.create_task(self.housekeeping_loop(stop))]
+        await stop.wait()
+        await svc.stop()  # no new work; the loop finishes what is running
+        self.wake.set()
+        try:
+            await asyncio.wait_for(tasks[0], self.s.step_timeout)
+        except asyncio.TimeoutError:
+            pass
+        for seq in [*self.sched.take_all(), *self.sched.waiting]:
+            await self.fail(seq, ErrorCode.UNAVAILABLE, f"group {g}'s publisher is shutting down")
+        self.sched.waiting.clear()
+        tasks[1].cancel()
+        await self.nc.drain()

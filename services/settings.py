@@ -1,0 +1,121 @@
+"""One typed settings object per service, filled from CLI flags and ``DPBUS_*`` variables.
+
+Each field of a settings Struct becomes a flag ``--field-name``; its default comes from
+the environment variable ``DPBUS_FIELD_NAME`` when set, else from the Struct. Values are
+checked by msgspec (types and bounds), so a bad ``DPBUS_DP_SIZE=two`` fails at start-up
+with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+S = TypeVar("S", bound=Struct)
+Positive = Annotated[int, Meta(ge=1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class Common(Struct, kw_only=True, forbid_unknown_fields=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = "dpbus"
+    dp_size: Positive = 1
+    nnodes: Positive = 1
+    enable_dp_attention: bool = True
+    log_level: str = "info"
+    log_json: bool = True
+    # model shape shared by every role (ingest checks prompt lengths against it)
+    max_seq_len: Annotated[int, Meta(ge=32)] = 1024
+
+
+class IngestSettings(Common):
+    submit_timeout: Seconds = 5.0
+    max_inflight: Positive = 4096
+
+
+class PublisherSettings(Common):
+    dp_rank: NonNegative = 0
+    max_running_requests: Positive = 16
+    max_prefill_tokens: Annotated[int, Meta(ge=16)] = 256
+    max_waiting: Positive = 1024
+    step_timeout: Seconds = 60.0
+    heartbeat_timeout: Seconds = 10.0
+    load_interval: Seconds = 0.5
+    queue_timeout: Seconds = 300.0
+
+
+class WorkerSettings(Common):
+    node_rank: NonNegative = 0
+    local_devices: NonNegative = 0  # 0: use the devices JAX finds; N: N virtual CPU devices
+    max_running_requests: Positive = 16
+    max_prefill_tokens: Annotated[int, Meta(ge=16)] = 256
+    load_format: str = "dummy"
+    seed: NonNegative = 0
+    heartbeat_interval: Seconds = 0.5
+    warmup: bool = True
+
+
+def _merged(name: str, *parts: type[Struct]) -> type[Struct]:
+    seen: dict[str, tuple] = {}
+    for part in parts:
+        for f in msgspec.structs.fields(part):
+            seen.setdefault(f.name, (f.name, f.type, f.default))
+    return msgspec.defstruct(name, list(seen.values()), kw_only=True, forbid_unknown_fields=True)
+
+
+# What ``dpbus node`` runs: a worker, plus its group's publisher when it leads.
+NodeSettings = _merged("NodeSettings", WorkerSettings, PublisherSettings)
+
+
+def project(settings: Struct, cls: type[S], **overrides: Any) -> S:
+    """The part of ``settings`` that ``cls`` has (e.g. a node's publisher settings)."""
+    names = {f.name for f in msgspec.structs.fields(cls)}
+    raw = {k: v for k, v in msgspec.structs.asdict(settings).items() if k in names}
+    return msgspec.convert({**raw, **overrides}, cls)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return "DPBUS_" + name.upper()
+
+
+def add_settings_args(parser: argparse.ArgumentParser, cls: type[Struct], skip: set[str] = frozenset()) -> None:
+    """Add one flag per field of ``cls``; defaults are resolved later, in ``build``."""
+    for f in msgspec.structs.fields(cls):
+        if f.name in skip:
+            continue
+        if f.type is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"(env {env_name(f.name)}, default {f.default})")
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
+                                help=f"(env {env_name(f.name)}, default {f.default})")
+
+
+def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str] | None = None, **overrides: Any) -> S:
+    """Flags beat ``DPBUS_*`` variables beat defaults (``NATS_URL`` is honoured too). Raises ValueError naming the bad setting."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    for f in msgspec.structs.fields(cls):
+        value = overrides.get(f.name)
+        if value is None and ns is not None:
+            value = getattr(ns, f.name, None)
+        if value is None:
+            value = env.get(env_name(f.name))
+        if value is None:
+            continue
+        raw[f.name] = value
+    if "nats_url" not in raw and env.get("NATS_URL"):
+        raw["nats_url"] = env["NATS_URL"]
+    try:
+        return msgspec.convert(raw, cls, strict=False)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"bad setting: {e} (flags or DPBUS_* variables)") from None

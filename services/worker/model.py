@@ -1,0 +1,177 @@
+"""A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) in JAX.
+
+Sharding is stated where arrays are made: every weight and cache array has a tuple
+of *logical* axes, and ``AXIS_RULES`` maps logical axes to mesh axes. Attention heads,
+KV heads and the MLP hidden dimension live on the mesh axis ``"tensor"``; XLA inserts
+the all-reduces after the attention output and MLP down projections.
+
+The KV cache is a fixed number of sequence *slots*, each ``max_seq_len`` long, laid out
+head-major ``[slot, kv_head, position, head_dim]`` so that decode reads it contiguously.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from services.model_config import ModelConfig
+
+TENSOR = "tensor"
+
+# logical axis -> mesh axis (None: replicated)
+AXIS_RULES: dict[str, str | None] = {
+    "vocab": None,
+    "embed": None,
+    "q_heads": TENSOR,
+    "kv_heads": TENSOR,
+    "head_dim": None,
+    "ffn": TENSOR,
+    "slots": None,
+    "seq": None,
+}
+
+
+def spec(*logical: str) -> jax.P:
+    return jax.P(*(AXIS_RULES[a] for a in logical))
+
+
+Config = ModelConfig
+
+
+# name -> logical axes, per layer and for the whole model
+LAYER_AXES = {
+    "attn_norm": ("embed",),
+    "wq": ("embed", "q_heads", "head_dim"),
+    "wk": ("embed", "kv_heads", "head_dim"),
+    "wv": ("embed", "kv_heads", "head_dim"),
+    "wo": ("q_heads", "head_dim", "embed"),
+    "mlp_norm": ("embed",),
+    "w_gate": ("embed", "ffn"),
+    "w_up": ("embed", "ffn"),
+    "w_down": ("ffn", "embed"),
+}
+TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
+CACHE_AXES = ("slots", "kv_heads", "seq", "head_dim")
+
+
+def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    d, h, kv, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    return {
+        "attn_norm": (d,), "wq": (d, h, hd), "wk": (d, kv, hd), "wv": (d, kv, hd), "wo": (h, hd, d),
+        "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d),
+    }
+
+
+def dummy_weights(cfg: Config, seed: int = 0) -> dict[str, Any]:
+    """Host (numpy) weights drawn from ``seed``: the same numbers whatever the mesh."""
+    rng = np.random.default_rng(seed)
+
+    def draw(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) / math.sqrt(fan_in)).astype(np.float32)
+
+    layers = []
+    for _ in range(cfg.n_layers):
+        w = {}
+        for name, shape in layer_shapes(cfg).items():
+            if name.endswith("norm"):
+                w[name] = np.ones(shape, np.float32)
+            else:
+                fan_in = shape[0] if name != "wo" else shape[0] * shape[1]
+                w[name] = draw(shape, fan_in)
+        layers.append(w)
+    weights = {
+        "embed": draw((cfg.vocab_size, cfg.dim), 1),
+        "final_norm": np.ones((cfg.dim,), np.float32),
+        "layers": layers,
+    }
+    weights["lm_head"] = weights["embed"].T.copy() if cfg.tie_embeddings else draw((cfg.dim, cfg.vocab_size), cfg.dim)
+    return weights
+
+
+def weight_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    named = lambda axes: NamedSharding(mesh, spec(*axes))  # noqa: E731
+    return {
+        **{k: named(v) for k, v in TOP_AXES.items()},
+        "layers": [{k: named(v) for k, v in LAYER_AXES.items()} for _ in range(cfg.n_layers)],
+    }
+
+
+def place_weights(host: dict[str, Any], cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Put host weights on the mesh, each array split by its logical axes."""
+    return jax.device_put(host, weight_shardings(cfg, mesh))
+
+
+def cache_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec(*CACHE_AXES))
+
+
+def new_cache(cfg: Config, slots: int, mesh: jax.sharding.Mesh) -> list[tuple[jax.Array, jax.Array]]:
+    """Zeroed K and V for every layer, ``[slots, kv_heads, max_seq_len, head_dim]``, on the mesh."""
+    shape = (slots, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+    make = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=cache_sharding(mesh))
+    return [(make(), make()) for _ in range(cfg.n_layers)]
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate pairs (first half, second half) of the head dim, as Hugging Face Llama does."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, positions: jax.Array) -> jax.Array:
+    """q ``[B,T,H,hd]`` against a per-row cache ``[B,KV,L,hd]``; a query at position p sees keys 0..p."""
+    b, t, h, hd = q.shape
+    kv = k_all.shape[1]
+    q = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_all) / math.sqrt(hd)
+    key_pos = jnp.arange(k_all.shape[2])
+    visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, L]
+    scores = jnp.where(visible[:, None, None, :, :], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_all)
+    return out.reshape(b, t, h, hd)
+
+
+def forward(
+    cfg: Config,
+    weights: dict[str, Any],
+    cache: list[tuple[jax.Array, jax.Array]],
+    tokens: jax.Array,     # [B, T] int32
+    positions: jax.Array,  # [B, T] int32, absolute positions in each sequence
+    slots: jax.Array | None,  # [B] int32 cache slot per row; None: row b is slot b (all slots)
+) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+    """Logits ``[B, T, vocab]`` and the cache with these tokens' K/V written in."""
+    x = weights["embed"][tokens]
+    new_cache = []
+    for w, (k_cache, v_cache) in zip(weights["layers"], cache):
+        h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
+        q = rope(jnp.einsum("btd,dhk->bthk", h, w["wq"]), positions, cfg.rope_theta)
+        k = rope(jnp.einsum("btd,dhk->bthk", h, w["wk"]), positions, cfg.rope_theta)
+        v = jnp.einsum("btd,dhk->bthk", h, w["wv"])
+        rows = jnp.arange(tokens.shape[0]) if slots is None else slots
+        # cache[slot, :, pos, :] <- k[b, t]; positions past the end are dropped (padding)
+        k_cache = k_cache.at[rows[:, None], :, positions].set(k, mode="drop")
+        v_cache = v_cache.at[rows[:, None], :, positions].set(v, mode="drop")
+        new_cache.append((k_cache, v_cache))
+        k_rows = k_cache if slots is None else k_cache[slots]
+        v_rows = v_cache if slots is None else v_cache[slots]
+        attn = attention(q, k_rows, v_rows, positions)
+        x = x + jnp.einsum("bthk,hkd->btd", attn, w["wo"])
+        h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
+        x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+    x = rms_norm(x, weights["final_norm"], cfg.norm_eps)
+    return x @ weights["lm_head"], new_cache
