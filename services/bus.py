@@ -4,6 +4,7 @@ silently dropped as a slow consumer."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import nats
@@ -46,3 +47,17 @@ async def subscribe(nc: Client, subject: str, cb: Any, queue: str = "") -> Any:
 def reply_subject(request: Any) -> str:
     """The reply subject of a ``nats.micro`` request (its Request has no public accessor)."""
     return request._msg.reply or ""  # noqa: SLF001
+
+
+async def _ignore(_: Exception) -> None:
+    return None
+
+
+async def connect_client(url: str, timeout: float = 5.0) -> Client:
+    """A short-lived client connection (CLI, demo): fails fast with a clear message."""
+    try:
+        return await asyncio.wait_for(
+            nats.connect(servers=[url], error_cb=_ignore, allow_reconnect=False, connect_timeout=3,
+                         max_reconnect_attempts=0), timeout)
+    except Exception as e:  # noqa: BLE001 - nats raises several kinds here
+        raise ConnectionError(f"cannot reach NATS at {url} ({type(e).__name__}); is `dpbus up` running?") from None

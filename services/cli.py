@@ -110,9 +110,11 @@ def cmd_up(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    import nats
+    import msgspec
+    import nats.errors
 
     from schemas import Chunk, Done
+    from services import bus
     from services.client import stream
 
     req: dict[str, Any] = {"text": a.text, "stream": not a.no_stream,
@@ -123,12 +125,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
         req["dp_rank"] = a.dp_rank
 
     async def main() -> int:
-        nc = await nats.connect(a.nats_url or os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
         code = 1
         try:
+            nc = await bus.connect_client(a.nats_url or os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+        except ConnectionError as e:
+            print(f"dpbus generate: {e}", file=sys.stderr)
+            return 1
+        try:
             async for ans in stream(nc, req, msgpack=a.msgpack, timeout=a.timeout):
+                code = 0 if isinstance(ans, Done) else code
                 if a.raw:
-                    import msgspec
                     print(msgspec.json.encode(ans).decode(), flush=True)
                 elif isinstance(ans, Chunk):
                     print(ans.text, end="", flush=True)
@@ -138,9 +144,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
                     print(f"\n[{ans.finish_reason.value}: group {ans.dp_rank}, {ans.completion_tokens} tokens, "
                           f"first token {ans.timings.ttft_ms:.0f} ms, total {ans.timings.total_ms:.0f} ms]",
                           file=sys.stderr)
-                    code = 0
                 else:
                     print(f"\nerror {ans.code.value}: {ans.message}", file=sys.stderr)
+        except (ConnectionError, TimeoutError, nats.errors.TimeoutError) as e:
+            print(f"dpbus generate: {e or 'no answer in time'}", file=sys.stderr)
         finally:
             await nc.close()
         return code

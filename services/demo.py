@@ -8,11 +8,11 @@ import argparse
 import asyncio
 import os
 
-import nats
 from rich.console import Console
 from rich.table import Table
 
 from schemas import Done
+from services import bus
 from services.client import generate
 from services.launcher import Cluster
 
@@ -30,7 +30,7 @@ def run_demo(a: argparse.Namespace) -> int:
     async def main() -> int:
         seconds = await cluster.start()
         console.print(f"[bold]ready in {seconds:.1f}s[/]; sending {a.requests} concurrent requests")
-        nc = await nats.connect(cluster.nats_url)
+        nc = await bus.connect_client(cluster.nats_url)
         try:
             reqs = [{"text": PROMPTS[i % len(PROMPTS)], "rid": f"demo-{i}",
                      "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": 0.0}}

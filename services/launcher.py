@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import nats
-
 from schemas import Subjects
 from schemas.internal import LoadReport, unpacker
+from services import bus
 from services.topology import place_node
 
 
@@ -116,7 +115,7 @@ class Cluster:
     async def wait_ready(self, timeout: float = 600.0) -> float:
         """Wait until every group reports ready and ingest answers; returns the seconds it took."""
         t0 = time.monotonic()
-        nc = await nats.connect(self.nats_url, max_reconnect_attempts=3, error_cb=_quiet)
+        nc = await bus.connect_client(self.nats_url)
         ready: set[int] = set()
         decode = unpacker(LoadReport)
 
@@ -172,10 +171,6 @@ class Cluster:
                     p.popen.kill()
                     p.popen.wait()
         self.procs.clear()
-
-
-async def _quiet(_: Exception) -> None:
-    return None
 
 
 async def _pong(nc, name: str) -> bool:
