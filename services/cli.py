@@ -217,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
              "ingest": "the ingest service", "publisher": "the publisher of one DP group", "worker": "one worker"}
     for role, cls in ROLE_SETTINGS.items():
         q = sub.add_parser(role, help=helps[role])
-        st.add_settings_args(q, cls)
+        st.add_settings_args(q, cls, skip={"dp_rank"} if role == "node" else set())
         q.set_defaults(fn=None, role=role)
     return p
 
