@@ -77,7 +77,7 @@ def cmd_up(a: argparse.Namespace) -> int:
     from services.launcher import Cluster
 
     cluster = Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=a.nats_url or os.environ.get("NATS_URL"),
-                      prefix=a.prefix, log_dir=a.log_dir)
+                      prefix=a.prefix, log_dir=a.log_dir, node_processes=a.node_processes)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -189,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--nats-url", default=None, help="use this NATS server instead of the embedded one")
         q.add_argument("--prefix", default="dpbus", help="subject prefix (default dpbus)")
         q.add_argument("--log-dir", default=None, help="where service logs go (default: a new temp dir)")
+        q.add_argument("--node-processes", action="store_true",
+                       help="run one `dpbus node` per node (worker + its group's publisher), as on TPU VMs")
 
     q = sub.add_parser("up", help="run the whole system on this machine")
     layout(q)

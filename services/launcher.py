@@ -63,6 +63,7 @@ class Cluster:
     nats_url: str | None = None
     prefix: str = "dpbus"
     log_dir: Path | None = None
+    node_processes: bool = False  # one `dpbus node` per node (worker + publisher), as on TPU VMs
     extra: dict[str, str] = field(default_factory=dict)  # DPBUS_* settings for every service
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
@@ -107,6 +108,10 @@ class Cluster:
         env = self._service_env()
         cli = [sys.executable, "-m", "services.cli"]
         self._spawn("ingest", [*cli, "ingest"], env)
+        if self.node_processes:
+            for r in range(self.nnodes):
+                self._spawn(f"node-{r}", [*cli, "node", "--node-rank", str(r)], env)
+            return
         for g in range(self.dp_size):
             self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)], env)
         for r in range(self.nnodes):

@@ -1,0 +1,111 @@
+"""The command line as a user runs it: `dpbus demo`, `dpbus up` (embedded NATS, the node
+layout, SIGTERM), `dpbus schemas`, and refusal of bad layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DPBUS = [sys.executable, "-m", "services.cli"]
+
+
+def processes_using(nats_url: str) -> list[int]:
+    """PIDs of processes configured with ``nats_url`` or serving its port (scan of /proc)."""
+    port = nats_url.rsplit(":", 1)[1]
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"DPBUS_NATS_URL={nats_url}".encode() in env or (b"nats-server" in cmd and f"\0{port}\0".encode() in cmd):
+            found.append(int(d.name))
+    return found
+
+
+def port_open(url: str) -> bool:
+    host, port = url.removeprefix("nats://").split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+def test_demo_prints_a_table_and_exits_zero():
+    out = subprocess.run([*DPBUS, "demo", "--requests", "4", "--max-new-tokens", "6", "--local-devices", "1"],
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "4/4 requests done; groups that served: [0, 1]" in out.stdout
+    url = re.search(r"listening on (nats://127\.0\.0\.1:\d+)", out.stdout).group(1)
+    assert not port_open(url) and processes_using(url) == []
+
+
+@pytest.mark.e2e
+def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path):
+    proc = subprocess.Popen([*DPBUS, "up", "--dp-size", "2", "--nnodes", "2", "--local-devices", "1",
+                             "--node-processes", "--log-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "dpbus up exited early:\n" + "".join(lines)
+            lines.append(line)
+            if line.startswith("dpbus ready"):
+                break
+        url = re.search(r"at (nats://127\.0\.0\.1:\d+)", lines[-1]).group(1)
+        assert sorted(p.name for p in tmp_path.glob("*.log")) == ["ingest.log", "nats-server.log", "node-0.log",
+                                                                   "node-1.log"]
+        for rank in (0, 1):
+            gen = subprocess.run([*DPBUS, "generate", "--nats-url", url, "--raw", "--dp-rank", str(rank),
+                                  "--max-new-tokens", "4", "hi"], capture_output=True, text=True, timeout=120)
+            assert gen.returncode == 0, gen.stderr
+            done = json.loads(gen.stdout.splitlines()[-1])
+            assert done["type"] == "done" and done["dp_rank"] == rank
+        assert len(processes_using(url)) == 4  # nats-server, ingest, two nodes
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        rest = proc.stdout.read()
+        assert "stopped" in rest
+        assert not port_open(url) and processes_using(url) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_schemas_command_prints_every_public_message():
+    out = subprocess.run([*DPBUS, "schemas"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    doc = json.loads(out.stdout)
+    assert set(doc) == {"GenerateRequest", "AbortRequest", "Chunk", "Done", "Error", "AbortAck"}
+    done = doc["Done"]["$defs"]["Done"]
+    assert done["properties"]["type"]["enum"] == ["done"]
+    assert {"rid", "dp_rank", "finish_reason"} <= set(done["required"])
+
+
+@pytest.mark.parametrize("args, numbers", [
+    (["up", "--dp-size", "3", "--nnodes", "4"], ["3", "4"]),
+    (["node", "--node-rank", "5", "--nnodes", "4", "--dp-size", "2"], ["5", "4"]),
+    (["worker", "--dp-size", "0"], ["dp_size"]),
+])
+def test_bad_layouts_are_refused_with_the_numbers(args, numbers):
+    out = subprocess.run([*DPBUS, *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    for n in numbers:
+        assert n in out.stderr
