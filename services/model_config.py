@@ -20,6 +20,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 1024
     tie_embeddings: bool = False
+    bos_token_id: int = 256  # the byte tokenizer's specials (services/tokenizer.py)
+    eos_token_ids: tuple[int, ...] = (257,)
 
     def check_tensor_size(self, tensor: int) -> None:
         for name in ("n_heads", "n_kv_heads", "ffn_dim"):
@@ -28,3 +30,15 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+def model_config_for(model_path: str, max_seq_len: int) -> ModelConfig:
+    """The model every role of a deployment agrees on: the built-in one, or the shape in
+    ``model_path/config.json`` (a Hugging Face Llama checkpoint), its context capped at
+    ``max_seq_len``."""
+    if not model_path:
+        return ModelConfig(max_seq_len=max_seq_len)
+    from services.worker.checkpoint import config_from_hf  # reads JSON only, no JAX
+
+    cfg = config_from_hf(model_path)
+    return cfg.replace(max_seq_len=min(cfg.max_seq_len, max_seq_len))

@@ -29,13 +29,17 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
     enable_dp_attention: bool = True
     log_level: str = "info"
     log_json: bool = True
-    # model shape shared by every role (ingest checks prompt lengths against it)
+    # the model every role agrees on (ingest checks prompts against its vocabulary and context)
+    model_path: str = ""  # a Hugging Face Llama directory; empty: the built-in model
     max_seq_len: Annotated[int, Meta(ge=32)] = 1024
 
 
 class IngestSettings(Common):
     submit_timeout: Seconds = 5.0
     max_inflight: Positive = 4096
+    policy: str = "round_robin"  # round_robin | shortest_queue | least_tokens | prefix_affinity
+    affinity_skew: Annotated[float, Meta(ge=1.0)] = 2.0  # prefix_affinity gives up past this load ratio
+    load_stale_after: Seconds = 3.0  # a group without a load report for this long is unavailable
 
 
 class PublisherSettings(Common):

@@ -23,10 +23,11 @@ from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects,
 from schemas.codec import encode_answer, sniff_encoding
 from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
-from services import bus, tokenizer
+from services import bus
 from services.ingest.router import Router
-from services.model_config import ModelConfig
+from services.model_config import model_config_for
 from services.settings import IngestSettings
+from services.tokenizer import load_tokenizer
 
 VERSION = "0.1.0"
 
@@ -42,7 +43,8 @@ class Ingest:
         self.s = settings
         self.subjects = Subjects(settings.prefix)
         self.log = log
-        self.model = ModelConfig(max_seq_len=settings.max_seq_len)
+        self.model = model_config_for(settings.model_path, settings.max_seq_len)
+        self.tokenizer = load_tokenizer(settings.model_path)
         self.router = Router(settings.dp_size, stale_after=max(5.0, 10 * 0.5))
         self.errors: Counter[str] = Counter()
         self.forwarded = 0
@@ -59,7 +61,10 @@ class Ingest:
             raise Rejected(ErrorCode.UNKNOWN_DP_RANK,
                            f"dp_rank {req.dp_rank} does not exist: this deployment has dp_size={self.s.dp_size} "
                            f"(groups 0..{self.s.dp_size - 1})")
-        ids = tokenizer.encode(req.text) if req.text is not None else req.input_ids
+        try:
+            ids = self.tokenizer.encode(req.text) if req.text is not None else req.input_ids
+        except ValueError as e:
+            raise Rejected(ErrorCode.BAD_REQUEST, str(e)) from None
         bad = next((t for t in ids if t >= self.model.vocab_size), None)
         if bad is not None:
             raise Rejected(ErrorCode.BAD_REQUEST, f"token id {bad} is outside the vocabulary (0..{self.model.vocab_size - 1})")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from schemas import FinishReason, SamplingParams
 from schemas.codec import Encoding
 from schemas.internal import DecodeItem, PrefillItem, RowSampling
-from services.tokenizer import EOS_ID, StreamDecoder
+from services.tokenizer import EOS_ID, ByteStream, StreamDecoder
 
 
 @dataclass
@@ -34,13 +34,14 @@ class Sequence:
     aborted: bool = False
     scheduled_at: float = 0.0
     first_token_at: float = 0.0
-    detok: StreamDecoder = field(default_factory=StreamDecoder)
+    detok: StreamDecoder = field(default_factory=ByteStream)
+    eos_ids: tuple[int, ...] = (EOS_ID,)
 
     def __post_init__(self) -> None:
         self.seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(1 << 31)
         self.stops = set(self.sampling.stop_token_ids)
         if not self.sampling.ignore_eos:
-            self.stops.add(EOS_ID)
+            self.stops.update(self.eos_ids)
 
     @property
     def row_sampling(self) -> RowSampling:

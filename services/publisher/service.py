@@ -26,7 +26,9 @@ from schemas.public import AbortAck
 from schemas.codec import Encoding
 from services import bus
 from services.publisher.scheduler import Plan, Scheduler, Sequence
+from services.model_config import model_config_for
 from services.settings import PublisherSettings
+from services.tokenizer import load_tokenizer
 from services.topology import group_nodes
 
 VERSION = "0.1.0"
@@ -47,7 +49,9 @@ class Publisher:
         self.members = group_nodes(self.g, s.nnodes, s.dp_size)
         self.subjects = Subjects(s.prefix)
         self.log = log.bind(dp_rank=self.g)
-        self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, s.max_seq_len)
+        self.model = model_config_for(s.model_path, s.max_seq_len)
+        self.tokenizer = load_tokenizer(s.model_path)
+        self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len)
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
         self.epoch = time.time_ns() // 1000
         self.seq = 0
@@ -77,7 +81,8 @@ class Publisher:
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.BAD_REQUEST, f"bad submit: {e}")))
             return
-        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at)
+        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
+                       detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids)
         if not self.sched.add(seq):
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED,

@@ -17,7 +17,7 @@ import nats.micro
 from schemas import ErrorCode, Subjects
 from schemas.internal import Heartbeat, Step, StepFailure, StepResult, pack, unpacker
 from services import bus
-from services.model_config import ModelConfig
+from services.model_config import model_config_for
 from services.settings import WorkerSettings
 from services.topology import place_node
 
@@ -29,12 +29,17 @@ def load_runner(s: WorkerSettings, log: Any):
     from services.worker.model import dummy_weights
     from services.worker.runner import ModelRunner, make_group_mesh
 
-    if s.load_format != "dummy":
-        raise ValueError(f"load_format={s.load_format!r} is not supported; use 'dummy'")
-    cfg = ModelConfig(max_seq_len=s.max_seq_len)
+    cfg = model_config_for(s.model_path, s.max_seq_len)
     mesh = make_group_mesh()
-    log.info("model_loading", devices=mesh.devices.size, config=str(cfg))
-    runner = ModelRunner(cfg, mesh, s.max_running_requests, s.max_prefill_tokens, dummy_weights(cfg, s.seed))
+    log.info("model_loading", devices=mesh.devices.size, config=str(cfg), path=s.model_path or "(dummy)")
+    if s.model_path:
+        from services.worker.checkpoint import load_hf_weights
+        weights = load_hf_weights(s.model_path, cfg)
+    elif s.load_format == "dummy":
+        weights = dummy_weights(cfg, s.seed)
+    else:
+        raise ValueError(f"load_format={s.load_format!r} needs --model-path; without one use 'dummy'")
+    runner = ModelRunner(cfg, mesh, s.max_running_requests, s.max_prefill_tokens, weights)
     if s.warmup:
         def progress(i: int, n: int, what: str) -> None:
             log.info("warmup", done=i, total=n, compiling=what)
