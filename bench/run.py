@@ -54,18 +54,25 @@ def bench_model(tensor: int, bandwidth: float) -> dict:
     from services.worker.runner import ModelRunner, make_group_mesh
 
     cfg = ModelConfig()
-    slots = 16
-    runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:tensor]), slots, 256, dummy_weights(cfg, 0))
+    slots, page_size, context = 16, 16, 1000
+    per_seq = -(-cfg.max_seq_len // page_size)
+    runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:tensor]), num_pages=slots * per_seq + 1,
+                         page_size=page_size, max_running_requests=slots, max_prefill_tokens=256,
+                         host_weights=dummy_weights(cfg, 0))
     compile_s = runner.warmup()
     greedy = RowSampling(0.0, 1.0, 0, 0)
-    items = [DecodeItem(s, 65, 500, 1, greedy) for s in range(slots)]
+    pages = [list(range(1 + s * per_seq, 1 + (s + 1) * per_seq)) for s in range(slots)]
+    items = [DecodeItem(65, context - 1, 1, pages[s], greedy) for s in range(slots)]
     decode = timed(lambda: runner.decode(items), repeat=40)
-    prefill = timed(lambda: runner.prefill(PrefillItem(0, 0, [65] * 256, True, greedy)), repeat=10)
+    prefill = timed(lambda: runner.prefill(PrefillItem(0, [65] * 256, True, pages[0], greedy)), repeat=10)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.weights))
-    cache_bytes = sum(k.nbytes + v.nbytes for k, v in runner.cache)
+    kv_row = cfg.n_kv_heads * cfg.head_dim * 4 * 2  # K and V, f32, per position per layer
+    cache_bytes = slots * context * kv_row * cfg.n_layers
     step_s = decode["median_ms"] / 1000
     return {
-        "tensor": tensor, "slots": slots, "max_seq_len": cfg.max_seq_len, "compile_s": round(compile_s, 2),
+        "compiled_shapes": runner.compiled_shapes(),
+        "tensor": tensor, "batch": slots, "kv_length": context, "page_size": page_size,
+        "compile_s": round(compile_s, 2),
         "decode_step": decode, "decode_tokens_per_s": slots / step_s,
         "prefill_256": prefill, "prefill_tokens_per_s": 256 / (prefill["median_ms"] / 1000),
         "bytes_read_per_decode_step": weight_bytes + cache_bytes,
@@ -73,20 +80,67 @@ def bench_model(tensor: int, bandwidth: float) -> dict:
     }
 
 
+def bench_attention(bandwidth: float) -> dict:
+    """Decode attention alone, B=8, KV length 2048, 32 query / 8 KV heads of 128 (f32):
+    the paged kernel against a contiguous cache and against gathering every page first."""
+    import jax
+    import jax.numpy as jnp
+
+    from services.worker.model import dense_attention, paged_decode_attention
+
+    b, h, kv, hd, length, ps = 8, 32, 8, 128, 2048, 64
+    n = length // ps
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((b, h, hd), np.float32))
+    k_pages = jnp.asarray(rng.standard_normal((b * n + 1, kv, ps, hd), np.float32))
+    v_pages = jnp.asarray(rng.standard_normal((b * n + 1, kv, ps, hd), np.float32))
+    tables = jnp.asarray((1 + np.arange(b * n)).reshape(b, n).astype(np.int32))
+    positions = jnp.full((b,), length - 1, jnp.int32)
+    k_dense = k_pages[1:].reshape(b, n, kv, ps, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, length, hd)
+    v_dense = v_pages[1:].reshape(b, n, kv, ps, hd).transpose(0, 2, 1, 3, 4).reshape(b, kv, length, hd)
+
+    paged = jax.jit(paged_decode_attention)
+    dense = jax.jit(lambda q, k, v, p: dense_attention(q[:, None], k, v, p[:, None]))
+
+    def gather_all(q, kp, vp, t, p):
+        rows = lambda x: x[t].transpose(0, 2, 1, 3, 4).reshape(b, kv, length, hd)  # noqa: E731
+        return dense_attention(q[:, None], rows(kp), rows(vp), p[:, None])
+
+    gathered = jax.jit(gather_all)
+    ref = np.asarray(dense(q, k_dense, v_dense, positions))[:, 0]
+    got = np.asarray(paged(q, k_pages, v_pages, tables, positions, jnp.int32(n)))
+    assert np.allclose(got, ref, atol=1e-4), "paged attention disagrees with dense"
+    kv_bytes = 2 * b * kv * length * hd * 4
+    out = {"config": dict(batch=b, q_heads=h, kv_heads=kv, head_dim=hd, kv_length=length, page_size=ps),
+           "kv_bytes": kv_bytes}
+    for name, fn in (("paged", lambda: paged(q, k_pages, v_pages, tables, positions, jnp.int32(n)).block_until_ready()),
+                     ("contiguous", lambda: dense(q, k_dense, v_dense, positions).block_until_ready()),
+                     ("gather_then_dense", lambda: gathered(q, k_pages, v_pages, tables, positions).block_until_ready())):
+        t = timed(fn, repeat=20)
+        gbs = kv_bytes / (t["median_ms"] / 1000) / 1e9
+        out[name] = {**t, "gb_s": gbs, "fraction_of_bandwidth": gbs / bandwidth}
+    return out
+
+
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     bw = memory_bandwidth()
     print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s")
+    att = bench_attention(bw)
+    for name in ("paged", "contiguous", "gather_then_dense"):
+        a = att[name]
+        print(f"decode attention {name:18s}: {a['median_ms']:.2f} ms, {a['gb_s']:.1f} GB/s "
+              f"({a['fraction_of_bandwidth'] * 100:.0f}% of bandwidth)")
     runs = []
     for tensor in (1, 2):
         r = bench_model(tensor, bw)
         runs.append(r)
         print(f"tensor={tensor}: decode step {r['decode_step']['median_ms']:.2f} ms "
-              f"({r['decode_tokens_per_s']:.0f} tok/s over {r['slots']} slots), "
+              f"({r['decode_tokens_per_s']:.0f} tok/s over a batch of {r['batch']} at KV length {r['kv_length']}), "
               f"prefill 256 tokens {r['prefill_256']['median_ms']:.1f} ms, "
               f"decode at {r['decode_fraction_of_bandwidth'] * 100:.0f}% of bandwidth, compile {r['compile_s']} s")
     out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.platform(),
-           "cpus": os.cpu_count(), "memory_bandwidth_gb_s": bw, "model": runs}
+           "cpus": os.cpu_count(), "memory_bandwidth_gb_s": bw, "decode_attention": att, "model": runs}
     path = RESULTS / "model.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")

@@ -54,22 +54,23 @@ class RowSampling(Struct, array_like=True):
 
 
 class PrefillItem(Struct, array_like=True):
-    """Write ``token_ids`` into ``slot`` from position ``start``; sample after the last chunk."""
+    """Write ``token_ids`` at positions ``start``.. of the sequence whose KV pages are
+    ``pages`` (in order); when ``sample``, draw the next token after the last one."""
 
-    slot: int
     start: int
     token_ids: list[int]
-    last: bool
+    sample: bool
+    pages: list[int]
     sampling: RowSampling
 
 
 class DecodeItem(Struct, array_like=True):
-    """Feed ``token`` at ``position`` of ``slot``; ``counter`` = tokens generated so far."""
+    """Feed ``token`` at ``position``; ``counter`` = tokens generated so far."""
 
-    slot: int
     token: int
     position: int
     counter: int
+    pages: list[int]
     sampling: RowSampling
 
 
@@ -87,7 +88,7 @@ class StepResult(Struct, tag="result", tag_field="type"):
     epoch: int
     seq: int
     node_rank: int
-    prefill_tokens: list[int]   # one per prefill item; -1 where the item was not the last chunk
+    prefill_tokens: list[int]   # one per prefill item; -1 where it did not sample
     decode_tokens: list[int]    # one per decode item
     elapsed_ms: float
 
@@ -120,8 +121,9 @@ class LoadReport(Struct):
     ready: bool
     waiting: int
     running: int
-    free_slots: int
-    outstanding_tokens: int
+    free_slots: int              # running requests it could still admit
+    outstanding_tokens: int      # prompt tokens to prefill + tokens still to generate
+    free_pages: int = 0          # KV pages free in the group's pool
 
 
 _enc = msgspec.msgpack.Encoder()

@@ -42,10 +42,28 @@ class IngestSettings(Common):
     load_stale_after: Seconds = 3.0  # a group without a load report for this long is unavailable
 
 
-class PublisherSettings(Common):
-    dp_rank: NonNegative = 0
+class EngineSettings(Common):
+    """How a group runs its requests; the publisher and the workers must agree on these."""
+
     max_running_requests: Positive = 16
     max_prefill_tokens: Annotated[int, Meta(ge=16)] = 256
+    page_size: Annotated[int, Meta(ge=1, le=4096)] = 16
+    num_pages: NonNegative = 0  # 0: enough for every running request at full context
+
+
+def pages_needed(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+def total_pages(s: EngineSettings, max_seq_len: int) -> int:
+    """Pages in a group's pool, page 0 (the trash page) included."""
+    if s.num_pages:
+        return s.num_pages
+    return s.max_running_requests * pages_needed(max_seq_len, s.page_size) + 1
+
+
+class PublisherSettings(EngineSettings):
+    dp_rank: NonNegative = 0
     max_waiting: Positive = 1024
     step_timeout: Seconds = 60.0
     heartbeat_timeout: Seconds = 10.0
@@ -53,11 +71,9 @@ class PublisherSettings(Common):
     queue_timeout: Seconds = 300.0
 
 
-class WorkerSettings(Common):
+class WorkerSettings(EngineSettings):
     node_rank: NonNegative = 0
     local_devices: NonNegative = 0  # 0: use the devices JAX finds; N: N virtual CPU devices
-    max_running_requests: Positive = 16
-    max_prefill_tokens: Annotated[int, Meta(ge=16)] = 256
     load_format: str = "dummy"
     seed: NonNegative = 0
     heartbeat_interval: Seconds = 0.5

@@ -70,16 +70,25 @@ def nats_server():
     server.cleanup()
 
 
-@pytest.fixture(scope="module")
-def cluster(nats_server, tmp_path_factory):
-    """dpbus with 2 DP groups, each one worker process with 2 devices, on the session's NATS."""
-    c = Cluster(dp_size=2, nnodes=2, local_devices=2, nats_url=nats_server.url,
-                log_dir=tmp_path_factory.mktemp("dpbus-logs"), say=lambda _: None,
-                extra={"DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"})
+def start_cluster(nats_url: str, log_dir: Path, **kw) -> Cluster:
+    """Start a dpbus Cluster on ``nats_url``; the caller stops it."""
+    c = Cluster(nats_url=nats_url, log_dir=log_dir, say=lambda _: None, **kw)
     try:
         asyncio.run(c.start(timeout=300))
     except BaseException:
         c.stop()
         raise
+    return c
+
+
+# what the shared 2 x 2 cluster runs with (tests build references from the same numbers)
+CLUSTER_SETTINGS = {"DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"}
+
+
+@pytest.fixture(scope="module")
+def cluster(nats_server, tmp_path_factory):
+    """dpbus with 2 DP groups, each one worker process with 2 devices, on the session's NATS."""
+    c = start_cluster(nats_server.url, tmp_path_factory.mktemp("dpbus-logs"), dp_size=2, nnodes=2, local_devices=2,
+                      extra=dict(CLUSTER_SETTINGS))
     yield c
     c.stop()

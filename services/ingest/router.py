@@ -1,40 +1,166 @@
-"""Which DP group gets the next request.
+"""Which DP group gets the next request (pure: no I/O; time and randomness injectable).
 
-Round robin over the groups that are available: a group is skipped while its latest
-load report says it is not ready, or while no report arrived for ``stale_after``
-seconds (once reports have been seen). A valid ``dp_rank`` in the request always wins.
+Policies (``--policy``):
+
+* ``round_robin``: each available group in turn. Balanced in request counts, blind to
+  their sizes.
+* ``shortest_queue``: the fewest requests waiting + running.
+* ``least_tokens``: the fewest outstanding tokens (prompt still to prefill + tokens still
+  to generate).
+* ``prefix_affinity``: requests whose first ``prefix_tokens`` tokens are equal go to the
+  same group, to reuse its cache (rendezvous hashing over the available groups, so a group
+  that leaves or comes back moves only its own prefixes), unless that group carries more
+  than ``affinity_skew`` times the mean load of the other groups (at least one request's
+  worth); then ``least_tokens``.
+
+A group's load is its latest ``LoadReport`` plus what this router dispatched to it since
+that report (``sent``), so that a burst arriving between two reports spreads instead of
+all landing on the group that looked emptiest. Several ingest instances see the same
+reports but only their own dispatches, so each picks at random among the groups within
+one request of the least loaded, and round robin starts at a random group: instances
+that receive requests at the same moment do not all herd onto one group.
+
+A group is unavailable while no report came from it for ``stale_after`` seconds or its
+latest report says it is not ready. Before any report at all (start-up) every group is
+assumed available.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from schemas.internal import LoadReport
 
+POLICIES = ("round_robin", "shortest_queue", "least_tokens", "prefix_affinity")
+DEFAULT_PREFIX_TOKENS = 32
+
+
+@dataclass
+class GroupLoad:
+    report: LoadReport | None = None
+    seen_at: float = 0.0      # router clock when the report arrived
+    sent_requests: int = 0    # dispatched here since that report
+    sent_tokens: int = 0
+
+    @property
+    def requests(self) -> int:
+        r = self.report
+        return (r.waiting + r.running if r else 0) + self.sent_requests
+
+    @property
+    def tokens(self) -> int:
+        return (self.report.outstanding_tokens if self.report else 0) + self.sent_tokens
+
+
+def prefix_key(input_ids: Sequence[int], n: int) -> bytes:
+    """A digest of the first ``n`` tokens, the same in every process."""
+    return hashlib.blake2b(array("q", input_ids[:n]).tobytes(), digest_size=16).digest()
+
+
+def _rendezvous(key: bytes, g: int) -> bytes:
+    return hashlib.blake2b(key + g.to_bytes(4, "little"), digest_size=8).digest()
+
 
 class Router:
-    def __init__(self, dp_size: int, stale_after: float = 5.0) -> None:
-        self.dp_size = dp_size
-        self.stale_after = stale_after
-        self.loads: dict[int, tuple[float, LoadReport]] = {}
-        self._next = 0
+    def __init__(self, dp_size: int, policy: str = "round_robin", *, stale_after: float = 3.0,
+                 affinity_skew: float = 2.0, prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r} (--policy / DPBUS_POLICY); "
+                             f"valid policies: {', '.join(POLICIES)}")
+        if dp_size < 1 or prefix_tokens < 1:
+            raise ValueError(f"dp_size ({dp_size}) and prefix_tokens ({prefix_tokens}) must be at least 1")
+        self.dp_size, self.policy = dp_size, policy
+        self.stale_after, self.affinity_skew, self.prefix_tokens = stale_after, affinity_skew, prefix_tokens
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.groups = [GroupLoad() for _ in range(dp_size)]
+        self._next = self.rng.randrange(dp_size)
+        self._choose = getattr(self, "_" + policy)
 
+    # ---- what the router knows -------------------------------------------------------
     def on_load(self, report: LoadReport) -> None:
         if 0 <= report.dp_rank < self.dp_size:
-            self.loads[report.dp_rank] = (time.monotonic(), report)
+            self.groups[report.dp_rank] = GroupLoad(report, self.clock())  # local counts restart
+
+    def sent(self, g: int, tokens: int) -> None:
+        """A request of ``tokens`` outstanding tokens is being dispatched to ``g``."""
+        st = self.groups[g]
+        st.sent_requests += 1
+        st.sent_tokens += tokens
+
+    def unsent(self, g: int, tokens: int) -> None:
+        """``g`` did not take it after all."""
+        st = self.groups[g]
+        st.sent_requests = max(st.sent_requests - 1, 0)
+        st.sent_tokens = max(st.sent_tokens - tokens, 0)
+
+    def unavailable_reason(self, g: int, now: float | None = None) -> str | None:
+        """Why ``g`` gets nothing new right now, or None when it is available."""
+        if all(st.report is None for st in self.groups):
+            return None  # start-up: nothing heard yet, let the groups answer for themselves
+        st = self.groups[g]
+        if st.report is None:
+            return "no load report yet"
+        age = (self.clock() if now is None else now) - st.seen_at
+        if age > self.stale_after:
+            return f"no load report for {age:.1f}s (load_stale_after {self.stale_after}s)"
+        return None if st.report.ready else "not ready"
 
     def available(self, g: int, now: float | None = None) -> bool:
-        seen = self.loads.get(g)
-        if seen is None:
-            return not self.loads  # before any report, assume every group may serve
-        now = time.monotonic() if now is None else now
-        return seen[1].ready and now - seen[0] <= self.stale_after
+        return self.unavailable_reason(g, now) is None
 
-    def order(self, exclude: set[int] = frozenset()) -> list[int]:
-        """Groups to try, best first: available ones in round-robin order, then the others."""
-        start = self._next
-        self._next = (self._next + 1) % self.dp_size
-        ring = [(start + i) % self.dp_size for i in range(self.dp_size)]
-        ring = [g for g in ring if g not in exclude]
-        now = time.monotonic()
-        return [g for g in ring if self.available(g, now)] + [g for g in ring if not self.available(g, now)]
+    # ---- the decision ----------------------------------------------------------------
+    def order(self, input_ids: Sequence[int] = (), max_new_tokens: int = 0) -> list[int]:
+        """The available groups to offer a request to, best first; empty when none is."""
+        now = self.clock()
+        live = [g for g in range(self.dp_size) if self.available(g, now)]
+        if not live:
+            return []
+        first = self._choose(live, input_ids, max(len(input_ids) + max_new_tokens, 1))
+        rest = sorted((g for g in live if g != first), key=lambda g: self.groups[g].tokens)
+        return [first, *rest]
+
+    def home(self, input_ids: Sequence[int], live: Sequence[int]) -> int:
+        """The group ``prefix_affinity`` sends this prompt's prefix to."""
+        key = prefix_key(input_ids, self.prefix_tokens)
+        return max(live, key=lambda g: _rendezvous(key, g))
+
+    def _least(self, live: list[int], load: Callable[[int], int], slack: int) -> int:
+        best = min(load(g) for g in live)
+        return self.rng.choice([g for g in live if load(g) < best + slack])
+
+    def _round_robin(self, live: list[int], input_ids: Sequence[int], cost: int) -> int:
+        g = next(g for i in range(self.dp_size) if (g := (self._next + i) % self.dp_size) in live)
+        self._next = (g + 1) % self.dp_size
+        return g
+
+    def _shortest_queue(self, live: list[int], input_ids: Sequence[int], cost: int) -> int:
+        return self._least(live, lambda g: self.groups[g].requests, 1)
+
+    def _least_tokens(self, live: list[int], input_ids: Sequence[int], cost: int) -> int:
+        return self._least(live, lambda g: self.groups[g].tokens, cost)
+
+    def _prefix_affinity(self, live: list[int], input_ids: Sequence[int], cost: int) -> int:
+        home = self.home(input_ids, live)
+        others = [self.groups[g].tokens for g in live if g != home]
+        if others and self.groups[home].tokens > self.affinity_skew * max(sum(others) / len(others), cost):
+            return self._least_tokens(live, input_ids, cost)
+        return home
+
+    def snapshot(self) -> dict[str, dict]:
+        """Per group: available (or why not), estimated requests and tokens, report age."""
+        now = self.clock()
+        out = {}
+        for g, st in enumerate(self.groups):
+            why = self.unavailable_reason(g, now)
+            out[str(g)] = {"available": why is None, "requests": st.requests, "tokens": st.tokens,
+                           "report_age_s": round(now - st.seen_at, 3) if st.report else None}
+            if why:
+                out[str(g)]["why"] = why
+        return out

@@ -24,7 +24,7 @@ from schemas.codec import encode_answer, sniff_encoding
 from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
 from services import bus
-from services.ingest.router import Router
+from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from services.model_config import model_config_for
 from services.settings import IngestSettings
 from services.tokenizer import load_tokenizer
@@ -45,9 +45,13 @@ class Ingest:
         self.log = log
         self.model = model_config_for(settings.model_path, settings.max_seq_len)
         self.tokenizer = load_tokenizer(settings.model_path)
-        self.router = Router(settings.dp_size, stale_after=max(5.0, 10 * 0.5))
+        # raises ValueError (start-up fails with the list of valid policies) on an unknown --policy
+        self.router = Router(settings.dp_size, settings.policy, stale_after=settings.load_stale_after,
+                             affinity_skew=settings.affinity_skew,
+                             prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
         self.forwarded = 0
+        self.dispatched: Counter[int] = Counter()  # accepted requests per group
         self.tasks: set[asyncio.Task] = set()
         self._ack = unpacker(SubmitAck)
         self._ack_abort = unpacker(AbortAck)
@@ -107,29 +111,48 @@ class Ingest:
         task.add_done_callback(self.tasks.discard)
 
     async def forward(self, sub: Submit, pinned: list[int] | None) -> None:
-        """Offer the request to groups in turn until one acknowledges it."""
+        """Offer the request to the available groups in turn until one acknowledges it.
+
+        A pinned group is the only one tried. Unavailable groups (see ``Router``) are not
+        tried at all: with none available the client gets ``unavailable`` at once."""
+        if pinned:
+            why = self.router.unavailable_reason(pinned[0])
+            if why:
+                await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
+                                        f"group {pinned[0]} (the request's dp_rank) is unavailable: {why}", sub.rid)
+                return
+            groups = pinned
+        else:
+            groups = self.router.order(sub.input_ids, sub.sampling.max_new_tokens)
+            if not groups:
+                whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.s.dp_size))
+                await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
+                                        f"no DP group is available ({whys})", sub.rid)
+                return
+        cost = len(sub.input_ids) + sub.sampling.max_new_tokens
         tried: list[str] = []
-        for g in pinned or self.router.order():
+        for g in groups:
             sub.dp_rank = g
+            self.router.sent(g, cost)  # counted before the await, so a concurrent burst sees it
             try:
                 msg = await self.nc.request(self.subjects.submit(g), pack(sub), timeout=self.s.submit_timeout)
                 ack = self._ack.decode(msg.data)
             except nats.errors.NoRespondersError:
-                tried.append(f"group {g}: no publisher")
-                continue
+                ack = SubmitAck(False, ErrorCode.UNAVAILABLE, "no publisher")
             except nats.errors.TimeoutError:
-                tried.append(f"group {g}: no acknowledgement within {self.s.submit_timeout}s")
-                continue
+                ack = SubmitAck(False, ErrorCode.UNAVAILABLE, f"no acknowledgement within {self.s.submit_timeout}s")
             except Exception as e:  # noqa: BLE001
-                tried.append(f"group {g}: {e!r}")
-                continue
+                ack = SubmitAck(False, ErrorCode.UNAVAILABLE, repr(e))
             if ack.accepted:
                 self.forwarded += 1
+                self.dispatched[g] += 1
                 return
+            self.router.unsent(g, cost)
             tried.append(f"group {g}: {ack.message}")
-            if ack.code is ErrorCode.OVERLOADED and not pinned:
+            if ack.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE) and not pinned:
                 continue
-            await self.answer_error(sub.reply, sub.encoding, ack.code or ErrorCode.INTERNAL, ack.message, sub.rid)
+            await self.answer_error(sub.reply, sub.encoding, ack.code or ErrorCode.INTERNAL, f"group {g}: {ack.message}",
+                                    sub.rid)
             return
         overloaded = tried and all("waiting" in t for t in tried)
         await self.answer_error(sub.reply, sub.encoding, ErrorCode.OVERLOADED if overloaded else ErrorCode.UNAVAILABLE,
@@ -164,7 +187,10 @@ class Ingest:
             self.errors["bad_load_report"] += 1
 
     def stats(self, *_: Any) -> dict:
-        return {"forwarded": self.forwarded, "inflight": len(self.tasks), "errors": dict(self.errors)}
+        return {"forwarded": self.forwarded, "inflight": len(self.tasks), "errors": dict(self.errors),
+                "policy": self.router.policy,
+                "dispatched": {str(g): self.dispatched[g] for g in range(self.s.dp_size)},
+                "groups": self.router.snapshot()}
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await bus.connect(self.s.nats_url, "dpbus-ingest", self.log)

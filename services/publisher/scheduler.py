@@ -1,9 +1,18 @@
-"""Continuous batching for one DP group, without I/O.
+"""Continuous batching over a paged KV cache for one DP group, without I/O.
 
-Requests wait in a bounded FIFO queue; each step admits waiting requests into free
-cache slots, gives prompt chunks (at most ``max_prefill_tokens`` per step in all) to
-those still prefilling and one decode row to every request that has a pending token.
-New requests thus join the running batch at the next step.
+Requests wait in a bounded FIFO queue. Each step:
+
+1. every running request that is decoding gets one decode row, and a new KV page when
+   its next position starts one; when the pool is empty the most recently admitted
+   other request is *preempted*: its pages are freed and it goes back to the front of
+   the queue, to be recomputed (prompt + what it generated so far) when pages free up;
+2. requests still prefilling get prompt chunks, at most ``max_prefill_tokens`` in all,
+   as far as free pages allow;
+3. waiting requests are admitted while there is room in the batch and pages for their
+   first chunk, so new requests join the running batch at the next step.
+
+Pages are freed when a request finishes, is aborted or is preempted. Page 0 is never
+handed out: it is the trash page padding writes to.
 """
 
 from __future__ import annotations
@@ -28,10 +37,11 @@ class Sequence:
     encoding: Encoding
     accepted_at: float
     seed: int = 0
-    slot: int = -1
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
     aborted: bool = False
+    preempted: int = 0
     scheduled_at: float = 0.0
     first_token_at: float = 0.0
     detok: StreamDecoder = field(default_factory=ByteStream)
@@ -44,13 +54,23 @@ class Sequence:
             self.stops.update(self.eos_ids)
 
     @property
+    def fill_target(self) -> int:
+        """Tokens whose K/V must be in the cache before decoding: the prompt, plus (after a
+        preemption) every generated token but the last, which the next decode feeds."""
+        return len(self.prompt) + max(len(self.output) - 1, 0)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == self.fill_target and bool(self.output)
+
+    @property
     def row_sampling(self) -> RowSampling:
         s = self.sampling
         return RowSampling(s.temperature, s.top_p, s.top_k, self.seed)
 
     @property
     def outstanding_tokens(self) -> int:
-        return len(self.prompt) - self.prefilled + self.sampling.max_new_tokens - len(self.output)
+        return self.fill_target - self.prefilled + self.sampling.max_new_tokens - len(self.output)
 
 
 @dataclass
@@ -64,15 +84,28 @@ class Plan:
         return bool(self.prefill or self.decode)
 
 
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
 class Scheduler:
-    def __init__(self, slots: int, max_prefill_tokens: int, max_waiting: int, max_seq_len: int) -> None:
+    def __init__(self, max_running: int, max_prefill_tokens: int, max_waiting: int, max_seq_len: int,
+                 num_pages: int, page_size: int) -> None:
+        if num_pages - 1 < pages_for(max_seq_len, page_size):
+            raise ValueError(f"num_pages={num_pages} (page 0 is reserved) cannot hold one context of "
+                             f"max_seq_len={max_seq_len} in pages of {page_size}: need "
+                             f"{pages_for(max_seq_len, page_size) + 1}")
+        self.max_running = max_running
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting
         self.max_seq_len = max_seq_len
+        self.page_size = page_size
         self.waiting: deque[Sequence] = deque()
-        self.running: dict[int, Sequence] = {}
-        self.free: list[int] = list(range(slots - 1, -1, -1))
+        self.running: list[Sequence] = []  # in admission order
+        self.free_pages: list[int] = list(range(num_pages - 1, 0, -1))
+        self.preemptions = 0
 
+    # ---- queue ----------------------------------------------------------------------------
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -84,10 +117,7 @@ class Scheduler:
         return True
 
     def find(self, rid: str) -> Sequence | None:
-        for seq in self.waiting:
-            if seq.rid == rid:
-                return seq
-        return next((s for s in self.running.values() if s.rid == rid), None)
+        return next((s for s in (*self.waiting, *self.running) if s.rid == rid), None)
 
     def abort(self, rid: str) -> Sequence | None:
         """Mark ``rid`` aborted; it leaves at the next ``take_aborted``."""
@@ -99,19 +129,19 @@ class Scheduler:
     def take_aborted(self) -> list[Sequence]:
         gone = [s for s in self.waiting if s.aborted]
         self.waiting = deque(s for s in self.waiting if not s.aborted)
-        for slot, seq in list(self.running.items()):
-            if seq.aborted:
-                gone.append(self.release(slot))
+        for seq in [s for s in self.running if s.aborted]:
+            gone.append(self.release(seq))
         return gone
 
-    def release(self, slot: int) -> Sequence:
-        seq = self.running.pop(slot)
-        self.free.append(slot)
+    def release(self, seq: Sequence) -> Sequence:
+        self.running.remove(seq)
+        self.free_pages.extend(reversed(seq.pages))
+        seq.pages = []
         return seq
 
     def take_all(self) -> list[Sequence]:
         """Remove every running request (the group failed); waiting ones stay queued."""
-        return [self.release(slot) for slot in list(self.running)]
+        return [self.release(seq) for seq in list(self.running)]
 
     def take_expired(self, now: float, queue_timeout: float) -> list[Sequence]:
         old = [s for s in self.waiting if now - s.accepted_at > queue_timeout]
@@ -119,27 +149,65 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if now - s.accepted_at <= queue_timeout)
         return old
 
+    # ---- pages ------------------------------------------------------------------------------
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        """Give ``seq`` pages for its first ``tokens`` positions, if the pool has them."""
+        need = pages_for(tokens, self.page_size) - len(seq.pages)
+        if need > len(self.free_pages):
+            return False
+        for _ in range(max(need, 0)):
+            seq.pages.append(self.free_pages.pop())
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.release(seq)
+        seq.prefilled = 0
+        seq.preempted += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---- steps ------------------------------------------------------------------------------
     def build_step(self, now: float) -> Plan:
-        while self.waiting and self.free:
-            seq = self.waiting.popleft()
-            seq.slot = self.free.pop()
-            seq.scheduled_at = now
-            self.running[seq.slot] = seq
         plan = Plan([], [])
-        budget = self.max_prefill_tokens
-        for seq in self.running.values():
-            if seq.prefilled < len(seq.prompt):
-                if budget <= 0:
-                    continue
-                chunk = seq.prompt[seq.prefilled : seq.prefilled + budget]
-                budget -= len(chunk)
-                last = seq.prefilled + len(chunk) == len(seq.prompt)
-                plan.prefill.append((seq, PrefillItem(seq.slot, seq.prefilled, chunk, last, seq.row_sampling)))
-            elif seq.output:
-                position = len(seq.prompt) + len(seq.output) - 1
-                plan.decode.append((seq, DecodeItem(seq.slot, seq.output[-1], position, len(seq.output),
+        for seq in list(self.running):
+            if seq not in self.running or not seq.decoding:
+                continue
+            position = len(seq.prompt) + len(seq.output) - 1
+            while not self._grow(seq, position + 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                plan.decode.append((seq, DecodeItem(seq.output[-1], position, len(seq.output), list(seq.pages),
                                                     seq.row_sampling)))
+        budget = self.max_prefill_tokens
+        for seq in self.running:
+            if budget > 0 and not seq.decoding:
+                budget -= self._plan_chunk(plan, seq, budget)
+        while budget > 0 and self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            first = min(budget, seq.fill_target)
+            if not self._grow(seq, first):
+                break  # not enough free pages: it keeps its place at the head of the queue
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.scheduled_at = seq.scheduled_at or now
+            budget -= self._plan_chunk(plan, seq, budget)
         return plan
+
+    def _plan_chunk(self, plan: Plan, seq: Sequence, budget: int) -> int:
+        """Add the next prompt chunk of ``seq`` that fits the budget and free pages."""
+        target = seq.fill_target
+        end = min(seq.prefilled + budget, target)
+        while end > seq.prefilled and not self._grow(seq, end):
+            end = min(end - 1, len(seq.pages) * self.page_size + len(self.free_pages) * self.page_size)
+        if end <= seq.prefilled:
+            return 0
+        tokens = (seq.prompt + seq.output)[seq.prefilled:end]
+        sample = end == target and not seq.output
+        plan.prefill.append((seq, PrefillItem(seq.prefilled, tokens, sample, list(seq.pages), seq.row_sampling)))
+        return len(tokens)
 
     def apply(self, plan: Plan, prefill_tokens: list[int], decode_tokens: list[int]
               ) -> list[tuple[Sequence, int, FinishReason | None]]:
@@ -150,7 +218,7 @@ class Scheduler:
         events = []
         for (seq, item), token in zip(plan.prefill, prefill_tokens):
             seq.prefilled += len(item.token_ids)
-            if item.last:
+            if item.sample:
                 events.append(self._append(seq, token))
         for (seq, _), token in zip(plan.decode, decode_tokens):
             events.append(self._append(seq, token))
@@ -164,5 +232,5 @@ class Scheduler:
         elif len(seq.output) >= seq.sampling.max_new_tokens or len(seq.prompt) + len(seq.output) >= self.max_seq_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            self.release(seq.slot)
+            self.release(seq)
         return seq, token, reason

@@ -27,7 +27,7 @@ from schemas.codec import Encoding
 from services import bus
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.model_config import model_config_for
-from services.settings import PublisherSettings
+from services.settings import PublisherSettings, total_pages
 from services.tokenizer import load_tokenizer
 from services.topology import group_nodes
 
@@ -51,7 +51,8 @@ class Publisher:
         self.log = log.bind(dp_rank=self.g)
         self.model = model_config_for(s.model_path, s.max_seq_len)
         self.tokenizer = load_tokenizer(s.model_path)
-        self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len)
+        self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
+                               total_pages(s, self.model.max_seq_len), s.page_size)
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
         self.epoch = time.time_ns() // 1000
         self.seq = 0
@@ -127,6 +128,11 @@ class Publisher:
             return
         if self.pending is not None and not self.pending.done():
             self.pending.set_result(reply)
+
+    def stats(self, *_: Any) -> dict:
+        sched = self.sched
+        return {**self.counts, "preemptions": sched.preemptions, "waiting": len(sched.waiting),
+                "running": len(sched.running), "free_pages": len(sched.free_pages), "epoch": self.epoch}
 
     # ---- answers ---------------------------------------------------------------------
     async def send(self, seq: Sequence, msg: Any) -> None:
@@ -241,9 +247,11 @@ class Publisher:
                 await self.fail(seq, ErrorCode.UNAVAILABLE if missing else ErrorCode.TIMEOUT,
                                 f"waited {self.s.queue_timeout}s in group {self.g}'s queue"
                                 + (f"; nodes {missing} are not ready" if missing else ""))
-            report = LoadReport(self.g, n, time.time(), self.ready(), len(self.sched.waiting),
-                                len(self.sched.running), len(self.sched.free),
-                                sum(s.outstanding_tokens for s in (*self.sched.waiting, *self.sched.running.values())))
+            sched = self.sched
+            report = LoadReport(self.g, n, time.time(), self.ready(), len(sched.waiting), len(sched.running),
+                                sched.max_running - len(sched.running),
+                                sum(s.outstanding_tokens for s in (*sched.waiting, *sched.running)),
+                                len(sched.free_pages))
             try:
                 await self.nc.publish(self.subjects.load(self.g), pack(report))
             except Exception as e:  # noqa: BLE001
@@ -257,7 +265,8 @@ class Publisher:
         await bus.subscribe(self.nc, subj.result(g), self.on_result)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-publisher", version=VERSION, description=f"dpbus publisher of DP group {g}",
-            metadata={"dp_rank": str(g)}, queue_group=f"dpbus-publisher-{g}",
+            metadata={"dp_rank": str(g), "prefix": self.s.prefix}, queue_group=f"dpbus-publisher-{g}",
+            stats_handler=self.stats,
         )
         await svc.add_endpoint(name="submit", subject=subj.submit(g), handler=self.on_submit)
         await svc.add_endpoint(name="abort", subject=subj.group_abort(g), handler=self.on_abort)

@@ -31,8 +31,8 @@ AXIS_RULES: dict[str, str | None] = {
     "kv_heads": TENSOR,
     "head_dim": None,
     "ffn": TENSOR,
-    "slots": None,
-    "seq": None,
+    "pages": None,
+    "page_slot": None,
 }
 
 
@@ -56,7 +56,7 @@ LAYER_AXES = {
     "w_down": ("ffn", "embed"),
 }
 TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
-CACHE_AXES = ("slots", "kv_heads", "seq", "head_dim")
+CACHE_AXES = ("pages", "kv_heads", "page_slot", "head_dim")
 
 
 def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -110,9 +110,12 @@ def cache_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec(*CACHE_AXES))
 
 
-def new_cache(cfg: Config, slots: int, mesh: jax.sharding.Mesh) -> list[tuple[jax.Array, jax.Array]]:
-    """Zeroed K and V for every layer, ``[slots, kv_heads, max_seq_len, head_dim]``, on the mesh."""
-    shape = (slots, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+def new_cache(cfg: Config, num_pages: int, page_size: int, mesh: jax.sharding.Mesh) -> list[tuple[jax.Array, jax.Array]]:
+    """Zeroed K and V page pools for every layer, ``[page, kv_head, page_slot, head_dim]``.
+
+    Page 0 is the trash page: padding rows and padding tokens write there, nobody reads it.
+    """
+    shape = (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
     make = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=cache_sharding(mesh))
     return [(make(), make()) for _ in range(cfg.n_layers)]
 
@@ -132,8 +135,8 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, positions: jax.Array) -> jax.Array:
-    """q ``[B,T,H,hd]`` against a per-row cache ``[B,KV,L,hd]``; a query at position p sees keys 0..p."""
+def dense_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, positions: jax.Array) -> jax.Array:
+    """q ``[B,T,H,hd]`` against keys ``[B,KV,L,hd]`` at positions 0..L-1; a query at p sees 0..p."""
     b, t, h, hd = q.shape
     kv = k_all.shape[1]
     q = q.reshape(b, t, kv, h // kv, hd)
@@ -146,30 +149,74 @@ def attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, positions: jax.A
     return out.reshape(b, t, h, hd)
 
 
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_tables: jax.Array,
+                           positions: jax.Array, n_pages: jax.Array) -> jax.Array:
+    """One query per row ``q [B,H,hd]`` against that row's pages, one page at a time.
+
+    An online softmax runs over the first ``n_pages`` entries of each row's page table,
+    so only the pages in use are read and no gathered copy of the cache is built.
+    """
+    b, h, hd = q.shape
+    kv, ps = k_pages.shape[1], k_pages.shape[2]
+    q = q.reshape(b, kv, h // kv, hd) / math.sqrt(hd)
+
+    def visit(j, carry):
+        m, denom, acc = carry
+        ids = page_tables[:, j]
+        k, v = k_pages[ids], v_pages[ids]  # [B, KV, ps, hd]
+        s = jnp.einsum("bkgd,bkpd->bkgp", q, k)
+        key_pos = j * ps + jnp.arange(ps)
+        s = jnp.where((key_pos[None, :] <= positions[:, None])[:, None, None, :], s, -1e30)
+        m_new = jnp.maximum(m, s.max(-1))
+        scale = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        return m_new, denom * scale + p.sum(-1), acc * scale[..., None] + jnp.einsum("bkgp,bkpd->bkgd", p, v)
+
+    init = (jnp.full((b, kv, h // kv), -1e30, jnp.float32), jnp.zeros((b, kv, h // kv), jnp.float32),
+            jnp.zeros((b, kv, h // kv, hd), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, n_pages, visit, init)
+    return (acc / denom[..., None]).reshape(b, h, hd)
+
+
 def forward(
     cfg: Config,
     weights: dict[str, Any],
     cache: list[tuple[jax.Array, jax.Array]],
-    tokens: jax.Array,     # [B, T] int32
-    positions: jax.Array,  # [B, T] int32, absolute positions in each sequence
-    slots: jax.Array | None,  # [B] int32 cache slot per row; None: row b is slot b (all slots)
+    tokens: jax.Array,       # [B, T] int32
+    positions: jax.Array,    # [B, T] int32 absolute positions; >= max_seq_len marks padding
+    page_tables: jax.Array,  # [B, P] int32 pages of each row's sequence, in order (0 = trash)
+    n_pages: jax.Array | int | None = None,  # decode: pages to visit (max in use over rows)
 ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
-    """Logits ``[B, T, vocab]`` and the cache with these tokens' K/V written in."""
+    """Logits ``[B, T, vocab]`` and the page pools with these tokens' K/V written in.
+
+    ``T == 1`` is a decode step (paged attention, one page at a time); ``T > 1`` is a
+    prefill chunk (dense attention over the row's pages).
+    """
+    b, t = tokens.shape
+    ps = cache[0][0].shape[2]
+    valid = positions < cfg.max_seq_len
+    slot_page = jnp.take_along_axis(page_tables, jnp.clip(positions // ps, 0, page_tables.shape[1] - 1), axis=1)
+    write_page = jnp.where(valid, slot_page, 0)  # padding goes to the trash page
+    write_off = jnp.where(valid, positions % ps, 0)
+    if n_pages is None:
+        n_pages = page_tables.shape[1]
     x = weights["embed"][tokens]
     new_cache = []
-    for w, (k_cache, v_cache) in zip(weights["layers"], cache):
+    for w, (k_pages, v_pages) in zip(weights["layers"], cache):
         h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
         q = rope(jnp.einsum("btd,dhk->bthk", h, w["wq"]), positions, cfg.rope_theta)
         k = rope(jnp.einsum("btd,dhk->bthk", h, w["wk"]), positions, cfg.rope_theta)
         v = jnp.einsum("btd,dhk->bthk", h, w["wv"])
-        rows = jnp.arange(tokens.shape[0]) if slots is None else slots
-        # cache[slot, :, pos, :] <- k[b, t]; positions past the end are dropped (padding)
-        k_cache = k_cache.at[rows[:, None], :, positions].set(k, mode="drop")
-        v_cache = v_cache.at[rows[:, None], :, positions].set(v, mode="drop")
-        new_cache.append((k_cache, v_cache))
-        k_rows = k_cache if slots is None else k_cache[slots]
-        v_rows = v_cache if slots is None else v_cache[slots]
-        attn = attention(q, k_rows, v_rows, positions)
+        k_pages = k_pages.at[write_page, :, write_off].set(k)
+        v_pages = v_pages.at[write_page, :, write_off].set(v)
+        new_cache.append((k_pages, v_pages))
+        if t == 1:
+            attn = paged_decode_attention(q[:, 0], k_pages, v_pages, page_tables, positions[:, 0], n_pages)[:, None]
+        else:
+            def rows(pages: jax.Array) -> jax.Array:  # [B, P, KV, ps, hd] -> [B, KV, P*ps, hd]
+                g = pages[page_tables]
+                return g.transpose(0, 2, 1, 3, 4).reshape(b, g.shape[2], -1, g.shape[4])
+            attn = dense_attention(q, rows(k_pages), rows(v_pages), positions)
         x = x + jnp.einsum("bthk,hkd->btd", attn, w["wo"])
         h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
         x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]

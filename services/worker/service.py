@@ -18,7 +18,7 @@ from schemas import ErrorCode, Subjects
 from schemas.internal import Heartbeat, Step, StepFailure, StepResult, pack, unpacker
 from services import bus
 from services.model_config import model_config_for
-from services.settings import WorkerSettings
+from services.settings import WorkerSettings, total_pages
 from services.topology import place_node
 
 VERSION = "0.1.0"
@@ -39,12 +39,14 @@ def load_runner(s: WorkerSettings, log: Any):
         weights = dummy_weights(cfg, s.seed)
     else:
         raise ValueError(f"load_format={s.load_format!r} needs --model-path; without one use 'dummy'")
-    runner = ModelRunner(cfg, mesh, s.max_running_requests, s.max_prefill_tokens, weights)
+    runner = ModelRunner(cfg, mesh, num_pages=total_pages(s, cfg.max_seq_len), page_size=s.page_size,
+                         max_running_requests=s.max_running_requests, max_prefill_tokens=s.max_prefill_tokens,
+                         host_weights=weights)
     if s.warmup:
         def progress(i: int, n: int, what: str) -> None:
             log.info("warmup", done=i, total=n, compiling=what)
         seconds = runner.warmup(progress)
-        log.info("warmup_done", seconds=round(seconds, 2), shapes=len(runner.buckets) + 1)
+        log.info("warmup_done", seconds=round(seconds, 2), compiled_shapes=runner.compiled_shapes())
     return runner
 
 
@@ -162,7 +164,7 @@ class Worker:
         prefill_tokens = []
         for item in step.prefill:
             token, _ = self.runner.prefill(item)
-            prefill_tokens.append(token if item.last else -1)
+            prefill_tokens.append(token if item.sample else -1)
         decode_tokens = self.runner.decode(step.decode)[0] if step.decode else []
         return StepResult(step.epoch, step.seq, self.s.node_rank, prefill_tokens, decode_tokens,
                           (time.perf_counter() - t0) * 1000)

@@ -1,0 +1,250 @@
+"""Hugging Face Llama checkpoints: the shape from ``config.json`` and the weights from
+``*.safetensors`` (one file, or shards listed in ``model.safetensors.index.json``).
+
+``config_from_hf`` reads JSON only, so ingest and the publisher can call it without JAX or
+the weights. ``load_hf_weights`` reads one tensor at a time into host numpy float32 in our
+layout (see ``services/worker/model.py``); the runner then puts each on the mesh with its
+sharding, so host memory peaks near one float32 copy of the model.
+
+What we do not implement is refused by name (a ValueError naming the config field)
+rather than served wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from services.model_config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+_DEFAULT_ROPE = (None, "default")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: --model-path must be a Hugging Face model directory") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _refuse(path: Path, field: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"{path}: {field}={value!r} is not supported ({why})")
+
+
+def config_from_hf(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of a Hugging Face Llama directory (its ``config.json``; the EOS
+    ids of ``generation_config.json`` are added when that file exists)."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    c = _read_json(cfg_path)
+
+    model_type = c.get("model_type")
+    if model_type == "mistral":
+        # Mistral is Llama's layout plus a sliding window; without a window it is the same model
+        window, max_pos = c.get("sliding_window"), c.get("max_position_embeddings")
+        if window is not None and (max_pos is None or window < max_pos):
+            raise _refuse(cfg_path, "sliding_window", window, "sliding-window attention is not implemented")
+    elif model_type != "llama":
+        raise _refuse(cfg_path, "model_type", model_type, "only 'llama' (and 'mistral' without a sliding window)")
+    if c.get("hidden_act", "silu") != "silu":
+        raise _refuse(cfg_path, "hidden_act", c["hidden_act"], "only 'silu' (SwiGLU)")
+    for field in ("attention_bias", "mlp_bias"):
+        if c.get(field):
+            raise _refuse(cfg_path, field, c[field], "projections without bias only")
+    if c.get("quantization_config"):
+        raise _refuse(cfg_path, "quantization_config", c["quantization_config"], "unquantized weights only")
+    # RoPE: older configs say rope_theta + rope_scaling, transformers 5 says rope_parameters
+    rope_theta = c.get("rope_theta")
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = c.get(field)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise _refuse(cfg_path, field, rope, "expected an object")
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in _DEFAULT_ROPE:
+            raise _refuse(cfg_path, field, rope, "plain RoPE only (rope_type 'default'); no RoPE scaling")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise _refuse(cfg_path, f"{field}.partial_rotary_factor", rope["partial_rotary_factor"],
+                          "RoPE over the whole head only")
+        rope_theta = rope.get("rope_theta", rope_theta)
+
+    def need(field: str) -> Any:
+        if c.get(field) is None:
+            raise ValueError(f"{cfg_path}: {field} is missing")
+        return c[field]
+
+    dim, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    n_kv = int(c.get("num_key_value_heads") or n_heads)
+    if n_heads % n_kv:
+        raise ValueError(f"{cfg_path}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+    head_dim = c.get("head_dim")
+    if head_dim is None:
+        if dim % n_heads:
+            raise ValueError(f"{cfg_path}: hidden_size={dim} is not a multiple of num_attention_heads={n_heads}")
+        head_dim = dim // n_heads
+    if int(head_dim) % 2:
+        raise ValueError(f"{cfg_path}: head_dim={head_dim} must be even for RoPE")
+
+    eos = list(_token_ids(c.get("eos_token_id")))
+    gen_path = path / "generation_config.json"
+    if gen_path.exists():
+        for t in _token_ids(_read_json(gen_path).get("eos_token_id")):
+            if t not in eos:
+                eos.append(t)
+    bos = c.get("bos_token_id")
+    return ModelConfig(
+        vocab_size=int(need("vocab_size")),
+        dim=dim,
+        n_layers=int(need("num_hidden_layers")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=int(head_dim),
+        ffn_dim=int(need("intermediate_size")),
+        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(c.get("max_position_embeddings") or 2048),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        bos_token_id=-1 if bos is None else int(bos),  # -1: the checkpoint names none
+        eos_token_ids=tuple(eos),
+    )
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+class _SafetensorsFile:
+    """One ``.safetensors`` file: its tensor table, and one tensor at a time as float32."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.table: dict[str, dict[str, Any]] = header
+        self.data_start = 8 + n
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.table[name]["shape"])
+
+    def read(self, name: str):
+        import numpy as np
+
+        entry = self.table[name]
+        dtype, shape = entry["dtype"], tuple(entry["shape"])
+        if dtype == "BF16":
+            # numpy has no bfloat16: a bf16 is the top half of an f32
+            begin, end = entry["data_offsets"]
+            raw = np.memmap(self.path, dtype="<u2", mode="r", offset=self.data_start + begin,
+                            shape=((end - begin) // 2,))
+            out = (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            del raw
+            return out
+        if dtype not in ("F32", "F16", "F64"):
+            raise ValueError(f"{self.path}: tensor {name!r} has dtype {dtype}; only F32, F16 and BF16 are supported")
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="numpy") as f:
+            return f.get_tensor(name).astype(np.float32, copy=False)
+
+
+def _checkpoint_files(path: Path) -> dict[str, _SafetensorsFile]:
+    """Tensor name -> the file that holds it."""
+    index = path / INDEX_FILE
+    files: dict[str, _SafetensorsFile] = {}
+    where: dict[str, _SafetensorsFile] = {}
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map") or {}
+        for name, fname in weight_map.items():
+            if fname not in files:
+                if not (path / fname).exists():
+                    raise FileNotFoundError(f"{index} lists {fname} (for {name!r}), which is missing")
+                files[fname] = _SafetensorsFile(path / fname)
+            where[name] = files[fname]
+        return where
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no *.safetensors in {path} (only safetensors checkpoints are supported)")
+    for p in shards:
+        f = _SafetensorsFile(p)
+        for name in f.table:
+            where.setdefault(name, f)
+    return where
+
+
+def _hf_tensors(cfg: ModelConfig, prefix: str) -> Iterator[tuple[tuple[str | int, ...], str, tuple[int, ...]]]:
+    """(where in our dict, HF name, HF shape) for every tensor we need."""
+    d, h, kv, hd, f, v = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    yield ("embed",), f"{prefix}embed_tokens.weight", (v, d)
+    for i in range(cfg.n_layers):
+        p = f"{prefix}layers.{i}."
+        yield ("layers", i, "attn_norm"), p + "input_layernorm.weight", (d,)
+        yield ("layers", i, "wq"), p + "self_attn.q_proj.weight", (h * hd, d)
+        yield ("layers", i, "wk"), p + "self_attn.k_proj.weight", (kv * hd, d)
+        yield ("layers", i, "wv"), p + "self_attn.v_proj.weight", (kv * hd, d)
+        yield ("layers", i, "wo"), p + "self_attn.o_proj.weight", (d, h * hd)
+        yield ("layers", i, "mlp_norm"), p + "post_attention_layernorm.weight", (d,)
+        yield ("layers", i, "w_gate"), p + "mlp.gate_proj.weight", (f, d)
+        yield ("layers", i, "w_up"), p + "mlp.up_proj.weight", (f, d)
+        yield ("layers", i, "w_down"), p + "mlp.down_proj.weight", (d, f)
+    yield ("final_norm",), f"{prefix}norm.weight", (d,)
+    if not cfg.tie_embeddings:
+        yield ("lm_head",), "lm_head.weight", (v, d)
+
+
+def _to_our_layout(key: str, w, cfg: ModelConfig):
+    """HF stores Linear weights as [out, in]; we keep [in, (heads, head_dim) | out]."""
+    import numpy as np
+
+    h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+    if key == "wq":
+        w = w.T.reshape(d, h, hd)
+    elif key in ("wk", "wv"):
+        w = w.T.reshape(d, kv, hd)
+    elif key == "wo":
+        w = w.T.reshape(h, hd, d)
+    elif key in ("w_gate", "w_up", "w_down", "lm_head"):
+        w = w.T
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, Any]:
+    """Host float32 weights in our layout, read tensor by tensor from ``path``'s safetensors."""
+    path = Path(path)
+    where = _checkpoint_files(path)
+    prefix = "model." if "model.embed_tokens.weight" in where or "embed_tokens.weight" not in where else ""
+    wanted = list(_hf_tensors(cfg, prefix))
+    missing = [name for _, name, _ in wanted if name not in where]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        hint = " (config.json says tie_word_embeddings=false)" if missing == ["lm_head.weight"] else ""
+        raise ValueError(f"{path}: missing tensor(s) {shown}{hint}")
+
+    out: dict[str, Any] = {"layers": [{} for _ in range(cfg.n_layers)]}
+    for dest, name, shape in wanted:
+        f = where[name]
+        got = f.shape(name)
+        if got != shape:
+            raise ValueError(f"{f.path}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}")
+        w = _to_our_layout(str(dest[-1]), f.read(name), cfg)
+        if dest[0] == "layers":
+            out["layers"][dest[1]][dest[2]] = w
+        else:
+            out[dest[0]] = w
+    if cfg.tie_embeddings:
+        out["lm_head"] = out["embed"].T.copy()
+    return out
