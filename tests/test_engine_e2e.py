@@ -74,18 +74,27 @@ def small_pool(nats_server, tmp_path_factory):
     c.stop()
 
 
-async def publisher_stats(nc, prefix: str = "small") -> dict:
-    """The stats of the publisher serving ``prefix`` (other clusters share this NATS server)."""
+async def service_stats(nc, service: str, prefix: str = "small") -> list[dict]:
+    """The stats of every ``service`` instance serving ``prefix`` (other clusters share this
+    NATS server), from the nats.micro STATS verb."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    await nc.publish("$SRV.STATS.dpbus-publisher", b"", reply=inbox)
+    await nc.publish(f"$SRV.STATS.{service}", b"", reply=inbox)
+    found = []
     try:
         while True:
-            doc = json.loads((await sub.next_msg(timeout=5)).data)
+            doc = json.loads((await sub.next_msg(timeout=1)).data)
             if doc.get("metadata", {}).get("prefix") == prefix:
-                return next(e["data"] for e in doc["endpoints"] if e["name"] == "submit")
+                found.append(doc["endpoints"][0]["data"])
+    except nats.errors.TimeoutError:
+        return found
     finally:
         await sub.unsubscribe()
+
+
+async def publisher_stats(nc, prefix: str = "small") -> dict:
+    (stats,) = await service_stats(nc, "dpbus-publisher", prefix)
+    return stats
 
 
 async def test_running_out_of_pages_queues_and_preempts_but_every_answer_is_exact(small_pool):
@@ -105,6 +114,7 @@ async def test_running_out_of_pages_queues_and_preempts_but_every_answer_is_exac
         assert isinstance(out.terminal, Done), out.terminal
         assert out.token_ids == ref
         assert [c.index for c in out.chunks] == list(range(n))
+    print(f"out of pages: {stats['preemptions']} preemptions for 8 requests")
     assert stats["preemptions"] > 0, stats
     assert stats["free_pages"] == 40 and stats["running"] == 0 and stats["waiting"] == 0, stats
 
@@ -141,3 +151,15 @@ async def test_abort_reaches_queued_and_running_requests_and_frees_their_pages(s
     assert all(r == "abort" for r, _ in reasons)
     assert any(t == 0 for _, t in reasons), "some requests were aborted while still queued"
     assert stats["free_pages"] == 40 and stats["running"] == 0 and stats["waiting"] == 0, stats
+
+
+async def test_no_compilation_after_warmup_whatever_the_workload(cluster, small_pool):
+    """Runs last in this module: both clusters have served varied workloads by now."""
+    for c, prefix in ((cluster, "dpbus"), (small_pool, "small")):
+        nc = await nats.connect(c.nats_url)
+        workers = await service_stats(nc, "dpbus-worker", prefix)
+        await nc.close()
+        assert workers and all(w["steps"] > 0 for w in workers), workers
+        for w in workers:
+            print(f"{prefix}: compiled at warm-up {w['compiled_at_warmup']}, after the workload {w['compiled_now']}")
+            assert w["compiled_now"] == w["compiled_at_warmup"] > 0, w

@@ -168,7 +168,7 @@ def test_prefix_affinity_reuses_groups_within_its_skew(results):
     for other in ("round_robin", "shortest_queue", "least_tokens"):
         assert worst(results, other, "hit_rate") < 0.45
     # it trades balance for cache hits, but only up to about affinity_skew (2.0)
-    assert worst(results, "prefix_affinity", "load") < 2.2
+    assert worst(results, "prefix_affinity", "load") < 2.3
 
 
 def report(g: int, tokens: int = 0, waiting: int = 0, running: int = 0, ready: bool = True, seq: int = 1) -> LoadReport:

@@ -70,15 +70,21 @@ class Worker:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._decode_step = unpacker(Step)
 
+    def stats(self, *_: Any) -> dict:
+        return {**self.counts, "epoch": self.epoch, "last_seq": self.last_seq,
+                "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes()}
+
     async def run(self, stop: asyncio.Event) -> None:
         self.runner = await asyncio.to_thread(load_runner, self.s, self.log)
+        self.compiled_at_warmup = self.runner.compiled_shapes()
         g = self.place.dp_rank
         self.nc = await bus.connect(self.s.nats_url, f"dpbus-worker-{self.s.node_rank}", self.log)
         await bus.subscribe(self.nc, self.subjects.step(g), self.on_step)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-worker", version=VERSION,
             description=f"dpbus worker node {self.s.node_rank} of group {g}",
-            metadata={"node_rank": str(self.s.node_rank), "dp_rank": str(g)},
+            metadata={"node_rank": str(self.s.node_rank), "dp_rank": str(g), "prefix": self.s.prefix},
+            stats_handler=self.stats,
         )
         await svc.add_endpoint(name="status", subject=f"{self.subjects.group(g)}.worker.{self.s.node_rank}.status",
                                handler=self.on_status)
