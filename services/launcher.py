@@ -108,14 +108,23 @@ class Cluster:
         env = self._service_env()
         cli = [sys.executable, "-m", "services.cli"]
         self._spawn("ingest", [*cli, "ingest"], env)
+        # a group of several nodes is one JAX job: its leader hosts the job's coordinator
+        coordinators = [f"127.0.0.1:{free_port()}" for _ in range(self.dp_size)]
+
+        def node_args(r: int) -> list[str]:
+            args = ["--node-rank", str(r)]
+            if self.nnodes > self.dp_size:
+                args += ["--coordinator", coordinators[place_node(r, self.nnodes, self.dp_size).dp_rank]]
+            return args
+
         if self.node_processes:
             for r in range(self.nnodes):
-                self._spawn(f"node-{r}", [*cli, "node", "--node-rank", str(r)], env)
+                self._spawn(f"node-{r}", [*cli, "node", *node_args(r)], env)
             return
         for g in range(self.dp_size):
             self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)], env)
         for r in range(self.nnodes):
-            self._spawn(f"worker-{r}", [*cli, "worker", "--node-rank", str(r)], env)
+            self._spawn(f"worker-{r}", [*cli, "worker", *node_args(r)], env)
 
     async def wait_ready(self, timeout: float = 600.0) -> float:
         """Wait until every group reports ready and ingest answers; returns the seconds it took."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -37,8 +37,9 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
 class IngestSettings(Common):
     submit_timeout: Seconds = 5.0
     max_inflight: Positive = 4096
-    policy: str = "round_robin"  # round_robin | shortest_queue | least_tokens | prefix_affinity
+    policy: Literal["round_robin", "shortest_queue", "least_tokens", "prefix_affinity"] = "round_robin"
     affinity_skew: Annotated[float, Meta(ge=1.0)] = 2.0  # prefix_affinity gives up past this load ratio
+    affinity_prefix_tokens: Positive = 32  # prefix_affinity hashes this many leading prompt tokens
     load_stale_after: Seconds = 3.0  # a group without a load report for this long is unavailable
 
 
@@ -78,6 +79,9 @@ class WorkerSettings(EngineSettings):
     seed: NonNegative = 0
     heartbeat_interval: Seconds = 0.5
     warmup: bool = True
+    coordinator: str = ""  # HOST:PORT of the group's JAX job (its leader node), when a group spans nodes
+    join_timeout: Seconds = 120.0  # wait this long for every node of the group at start-up
+    stall_timeout: Seconds = 120.0  # a step running longer means a peer died mid-collective: exit
 
 
 def _merged(name: str, *parts: type[Struct]) -> type[Struct]:

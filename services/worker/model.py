@@ -101,9 +101,15 @@ def weight_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     }
 
 
+def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds whole; each process
+    places only the pieces its own devices need (works for one process or several)."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def place_weights(host: dict[str, Any], cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """Put host weights on the mesh, each array split by its logical axes."""
-    return jax.device_put(host, weight_shardings(cfg, mesh))
+    return jax.tree.map(global_array, host, weight_shardings(cfg, mesh))
 
 
 def cache_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -86,7 +86,8 @@ class ModelRunner:
         return self._prefill._cache_size() + self._decode._cache_size()
 
     def _put(self, *arrays: np.ndarray) -> list[jax.Array]:
-        return [jax.device_put(a, self._replicated) for a in arrays]
+        """Host inputs as replicated global arrays (every process of the group passes the same)."""
+        return [model.global_array(np.asarray(a), self._replicated) for a in arrays]
 
     @staticmethod
     def _bucket(sizes: list[int], n: int, what: str) -> int:

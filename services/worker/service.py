@@ -9,6 +9,7 @@ a repeat is logged, counted and dropped.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from schemas.internal import Heartbeat, Step, StepFailure, StepResult, pack, unp
 from services import bus
 from services.model_config import model_config_for
 from services.settings import WorkerSettings, total_pages
-from services.topology import place_node
+from services.topology import group_nodes, place_node
 
 VERSION = "0.1.0"
 
@@ -54,11 +55,13 @@ class Worker:
     def __init__(self, settings: WorkerSettings, log: Any) -> None:
         self.s = settings
         self.place = place_node(settings.node_rank, settings.nnodes, settings.dp_size, settings.enable_dp_attention)
-        if self.place.nodes_per_group > 1:
+        if self.place.nodes_per_group > 1 and not settings.coordinator:
             raise ValueError(
                 f"nnodes={settings.nnodes} with dp_size={settings.dp_size} puts {self.place.nodes_per_group} "
-                "processes in each group; groups that span processes are not supported yet (use nnodes == dp_size)"
+                "processes in each group: they form one JAX job and need --coordinator HOST:PORT "
+                "(the address the group's leader node listens on)"
             )
+        self.members = group_nodes(self.place.dp_rank, settings.nnodes, settings.dp_size)
         self.subjects = Subjects(settings.prefix)
         self.log = log.bind(dp_rank=self.place.dp_rank, node_rank=settings.node_rank)
         self.epoch = -1
@@ -67,6 +70,8 @@ class Worker:
         self.ready = False
         self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "failures": 0}
         self.runner = None
+        self.step_started = 0.0
+        self.compiled_at_warmup = 0
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._decode_step = unpacker(Step)
 
@@ -74,11 +79,47 @@ class Worker:
         return {**self.counts, "epoch": self.epoch, "last_seq": self.last_seq,
                 "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes()}
 
+    async def wait_for_members(self) -> None:
+        """Wait until every node of the group beats (so the JAX job can form), naming the missing."""
+        seen = {self.s.node_rank}
+        decode = unpacker(Heartbeat)
+
+        async def on_beat(msg: Any) -> None:
+            seen.add(decode.decode(msg.data).node_rank)
+
+        sub = await self.nc.subscribe(self.subjects.heartbeat(self.place.dp_rank), cb=on_beat)
+        deadline = time.monotonic() + self.s.join_timeout
+        try:
+            while not seen.issuperset(self.members):
+                if time.monotonic() > deadline:
+                    missing = sorted(set(self.members) - seen)
+                    raise RuntimeError(f"group {self.place.dp_rank}: node(s) {missing} did not join within "
+                                       f"{self.s.join_timeout:.0f}s (members {self.members})")
+                await asyncio.sleep(0.2)
+        finally:
+            await sub.unsubscribe()
+
+    def join_jax_job(self) -> None:
+        """Make the group's processes one JAX program (gloo collectives on CPU)."""
+        import jax
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU devices use it
+        self.log.info("joining_jax_job", coordinator=self.s.coordinator, processes=self.place.nodes_per_group,
+                      process_id=self.place.attn_tp_rank)
+        jax.distributed.initialize(self.s.coordinator, num_processes=self.place.nodes_per_group,
+                                   process_id=self.place.attn_tp_rank,
+                                   initialization_timeout=int(self.s.join_timeout), heartbeat_timeout_seconds=30)
+        self.log.info("joined_jax_job", devices=len(jax.devices()), local_devices=len(jax.local_devices()))
+
     async def run(self, stop: asyncio.Event) -> None:
-        self.runner = await asyncio.to_thread(load_runner, self.s, self.log)
-        self.compiled_at_warmup = self.runner.compiled_shapes()
         g = self.place.dp_rank
         self.nc = await bus.connect(self.s.nats_url, f"dpbus-worker-{self.s.node_rank}", self.log)
+        beating = asyncio.create_task(self.heartbeat_loop(stop))  # not ready yet: tells peers we are here
+        if self.place.nodes_per_group > 1:
+            await self.wait_for_members()
+            await asyncio.to_thread(self.join_jax_job)
+        self.runner = await asyncio.to_thread(load_runner, self.s, self.log)
+        self.compiled_at_warmup = self.runner.compiled_shapes()
         await bus.subscribe(self.nc, self.subjects.step(g), self.on_step)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-worker", version=VERSION,
@@ -90,7 +131,7 @@ class Worker:
                                handler=self.on_status)
         self.ready = True
         self.log.info("worker_ready", subject=self.subjects.step(g))
-        tasks = [asyncio.create_task(self.heartbeat_loop(stop)), asyncio.create_task(self.step_loop())]
+        tasks = [beating, asyncio.create_task(self.step_loop()), asyncio.create_task(self.watchdog(stop))]
         await stop.wait()
         for t in tasks:
             t.cancel()
@@ -115,6 +156,18 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - reconnecting; the next beat retries
                 self.log.warning("heartbeat_failed", error=repr(e))
             await asyncio.sleep(self.s.heartbeat_interval)
+
+    async def watchdog(self, stop: asyncio.Event) -> None:
+        """Fail-stop when a step hangs: in a group spanning processes that means a peer is gone
+        mid-collective, and only restarting the group's processes recovers. Exit so a
+        supervisor (compose, systemd, `dpbus up`) sees it, instead of looking alive."""
+        while not stop.is_set():
+            await asyncio.sleep(1.0)
+            if self.step_started and time.monotonic() - self.step_started > self.s.stall_timeout:
+                self.log.error("step_stalled", seconds=round(time.monotonic() - self.step_started, 1),
+                               epoch=self.epoch, seq=self.last_seq + 1,
+                               reason="a collective never completed; a peer of the group is probably gone")
+                os._exit(70)
 
     def check_order(self, step: Step) -> str | None:
         """None when ``step`` is the next one to run; else why not (and the state is updated)."""
@@ -154,7 +207,9 @@ class Worker:
                 reply: Any = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.DIVERGED, problem)
             else:
                 try:
+                    self.step_started = time.monotonic()
                     reply = await asyncio.to_thread(self.run_step, step)
+                    self.step_started = 0.0
                     self.last_seq = step.seq
                     self.counts["steps"] += 1
                 except Exception as e:  # noqa: BLE001 - reported, the group resets
@@ -162,8 +217,21 @@ class Worker:
                     self.in_sync = False
                     self.log.exception("step_failed", epoch=step.epoch, seq=step.seq)
                     reply = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.INTERNAL, repr(e))
+                    if self.place.nodes_per_group > 1:
+                        await self.leave_broken_job(reply, result_subject)
             if self.place.is_leader or isinstance(reply, StepFailure):
                 await self.nc.publish(result_subject, pack(reply))
+
+    async def leave_broken_job(self, failure: StepFailure, subject: str) -> None:
+        """A step failing in a group of several processes means its JAX job is broken (most
+        often a peer died mid-collective), and a JAX job cannot take a process back: report,
+        then exit so a supervisor restarts the group's processes."""
+        failure.code = ErrorCode.WORKER_LOST
+        failure.message = f"group {self.place.dp_rank}'s JAX job broke ({failure.message}); a member is gone"
+        await self.nc.publish(subject, pack(failure))
+        await self.nc.flush(timeout=2)
+        self.log.error("leaving_broken_group", reason=failure.message)
+        os._exit(70)
 
     def run_step(self, step: Step) -> StepResult:
         t0 = time.perf_counter()

@@ -1,0 +1,61 @@
+"""A DP group that spans two worker processes (one JAX job over gloo, 2 x 2 devices)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import pytest
+
+from schemas import Done, Error, Subjects
+from services import tokenizer
+from services.client import generate
+from tests.conftest import start_cluster
+from tests.test_engine_e2e import reference_tokens
+
+pytestmark = pytest.mark.e2e
+PREFIX = "span"
+
+
+@pytest.fixture(scope="module")
+def spanning(nats_server, tmp_path_factory):
+    c = start_cluster(nats_server.url, tmp_path_factory.mktemp("dpbus-span"), dp_size=1, nnodes=2, local_devices=2,
+                      prefix=PREFIX, extra={"DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32",
+                                            "DPBUS_HEARTBEAT_TIMEOUT": "2"})
+    yield c
+    c.stop()
+
+
+async def test_group_of_two_processes_gives_the_single_process_tokens(spanning):
+    texts = [f"span test {i} " + "abc " * (i * 5) for i in range(6)]  # up to ~110 tokens: several chunks
+    nc = await nats.connect(spanning.nats_url)
+    outs = await asyncio.gather(*(generate(nc, {"text": t, "sampling": {"max_new_tokens": 10, "temperature": 0,
+                                                                        "ignore_eos": True}},
+                                           subjects=Subjects(PREFIX)) for t in texts))
+    await nc.close()
+    want = reference_tokens([tokenizer.ByteTokenizer().encode(t) for t in texts], 10, 256)
+    for out, ref in zip(outs, want):
+        assert isinstance(out.terminal, Done), out.terminal
+        assert out.token_ids == ref
+
+
+async def test_killing_one_member_ends_in_flight_requests_with_an_error(spanning):
+    """Runs last: it breaks the group."""
+    nc = await nats.connect(spanning.nats_url)
+    tasks = [asyncio.create_task(generate(nc, {"text": f"long {i}", "sampling": {"max_new_tokens": 400,
+                                                                                  "ignore_eos": True}},
+                                          subjects=Subjects(PREFIX), timeout=60)) for i in range(4)]
+    await asyncio.sleep(1.0)  # let them start streaming
+    member = next(p for p in spanning.procs if p.name == "worker-1")
+    killed_at = time.monotonic()
+    member.popen.kill()
+    outs = await asyncio.gather(*tasks)
+    answered_in = time.monotonic() - killed_at
+    await nc.close()
+    print(f"every in-flight request answered {answered_in:.1f}s after the member was killed")
+    for out in outs:
+        assert isinstance(out.terminal, Error), out.terminal
+        assert out.terminal.code.value == "worker_lost", out.terminal
+        assert out.chunks, "the requests were streaming before the kill"
+    assert answered_in < 15
