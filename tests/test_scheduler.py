@@ -292,6 +292,20 @@ def test_decode_items_carry_token_position_counter_and_pages():
     assert seq.output == list(range(100, 106))
 
 
+def test_a_decoding_sequence_stays_decoding():
+    """Once its prompt is in, a sequence gets one decode row per step and no more prefill
+    (its decoded tokens' K/V are written by the decode step itself)."""
+    s = mksched()
+    s.add(mkseq("a", n_prompt=10, max_new_tokens=50))
+    step(s)
+    kinds = []
+    for _ in range(6):
+        plan = s.build_step(0.0)
+        s.apply(plan, *answer(plan))
+        kinds.append((len(plan.prefill), len(plan.decode)))
+    assert kinds == [(0, 1)] * 6, f"(prefill items, decode rows) per step: {kinds}"
+
+
 def test_pages_are_allocated_as_positions_grow():
     s = mksched()
     seq = mkseq("a", n_prompt=5, max_new_tokens=20)
@@ -549,6 +563,19 @@ def test_the_newest_sequence_that_cannot_grow_preempts_itself():
     assert all_free(s)
 
 
+def test_a_request_preempted_in_a_step_is_not_readmitted_in_that_step():
+    s = mksched(max_running=2, max_seq_len=12, num_pages=4)  # 3 usable pages: one context
+    model = PagedFake(PAGE)
+    a, b = mkseq("a", n_prompt=2, max_new_tokens=4), mkseq("b", n_prompt=7, max_new_tokens=5)
+    s.add(a)
+    s.add(b)
+    fake_step(s, model)
+    fake_step(s, model)
+    plan, _ = fake_step(s, model)  # b cannot grow and preempts itself, freeing 2 pages
+    assert b.preempted == 1
+    assert rids(plan.prefill) == [] and [q.rid for q in s.waiting] == ["b"]
+
+
 # ---------------------------------------------------------------------------------------
 # abort, expiry, failures
 # ---------------------------------------------------------------------------------------
@@ -581,6 +608,19 @@ def test_take_expired_only_takes_old_waiting_requests():
     assert [q.rid for q in s.waiting] == ["new"]
     assert s.take_expired(now=12.0, queue_timeout=5.0) == []
     assert [q.rid for q in s.running] == ["run"]
+
+
+def test_a_preempted_request_does_not_expire_as_if_it_had_waited_in_the_queue():
+    s = mksched(max_running=3, max_seq_len=16, num_pages=7)
+    model = PagedFake(PAGE)
+    seqs = [mkseq(r, n_prompt=4, max_new_tokens=12, accepted_at=0.0) for r in "abc"]
+    for q in seqs:
+        s.add(q)
+    for t in (1.0, 2.0, 3.0, 4.0, 5.0, 400.0):  # c runs from t=1 and is preempted at t=400
+        plan = s.build_step(t)
+        s.apply(plan, *model.run(plan))
+    assert seqs[2].preempted == 1 and [q.rid for q in s.waiting] == ["c"]
+    assert s.take_expired(now=401.0, queue_timeout=300.0) == []
 
 
 def test_take_all_frees_every_page_and_keeps_the_queue():
@@ -668,7 +708,7 @@ def random_workload(seed: int, steps: int, *, max_running: int = 4, budget: int 
     n = 0
     while n < steps or s.has_work():
         if n < steps and rng.random() < 0.35:
-            q = mkseq(f"r{n}", n_prompt=rng.randint(1, max_len - 2), max_new_tokens=rng.randint(1, 20),
+            q = mkseq(f"r{n}", n_prompt=rng.randint(1, max_len - 1), max_new_tokens=rng.randint(1, 20),
                       stop_token_ids=[3])
             if s.add(q):
                 added.append(q)

@@ -4,7 +4,7 @@ Requests wait in a bounded FIFO queue. Each step:
 
 1. every running request that is decoding gets one decode row, and a new KV page when
    its next position starts one; when the pool is empty the most recently admitted
-   other request is *preempted*: its pages are freed and it goes back to the front of
+   request (possibly the one that needs the page) is *preempted*: its pages are freed and it goes back to the front of
    the queue, to be recomputed (prompt + what it generated so far) when pages free up;
 2. requests still prefilling get prompt chunks, at most ``max_prefill_tokens`` in all,
    as far as free pages allow;
@@ -144,9 +144,14 @@ class Scheduler:
         return [self.release(seq) for seq in list(self.running)]
 
     def take_expired(self, now: float, queue_timeout: float) -> list[Sequence]:
-        old = [s for s in self.waiting if now - s.accepted_at > queue_timeout]
+        """Waiting requests never scheduled within ``queue_timeout`` of their acceptance
+        (a preempted request waits for pages, not for a group: it does not expire)."""
+        def expired(s: Sequence) -> bool:
+            return not s.scheduled_at and now - s.accepted_at > queue_timeout
+
+        old = [s for s in self.waiting if expired(s)]
         if old:
-            self.waiting = deque(s for s in self.waiting if now - s.accepted_at <= queue_timeout)
+            self.waiting = deque(s for s in self.waiting if not expired(s))
         return old
 
     # ---- pages ------------------------------------------------------------------------------
@@ -169,6 +174,7 @@ class Scheduler:
     # ---- steps ------------------------------------------------------------------------------
     def build_step(self, now: float) -> Plan:
         plan = Plan([], [])
+        preempted_before = self.preemptions
         for seq in list(self.running):
             if seq not in self.running or not seq.decoding:
                 continue
@@ -185,7 +191,9 @@ class Scheduler:
         for seq in self.running:
             if budget > 0 and not seq.decoding:
                 budget -= self._plan_chunk(plan, seq, budget)
-        while budget > 0 and self.waiting and len(self.running) < self.max_running:
+        # a request preempted in this step waits at least until the next one (no thrashing)
+        while budget > 0 and self.waiting and len(self.running) < self.max_running \
+                and self.preemptions == preempted_before:
             seq = self.waiting[0]
             first = min(budget, seq.fill_target)
             if not self._grow(seq, first):
@@ -220,7 +228,8 @@ class Scheduler:
             seq.prefilled += len(item.token_ids)
             if item.sample:
                 events.append(self._append(seq, token))
-        for (seq, _), token in zip(plan.decode, decode_tokens):
+        for (seq, item), token in zip(plan.decode, decode_tokens):
+            seq.prefilled = item.position + 1  # the fed token is in the cache now
             events.append(self._append(seq, token))
         return events
 
