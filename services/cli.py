@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dpbus {a.command}: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, ConnectionError, TimeoutError) as e:
+        print(f"dpbus {a.command}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -59,3 +59,17 @@ async def test_killing_one_member_ends_in_flight_requests_with_an_error(spanning
         assert out.terminal.code.value == "worker_lost", out.terminal
         assert out.chunks, "the requests were streaming before the kill"
     assert answered_in < 15
+
+
+def test_a_node_whose_group_never_forms_names_the_missing_member(nats_server):
+    import subprocess
+    import sys
+
+    from services.launcher import free_port
+
+    out = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--node-rank", "0", "--nnodes", "3",
+                          "--dp-size", "1", "--coordinator", f"127.0.0.1:{free_port()}", "--join-timeout", "2",
+                          "--nats-url", nats_server.url, "--prefix", "lonely"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "node(s) [1, 2] did not join within 2s" in out.stderr, out.stderr[-500:]
