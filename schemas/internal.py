@@ -85,12 +85,36 @@ class Step(Struct):
 
 
 class StepResult(Struct, tag="result", tag_field="type"):
+    """Every worker acknowledges every step with the digest of what it sampled; only the
+    leader sends the tokens themselves."""
+
     epoch: int
     seq: int
     node_rank: int
-    prefill_tokens: list[int]   # one per prefill item; -1 where it did not sample
-    decode_tokens: list[int]    # one per decode item
+    prefill_tokens: list[int]   # one per prefill item; -1 where it did not sample (leader only)
+    decode_tokens: list[int]    # one per decode item (leader only)
     elapsed_ms: float
+    digest: str = ""
+
+
+def token_digest(prefill_tokens: list[int], decode_tokens: list[int]) -> str:
+    """A short digest of a step's sampled tokens: equal digests, equal samples."""
+    import hashlib
+
+    raw = ",".join(map(str, prefill_tokens)) + "|" + ",".join(map(str, decode_tokens))
+    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+
+
+class Replay(Struct):
+    """A worker that missed steps asks the publisher for ``epoch`` steps ``first``..``last``."""
+
+    epoch: int
+    first: int
+    last: int
+
+
+class ReplayReply(Struct):
+    steps: list[bytes]  # the packed steps, in order; empty when no longer held
 
 
 class StepFailure(Struct, tag="failure", tag_field="type"):

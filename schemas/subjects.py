@@ -40,6 +40,10 @@ class Subjects:
         """leader worker of g -> publisher g: sampled tokens of a step."""
         return f"{self.group(g)}.result"
 
+    def replay(self, g: int) -> str:
+        """worker of g -> publisher g: resend steps I missed (request/reply)."""
+        return f"{self.group(g)}.replay"
+
     def heartbeat(self, g: int) -> str:
         """each worker of g -> publisher g: alive, ready, last step applied."""
         return f"{self.group(g)}.heartbeat"

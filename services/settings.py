@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -67,6 +68,8 @@ class PublisherSettings(EngineSettings):
     dp_rank: NonNegative = 0
     max_waiting: Positive = 1024
     step_timeout: Seconds = 60.0
+    resend_interval: Seconds = 1.0  # re-publish a step whose acknowledgements are late
+    replay_window: Positive = 256  # recent steps kept for workers that missed some
     heartbeat_timeout: Seconds = 10.0
     load_interval: Seconds = 0.5
     queue_timeout: Seconds = 300.0
@@ -82,6 +85,7 @@ class WorkerSettings(EngineSettings):
     coordinator: str = ""  # HOST:PORT of the group's JAX job (its leader node), when a group spans nodes
     join_timeout: Seconds = 120.0  # wait this long for every node of the group at start-up
     stall_timeout: Seconds = 120.0  # a step running longer means a peer died mid-collective: exit
+    replay_timeout: Seconds = 2.0  # per attempt, when fetching missed steps from the publisher
 
 
 def _merged(name: str, *parts: type[Struct]) -> type[Struct]:
@@ -142,4 +146,8 @@ def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str
     try:
         return msgspec.convert(raw, cls, strict=False)
     except msgspec.ValidationError as e:
-        raise ValueError(f"bad setting: {e} (flags or DPBUS_* variables)") from None
+        hint = ""
+        for f in msgspec.structs.fields(cls):
+            if f"$.{f.name}`" in str(e) and typing.get_origin(f.type) is Literal:
+                hint = f"; valid values: {', '.join(typing.get_args(f.type))}"
+        raise ValueError(f"bad setting: {e}{hint} (flags or DPBUS_* variables)") from None

@@ -396,7 +396,7 @@ def test_ingest_refuses_an_unknown_policy_at_start_up(capsys):
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
         ingest("fastest")
     assert main(["ingest", "--policy", "fastest"]) == 2
-    assert "valid policies: round_robin, shortest_queue" in capsys.readouterr().err
+    assert "valid values: round_robin, shortest_queue" in capsys.readouterr().err
 
 
 def test_ingest_answers_unavailable_at_once_when_no_group_is():

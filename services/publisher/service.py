@@ -20,7 +20,8 @@ import nats.micro
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    GroupAbort, Heartbeat, LoadReport, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck, pack, unpacker,
+    GroupAbort, Heartbeat, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
+    pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
 from schemas.codec import Encoding
@@ -57,10 +58,14 @@ class Publisher:
         self.epoch = time.time_ns() // 1000
         self.seq = 0
         self.pending: asyncio.Future | None = None
+        self.acks: dict[int, StepResult] = {}
+        self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
         self.wake = asyncio.Event()
-        self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0}
+        self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
+                       "resent": 0, "replayed": 0, "requeued": 0}
         self._unpack = {k: unpacker(t) for k, t in
-                        (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply))}
+                        (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
+                         ("replay", Replay))}
 
     # ---- readiness -------------------------------------------------------------------
     def missing_members(self, now: float) -> list[int]:
@@ -123,11 +128,29 @@ class Publisher:
         except Exception as e:  # noqa: BLE001
             self.log.error("bad_result", error=str(e))
             return
-        if reply.epoch != self.epoch or reply.seq != self.seq:
-            self.log.warning("stale_result", epoch=reply.epoch, seq=reply.seq, node_rank=reply.node_rank)
-            return
-        if self.pending is not None and not self.pending.done():
+        if reply.epoch != self.epoch or reply.seq > self.seq or self.pending is None or self.pending.done():
+            return  # a late or repeated answer to a step already settled
+        if isinstance(reply, StepFailure):
             self.pending.set_result(reply)
+        elif reply.seq == self.seq and reply.node_rank in self.members:
+            self.acks[reply.node_rank] = reply
+            if len(self.acks) == len(self.members):
+                self.pending.set_result(self.acks[self.members[0]])
+
+    async def on_replay_msg(self, msg: Any) -> None:
+        await self.on_replay(msg)
+
+    async def on_replay(self, req: Any) -> None:
+        """Resend steps a worker missed, from the window of recent ones."""
+        try:
+            ask = self._unpack["replay"].decode(req.data)
+        except Exception:  # noqa: BLE001
+            await req.respond(pack(ReplayReply([])))
+            return
+        held = ask.epoch == self.epoch and all(n in self.sent for n in range(ask.first, ask.last + 1))
+        steps = [self.sent[n] for n in range(ask.first, ask.last + 1)] if held else []
+        self.counts["replayed"] += len(steps)
+        await req.respond(pack(ReplayReply(steps)))
 
     def stats(self, *_: Any) -> dict:
         sched = self.sched
@@ -161,15 +184,24 @@ class Publisher:
 
     # ---- the scheduling loop -----------------------------------------------------------
     async def run_step(self, plan: Plan) -> StepResult:
+        """Broadcast one step and wait until every member acknowledged it with the same
+        digest; re-publish it while acknowledgements are late (workers drop repeats)."""
         self.seq += 1
-        step = Step(self.epoch, self.seq, [i for _, i in plan.prefill], [i for _, i in plan.decode])
-        loop = asyncio.get_running_loop()
-        self.pending = loop.create_future()
-        await self.nc.publish(self.subjects.step(self.g), pack(step))
-        deadline = time.monotonic() + self.s.step_timeout
+        data = pack(Step(self.epoch, self.seq, [i for _, i in plan.prefill], [i for _, i in plan.decode]))
+        self.sent[self.seq] = data
+        self.sent.pop(self.seq - self.s.replay_window, None)
+        self.acks = {}
+        self.pending = asyncio.get_running_loop().create_future()
+        subject = self.subjects.step(self.g)
+        try:
+            await bus.publish(self.nc, subject, data)
+        except bus.SendDataError as e:
+            raise GroupFailure(ErrorCode.UNAVAILABLE, str(e)) from None
+        start = time.monotonic()
+        next_send = start + self.s.resend_interval
         while True:
             try:
-                reply = await asyncio.wait_for(asyncio.shield(self.pending), 0.25)
+                reply = await asyncio.wait_for(asyncio.shield(self.pending), 0.05)
                 break
             except asyncio.TimeoutError:
                 now = time.monotonic()
@@ -177,11 +209,21 @@ class Publisher:
                 if missing:
                     raise GroupFailure(ErrorCode.WORKER_LOST, f"group {self.g} lost node(s) {missing} during step "
                                                               f"{self.seq}") from None
-                if now > deadline:
-                    raise GroupFailure(ErrorCode.TIMEOUT, f"step {self.seq} of group {self.g} took longer than "
-                                                          f"{self.s.step_timeout}s") from None
+                if now - start > self.s.step_timeout:
+                    silent = [n for n in self.members if n not in self.acks]
+                    raise GroupFailure(ErrorCode.TIMEOUT, f"step {self.seq} of group {self.g}: node(s) {silent} did "
+                                                          f"not answer within {self.s.step_timeout}s") from None
+                if now >= next_send:
+                    self.counts["resent"] += 1
+                    next_send = now + self.s.resend_interval
+                    await bus.publish(self.nc, subject, data)
         if isinstance(reply, StepFailure):
             raise GroupFailure(reply.code, f"node {reply.node_rank}: {reply.message}")
+        want = token_digest(reply.prefill_tokens, reply.decode_tokens)
+        odd = [n for n, r in self.acks.items() if r.digest != want]
+        if odd:
+            raise GroupFailure(ErrorCode.DIVERGED, f"group {self.g} diverged at step {self.seq}: node(s) {odd} "
+                                                   f"sampled differently from the leader")
         return reply
 
     async def emit(self, events: list) -> None:
@@ -203,6 +245,7 @@ class Publisher:
             await self.fail(seq, failure.code, failure.message)
         self.epoch += 1
         self.seq = 0
+        self.sent.clear()
 
     async def schedule_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set() or self.sched.running:
@@ -263,6 +306,7 @@ class Publisher:
         self.nc = await bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log)
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
         await bus.subscribe(self.nc, subj.result(g), self.on_result)
+        await bus.subscribe(self.nc, subj.replay(g), self.on_replay_msg)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-publisher", version=VERSION, description=f"dpbus publisher of DP group {g}",
             metadata={"dp_rank": str(g), "prefix": self.s.prefix}, queue_group=f"dpbus-publisher-{g}",

@@ -16,7 +16,9 @@ from typing import Any
 import nats.micro
 
 from schemas import ErrorCode, Subjects
-from schemas.internal import Heartbeat, Step, StepFailure, StepResult, pack, unpacker
+from schemas.internal import (
+    Heartbeat, Replay, ReplayReply, Step, StepFailure, StepResult, pack, token_digest, unpacker,
+)
 from services import bus
 from services.model_config import model_config_for
 from services.settings import WorkerSettings, total_pages
@@ -68,7 +70,9 @@ class Worker:
         self.last_seq = 0
         self.in_sync = False
         self.ready = False
-        self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "failures": 0}
+        self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "replayed": 0, "failures": 0}
+        self.last_reply: bytes | None = None
+        self._replay_reply = unpacker(ReplayReply)
         self.runner = None
         self.step_started = 0.0
         self.compiled_at_warmup = 0
@@ -169,22 +173,31 @@ class Worker:
                                reason="a collective never completed; a peer of the group is probably gone")
                 os._exit(70)
 
-    def check_order(self, step: Step) -> str | None:
-        """None when ``step`` is the next one to run; else why not (and the state is updated)."""
-        if step.epoch != self.epoch:
-            if step.seq != 1:
-                self.in_sync = False
-                return f"joined epoch {step.epoch} at step {step.seq}, missed steps 1..{step.seq - 1}"
-            self.epoch, self.last_seq, self.in_sync = step.epoch, 0, True
+    def classify(self, step: Step) -> str:
+        """``next``, ``repeat`` (already run), ``gap`` (steps missing before it) or ``stale``."""
+        if step.epoch == self.epoch and self.in_sync:
+            if step.seq == self.last_seq + 1:
+                return "next"
+            return "repeat" if step.seq <= self.last_seq else "gap"
+        if step.epoch < self.epoch:
+            return "stale"
+        if step.seq == 1:  # a new epoch (publisher restart or group reset): start afresh
+            self.epoch, self.last_seq, self.in_sync, self.last_reply = step.epoch, 0, True, None
             self.log.info("new_epoch", epoch=step.epoch)
-        if not self.in_sync:
-            return f"out of sync in epoch {self.epoch}; waiting for a new epoch"
-        if step.seq != self.last_seq + 1:
-            if step.seq <= self.last_seq:
-                return "repeat"
-            self.in_sync = False
-            return f"gap in epoch {self.epoch}: expected step {self.last_seq + 1}, got {step.seq}"
-        return None
+            return "next"
+        self.epoch, self.last_seq, self.in_sync, self.last_reply = step.epoch, 0, True, None
+        return "gap"  # joined an epoch midway: fetch it from its first step
+
+    async def fetch_missing(self, step: Step) -> list[Step]:
+        """The steps between the last one run and ``step``, from the publisher's replay window."""
+        data = await bus.request(self.nc, self.subjects.replay(self.place.dp_rank),
+                                 pack(Replay(step.epoch, self.last_seq + 1, step.seq - 1)),
+                                 timeout=self.s.replay_timeout)
+        steps = [self._decode_step.decode(b) for b in self._replay_reply.decode(data).steps]
+        if [s.seq for s in steps] != list(range(self.last_seq + 1, step.seq)):
+            raise bus.ReceiveDataError(f"the publisher no longer holds steps {self.last_seq + 1}..{step.seq - 1} "
+                                       f"of epoch {step.epoch}")
+        return steps
 
     async def step_loop(self) -> None:
         result_subject = self.subjects.result(self.place.dp_rank)
@@ -196,31 +209,47 @@ class Worker:
                 self.counts["failures"] += 1
                 self.log.error("bad_step", error=str(e))
                 continue
-            problem = self.check_order(step)
-            if problem == "repeat":
+            kind = self.classify(step)
+            if kind in ("repeat", "stale"):
                 self.counts["repeated"] += 1
-                self.log.warning("step_repeated", epoch=step.epoch, seq=step.seq, last_seq=self.last_seq)
+                if kind == "repeat" and step.seq == self.last_seq and self.last_reply is not None:
+                    await bus.publish(self.nc, result_subject, self.last_reply)  # our answer may have been lost
                 continue
-            if problem is not None:
+            todo = [step]
+            if kind == "gap":
                 self.counts["gaps"] += 1
-                self.log.error("step_out_of_order", epoch=step.epoch, seq=step.seq, reason=problem)
-                reply: Any = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.DIVERGED, problem)
-            else:
+                self.log.warning("steps_missed", epoch=step.epoch, have=self.last_seq, got=step.seq)
                 try:
-                    self.step_started = time.monotonic()
-                    reply = await asyncio.to_thread(self.run_step, step)
-                    self.step_started = 0.0
-                    self.last_seq = step.seq
-                    self.counts["steps"] += 1
-                except Exception as e:  # noqa: BLE001 - reported, the group resets
-                    self.counts["failures"] += 1
+                    todo = [*await self.fetch_missing(step), step]
+                    self.counts["replayed"] += len(todo) - 1
+                except bus.ReceiveDataError as e:
                     self.in_sync = False
-                    self.log.exception("step_failed", epoch=step.epoch, seq=step.seq)
-                    reply = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.INTERNAL, repr(e))
-                    if self.place.nodes_per_group > 1:
-                        await self.leave_broken_job(reply, result_subject)
-            if self.place.is_leader or isinstance(reply, StepFailure):
-                await self.nc.publish(result_subject, pack(reply))
+                    self.log.error("replay_failed", epoch=step.epoch, seq=step.seq, error=str(e))
+                    failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.DIVERGED, str(e))
+                    await bus.publish(self.nc, result_subject, pack(failure))
+                    continue
+            for s in todo:
+                await self.run_in_order(s, result_subject)
+
+    async def run_in_order(self, step: Step, result_subject: str) -> None:
+        try:
+            self.step_started = time.monotonic()
+            reply = await asyncio.to_thread(self.run_step, step)
+            self.step_started = 0.0
+            self.last_seq = step.seq
+            self.counts["steps"] += 1
+        except Exception as e:  # noqa: BLE001 - reported, the group resets
+            self.step_started = 0.0
+            self.counts["failures"] += 1
+            self.in_sync = False
+            self.log.exception("step_failed", epoch=step.epoch, seq=step.seq)
+            failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.INTERNAL, repr(e))
+            if self.place.nodes_per_group > 1:
+                await self.leave_broken_job(failure, result_subject)
+            await bus.publish(self.nc, result_subject, pack(failure))
+            return
+        self.last_reply = pack(reply)
+        await bus.publish(self.nc, result_subject, self.last_reply)
 
     async def leave_broken_job(self, failure: StepFailure, subject: str) -> None:
         """A step failing in a group of several processes means its JAX job is broken (most
@@ -240,5 +269,8 @@ class Worker:
             token, _ = self.runner.prefill(item)
             prefill_tokens.append(token if item.sample else -1)
         decode_tokens = self.runner.decode(step.decode)[0] if step.decode else []
+        digest = token_digest(prefill_tokens, decode_tokens)
+        if not self.place.is_leader:  # the leader reports the tokens, the others vouch for them
+            prefill_tokens, decode_tokens = [], []
         return StepResult(step.epoch, step.seq, self.s.node_rank, prefill_tokens, decode_tokens,
-                          (time.perf_counter() - t0) * 1000)
+                          (time.perf_counter() - t0) * 1000, digest)

@@ -1,0 +1,217 @@
+"""Ordered, gap-free step delivery, checked against a real nats-server: a real worker that
+misses steps fetches them from the publisher's replay window, runs nothing twice and
+answers repeats with its earlier result; a real publisher re-sends late steps and
+detects a diverging or silent worker. The other side of each exchange is played by the
+test, on the wire, with the real message types."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import nats
+import pytest
+
+from schemas import Done, Error, SamplingParams, Subjects
+from schemas.codec import Encoding
+from schemas.internal import (
+    DecodeItem, Heartbeat, PrefillItem, Replay, ReplayReply, RowSampling, Step, StepFailure, StepReply, StepResult,
+    Submit, SubmitAck, pack, token_digest,
+)
+from services import logs
+from services.client import decode_answer
+from services.publisher.service import Publisher
+from services.settings import PublisherSettings, WorkerSettings
+from services.worker.service import Worker
+
+G = RowSampling(0.0, 1.0, 0, 0)
+LOG = logs.configure("warning", json=True)
+
+
+def steps_for(epoch: int) -> list[Step]:
+    """A prompt prefilled in two chunks, then three decode steps (tokens fed are arbitrary)."""
+    prompt = list(range(1, 21))
+    pages = [1, 2]
+    return [
+        Step(epoch, 1, [PrefillItem(0, prompt[:16], False, pages, G)], []),
+        Step(epoch, 2, [PrefillItem(16, prompt[16:], True, pages, G)], []),
+        Step(epoch, 3, [], [DecodeItem(65, 20, 1, pages, G)]),
+        Step(epoch, 4, [], [DecodeItem(66, 21, 2, pages, G)]),
+        Step(epoch, 5, [], [DecodeItem(67, 22, 3, pages, G)]),
+    ]
+
+
+async def start_worker(url: str, prefix: str) -> tuple[Worker, asyncio.Event, asyncio.Task]:
+    s = msgspec.convert({"nats_url": url, "prefix": prefix, "max_seq_len": 64, "max_prefill_tokens": 16,
+                         "max_running_requests": 2, "warmup": False, "heartbeat_interval": 0.2}, WorkerSettings)
+    worker, stop = Worker(s, LOG), asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    for _ in range(600):
+        if worker.ready:
+            return worker, stop, task
+        await asyncio.sleep(0.1)
+    raise TimeoutError("worker did not get ready")
+
+
+async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_server):
+    subj = Subjects("deliv")
+    worker, stop, task = await start_worker(nats_server.url, "deliv")
+    nc = await nats.connect(nats_server.url)
+    results: list = []
+    decode = msgspec.msgpack.Decoder(StepReply)
+
+    async def on_result(m):
+        results.append(decode.decode(m.data))
+
+    await nc.subscribe(subj.result(0), cb=on_result)
+    steps = steps_for(epoch=7)
+    replays: list[Replay] = []
+
+    async def on_replay(msg):
+        ask = msgspec.msgpack.decode(msg.data, type=Replay)
+        replays.append(ask)
+        await msg.respond(pack(ReplayReply([pack(s) for s in steps if ask.first <= s.seq <= ask.last])))
+
+    await nc.subscribe(subj.replay(0), cb=on_replay)
+    await nc.flush()
+    for seq in (1, 3, 3, 4):  # step 2 is "lost"; step 3 arrives twice
+        await nc.publish(subj.step(0), pack(steps[seq - 1]))
+        await nc.flush()
+        await asyncio.sleep(0.3)
+    for _ in range(100):
+        if len(results) >= 5:
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    await nc.close()
+    assert replays == [Replay(7, 2, 2)]
+    assert [r.seq for r in results] == [1, 2, 3, 3, 4]  # the repeat of 3 is answered again, not re-run
+    assert results[2] == results[3]
+    assert worker.counts["steps"] == 4 and worker.counts["gaps"] == 1 and worker.counts["replayed"] == 1
+    assert all(isinstance(r, StepResult) and r.digest == token_digest(r.prefill_tokens, r.decode_tokens)
+               for r in results)
+
+
+async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nats_server):
+    subj = Subjects("gap")
+    worker, stop, task = await start_worker(nats_server.url, "gap")
+    nc = await nats.connect(nats_server.url)
+    results: list = []
+    decode = msgspec.msgpack.Decoder(StepReply)
+
+    async def on_result(m):
+        results.append(decode.decode(m.data))
+
+    async def on_replay(msg):  # the window no longer holds the missing steps
+        await msg.respond(pack(ReplayReply([])))
+
+    await nc.subscribe(subj.result(0), cb=on_result)
+    await nc.subscribe(subj.replay(0), cb=on_replay)
+    await nc.flush()
+    old, new = steps_for(epoch=1), steps_for(epoch=2)
+    for step in (old[0], old[3], new[0]):  # gap 2..3 cannot be filled; then a new epoch starts
+        await nc.publish(subj.step(0), pack(step))
+        await nc.flush()
+        await asyncio.sleep(0.4)
+    stop.set()
+    await task
+    await nc.close()
+    assert isinstance(results[1], StepFailure) and results[1].code.value == "diverged"
+    assert "no longer holds steps 2..3" in results[1].message
+    assert isinstance(results[2], StepResult) and (results[2].epoch, results[2].seq) == (2, 1)
+    assert worker.counts["steps"] == 2
+
+
+class FakeWorker:
+    """Plays the group's only worker on the wire: beats, and answers steps as told."""
+
+    def __init__(self, nc, subj: Subjects, behaviour: str) -> None:
+        self.nc, self.subj, self.behaviour = nc, subj, behaviour
+        self.seen: list[tuple[int, int]] = []
+
+    async def beat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.nc.publish(self.subj.heartbeat(0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
+            await asyncio.sleep(0.2)
+
+    async def on_step(self, msg) -> None:
+        step = msgspec.msgpack.decode(msg.data, type=Step)
+        self.seen.append((step.epoch, step.seq))
+        if self.behaviour == "ignore_first" and self.seen.count((step.epoch, step.seq)) == 1:
+            return  # as if the step never arrived: the publisher must send it again
+        pre = [7 if item.sample else -1 for item in step.prefill]
+        dec = [7] * len(step.decode)
+        digest = "not-the-same" if self.behaviour == "diverge" else token_digest(pre, dec)
+        await self.nc.publish(self.subj.result(0), pack(StepResult(step.epoch, step.seq, 0, pre, dec, 1.0, digest)))
+
+
+async def run_publisher_with(nats_url: str, behaviour: str, prefix: str) -> tuple[list, Publisher, FakeWorker]:
+    subj = Subjects(prefix)
+    s = msgspec.convert({"nats_url": nats_url, "prefix": prefix, "max_seq_len": 64, "max_prefill_tokens": 16,
+                         "resend_interval": 0.3, "heartbeat_timeout": 2.0}, PublisherSettings)
+    pub, stop = Publisher(s, LOG), asyncio.Event()
+    task = asyncio.create_task(pub.run(stop))
+    nc = await nats.connect(nats_url)
+    fake = FakeWorker(nc, subj, behaviour)
+    await nc.subscribe(subj.step(0), cb=fake.on_step)
+    beating = asyncio.create_task(fake.beat(stop))
+    inbox = nc.new_inbox()
+    answers = await nc.subscribe(inbox)
+    for _ in range(100):
+        if pub.ready():
+            break
+        await asyncio.sleep(0.1)
+    sub = Submit("r1", [1, 2, 3], SamplingParams(max_new_tokens=3, temperature=0.0), True, inbox, Encoding.JSON,
+                 time.time(), 0)
+    ack = msgspec.msgpack.decode((await nc.request(subj.submit(0), pack(sub), timeout=5)).data, type=SubmitAck)
+    assert ack.accepted
+    got = []
+    while not got or not isinstance(got[-1], (Done, Error)):
+        got.append(decode_answer((await answers.next_msg(timeout=10)).data))
+    stop.set()
+    await task
+    beating.cancel()
+    await nc.close()
+    return got, pub, fake
+
+
+async def test_publisher_resends_a_step_nobody_acknowledged(nats_server):
+    got, pub, fake = await run_publisher_with(nats_server.url, "ignore_first", "resend")
+    assert isinstance(got[-1], Done) and got[-1].completion_tokens == 3
+    assert pub.counts["resent"] >= 3  # each of the 3 steps was sent twice
+    assert len(fake.seen) >= 2 * len(set(fake.seen))  # every step arrived (at least) twice
+
+
+async def test_publisher_detects_a_diverging_worker(nats_server):
+    got, pub, _ = await run_publisher_with(nats_server.url, "diverge", "diverge")
+    assert isinstance(got[-1], Error) and got[-1].code.value == "diverged", got[-1]
+    assert pub.counts["group_failures"] == 1 and pub.epoch > 0
+
+
+@pytest.mark.parametrize("silent_after", [0])
+async def test_publisher_detects_a_silent_worker(nats_server, silent_after):
+    """A worker that stops beating: the running request ends with worker_lost."""
+    subj = Subjects("silent")
+    s = msgspec.convert({"nats_url": nats_server.url, "prefix": "silent", "max_seq_len": 64,
+                         "heartbeat_timeout": 1.0}, PublisherSettings)
+    pub, stop = Publisher(s, LOG), asyncio.Event()
+    task = asyncio.create_task(pub.run(stop))
+    nc = await nats.connect(nats_server.url)
+    for _ in range(3):  # three beats, then silence; steps are never answered
+        await nc.publish(subj.heartbeat(0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
+        await asyncio.sleep(0.1)
+    inbox = nc.new_inbox()
+    answers = await nc.subscribe(inbox)
+    sub = Submit("r2", [1, 2, 3], SamplingParams(max_new_tokens=3), True, inbox, Encoding.JSON, time.time(), 0)
+    await nc.request(subj.submit(0), pack(sub), timeout=5)
+    t0 = time.monotonic()
+    err = decode_answer((await answers.next_msg(timeout=10)).data)
+    detected = time.monotonic() - t0
+    stop.set()
+    await task
+    await nc.close()
+    print(f"silent worker detected in {detected:.2f}s (heartbeat timeout 1.0s)")
+    assert isinstance(err, Error) and err.code.value == "worker_lost"
+    assert detected < 3.0
