@@ -33,6 +33,7 @@ class Submit(Struct):
     encoding: Encoding         # answers go back in the request's encoding
     accepted_at: float         # unix time when ingest accepted it
     dp_rank: int
+    pinned: bool = False       # the client chose dp_rank: never move it to another group
 
 
 class SubmitAck(Struct, omit_defaults=True):

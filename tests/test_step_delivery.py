@@ -215,3 +215,63 @@ async def test_publisher_detects_a_silent_worker(nats_server, silent_after):
     print(f"silent worker detected in {detected:.2f}s (heartbeat timeout 1.0s)")
     assert isinstance(err, Error) and err.code.value == "worker_lost"
     assert detected < 3.0
+
+
+async def test_a_request_that_streamed_nothing_moves_to_another_group_when_its_group_fails(nats_server):
+    """Group 0 diverges on the request's first step (its prefill: nothing streamed yet),
+    so its publisher hands it to group 1, which completes it; a pinned one gets the error."""
+    subj = Subjects("move")
+    base = {"nats_url": nats_server.url, "prefix": "move", "dp_size": 2, "nnodes": 2, "max_seq_len": 64,
+            "max_prefill_tokens": 16, "heartbeat_timeout": 2.0}
+    stop = asyncio.Event()
+    pubs = [Publisher(msgspec.convert({**base, "dp_rank": g}, PublisherSettings), LOG) for g in (0, 1)]
+    tasks = [asyncio.create_task(p.run(stop)) for p in pubs]
+    nc = await nats.connect(nats_server.url)
+    fakes = []
+    for g, behaviour in ((0, "diverge"), (1, "fine")):
+        fake = FakeWorker(nc, subj, behaviour)
+        fake.group = g
+        fakes.append(fake)
+
+    async def beat_both():
+        while not stop.is_set():
+            for g in (0, 1):
+                await nc.publish(subj.heartbeat(g), pack(Heartbeat(g, g, 0, True, 0, 0, time.time())))
+            await asyncio.sleep(0.2)
+
+    def on_step_for(g: int, fake: FakeWorker):
+        async def on_step(msg):
+            step = msgspec.msgpack.decode(msg.data, type=Step)
+            pre = [7 if item.sample else -1 for item in step.prefill]
+            dec = [7] * len(step.decode)
+            digest = "bad" if fake.behaviour == "diverge" else token_digest(pre, dec)
+            await nc.publish(subj.result(g), pack(StepResult(step.epoch, step.seq, g, pre, dec, 1.0, digest)))
+        return on_step
+
+    for g, fake in enumerate(fakes):
+        await nc.subscribe(subj.step(g), cb=on_step_for(g, fake))
+    beating = asyncio.create_task(beat_both())
+    for _ in range(100):
+        if all(p.ready() for p in pubs):
+            break
+        await asyncio.sleep(0.1)
+    outcomes = {}
+    for rid, pinned in (("free", False), ("pinned", True)):
+        inbox = nc.new_inbox()
+        answers = await nc.subscribe(inbox)
+        sub = Submit(rid, [1, 2, 3], SamplingParams(max_new_tokens=2, temperature=0.0), True, inbox, Encoding.JSON,
+                     time.time(), 0, pinned=pinned)
+        ack = msgspec.msgpack.decode((await nc.request(subj.submit(0), pack(sub), timeout=5)).data, type=SubmitAck)
+        assert ack.accepted
+        got = []
+        while not got or not isinstance(got[-1], (Done, Error)):
+            got.append(decode_answer((await answers.next_msg(timeout=10)).data))
+        outcomes[rid] = got
+    stop.set()
+    await asyncio.gather(*tasks)
+    beating.cancel()
+    await nc.close()
+    assert isinstance(outcomes["free"][-1], Done) and outcomes["free"][-1].dp_rank == 1
+    assert len([a for a in outcomes["free"] if isinstance(a, (Done, Error))]) == 1
+    assert isinstance(outcomes["pinned"][-1], Error) and outcomes["pinned"][-1].code.value == "diverged"
+    assert pubs[0].counts["requeued"] == 1

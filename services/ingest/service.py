@@ -77,7 +77,7 @@ class Ingest:
                            f"the prompt has {len(ids)} tokens; the context holds {self.model.max_seq_len}, "
                            "and at least one must be left to generate")
         rid = req.rid or uuid.uuid4().hex
-        sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1)
+        sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None)
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------

@@ -46,6 +46,7 @@ class Sequence:
     first_token_at: float = 0.0
     detok: StreamDecoder = field(default_factory=ByteStream)
     eos_ids: tuple[int, ...] = (EOS_ID,)
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         self.seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(1 << 31)

@@ -66,6 +66,7 @@ class Publisher:
         self._unpack = {k: unpacker(t) for k, t in
                         (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
                          ("replay", Replay))}
+        self._ack = unpacker(SubmitAck)
 
     # ---- readiness -------------------------------------------------------------------
     def missing_members(self, now: float) -> list[int]:
@@ -87,8 +88,14 @@ class Publisher:
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.BAD_REQUEST, f"bad submit: {e}")))
             return
+        if not self.ready():
+            self.counts["rejected"] += 1
+            missing = self.missing_members(time.monotonic())
+            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
+                                             f"group {self.g} is not whole: node(s) {missing} not ready")))
+            return
         seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
-                       detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids)
+                       detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids, pinned=sub.pinned)
         if not self.sched.add(seq):
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED,
@@ -238,14 +245,35 @@ class Publisher:
                 await self.finish(seq, reason)
 
     async def reset_group(self, failure: GroupFailure) -> None:
+        """Fail what was running (or move it, if it streamed nothing yet), start a new epoch."""
         self.counts["group_failures"] += 1
         victims = self.sched.take_all()
-        self.log.error("group_failed", code=failure.code.value, reason=failure.message, failed_requests=len(victims))
+        self.log.error("group_failed", code=failure.code.value, reason=failure.message, running=len(victims))
         for seq in victims:
-            await self.fail(seq, failure.code, failure.message)
+            if not await self.requeue(seq):
+                await self.fail(seq, failure.code, failure.message)
         self.epoch += 1
         self.seq = 0
         self.sent.clear()
+
+    async def requeue(self, seq: Sequence) -> bool:
+        """Hand a request that has sent nothing to its client yet to another group. It keeps
+        its rid, reply subject and acceptance time; the other group answers the client."""
+        if seq.output or seq.pinned or self.s.dp_size == 1:
+            return False
+        sub = Submit(seq.rid, seq.prompt, seq.sampling, seq.stream, seq.reply, seq.encoding, seq.accepted_at, -1)
+        for g in (x for x in range(self.s.dp_size) if x != self.g):
+            sub.dp_rank = g
+            try:
+                ack = self._ack.decode(await bus.request(self.nc, self.subjects.submit(g), pack(sub), timeout=2.0,
+                                                         attempts=1))
+            except bus.ReceiveDataError:
+                continue
+            if ack.accepted:
+                self.counts["requeued"] += 1
+                self.log.info("requeued", rid=seq.rid, to_group=g)
+                return True
+        return False
 
     async def schedule_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set() or self.sched.running:
@@ -285,6 +313,10 @@ class Publisher:
         n = 0
         while not stop.is_set():
             n += 1
+            if self.sched.waiting and not self.ready():  # the group is not whole: try elsewhere
+                for seq in list(self.sched.waiting):
+                    if await self.requeue(seq):
+                        self.sched.waiting.remove(seq)
             for seq in self.sched.take_expired(time.time(), self.s.queue_timeout):
                 missing = self.missing_members(time.monotonic())
                 await self.fail(seq, ErrorCode.UNAVAILABLE if missing else ErrorCode.TIMEOUT,
