@@ -197,7 +197,8 @@ class Ingest:
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-ingest", version=VERSION, description="dpbus front door: validate and route",
-            queue_group=INGEST_QUEUE, metadata={"dp_size": str(self.s.dp_size)}, stats_handler=self.stats,
+            queue_group=INGEST_QUEUE, metadata={"dp_size": str(self.s.dp_size), "prefix": self.s.prefix},
+            stats_handler=self.stats,
         )
         await svc.add_endpoint(name="generate", subject=self.subjects.generate, handler=self.on_generate)
         await svc.add_endpoint(name="abort", subject=self.subjects.abort, handler=self.on_abort)
