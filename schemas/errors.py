@@ -10,6 +10,7 @@ class ErrorCode(str, Enum):
     OVERLOADED = "overloaded"            # queues are full; retry later
     UNAVAILABLE = "unavailable"          # no group can take the request right now
     WORKER_LOST = "worker_lost"          # a worker of the group stopped answering mid-request
+    PUBLISHER_LOST = "publisher_lost"    # the group's publisher died or restarted mid-request
     DIVERGED = "diverged"                # workers of a group disagreed, or a step was missed
     TIMEOUT = "timeout"                  # an internal deadline passed
     INTERNAL = "internal"                # a bug: please report it with the rid

@@ -41,6 +41,21 @@ class SubmitAck(Struct, omit_defaults=True):
     code: ErrorCode | None = None
     message: str = ""
     waiting: int = 0
+    instance: int = 0          # which run of the publisher holds it (changes on a restart)
+
+
+class Inflight(Struct):
+    """publisher g -> ingest: the requests it holds now (the answer to an inflight query)."""
+
+    instance: int
+    rids: list[str]
+
+
+class Finished(Struct):
+    """publisher g -> ingest, after each step: requests that got their terminal answer."""
+
+    instance: int
+    rids: list[str]
 
 
 class GroupAbort(Struct):

@@ -47,6 +47,8 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -81,9 +83,17 @@ class Cluster:
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                      stdin=subprocess.DEVNULL)
-        proc = Proc(name, popen, log_path)
+        proc = Proc(name, popen, log_path, argv, env)
         self.procs.append(proc)
         return proc
+
+    def restart(self, name: str) -> Proc:
+        """Start the process called ``name`` again, as it was first started (after it stopped)."""
+        old = next(p for p in self.procs if p.name == name)
+        if old.popen.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {old.popen.pid})")
+        self.procs.remove(old)
+        return self._spawn(name, old.argv, old.env)
 
     def _service_env(self) -> dict[str, str]:
         env = {"DPBUS_NATS_URL": self.nats_url, "DPBUS_PREFIX": self.prefix, "DPBUS_DP_SIZE": str(self.dp_size),

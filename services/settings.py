@@ -37,7 +37,10 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
 
 class IngestSettings(Common):
     submit_timeout: Seconds = 5.0
-    max_inflight: Positive = 4096
+    max_inflight: Positive = 4096  # requests being handed to a group at once
+    max_tracked: Positive = 65536  # requests handed over and not yet answered
+    reconcile_interval: Seconds = 1.0  # how often ingest checks what each publisher still holds
+    publisher_timeout: Seconds = 5.0  # a publisher silent this long: ingest answers its requests
     policy: Literal["round_robin", "shortest_queue", "least_tokens", "prefix_affinity"] = "round_robin"
     affinity_skew: Annotated[float, Meta(ge=1.0)] = 2.0  # prefix_affinity gives up past this load ratio
     affinity_prefix_tokens: Positive = 32  # prefix_affinity hashes this many leading prompt tokens

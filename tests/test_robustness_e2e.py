@@ -70,7 +70,8 @@ class SyncClient:
 def robust(nats_server, tmp_path_factory):
     c = start_cluster(nats_server.url, tmp_path_factory.mktemp("dpbus-robust"), dp_size=1, nnodes=1, local_devices=1,
                       prefix=PREFIX, extra={"DPBUS_MAX_WAITING": "4", "DPBUS_MAX_RUNNING_REQUESTS": "2",
-                                            "DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32"})
+                                            "DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32",
+                                            "DPBUS_PUBLISHER_TIMEOUT": "2", "DPBUS_RECONCILE_INTERVAL": "0.5"})
     yield c
     c.stop()
 
@@ -171,6 +172,42 @@ def test_fuzzed_bodies_on_every_public_subject_get_one_precise_answer(robust):
     assert all(p.popen.poll() is None for p in robust.procs), "a service died"
     errors = stats[0]["errors"]
     assert sum(errors.values()) >= seen.get("bad_request", 0), (errors, seen)
+
+
+async def serves_again(nc, within: float = 60.0) -> float:
+    t0 = asyncio.get_running_loop().time()
+    while asyncio.get_running_loop().time() - t0 < within:
+        answers = await ask(nc, SUBJ.generate, good(), timeout=20)
+        if answers[-1]["type"] == "done":
+            return asyncio.get_running_loop().time() - t0
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"not serving {within}s after the restart")
+
+
+async def test_a_killed_publisher_s_requests_are_answered_and_a_restart_serves_again(robust):
+    nc = await nats.connect(robust.nats_url)
+    bodies = [json.dumps({"rid": f"orphan-{i}", "text": f"orphan {i}",
+                          "sampling": {"max_new_tokens": 240, "ignore_eos": True}}).encode() for i in range(3)]
+    pending = [asyncio.create_task(ask(nc, SUBJ.generate, b, timeout=60)) for b in bodies]
+    await asyncio.sleep(0.3)  # accepted and running (240 tokens take a few seconds)
+    publisher = next(p for p in robust.procs if p.name == "publisher-0")
+    t0 = asyncio.get_running_loop().time()
+    publisher.popen.kill()
+    results = await asyncio.gather(*pending)
+    answered_in = asyncio.get_running_loop().time() - t0
+    await asyncio.to_thread(publisher.popen.wait, 10)
+    robust.restart("publisher-0")
+    back_in = await serves_again(nc)
+    stats = (await service_stats(nc, "dpbus-ingest", PREFIX))[0]
+    await nc.close()
+    print(f"killed publisher: its 3 requests answered within {answered_in:.1f}s; serving again {back_in:.1f}s "
+          f"after the restart")
+    for answers in results:
+        terminals = [a for a in answers if a["type"] in TERMINAL]
+        assert len(terminals) == 1 and terminals[0]["type"] == "error", answers[-1]
+        assert terminals[0]["code"] == "publisher_lost" and terminals[0]["rid"].startswith("orphan-")
+    assert answered_in < 10
+    assert stats["orphaned"] >= 3 and stats["tracked"] == 0, stats
 
 
 async def test_sigterm_drains_the_publisher(robust):

@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -21,7 +22,7 @@ import nats.micro
 
 from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects, decode_abort, decode_request
 from schemas.codec import encode_answer, sniff_encoding
-from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
+from schemas.internal import Finished, GroupAbort, Inflight, LoadReport, Submit, SubmitAck, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
 from services import bus
 from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
@@ -30,6 +31,18 @@ from services.settings import IngestSettings
 from services.tokenizer import load_tokenizer
 
 VERSION = "0.1.0"
+SUBMIT_ATTEMPTS = 3
+
+
+@dataclass
+class Tracked:
+    """A request this ingest handed to a group, until the group has answered it."""
+
+    reply: str
+    encoding: Encoding
+    group: int
+    instance: int
+    since: float
 
 
 class Rejected(Exception):
@@ -51,6 +64,10 @@ class Ingest:
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
         self.forwarded = 0
+        self.tracked: dict[str, Tracked] = {}
+        self.orphaned = 0
+        self._finished = unpacker(Finished)
+        self._inflight = unpacker(Inflight)
         self.dispatched: Counter[int] = Counter()  # accepted requests per group
         self.tasks: set[asyncio.Task] = set()
         self._ack = unpacker(SubmitAck)
@@ -102,13 +119,28 @@ class Ingest:
         except Rejected as e:
             await self.answer_error(reply, sniff_encoding(body), e.code, e.message)
             return
-        if len(self.tasks) >= self.s.max_inflight:
+        if len(self.tasks) >= self.s.max_inflight or len(self.tracked) >= self.s.max_tracked:
             await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
                                     f"ingest has {len(self.tasks)} requests being forwarded", sub.rid)
             return
         task = asyncio.create_task(self.forward(sub, pinned))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def submit_to(self, g: int, sub: Submit) -> SubmitAck | None:
+        """Hand ``sub`` to group ``g``; None when no acknowledgement came (the publisher may
+        hold it: a resubmission with the same rid and reply subject is acknowledged again)."""
+        for _ in range(SUBMIT_ATTEMPTS):
+            try:
+                msg = await self.nc.request(self.subjects.submit(g), pack(sub), timeout=self.s.submit_timeout)
+                return self._ack.decode(msg.data)
+            except nats.errors.NoRespondersError:
+                return SubmitAck(False, ErrorCode.UNAVAILABLE, "no publisher")
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # noqa: BLE001
+                return SubmitAck(False, ErrorCode.UNAVAILABLE, repr(e))
+        return None
 
     async def forward(self, sub: Submit, pinned: list[int] | None) -> None:
         """Offer the request to the available groups in turn until one acknowledges it.
@@ -134,18 +166,17 @@ class Ingest:
         for g in groups:
             sub.dp_rank = g
             self.router.sent(g, cost)  # counted before the await, so a concurrent burst sees it
-            try:
-                msg = await self.nc.request(self.subjects.submit(g), pack(sub), timeout=self.s.submit_timeout)
-                ack = self._ack.decode(msg.data)
-            except nats.errors.NoRespondersError:
-                ack = SubmitAck(False, ErrorCode.UNAVAILABLE, "no publisher")
-            except nats.errors.TimeoutError:
-                ack = SubmitAck(False, ErrorCode.UNAVAILABLE, f"no acknowledgement within {self.s.submit_timeout}s")
-            except Exception as e:  # noqa: BLE001
-                ack = SubmitAck(False, ErrorCode.UNAVAILABLE, repr(e))
+            ack = await self.submit_to(g, sub)
+            if ack is None:  # it may hold the request without our knowing: never offer it elsewhere
+                self.router.unsent(g, cost)
+                await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
+                                        f"group {g} did not acknowledge the request within "
+                                        f"{SUBMIT_ATTEMPTS} x {self.s.submit_timeout}s", sub.rid)
+                return
             if ack.accepted:
                 self.forwarded += 1
                 self.dispatched[g] += 1
+                self.tracked[sub.rid] = Tracked(sub.reply, sub.encoding, g, ack.instance, time.monotonic())
                 return
             self.router.unsent(g, cost)
             tried.append(f"group {g}: {ack.message}")
@@ -157,6 +188,57 @@ class Ingest:
         overloaded = tried and all("waiting" in t for t in tried)
         await self.answer_error(sub.reply, sub.encoding, ErrorCode.OVERLOADED if overloaded else ErrorCode.UNAVAILABLE,
                                 "no group could take the request: " + "; ".join(tried), sub.rid)
+
+    # ---- what ingest guarantees after the acknowledgement ---------------------------------
+    async def on_finished(self, msg: Any) -> None:
+        try:
+            done = self._finished.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            self.errors["bad_finished_notice"] += 1
+            return
+        for rid in done.rids:
+            entry = self.tracked.get(rid)
+            if entry is not None and entry.instance == done.instance:
+                del self.tracked[rid]
+
+    async def reconcile_loop(self, stop: asyncio.Event) -> None:
+        """Keep ``tracked`` true, and answer for a publisher that is gone.
+
+        Every ``reconcile_interval`` each group holding requests this ingest handed it is
+        asked which it still holds. Those it no longer holds were answered (dropped here);
+        if it answers as a new instance (a restart) or not at all for ``publisher_timeout``,
+        the requests it held can no longer be answered by it: ingest sends their ``error``
+        (code ``publisher_lost``) itself."""
+        last_ok: dict[int, float] = {}
+        while not stop.is_set():
+            await asyncio.sleep(self.s.reconcile_interval)
+            groups = {e.group for e in self.tracked.values()}
+            for g in groups:
+                asked_at = time.monotonic()
+                try:
+                    held = self._inflight.decode(await bus.request(self.nc, self.subjects.inflight(g), b"",
+                                                                   timeout=1.0, attempts=1))
+                except Exception:  # noqa: BLE001 - no publisher, or a slow one
+                    since = asked_at - last_ok.setdefault(g, asked_at)
+                    if since >= self.s.publisher_timeout:
+                        await self.orphan(g, lambda e: True, f"the publisher of group {g} has not answered for "
+                                                             f"{since:.0f}s")
+                    continue
+                last_ok[g] = time.monotonic()
+                rids = set(held.rids)
+                for rid, e in list(self.tracked.items()):
+                    if e.group == g and e.instance == held.instance and rid not in rids and e.since < asked_at:
+                        del self.tracked[rid]  # answered: the notice was lost or is on its way
+                await self.orphan(g, lambda e: e.instance != held.instance,
+                                  f"the publisher of group {g} restarted")
+
+    async def orphan(self, g: int, which, why: str) -> None:
+        for rid, e in list(self.tracked.items()):
+            if e.group == g and which(e):
+                del self.tracked[rid]
+                self.orphaned += 1
+                await self.answer_error(e.reply, e.encoding, ErrorCode.PUBLISHER_LOST,
+                                        f"{why} while holding this request", rid)
 
     async def on_abort(self, req: Any) -> None:
         reply = bus.reply_subject(req)
@@ -188,6 +270,7 @@ class Ingest:
 
     def stats(self, *_: Any) -> dict:
         return {"forwarded": self.forwarded, "inflight": len(self.tasks), "errors": dict(self.errors),
+                "tracked": len(self.tracked), "orphaned": self.orphaned,
                 "policy": self.router.policy,
                 "dispatched": {str(g): self.dispatched[g] for g in range(self.s.dp_size)},
                 "groups": self.router.snapshot()}
@@ -195,6 +278,7 @@ class Ingest:
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await bus.connect(self.s.nats_url, "dpbus-ingest", self.log)
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
+        await bus.subscribe(self.nc, self.subjects.all_finished, self.on_finished)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-ingest", version=VERSION, description="dpbus front door: validate and route",
             queue_group=INGEST_QUEUE, metadata={"dp_size": str(self.s.dp_size), "prefix": self.s.prefix},
@@ -203,7 +287,9 @@ class Ingest:
         await svc.add_endpoint(name="generate", subject=self.subjects.generate, handler=self.on_generate)
         await svc.add_endpoint(name="abort", subject=self.subjects.abort, handler=self.on_abort)
         self.log.info("ingest_ready", subjects=[self.subjects.generate, self.subjects.abort])
+        reconciling = asyncio.create_task(self.reconcile_loop(stop))
         await stop.wait()
+        reconciling.cancel()
         await svc.stop()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=self.s.submit_timeout * self.s.dp_size + 1)

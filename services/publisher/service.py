@@ -20,7 +20,7 @@ import nats.micro
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    GroupAbort, Heartbeat, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
+    Finished, GroupAbort, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
@@ -56,6 +56,8 @@ class Publisher:
                                total_pages(s, self.model.max_seq_len), s.page_size)
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
         self.epoch = time.time_ns() // 1000
+        self.instance = self.epoch  # identifies this run of the publisher to ingest
+        self.finished_rids: list[str] = []
         self.seq = 0
         self.pending: asyncio.Future | None = None
         self.acks: dict[int, StepResult] = {}
@@ -94,6 +96,10 @@ class Publisher:
             await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
                                              f"group {self.g} is not whole: node(s) {missing} not ready")))
             return
+        known = self.sched.find(sub.rid)
+        if known is not None and known.reply == sub.reply:  # a retried submit: it is ours already
+            await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
+            return
         seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
                        detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids, pinned=sub.pinned)
         if not self.sched.add(seq):
@@ -102,7 +108,7 @@ class Publisher:
                                              f"group {self.g} has {len(self.sched.waiting)} requests waiting")))
             return
         self.counts["accepted"] += 1
-        await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting))))
+        await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
         self.wake.set()
 
     async def on_abort(self, req: Any) -> None:
@@ -183,10 +189,12 @@ class Publisher:
             done.token_ids = list(seq.output)
             done.text = seq.detok.feed(seq.output, final=True)
         self.counts["done"] += 1
+        self.finished_rids.append(seq.rid)
         await self.send(seq, done)
 
     async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
         self.counts["errors"] += 1
+        self.finished_rids.append(seq.rid)
         await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
 
     # ---- the scheduling loop -----------------------------------------------------------
@@ -243,6 +251,20 @@ class Publisher:
                 await self.send(seq, Chunk(seq.rid, len(seq.output) - 1, [token], text))
             if reason is not None:
                 await self.finish(seq, reason)
+        await self.announce_finished()
+
+    async def announce_finished(self) -> None:
+        """Tell ingest which requests are answered (best effort; ingest also reconciles)."""
+        if self.finished_rids:
+            rids, self.finished_rids = self.finished_rids, []
+            try:
+                await self.nc.publish(self.subjects.finished(self.g), pack(Finished(self.instance, rids)))
+            except Exception as e:  # noqa: BLE001
+                self.log.warning("finished_notice_failed", error=repr(e))
+
+    async def on_inflight(self, req: Any) -> None:
+        rids = [s.rid for s in (*self.sched.waiting, *self.sched.running)]
+        await req.respond(pack(Inflight(self.instance, rids)))
 
     async def reset_group(self, failure: GroupFailure) -> None:
         """Fail what was running (or move it, if it streamed nothing yet), start a new epoch."""
@@ -313,6 +335,7 @@ class Publisher:
         n = 0
         while not stop.is_set():
             n += 1
+            await self.announce_finished()
             if self.sched.waiting and not self.ready():  # the group is not whole: try elsewhere
                 for seq in list(self.sched.waiting):
                     if await self.requeue(seq):
@@ -346,6 +369,7 @@ class Publisher:
         )
         await svc.add_endpoint(name="submit", subject=subj.submit(g), handler=self.on_submit)
         await svc.add_endpoint(name="abort", subject=subj.group_abort(g), handler=self.on_abort)
+        await svc.add_endpoint(name="inflight", subject=subj.inflight(g), handler=self.on_inflight)
         self.log.info("publisher_started", members=self.members, epoch=self.epoch)
         tasks = [asyncio.create_task(self.schedule_loop(stop)), asyncio.create_task(self.housekeeping_loop(stop))]
         await stop.wait()
@@ -358,5 +382,6 @@ class Publisher:
         for seq in [*self.sched.take_all(), *self.sched.waiting]:
             await self.fail(seq, ErrorCode.UNAVAILABLE, f"group {g}'s publisher is shutting down")
         self.sched.waiting.clear()
+        await self.announce_finished()
         tasks[1].cancel()
         await self.nc.drain()
