@@ -1,0 +1,192 @@
+"""Faults while serving, loopback only and bounded in time: nats-server restarts, workers
+killed or frozen, a publisher killed and restarted. Every accepted request must end with
+exactly one terminal answer (lost == 0), and the system must serve afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import time
+
+import nats
+import pytest
+
+from tests.conftest import NatsServer, start_cluster
+from tests.test_robustness_e2e import TERMINAL, decode_any
+
+pytestmark = pytest.mark.e2e
+SETTINGS = {"DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32", "DPBUS_HEARTBEAT_TIMEOUT": "2",
+            "DPBUS_STEP_TIMEOUT": "10", "DPBUS_PUBLISHER_TIMEOUT": "2", "DPBUS_RECONCILE_INTERVAL": "0.5",
+            "DPBUS_LOAD_STALE_AFTER": "2", "DPBUS_WARMUP": "true"}
+
+
+@pytest.fixture
+def own_nats():
+    server = NatsServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+class Load:
+    """Sends requests at a steady pace and records, for each, every answer it received."""
+
+    def __init__(self, nc) -> None:
+        self.nc = nc
+        self.answers: dict[str, list[dict]] = {}
+        self.sent = 0
+
+    async def one(self, i: int, timeout: float) -> None:
+        rid = f"chaos-{i}"
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        got = self.answers.setdefault(rid, [])
+        body = json.dumps({"rid": rid, "text": f"chaos {i} " + "x" * random.randrange(40),
+                           "sampling": {"max_new_tokens": random.randrange(20, 120), "ignore_eos": True}})
+        await self.nc.publish("dpbus.generate", body.encode(), reply=inbox)
+        self.sent += 1
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    msg = await sub.next_msg(timeout=max(deadline - time.monotonic(), 0.01))
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    break
+                if not msg.data:  # a 503 status: nothing subscribed yet, ingest never saw it
+                    got.append({"type": "no_responders"})
+                    break
+                got.append(decode_any(msg.data))
+                if got[-1]["type"] in TERMINAL:
+                    try:  # anything after the terminal answer is a bug too
+                        got.append(decode_any((await sub.next_msg(timeout=0.3)).data))
+                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        pass
+                    break
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - reconnecting
+                pass
+
+    async def run(self, n: int, every: float, timeout: float) -> None:
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.create_task(self.one(i, timeout)))
+            await asyncio.sleep(every)
+        await asyncio.gather(*tasks)
+
+    def report(self) -> dict:
+        outcome: collections.Counter[str] = collections.Counter()
+        bad = []
+        for rid, got in self.answers.items():
+            terminals = [a for a in got if a["type"] in TERMINAL]
+            if got and got[-1]["type"] == "no_responders":
+                outcome["not_accepted_no_responders"] += 1
+            elif not terminals:
+                outcome["lost"] += 1
+            elif len(terminals) > 1 or got[-1] is not terminals[0]:
+                bad.append((rid, [a["type"] for a in got][-3:]))
+            else:
+                outcome[terminals[0].get("code", "done")] += 1
+        return {"sent": self.sent, **outcome, "more_than_one_terminal": len(bad), "examples": bad[:3]}
+
+
+async def serving(nc, within: float) -> bool:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("dpbus.generate", b'{"text": "ok?", "sampling": {"max_new_tokens": 2}}', reply=inbox)
+        try:
+            while True:
+                doc = decode_any((await sub.next_msg(timeout=10)).data)
+                if doc["type"] in TERMINAL:
+                    break
+            if doc["type"] == "done":
+                return True
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            pass
+        finally:
+            await sub.unsubscribe()
+        await asyncio.sleep(0.5)
+    return False
+
+
+async def connect(url: str):
+    async def quiet(_):
+        return None
+    return await nats.connect(url, reconnect_time_wait=0.3, max_reconnect_attempts=-1, error_cb=quiet)
+
+
+async def test_a_nats_server_restart_loses_no_accepted_request(own_nats, tmp_path):
+    cluster = await asyncio.to_thread(start_cluster, own_nats.url, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+                                      extra=dict(SETTINGS))
+    try:
+        nc = await connect(own_nats.url)
+        load = Load(nc)
+        running = asyncio.create_task(load.run(40, every=0.05, timeout=60))
+        await asyncio.sleep(1.0)
+        own_nats.stop()
+        await asyncio.sleep(1.0)
+        own_nats.start()  # same port, same store
+        await running
+        back = await serving(nc, 60)
+        await nc.close()
+    finally:
+        cluster.stop()
+    report = load.report()
+    print(f"nats-server restart: {report}")
+    assert report.get("lost", 0) == 0, report
+    assert report["more_than_one_terminal"] == 0, report
+    assert back
+
+
+async def test_chaos(own_nats, tmp_path):
+    cluster = await asyncio.to_thread(start_cluster, own_nats.url, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+                                      extra=dict(SETTINGS))
+    timings: dict[str, float] = {}
+    try:
+        nc = await connect(own_nats.url)
+        load = Load(nc)
+        running = asyncio.create_task(load.run(300, every=0.1, timeout=90))
+        proc = {p.name: p for p in cluster.procs}
+
+        await asyncio.sleep(4)  # 1. a worker killed outright, then replaced
+        proc["worker-1"].popen.kill()
+        await asyncio.to_thread(proc["worker-1"].popen.wait, 10)
+        cluster.restart("worker-1")
+        await asyncio.sleep(8)
+        proc = {p.name: p for p in cluster.procs}
+
+        proc["publisher-0"].popen.kill()  # 2. a publisher killed and restarted
+        await asyncio.to_thread(proc["publisher-0"].popen.wait, 10)
+        await asyncio.sleep(1)
+        cluster.restart("publisher-0")
+        await asyncio.sleep(6)
+        proc = {p.name: p for p in cluster.procs}
+
+        os.kill(proc["worker-0"].popen.pid, signal.SIGSTOP)  # 3. a worker frozen past the timeout
+        await asyncio.sleep(4)
+        os.kill(proc["worker-0"].popen.pid, signal.SIGCONT)
+        await asyncio.sleep(6)
+
+        own_nats.stop()  # 4. the NATS server restarted
+        await asyncio.sleep(1)
+        own_nats.start()
+        await running
+        t0 = time.monotonic()
+        back = await serving(nc, 90)
+        timings["serving_again_s"] = time.monotonic() - t0
+        await nc.close()
+    finally:
+        cluster.stop()
+    report = load.report()
+    print(f"chaos: {report} {timings}")
+    assert report.get("lost", 0) == 0, report
+    assert report["more_than_one_terminal"] == 0, report
+    assert report.get("done", 0) > report["sent"] // 3, report
+    assert back
