@@ -139,7 +139,10 @@ def main() -> None:
               f"({r['decode_tokens_per_s']:.0f} tok/s over a batch of {r['batch']} at KV length {r['kv_length']}), "
               f"prefill 256 tokens {r['prefill_256']['median_ms']:.1f} ms, "
               f"decode at {r['decode_fraction_of_bandwidth'] * 100:.0f}% of bandwidth, compile {r['compile_s']} s")
-    out = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.platform(),
+    from bench.delivery import run as delivery
+
+    steps = delivery()
+    out = {"step_delivery": steps, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.platform(),
            "cpus": os.cpu_count(), "memory_bandwidth_gb_s": bw, "decode_attention": att, "model": runs}
     path = RESULTS / "model.json"
     path.write_text(json.dumps(out, indent=2))

@@ -61,6 +61,7 @@ class Publisher:
         self.seq = 0
         self.pending: asyncio.Future | None = None
         self.acks: dict[int, StepResult] = {}
+        self.timing = {"step_ms": 0.0, "compute_ms": 0.0}  # publish -> every ack, and the leader's compute
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
@@ -168,7 +169,8 @@ class Publisher:
     def stats(self, *_: Any) -> dict:
         sched = self.sched
         return {**self.counts, "preemptions": sched.preemptions, "waiting": len(sched.waiting),
-                "running": len(sched.running), "free_pages": len(sched.free_pages), "epoch": self.epoch}
+                "running": len(sched.running), "free_pages": len(sched.free_pages), "epoch": self.epoch,
+                "step_ms_total": round(self.timing["step_ms"], 3), "compute_ms_total": round(self.timing["compute_ms"], 3)}
 
     # ---- answers ---------------------------------------------------------------------
     async def send(self, seq: Sequence, msg: Any) -> None:
@@ -312,7 +314,10 @@ class Publisher:
             if not plan:
                 continue
             try:
+                t0 = time.perf_counter()
                 result = await self.run_step(plan)
+                self.timing["step_ms"] += (time.perf_counter() - t0) * 1000
+                self.timing["compute_ms"] += result.elapsed_ms
                 events = self.sched.apply(plan, result.prefill_tokens, result.decode_tokens)
             except GroupFailure as f:
                 await self.reset_group(f)
