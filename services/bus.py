@@ -10,6 +10,8 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
+from services.errors import ReceiveDataError, SendDataError
+
 # nats-py drops messages silently past these; a step or a result must never be dropped
 PENDING_MSGS_LIMIT = 1_000_000
 PENDING_BYTES_LIMIT = 1 << 30
@@ -39,14 +41,6 @@ async def connect(url: str, name: str, log: Any, **kw: Any) -> Client:
     )
 
 
-class SendDataError(Exception):
-    """A message could not be handed to NATS after bounded retries."""
-
-
-class ReceiveDataError(Exception):
-    """An expected message or reply did not arrive after bounded retries."""
-
-
 async def publish(nc: Client, subject: str, data: bytes, attempts: int = 3, backoff: float = 0.2) -> None:
     """Publish, retrying a few times (a full reconnect buffer, a closing connection)."""
     for attempt in range(attempts):
@@ -55,7 +49,7 @@ async def publish(nc: Client, subject: str, data: bytes, attempts: int = 3, back
             return
         except Exception as e:  # noqa: BLE001 - nats-py raises several kinds
             if attempt == attempts - 1:
-                raise SendDataError(f"could not publish on {subject} after {attempts} attempts: {e!r}") from e
+                raise SendDataError(None, f"could not publish on {subject} after {attempts} attempts: {e!r}") from e
             await asyncio.sleep(backoff * (attempt + 1))
 
 
@@ -66,7 +60,8 @@ async def request(nc: Client, subject: str, data: bytes, timeout: float, attempt
             return (await nc.request(subject, data, timeout=timeout)).data
         except Exception as e:  # noqa: BLE001
             if attempt == attempts - 1:
-                raise ReceiveDataError(f"no reply on {subject} after {attempts} attempts of {timeout}s: {e!r}") from e
+                raise ReceiveDataError(None, f"no reply on {subject} after {attempts} attempts of {timeout}s: "
+                                             f"{e!r}") from e
     raise AssertionError("unreachable")
 
 

@@ -54,10 +54,8 @@ async def start_worker(url: str, prefix: str) -> tuple[Worker, asyncio.Event, as
     raise TimeoutError("worker did not get ready")
 
 
-async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_server):
-    subj = Subjects("deliv")
-    worker, stop, task = await start_worker(nats_server.url, "deliv")
-    nc = await nats.connect(nats_server.url)
+async def collect_results(nc, subj: Subjects) -> list:
+    """Every StepResult / StepFailure published for group 0, as it arrives."""
     results: list = []
     decode = msgspec.msgpack.Decoder(StepReply)
 
@@ -65,6 +63,14 @@ async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_serv
         results.append(decode.decode(m.data))
 
     await nc.subscribe(subj.result(0), cb=on_result)
+    return results
+
+
+async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_server):
+    subj = Subjects("deliv")
+    worker, stop, task = await start_worker(nats_server.url, "deliv")
+    nc = await nats.connect(nats_server.url)
+    results = await collect_results(nc, subj)
     steps = steps_for(epoch=7)
     replays: list[Replay] = []
 
@@ -98,16 +104,11 @@ async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nat
     subj = Subjects("gap")
     worker, stop, task = await start_worker(nats_server.url, "gap")
     nc = await nats.connect(nats_server.url)
-    results: list = []
-    decode = msgspec.msgpack.Decoder(StepReply)
-
-    async def on_result(m):
-        results.append(decode.decode(m.data))
+    results = await collect_results(nc, subj)
 
     async def on_replay(msg):  # the window no longer holds the missing steps
         await msg.respond(pack(ReplayReply([])))
 
-    await nc.subscribe(subj.result(0), cb=on_result)
     await nc.subscribe(subj.replay(0), cb=on_replay)
     await nc.flush()
     old, new = steps_for(epoch=1), steps_for(epoch=2)

@@ -25,6 +25,7 @@ from schemas.codec import encode_answer, sniff_encoding
 from schemas.internal import Finished, GroupAbort, Inflight, LoadReport, Submit, SubmitAck, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
 from services import bus
+from services.errors import Rejected
 from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from services.model_config import model_config_for
 from services.settings import IngestSettings
@@ -43,12 +44,6 @@ class Tracked:
     group: int
     instance: int
     since: float
-
-
-class Rejected(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class Ingest:
@@ -79,20 +74,19 @@ class Ingest:
         """Turn a body into a Submit; raises DecodeError/Rejected. Also returns the groups to try."""
         req, enc = decode_request(body)
         if req.dp_rank is not None and req.dp_rank >= self.s.dp_size:
-            raise Rejected(ErrorCode.UNKNOWN_DP_RANK,
-                           f"dp_rank {req.dp_rank} does not exist: this deployment has dp_size={self.s.dp_size} "
-                           f"(groups 0..{self.s.dp_size - 1})")
+            raise Rejected(ErrorCode.UNKNOWN_DP_RANK, f"dp_rank {req.dp_rank} does not exist: this deployment has "
+                           f"dp_size={self.s.dp_size} (groups 0..{self.s.dp_size - 1})")
         try:
             ids = self.tokenizer.encode(req.text) if req.text is not None else req.input_ids
         except ValueError as e:
             raise Rejected(ErrorCode.BAD_REQUEST, str(e)) from None
         bad = next((t for t in ids if t >= self.model.vocab_size), None)
         if bad is not None:
-            raise Rejected(ErrorCode.BAD_REQUEST, f"token id {bad} is outside the vocabulary (0..{self.model.vocab_size - 1})")
+            raise Rejected(ErrorCode.BAD_REQUEST,
+                           f"token id {bad} is outside the vocabulary (0..{self.model.vocab_size - 1})")
         if len(ids) >= self.model.max_seq_len:
-            raise Rejected(ErrorCode.PROMPT_TOO_LONG,
-                           f"the prompt has {len(ids)} tokens; the context holds {self.model.max_seq_len}, "
-                           "and at least one must be left to generate")
+            raise Rejected(ErrorCode.PROMPT_TOO_LONG, f"the prompt has {len(ids)} tokens; the context holds "
+                           f"{self.model.max_seq_len}, and at least one must be left to generate")
         rid = req.rid or uuid.uuid4().hex
         sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None)
         return sub, [req.dp_rank] if req.dp_rank is not None else None

@@ -26,6 +26,7 @@ from schemas.internal import (
 from schemas.public import AbortAck
 from schemas.codec import Encoding
 from services import bus
+from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.model_config import model_config_for
 from services.settings import PublisherSettings, total_pages
@@ -33,12 +34,6 @@ from services.tokenizer import load_tokenizer
 from services.topology import group_nodes
 
 VERSION = "0.1.0"
-
-
-class GroupFailure(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class Publisher:
@@ -212,7 +207,7 @@ class Publisher:
         subject = self.subjects.step(self.g)
         try:
             await bus.publish(self.nc, subject, data)
-        except bus.SendDataError as e:
+        except SendDataError as e:
             raise GroupFailure(ErrorCode.UNAVAILABLE, str(e)) from None
         start = time.monotonic()
         next_send = start + self.s.resend_interval
@@ -291,7 +286,7 @@ class Publisher:
             try:
                 ack = self._ack.decode(await bus.request(self.nc, self.subjects.submit(g), pack(sub), timeout=2.0,
                                                          attempts=1))
-            except bus.ReceiveDataError:
+            except ReceiveDataError:
                 continue
             if ack.accepted:
                 self.counts["requeued"] += 1

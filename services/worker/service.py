@@ -20,6 +20,7 @@ from schemas.internal import (
     Heartbeat, Replay, ReplayReply, Step, StepFailure, StepResult, pack, token_digest, unpacker,
 )
 from services import bus
+from services.errors import ReceiveDataError
 from services.model_config import model_config_for
 from services.settings import WorkerSettings, total_pages
 from services.topology import group_nodes, place_node
@@ -195,7 +196,7 @@ class Worker:
                                  timeout=self.s.replay_timeout)
         steps = [self._decode_step.decode(b) for b in self._replay_reply.decode(data).steps]
         if [s.seq for s in steps] != list(range(self.last_seq + 1, step.seq)):
-            raise bus.ReceiveDataError(f"the publisher no longer holds steps {self.last_seq + 1}..{step.seq - 1} "
+            raise ReceiveDataError(None, f"the publisher no longer holds steps {self.last_seq + 1}..{step.seq - 1} "
                                        f"of epoch {step.epoch}")
         return steps
 
@@ -222,7 +223,7 @@ class Worker:
                 try:
                     todo = [*await self.fetch_missing(step), step]
                     self.counts["replayed"] += len(todo) - 1
-                except bus.ReceiveDataError as e:
+                except ReceiveDataError as e:
                     self.in_sync = False
                     self.log.error("replay_failed", epoch=step.epoch, seq=step.seq, error=str(e))
                     failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.DIVERGED, str(e))
