@@ -77,7 +77,7 @@ def cmd_up(a: argparse.Namespace) -> int:
     from services.launcher import Cluster
 
     cluster = Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=a.nats_url or os.environ.get("NATS_URL"),
-                      prefix=a.prefix, log_dir=a.log_dir, node_processes=a.node_processes)
+                      prefix=a.prefix, log_dir=a.log_dir, node_processes=a.node_processes, ingests=a.ingests)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -189,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--nats-url", default=None, help="use this NATS server instead of the embedded one")
         q.add_argument("--prefix", default="dpbus", help="subject prefix (default dpbus)")
         q.add_argument("--log-dir", default=None, help="where service logs go (default: a new temp dir)")
+        q.add_argument("--ingests", type=int, default=1, help="ingest instances sharing the load (default 1)")
         q.add_argument("--node-processes", action="store_true",
                        help="run one `dpbus node` per node (worker + its group's publisher), as on TPU VMs")
 

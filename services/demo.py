@@ -26,7 +26,7 @@ def run_demo(a: argparse.Namespace) -> int:
     console = Console()
     cluster = Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=a.nats_url or os.environ.get("NATS_URL"),
                       prefix=a.prefix, log_dir=a.log_dir, say=console.print,
-                      node_processes=a.node_processes)
+                      node_processes=a.node_processes, ingests=a.ingests)
 
     async def main() -> int:
         seconds = await cluster.start()

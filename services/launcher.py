@@ -66,6 +66,7 @@ class Cluster:
     prefix: str = "dpbus"
     log_dir: Path | None = None
     node_processes: bool = False  # one `dpbus node` per node (worker + publisher), as on TPU VMs
+    ingests: int = 1  # ingest instances (one NATS queue group)
     extra: dict[str, str] = field(default_factory=dict)  # DPBUS_* settings for every service
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
@@ -117,7 +118,8 @@ class Cluster:
     def start_services(self) -> None:
         env = self._service_env()
         cli = [sys.executable, "-m", "services.cli"]
-        self._spawn("ingest", [*cli, "ingest"], env)
+        for i in range(self.ingests):
+            self._spawn("ingest" if self.ingests == 1 else f"ingest-{i}", [*cli, "ingest"], env)
         # a group of several nodes is one JAX job: its leader hosts the job's coordinator
         coordinators = [f"127.0.0.1:{free_port()}" for _ in range(self.dp_size)]
 
@@ -176,7 +178,8 @@ class Cluster:
         else:
             self.say(f"using NATS at {self.nats_url}")
         self.start_services()
-        self.say(f"started ingest, {self.dp_size} publisher(s), {self.nnodes} worker(s); logs in {self.log_dir}")
+        self.say(f"started {self.ingests} ingest(s), {self.dp_size} publisher(s), {self.nnodes} worker(s); "
+                 f"logs in {self.log_dir}")
         return await self.wait_ready(timeout)
 
     def stop(self, grace: float = 15.0) -> None:

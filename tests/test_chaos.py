@@ -190,3 +190,31 @@ async def test_chaos(own_nats, tmp_path):
     assert report["more_than_one_terminal"] == 0, report
     assert report.get("done", 0) > report["sent"] // 3, report
     assert back
+
+
+async def test_killing_one_of_two_ingests_loses_nothing_it_handed_over(own_nats, tmp_path):
+    cluster = await asyncio.to_thread(start_cluster, own_nats.url, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+                                      ingests=2, extra=dict(SETTINGS))
+    try:
+        nc = await connect(own_nats.url)
+        load = Load(nc)
+        running = asyncio.create_task(load.run(80, every=0.05, timeout=60))
+        await asyncio.sleep(1.5)
+        victim = next(p for p in cluster.procs if p.name == "ingest-1")
+        victim.popen.kill()
+        await running
+        back = await serving(nc, 30)
+        await nc.close()
+    finally:
+        cluster.stop()
+    report = load.report()
+    heard = {rid for rid, got in load.answers.items() if got}
+    print(f"one of two ingests killed: {report}")
+    assert report["more_than_one_terminal"] == 0, report
+    for rid in heard:  # everything that reached a group was answered, exactly once
+        got = load.answers[rid]
+        assert got[-1]["type"] in (*TERMINAL, "no_responders"), (rid, got[-1])
+    # only a request caught between reaching the dead ingest and being handed over can go
+    # unanswered (documented); at this pace that is at most one or two
+    assert report.get("lost", 0) <= 2, report
+    assert back
