@@ -80,20 +80,32 @@ def good(n: int = 3) -> bytes:
     return json.dumps({"text": "still fine?", "sampling": {"max_new_tokens": n}}).encode()
 
 
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
 async def test_overload_is_answered_at_once_and_nothing_is_lost(robust):
     nc = await nats.connect(robust.nats_url)
-    bodies = [json.dumps({"rid": f"burst-{i}", "text": f"burst {i}", "sampling": {"max_new_tokens": 30,
-                                                                                   "ignore_eos": True}}).encode()
-              for i in range(30)]
-    results = await asyncio.gather(*(ask(nc, SUBJ.generate, b, timeout=120) for b in bodies))
+    pids = {p.name: p.popen.pid for p in robust.procs if p.name in ("ingest", "publisher-0")}
+    before = {name: rss_mb(pid) for name, pid in pids.items()}
+    results = []
+    for burst in range(5):  # five bursts: memory must not grow with the refused load
+        bodies = [json.dumps({"rid": f"burst-{burst}-{i}", "text": f"burst {i}",
+                              "sampling": {"max_new_tokens": 30, "ignore_eos": True}}).encode() for i in range(30)]
+        results += await asyncio.gather(*(ask(nc, SUBJ.generate, b, timeout=120) for b in bodies))
+    after_rss = {name: rss_mb(pid) for name, pid in pids.items()}
     after = await ask(nc, SUBJ.generate, good())
     await nc.close()
+    print(f"resident memory before/after 150 requests, mostly refused: {before} -> {after_rss} MB")
+    for name in pids:
+        assert after_rss[name] - before[name] < 40, (name, before, after_rss)
     codes = []
     for answers in results:
         terminals = [a for a in answers if a["type"] in TERMINAL]
         assert len(terminals) == 1 and answers[-1] is terminals[0]
         codes.append(terminals[0].get("code", terminals[0]["type"]))
-    print(f"burst of 30 with room for 2 running + 4 waiting: {codes.count('done')} done, "
+    print(f"5 bursts of 30 with room for 2 running + 4 waiting: {codes.count('done')} done, "
           f"{codes.count('overloaded')} overloaded")
     assert set(codes) <= {"done", "overloaded"}
     assert codes.count("overloaded") >= 1 and codes.count("done") >= 4  # at least a full queue
