@@ -61,8 +61,9 @@ class Load:
                     break
                 got.append(decode_any(msg.data))
                 if got[-1]["type"] in TERMINAL:
-                    try:  # anything after the terminal answer is a bug too
-                        got.append(decode_any((await sub.next_msg(timeout=0.3)).data))
+                    try:  # any answer after the terminal one is a bug too
+                        extra = (await sub.next_msg(timeout=0.3)).data
+                        got.append(decode_any(extra) if extra else {"type": "status"})
                     except (nats.errors.TimeoutError, asyncio.TimeoutError):
                         pass
                     break
@@ -83,6 +84,9 @@ class Load:
         outcome: collections.Counter[str] = collections.Counter()
         bad = []
         for rid, got in self.answers.items():
+            if got and got[-1]["type"] == "status":  # a NATS status (503) for a resent copy, not an answer
+                outcome["status_after_terminal"] += 1
+                got = got[:-1]
             terminals = [a for a in got if a["type"] in TERMINAL]
             if got and got[-1]["type"] == "no_responders":
                 outcome["not_accepted_no_responders"] += 1

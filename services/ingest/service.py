@@ -11,6 +11,7 @@ acknowledgement on, the publisher owns the request and its terminal answer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections import Counter
@@ -33,6 +34,7 @@ from services.tokenizer import load_tokenizer
 
 VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
+RECENT_WINDOW = 120.0  # seconds a reply subject is remembered, to drop redelivered copies
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Ingest:
         self.errors: Counter[str] = Counter()
         self.forwarded = 0
         self.tracked: dict[str, Tracked] = {}
+        self.recent: dict[tuple[str, bytes], float] = {}  # (reply, body digest) -> when seen, oldest first
         self.orphaned = 0
         self._finished = unpacker(Finished)
         self._inflight = unpacker(Inflight)
@@ -96,7 +99,7 @@ class Ingest:
         self.errors[code.value] += 1
         self.log.info("request_rejected", code=code.value, reason=message[:200], rid=rid)
         if reply:
-            await self.nc.publish(reply, encode_answer(Error(code, message, rid=rid), enc))
+            await self.outbox.send(reply, encode_answer(Error(code, message, rid=rid), enc))
 
     async def on_generate(self, req: Any) -> None:
         reply = bus.reply_subject(req)
@@ -105,6 +108,8 @@ class Ingest:
             self.log.warning("request_without_reply_subject")
             return
         body = req.data
+        if self.seen_before(reply, body):
+            return
         try:
             sub, pinned = self.admit(body, reply)
         except DecodeError as e:
@@ -120,6 +125,21 @@ class Ingest:
         task = asyncio.create_task(self.forward(sub, pinned))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def seen_before(self, reply: str, body: bytes) -> bool:
+        """The same bytes for the same reply subject twice within ``RECENT_WINDOW`` means NATS
+        delivered one request again (a client resends its buffer after reconnecting).
+        Answering it twice would break "exactly one terminal", so the copy is dropped."""
+        now = time.monotonic()
+        while self.recent and now - next(iter(self.recent.values())) > RECENT_WINDOW:
+            self.recent.pop(next(iter(self.recent)))
+        key = (reply, hashlib.blake2b(body, digest_size=16).digest())
+        if key in self.recent:
+            self.errors["duplicate_delivery"] += 1
+            self.log.warning("duplicate_request_dropped", reply=reply)
+            return True
+        self.recent[key] = now
+        return False
 
     async def submit_to(self, g: int, sub: Submit) -> SubmitAck | None:
         """Hand ``sub`` to group ``g``; None when no acknowledgement came (the publisher may
@@ -254,7 +274,7 @@ class Ingest:
         hit = next((a for a in acks if a is not None and a.found), None)
         answer = hit or AbortAck(rid=abort.rid, found=False)
         if reply:
-            await self.nc.publish(reply, encode_answer(answer, enc))
+            await self.outbox.send(reply, encode_answer(answer, enc))
 
     async def on_load(self, msg: Any) -> None:
         try:
@@ -270,7 +290,10 @@ class Ingest:
                 "groups": self.router.snapshot()}
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.nc = await bus.connect(self.s.nats_url, "dpbus-ingest", self.log)
+        hooks: list = []
+        self.nc = await bus.connect(self.s.nats_url, "dpbus-ingest", self.log, on_reconnect_hooks=hooks)
+        self.outbox = bus.ClientOutbox(self.nc, self.log)
+        hooks.append(self.outbox.on_reconnect)
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
         await bus.subscribe(self.nc, self.subjects.all_finished, self.on_finished)
         svc = await nats.micro.add_service(
@@ -287,4 +310,5 @@ class Ingest:
         await svc.stop()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=self.s.submit_timeout * self.s.dp_size + 1)
+        await self.outbox.drain(timeout=5)
         await self.nc.drain()

@@ -169,10 +169,7 @@ class Publisher:
 
     # ---- answers ---------------------------------------------------------------------
     async def send(self, seq: Sequence, msg: Any) -> None:
-        try:
-            await self.nc.publish(seq.reply, encode_answer(msg, seq.encoding))
-        except Exception as e:  # noqa: BLE001 - the client may be gone; nothing else to do
-            self.log.warning("answer_failed", rid=seq.rid, error=repr(e))
+        await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding))
 
     async def finish(self, seq: Sequence, reason: FinishReason) -> None:
         now = time.time()
@@ -358,7 +355,10 @@ class Publisher:
 
     async def run(self, stop: asyncio.Event) -> None:
         g, subj = self.g, self.subjects
-        self.nc = await bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log)
+        hooks: list = []
+        self.nc = await bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log, on_reconnect_hooks=hooks)
+        self.outbox = bus.ClientOutbox(self.nc, self.log)
+        hooks.append(self.outbox.on_reconnect)
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
         await bus.subscribe(self.nc, subj.result(g), self.on_result)
         await bus.subscribe(self.nc, subj.replay(g), self.on_replay_msg)
@@ -383,5 +383,6 @@ class Publisher:
             await self.fail(seq, ErrorCode.UNAVAILABLE, f"group {g}'s publisher is shutting down")
         self.sched.waiting.clear()
         await self.announce_finished()
+        await self.outbox.drain(timeout=5)
         tasks[1].cancel()
         await self.nc.drain()
