@@ -349,6 +349,11 @@ def test_an_unknown_policy_is_refused_with_the_valid_names():
 
 # ---- ingest's use of the router (a fake bus, no NATS) --------------------------------------
 class FakeBus:
+    """Stands in for the connection in these unit tests of ingest's routing decisions;
+    the same paths run against a real nats-server in tests/test_routing_e2e.py."""
+
+    is_connected = True
+
     def __init__(self, dead: set[int] = frozenset()) -> None:
         self.dead = set(dead)
         self.asked: list[int] = []
@@ -375,7 +380,10 @@ def ingest(policy: str = "least_tokens", dead: set[int] = frozenset(), **kw):
     from services.settings import IngestSettings
 
     ing = Ingest(IngestSettings(dp_size=2, policy=policy, **kw), NoLog())
+    from services.bus import ClientOutbox
+
     ing.nc = FakeBus(dead)
+    ing.outbox = ClientOutbox(ing.nc, NoLog())
     return ing
 
 
