@@ -154,9 +154,16 @@ async def test_abort_reaches_queued_and_running_requests_and_frees_their_pages(s
 
 
 async def test_no_compilation_after_warmup_whatever_the_workload(cluster, small_pool):
-    """Runs last in this module: both clusters have served varied workloads by now."""
+    """A varied workload of its own (prompt lengths across every prefill bucket, batches
+    of every size), after whatever the other tests ran, then the compile counts."""
+    from schemas import Subjects
+
     for c, prefix in ((cluster, "dpbus"), (small_pool, "small")):
         nc = await nats.connect(c.nats_url)
+        for batch in (1, 3, 7):
+            await asyncio.gather(*(generate(nc, {"input_ids": list(range(1, 2 + 13 * i % 150)),
+                                                 "sampling": {"max_new_tokens": 3 + i, "temperature": 0.7}},
+                                            subjects=Subjects(prefix)) for i in range(batch)))
         workers = await service_stats(nc, "dpbus-worker", prefix)
         await nc.close()
         assert workers and all(w["steps"] > 0 for w in workers), workers
