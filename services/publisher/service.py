@@ -1,13 +1,16 @@
 """The publisher service of one DP group.
 
-It takes submitted requests (``dpbus.dp.{g}.submit``, acknowledged at once), runs the
-scheduling loop (one ``Step`` at a time on ``dpbus.dp.{g}.step``, waiting for the
-leader's result), streams ``chunk``s and exactly one terminal message to each client,
-watches its workers' heartbeats and reports the group's load.
+It takes submitted requests (``dpbus.dp.{g}.submit``, acknowledged at once, refused
+while the group is not whole), runs the scheduling loop (one ``Step`` at a time on
+``dpbus.dp.{g}.step``, until every member acknowledged it with the same digest; late
+steps are re-sent and missed ones replayed from a window), streams ``chunk``s and exactly
+one terminal message to each client, watches its workers' heartbeats, reports the
+group's load and tells ingest which requests it has answered.
 
-When the group fails (a step fails or times out, a worker stops beating), every running
-request gets an ``error`` answer and the group starts a new epoch; queued requests wait
-for the group to be whole again, up to ``queue_timeout``.
+When the group fails (a step fails, times out or diverges, a worker stops beating), the
+running requests that streamed nothing move to another group, the others get an
+``error`` answer, and the group starts a new epoch; queued requests move too while the
+group is not whole, or wait for it up to ``queue_timeout``.
 """
 
 from __future__ import annotations
@@ -145,9 +148,6 @@ class Publisher:
             self.acks[reply.node_rank] = reply
             if len(self.acks) == len(self.members):
                 self.pending.set_result(self.acks[self.members[0]])
-
-    async def on_replay_msg(self, msg: Any) -> None:
-        await self.on_replay(msg)
 
     async def on_replay(self, req: Any) -> None:
         """Resend steps a worker missed, from the window of recent ones."""
@@ -361,7 +361,7 @@ class Publisher:
         hooks.append(self.outbox.on_reconnect)
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
         await bus.subscribe(self.nc, subj.result(g), self.on_result)
-        await bus.subscribe(self.nc, subj.replay(g), self.on_replay_msg)
+        await bus.subscribe(self.nc, subj.replay(g), self.on_replay)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-publisher", version=VERSION, description=f"dpbus publisher of DP group {g}",
             metadata={"dp_rank": str(g), "prefix": self.s.prefix}, queue_group=f"dpbus-publisher-{g}",
