@@ -88,8 +88,11 @@ def cmd_up(a: argparse.Namespace) -> int:
         print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at {cluster.nats_url} "
               f"(try: dpbus generate --nats-url {cluster.nats_url} 'hello'); Ctrl-C stops everything", flush=True)
         while not stop.is_set():
-            for p in list(cluster.procs):
-                if p.popen.poll() is not None:
+            if a.restart:
+                for line in cluster.supervise():
+                    print(f"warning: {line}", flush=True)
+            else:
+                for p in [p for p in cluster.procs if p.popen.poll() is not None]:
                     print(f"warning: {p.name} exited with code {p.popen.returncode}; log {p.log_path}", flush=True)
                     cluster.procs.remove(p)
             try:
@@ -195,6 +198,8 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("up", help="run the whole system on this machine")
     layout(q)
+    q.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
+                   help="restart a service that exits (with its group's peers); default on")
     q.set_defaults(fn=cmd_up)
     q = sub.add_parser("demo", help="up + concurrent requests + summary table + shutdown")
     layout(q)

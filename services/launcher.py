@@ -25,7 +25,7 @@ from typing import Callable
 from schemas import Subjects
 from schemas.internal import LoadReport, unpacker
 from services import bus
-from services.topology import place_node
+from services.topology import group_nodes, place_node
 
 
 def free_port() -> int:
@@ -70,6 +70,7 @@ class Cluster:
     extra: dict[str, str] = field(default_factory=dict)  # DPBUS_* settings for every service
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
+    _restarted: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for r in range(self.nnodes):  # refuse bad layouts before starting anything
@@ -181,6 +182,34 @@ class Cluster:
         self.say(f"started {self.ingests} ingest(s), {self.dp_size} publisher(s), {self.nnodes} worker(s); "
                  f"logs in {self.log_dir}")
         return await self.wait_ready(timeout)
+
+    def _peers(self, name: str) -> list[str]:
+        """Processes that must restart with ``name``: a group spanning several processes is
+        one JAX job, which cannot take a single process back."""
+        kind, _, rank = name.rpartition("-")
+        if kind not in ("worker", "node") or self.nnodes == self.dp_size:
+            return [name]
+        g = place_node(int(rank), self.nnodes, self.dp_size).dp_rank
+        return [f"{kind}-{r}" for r in group_nodes(g, self.nnodes, self.dp_size)]
+
+    def supervise(self, min_interval: float = 5.0) -> list[str]:
+        """Restart services that exited (with their group's peers when the group spans
+        processes), at most once per ``min_interval`` seconds each. Returns what it did."""
+        said = []
+        now = time.monotonic()
+        for p in [p for p in self.procs if p.popen.poll() is not None and p.name != "nats-server"]:
+            if p not in self.procs or now - self._restarted.get(p.name, -1e9) < min_interval:
+                continue
+            names = self._peers(p.name)
+            for peer in (q for q in self.procs if q.name in names and q.popen.poll() is None):
+                peer.popen.kill()
+                peer.popen.wait()
+            for n in names:
+                self._restarted[n] = now
+                self.restart(n)
+            said.append(f"{p.name} exited with code {p.popen.returncode} (log {p.log_path}); restarted "
+                        + ", ".join(names))
+        return said
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every process started here (services first, NATS last), then SIGKILL stragglers."""

@@ -78,6 +78,17 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
             done = json.loads(gen.stdout.splitlines()[-1])
             assert done["type"] == "done" and done["dp_rank"] == rank
         assert len(processes_using(url)) == 4  # nats-server, ingest, two nodes
+        node1 = next(int(p) for p in processes_using(url) if b"--node-rank\x001" in Path(f"/proc/{p}/cmdline").read_bytes())
+        os.kill(node1, signal.SIGKILL)  # `up` restarts what dies
+        restarted = [proc.stdout.readline() for _ in range(1)]
+        assert "node-1 exited" in restarted[0] and "restarted node-1" in restarted[0], restarted
+        for _ in range(60):
+            gen = subprocess.run([*DPBUS, "generate", "--nats-url", url, "--raw", "--dp-rank", "1",
+                                  "--max-new-tokens", "2", "hi"], capture_output=True, text=True, timeout=60)
+            if gen.returncode == 0:
+                break
+            time.sleep(1)
+        assert json.loads(gen.stdout.splitlines()[-1])["dp_rank"] == 1, gen.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         rest = proc.stdout.read()
@@ -109,3 +120,14 @@ def test_bad_layouts_are_refused_with_the_numbers(args, numbers):
     assert out.returncode == 2, out.stderr
     for n in numbers:
         assert n in out.stderr
+
+
+def test_up_restarts_a_spanning_group_as_a_whole(tmp_path):
+    from services.launcher import Cluster
+
+    c = Cluster(dp_size=2, nnodes=4, local_devices=1, log_dir=tmp_path, say=lambda _: None)
+    assert c._peers("worker-3") == ["worker-2", "worker-3"]
+    assert c._peers("node-0") == ["node-0", "node-1"]
+    assert c._peers("publisher-1") == ["publisher-1"] and c._peers("ingest") == ["ingest"]
+    one_per_group = Cluster(dp_size=2, nnodes=2, local_devices=1, log_dir=tmp_path, say=lambda _: None)
+    assert one_per_group._peers("worker-1") == ["worker-1"]
