@@ -99,6 +99,11 @@ class Load:
         return {"sent": self.sent, **outcome, "more_than_one_terminal": len(bad), "examples": bad[:3]}
 
 
+def assert_nothing_lost(report: dict) -> None:
+    assert report.get("lost", 0) == 0, report
+    assert report["more_than_one_terminal"] == 0, report
+
+
 async def serving(nc, within: float) -> bool:
     t0 = time.monotonic()
     while time.monotonic() - t0 < within:
@@ -144,8 +149,7 @@ async def test_a_nats_server_restart_loses_no_accepted_request(own_nats, tmp_pat
         cluster.stop()
     report = load.report()
     print(f"nats-server restart: {report}")
-    assert report.get("lost", 0) == 0, report
-    assert report["more_than_one_terminal"] == 0, report
+    assert_nothing_lost(report)
     assert back
 
 
@@ -190,8 +194,7 @@ async def test_chaos(own_nats, tmp_path):
         cluster.stop()
     report = load.report()
     print(f"chaos: {report} {timings}")
-    assert report.get("lost", 0) == 0, report
-    assert report["more_than_one_terminal"] == 0, report
+    assert_nothing_lost(report)
     assert report.get("done", 0) > report["sent"] // 3, report
     assert back
 

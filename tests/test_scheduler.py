@@ -544,12 +544,17 @@ def test_the_resumed_decode_feeds_the_last_token_at_the_right_position_and_count
     assert all_free(s)
 
 
-def test_the_newest_sequence_that_cannot_grow_preempts_itself():
-    s = mksched(max_running=2, max_seq_len=12, num_pages=4)  # 3 usable pages: one context
-    model = PagedFake(PAGE)
+def one_context_two_sequences():
+    """A pool of 3 usable pages (one context) and two queued sequences; b will run short."""
+    s = mksched(max_running=2, max_seq_len=12, num_pages=4)
     a, b = mkseq("a", n_prompt=2, max_new_tokens=4), mkseq("b", n_prompt=7, max_new_tokens=5)
     s.add(a)
     s.add(b)
+    return s, PagedFake(PAGE), a, b
+
+
+def test_the_newest_sequence_that_cannot_grow_preempts_itself():
+    s, model, a, b = one_context_two_sequences()
     fake_step(s, model)  # a: 1 page, b: 2 pages, none free
     assert not s.free_pages
     fake_step(s, model)  # positions 2 and 7
@@ -564,11 +569,7 @@ def test_the_newest_sequence_that_cannot_grow_preempts_itself():
 
 
 def test_a_request_preempted_in_a_step_is_not_readmitted_in_that_step():
-    s = mksched(max_running=2, max_seq_len=12, num_pages=4)  # 3 usable pages: one context
-    model = PagedFake(PAGE)
-    a, b = mkseq("a", n_prompt=2, max_new_tokens=4), mkseq("b", n_prompt=7, max_new_tokens=5)
-    s.add(a)
-    s.add(b)
+    s, model, a, b = one_context_two_sequences()
     fake_step(s, model)
     fake_step(s, model)
     plan, _ = fake_step(s, model)  # b cannot grow and preempts itself, freeing 2 pages
