@@ -34,6 +34,19 @@ class Submit(Struct):
     accepted_at: float         # unix time when ingest accepted it
     dp_rank: int
     pinned: bool = False       # the client chose dp_rank: never move it to another group
+    client: str = ""           # who sent it (client_of(reply)); (client, rid) names the request
+
+
+def client_of(reply: str) -> str:
+    """Who sent a request, from its reply subject: the inbox prefix ``_INBOX.<user>`` of a
+    user with a private inbox (the first two tokens), else the whole reply subject (a
+    client without its own prefix is only ever the same client on the same subject).
+    Two clients may use the same ``rid``; (client, rid) names a request everywhere."""
+    tokens = reply.split(".")
+    return ".".join(tokens[:2]) if len(tokens) >= 3 else reply
+
+
+Key = tuple[str, str]  # (client, rid)
 
 
 class SubmitAck(Struct, omit_defaults=True):
@@ -48,18 +61,22 @@ class Inflight(Struct):
     """publisher g -> ingest: the requests it holds now (the answer to an inflight query)."""
 
     instance: int
-    rids: list[str]
+    keys: list[Key]
 
 
 class Finished(Struct):
     """publisher g -> ingest, after each step: requests that got their terminal answer."""
 
     instance: int
-    rids: list[str]
+    keys: list[Key]
 
 
 class GroupAbort(Struct):
+    """ingest -> publisher g: cancel ``rid``, honoured only if ``reply`` is the request's own
+    reply subject (the proof that the sender owns it)."""
+
     rid: str
+    reply: str
 
 
 class RowSampling(Struct, array_like=True):

@@ -51,9 +51,14 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class AbortRequest(Struct, forbid_unknown_fields=True):
-    """Published on ``dpbus.abort`` (with a reply subject for the acknowledgement)."""
+    """Published on ``dpbus.abort`` (with a reply subject for the acknowledgement).
+
+    ``reply`` must be the reply subject the request itself was published with: it proves
+    the sender owns the request (nobody else can read, so nobody else knows, a private
+    inbox). An abort naming another reply subject is answered ``found: false``."""
 
     rid: RID
+    reply: Annotated[str, Meta(min_length=1, max_length=512)]
 
 
 class Timings(Struct, omit_defaults=True):

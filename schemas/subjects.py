@@ -44,6 +44,10 @@ class Subjects:
         """worker of g -> publisher g: resend steps I missed (request/reply)."""
         return f"{self.group(g)}.replay"
 
+    def worker_status(self, g: int, node_rank: int | str) -> str:
+        """anyone -> worker ``node_rank`` of g: its heartbeat, on request (a nats.micro endpoint)."""
+        return f"{self.group(g)}.worker.{node_rank}.status"
+
     def inflight(self, g: int) -> str:
         """ingest -> publisher g: which requests do you hold? (request/reply)"""
         return f"{self.group(g)}.inflight"

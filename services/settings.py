@@ -24,6 +24,14 @@ Seconds = Annotated[float, Meta(gt=0)]
 
 class Common(Struct, kw_only=True, forbid_unknown_fields=True):
     nats_url: str = "nats://127.0.0.1:4222"
+    # who this service is on NATS (see services/natsconf.py); the password is never logged
+    nats_user: str = ""  # empty: from the URL, or this role's user in --nats-credentials
+    nats_password: str = ""
+    nats_credentials: str = ""  # a credentials.json written by `dpbus nats-config` or `dpbus up`
+    nats_nkey_seed: str = ""  # a file holding the user's nkey seed (instead of a password)
+    tls_ca: str = ""  # CA file that signed the server's certificate (turns TLS on)
+    tls_cert: str = ""  # this service's client certificate, when the server verifies clients
+    tls_key: str = ""
     prefix: str = "dpbus"
     dp_size: Positive = 1
     nnodes: Positive = 1

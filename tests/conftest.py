@@ -20,25 +20,44 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import nats  # noqa: E402
 import pytest  # noqa: E402
 
+from services.bus import NatsAuth  # noqa: E402
 from services.launcher import Cluster, free_port, nats_server_binary  # noqa: E402
+from services.natsconf import Credentials, write_config  # noqa: E402
+
+
+# every prefix a test cluster or stand-in uses on a shared server (permissions are per prefix)
+TEST_PREFIXES = ["dpbus", "small", "span", "robust", "dpbusrt", "silent", "move", "deliv", "gap", "lonely",
+                 "resend", "diverge"]
+CLIENTS = ["client", "alice", "bob"]
 
 
 class NatsServer:
-    """A nats-server process owned by a test; stopped by its PID only."""
+    """A nats-server process owned by a test; stopped by its PID only.
 
-    def __init__(self) -> None:
+    Secured as a deployment is (``services/natsconf.py``): one user per role with a fresh
+    password, private client inboxes; ``secure=False`` gives an open server."""
+
+    def __init__(self, secure: bool = True, dp_size: int = 2) -> None:
         self.port = free_port()
         self.store = Path(tempfile.mkdtemp(prefix="dpbus-test-nats-"))
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.credentials: Credentials | None = None
+        self.argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
+        if secure:
+            conf = self.store / "conf"
+            self.credentials = write_config(conf, dp_size=dp_size, clients=CLIENTS, prefixes=TEST_PREFIXES,
+                                            listen=f"127.0.0.1:{self.port}", http=None,
+                                            store_dir=str(self.store / "js"), url=self.url)
+            self.argv = [nats_server_binary(), "-c", str(conf / "nats.conf")]
+        self.log = self.store / "server.log"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -47,6 +66,25 @@ class NatsServer:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"nats-server did not start on port {self.port}")
+
+    def auth(self, user: str = "client") -> NatsAuth:
+        if self.credentials is None:
+            return NatsAuth()
+        name, password = self.credentials.user(user)
+        return NatsAuth(name, password)
+
+    def settings(self, user: str) -> dict:
+        """The connection part of a service's settings, as ``user``."""
+        auth = self.auth(user)
+        return {"nats_url": self.url, "nats_user": auth.user, "nats_password": auth.password}
+
+    async def connect(self, user: str = "client", **kw):
+        """A nats-py connection as ``user`` (quiet about its errors unless given error_cb)."""
+        async def quiet(_: Exception) -> None:
+            return None
+
+        kw.setdefault("error_cb", quiet)
+        return await nats.connect(self.url, **self.auth(user).kwargs(self.url), **kw)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -70,9 +108,9 @@ def nats_server():
     server.cleanup()
 
 
-def start_cluster(nats_url: str, log_dir: Path, **kw) -> Cluster:
-    """Start a dpbus Cluster on ``nats_url``; the caller stops it."""
-    c = Cluster(nats_url=nats_url, log_dir=log_dir, say=lambda _: None, **kw)
+def start_cluster(server: NatsServer, log_dir: Path, **kw) -> Cluster:
+    """Start a dpbus Cluster on ``server``, each service as its role's user; the caller stops it."""
+    c = Cluster(nats_url=server.url, credentials=server.credentials, log_dir=log_dir, say=lambda _: None, **kw)
     try:
         asyncio.run(c.start(timeout=300))
     except BaseException:
@@ -88,7 +126,16 @@ CLUSTER_SETTINGS = {"DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"
 @pytest.fixture(scope="module")
 def cluster(nats_server, tmp_path_factory):
     """dpbus with 2 DP groups, each one worker process with 2 devices, on the session's NATS."""
-    c = start_cluster(nats_server.url, tmp_path_factory.mktemp("dpbus-logs"), dp_size=2, nnodes=2, local_devices=2,
+    c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-logs"), dp_size=2, nnodes=2, local_devices=2,
                       extra=dict(CLUSTER_SETTINGS))
     yield c
     c.stop()
+
+
+async def client_of(cluster: Cluster, user: str = "client", **kw):
+    """A nats-py connection to ``cluster``'s server as ``user`` (a client by default)."""
+    async def quiet(_: Exception) -> None:
+        return None
+
+    kw.setdefault("error_cb", quiet)
+    return await nats.connect(cluster.nats_url, **cluster.auth(user).kwargs(cluster.nats_url), **kw)

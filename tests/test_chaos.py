@@ -125,17 +125,15 @@ async def serving(nc, within: float) -> bool:
     return False
 
 
-async def connect(url: str):
-    async def quiet(_):
-        return None
-    return await nats.connect(url, reconnect_time_wait=0.3, max_reconnect_attempts=-1, error_cb=quiet)
+async def connect(server: NatsServer):
+    return await server.connect("client", reconnect_time_wait=0.3, max_reconnect_attempts=-1)
 
 
 async def test_a_nats_server_restart_loses_no_accepted_request(own_nats, tmp_path):
-    cluster = await asyncio.to_thread(start_cluster, own_nats.url, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+    cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=2, nnodes=2, local_devices=1,
                                       extra=dict(SETTINGS))
     try:
-        nc = await connect(own_nats.url)
+        nc = await connect(own_nats)
         load = Load(nc)
         running = asyncio.create_task(load.run(40, every=0.05, timeout=60))
         await asyncio.sleep(1.0)
@@ -154,11 +152,11 @@ async def test_a_nats_server_restart_loses_no_accepted_request(own_nats, tmp_pat
 
 
 async def test_chaos(own_nats, tmp_path):
-    cluster = await asyncio.to_thread(start_cluster, own_nats.url, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+    cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=2, nnodes=2, local_devices=1,
                                       extra=dict(SETTINGS))
     timings: dict[str, float] = {}
     try:
-        nc = await connect(own_nats.url)
+        nc = await connect(own_nats)
         load = Load(nc)
         running = asyncio.create_task(load.run(300, every=0.1, timeout=90))
         proc = {p.name: p for p in cluster.procs}
@@ -200,10 +198,10 @@ async def test_chaos(own_nats, tmp_path):
 
 
 async def test_killing_one_of_two_ingests_loses_nothing_it_handed_over(own_nats, tmp_path):
-    cluster = await asyncio.to_thread(start_cluster, own_nats.url, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+    cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=2, nnodes=2, local_devices=1,
                                       ingests=2, extra=dict(SETTINGS))
     try:
-        nc = await connect(own_nats.url)
+        nc = await connect(own_nats)
         load = Load(nc)
         running = asyncio.create_task(load.run(80, every=0.05, timeout=60))
         await asyncio.sleep(1.5)

@@ -230,12 +230,13 @@ def test_model_path_end_to_end(ckpts, nats_server, tmp_path):
     cases = [{"input_ids": p} for p in prompts()] + [{"text": text}]
     want = [ck.hf_greedy(p) for p in prompts()] + [ck.hf_greedy(text_ids)]
 
-    c = Cluster(dp_size=1, nnodes=1, local_devices=2, nats_url=nats_server.url, log_dir=tmp_path, say=lambda _: None,
+    c = Cluster(dp_size=1, nnodes=1, local_devices=2, nats_url=nats_server.url, credentials=nats_server.credentials,
+                log_dir=tmp_path, say=lambda _: None,
                 extra={"DPBUS_MODEL_PATH": str(ck.path), "DPBUS_MAX_PREFILL_TOKENS": str(MAX_PREFILL),
                        "DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_RUNNING_REQUESTS": "4"})
 
     async def run() -> list:
-        nc = await nats.connect(nats_server.url)
+        nc = await nats_server.connect("client")
         try:
             sampling = {"max_new_tokens": N_NEW, "temperature": 0, "ignore_eos": True}
             return await asyncio.gather(*(generate(nc, {**case, "sampling": sampling}) for case in cases))

@@ -56,8 +56,11 @@ def test_demo_prints_a_table_and_exits_zero():
 
 @pytest.mark.e2e
 def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path):
+    """`dpbus up` secures its server; `dpbus generate` finds it (and its credentials) with no flags."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    logs = tmp_path / "logs"
     proc = subprocess.Popen([*DPBUS, "up", "--dp-size", "2", "--nnodes", "2", "--local-devices", "1",
-                             "--node-processes", "--log-dir", str(tmp_path)],
+                             "--node-processes", "--log-dir", str(logs)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines: list[str] = []
@@ -69,11 +72,17 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
             if line.startswith("dpbus ready"):
                 break
         url = re.search(r"at (nats://127\.0\.0\.1:\d+)", lines[-1]).group(1)
-        assert sorted(p.name for p in tmp_path.glob("*.log")) == ["ingest.log", "nats-server.log", "node-0.log",
-                                                                   "node-1.log"]
+        assert sorted(p.name for p in logs.glob("*.log")) == ["ingest.log", "nats-server.log", "node-0.log",
+                                                               "node-1.log"]
+        state = json.loads((tmp_path / "state" / "dpbus" / "up.json").read_text())
+        assert state["url"] == url and state["user"] == "client" and state["password"]
+        assert (tmp_path / "state" / "dpbus" / "up.json").stat().st_mode & 0o077 == 0
+        anonymous = subprocess.run([*DPBUS, "generate", "--nats-url", url, "hi"], capture_output=True, text=True,
+                                   timeout=60)
+        assert anonymous.returncode == 1 and "Authorization Violation" in anonymous.stderr, anonymous.stderr
         for rank in (0, 1):
-            gen = subprocess.run([*DPBUS, "generate", "--nats-url", url, "--raw", "--dp-rank", str(rank),
-                                  "--max-new-tokens", "4", "hi"], capture_output=True, text=True, timeout=120)
+            gen = subprocess.run([*DPBUS, "generate", "--raw", "--dp-rank", str(rank),
+                                  "--max-new-tokens", "4", "hi"], capture_output=True, text=True, timeout=120, env=env)
             assert gen.returncode == 0, gen.stderr
             done = json.loads(gen.stdout.splitlines()[-1])
             assert done["type"] == "done" and done["dp_rank"] == rank
@@ -83,8 +92,8 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
         restarted = [proc.stdout.readline() for _ in range(1)]
         assert "node-1 exited" in restarted[0] and "restarted node-1" in restarted[0], restarted
         for _ in range(60):
-            gen = subprocess.run([*DPBUS, "generate", "--nats-url", url, "--raw", "--dp-rank", "1",
-                                  "--max-new-tokens", "2", "hi"], capture_output=True, text=True, timeout=60)
+            gen = subprocess.run([*DPBUS, "generate", "--raw", "--dp-rank", "1",
+                                  "--max-new-tokens", "2", "hi"], capture_output=True, text=True, timeout=60, env=env)
             if gen.returncode == 0:
                 break
             time.sleep(1)
@@ -94,6 +103,7 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
         rest = proc.stdout.read()
         assert "stopped" in rest
         assert not port_open(url) and processes_using(url) == []
+        assert not (tmp_path / "state" / "dpbus" / "up.json").exists(), "the state file outlived `up`"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -188,12 +188,13 @@ def test_answer_field_values_on_the_wire(enc: Encoding) -> None:
 
 @pytest.mark.parametrize("enc", ENCODINGS)
 def test_abort_request_round_trip(enc: Encoding) -> None:
-    req, got = decode_abort(_encode({"rid": "r-9"}, enc))
-    assert got is enc and req == AbortRequest(rid="r-9")
+    req, got = decode_abort(_encode({"rid": "r-9", "reply": "_INBOX.me.1"}, enc))
+    assert got is enc and req == AbortRequest(rid="r-9", reply="_INBOX.me.1")
 
 
 @pytest.mark.parametrize(
-    "body", [b"", b"{}", b'{"rid": ""}', b'{"rid": 5}', b'{"rid": "a", "x": 1}', b"[1]", b"{", b'{"rid": "\xff"}']
+    "body", [b"", b"{}", b'{"rid": ""}', b'{"rid": 5}', b'{"rid": "a", "x": 1}', b"[1]", b"{", b'{"rid": "\xff"}',
+             b'{"rid": "a"}', b'{"rid": "a", "reply": ""}']
 )
 def test_abort_request_errors(body: bytes) -> None:
     with pytest.raises(DecodeError):

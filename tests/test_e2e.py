@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import nats
 import pytest
 
 from schemas import AbortAck, Chunk, Done, Error
+from tests.conftest import client_of
 from services.client import decode_answer
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +58,7 @@ def terminal_of(msgs: list[bytes]):
 
 
 async def connect(cluster):
-    return await nats.connect(cluster.nats_url)
+    return await client_of(cluster)
 
 
 async def test_twenty_concurrent_requests_json_and_msgpack(cluster):
@@ -149,14 +151,16 @@ async def test_abort_a_running_request_and_an_unknown_rid(cluster):
                                              "sampling": {"max_new_tokens": 400, "ignore_eos": True}}), reply=inbox)
     first = decode_answer((await sub.next_msg(timeout=60)).data)
     assert isinstance(first, Chunk)
-    ack = msgspec.json.decode((await nc.request("dpbus.abort", b'{"rid": "long-one"}', timeout=10)).data, type=AbortAck)
+    ack = msgspec.json.decode((await nc.request("dpbus.abort", body({"rid": "long-one", "reply": inbox}),
+                                                timeout=10)).data, type=AbortAck)
     assert ack.found and ack.dp_rank in (0, 1)
     while True:
         ans = decode_answer((await sub.next_msg(timeout=30)).data)
         if not isinstance(ans, Chunk):
             break
     assert isinstance(ans, Done) and ans.finish_reason.value == "abort" and ans.completion_tokens < 400
-    unknown = msgspec.json.decode((await nc.request("dpbus.abort", b'{"rid": "never-seen"}', timeout=10)).data,
+    unknown = msgspec.json.decode((await nc.request("dpbus.abort", body({"rid": "never-seen", "reply": inbox}),
+                                                    timeout=10)).data,
                                   type=AbortAck)
     assert unknown.found is False
     bad = decode_answer((await nc.request("dpbus.abort", b'{"id": 1}', timeout=10)).data)
@@ -187,6 +191,8 @@ async def test_every_service_answers_micro_discovery(cluster):
 def test_generate_command_streams_an_answer(cluster):
     out = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--nats-url", cluster.nats_url,
                           "--max-new-tokens", "6", "--raw", "hello there"],
+                         env={**os.environ, "DPBUS_NATS_USER": "client",
+                              "DPBUS_NATS_PASSWORD": cluster.credentials.passwords["client"]},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]

@@ -18,7 +18,7 @@ from services.client import decode_answer, generate
 from services.model_config import ModelConfig
 from services.worker.model import dummy_weights
 from services.worker.runner import ModelRunner, make_group_mesh
-from tests.conftest import CLUSTER_SETTINGS, start_cluster
+from tests.conftest import CLUSTER_SETTINGS, client_of, start_cluster
 
 pytestmark = pytest.mark.e2e
 GREEDY = RowSampling(0.0, 1.0, 0, 0)
@@ -49,7 +49,7 @@ def prompt_text(i: int) -> str:
 async def test_32_concurrent_greedy_requests_match_the_single_device_reference(cluster):
     texts = [prompt_text(i) for i in range(32)]
     n = 12
-    nc = await nats.connect(cluster.nats_url)
+    nc = await client_of(cluster)
     outs = await asyncio.gather(*(generate(nc, {"text": t, "sampling": {"max_new_tokens": n, "temperature": 0,
                                                                         "ignore_eos": True}}) for t in texts))
     await nc.close()
@@ -66,7 +66,7 @@ async def test_32_concurrent_greedy_requests_match_the_single_device_reference(c
 @pytest.fixture(scope="module")
 def small_pool(nats_server, tmp_path_factory):
     """One group whose KV pool holds about four of the requests below, not eight."""
-    c = start_cluster(nats_server.url, tmp_path_factory.mktemp("dpbus-small"), dp_size=1, nnodes=1,
+    c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-small"), dp_size=1, nnodes=1,
                       local_devices=2, prefix="small",
                       extra={"DPBUS_MAX_SEQ_LEN": "256", "DPBUS_PAGE_SIZE": "16", "DPBUS_NUM_PAGES": "41",
                              "DPBUS_MAX_RUNNING_REQUESTS": "8", "DPBUS_MAX_PREFILL_TOKENS": "64"})
@@ -74,9 +74,10 @@ def small_pool(nats_server, tmp_path_factory):
     c.stop()
 
 
-async def service_stats(nc, service: str, prefix: str = "small") -> list[dict]:
+async def service_stats(cluster, service: str, prefix: str = "small") -> list[dict]:
     """The stats of every ``service`` instance serving ``prefix`` (other clusters share this
-    NATS server), from the nats.micro STATS verb."""
+    NATS server), from the nats.micro STATS verb, asked as the operator."""
+    nc = await client_of(cluster, "operator")
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     await nc.publish(f"$SRV.STATS.{service}", b"", reply=inbox)
@@ -89,11 +90,11 @@ async def service_stats(nc, service: str, prefix: str = "small") -> list[dict]:
     except nats.errors.TimeoutError:
         return found
     finally:
-        await sub.unsubscribe()
+        await nc.close()
 
 
-async def publisher_stats(nc, prefix: str = "small") -> dict:
-    (stats,) = await service_stats(nc, "dpbus-publisher", prefix)
+async def publisher_stats(cluster, prefix: str = "small") -> dict:
+    (stats,) = await service_stats(cluster, "dpbus-publisher", prefix)
     return stats
 
 
@@ -103,11 +104,11 @@ async def test_running_out_of_pages_queues_and_preempts_but_every_answer_is_exac
     subjects = Subjects("small")
     prompts = [tokenizer.ByteTokenizer().encode(f"request {i} " + "abc" * (10 + i)) for i in range(8)]
     n = 100  # prompt ~45-65 + 100 tokens: ~10 pages each, 80 wanted from a pool of 40
-    nc = await nats.connect(small_pool.nats_url)
+    nc = await client_of(small_pool)
     outs = await asyncio.gather(*(generate(nc, {"input_ids": p, "sampling": {"max_new_tokens": n, "temperature": 0,
                                                                              "ignore_eos": True}},
                                            subjects=subjects, timeout=180) for p in prompts))
-    stats = await publisher_stats(nc)
+    stats = await publisher_stats(small_pool)
     await nc.close()
     want = reference_tokens(prompts, n, 256)
     for out, ref in zip(outs, want):
@@ -123,7 +124,7 @@ async def test_abort_reaches_queued_and_running_requests_and_frees_their_pages(s
     from schemas import Subjects
 
     subjects = Subjects("small")
-    nc = await nats.connect(small_pool.nats_url)
+    nc = await client_of(small_pool)
     inboxes = []
     for i in range(12):  # more than the batch (8) and the pool: some wait in the queue
         inbox = nc.new_inbox()
@@ -134,8 +135,8 @@ async def test_abort_reaches_queued_and_running_requests_and_frees_their_pages(s
     first = decode_answer((await inboxes[0].next_msg(timeout=60)).data)
     assert isinstance(first, Chunk)
     for i in range(12):
-        ack = msgspec.json.decode((await nc.request(subjects.abort, json.dumps({"rid": f"ab-{i}"}).encode(),
-                                                    timeout=10)).data)
+        abort = {"rid": f"ab-{i}", "reply": inboxes[i].subject}
+        ack = msgspec.json.decode((await nc.request(subjects.abort, json.dumps(abort).encode(), timeout=10)).data)
         assert ack["found"] is True, (i, ack)
     reasons = []
     for sub in inboxes:
@@ -146,7 +147,7 @@ async def test_abort_reaches_queued_and_running_requests_and_frees_their_pages(s
         assert isinstance(ans, Done)
         reasons.append((ans.finish_reason.value, ans.completion_tokens))
     await asyncio.sleep(0.2)
-    stats = await publisher_stats(nc)
+    stats = await publisher_stats(small_pool)
     await nc.close()
     assert all(r == "abort" for r, _ in reasons)
     assert any(t == 0 for _, t in reasons), "some requests were aborted while still queued"
@@ -159,12 +160,12 @@ async def test_no_compilation_after_warmup_whatever_the_workload(cluster, small_
     from schemas import Subjects
 
     for c, prefix in ((cluster, "dpbus"), (small_pool, "small")):
-        nc = await nats.connect(c.nats_url)
+        nc = await client_of(c)
         for batch in (1, 3, 7):
             await asyncio.gather(*(generate(nc, {"input_ids": list(range(1, 2 + 13 * i % 150)),
                                                  "sampling": {"max_new_tokens": 3 + i, "temperature": 0.7}},
                                             subjects=Subjects(prefix)) for i in range(batch)))
-        workers = await service_stats(nc, "dpbus-worker", prefix)
+        workers = await service_stats(c, "dpbus-worker", prefix)
         await nc.close()
         assert workers and all(w["steps"] > 0 for w in workers), workers
         for w in workers:

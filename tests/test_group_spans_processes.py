@@ -11,7 +11,7 @@ import pytest
 from schemas import Done, Error, Subjects
 from services import tokenizer
 from services.client import generate
-from tests.conftest import start_cluster
+from tests.conftest import client_of, start_cluster
 from tests.test_engine_e2e import reference_tokens
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +20,7 @@ PREFIX = "span"
 
 @pytest.fixture(scope="module")
 def spanning(nats_server, tmp_path_factory):
-    c = start_cluster(nats_server.url, tmp_path_factory.mktemp("dpbus-span"), dp_size=1, nnodes=2, local_devices=2,
+    c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-span"), dp_size=1, nnodes=2, local_devices=2,
                       prefix=PREFIX, extra={"DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32",
                                             "DPBUS_HEARTBEAT_TIMEOUT": "2"})
     yield c
@@ -29,7 +29,7 @@ def spanning(nats_server, tmp_path_factory):
 
 async def test_group_of_two_processes_gives_the_single_process_tokens(spanning):
     texts = [f"span test {i} " + "abc " * (i * 5) for i in range(6)]  # up to ~110 tokens: several chunks
-    nc = await nats.connect(spanning.nats_url)
+    nc = await client_of(spanning)
     outs = await asyncio.gather(*(generate(nc, {"text": t, "sampling": {"max_new_tokens": 10, "temperature": 0,
                                                                         "ignore_eos": True}},
                                            subjects=Subjects(PREFIX)) for t in texts))
@@ -42,7 +42,7 @@ async def test_group_of_two_processes_gives_the_single_process_tokens(spanning):
 
 async def test_killing_one_member_ends_in_flight_requests_with_an_error(spanning):
     """Runs last: it breaks the group."""
-    nc = await nats.connect(spanning.nats_url)
+    nc = await client_of(spanning)
     tasks = [asyncio.create_task(generate(nc, {"text": f"long {i}", "sampling": {"max_new_tokens": 400,
                                                                                   "ignore_eos": True}},
                                           subjects=Subjects(PREFIX), timeout=60)) for i in range(4)]
@@ -62,6 +62,7 @@ async def test_killing_one_member_ends_in_flight_requests_with_an_error(spanning
 
 
 def test_a_node_whose_group_never_forms_names_the_missing_member(nats_server):
+    import os
     import subprocess
     import sys
 
@@ -70,6 +71,7 @@ def test_a_node_whose_group_never_forms_names_the_missing_member(nats_server):
     out = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--node-rank", "0", "--nnodes", "3",
                           "--dp-size", "1", "--coordinator", f"127.0.0.1:{free_port()}", "--join-timeout", "2",
                           "--nats-url", nats_server.url, "--prefix", "lonely"],
+                         env={**os.environ, **{f"DPBUS_{k.upper()}": v for k, v in nats_server.settings("worker-0").items()}},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "node(s) [1, 2] did not join within 2s" in out.stderr, out.stderr[-500:]

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import Subjects
-from tests.conftest import start_cluster
+from tests.conftest import client_of, start_cluster
 from tests.test_engine_e2e import service_stats
 
 pytestmark = pytest.mark.e2e
@@ -51,11 +51,11 @@ async def ask(nc, subject: str, body: bytes, timeout: float = 30.0, linger: floa
 class SyncClient:
     """A NATS connection on its own event loop thread, for synchronous (hypothesis) tests."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, cluster) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.nc = self.run(nats.connect(url))
+        self.nc = self.run(client_of(cluster))
 
     def run(self, coro, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -68,7 +68,7 @@ class SyncClient:
 
 @pytest.fixture(scope="module")
 def robust(nats_server, tmp_path_factory):
-    c = start_cluster(nats_server.url, tmp_path_factory.mktemp("dpbus-robust"), dp_size=1, nnodes=1, local_devices=1,
+    c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-robust"), dp_size=1, nnodes=1, local_devices=1,
                       prefix=PREFIX, extra={"DPBUS_MAX_WAITING": "4", "DPBUS_MAX_RUNNING_REQUESTS": "2",
                                             "DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32",
                                             "DPBUS_PUBLISHER_TIMEOUT": "2", "DPBUS_RECONCILE_INTERVAL": "0.5"})
@@ -86,7 +86,7 @@ def rss_mb(pid: int) -> float:
 
 
 async def test_overload_is_answered_at_once_and_nothing_is_lost(robust):
-    nc = await nats.connect(robust.nats_url)
+    nc = await client_of(robust)
     pids = {p.name: p.popen.pid for p in robust.procs if p.name in ("ingest", "publisher-0")}
     before = {name: rss_mb(pid) for name, pid in pids.items()}
     results = []
@@ -155,7 +155,7 @@ bodies = st.one_of(
 
 
 def test_fuzzed_bodies_on_every_public_subject_get_one_precise_answer(robust):
-    client = SyncClient(robust.nats_url)
+    client = SyncClient(robust)
     seen: dict[str, int] = {}
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -176,7 +176,7 @@ def test_fuzzed_bodies_on_every_public_subject_get_one_precise_answer(robust):
     try:
         check()
         after = client.run(ask(client.nc, SUBJ.generate, good()))
-        stats = client.run(service_stats(client.nc, "dpbus-ingest", PREFIX))
+        stats = client.run(service_stats(robust, "dpbus-ingest", PREFIX))
     finally:
         client.close()
     print(f"fuzzed answers by kind: {seen}")
@@ -197,7 +197,7 @@ async def serves_again(nc, within: float = 60.0) -> float:
 
 
 async def test_a_killed_publisher_s_requests_are_answered_and_a_restart_serves_again(robust):
-    nc = await nats.connect(robust.nats_url)
+    nc = await client_of(robust)
     bodies = [json.dumps({"rid": f"orphan-{i}", "text": f"orphan {i}",
                           "sampling": {"max_new_tokens": 240, "ignore_eos": True}}).encode() for i in range(3)]
     pending = [asyncio.create_task(ask(nc, SUBJ.generate, b, timeout=60)) for b in bodies]
@@ -210,7 +210,7 @@ async def test_a_killed_publisher_s_requests_are_answered_and_a_restart_serves_a
     await asyncio.to_thread(publisher.popen.wait, 10)
     robust.restart("publisher-0")
     back_in = await serves_again(nc)
-    stats = (await service_stats(nc, "dpbus-ingest", PREFIX))[0]
+    stats = (await service_stats(robust, "dpbus-ingest", PREFIX))[0]
     await nc.close()
     print(f"killed publisher: its 3 requests answered within {answered_in:.1f}s; serving again {back_in:.1f}s "
           f"after the restart")
@@ -224,7 +224,7 @@ async def test_a_killed_publisher_s_requests_are_answered_and_a_restart_serves_a
 
 async def test_sigterm_drains_the_publisher(robust):
     """Runs last in this module: it stops the publisher."""
-    nc = await nats.connect(robust.nats_url)
+    nc = await client_of(robust)
     bodies = [json.dumps({"text": f"drain {i}", "sampling": {"max_new_tokens": 40, "ignore_eos": True}}).encode()
               for i in range(4)]
     pending = [asyncio.create_task(ask(nc, SUBJ.generate, b, timeout=90)) for b in bodies]

@@ -19,6 +19,7 @@ import pytest
 from schemas import Done, Error, Subjects
 from services.client import generate
 from services.launcher import Cluster
+from tests.conftest import client_of
 
 pytestmark = pytest.mark.e2e
 
@@ -26,14 +27,19 @@ PREFIX = "dpbusrt"  # its own subjects, apart from any other cluster on the sess
 STALE_AFTER = 1.5   # load_stale_after; publishers report every 0.5 s
 
 
+routed_cluster: list = []  # the module's cluster, for the stats helper
+
+
 @pytest.fixture(scope="module")
 def routed(nats_server, tmp_path_factory):
-    c = Cluster(dp_size=2, nnodes=2, local_devices=1, nats_url=nats_server.url, prefix=PREFIX,
+    c = Cluster(dp_size=2, nnodes=2, local_devices=1, nats_url=nats_server.url, credentials=nats_server.credentials,
+                prefix=PREFIX,
                 log_dir=tmp_path_factory.mktemp("dpbus-routing-logs"), say=lambda _: None,
                 extra={"DPBUS_POLICY": "least_tokens", "DPBUS_LOAD_STALE_AFTER": str(STALE_AFTER),
                        "DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"})
     try:
         asyncio.run(c.start(timeout=240))
+        routed_cluster[:] = [c]
         yield c
     finally:
         c.stop()
@@ -45,14 +51,18 @@ async def ask(nc, request: dict):
 
 
 async def ingest_stats(nc) -> dict:
-    msg = await nc.request("$SRV.STATS.dpbus-ingest", b"", timeout=2)
+    operator = await client_of(routed_cluster[0], "operator")
+    try:
+        msg = await operator.request("$SRV.STATS.dpbus-ingest", b"", timeout=2)
+    finally:
+        await operator.close()
     endpoint = next(e for e in json.loads(msg.data)["endpoints"] if e["name"] == "generate")
     return endpoint["data"]
 
 
 def test_requests_spread_over_both_groups_and_pins_win(routed):
     async def main():
-        nc = await nats.connect(routed.nats_url)
+        nc = await client_of(routed)
         try:
             free = [{"text": f"spread {i} " + "x" * (5 + 37 * (i % 4)), "sampling": {"max_new_tokens": 2 + i % 9}}
                     for i in range(16)]
@@ -78,7 +88,7 @@ def test_a_stopped_group_gets_nothing_new_and_pins_to_it_fail_fast(routed):
     proc.popen.wait(timeout=30)
 
     async def main():
-        nc = await nats.connect(routed.nats_url)
+        nc = await client_of(routed)
         try:
             deadline = time.monotonic() + STALE_AFTER + 5
             while (await ingest_stats(nc))["groups"]["1"]["available"]:

@@ -42,8 +42,8 @@ def steps_for(epoch: int) -> list[Step]:
     ]
 
 
-async def start_worker(url: str, prefix: str) -> tuple[Worker, asyncio.Event, asyncio.Task]:
-    s = msgspec.convert({"nats_url": url, "prefix": prefix, "max_seq_len": 64, "max_prefill_tokens": 16,
+async def start_worker(server, prefix: str) -> tuple[Worker, asyncio.Event, asyncio.Task]:
+    s = msgspec.convert({**server.settings("worker-0"), "prefix": prefix, "max_seq_len": 64, "max_prefill_tokens": 16,
                          "max_running_requests": 2, "warmup": False, "heartbeat_interval": 0.2}, WorkerSettings)
     worker, stop = Worker(s, LOG), asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
@@ -68,8 +68,8 @@ async def collect_results(nc, subj: Subjects) -> list:
 
 async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_server):
     subj = Subjects("deliv")
-    worker, stop, task = await start_worker(nats_server.url, "deliv")
-    nc = await nats.connect(nats_server.url)
+    worker, stop, task = await start_worker(nats_server, "deliv")
+    nc = await nats_server.connect("admin")  # plays every other role
     results = await collect_results(nc, subj)
     steps = steps_for(epoch=7)
     replays: list[Replay] = []
@@ -102,8 +102,8 @@ async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_serv
 
 async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nats_server):
     subj = Subjects("gap")
-    worker, stop, task = await start_worker(nats_server.url, "gap")
-    nc = await nats.connect(nats_server.url)
+    worker, stop, task = await start_worker(nats_server, "gap")
+    nc = await nats_server.connect("admin")  # plays every other role
     results = await collect_results(nc, subj)
 
     async def on_replay(msg):  # the window no longer holds the missing steps
@@ -148,13 +148,13 @@ class FakeWorker:
         await self.nc.publish(self.subj.result(0), pack(StepResult(step.epoch, step.seq, 0, pre, dec, 1.0, digest)))
 
 
-async def run_publisher_with(nats_url: str, behaviour: str, prefix: str) -> tuple[list, Publisher, FakeWorker]:
+async def run_publisher_with(server, behaviour: str, prefix: str) -> tuple[list, Publisher, FakeWorker]:
     subj = Subjects(prefix)
-    s = msgspec.convert({"nats_url": nats_url, "prefix": prefix, "max_seq_len": 64, "max_prefill_tokens": 16,
+    s = msgspec.convert({**server.settings("publisher-0"), "prefix": prefix, "max_seq_len": 64, "max_prefill_tokens": 16,
                          "resend_interval": 0.3, "heartbeat_timeout": 2.0}, PublisherSettings)
     pub, stop = Publisher(s, LOG), asyncio.Event()
     task = asyncio.create_task(pub.run(stop))
-    nc = await nats.connect(nats_url)
+    nc = await server.connect("admin")  # plays every other role
     fake = FakeWorker(nc, subj, behaviour)
     await nc.subscribe(subj.step(0), cb=fake.on_step)
     beating = asyncio.create_task(fake.beat(stop))
@@ -179,14 +179,14 @@ async def run_publisher_with(nats_url: str, behaviour: str, prefix: str) -> tupl
 
 
 async def test_publisher_resends_a_step_nobody_acknowledged(nats_server):
-    got, pub, fake = await run_publisher_with(nats_server.url, "ignore_first", "resend")
+    got, pub, fake = await run_publisher_with(nats_server, "ignore_first", "resend")
     assert isinstance(got[-1], Done) and got[-1].completion_tokens == 3
     assert pub.counts["resent"] >= 3  # each of the 3 steps was sent twice
     assert len(fake.seen) >= 2 * len(set(fake.seen))  # every step arrived (at least) twice
 
 
 async def test_publisher_detects_a_diverging_worker(nats_server):
-    got, pub, _ = await run_publisher_with(nats_server.url, "diverge", "diverge")
+    got, pub, _ = await run_publisher_with(nats_server, "diverge", "diverge")
     assert isinstance(got[-1], Error) and got[-1].code.value == "diverged", got[-1]
     assert pub.counts["group_failures"] == 1 and pub.epoch > 0
 
@@ -195,11 +195,11 @@ async def test_publisher_detects_a_diverging_worker(nats_server):
 async def test_publisher_detects_a_silent_worker(nats_server, silent_after):
     """A worker that stops beating: the running request ends with worker_lost."""
     subj = Subjects("silent")
-    s = msgspec.convert({"nats_url": nats_server.url, "prefix": "silent", "max_seq_len": 64,
+    s = msgspec.convert({**nats_server.settings("publisher-0"), "prefix": "silent", "max_seq_len": 64,
                          "heartbeat_timeout": 1.0}, PublisherSettings)
     pub, stop = Publisher(s, LOG), asyncio.Event()
     task = asyncio.create_task(pub.run(stop))
-    nc = await nats.connect(nats_server.url)
+    nc = await nats_server.connect("admin")  # plays every other role
     for _ in range(3):  # three beats, then silence; steps are never answered
         await nc.publish(subj.heartbeat(0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
         await asyncio.sleep(0.1)
@@ -222,12 +222,13 @@ async def test_a_request_that_streamed_nothing_moves_to_another_group_when_its_g
     """Group 0 diverges on the request's first step (its prefill: nothing streamed yet),
     so its publisher hands it to group 1, which completes it; a pinned one gets the error."""
     subj = Subjects("move")
-    base = {"nats_url": nats_server.url, "prefix": "move", "dp_size": 2, "nnodes": 2, "max_seq_len": 64,
+    base = {"prefix": "move", "dp_size": 2, "nnodes": 2, "max_seq_len": 64,
             "max_prefill_tokens": 16, "heartbeat_timeout": 2.0}
     stop = asyncio.Event()
-    pubs = [Publisher(msgspec.convert({**base, "dp_rank": g}, PublisherSettings), LOG) for g in (0, 1)]
+    pubs = [Publisher(msgspec.convert({**base, **nats_server.settings(f"publisher-{g}"), "dp_rank": g},
+                                      PublisherSettings), LOG) for g in (0, 1)]
     tasks = [asyncio.create_task(p.run(stop)) for p in pubs]
-    nc = await nats.connect(nats_server.url)
+    nc = await nats_server.connect("admin")  # plays every other role
     fakes = []
     for g, behaviour in ((0, "diverge"), (1, "fine")):
         fake = FakeWorker(nc, subj, behaviour)

@@ -23,7 +23,7 @@ import nats.micro
 
 from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects, decode_abort, decode_request
 from schemas.codec import encode_answer, sniff_encoding
-from schemas.internal import Finished, GroupAbort, Inflight, LoadReport, Submit, SubmitAck, pack, unpacker
+from schemas.internal import Finished, GroupAbort, client_of, Inflight, LoadReport, Submit, SubmitAck, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
 from services import bus
 from services.errors import Rejected
@@ -49,8 +49,9 @@ class Tracked:
 
 
 class Ingest:
-    def __init__(self, settings: IngestSettings, log: Any) -> None:
+    def __init__(self, settings: IngestSettings, log: Any, auth: bus.NatsAuth | None = None) -> None:
         self.s = settings
+        self.auth = auth or bus.auth_from(settings, "ingest")
         self.subjects = Subjects(settings.prefix)
         self.log = log
         self.model = model_config_for(settings.model_path, settings.max_seq_len)
@@ -61,7 +62,7 @@ class Ingest:
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
         self.forwarded = 0
-        self.tracked: dict[str, Tracked] = {}
+        self.tracked: dict[tuple[str, str], Tracked] = {}  # (client, rid) -> where it went
         self.recent: dict[tuple[str, bytes], float] = {}  # (reply, body digest) -> when seen, oldest first
         self.orphaned = 0
         self._finished = unpacker(Finished)
@@ -91,7 +92,8 @@ class Ingest:
             raise Rejected(ErrorCode.PROMPT_TOO_LONG, f"the prompt has {len(ids)} tokens; the context holds "
                            f"{self.model.max_seq_len}, and at least one must be left to generate")
         rid = req.rid or uuid.uuid4().hex
-        sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None)
+        sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None,
+                     client=client_of(reply))
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------
@@ -190,7 +192,7 @@ class Ingest:
             if ack.accepted:
                 self.forwarded += 1
                 self.dispatched[g] += 1
-                self.tracked[sub.rid] = Tracked(sub.reply, sub.encoding, g, ack.instance, time.monotonic())
+                self.tracked[(sub.client, sub.rid)] = Tracked(sub.reply, sub.encoding, g, ack.instance, time.monotonic())
                 return
             self.router.unsent(g, cost)
             tried.append(f"group {g}: {ack.message}")
@@ -210,10 +212,10 @@ class Ingest:
         except Exception:  # noqa: BLE001
             self.errors["bad_finished_notice"] += 1
             return
-        for rid in done.rids:
-            entry = self.tracked.get(rid)
+        for key in done.keys:
+            entry = self.tracked.get(key)
             if entry is not None and entry.instance == done.instance:
-                del self.tracked[rid]
+                del self.tracked[key]
 
     async def reconcile_loop(self, stop: asyncio.Event) -> None:
         """Keep ``tracked`` true, and answer for a publisher that is gone.
@@ -239,20 +241,20 @@ class Ingest:
                                                              f"{since:.0f}s")
                     continue
                 last_ok[g] = time.monotonic()
-                rids = set(held.rids)
-                for rid, e in list(self.tracked.items()):
-                    if e.group == g and e.instance == held.instance and rid not in rids and e.since < asked_at:
-                        del self.tracked[rid]  # answered: the notice was lost or is on its way
+                keys = set(held.keys)
+                for key, e in list(self.tracked.items()):
+                    if e.group == g and e.instance == held.instance and key not in keys and e.since < asked_at:
+                        del self.tracked[key]  # answered: the notice was lost or is on its way
                 await self.orphan(g, lambda e: e.instance != held.instance,
                                   f"the publisher of group {g} restarted")
 
     async def orphan(self, g: int, which, why: str) -> None:
-        for rid, e in list(self.tracked.items()):
+        for key, e in list(self.tracked.items()):
             if e.group == g and which(e):
-                del self.tracked[rid]
+                del self.tracked[key]
                 self.orphaned += 1
                 await self.answer_error(e.reply, e.encoding, ErrorCode.PUBLISHER_LOST,
-                                        f"{why} while holding this request", rid)
+                                        f"{why} while holding this request", key[1])
 
     async def on_abort(self, req: Any) -> None:
         reply = bus.reply_subject(req)
@@ -264,7 +266,7 @@ class Ingest:
 
         async def ask(g: int) -> AbortAck | None:
             try:
-                msg = await self.nc.request(self.subjects.group_abort(g), pack(GroupAbort(abort.rid)),
+                msg = await self.nc.request(self.subjects.group_abort(g), pack(GroupAbort(abort.rid, abort.reply)),
                                             timeout=self.s.submit_timeout)
                 return self._ack_abort.decode(msg.data)
             except Exception:  # noqa: BLE001 - a group that cannot answer does not have it running
@@ -291,7 +293,8 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event) -> None:
         hooks: list = []
-        self.nc = await bus.connect(self.s.nats_url, "dpbus-ingest", self.log, on_reconnect_hooks=hooks)
+        self.nc = await bus.connect(self.s.nats_url, "dpbus-ingest", self.log, on_reconnect_hooks=hooks,
+                                    auth=self.auth)
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)

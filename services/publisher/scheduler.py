@@ -47,6 +47,11 @@ class Sequence:
     detok: StreamDecoder = field(default_factory=ByteStream)
     eos_ids: tuple[int, ...] = (EOS_ID,)
     pinned: bool = False
+    client: str = ""  # who sent it (see schemas.internal.client_of): (client, rid) names a request
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.client, self.rid)
 
     def __post_init__(self) -> None:
         self.seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(1 << 31)
@@ -117,12 +122,12 @@ class Scheduler:
         self.waiting.append(seq)
         return True
 
-    def find(self, rid: str) -> Sequence | None:
-        return next((s for s in (*self.waiting, *self.running) if s.rid == rid), None)
+    def find(self, rid: str, client: str = "") -> Sequence | None:
+        return next((s for s in (*self.waiting, *self.running) if s.rid == rid and s.client == client), None)
 
-    def abort(self, rid: str) -> Sequence | None:
-        """Mark ``rid`` aborted; it leaves at the next ``take_aborted``."""
-        seq = self.find(rid)
+    def abort(self, rid: str, client: str = "") -> Sequence | None:
+        """Mark the request aborted; it leaves at the next ``take_aborted``."""
+        seq = self.find(rid, client)
         if seq is not None:
             seq.aborted = True
         return seq

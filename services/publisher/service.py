@@ -23,7 +23,7 @@ import nats.micro
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    Finished, GroupAbort, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
+    Finished, GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
@@ -32,6 +32,7 @@ from services import bus
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.model_config import model_config_for
+from services.natsconf import user_for
 from services.settings import PublisherSettings, total_pages
 from services.tokenizer import load_tokenizer
 from services.topology import group_nodes
@@ -40,9 +41,10 @@ VERSION = "0.1.0"
 
 
 class Publisher:
-    def __init__(self, settings: PublisherSettings, log: Any) -> None:
+    def __init__(self, settings: PublisherSettings, log: Any, auth: bus.NatsAuth | None = None) -> None:
         s = self.s = settings
         self.g = s.dp_rank
+        self.auth = auth or bus.auth_from(s, user_for("publisher", self.g))
         if not 0 <= self.g < s.dp_size:
             raise ValueError(f"dp_rank {self.g} is out of range for dp_size={s.dp_size}")
         self.members = group_nodes(self.g, s.nnodes, s.dp_size)
@@ -55,7 +57,7 @@ class Publisher:
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
         self.epoch = time.time_ns() // 1000
         self.instance = self.epoch  # identifies this run of the publisher to ingest
-        self.finished_rids: list[str] = []
+        self.finished_keys: list[tuple[str, str]] = []
         self.seq = 0
         self.pending: asyncio.Future | None = None
         self.acks: dict[int, StepResult] = {}
@@ -95,12 +97,13 @@ class Publisher:
             await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
                                              f"group {self.g} is not whole: node(s) {missing} not ready")))
             return
-        known = self.sched.find(sub.rid)
+        known = self.sched.find(sub.rid, sub.client)
         if known is not None and known.reply == sub.reply:  # a retried submit: it is ours already
             await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
             return
         seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
-                       detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids, pinned=sub.pinned)
+                       detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids, pinned=sub.pinned,
+                       client=sub.client)
         if not self.sched.add(seq):
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED,
@@ -112,12 +115,16 @@ class Publisher:
 
     async def on_abort(self, req: Any) -> None:
         try:
-            rid = self._unpack["abort"].decode(req.data).rid
+            ask = self._unpack["abort"].decode(req.data)
         except Exception as e:  # noqa: BLE001
             await req.respond(pack(AbortAck(rid="", found=False)))
             self.log.warning("bad_abort", error=str(e))
             return
-        found = self.sched.abort(rid) is not None
+        rid = ask.rid
+        seq = self.sched.find(rid, client_of(ask.reply))
+        found = seq is not None and seq.reply == ask.reply  # only the owner knows its reply subject
+        if found:
+            self.sched.abort(rid, seq.client)
         await req.respond(pack(AbortAck(rid=rid, found=found, dp_rank=self.g if found else None)))
         if found:
             self.wake.set()
@@ -183,12 +190,12 @@ class Publisher:
             done.token_ids = list(seq.output)
             done.text = seq.detok.feed(seq.output, final=True)
         self.counts["done"] += 1
-        self.finished_rids.append(seq.rid)
+        self.finished_keys.append(seq.key)
         await self.send(seq, done)
 
     async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
         self.counts["errors"] += 1
-        self.finished_rids.append(seq.rid)
+        self.finished_keys.append(seq.key)
         await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
 
     # ---- the scheduling loop -----------------------------------------------------------
@@ -249,16 +256,16 @@ class Publisher:
 
     async def announce_finished(self) -> None:
         """Tell ingest which requests are answered (best effort; ingest also reconciles)."""
-        if self.finished_rids:
-            rids, self.finished_rids = self.finished_rids, []
+        if self.finished_keys:
+            keys, self.finished_keys = self.finished_keys, []
             try:
-                await self.nc.publish(self.subjects.finished(self.g), pack(Finished(self.instance, rids)))
+                await self.nc.publish(self.subjects.finished(self.g), pack(Finished(self.instance, keys)))
             except Exception as e:  # noqa: BLE001
                 self.log.warning("finished_notice_failed", error=repr(e))
 
     async def on_inflight(self, req: Any) -> None:
-        rids = [s.rid for s in (*self.sched.waiting, *self.sched.running)]
-        await req.respond(pack(Inflight(self.instance, rids)))
+        keys = [s.key for s in (*self.sched.waiting, *self.sched.running)]
+        await req.respond(pack(Inflight(self.instance, keys)))
 
     async def reset_group(self, failure: GroupFailure) -> None:
         """Fail what was running (or move it, if it streamed nothing yet), start a new epoch."""
@@ -277,7 +284,8 @@ class Publisher:
         its rid, reply subject and acceptance time; the other group answers the client."""
         if seq.output or seq.pinned or self.s.dp_size == 1:
             return False
-        sub = Submit(seq.rid, seq.prompt, seq.sampling, seq.stream, seq.reply, seq.encoding, seq.accepted_at, -1)
+        sub = Submit(seq.rid, seq.prompt, seq.sampling, seq.stream, seq.reply, seq.encoding, seq.accepted_at, -1,
+                     client=seq.client)
         for g in (x for x in range(self.s.dp_size) if x != self.g):
             sub.dp_rank = g
             try:
@@ -356,7 +364,8 @@ class Publisher:
     async def run(self, stop: asyncio.Event) -> None:
         g, subj = self.g, self.subjects
         hooks: list = []
-        self.nc = await bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log, on_reconnect_hooks=hooks)
+        self.nc = await bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log, on_reconnect_hooks=hooks,
+                                    auth=self.auth)
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)

@@ -22,6 +22,7 @@ from schemas.internal import (
 from services import bus
 from services.errors import ReceiveDataError
 from services.model_config import model_config_for
+from services.natsconf import user_for
 from services.settings import WorkerSettings, total_pages
 from services.topology import group_nodes, place_node
 
@@ -55,7 +56,7 @@ def load_runner(s: WorkerSettings, log: Any):
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, log: Any) -> None:
+    def __init__(self, settings: WorkerSettings, log: Any, auth: bus.NatsAuth | None = None) -> None:
         self.s = settings
         self.place = place_node(settings.node_rank, settings.nnodes, settings.dp_size, settings.enable_dp_attention)
         if self.place.nodes_per_group > 1 and not settings.coordinator:
@@ -65,6 +66,7 @@ class Worker:
                 "(the address the group's leader node listens on)"
             )
         self.members = group_nodes(self.place.dp_rank, settings.nnodes, settings.dp_size)
+        self.auth = auth or bus.auth_from(settings, user_for("worker", self.place.dp_rank))
         self.subjects = Subjects(settings.prefix)
         self.log = log.bind(dp_rank=self.place.dp_rank, node_rank=settings.node_rank)
         self.epoch = -1
@@ -118,7 +120,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         g = self.place.dp_rank
-        self.nc = await bus.connect(self.s.nats_url, f"dpbus-worker-{self.s.node_rank}", self.log)
+        self.nc = await bus.connect(self.s.nats_url, f"dpbus-worker-{self.s.node_rank}", self.log, auth=self.auth)
         beating = asyncio.create_task(self.heartbeat_loop(stop))  # not ready yet: tells peers we are here
         if self.place.nodes_per_group > 1:
             await self.wait_for_members()
@@ -132,7 +134,7 @@ class Worker:
             metadata={"node_rank": str(self.s.node_rank), "dp_rank": str(g), "prefix": self.s.prefix},
             stats_handler=self.stats,
         )
-        await svc.add_endpoint(name="status", subject=f"{self.subjects.group(g)}.worker.{self.s.node_rank}.status",
+        await svc.add_endpoint(name="status", subject=self.subjects.worker_status(g, self.s.node_rank),
                                handler=self.on_status)
         self.ready = True
         self.log.info("worker_ready", subject=self.subjects.step(g))

@@ -1,0 +1,341 @@
+"""The NATS server configuration and its per-role users, derived from the subjects.
+
+Every permission below is built from ``schemas.subjects.Subjects`` for the configured
+prefix(es) and the deployment's layout, never copied by hand: ``dpbus nats-config``
+writes the files, ``dpbus up`` writes a fresh set for each run, and the files shipped in
+``infra/nats/`` are this module's output for compose's layout (a test compares).
+
+Users, one per role (``g`` = a DP group):
+
+=================  ==========================================================================
+``client``, ...    client applications; each may publish requests and aborts and read only
+                   its own inbox ``_INBOX.<name>.>`` (so nobody reads another's answers)
+``gateway``        the HTTP front: a client of the bus like any other
+``ingest``         routes requests to groups; answers clients; asks publishers what they hold
+``publisher-g``    schedules group g, sends its steps, answers clients, moves requests
+                   to other groups' ``submit``
+``worker-g``       runs group g's steps; touches no other group's subjects
+``node-g``         ``worker-g`` + ``publisher-g`` in one process (``dpbus node``)
+``operator``       watches: load reports, ``$SRV`` discovery and stats (``dpbus up`` uses it)
+``admin``          everything
+``sys``            the server's system account (monitoring of the server itself)
+=================  ==========================================================================
+
+Services publish answers to every client inbox (they answer reply subjects carried
+inside internal messages, which ``allow_responses`` cannot follow); everyone else
+answers only the requests it received (``allow_responses``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.subjects import Subjects
+
+INBOX_ROOT = "_INBOX"
+SERVICE_ROLES = ("ingest", "publisher", "worker", "node")
+RESERVED = re.compile(r"^(ingest|gateway|operator|admin|sys|publisher|worker|node)(-.*)?$")
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DISCOVERY = ["$SRV.PING", "$SRV.PING.>", "$SRV.INFO", "$SRV.INFO.>"]
+
+
+def inbox_prefix(user: str) -> str:
+    """Where ``user`` receives answers and replies; the only inbox it may subscribe to."""
+    return f"{INBOX_ROOT}.{user}"
+
+
+def user_for(role: str, group: int | None = None) -> str:
+    """The user name of a service role (``worker`` of group 1 -> ``worker-1``)."""
+    return f"{role}-{group}" if role in ("publisher", "worker", "node") else role
+
+
+@dataclass
+class Permissions:
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+    allow_responses: bool = False
+
+    def __or__(self, other: "Permissions") -> "Permissions":
+        def union(a: list[str], b: list[str]) -> list[str]:
+            return [*a, *(x for x in b if x not in a)]
+
+        return Permissions(union(self.publish, other.publish), union(self.subscribe, other.subscribe),
+                           self.allow_responses or other.allow_responses)
+
+
+def _publisher(s: Subjects, g: int, dp_size: int) -> Permissions:
+    return Permissions(
+        publish=[s.step(g), s.load(g), s.finished(g),
+                 *(s.submit(x) for x in range(dp_size) if x != g),  # moving a request elsewhere
+                 f"{INBOX_ROOT}.>"],  # chunks and terminal answers to every client
+        subscribe=[s.submit(g), s.group_abort(g), s.inflight(g), s.result(g), s.heartbeat(g), s.replay(g)],
+    )
+
+
+def _worker(s: Subjects, g: int) -> Permissions:
+    return Permissions(
+        publish=[s.result(g), s.heartbeat(g), s.replay(g)],
+        subscribe=[s.step(g), s.heartbeat(g), s.worker_status(g, "*")],
+        allow_responses=True,
+    )
+
+
+def _ingest(s: Subjects, dp_size: int) -> Permissions:
+    groups = range(dp_size)
+    return Permissions(
+        publish=[*(s.submit(g) for g in groups), *(s.group_abort(g) for g in groups),
+                 *(s.inflight(g) for g in groups), f"{INBOX_ROOT}.>"],
+        subscribe=[s.generate, s.abort, s.all_loads, s.all_finished],
+    )
+
+
+def _client(s: Subjects) -> Permissions:
+    return Permissions(publish=[s.generate, s.abort])
+
+
+def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
+    """What ``user`` may publish and subscribe to, for every prefix in ``prefixes``."""
+    if user == "admin":
+        return Permissions([">"], [">"])
+    kind, _, rank = user.partition("-")
+    g = int(rank) if rank.isdigit() and kind in ("publisher", "worker", "node") else None
+    out = Permissions()
+    for prefix in prefixes:
+        s = Subjects(prefix)
+        if kind == "ingest" and not rank:
+            out = out | _ingest(s, dp_size)
+        elif kind == "publisher" and g is not None:
+            out = out | _publisher(s, g, dp_size)
+        elif kind == "worker" and g is not None:
+            out = out | _worker(s, g)
+        elif kind == "node" and g is not None:
+            out = out | _publisher(s, g, dp_size) | _worker(s, g)
+        elif user == "operator":
+            out = out | Permissions(publish=["$SRV.>"], subscribe=[s.all_loads])
+        else:  # a client application (the gateway is one)
+            out = out | _client(s)
+    service = kind in SERVICE_ROLES and (g is not None or kind == "ingest")
+    if service:
+        out = out | Permissions(subscribe=["$SRV.>"], allow_responses=True)  # nats.micro discovery
+    elif user != "operator":
+        out = out | Permissions(publish=list(DISCOVERY))
+    # everyone's own inbox: replies to its requests (and a client's answers)
+    return out | Permissions(subscribe=[inbox_prefix(user) + ".>"])
+
+
+def layout_users(dp_size: int, clients: list[str]) -> list[str]:
+    """Every user a deployment of ``dp_size`` groups needs, clients last."""
+    for c in clients:
+        if not NAME.match(c) or RESERVED.match(c):
+            raise ValueError(f"client name {c!r}: use letters, digits, '-' or '_', and not a role's name "
+                             "(ingest, gateway, operator, admin, sys, publisher-N, worker-N, node-N)")
+    groups = range(dp_size)
+    return ["ingest", *(f"publisher-{g}" for g in groups), *(f"worker-{g}" for g in groups),
+            *(f"node-{g}" for g in groups), "gateway", "operator", "admin", *clients]
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def hash_password(password: str) -> str:
+    import bcrypt
+
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
+
+
+def check_password(password: str, hashed: str) -> bool:
+    import bcrypt
+
+    return bcrypt.checkpw(password.encode(), hashed.encode())
+
+
+# ---- rendering ----------------------------------------------------------------------------
+def _list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(x) for x in items) + "]"
+
+
+def new_nkey() -> tuple[str, str]:
+    """A fresh user nkey: (seed, public key)."""
+    import nkeys
+
+    seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)
+    return seed.decode(), nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
+def render_auth(users: list[str], hashes: dict[str, str], prefixes: list[str], dp_size: int,
+                sys_hash: str, nkeys: dict[str, str] | None = None) -> str:
+    """``hashes``: user -> bcrypt hash; ``nkeys``: user -> public nkey (instead of a password)."""
+    nkeys = nkeys or {}
+    lines = [
+        "# dpbus NATS users, one per role: written by `dpbus nats-config`; do not edit by hand",
+        "# (regenerate instead, so the permissions keep matching schemas/subjects.py).",
+        f"# layout: dp_size {dp_size}; prefixes {', '.join(prefixes)}. Passwords are bcrypt hashes;",
+        "# the clear passwords (or nkey seeds) are in credentials.json next to this file (keep it secret).",
+        "",
+        "accounts {",
+        "  DPBUS {",
+        "    jetstream: enabled",
+        "    users: [",
+    ]
+    for user in users:
+        p = permissions(user, prefixes, dp_size)
+        who = [f"        nkey: {json.dumps(nkeys[user])}  # {user}"] if user in nkeys else [
+            f"        user: {json.dumps(user)}", f"        password: {json.dumps(hashes[user])}"]
+        lines += [
+            "      {",
+            *who,
+            "        permissions: {",
+            f"          publish: {{ allow: {_list(p.publish)} }}",
+            f"          subscribe: {{ allow: {_list(p.subscribe)} }}",
+        ]
+        if p.allow_responses:
+            lines.append("          allow_responses: true")
+        lines += ["        }", "      }"]
+    lines += [
+        "    ]",
+        "  }",
+        "  SYS {",
+        f"    users: [ {{ user: \"sys\", password: {json.dumps(sys_hash)} }} ]",
+        "  }",
+        "}",
+        "system_account: SYS",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class Tls:
+    """Server-side TLS: files as the server will see them (paths relative to the config work)."""
+
+    ca: str
+    cert: str
+    key: str
+    verify: bool = False  # also require client certificates signed by the CA
+
+
+def render_server(listen: str, http: str | None, store_dir: str, tls: Tls | None = None,
+                  cluster: str = "") -> str:
+    lines = [
+        "# dpbus NATS server: written by `dpbus nats-config`. JetStream, per-role users (auth.conf).",
+        "# Check it with:  nats-server -t -c nats.conf   (from this directory)",
+        "",
+        "server_name: dpbus-nats",
+        f"listen: {json.dumps(listen)}",
+    ]
+    if http:
+        lines.append(f"http: {json.dumps(http)}")
+    lines += [
+        "max_payload: 8MB",
+        "max_connections: 4096",
+        'ping_interval: "20s"',
+        "ping_max: 3",
+        'write_deadline: "10s"',
+        "",
+        "jetstream {",
+        f"  store_dir: {json.dumps(store_dir)}  # relative: where the server is started",
+        "  max_memory_store: 256MB",
+        "  max_file_store: 4GB",
+        "  sync_interval: always  # fsync every write: no acknowledged write lost to a power cut",
+        "}",
+    ]
+    if tls:
+        lines += [
+            "",
+            "tls {",
+            f"  ca_file: {json.dumps(tls.ca)}",
+            f"  cert_file: {json.dumps(tls.cert)}",
+            f"  key_file: {json.dumps(tls.key)}",
+            f"  verify: {'true' if tls.verify else 'false'}",
+            "  timeout: 2",
+            "}",
+        ]
+    if cluster:
+        lines += ["", cluster]
+    lines += ["", 'include "auth.conf"', ""]
+    return "\n".join(lines)
+
+
+@dataclass
+class Credentials:
+    """Who connects as whom: what ``dpbus nats-config`` and ``dpbus up`` write next to the
+    server config (``credentials.json``, mode 0600) and services read with ``--nats-credentials``."""
+
+    url: str = ""
+    passwords: dict[str, str] = field(default_factory=dict)
+    tls_ca: str = ""
+    nkey_seeds: dict[str, str] = field(default_factory=dict)  # user -> file holding its nkey seed
+
+    def save(self, path: Path) -> None:
+        _write_private(Path(path), json.dumps({"url": self.url, "passwords": self.passwords, "tls_ca": self.tls_ca,
+                                               "nkey_seeds": self.nkey_seeds}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Credentials":
+        raw = json.loads(Path(path).read_text())
+        return cls(raw.get("url", ""), dict(raw.get("passwords", {})), raw.get("tls_ca", ""),
+                   dict(raw.get("nkey_seeds", {})))
+
+    def user(self, name: str) -> tuple[str, str]:
+        """(name, password); the password is empty for an nkey user (see ``nkey_seeds``)."""
+        if name not in self.passwords and name not in self.nkey_seeds:
+            have = sorted({*self.passwords, *self.nkey_seeds})
+            raise ValueError(f"no credentials for NATS user {name!r} (have: {', '.join(have)})")
+        return name, self.passwords.get(name, "")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a secret file only its owner may read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[str],
+                 passwords: dict[str, str] | None = None, listen: str = "0.0.0.0:4222",
+                 http: str | None = "0.0.0.0:8222", store_dir: str = "jetstream", tls: Tls | None = None,
+                 url: str = "", existing_hashes: dict[str, str] | None = None, cluster: str = "",
+                 nkey_users: bool = False) -> Credentials:
+    """Write ``nats.conf``, ``auth.conf``, ``credentials.json`` and ``compose.env`` into ``out``.
+
+    ``passwords`` fixes some users' passwords (the rest are random); ``existing_hashes``
+    are kept for users whose password still matches them (so regenerating with the same
+    passwords changes nothing). ``nkey_users``: every user but ``sys`` authenticates with
+    an nkey instead, its seed in ``out/nkeys/<user>.nk``."""
+    users = layout_users(dp_size, clients)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds: dict[str, str] = {}
+    public: dict[str, str] = {}
+    if nkey_users:
+        for u in users:
+            seed, public[u] = new_nkey()
+            seeds[u] = str((out / "nkeys" / f"{u}.nk").resolve())
+            _write_private(Path(seeds[u]), seed + "\n")
+    pw = {u: (passwords or {}).get(u) or new_password() for u in [*users, "sys"] if u not in public}
+    hashes = {}
+    for u, p in pw.items():
+        old = (existing_hashes or {}).get(u)
+        hashes[u] = old if old and check_password(p, old) else hash_password(p)
+    (out / "nats.conf").write_text(render_server(listen, http, store_dir, tls, cluster))
+    (out / "auth.conf").write_text(render_auth(users, hashes, prefixes, dp_size, hashes.pop("sys"), public))
+    creds = Credentials(url, pw, tls.ca if tls else "", seeds)
+    creds.save(out / "credentials.json")
+    env = ["# `docker compose --env-file THIS_FILE up`: the passwords of credentials.json, per role"]
+    env += [f"DPBUS_{u.upper().replace('-', '_')}_PASSWORD={p}" for u, p in pw.items() if u != "sys"]
+    env.append(f"DPBUS_NATS_CONF_DIR={out.resolve()}")
+    _write_private(out / "compose.env", "\n".join(env) + "\n")
+    return creds
+
+
+def read_hashes(auth_conf: Path) -> dict[str, str]:
+    """The bcrypt hash of each user in an ``auth.conf`` this module wrote."""
+    text = Path(auth_conf).read_text()
+    return dict(re.findall(r'user:\s*"([^"]+)"[^}]*?password:\s*"([^"]+)"', text))

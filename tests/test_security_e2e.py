@@ -1,0 +1,110 @@
+"""Two client applications side by side on the secured server, through the real services:
+neither receives a single message of the other's (private inboxes), both may use the same
+``rid``, and neither can abort the other's request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+import pytest
+
+from schemas import AbortAck, Chunk, Done, Error
+from services.client import decode_answer
+from tests.conftest import client_of
+
+pytestmark = pytest.mark.e2e
+
+
+class Listener:
+    """Everything that arrives on one client's whole inbox prefix."""
+
+    def __init__(self, nc) -> None:
+        self.nc = nc
+        self.got: list[tuple[str, bytes]] = []
+        self.errors: list[str] = []
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.nc._inbox_prefix.decode() + ".>",  # noqa: SLF001 - its own prefix
+                                cb=self.on_msg)
+
+    async def on_msg(self, msg) -> None:
+        self.got.append((msg.subject, msg.data))
+
+
+async def until(predicate, timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_two_clients_side_by_side_see_only_their_own_answers_and_cannot_abort_each_other(cluster):
+    errors: dict[str, list[str]] = {"alice": [], "bob": []}
+
+    def collect(name):
+        async def on_error(e: Exception) -> None:
+            errors[name].append(str(e))
+        return on_error
+
+    alice = await client_of(cluster, "alice", error_cb=collect("alice"))
+    bob = await client_of(cluster, "bob", error_cb=collect("bob"))
+    try:
+        a_all, b_all = Listener(alice), Listener(bob)
+        await a_all.start()
+        await b_all.start()
+        # each may try to read the other's inbox: the server refuses
+        await alice.subscribe("_INBOX.bob.>")
+        await bob.subscribe("_INBOX.>")
+        await alice.flush()
+        await bob.flush()
+        assert await until(lambda: any("permissions violation" in e.lower() for e in errors["alice"]), 5), errors
+        assert await until(lambda: any("permissions violation" in e.lower() for e in errors["bob"]), 5), errors
+
+        # the same rid from both, at once; alice's is long so that bob can try to abort it
+        a_inbox, b_inbox = alice.new_inbox(), bob.new_inbox()
+        long_req = {"rid": "1", "text": "alice asks", "sampling": {"max_new_tokens": 300, "ignore_eos": True}}
+        short_req = {"rid": "1", "text": "bob asks", "sampling": {"max_new_tokens": 5, "ignore_eos": True}}
+        await alice.publish("dpbus.generate", json.dumps(long_req).encode(), reply=a_inbox)
+        await bob.publish("dpbus.generate", json.dumps(short_req).encode(), reply=b_inbox)
+
+        def answers(listener: Listener, inbox: str) -> list:
+            return [decode_answer(d) for s, d in listener.got if s == inbox]
+
+        assert await until(lambda: any(isinstance(a, Done) for a in answers(b_all, b_inbox)), 60)
+        assert await until(lambda: any(isinstance(a, Chunk) for a in answers(a_all, a_inbox)), 60)
+
+        # bob aborts "1" naming his own reply subject: that is his own request, already done
+        ack = msgspec.json.decode((await bob.request("dpbus.abort", json.dumps(
+            {"rid": "1", "reply": b_inbox}).encode(), timeout=10)).data, type=AbortAck)
+        assert ack.found is False
+        # bob guesses at alice's reply subject: no proof, no abort
+        for guess in ("_INBOX.alice", "_INBOX.alice.x", a_inbox[:-1] + "Z"):
+            ack = msgspec.json.decode((await bob.request("dpbus.abort", json.dumps(
+                {"rid": "1", "reply": guess}).encode(), timeout=10)).data, type=AbortAck)
+            assert ack.found is False, guess
+        assert not any(isinstance(a, (Done, Error)) for a in answers(a_all, a_inbox)), "alice's request was cut"
+        # alice, who knows her reply subject, may abort it
+        ack = msgspec.json.decode((await alice.request("dpbus.abort", json.dumps(
+            {"rid": "1", "reply": a_inbox}).encode(), timeout=10)).data, type=AbortAck)
+        assert ack.found is True
+        assert await until(lambda: any(isinstance(a, Done) for a in answers(a_all, a_inbox)), 30)
+        done = [a for a in answers(a_all, a_inbox) if isinstance(a, Done)]
+        assert len(done) == 1 and done[0].finish_reason.value == "abort" and done[0].rid == "1"
+        await asyncio.sleep(1.0)  # anything stray would have arrived by now
+
+        # not a single message of the other's: every subject is under one's own prefix and
+        # every answer on a request inbox is about one's own request
+        assert all(s.startswith("_INBOX.alice.") for s, _ in a_all.got), [s for s, _ in a_all.got]
+        assert all(s.startswith("_INBOX.bob.") for s, _ in b_all.got), [s for s, _ in b_all.got]
+        b_answers = answers(b_all, b_inbox)
+        assert [type(a) for a in b_answers] == [Chunk] * 5 + [Done]
+        assert b_answers[-1].completion_tokens == 5 and b_answers[-1].finish_reason.value == "length"
+        a_chunks = [a for a in answers(a_all, a_inbox) if isinstance(a, Chunk)]
+        assert [c.index for c in a_chunks] == list(range(len(a_chunks)))
+    finally:
+        await alice.close()
+        await bob.close()
