@@ -87,7 +87,23 @@ def cluster_from(a: argparse.Namespace, **kw: Any):
     url = a.nats_url or os.environ.get("NATS_URL") or (creds.url if creds else None) or None
     return Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=url, prefix=a.prefix, log_dir=a.log_dir,
                    node_processes=a.node_processes, ingests=a.ingests, secure=not a.insecure, credentials=creds,
-                   nats_port=a.nats_port, **kw)
+                   nats_port=a.nats_port, tls=tls_files(a), **kw)
+
+
+def tls_files(a: argparse.Namespace):
+    """The server's TLS files from --tls-ca/--tls-cert/--tls-key (all or none); checked here."""
+    from services.natsconf import Tls
+
+    given = [a.tls_ca, a.tls_cert, a.tls_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("TLS needs all of --tls-ca, --tls-cert and --tls-key (infra/tls/make-dev-certs.sh makes a "
+                         "dev set)")
+    for f in given:
+        if not os.path.exists(f):
+            raise ValueError(f"TLS file {f} does not exist (infra/tls/make-dev-certs.sh makes a dev set)")
+    return Tls(*(os.path.abspath(f) for f in given), verify=getattr(a, "tls_verify", False))
 
 
 def cmd_up(a: argparse.Namespace) -> int:
@@ -104,7 +120,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         client = cluster.auth("client") if cluster.credentials else None
         where = write_state(cluster.nats_url, client or bus.NatsAuth(), os.getpid())
         who = f" as user {client.user!r} (password in {where})" if client else ""
-        print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at {cluster.nats_url}{who}; "
+        print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at "
+              f"{bus.redact(cluster.nats_url)}{who}; "
               f"try: dpbus generate 'hello'. Ctrl-C stops everything", flush=True)
         while not stop.is_set():
             if a.restart:
@@ -186,20 +203,12 @@ def client_target(a: argparse.Namespace) -> tuple[str, float, Any]:
 
 
 def cmd_nats_config(a: argparse.Namespace) -> int:
-    from services.natsconf import Tls, layout_users, read_hashes, write_config
+    from services.natsconf import layout_users, read_hashes, write_config
     from services.topology import place_node
 
     for r in range(a.nnodes):  # refuse bad layouts, as every service does
         place_node(r, a.nnodes, a.dp_size)
-    tls = None
-    if a.tls_cert:
-        if not (a.tls_key and a.tls_ca):
-            raise ValueError("--tls-cert needs --tls-key and --tls-ca")
-        for f in (a.tls_ca, a.tls_cert, a.tls_key):
-            if not os.path.exists(f):
-                raise ValueError(f"TLS file {f} does not exist (infra/tls/make-dev-certs.sh makes a dev set)")
-        tls = Tls(os.path.abspath(a.tls_ca), os.path.abspath(a.tls_cert), os.path.abspath(a.tls_key),
-                  verify=a.tls_verify)
+    tls = tls_files(a)
     passwords = {}
     if a.password:  # the same password for every user: only for shipped placeholders / throwaway setups
         passwords = {u: a.password for u in ("sys", *layout_users(a.dp_size, a.client or ["client"]))}
@@ -260,6 +269,9 @@ def parser() -> argparse.ArgumentParser:
                        help="embedded server without users or passwords (debugging only)")
         q.add_argument("--nats-credentials", default=None,
                        help="credentials.json from `dpbus nats-config`: each service connects as its role's user")
+        q.add_argument("--tls-ca", default="", help="embedded server: serve TLS (with --tls-cert, --tls-key)")
+        q.add_argument("--tls-cert", default="")
+        q.add_argument("--tls-key", default="")
 
     def client_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--nats-url", default=None,

@@ -30,7 +30,7 @@ from typing import Callable
 from schemas import Subjects
 from schemas.internal import LoadReport, unpacker
 from services import bus
-from services.natsconf import Credentials, user_for, write_config
+from services.natsconf import Credentials, Tls, user_for, write_config
 from services.topology import group_nodes, place_node
 
 DEFAULT_NATS_PORT = 4222
@@ -79,6 +79,7 @@ class Cluster:
     secure: bool = True  # embedded server: per-role users with this run's passwords
     credentials: Credentials | None = None  # per-role users on a given server (or made for the embedded one)
     nats_port: int | None = None  # embedded server: None = 4222 when free, else any; 0 = any
+    tls: Tls | None = None  # embedded secured server: serve TLS with these files
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
     _restarted: dict[str, float] = field(default_factory=dict)
@@ -138,10 +139,12 @@ class Cluster:
         store = self.log_dir / "jetstream"
         self.nats_url = f"nats://127.0.0.1:{port}"
         if self.secure:
+            if self.tls:
+                self.nats_url = f"tls://127.0.0.1:{port}"
             conf_dir = self.log_dir / "nats"
             self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=["client"], prefixes=[self.prefix],
                                             listen=f"127.0.0.1:{port}", http=None, store_dir=str(store),
-                                            url=self.nats_url)
+                                            url=self.nats_url, tls=self.tls)
             self._spawn("nats-server", [nats_server_binary(), "-c", str(conf_dir / "nats.conf"),
                                         "-a", "127.0.0.1", "-p", str(port)])
         else:
@@ -221,7 +224,7 @@ class Cluster:
             self.start_nats()
             self.say(f"nats-server (embedded) listening on {self.nats_url}")
         else:
-            self.say(f"using NATS at {self.nats_url}")
+            self.say(f"using NATS at {bus.redact(self.nats_url)}")
         self.start_services()
         self.say(f"started {self.ingests} ingest(s), {self.dp_size} publisher(s), {self.nnodes} worker(s); "
                  f"logs in {self.log_dir}")

@@ -141,3 +141,43 @@ def test_up_restarts_a_spanning_group_as_a_whole(tmp_path):
     assert c._peers("publisher-1") == ["publisher-1"] and c._peers("ingest") == ["ingest"]
     one_per_group = Cluster(dp_size=2, nnodes=2, local_devices=1, log_dir=tmp_path, say=lambda _: None)
     assert one_per_group._peers("worker-1") == ["worker-1"]
+
+
+@pytest.mark.e2e
+def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_path):
+    """`dpbus up --tls-*` with the dev CA of infra/tls: every service and `dpbus generate`
+    (which learns the URL, the user and the CA from the state file) speak TLS."""
+    certs = tmp_path / "certs"
+    made = subprocess.run(["bash", "infra/tls/make-dev-certs.sh", str(certs)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert made.returncode == 0, made.stderr
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    proc = subprocess.Popen([*DPBUS, "up", "--dp-size", "1", "--local-devices", "1", "--nats-port", "0",
+                             "--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "server.pem"),
+                             "--tls-key", str(certs / "server-key.pem"), "--log-dir", str(tmp_path / "logs")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "dpbus up exited early:\n" + "".join(lines)
+            lines.append(line)
+            if line.startswith("dpbus ready"):
+                break
+        assert re.search(r"at tls://127\.0\.0\.1:\d+ as user 'client'", lines[-1]), lines[-1]
+        gen = subprocess.run([*DPBUS, "generate", "--raw", "--max-new-tokens", "3", "hi"], capture_output=True,
+                             text=True, timeout=120, env=env)
+        assert gen.returncode == 0, gen.stderr
+        assert json.loads(gen.stdout.splitlines()[-1])["type"] == "done"
+        url = json.loads((tmp_path / "state" / "dpbus" / "up.json").read_text())["url"]
+        no_ca = subprocess.run([*DPBUS, "generate", "--nats-url", url, "hi"], capture_output=True, text=True,
+                               timeout=60, env={**env, "XDG_STATE_HOME": str(tmp_path / "elsewhere")})
+        assert no_ca.returncode == 1 and "certificate verify failed" in no_ca.stderr.lower(), no_ca.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

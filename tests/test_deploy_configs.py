@@ -23,7 +23,7 @@ import pytest
 
 from services import bus
 from services.launcher import free_port
-from services.natsconf import Tls, check_password, read_hashes, write_config
+from services.natsconf import Tls, check_password, new_nkey, read_hashes, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NATS_DIR = ROOT / "infra" / "nats"
@@ -417,3 +417,53 @@ def test_compose_with_your_own_secrets(tmp_path):
     for name, user in (("ingest", "ingest"), ("node-0", "node-0"), ("node-1", "node-1")):
         env = model["services"][name]["environment"]
         assert env["DPBUS_NATS_PASSWORD"] == creds[user] != SHIPPED_PASSWORD
+
+
+# --- nkey users: `dpbus nats-config --nkeys`
+
+async def test_nkey_users_connect_with_their_seed_and_keep_their_permissions(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "1",
+                        "--nkeys", "--listen", "127.0.0.1:4222", "--http", ""], capture_output=True, text=True,
+                       timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "auth.conf").read_text()
+    assert re.search(r'nkey: "U[A-Z2-7]{55}"\s+# ingest', text) and 'user: "ingest"' not in text
+    seed = tmp_path / "nkeys" / "ingest.nk"
+    assert seed.read_text().startswith("SU") and seed.stat().st_mode & 0o077 == 0
+    port = free_port()
+    conf = (tmp_path / "nats.conf").read_text().replace("127.0.0.1:4222", f"127.0.0.1:{port}")
+    (tmp_path / "nats.conf").write_text(conf.replace('"jetstream"', json.dumps(str(tmp_path / "js"))))
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([str(NATS_SERVER), "-c", str(tmp_path / "nats.conf")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        auth = bus.NatsAuth("ingest", nkey_seed=str(seed))
+        errors: list[str] = []
+
+        async def on_error(e):
+            errors.append(str(e))
+
+        nc = None
+        for _ in range(100):  # the server is starting
+            try:
+                nc = await nats.connect(url, error_cb=on_error, allow_reconnect=False, **auth.kwargs(url))
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        assert nc is not None and nc.is_connected
+        await nc.subscribe("dpbus.generate")
+        await nc.publish("dpbus.dp.0.step", b"x")  # not ingest's to send
+        await nc.flush()
+        assert await until(lambda: violation(errors, "publish", "dpbus.dp.0.step")), errors
+        await nc.close()
+        other = bus.NatsAuth("ingest", nkey_seed=str(tmp_path / "nkeys" / "worker-0.nk"))
+        nc = await bus.connect_client(url, auth=other)  # a worker's seed is a worker, whatever name it claims
+        await nc.close()
+        with pytest.raises(bus.FatalConnectError):  # an nkey the server does not know
+            stranger = tmp_path / "stranger.nk"
+            stranger.write_text(new_nkey()[0])
+            await bus.connect_client(url, auth=bus.NatsAuth("ingest", nkey_seed=str(stranger)))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
