@@ -36,6 +36,8 @@ class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     top_k: Annotated[int, Meta(ge=0, le=1 << 20)] = 0  # 0: no top-k cut
     seed: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)] | None = None
     stop_token_ids: Annotated[list[TOKEN_ID], Meta(max_length=64)] = []
+    # stop strings: generation ends when the text reaches one; it and what follows are not sent
+    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)] = []
     ignore_eos: bool = False
 
 

@@ -11,6 +11,7 @@ import codecs
 from pathlib import Path
 from typing import Protocol
 
+CONTEXT_IDS = 6  # prompt ids an output stream is decoded after
 BOS_ID = 256
 EOS_ID = 257
 N_BYTES = 256
@@ -37,23 +38,38 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < N_BYTES).decode("utf-8", errors="replace")
 
-    def stream(self) -> StreamDecoder:
+    def stream(self, context: list[int] | tuple[int, ...] = ()) -> StreamDecoder:
         return ByteStream()
 
 
 class HFStream:
-    """Decodes the whole output each time and emits the new tail (outputs are short)."""
+    """Incremental detokenizing by offsets: each new token is decoded together with the few
+    tokens before it (enough for the tokenizer to place spaces and join bytes right), never
+    the whole output, so the work grows linearly with its length. Text that ends in an
+    incomplete character is held back until the next token completes it.
 
-    def __init__(self, tok: "HFTokenizer") -> None:
-        self.tok, self.ids, self.sent = tok, [], 0
+    ``context`` (the prompt's last ids) lets the first output token be decoded as it reads
+    after the prompt. ``decoded`` counts the ids passed to the tokenizer (tests count it)."""
+
+    def __init__(self, tok: "HFTokenizer", context: list[int] | tuple[int, ...] = ()) -> None:
+        self.tok = tok
+        self.ids = list(context)
+        self.prefix = 0                 # start of the window decoded for context
+        self.read = len(self.ids)       # ids before this are already emitted as text
+        self.decoded = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        self.decoded += len(ids)
+        return self.tok.decode(ids)
 
     def feed(self, ids: list[int], final: bool = False) -> str:
         self.ids.extend(ids)
-        text = self.tok.decode(self.ids)
-        if not final and text.endswith("\ufffd"):
-            return ""  # an incomplete character: wait for the next token
-        new, self.sent = text[self.sent :], len(text)
-        return new
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""  # nothing new yet, or a character still incomplete: wait
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
 
 
 class HFTokenizer:
@@ -70,8 +86,8 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def stream(self) -> StreamDecoder:
-        return HFStream(self)
+    def stream(self, context: list[int] | tuple[int, ...] = ()) -> StreamDecoder:
+        return HFStream(self, list(context)[-CONTEXT_IDS:])
 
 
 class NoTokenizer:
@@ -85,7 +101,7 @@ class NoTokenizer:
     def decode(self, ids: list[int]) -> str:
         return ""
 
-    def stream(self) -> StreamDecoder:
+    def stream(self, context: list[int] | tuple[int, ...] = ()) -> StreamDecoder:
         return HFStream(self)  # type: ignore[arg-type]
 
 

@@ -197,3 +197,30 @@ def test_generate_command_streams_an_answer(cluster):
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [d["type"] for d in lines] == ["chunk"] * (len(lines) - 1) + ["done"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_stop_strings_end_the_answer_before_the_stop(cluster, stream):
+    """Greedy output once without stop strings, then again with a piece of its middle as a
+    stop string: the answer is the text before it, finish_reason stop, never the stop itself."""
+    from services.client import generate
+
+    nc = await connect(cluster)
+    try:
+        base = {"text": "stop strings", "stream": stream,
+                "sampling": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}
+        full = await generate(nc, base)
+        text = full.text
+        assert isinstance(full.terminal, Done)
+        # the built-in model's dummy weights say random bytes: stop at two plain characters
+        at = next(i for i in range(5, len(text) - 1) if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2])
+        stop = text[at:at + 2]
+        first = text.find(stop)
+        stopped = await generate(nc, {**base, "sampling": {**base["sampling"], "stop": ["never-there", stop]}})
+    finally:
+        await nc.close()
+    assert isinstance(stopped.terminal, Done), stopped.terminal
+    assert stopped.terminal.finish_reason.value == "stop"
+    assert stopped.text == text[:first]
+    assert stop not in stopped.text
+    assert stopped.token_ids == full.token_ids[:len(stopped.token_ids)]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from schemas import FinishReason, SamplingParams
 from schemas.codec import Encoding
 from schemas.internal import DecodeItem, PrefillItem, RowSampling
+from services.publisher.stops import StopMatcher
 from services.tokenizer import EOS_ID, ByteStream, StreamDecoder
 
 
@@ -58,6 +59,8 @@ class Sequence:
         self.stops = set(self.sampling.stop_token_ids)
         if not self.sampling.ignore_eos:
             self.stops.update(self.eos_ids)
+        self.stop_strings = StopMatcher(self.sampling.stop)
+        self.text_parts: list[str] = []  # the answer's text so far, when it is not streamed
 
     @property
     def fill_target(self) -> int:
@@ -144,6 +147,11 @@ class Scheduler:
         self.free_pages.extend(reversed(seq.pages))
         seq.pages = []
         return seq
+
+    def stop_early(self, seq: Sequence) -> None:
+        """``seq`` reached a stop string: it leaves the batch now (its pages are freed)."""
+        if seq in self.running:
+            self.release(seq)
 
     def take_all(self) -> list[Sequence]:
         """Remove every running request (the group failed); waiting ones stay queued."""

@@ -102,7 +102,7 @@ class Publisher:
             await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
             return
         seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
-                       detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids, pinned=sub.pinned,
+                       detok=self.tokenizer.stream(sub.input_ids), eos_ids=self.model.eos_token_ids, pinned=sub.pinned,
                        client=sub.client)
         if not self.sched.add(seq):
             self.counts["rejected"] += 1
@@ -188,7 +188,7 @@ class Publisher:
         done = Done(seq.rid, self.g, reason, len(seq.prompt), len(seq.output), timings)
         if not seq.stream:
             done.token_ids = list(seq.output)
-            done.text = seq.detok.feed(seq.output, final=True)
+            done.text = "".join(seq.text_parts)
         self.counts["done"] += 1
         self.finished_keys.append(seq.key)
         await self.send(seq, done)
@@ -247,9 +247,16 @@ class Publisher:
         for seq, token, reason in events:
             if not seq.first_token_at:
                 seq.first_token_at = now
+            text, hit = seq.stop_strings.feed(seq.detok.feed([token], final=reason is not None))
+            if hit and reason is None:
+                self.sched.stop_early(seq)
+                reason = FinishReason.STOP
+            elif reason is not None and not hit:
+                text += seq.stop_strings.flush()  # held as a possible stop string: it was not one
             if seq.stream:
-                text = seq.detok.feed([token], final=reason is not None)
                 await self.send(seq, Chunk(seq.rid, len(seq.output) - 1, [token], text))
+            else:
+                seq.text_parts.append(text)
             if reason is not None:
                 await self.finish(seq, reason)
         await self.announce_finished()
