@@ -5,6 +5,7 @@
     dpbus generate   send one request and print the streamed answer
     dpbus node       what one TPU VM runs: a worker, plus its group's publisher if it leads
     dpbus ingest | publisher | worker    one service (what `up` and compose start)
+    dpbus gateway    the OpenAI-compatible HTTP API, one more client of the bus
     dpbus schemas    the JSON Schema of every public message
     dpbus nats-config  a NATS server config with one user per role, for a layout
 """
@@ -24,7 +25,7 @@ from services import bus
 from services import settings as st
 
 ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
-                 "worker": st.WorkerSettings, "node": st.NodeSettings}
+                 "worker": st.WorkerSettings, "node": st.NodeSettings, "gateway": st.GatewaySettings}
 
 
 def use_local_devices(n: int) -> None:
@@ -60,6 +61,9 @@ def run_role(role: str, cfg: Any) -> int:
     elif role == "publisher":
         from services.publisher.service import Publisher
         services.append(Publisher(cfg, log))
+    elif role == "gateway":
+        from services.gateway.app import Gateway
+        services.append(Gateway(cfg, log))
     else:
         from services.worker.service import Worker
         worker_cfg = st.project(cfg, st.WorkerSettings) if role == "node" else cfg
@@ -87,7 +91,7 @@ def cluster_from(a: argparse.Namespace, **kw: Any):
     url = a.nats_url or os.environ.get("NATS_URL") or (creds.url if creds else None) or None
     return Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=url, prefix=a.prefix, log_dir=a.log_dir,
                    node_processes=a.node_processes, ingests=a.ingests, secure=not a.insecure, credentials=creds,
-                   nats_port=a.nats_port, tls=tls_files(a), **kw)
+                   nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, **kw)
 
 
 def tls_files(a: argparse.Namespace):
@@ -123,6 +127,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at "
               f"{bus.redact(cluster.nats_url)}{who}; "
               f"try: dpbus generate 'hello'. Ctrl-C stops everything", flush=True)
+        if cluster.http_url:
+            print(f"OpenAI-compatible API at {cluster.http_url} (try: curl {cluster.http_url}/models)", flush=True)
         while not stop.is_set():
             if a.restart:
                 for line in cluster.supervise():
@@ -269,6 +275,9 @@ def parser() -> argparse.ArgumentParser:
                        help="embedded server without users or passwords (debugging only)")
         q.add_argument("--nats-credentials", default=None,
                        help="credentials.json from `dpbus nats-config`: each service connects as its role's user")
+        q.add_argument("--http-port", type=int, default=8000,
+                       help="the OpenAI-compatible gateway's port on 127.0.0.1 (default 8000, or a free one if "
+                            "taken; 0: no gateway)")
         q.add_argument("--tls-ca", default="", help="embedded server: serve TLS (with --tls-cert, --tls-key)")
         q.add_argument("--tls-cert", default="")
         q.add_argument("--tls-key", default="")
@@ -326,6 +335,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="write one file per message into this directory")
     q.set_defaults(fn=cmd_schemas)
     helps = {"node": "a worker, plus its group's publisher when should_run_publisher says so",
+             "gateway": "the OpenAI-compatible HTTP API (a client of the bus)",
              "ingest": "the ingest service", "publisher": "the publisher of one DP group", "worker": "one worker"}
     for role, cls in ROLE_SETTINGS.items():
         q = sub.add_parser(role, help=helps[role])

@@ -80,6 +80,7 @@ class Cluster:
     credentials: Credentials | None = None  # per-role users on a given server (or made for the embedded one)
     nats_port: int | None = None  # embedded server: None = 4222 when free, else any; 0 = any
     tls: Tls | None = None  # embedded secured server: serve TLS with these files
+    http_port: int = 0  # the OpenAI-compatible gateway's port (taken: any free one); 0 = no gateway
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
     _restarted: dict[str, float] = field(default_factory=dict)
@@ -118,6 +119,11 @@ class Cluster:
                         "DPBUS_NATS_NKEY_SEED": auth.nkey_seed, "DPBUS_TLS_CA": auth.tls_ca})
         return {**env, **self.extra}
 
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL ('' without a gateway)."""
+        return f"http://127.0.0.1:{self.http_port}/v1" if self.http_port else ""
+
     def auth(self, user: str) -> bus.NatsAuth:
         """How this cluster's ``user`` connects (anonymous on an open server)."""
         return bus.auth_for(self.credentials, user) if self.credentials else bus.NatsAuth()
@@ -125,13 +131,8 @@ class Cluster:
     def _pick_port(self) -> int:
         if self.nats_port:
             return self.nats_port
-        if self.nats_port is None:
-            try:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", DEFAULT_NATS_PORT))
-                return DEFAULT_NATS_PORT
-            except OSError:
-                pass
+        if self.nats_port is None and _port_free(DEFAULT_NATS_PORT):
+            return DEFAULT_NATS_PORT
         return free_port()
 
     def start_nats(self) -> None:
@@ -167,6 +168,9 @@ class Cluster:
 
         for i in range(self.ingests):
             self._spawn("ingest" if self.ingests == 1 else f"ingest-{i}", [*cli, "ingest"], self._service_env("ingest"))
+        if self.http_port:
+            self.http_port = self.http_port if _port_free(self.http_port) else free_port()
+            self._spawn("gateway", [*cli, "gateway", "--http-port", str(self.http_port)], self._service_env("gateway"))
         # a group of several nodes is one JAX job: its leader hosts the job's coordinator
         coordinators = [f"127.0.0.1:{free_port()}" for _ in range(self.dp_size)]
 
@@ -207,11 +211,14 @@ class Cluster:
                         raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} during start-up; "
                                            f"its log ({p.log_path}):\n{p.tail()}")
                 ingest_up = await _pong(nc, "dpbus-ingest")
+                http_up = not self.http_port or not _port_free(self.http_port)
                 said = f"groups ready {len(ready)}/{self.dp_size}, ingest {'up' if ingest_up else 'starting'}"
+                if self.http_port:
+                    said += f", gateway {'up' if http_up else 'starting'}"
                 if said != last_said:
                     self.say(f"  {said} ({time.monotonic() - t0:.0f}s)")
                     last_said = said
-                if ingest_up and len(ready) == self.dp_size:
+                if ingest_up and http_up and len(ready) == self.dp_size:
                     return time.monotonic() - t0
                 if time.monotonic() - t0 > timeout:
                     raise TimeoutError(f"not ready after {timeout:.0f}s ({said}); logs in {self.log_dir}")
@@ -274,6 +281,15 @@ class Cluster:
                     p.popen.kill()
                     p.popen.wait()
         self.procs.clear()
+
+
+def _port_free(port: int) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
 
 
 async def _pong(nc, name: str) -> bool:

@@ -55,6 +55,16 @@ class IngestSettings(Common):
     load_stale_after: Seconds = 3.0  # a group without a load report for this long is unavailable
 
 
+class GatewaySettings(Common):
+    """The OpenAI-compatible HTTP gateway (a client of the bus: NATS user ``gateway``)."""
+
+    http_host: str = "127.0.0.1"  # 0.0.0.0 to serve other hosts
+    http_port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>"
+    served_model_name: str = ""  # default: the model directory's name, or dpbus-builtin
+    request_timeout: Seconds = 600.0  # longest wait for the next answer of a request
+
+
 class EngineSettings(Common):
     """How a group runs its requests; the publisher and the workers must agree on these."""
 

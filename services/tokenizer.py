@@ -32,8 +32,9 @@ class ByteStream:
 class ByteTokenizer:
     name = "bytes"
 
-    def encode(self, text: str) -> list[int]:
-        return [BOS_ID, *text.encode("utf-8")]
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """``special``: start with BOS (a chat template that writes its own leaves it out)."""
+        return [BOS_ID, *text.encode("utf-8")] if special else list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < N_BYTES).decode("utf-8", errors="replace")
@@ -80,8 +81,8 @@ class HFTokenizer:
 
         self._tok = Tokenizer.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -95,7 +96,7 @@ class NoTokenizer:
 
     name = "none"
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
         raise ValueError("this model has no tokenizer.json: send the prompt as 'input_ids'")
 
     def decode(self, ids: list[int]) -> str:

@@ -1,0 +1,356 @@
+"""``dpbus gateway``: OpenAI's HTTP API in front of the bus.
+
+It is one more client of dpbus (NATS user ``gateway``): each HTTP request becomes one
+request on ``dpbus.generate`` whose answers come back to this gateway's private inbox and
+are turned into OpenAI's responses, streamed as server-sent events or returned whole.
+Run as many replicas as you like; they share nothing.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /health``, ``GET /metrics`` (Prometheus). A client that goes away aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from schemas import Chunk, Done, Error, ErrorCode, Subjects
+from schemas.public import Answer
+from services import bus
+from services.gateway import openai as oa
+from services.gateway.chat import TemplateError, load_chat_template
+from services.metrics import GatewayMetrics
+from services.model_config import model_config_for
+from services.settings import GatewaySettings
+from services.tokenizer import load_tokenizer
+
+_answer = msgspec.msgpack.Decoder(Answer)
+
+
+class Call:
+    """One request on the bus: its answers, in order, until the terminal one."""
+
+    def __init__(self, client: "BusClient", rid: str, reply: str) -> None:
+        self.client, self.rid, self.reply = client, rid, reply
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    async def next(self) -> Chunk | Done | Error:
+        try:
+            msg = await asyncio.wait_for(self.queue.get(), self.client.timeout)
+        except asyncio.TimeoutError:
+            self.close()
+            raise oa.ApiError(504, f"no answer from dpbus within {self.client.timeout:.0f}s", "timeout") from None
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            self.close()
+            raise oa.ApiError(503, "no dpbus ingest is running", "service_unavailable", ErrorCode.UNAVAILABLE.value)
+        answer = _answer.decode(msg.data)
+        if isinstance(answer, (Done, Error)):
+            self.close()
+        return answer
+
+    def close(self) -> None:
+        self.finished = True
+        self.client.calls.pop(self.reply, None)
+
+
+class BusClient:
+    """The gateway's NATS side: one connection and one subscription for every call."""
+
+    def __init__(self, s: GatewaySettings, log: Any) -> None:
+        self.s, self.log = s, log
+        self.subjects = Subjects(s.prefix)
+        self.timeout = s.request_timeout
+        self.calls: dict[str, Call] = {}
+        self.counter = itertools.count()
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.nc = await bus.connect(self.s.nats_url, "dpbus-gateway", self.log, auth=bus.auth_from(self.s, "gateway"))
+        self.prefix = self.nc.new_inbox()  # _INBOX.gateway.<unique>: private to this gateway
+        await bus.subscribe(self.nc, self.prefix + ".*", self.on_answer)
+
+    async def on_answer(self, msg: Any) -> None:
+        call = self.calls.get(msg.subject)
+        if call is not None:
+            call.queue.put_nowait(msg)
+
+    async def call(self, request: dict) -> Call:
+        reply = f"{self.prefix}.{next(self.counter)}"
+        call = self.calls[reply] = Call(self, request["rid"], reply)
+        try:
+            await self.nc.publish(self.subjects.generate, msgspec.msgpack.encode(request), reply=reply)
+        except Exception as e:  # noqa: BLE001 - NATS is down or closing
+            call.close()
+            raise oa.ApiError(503, f"cannot reach NATS: {e!r}", "service_unavailable") from None
+        return call
+
+    def abort(self, call: Call) -> None:
+        """Cancel ``call`` (its client went away); runs on its own, whatever happens to the caller."""
+        if call.finished:
+            return
+        call.close()
+        body = json.dumps({"rid": call.rid, "reply": call.reply}).encode()
+
+        async def send() -> None:
+            try:
+                ack = json.loads((await self.nc.request(self.subjects.abort, body, timeout=5)).data)
+                self.log.info("client_gone_aborted", rid=call.rid, found=ack.get("found"))
+            except Exception as e:  # noqa: BLE001
+                self.log.warning("abort_failed", rid=call.rid, error=repr(e))
+
+        task = asyncio.create_task(send())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def ingest_alive(self, wait: float = 0.5) -> bool:
+        """Whether an ingest of this gateway's prefix answers discovery now."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish("$SRV.PING.dpbus-ingest", b"", reply=inbox)
+            deadline = asyncio.get_running_loop().time() + wait
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                try:
+                    doc = json.loads((await sub.next_msg(timeout=left)).data or b"{}")
+                except Exception:  # noqa: BLE001 - time is up, or a stray message
+                    return False
+                if doc.get("metadata", {}).get("prefix") == self.s.prefix:
+                    return True
+            return False
+        finally:
+            await sub.unsubscribe()
+
+
+async def until_disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, log: Any) -> None:
+        self.s, self.log = settings, log
+        self.model = model_config_for(settings.model_path, settings.max_seq_len)
+        self.tokenizer = load_tokenizer(settings.model_path)
+        self.template = load_chat_template(settings.model_path)
+        self.name = settings.served_model_name or (Path(settings.model_path).name if settings.model_path
+                                                   else "dpbus-builtin")
+        self.bus = BusClient(settings, log)
+        self.metrics = GatewayMetrics()
+        self.app = self.make_app()
+
+    # ---- requests -----------------------------------------------------------------------
+    def check_key(self, request: Request) -> None:
+        if self.s.api_key and request.headers.get("authorization", "") != f"Bearer {self.s.api_key}":
+            raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
+                              "invalid_api_key")
+
+    def prompt_ids(self, req: oa.Common) -> list[int]:
+        try:
+            if isinstance(req, oa.ChatRequest):
+                if not req.messages:
+                    raise oa.ApiError(400, "messages must not be empty", param="messages")
+                messages = [{"role": m.role, "content": oa.message_text(m.content)} for m in req.messages]
+                text = self.template.render(messages)
+                return self.tokenizer.encode(text, special=not self.template.adds_bos)
+            prompt = oa.prompt_of(req)
+            return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        except TemplateError as e:
+            raise oa.ApiError(400, str(e), param="messages") from None
+        except ValueError as e:  # no tokenizer for text
+            raise oa.ApiError(400, str(e)) from None
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        endpoint = "chat" if chat else "completions"
+        t0 = time.perf_counter()
+        try:
+            self.check_key(request)
+            req = oa.decode(await request.body(), oa.ChatRequest if chat else oa.CompletionRequest)
+            oa.refuse_unsupported(req)
+            if req.model and req.model != self.name:
+                raise oa.ApiError(404, f"the model `{req.model}` does not exist (this server has `{self.name}`)",
+                                  code="model_not_found", param="model")
+            ids = self.prompt_ids(req)
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+            wire = {"rid": rid, "input_ids": ids, "stream": True,
+                    "sampling": oa.sampling_of(req, len(ids), self.model.max_seq_len)}
+            if req.dp_rank is not None:
+                wire["dp_rank"] = req.dp_rank
+            call = await self.bus.call(wire)
+            first = await self.first_answer(request, call)
+            if first is None:  # the client left before anything came
+                self.metrics.requests.labels(endpoint, "client_gone").inc()
+                return Response(status_code=499)
+            if isinstance(first, Error):
+                raise oa.from_dpbus_error(first.code, first.message)
+            self.metrics.ttft.observe(time.perf_counter() - t0)
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return StreamingResponse(self.sse(call, first, chat, include_usage, t0, endpoint),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return await self.whole(request, call, first, chat, t0, endpoint)
+        except oa.ApiError as e:
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
+            return JSONResponse(e.body(), status_code=e.status)
+
+    async def first_answer(self, request: Request, call: Call) -> Chunk | Done | Error | None:
+        """The first answer, or None if the HTTP client disconnected first (then it is aborted)."""
+        waiting = asyncio.create_task(call.next())
+        gone = asyncio.create_task(until_disconnected(request))
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if waiting.done():
+            return waiting.result()
+        waiting.cancel()
+        self.bus.abort(call)
+        return None
+
+    async def whole(self, request: Request, call: Call, answer: Any, chat: bool, t0: float, endpoint: str) -> Response:
+        parts: list[str] = []
+        watch = asyncio.create_task(until_disconnected(request))
+        try:
+            while isinstance(answer, Chunk):
+                parts.append(answer.text)
+                nxt = asyncio.create_task(call.next())
+                await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    self.bus.abort(call)
+                    self.metrics.requests.labels(endpoint, "client_gone").inc()
+                    return Response(status_code=499)
+                answer = nxt.result()
+        finally:
+            watch.cancel()
+        if isinstance(answer, Error):
+            raise oa.from_dpbus_error(answer.code, answer.message)
+        self.observe_done(answer, t0, endpoint)
+        use = oa.usage(answer.prompt_tokens, answer.completion_tokens)
+        build = oa.chat_body if chat else oa.completion_body
+        return JSONResponse(build(call.rid, self.name, "".join(parts), answer.finish_reason.value, use, answer.dp_rank))
+
+    async def sse(self, call: Call, answer: Any, chat: bool, include_usage: bool, t0: float,
+                  endpoint: str) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        last = time.perf_counter()
+
+        def event(doc: dict) -> bytes:
+            return b"data: " + json.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
+
+        try:
+            if chat:
+                yield event(oa.chat_chunk(call.rid, self.name, created, {"role": "assistant", "content": ""}, None))
+            while isinstance(answer, Chunk):
+                if answer.text:
+                    yield event(oa.chat_chunk(call.rid, self.name, created, {"content": answer.text}, None) if chat
+                                else oa.completion_chunk(call.rid, self.name, created, answer.text, None))
+                answer = await call.next()
+                now = time.perf_counter()
+                self.metrics.itl.observe(now - last)
+                last = now
+            if isinstance(answer, Error):
+                err = oa.from_dpbus_error(answer.code, answer.message)
+                self.metrics.requests.labels(endpoint, str(err.status)).inc()
+                yield event(err.body())
+            else:
+                self.observe_done(answer, t0, endpoint)
+                reason = answer.finish_reason.value
+                yield event(oa.chat_chunk(call.rid, self.name, created, {}, reason) if chat
+                            else oa.completion_chunk(call.rid, self.name, created, "", reason))
+                if include_usage:
+                    use = oa.usage(answer.prompt_tokens, answer.completion_tokens)
+                    yield event({"id": call.rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                 "created": created, "model": self.name, "choices": [], "usage": use})
+            yield b"data: [DONE]\n\n"
+        except oa.ApiError as e:
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
+            yield event(e.body())
+        finally:
+            if not call.finished:  # the client went away mid-stream
+                self.metrics.requests.labels(endpoint, "client_gone").inc()
+                self.bus.abort(call)
+
+    def observe_done(self, done: Done, t0: float, endpoint: str) -> None:
+        self.metrics.requests.labels(endpoint, "200").inc()
+        self.metrics.e2e.observe(time.perf_counter() - t0)
+        self.metrics.tokens.labels("prompt").inc(done.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(done.completion_tokens)
+
+    # ---- the app --------------------------------------------------------------------------
+    def make_app(self) -> FastAPI:
+        app = FastAPI(title="dpbus", description="OpenAI-compatible API of dpbus", version="0.1.0")
+
+        @app.get("/health")
+        async def health() -> Response:
+            ok = self.bus.nc.is_connected and await self.bus.ingest_alive()
+            return JSONResponse({"status": "ok" if ok else "unavailable", "nats": self.bus.nc.is_connected},
+                                status_code=200 if ok else 503)
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> Response:
+            try:
+                self.check_key(request)
+            except oa.ApiError as e:
+                return JSONResponse(e.body(), status_code=e.status)
+            return JSONResponse({"object": "list", "data": [
+                {"id": self.name, "object": "model", "created": 0, "owned_by": "dpbus",
+                 "max_model_len": self.model.max_seq_len}]})
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            with self.metrics.inflight.track_inprogress():
+                return await self.handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request) -> Response:
+            with self.metrics.inflight.track_inprogress():
+                return await self.handle(request, chat=True)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            body, kind = self.metrics.exposition()
+            return Response(body, media_type=kind)
+
+        return app
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # dpbus's own handlers stop the service
+                yield
+
+        await self.bus.start()
+        config = uvicorn.Config(self.app, host=self.s.http_host, port=self.s.http_port, log_level="warning",
+                                lifespan="off", access_log=False)
+        server = Server(config)
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if serving.done():  # could not bind, most often (uvicorn exits then)
+            with contextlib.suppress(BaseException):
+                serving.result()
+            raise RuntimeError(f"the HTTP server could not listen on {self.s.http_host}:{self.s.http_port} "
+                               "(in use? choose another with --http-port)")
+        self.log.info("gateway_ready", url=f"http://{self.s.http_host}:{self.s.http_port}/v1", model=self.name)
+        stop_task = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        await serving
+        stop_task.cancel()
+        if self.bus.tasks:
+            await asyncio.wait(self.bus.tasks, timeout=5)
+        await self.bus.nc.drain()

@@ -1,0 +1,62 @@
+"""Chat messages to a prompt: the checkpoint's own chat template (``chat_template`` in its
+``tokenizer_config.json``, a Jinja template, rendered in a sandbox), or a plain one for the
+built-in model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    """The messages cannot be rendered (the template refused them)."""
+
+
+def _token_text(value: Any) -> str:
+    if isinstance(value, dict):  # {"content": "<s>", ...} in some configs
+        return str(value.get("content", ""))
+    return str(value or "")
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos: str = "", eos: str = "", builtin: bool = False) -> None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(source)
+        self.bos, self.eos = bos, eos
+        # a checkpoint's template writes BOS itself; the plain one leaves it to the tokenizer
+        self.adds_bos = not builtin
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
+                                        eos_token=self.eos)
+        except TemplateError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template may fail in many ways
+            raise TemplateError(f"the chat template failed: {e}") from None
+
+
+def load_chat_template(model_path: str) -> ChatTemplate:
+    """The checkpoint's template when it has one, else the plain template."""
+    if model_path:
+        path = Path(model_path) / "tokenizer_config.json"
+        if path.exists():
+            cfg = json.loads(path.read_text())
+            source = cfg.get("chat_template")
+            if isinstance(source, list):  # named templates: take the default one
+                source = next((t["template"] for t in source if t.get("name") == "default"), source[0]["template"])
+            if source:
+                return ChatTemplate(source, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
+    return ChatTemplate(PLAIN_TEMPLATE, builtin=True)

@@ -1,0 +1,245 @@
+"""The OpenAI-compatible gateway, driven by the official `openai` SDK against real services
+(`dpbus up`'s layout: ingest, publishers, workers and a gateway process, all on the
+secured server): completions and chat, streamed and not, stop strings, seeded sampling,
+the same greedy text as the NATS path, an error per HTTP status, a client that goes away
+aborting its request, and Prometheus metrics that move."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from schemas import Subjects
+from services.client import generate
+from services.launcher import free_port
+from tests.conftest import client_of, start_cluster
+
+pytestmark = pytest.mark.e2e
+
+PREFIX = "gw"
+KEY = "sk-dpbus-test"
+
+
+@pytest.fixture(scope="module")
+def served(nats_server, tmp_path_factory):
+    c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-gw"), dp_size=2, nnodes=2, local_devices=1,
+                      prefix=PREFIX, http_port=free_port(),
+                      extra={"DPBUS_API_KEY": KEY, "DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32",
+                             "DPBUS_MAX_RUNNING_REQUESTS": "2", "DPBUS_MAX_WAITING": "2"})
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def sdk(served):
+    return openai.OpenAI(base_url=served.http_url, api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_models_lists_the_served_model(sdk):
+    (model,) = sdk.models.list().data
+    assert model.id == "dpbus-builtin"
+
+
+def test_completion_greedy_text_is_the_nats_path_s(sdk, served):
+    got = sdk.completions.create(model="dpbus-builtin", prompt="The bus says", max_tokens=12, temperature=0)
+    choice = got.choices[0]
+    assert choice.finish_reason == "length"
+    assert got.usage.completion_tokens == 12 and got.usage.prompt_tokens == len("The bus says") + 1  # + BOS
+
+    async def over_nats():
+        nc = await client_of(served)
+        try:
+            return await generate(nc, {"text": "The bus says", "sampling": {"max_new_tokens": 12, "temperature": 0}},
+                                  subjects=Subjects(PREFIX))
+        finally:
+            await nc.close()
+
+    assert choice.text == asyncio.run(over_nats()).text
+
+
+def test_chat_streamed_equals_chat_whole(sdk):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    whole = sdk.chat.completions.create(model="dpbus-builtin", messages=messages, max_tokens=10, temperature=0)
+    stream = sdk.chat.completions.create(model="dpbus-builtin", messages=messages, max_tokens=10, temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    pieces, reasons, usage = [], [], None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            reasons.append(c.finish_reason)
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert whole.choices[0].message.role == "assistant"
+    assert reasons[-1] == whole.choices[0].finish_reason == "length"
+    assert usage.completion_tokens == whole.usage.completion_tokens == 10
+
+
+def test_stop_strings_through_the_sdk(sdk):
+    full = sdk.completions.create(prompt="stop here", max_tokens=60, temperature=0,
+                                  extra_body={"ignore_eos": True}, model="dpbus-builtin").choices[0].text
+    at = next(i for i in range(3, len(full) - 1) if full[i:i + 2].isprintable() and "\ufffd" not in full[i:i + 2])
+    stop = full[at:at + 2]
+    got = sdk.completions.create(prompt="stop here", max_tokens=60, temperature=0, stop=[stop],
+                                 extra_body={"ignore_eos": True}, model="dpbus-builtin").choices[0]
+    assert got.finish_reason == "stop" and got.text == full[:full.find(stop)]
+    streamed = "".join(c.choices[0].text for c in sdk.completions.create(
+        prompt="stop here", max_tokens=60, temperature=0, stop=stop, stream=True, extra_body={"ignore_eos": True},
+        model="dpbus-builtin") if c.choices)
+    assert streamed == got.text
+
+
+def test_seeded_sampling_is_reproducible(sdk):
+    def sample(seed: int) -> str:
+        return sdk.completions.create(model="dpbus-builtin", prompt="dice", max_tokens=16, temperature=1.0,
+                                      seed=seed).choices[0].text
+
+    assert sample(42) == sample(42)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+
+
+def test_pinning_a_group_with_the_extension_field(sdk):
+    for g in (0, 1):
+        got = sdk.completions.create(model="dpbus-builtin", prompt="pin", max_tokens=2, extra_body={"dp_rank": g})
+        assert got.model_extra["dp_rank"] == g
+
+
+@pytest.mark.parametrize("how, status, code", [
+    ("no key", 401, "invalid_api_key"),
+    ("bad json", 400, None),
+    ("n=2", 400, None),
+    ("prompt too long", 400, "context_length_exceeded"),
+    ("unknown group", 400, "unknown_dp_rank"),
+    ("wrong model", 404, "model_not_found"),
+])
+def test_errors_have_openai_s_shape_and_status(served, how, status, code):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body: dict = {"model": "dpbus-builtin", "prompt": "x", "max_tokens": 2}
+    if how == "no key":
+        headers.pop("Authorization")
+    elif how == "n=2":
+        body["n"] = 2
+    elif how == "prompt too long":
+        body["prompt"] = "y" * 400
+    elif how == "unknown group":
+        body["dp_rank"] = 7
+    elif how == "wrong model":
+        body["model"] = "gpt-4"
+    data = b"{not json" if how == "bad json" else json.dumps(body).encode()
+    r = httpx.post(f"{served.http_url}/completions", content=data, headers=headers, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if code:
+        assert err["code"] == code, err
+
+
+def test_overload_is_429(sdk):
+    """Two running and two waiting per group: a burst of long requests overflows."""
+    async def burst():
+        client = openai.AsyncOpenAI(base_url=sdk.base_url, api_key=KEY, max_retries=0, timeout=120)
+
+        async def one(i: int):
+            try:
+                await client.completions.create(model="dpbus-builtin", prompt=f"burst {i}", max_tokens=120,
+                                                extra_body={"ignore_eos": True})
+                return 200
+            except openai.APIStatusError as e:
+                return e.status_code
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(16)))
+        finally:
+            await client.close()
+
+    codes = asyncio.run(burst())
+    assert 429 in codes and 200 in codes, codes
+    assert set(codes) <= {200, 429}, codes
+
+
+def test_no_ingest_is_503(served, tmp_path):
+    """A gateway whose prefix nothing serves: NATS says no responders, the client gets 503."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "DPBUS_NATS_URL": served.nats_url, "DPBUS_PREFIX": "gwnone",
+           "DPBUS_NATS_USER": "gateway", "DPBUS_NATS_PASSWORD": served.credentials.passwords["gateway"]}
+    with open(tmp_path / "gw.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "gateway", "--http-port", str(port)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(200):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, (tmp_path / "gw.log").read_text()
+                time.sleep(0.1)
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+
+
+async def publisher_running(served) -> int:
+    nc = await client_of(served, "operator")
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.STATS.dpbus-publisher", b"", reply=inbox)
+        total = 0
+        try:
+            while True:
+                doc = json.loads((await sub.next_msg(timeout=1)).data)
+                if doc.get("metadata", {}).get("prefix") == PREFIX:
+                    total += doc["endpoints"][0]["data"]["running"]
+        except Exception:  # noqa: BLE001 - no more answers
+            return total
+    finally:
+        await nc.close()
+
+
+def test_a_client_that_goes_away_aborts_its_request(served):
+    body = {"model": "dpbus-builtin", "prompt": "a long story", "max_tokens": 200, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{served.http_url}/completions", json=body,
+                         headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+            assert asyncio.run(publisher_running(served)) >= 1
+        # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 20
+    while asyncio.run(publisher_running(served)) > 0:
+        assert time.monotonic() < deadline, "the abandoned request is still running"
+        time.sleep(0.3)
+
+
+def test_metrics_histograms_move(served, sdk):
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{served.http_url.removesuffix('/v1')}/metrics", timeout=10).text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dpbus_gateway_\S+) (\S+)$", text, re.M)}
+
+    before = scrape()
+    for stream in (False, True):
+        out = sdk.completions.create(model="dpbus-builtin", prompt="metrics", max_tokens=5, stream=stream)
+        if stream:
+            list(out)
+    after = scrape()
+    for name in ("dpbus_gateway_time_to_first_token_seconds_count", "dpbus_gateway_request_seconds_count"):
+        assert after[name] >= before.get(name, 0) + 2, name
+    assert after["dpbus_gateway_inter_token_seconds_count"] > before.get("dpbus_gateway_inter_token_seconds_count", 0)
+    assert after['dpbus_gateway_tokens_total{kind="completion"}'] >= \
+        before.get('dpbus_gateway_tokens_total{kind="completion"}', 0) + 10
