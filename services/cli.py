@@ -37,12 +37,35 @@ def use_local_devices(n: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-async def _until_signalled(*services: Any) -> None:
+async def _until_signalled(*services: Any, metrics: tuple[int, str] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if metrics and metrics[0]:
+        serve_metrics(services, *metrics)
     await asyncio.gather(*(s.run(stop) for s in services))
+
+
+def serve_metrics(services: tuple, port: int, host: str) -> None:
+    """Prometheus metrics of this process's services on ``host:port``: their micro stats
+    (read on the event loop at scrape time) and the publisher's latency histograms."""
+    from prometheus_client import CollectorRegistry
+
+    from services import metrics as m
+
+    registry = CollectorRegistry()
+    loop = asyncio.get_running_loop()
+    for svc in services:
+        kind = type(svc).__name__.lower()
+        labels = {"dp_rank": str(svc.g)} if kind == "publisher" else {}
+        if kind == "worker":
+            labels = {"dp_rank": str(svc.place.dp_rank), "node_rank": str(svc.s.node_rank)}
+        if kind == "publisher":
+            svc.metrics = m.PublisherMetrics(registry, svc.g)
+        if kind != "gateway":  # the gateway serves its own on its HTTP port
+            registry.register(m.StatsCollector(kind, svc.stats, loop, labels, m.LEVELS))
+    m.serve(port, host, registry)
 
 
 def run_role(role: str, cfg: Any) -> int:
@@ -77,7 +100,7 @@ def run_role(role: str, cfg: Any) -> int:
             if should_run_publisher(cfg):
                 services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log,
                                           auth=worker.auth))
-    asyncio.run(_until_signalled(*services))
+    asyncio.run(_until_signalled(*services, metrics=(cfg.metrics_port, cfg.metrics_host)))
     return 0
 
 
@@ -91,7 +114,8 @@ def cluster_from(a: argparse.Namespace, **kw: Any):
     url = a.nats_url or os.environ.get("NATS_URL") or (creds.url if creds else None) or None
     return Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=url, prefix=a.prefix, log_dir=a.log_dir,
                    node_processes=a.node_processes, ingests=a.ingests, secure=not a.insecure, credentials=creds,
-                   nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, **kw)
+                   nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, extra=st.service_env(a),
+                   metrics=a.metrics, **kw)
 
 
 def tls_files(a: argparse.Namespace):
@@ -281,6 +305,12 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--tls-ca", default="", help="embedded server: serve TLS (with --tls-cert, --tls-key)")
         q.add_argument("--tls-cert", default="")
         q.add_argument("--tls-key", default="")
+        q.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                       help="every service serves Prometheus metrics on its own port (listed in "
+                            "LOG_DIR/prometheus-targets.json); default on")
+        engine = q.add_argument_group("service settings, passed to every service that has them "
+                                      "(--model-path, --max-seq-len, --max-running-requests, --policy, ...)")
+        st.add_settings_args(engine, st.ServiceFlags, skip=st.UP_DECIDES)
 
     def client_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--nats-url", default=None,

@@ -20,6 +20,33 @@ PROMPTS = [
 ]
 
 
+async def over_http(console: Console, base: str, max_tokens: int) -> bool:
+    """The same system through its OpenAI-compatible API: one streamed chat completion."""
+    import json
+
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "Say hello over HTTP"}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    console.print(f"[bold]over HTTP[/]: curl {base}/chat/completions -d '{json.dumps(body)[:60]}...'")
+    pieces, usage, reason = [], None, None
+    async with httpx.AsyncClient(timeout=120) as http:
+        async with http.stream("POST", f"{base}/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                console.print(f"[red]HTTP {r.status_code}[/]: {(await r.aread()).decode()[:300]}")
+                return False
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                doc = json.loads(line[6:])
+                usage = doc.get("usage") or usage
+                for choice in doc.get("choices", []):
+                    pieces.append(choice["delta"].get("content") or "")
+                    reason = choice["finish_reason"] or reason
+    console.print(f"  {len(pieces)} server-sent events, finish_reason {reason}, usage {usage}")
+    return reason is not None and usage is not None
+
+
 def run_demo(a: argparse.Namespace) -> int:
     from services.cli import cluster_from
 
@@ -53,7 +80,8 @@ def run_demo(a: argparse.Namespace) -> int:
                 table.add_row(r["rid"], "-", r["text"][:18], "-", f"error {getattr(t, 'code', None)}", "-", "-", "-")
         console.print(table)
         console.print(f"{ok}/{len(reqs)} requests done; groups that served: {sorted(groups)}")
-        return 0 if ok == len(reqs) and len(groups) == a.dp_size else 1
+        http_ok = await over_http(console, cluster.http_url, a.max_new_tokens) if cluster.http_url else True
+        return 0 if ok == len(reqs) and len(groups) == a.dp_size and http_ok else 1
 
     try:
         return asyncio.run(main())

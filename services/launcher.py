@@ -81,6 +81,8 @@ class Cluster:
     nats_port: int | None = None  # embedded server: None = 4222 when free, else any; 0 = any
     tls: Tls | None = None  # embedded secured server: serve TLS with these files
     http_port: int = 0  # the OpenAI-compatible gateway's port (taken: any free one); 0 = no gateway
+    metrics: bool = False  # give every service a Prometheus port (listed in log_dir/prometheus-targets.json)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
     _restarted: dict[str, float] = field(default_factory=dict)
@@ -93,6 +95,10 @@ class Cluster:
 
     # ---- processes -----------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        if self.metrics and name != "nats-server" and name != "gateway":
+            self.metrics_ports.setdefault(name, free_port())
+            env = {**(env or {}), "DPBUS_METRICS_PORT": str(self.metrics_ports[name])}
+            self._write_targets()
         log_path = self.log_dir / f"{name}.log"
         full_env = {**os.environ, **(env or {})}
         with open(log_path, "ab") as log:
@@ -118,6 +124,16 @@ class Cluster:
             env.update({"DPBUS_NATS_USER": auth.user, "DPBUS_NATS_PASSWORD": auth.password,
                         "DPBUS_NATS_NKEY_SEED": auth.nkey_seed, "DPBUS_TLS_CA": auth.tls_ca})
         return {**env, **self.extra}
+
+    def _write_targets(self) -> None:
+        """Prometheus file-based discovery: one target per service (the gateway: its HTTP port)."""
+        import json
+
+        targets = [{"targets": [f"127.0.0.1:{port}"], "labels": {"service": name}}
+                   for name, port in self.metrics_ports.items()]
+        if self.http_port:
+            targets.append({"targets": [f"127.0.0.1:{self.http_port}"], "labels": {"service": "gateway"}})
+        (self.log_dir / "prometheus-targets.json").write_text(json.dumps(targets, indent=2) + "\n")
 
     @property
     def http_url(self) -> str:

@@ -27,3 +27,74 @@ class GatewayMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class PublisherMetrics:
+    """Latencies a publisher sees, per DP group."""
+
+    def __init__(self, registry: CollectorRegistry, dp_rank: int) -> None:
+        def hist(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, ["dp_rank"], buckets=buckets, registry=registry).labels(str(dp_rank))
+
+        self.queue = hist("dpbus_publisher_queue_seconds", "accepted by ingest -> first scheduled", LATENCY)
+        self.ttft = hist("dpbus_publisher_time_to_first_token_seconds", "accepted by ingest -> first token", LATENCY)
+        self.itl = hist("dpbus_publisher_inter_token_seconds", "between two tokens of a request", INTER_TOKEN)
+        self.step = hist("dpbus_publisher_step_seconds", "a step: publish -> every acknowledgement", INTER_TOKEN)
+        self.delivery = hist("dpbus_publisher_delivery_seconds", "a step's time not spent computing (the bus)",
+                             INTER_TOKEN)
+
+
+class StatsCollector:
+    """Exposes a service's micro stats (the dict ``stats()`` returns) at scrape time:
+    numbers become gauges (names in ``levels``) or counters, dicts of numbers one family
+    with a ``key`` label. ``stats`` runs on the service's event loop, never in the
+    scraping thread."""
+
+    def __init__(self, service: str, stats, loop, labels: dict[str, str], levels: set[str]) -> None:
+        self.service, self.stats, self.loop, self.labels, self.levels = service, stats, loop, labels, levels
+
+    def _snapshot(self) -> dict:
+        import asyncio
+
+        async def read() -> dict:
+            return self.stats()
+
+        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(timeout=5)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            stats = self._snapshot()
+        except Exception:  # noqa: BLE001 - the service is stopping: nothing to report
+            return
+        names, values = list(self.labels), list(self.labels.values())
+        for key, value in stats.items():
+            name = f"dpbus_{self.service}_{key}"
+            kind = GaugeMetricFamily if key in self.levels else CounterMetricFamily
+            if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+                continue
+            if isinstance(value, dict):
+                numbers = {str(k): v for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                if value and not numbers:
+                    continue  # not a dict of numbers (an empty one still declares its family)
+                family = kind(name, f"{self.service} {key}, by key", labels=[*names, "key"])
+                for k, v in numbers.items():
+                    family.add_metric([*values, k], v)
+            else:
+                family = kind(name, f"{self.service} {key}", labels=names)
+                family.add_metric(values, value)
+            yield family
+
+
+# stats that are levels (gauges); every other number is a running count (counter)
+LEVELS = {"waiting", "running", "free_pages", "epoch", "inflight", "tracked", "compiled_now", "compiled_at_warmup",
+          "last_seq"}
+
+
+def serve(port: int, host: str, registry: CollectorRegistry) -> None:
+    """Serve ``registry`` for Prometheus on ``host:port`` (a daemon thread)."""
+    from prometheus_client import ProcessCollector, start_http_server
+
+    ProcessCollector(registry=registry)  # process_start_time_seconds tells restarts apart
+    start_http_server(port, addr=host, registry=registry)

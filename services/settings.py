@@ -41,6 +41,8 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
     # the model every role agrees on (ingest checks prompts against its vocabulary and context)
     model_path: str = ""  # a Hugging Face Llama directory; empty: the built-in model
     max_seq_len: Annotated[int, Meta(ge=32)] = 1024
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 0  # Prometheus metrics on this port; 0: off
+    metrics_host: str = "127.0.0.1"
 
 
 class IngestSettings(Common):
@@ -119,6 +121,23 @@ def _merged(name: str, *parts: type[Struct]) -> type[Struct]:
 
 # What ``dpbus node`` runs: a worker, plus its group's publisher when it leads.
 NodeSettings = _merged("NodeSettings", WorkerSettings, PublisherSettings)
+
+
+# Every service setting `dpbus up` and `dpbus demo` pass on to the services they start
+# (as DPBUS_* variables; each service reads its own): all of them but those `up` decides.
+UP_DECIDES = {"nats_url", "nats_user", "nats_password", "nats_credentials", "nats_nkey_seed", "tls_ca", "tls_cert",
+              "tls_key", "prefix", "dp_size", "nnodes", "node_rank", "dp_rank", "local_devices", "coordinator",
+              "http_port", "log_json", "metrics_port"}
+ServiceFlags = _merged("ServiceFlags", IngestSettings, PublisherSettings, WorkerSettings, GatewaySettings)
+
+
+def service_env(ns: argparse.Namespace) -> dict[str, str]:
+    """The DPBUS_* variables of the service flags given to `up`, checked now (a bad value
+    is refused before anything starts, naming the setting)."""
+    given = {f.name: getattr(ns, f.name) for f in msgspec.structs.fields(ServiceFlags)
+             if f.name not in UP_DECIDES and getattr(ns, f.name, None) is not None}
+    build(ServiceFlags, env={}, **given)  # raises ValueError naming a bad one
+    return {env_name(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in given.items()}
 
 
 def project(settings: Struct, cls: type[S], **overrides: Any) -> S:

@@ -243,3 +243,53 @@ def test_metrics_histograms_move(served, sdk):
     assert after["dpbus_gateway_inter_token_seconds_count"] > before.get("dpbus_gateway_inter_token_seconds_count", 0)
     assert after['dpbus_gateway_tokens_total{kind="completion"}'] >= \
         before.get('dpbus_gateway_tokens_total{kind="completion"}', 0) + 10
+
+
+def test_every_service_serves_prometheus_metrics(nats_server, tmp_path):
+    """`up`'s metrics: each service on its own port, listed for Prometheus; the publisher's
+    histograms and the services' counters move after a request."""
+    c = start_cluster(nats_server, tmp_path, dp_size=1, nnodes=1, local_devices=1, prefix="gwm", metrics=True,
+                      extra={"DPBUS_MAX_SEQ_LEN": "128", "DPBUS_MAX_PREFILL_TOKENS": "32"})
+    try:
+        targets = json.loads((tmp_path / "prometheus-targets.json").read_text())
+        by_name = {t["labels"]["service"]: t["targets"][0] for t in targets}
+        assert set(by_name) == {"ingest", "publisher-0", "worker-0"}
+
+        def scrape(name: str) -> str:
+            return httpx.get(f"http://{by_name[name]}/metrics", timeout=10).text
+
+        async def ask():
+            nc = await client_of(c)
+            try:
+                return await generate(nc, {"text": "metrics", "sampling": {"max_new_tokens": 4}},
+                                      subjects=Subjects("gwm"))
+            finally:
+                await nc.close()
+
+        assert asyncio.run(ask()).terminal.completion_tokens == 4
+        pub, ingest, worker = scrape("publisher-0"), scrape("ingest"), scrape("worker-0")
+        assert re.search(r'^dpbus_publisher_time_to_first_token_seconds_count\{dp_rank="0"\} [1-9]', pub, re.M), pub
+        assert re.search(r'^dpbus_publisher_step_seconds_count\{dp_rank="0"\} [1-9]', pub, re.M)
+        assert re.search(r'^dpbus_publisher_done_total\{dp_rank="0"\} 1\.0', pub, re.M)
+        assert re.search(r'^dpbus_publisher_free_pages\{dp_rank="0"\} \d', pub, re.M)
+        assert re.search(r"^dpbus_ingest_forwarded_total 1\.0", ingest, re.M), ingest
+        assert re.search(r'^dpbus_worker_steps_total\{dp_rank="0",node_rank="0"\} [1-9]', worker, re.M), worker
+        assert "process_start_time_seconds" in worker
+        check_dashboard(pub + ingest + worker)
+    finally:
+        c.stop()
+
+
+def check_dashboard(scraped: str) -> None:
+    """Every dpbus metric infra/grafana/dpbus.json queries is one a service really serves."""
+    from pathlib import Path
+
+    from services.metrics import GatewayMetrics
+
+    served = scraped + GatewayMetrics().exposition()[0].decode()
+    exposed = {re.sub(r"_total$", "", m) for m in re.findall(r"^# TYPE (dpbus_\w+) ", served, re.M)}
+    dash = json.loads((Path(__file__).resolve().parents[1] / "infra" / "grafana" / "dpbus.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|count|sum|total)$", "", m) for e in exprs for m in re.findall(r"dpbus_[a-z_]+", e)}
+    assert len(used) >= 10 and used <= exposed, sorted(used - exposed)
+

@@ -45,6 +45,7 @@ class Sequence:
     preempted: int = 0
     scheduled_at: float = 0.0
     first_token_at: float = 0.0
+    last_token_at: float = 0.0
     detok: StreamDecoder = field(default_factory=ByteStream)
     eos_ids: tuple[int, ...] = (EOS_ID,)
     pinned: bool = False

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import nats.micro
+from prometheus_client import CollectorRegistry
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
@@ -31,6 +32,7 @@ from schemas.codec import Encoding
 from services import bus
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.publisher.scheduler import Plan, Scheduler, Sequence
+from services.metrics import PublisherMetrics
 from services.model_config import model_config_for
 from services.natsconf import user_for
 from services.settings import PublisherSettings, total_pages
@@ -70,6 +72,7 @@ class Publisher:
                         (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
                          ("replay", Replay))}
         self._ack = unpacker(SubmitAck)
+        self.metrics = PublisherMetrics(CollectorRegistry(), self.g)  # served when --metrics-port is set
 
     # ---- readiness -------------------------------------------------------------------
     def missing_members(self, now: float) -> list[int]:
@@ -186,6 +189,10 @@ class Publisher:
             total_ms=round((now - seq.accepted_at) * 1000, 3),
         )
         done = Done(seq.rid, self.g, reason, len(seq.prompt), len(seq.output), timings)
+        if seq.scheduled_at:
+            self.metrics.queue.observe(timings.queue_ms / 1000)
+        if seq.first_token_at:
+            self.metrics.ttft.observe(timings.ttft_ms / 1000)
         if not seq.stream:
             done.token_ids = list(seq.output)
             done.text = "".join(seq.text_parts)
@@ -247,6 +254,9 @@ class Publisher:
         for seq, token, reason in events:
             if not seq.first_token_at:
                 seq.first_token_at = now
+            elif seq.last_token_at:
+                self.metrics.itl.observe(now - seq.last_token_at)
+            seq.last_token_at = now
             text, hit = seq.stop_strings.feed(seq.detok.feed([token], final=reason is not None))
             if hit and reason is None:
                 self.sched.stop_early(seq)
@@ -323,8 +333,11 @@ class Publisher:
             try:
                 t0 = time.perf_counter()
                 result = await self.run_step(plan)
-                self.timing["step_ms"] += (time.perf_counter() - t0) * 1000
+                wall = time.perf_counter() - t0
+                self.timing["step_ms"] += wall * 1000
                 self.timing["compute_ms"] += result.elapsed_ms
+                self.metrics.step.observe(wall)
+                self.metrics.delivery.observe(max(wall - result.elapsed_ms / 1000, 0.0))
                 events = self.sched.apply(plan, result.prefill_tokens, result.decode_tokens)
             except GroupFailure as f:
                 await self.reset_group(f)
