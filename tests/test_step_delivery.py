@@ -112,10 +112,13 @@ async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nat
     await nc.subscribe(subj.replay(0), cb=on_replay)
     await nc.flush()
     old, new = steps_for(epoch=1), steps_for(epoch=2)
-    for step in (old[0], old[3], new[0]):  # gap 2..3 cannot be filled; then a new epoch starts
+    for n, step in enumerate((old[0], old[3], new[0]), 1):  # gap 2..3 cannot be filled; then a new epoch
         await nc.publish(subj.step(0), pack(step))
         await nc.flush()
-        await asyncio.sleep(0.4)
+        for _ in range(300):  # one answer per step, in order, however busy the machine is
+            if len(results) >= n:
+                break
+            await asyncio.sleep(0.05)
     stop.set()
     await task
     await nc.close()

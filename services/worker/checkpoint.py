@@ -222,8 +222,9 @@ def _to_our_layout(key: str, w, cfg: ModelConfig):
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, Any]:
-    """Host float32 weights in our layout, read tensor by tensor from ``path``'s safetensors."""
+def load_hf_weights(path: str | Path, cfg: ModelConfig, progress=None) -> dict[str, Any]:
+    """Host float32 weights in our layout, read tensor by tensor from ``path``'s safetensors;
+    ``progress(done, total, name)`` is told after each tensor."""
     path = Path(path)
     where = _checkpoint_files(path)
     prefix = "model." if "model.embed_tokens.weight" in where or "embed_tokens.weight" not in where else ""
@@ -235,7 +236,9 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig) -> dict[str, Any]:
         raise ValueError(f"{path}: missing tensor(s) {shown}{hint}")
 
     out: dict[str, Any] = {"layers": [{} for _ in range(cfg.n_layers)]}
-    for dest, name, shape in wanted:
+    for i, (dest, name, shape) in enumerate(wanted):
+        if progress:
+            progress(i, len(wanted), name)
         f = where[name]
         got = f.shape(name)
         if got != shape:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from typing import Any
 
@@ -37,9 +38,10 @@ def load_runner(s: WorkerSettings, log: Any):
     cfg = model_config_for(s.model_path, s.max_seq_len)
     mesh = make_group_mesh()
     log.info("model_loading", devices=mesh.devices.size, config=str(cfg), path=s.model_path or "(dummy)")
+    show = Progress(log)
     if s.model_path:
         from services.worker.checkpoint import load_hf_weights
-        weights = load_hf_weights(s.model_path, cfg)
+        weights = load_hf_weights(s.model_path, cfg, show.step("loading", "load_tensor"))
     elif s.load_format == "dummy":
         weights = dummy_weights(cfg, s.seed)
     else:
@@ -48,11 +50,40 @@ def load_runner(s: WorkerSettings, log: Any):
                          max_running_requests=s.max_running_requests, max_prefill_tokens=s.max_prefill_tokens,
                          host_weights=weights)
     if s.warmup:
-        def progress(i: int, n: int, what: str) -> None:
-            log.info("warmup", done=i, total=n, compiling=what)
-        seconds = runner.warmup(progress)
+        seconds = runner.warmup(show.step("compiling", "warmup"))
+        show.close()
         log.info("warmup_done", seconds=round(seconds, 2), compiled_shapes=runner.compiled_shapes())
+    show.close()
     return runner
+
+
+class Progress:
+    """Long start-up work made visible: a progress bar on a terminal, log lines otherwise."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(transient=False)
+            self.bar.start()
+        self.task = None
+
+    def step(self, what: str, event: str):
+        def report(i: int, n: int, name: str) -> None:
+            if self.bar is None:
+                self.log.info(event, done=i, total=n, item=name)
+                return
+            if self.task is None or self.bar.tasks[self.task].description != what:
+                self.task = self.bar.add_task(what, total=n)
+            self.bar.update(self.task, completed=min(i + 1, n), description=what)
+        return report
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 class Worker:
