@@ -181,3 +181,18 @@ def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_pa
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_up_takes_the_service_settings_and_passes_them_on():
+    """`dpbus up --model-path DIR --max-seq-len N ...` (every engine's flags) reach the services."""
+    from services import settings as st
+    from services.cli import parser
+
+    a = parser().parse_args(["up", "--model-path", "/models/llama", "--max-seq-len", "2048",
+                             "--max-running-requests", "8", "--policy", "least_tokens", "--no-warmup",
+                             "--api-key", "k"])
+    assert st.service_env(a) == {"DPBUS_MODEL_PATH": "/models/llama", "DPBUS_MAX_SEQ_LEN": "2048",
+                                 "DPBUS_MAX_RUNNING_REQUESTS": "8", "DPBUS_POLICY": "least_tokens",
+                                 "DPBUS_WARMUP": "false", "DPBUS_API_KEY": "k"}
+    bad = subprocess.run([*DPBUS, "up", "--policy", "fastest"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "valid values: round_robin" in bad.stderr, bad.stderr
