@@ -45,6 +45,43 @@ def memory_bandwidth(n_bytes: int = 256 << 20) -> float:
     return 2 * n_bytes / (t["median_ms"] / 1000) / 1e9  # read + write
 
 
+def read_bandwidth(n_bytes: int = 256 << 20) -> float:
+    """A read-only pass over a large array (what decode does to weights and KV)."""
+    src = np.ones(n_bytes // 4, np.float32)
+    t = timed(lambda: src.sum(), repeat=10)
+    return n_bytes / (t["median_ms"] / 1000) / 1e9
+
+
+def bench_pages_per_visit(read_bw: float) -> dict:
+    """Decode attention at the default page size (16) and model shape, batch 16, KV length
+    1000, by how many pages each loop iteration reads."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from services.model_config import ModelConfig
+    from services.worker.model import paged_decode_attention
+
+    cfg = ModelConfig()
+    b, ps, length = 16, 16, 1000
+    n = -(-length // ps)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((b, cfg.n_heads, cfg.head_dim), np.float32))
+    pool = (b * n + 1, cfg.n_kv_heads, ps, cfg.head_dim)
+    k_pages = jnp.asarray(rng.standard_normal(pool, np.float32))
+    v_pages = jnp.asarray(rng.standard_normal(pool, np.float32))
+    tables = jnp.asarray((1 + np.arange(b * n)).reshape(b, n).astype(np.int32))
+    positions = jnp.full((b,), length - 1, jnp.int32)
+    kv_bytes = 2 * b * cfg.n_kv_heads * length * cfg.head_dim * 4
+    out = {}
+    for per in (1, 2, 4, 8, 16):
+        fn = jax.jit(functools.partial(paged_decode_attention, per_visit=per))
+        t = timed(lambda: fn(q, k_pages, v_pages, tables, positions, jnp.int32(n)).block_until_ready(), repeat=30)
+        out[str(per)] = {**t, "fraction_of_read_bandwidth": kv_bytes / (t["median_ms"] / 1000) / 1e9 / read_bw}
+    return out
+
+
 def bench_model(tensor: int, bandwidth: float) -> dict:
     import jax
 
@@ -125,7 +162,12 @@ def bench_attention(bandwidth: float) -> dict:
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     bw = memory_bandwidth()
-    print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s")
+    read_bw = read_bandwidth()
+    print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s; read-only pass: {read_bw:.1f} GB/s")
+    visits = bench_pages_per_visit(read_bw)
+    for per, r in visits.items():
+        print(f"decode attention, page size 16, {per:>2} page(s) per visit: {r['median_ms']:.3f} ms "
+              f"({r['fraction_of_read_bandwidth'] * 100:.0f}% of read bandwidth)")
     att = bench_attention(bw)
     for name in ("paged", "contiguous", "gather_then_dense"):
         a = att[name]
@@ -139,10 +181,13 @@ def main() -> None:
               f"({r['decode_tokens_per_s']:.0f} tok/s over a batch of {r['batch']} at KV length {r['kv_length']}), "
               f"prefill 256 tokens {r['prefill_256']['median_ms']:.1f} ms, "
               f"decode at {r['decode_fraction_of_bandwidth'] * 100:.0f}% of bandwidth, compile {r['compile_s']} s")
+    from bench import serving
     from bench.delivery import run as delivery
 
     steps = delivery()
-    out = {"step_delivery": steps, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.platform(),
+    served = serving.run()
+    serving.report(served)
+    out = {"step_delivery": steps, "serving": served, "read_bandwidth_gb_s": read_bw, "pages_per_visit": visits, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.platform(),
            "cpus": os.cpu_count(), "memory_bandwidth_gb_s": bw, "decode_attention": att, "model": runs}
     path = RESULTS / "model.json"
     path.write_text(json.dumps(out, indent=2))

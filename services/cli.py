@@ -256,6 +256,40 @@ def cmd_nats_config(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    """A serving benchmark against a running deployment, or the engine alone (--engine-only)."""
+    import json as _json
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from services import benchmark as b
+
+    w = b.Workload(a.requests, a.input_len, a.output_len, a.range_ratio, a.concurrency, a.rate, a.seed)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("engine only" if a.engine_only else "requests", total=w.requests)
+        tick = lambda: bar.advance(task)  # noqa: E731
+        if a.engine_only:
+            use_local_devices(a.local_devices)
+            settings = st.build(st.WorkerSettings, a, seed=int(os.environ.get("DPBUS_SEED", 0)))
+            result = b.bench_engine(w, b.load_engine(settings), tick)
+        else:
+            async def main() -> dict:
+                nc = await bus.connect_client(*client_target(a))
+                try:
+                    return await b.bench_system(nc, w, a.prefix, tick)
+                finally:
+                    await nc.close()
+            result = asyncio.run(main())
+    console.print(b.table([result]))
+    if a.json:
+        with open(a.json, "w") as f:
+            _json.dump(result, f, indent=2)
+        console.print(f"wrote {a.json}")
+    return 0 if result["completed"] == result["requests"] else 1
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -342,6 +376,22 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--raw", action="store_true", help="print every answer message as JSON")
     q.add_argument("--timeout", type=float, default=120.0)
     q.set_defaults(fn=cmd_generate)
+    q = sub.add_parser("bench", help="a serving benchmark: a running deployment, or --engine-only")
+    client_flags(q)
+    q.add_argument("--prefix", default="dpbus")
+    q.add_argument("--requests", type=int, default=64)
+    q.add_argument("--input-len", type=int, default=128)
+    q.add_argument("--output-len", type=int, default=64)
+    q.add_argument("--range-ratio", type=float, default=0.5, help="lengths vary down to len * (1 - ratio)")
+    q.add_argument("--concurrency", type=int, default=8, help="requests in flight (unless --rate)")
+    q.add_argument("--rate", type=float, default=0.0, help="requests/s, Poisson arrivals (0: use --concurrency)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", default=None, help="also write the results here")
+    q.add_argument("--engine-only", action="store_true",
+                   help="the same workload through the scheduler and model runner in this process, no bus")
+    q.add_argument("--local-devices", type=int, default=1, help="--engine-only: virtual CPU devices")
+    st.add_settings_args(q, st.EngineSettings, skip={*st.UP_DECIDES, "max_waiting", "seed"})
+    q.set_defaults(fn=cmd_bench)
     q = sub.add_parser("nats-config", help="write a NATS server config with one user per role for a layout")
     q.add_argument("--out", required=True, help="directory for nats.conf, auth.conf, credentials.json, compose.env")
     q.add_argument("--dp-size", type=int, default=2)

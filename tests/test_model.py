@@ -11,6 +11,7 @@ Every sequence here lives in deliberately scattered, shuffled KV pages (never
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -342,11 +343,12 @@ def attention_case(page_size: int, seed: int = 0):
 _paged = jax.jit(model.paged_decode_attention)
 
 
-@pytest.mark.parametrize("page_size", [1, 4, 16])
-def test_paged_decode_attention_equals_dense(page_size):
+@pytest.mark.parametrize("page_size, per_visit", [(1, 1), (4, 1), (16, 1), (1, 8), (4, 3), (16, 8), (4, 64)])
+def test_paged_decode_attention_equals_dense(page_size, per_visit):
     q, kp, vp, table, positions, n_pages = attention_case(page_size, seed=page_size)
     assert n_pages < table.shape[1]
-    got = np.asarray(_paged(q, kp, vp, table, positions, np.int32(n_pages)))
+    paged = jax.jit(functools.partial(model.paged_decode_attention, per_visit=per_visit))
+    got = np.asarray(paged(q, kp, vp, table, positions, np.int32(n_pages)))
     assert np.isfinite(got).all(), "a page past n_pages was read"
     want = ref_attention(q, kp, vp, table, positions)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -372,9 +374,9 @@ def test_paged_decode_attention_rows_do_not_depend_on_each_other():
 def test_a_broken_paged_attention_fails_the_comparison():
     """Mutant built in memory from the real source: key positions forget the page offset."""
     src = inspect.getsource(model.paged_decode_attention)
-    assert "j * ps + jnp.arange(ps)" in src
+    assert "first * ps + jnp.arange(per * ps)" in src
     ns = dict(vars(model))
-    exec(src.replace("j * ps + jnp.arange(ps)", "jnp.arange(ps)"), ns)  # noqa: S102
+    exec(src.replace("first * ps + jnp.arange(per * ps)", "jnp.arange(per * ps)"), ns)  # noqa: S102
     q, kp, vp, table, positions, n_pages = attention_case(4, seed=2)
     want = ref_attention(q, kp, vp, table, positions)
     bad = np.asarray(jax.jit(ns["paged_decode_attention"])(q, kp, vp, table, positions, np.int32(n_pages)))

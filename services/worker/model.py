@@ -155,32 +155,44 @@ def dense_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, positions:
     return out.reshape(b, t, h, hd)
 
 
+# pages each loop iteration of decode attention reads per row: more per visit means fewer,
+# larger gathers and einsums (see `make bench`, decode attention by pages per visit)
+PAGES_PER_VISIT = 1
+
+
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_tables: jax.Array,
-                           positions: jax.Array, n_pages: jax.Array) -> jax.Array:
-    """One query per row ``q [B,H,hd]`` against that row's pages, one page at a time.
+                           positions: jax.Array, n_pages: jax.Array, per_visit: int = PAGES_PER_VISIT) -> jax.Array:
+    """One query per row ``q [B,H,hd]`` against that row's pages, ``per_visit`` pages at a time.
 
     An online softmax runs over the first ``n_pages`` entries of each row's page table,
-    so only the pages in use are read and no gathered copy of the cache is built.
+    so only the pages in use are read (entries past ``n_pages`` in the last visit read the
+    trash page instead, masked) and no gathered copy of the whole cache is built.
     """
     b, h, hd = q.shape
     kv, ps = k_pages.shape[1], k_pages.shape[2]
-    q = q.reshape(b, kv, h // kv, hd) / math.sqrt(hd)
+    g = h // kv
+    per = max(1, min(per_visit, page_tables.shape[1]))
+    tables = jnp.pad(page_tables, ((0, 0), (0, (-page_tables.shape[1]) % per)))
+    q = q.reshape(b, kv, g, hd) / math.sqrt(hd)
 
     def visit(j, carry):
         m, denom, acc = carry
-        ids = page_tables[:, j]
-        k, v = k_pages[ids], v_pages[ids]  # [B, KV, ps, hd]
-        s = jnp.einsum("bkgd,bkpd->bkgp", q, k)
-        key_pos = j * ps + jnp.arange(ps)
+        first = j * per
+        ids = jax.lax.dynamic_slice_in_dim(tables, first, per, axis=1)  # [B, per]
+        ids = jnp.where(first + jnp.arange(per) < n_pages, ids, 0)  # never past n_pages
+        k, v = k_pages[ids], v_pages[ids]  # [B, per, KV, ps, hd]
+        s = jnp.einsum("bkgd,bpkld->bkgpl", q, k).reshape(b, kv, g, per * ps)
+        key_pos = first * ps + jnp.arange(per * ps)
         s = jnp.where((key_pos[None, :] <= positions[:, None])[:, None, None, :], s, -1e30)
         m_new = jnp.maximum(m, s.max(-1))
         scale = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        return m_new, denom * scale + p.sum(-1), acc * scale[..., None] + jnp.einsum("bkgp,bkpd->bkgd", p, v)
+        pv = jnp.einsum("bkgpl,bpkld->bkgd", p.reshape(b, kv, g, per, ps), v)
+        return m_new, denom * scale + p.sum(-1), acc * scale[..., None] + pv
 
-    init = (jnp.full((b, kv, h // kv), -1e30, jnp.float32), jnp.zeros((b, kv, h // kv), jnp.float32),
-            jnp.zeros((b, kv, h // kv, hd), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, n_pages, visit, init)
+    init = (jnp.full((b, kv, g), -1e30, jnp.float32), jnp.zeros((b, kv, g), jnp.float32),
+            jnp.zeros((b, kv, g, hd), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, (n_pages + per - 1) // per, visit, init)
     return (acc / denom[..., None]).reshape(b, h, hd)
 
 

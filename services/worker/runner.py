@@ -149,6 +149,15 @@ class ModelRunner:
         out = np.asarray(out)
         return [int(t) for t in out[: len(items)]], np.asarray(logits)[: len(items)]
 
+    def step(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> tuple[list[int], list[int]]:
+        """Run one scheduling step: every prefill chunk, then the decode batch. Returns the
+        token sampled after each chunk (-1 where the chunk does not sample) and per decode row."""
+        prefill_tokens = []
+        for item in prefill:
+            token, _ = self.prefill(item)
+            prefill_tokens.append(token if item.sample else -1)
+        return prefill_tokens, (self.decode(decode)[0] if decode else [])
+
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> float:
         """Compile every bucket now. Its writes land in the first pages, which nobody owns
         yet: the publisher schedules nothing before the group reports ready."""

@@ -30,13 +30,14 @@ from services.topology import group_nodes, place_node
 VERSION = "0.1.0"
 
 
-def load_runner(s: WorkerSettings, log: Any):
-    """Build the group's mesh and model (imports JAX: call after XLA_FLAGS is set)."""
+def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
+    """Build the group's mesh (over ``devices``, default all) and model (imports JAX: call
+    after XLA_FLAGS is set)."""
     from services.worker.model import dummy_weights
     from services.worker.runner import ModelRunner, make_group_mesh
 
     cfg = model_config_for(s.model_path, s.max_seq_len)
-    mesh = make_group_mesh()
+    mesh = make_group_mesh(devices)
     log.info("model_loading", devices=mesh.devices.size, config=str(cfg), path=s.model_path or "(dummy)")
     show = Progress(log)
     if s.model_path:
@@ -298,11 +299,7 @@ class Worker:
 
     def run_step(self, step: Step) -> StepResult:
         t0 = time.perf_counter()
-        prefill_tokens = []
-        for item in step.prefill:
-            token, _ = self.runner.prefill(item)
-            prefill_tokens.append(token if item.sample else -1)
-        decode_tokens = self.runner.decode(step.decode)[0] if step.decode else []
+        prefill_tokens, decode_tokens = self.runner.step(step.prefill, step.decode)
         digest = token_digest(prefill_tokens, decode_tokens)
         if not self.place.is_leader:  # the leader reports the tokens, the others vouch for them
             prefill_tokens, decode_tokens = [], []

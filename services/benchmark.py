@@ -1,0 +1,220 @@
+"""``dpbus bench``: a serving benchmark any user can point at a running deployment.
+
+A seeded workload (random prompt and output lengths around ``--input-len`` and
+``--output-len``, prompts of random token ids, greedy, ``ignore_eos`` so every answer has
+its planned length) sent at a fixed concurrency or at a Poisson request rate. It reports
+request throughput, output tokens/s, time to first token (TTFT), inter-token latency
+(ITL) and end-to-end latency percentiles, and errors by code, as a table and as JSON.
+
+``--engine-only`` runs the same workload through the same scheduler and model runner in
+this one process, with no bus at all: the yardstick for what the bus costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+
+@dataclass
+class Workload:
+    requests: int = 64
+    input_len: int = 128
+    output_len: int = 64
+    range_ratio: float = 0.5  # lengths drawn uniformly from [len * (1 - ratio), len]
+    concurrency: int = 8
+    rate: float = 0.0  # requests/s with Poisson arrivals; 0: keep `concurrency` in flight
+    seed: int = 0
+    vocab: int = 256  # prompt ids drawn below this (the built-in model's bytes)
+
+    def items(self) -> list[tuple[list[int], int]]:
+        rng = random.Random(self.seed)
+
+        def length(n: int) -> int:
+            return max(1, rng.randint(int(n * (1 - self.range_ratio)), n))
+
+        return [([rng.randrange(self.vocab) for _ in range(length(self.input_len))], length(self.output_len))
+                for _ in range(self.requests)]
+
+    def arrivals(self) -> list[float]:
+        """Seconds after the start at which each request is sent (rate mode)."""
+        rng, t, out = random.Random(self.seed + 1), 0.0, []
+        for _ in range(self.requests):
+            out.append(t)
+            t += rng.expovariate(self.rate) if self.rate > 0 else 0.0
+        return out
+
+
+@dataclass
+class Record:
+    sent: float = 0.0
+    tokens: list[float] = field(default_factory=list)  # when each token arrived
+    end: float = 0.0
+    error: str = ""
+    output_tokens: int = 0
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+    return {"p50": q[49], "p90": q[89], "p99": q[98], "mean": statistics.fmean(values)}
+
+
+def summarize(records: list[Record], elapsed: float, mode: str, w: Workload) -> dict[str, Any]:
+    ok = [r for r in records if not r.error]
+    ttft = [(r.tokens[0] - r.sent) * 1000 for r in ok if r.tokens]
+    itl = [(b - a) * 1000 for r in ok for a, b in zip(r.tokens, r.tokens[1:])]
+    e2e = [(r.end - r.sent) * 1000 for r in ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    return {"mode": mode, "requests": len(records), "completed": len(ok), "seconds": elapsed,
+            "concurrency": w.concurrency if not w.rate else None, "rate": w.rate or None,
+            "request_throughput": len(ok) / elapsed if elapsed else 0.0,
+            "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0, "output_tokens": out_tokens,
+            "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl), "e2e_ms": percentiles(e2e),
+            "errors": dict(Counter(r.error for r in records if r.error))}
+
+
+async def _paced(w: Workload, run_one, progress) -> tuple[list[Record], float]:
+    """Send the workload at its concurrency or rate; run_one(i, ids, n, record) does one."""
+    items = w.items()
+    records = [Record() for _ in items]
+    gate = asyncio.Semaphore(w.concurrency if not w.rate else len(items))
+    start = time.perf_counter()
+
+    async def one(i: int, at: float) -> None:
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        async with gate:
+            await run_one(i, *items[i], records[i])
+        progress()
+
+    await asyncio.gather(*(one(i, at) for i, at in enumerate(w.arrivals())))
+    return records, time.perf_counter() - start
+
+
+async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lambda: None,
+                       timeout: float = 600.0) -> dict[str, Any]:
+    """The workload through a running dpbus (``nc``: a connected client)."""
+    from schemas import Chunk, Done, Subjects
+    from services.client import decode_answer
+
+    subject = Subjects(prefix).generate
+
+    async def run_one(i: int, ids: list[int], n: int, rec: Record) -> None:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        body = msgspec.msgpack.encode({"rid": f"bench-{w.seed}-{i}", "input_ids": ids, "stream": True, "sampling": {
+            "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}})
+        rec.sent = time.perf_counter()
+        try:
+            await nc.publish(subject, body, reply=inbox)
+            while True:
+                msg = await sub.next_msg(timeout=timeout)
+                if not msg.data:
+                    rec.error = "no_responders"
+                    break
+                ans = decode_answer(msg.data)
+                now = time.perf_counter()
+                if isinstance(ans, Chunk):
+                    rec.tokens.extend([now] * len(ans.token_ids))
+                    continue
+                rec.end = now
+                if isinstance(ans, Done):
+                    rec.output_tokens = ans.completion_tokens
+                else:
+                    rec.error = ans.code.value
+                break
+        except Exception as e:  # noqa: BLE001 - a time-out, a lost connection
+            rec.error = type(e).__name__
+        finally:
+            await sub.unsubscribe()
+
+    records, elapsed = await _paced(w, run_one, progress)
+    return summarize(records, elapsed, "system", w)
+
+
+def bench_engine(w: Workload, engine: Any, progress=lambda: None) -> dict[str, Any]:
+    """The same workload through the scheduler and the model runner in this process (no bus):
+    requests join as they arrive (or as others finish, at a fixed concurrency), one step
+    after another, as a publisher and its worker would run them."""
+    from schemas.codec import Encoding
+    from schemas.public import SamplingParams
+    from services.publisher.scheduler import Scheduler, Sequence
+    from services.settings import total_pages
+
+    s, runner = engine.settings, engine.runner
+    sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, 1 << 30, runner.cfg.max_seq_len,
+                      total_pages(s, runner.cfg.max_seq_len), s.page_size)
+    items, arrivals = w.items(), w.arrivals()
+    records = [Record() for _ in items]
+    by_rid: dict[str, int] = {}
+    start = time.perf_counter()
+    next_i, in_flight = 0, 0
+    while next_i < len(items) or sched.has_work():
+        now = time.perf_counter() - start
+        while next_i < len(items) and (in_flight < w.concurrency if not w.rate else arrivals[next_i] <= now):
+            ids, n = items[next_i]
+            rid = f"e{next_i}"
+            sched.add(Sequence(rid, ids, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True), True,
+                               "", Encoding.MSGPACK, time.time()))
+            by_rid[rid] = next_i
+            records[next_i].sent = time.perf_counter()
+            next_i += 1
+            in_flight += 1
+        if not sched.has_work():
+            time.sleep(min(0.001, max(arrivals[next_i] - now, 0)) if next_i < len(items) else 0)
+            continue
+        plan = sched.build_step(time.time())
+        if not plan:
+            continue
+        pre, dec = runner.step([item for _, item in plan.prefill], [item for _, item in plan.decode])
+        now = time.perf_counter()
+        for seq, _token, reason in sched.apply(plan, pre, dec):
+            rec = records[by_rid[seq.rid]]
+            rec.tokens.append(now)
+            if reason is not None:
+                rec.end, rec.output_tokens = now, len(seq.output)
+                in_flight -= 1
+                progress()
+    return summarize(records, time.perf_counter() - start, "engine-only", w)
+
+
+@dataclass
+class Engine:
+    settings: Any
+    runner: Any
+
+
+def load_engine(settings: Any, devices: list | None = None) -> Engine:
+    """A model runner as a one-process group's worker builds it (dummy weights unless a
+    model path is set), warmed up, over ``devices`` (default: all of this process's)."""
+    from services import logs
+    from services.worker.service import load_runner
+
+    log = logs.configure("warning", True)
+    return Engine(settings, load_runner(settings, log, devices))
+
+
+def table(results: list[dict[str, Any]]):
+    from rich.table import Table
+
+    t = Table(title="dpbus bench")
+    for col in ("mode", "concurrency / rate", "done", "req/s", "out tok/s", "TTFT p50/p90/p99 ms",
+                "ITL p50/p90/p99 ms", "E2E p50/p99 ms", "errors"):
+        t.add_column(col)
+    for r in results:
+        q = lambda k: "/".join(f"{r[k][p]:.1f}" for p in ("p50", "p90", "p99"))  # noqa: E731
+        t.add_row(r["mode"], str(r["concurrency"] or f"{r['rate']}/s"), f"{r['completed']}/{r['requests']}",
+                  f"{r['request_throughput']:.2f}", f"{r['output_tokens_per_s']:.0f}", q("ttft_ms"), q("itl_ms"),
+                  f"{r['e2e_ms']['p50']:.0f}/{r['e2e_ms']['p99']:.0f}",
+                  ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "-")
+    return t
