@@ -36,16 +36,9 @@ def use_local_devices(n: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-async def _until_signalled(*services: Any) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await asyncio.gather(*(s.run(stop) for s in services))
-
-
 def run_role(role: str, cfg: Any) -> int:
     from services import logs
+    from services.lifecycle import run_services
 
     if role in ("worker", "node"):
         use_local_devices(cfg.local_devices)
@@ -73,8 +66,7 @@ def run_role(role: str, cfg: Any) -> int:
             if should_run_publisher(cfg):
                 services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log,
                                           auth=worker.auth))
-    asyncio.run(_until_signalled(*services))
-    return 0
+    return run_services(services, log)
 
 
 # ---- user commands ----------------------------------------------------------------------
@@ -91,6 +83,7 @@ def cluster_from(a: argparse.Namespace, **kw: Any):
 
 
 def cmd_up(a: argparse.Namespace) -> int:
+    from services.lifecycle import Stopped, unless_stopped
     from services.userstate import clear_state, write_state
 
     cluster = cluster_from(a)
@@ -100,7 +93,10 @@ def cmd_up(a: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        seconds = await cluster.start()
+        try:
+            seconds = await unless_stopped(stop, cluster.start())
+        except Stopped:
+            return
         client = cluster.auth("client") if cluster.credentials else None
         where = write_state(cluster.nats_url, client or bus.NatsAuth(), os.getpid())
         who = f" as user {client.user!r} (password in {where})" if client else ""
@@ -127,7 +123,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     finally:
         print("stopping every process dpbus started ...", flush=True)
         clear_state(os.getpid())
-        cluster.stop()
+        for name in cluster.stop():
+            print(f"warning: {name} did not stop on SIGTERM: killed", flush=True)
     print("stopped", flush=True)
     return 0
 

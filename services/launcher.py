@@ -255,10 +255,12 @@ class Cluster:
                         + ", ".join(names))
         return said
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM every process started here (services first, NATS last), then SIGKILL stragglers."""
+    def stop(self, grace: float = 15.0) -> list[str]:
+        """SIGTERM every process started here (services first, NATS last), then SIGKILL
+        stragglers. Returns the names of the processes that had to be killed."""
         services = [p for p in self.procs if p.name != "nats-server"]
         servers = [p for p in self.procs if p.name == "nats-server"]
+        killed = []
         for group in (services, servers):
             for p in group:
                 if p.popen.poll() is None:
@@ -270,7 +272,9 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     p.popen.kill()
                     p.popen.wait()
+                    killed.append(p.name)
         self.procs.clear()
+        return killed
 
 
 async def _pong(nc, name: str) -> bool:

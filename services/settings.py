@@ -41,6 +41,8 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
     # the model every role agrees on (ingest checks prompts against its vocabulary and context)
     model_path: str = ""  # a Hugging Face Llama directory; empty: the built-in model
     max_seq_len: Annotated[int, Meta(ge=32)] = 1024
+    # on SIGTERM / Ctrl-C: how long work in flight may finish before it is answered `unavailable`
+    drain_timeout: Seconds = 3.0
 
 
 class IngestSettings(Common):

@@ -29,6 +29,7 @@ from schemas.internal import (
 from schemas.public import AbortAck
 from schemas.codec import Encoding
 from services import bus
+from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.model_config import model_config_for
@@ -364,8 +365,8 @@ class Publisher:
     async def run(self, stop: asyncio.Event) -> None:
         g, subj = self.g, self.subjects
         hooks: list = []
-        self.nc = await bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log, on_reconnect_hooks=hooks,
-                                    auth=self.auth)
+        self.nc = await unless_stopped(stop, bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log,
+                                                         on_reconnect_hooks=hooks, auth=self.auth))
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
@@ -382,16 +383,16 @@ class Publisher:
         self.log.info("publisher_started", members=self.members, epoch=self.epoch)
         tasks = [asyncio.create_task(self.schedule_loop(stop)), asyncio.create_task(self.housekeeping_loop(stop))]
         await stop.wait()
-        await svc.stop()  # no new work; the loop finishes what is running
+        await svc.stop()  # no new work; the loop finishes what is running, for drain_timeout at most
         self.wake.set()
         try:
-            await asyncio.wait_for(tasks[0], self.s.step_timeout)
+            await asyncio.wait_for(tasks[0], self.s.drain_timeout)
         except asyncio.TimeoutError:
             pass
         for seq in [*self.sched.take_all(), *self.sched.waiting]:
             await self.fail(seq, ErrorCode.UNAVAILABLE, f"group {g}'s publisher is shutting down")
         self.sched.waiting.clear()
         await self.announce_finished()
-        await self.outbox.drain(timeout=5)
+        await self.outbox.drain(timeout=2)
         tasks[1].cancel()
-        await self.nc.drain()
+        await bus.close(self.nc)
