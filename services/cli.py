@@ -102,10 +102,13 @@ def cmd_up(a: argparse.Namespace) -> int:
         who = f" as user {client.user!r} (password in {where})" if client else ""
         print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at {cluster.nats_url}{who}; "
               f"try: dpbus generate 'hello'. Ctrl-C stops everything", flush=True)
+        watch, nc = await watch_ready_again(cluster, a.prefix)
         while not stop.is_set():
             if a.restart:
                 for line in cluster.supervise():
                     print(f"warning: {line}", flush=True)
+                watch.restarted(cluster.recovering)
+                cluster.recovering.clear()
             else:
                 for p in [p for p in cluster.procs if p.popen.poll() is not None]:
                     print(f"warning: {p.name} exited with code {p.popen.returncode}; log {p.log_path}", flush=True)
@@ -114,6 +117,7 @@ def cmd_up(a: argparse.Namespace) -> int:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+        await nc.close()
 
     try:
         asyncio.run(main())
@@ -123,10 +127,28 @@ def cmd_up(a: argparse.Namespace) -> int:
     finally:
         print("stopping every process dpbus started ...", flush=True)
         clear_state(os.getpid())
-        for name in cluster.stop():
-            print(f"warning: {name} did not stop on SIGTERM: killed", flush=True)
+        for problem in cluster.stop():
+            print(f"warning: {problem}", flush=True)
     print("stopped", flush=True)
     return 0
+
+
+async def watch_ready_again(cluster: Any, prefix: str) -> Any:
+    """Print "group g ready again" when a group that `up` restarted serves again."""
+    from schemas import Subjects
+    from schemas.internal import LoadReport, unpacker
+    from services.launcher import ReadyAgain
+
+    watch, decode = ReadyAgain(), unpacker(LoadReport)
+    nc = await bus.connect_client(cluster.nats_url, auth=cluster.auth("operator"))
+
+    async def on_load(msg: Any) -> None:
+        report = decode.decode(msg.data)
+        if watch.report(report):
+            print(f"group {report.dp_rank} ready again", flush=True)
+
+    await nc.subscribe(Subjects(prefix).all_loads, cb=on_load)
+    return watch, nc
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -136,10 +158,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from schemas import Chunk, Done
     from services.client import stream
 
-    req: dict[str, Any] = {"text": a.text, "stream": not a.no_stream,
-                           "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature}}
-    if a.seed is not None:
-        req["sampling"]["seed"] = a.seed
+    req: dict[str, Any] = {"text": a.text, "stream": not a.no_stream}
+    sampling = {k: v for k, v in (("max_new_tokens", a.max_new_tokens), ("temperature", a.temperature),
+                                  ("seed", a.seed)) if v is not None}
+    if sampling:  # only what the flags set: the wire's defaults apply to the rest
+        req["sampling"] = sampling
     if a.dp_rank is not None:
         req["dp_rank"] = a.dp_rank
 
@@ -160,8 +183,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 elif isinstance(ans, Done):
                     if ans.text:
                         print(ans.text, end="")
+                    clamp = (f", max_new_tokens clamped to {ans.clamped_max_new_tokens} by the context"
+                             if ans.clamped_max_new_tokens is not None else "")
                     print(f"\n[{ans.finish_reason.value}: group {ans.dp_rank}, {ans.completion_tokens} tokens, "
-                          f"first token {ans.timings.ttft_ms:.0f} ms, total {ans.timings.total_ms:.0f} ms]",
+                          f"first token {ans.timings.ttft_ms:.0f} ms, total {ans.timings.total_ms:.0f} ms{clamp}]",
                           file=sys.stderr)
                 else:
                     print(f"\nerror {ans.code.value}: {ans.message}", file=sys.stderr)
@@ -276,12 +301,16 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--requests", type=int, default=8)
     q.add_argument("--max-new-tokens", type=int, default=24)
     q.set_defaults(fn=cmd_demo)
-    q = sub.add_parser("generate", help="send one request and print the streamed answer")
+    q = sub.add_parser("generate", help="send one request and print the streamed answer",
+                       description="Send one request and print the streamed answer. Only the sampling fields "
+                                   "given as flags are sent: the others take the wire's defaults "
+                                   "(README, 'Request fields and their defaults': max_new_tokens 32, "
+                                   "temperature 1.0, a random seed).")
     q.add_argument("text")
     client_flags(q)
-    q.add_argument("--max-new-tokens", type=int, default=32)
-    q.add_argument("--temperature", type=float, default=0.0)
-    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--max-new-tokens", type=int, default=None, help="default: the wire's (32)")
+    q.add_argument("--temperature", type=float, default=None, help="0: greedy; default: the wire's (1.0)")
+    q.add_argument("--seed", type=int, default=None, help="default: a random seed per request")
     q.add_argument("--dp-rank", type=int, default=None, help="pin the request to this group")
     q.add_argument("--no-stream", action="store_true", help="only the final answer")
     q.add_argument("--msgpack", action="store_true", help="send the request as msgpack")

@@ -82,10 +82,12 @@ class Cluster:
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
     _restarted: dict[str, float] = field(default_factory=dict)
+    recovering: set[int] = field(default_factory=set)  # groups restarted and not yet ready again
 
     def __post_init__(self) -> None:
         for r in range(self.nnodes):  # refuse bad layouts before starting anything
             place_node(r, self.nnodes, self.dp_size)
+        self.own_log_dir = self.log_dir is None  # made here: removed after a clean stop
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="dpbus-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -236,6 +238,17 @@ class Cluster:
         g = place_node(int(rank), self.nnodes, self.dp_size).dp_rank
         return [f"{kind}-{r}" for r in group_nodes(g, self.nnodes, self.dp_size)]
 
+    def groups_of(self, names: list[str]) -> set[int]:
+        """The DP groups whose service runs in one of the processes ``names``."""
+        groups = set()
+        for name in names:
+            kind, _, rank = name.rpartition("-")
+            if kind == "publisher":
+                groups.add(int(rank))
+            elif kind in ("worker", "node"):
+                groups.add(place_node(int(rank), self.nnodes, self.dp_size).dp_rank)
+        return groups
+
     def supervise(self, min_interval: float = 5.0) -> list[str]:
         """Restart services that exited (with their group's peers when the group spans
         processes), at most once per ``min_interval`` seconds each. Returns what it did."""
@@ -251,13 +264,15 @@ class Cluster:
             for n in names:
                 self._restarted[n] = now
                 self.restart(n)
+            self.recovering.update(self.groups_of(names))
             said.append(f"{p.name} exited with code {p.popen.returncode} (log {p.log_path}); restarted "
                         + ", ".join(names))
         return said
 
     def stop(self, grace: float = 15.0) -> list[str]:
         """SIGTERM every process started here (services first, NATS last), then SIGKILL
-        stragglers. Returns the names of the processes that had to be killed."""
+        stragglers. Returns what went wrong: processes killed or failing; when nothing did,
+        the log (and JetStream store) directory is removed if it was made here."""
         services = [p for p in self.procs if p.name != "nats-server"]
         servers = [p for p in self.procs if p.name == "nats-server"]
         killed = []
@@ -272,9 +287,16 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     p.popen.kill()
                     p.popen.wait()
-                    killed.append(p.name)
+                    killed.append(f"{p.name} did not stop on SIGTERM: killed")
+        failed = [f"{p.name} exited with code {p.popen.returncode}" for p in (*services, *servers)
+                  if p.popen.returncode not in (0, -signal.SIGTERM) and not any(k.startswith(p.name + " ") for k in killed)]
         self.procs.clear()
-        return killed
+        problems = killed + failed
+        if problems:
+            self.say(f"logs kept in {self.log_dir}")
+        elif self.own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        return problems
 
 
 async def _pong(nc, name: str) -> bool:
@@ -282,4 +304,37 @@ async def _pong(nc, name: str) -> bool:
         msg = await nc.request(f"$SRV.PING.{name}", b"", timeout=0.5)
         return bool(msg.data)
     except Exception:  # noqa: BLE001
+        return False
+
+
+class ReadyAgain:
+    """Tells when a restarted group serves again, from its load reports.
+
+    Right after a restart the reports may still say ready (the group's publisher has not
+    yet missed the dead member's heartbeats); the group is ready *again* at the first ready
+    report after it reported not ready, or after its publisher restarted (report numbers
+    start over)."""
+
+    def __init__(self) -> None:
+        self.last_seq: dict[int, int] = {}
+        self.seen_down: set[int] = set()
+        self.seq_at_restart: dict[int, int] = {}
+
+    def restarted(self, groups: set[int]) -> None:
+        for g in groups:
+            self.seen_down.discard(g)
+            self.seq_at_restart[g] = self.last_seq.get(g, 0)
+
+    def report(self, r: LoadReport) -> bool:
+        """True when ``r`` shows a restarted group ready again."""
+        self.last_seq[r.dp_rank] = r.seq
+        if r.dp_rank not in self.seq_at_restart:
+            return False
+        if not r.ready:
+            self.seen_down.add(r.dp_rank)
+            return False
+        if r.dp_rank in self.seen_down or r.seq < self.seq_at_restart[r.dp_rank]:
+            del self.seq_at_restart[r.dp_rank]
+            self.seen_down.discard(r.dp_rank)
+            return True
         return False

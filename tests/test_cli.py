@@ -52,6 +52,11 @@ def test_demo_prints_a_table_and_exits_zero():
     assert "4/4 requests done; groups that served: [0, 1]" in out.stdout
     url = re.search(r"listening on (nats://127\.0\.0\.1:\d+)", out.stdout).group(1)
     assert not port_open(url) and processes_using(url) == []
+    for i in range(4):  # no TTY: 80 columns, and still every cell whole (folded, not cut)
+        assert f"demo-{i}" in out.stdout
+    assert "\u2026" not in out.stdout, out.stdout
+    logs = Path(re.search(r"logs in (\S+)", out.stdout).group(1))
+    assert not logs.exists(), "a clean stop leaves no temp directory behind"
 
 
 @pytest.mark.e2e
@@ -98,6 +103,7 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
                 break
             time.sleep(1)
         assert json.loads(gen.stdout.splitlines()[-1])["dp_rank"] == 1, gen.stderr
+        assert proc.stdout.readline().strip() == "group 1 ready again"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         rest = proc.stdout.read()

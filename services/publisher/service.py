@@ -187,6 +187,9 @@ class Publisher:
             total_ms=round((now - seq.accepted_at) * 1000, 3),
         )
         done = Done(seq.rid, self.g, reason, len(seq.prompt), len(seq.output), timings)
+        room = self.model.max_seq_len - len(seq.prompt)
+        if seq.sampling.max_new_tokens > room:  # the context ends the output first: say so
+            done.clamped_max_new_tokens = room
         if not seq.stream:
             done.token_ids = list(seq.output)
             done.text = seq.detok.feed(seq.output, final=True)
