@@ -5,6 +5,7 @@
     dpbus generate   send one request and print the streamed answer
     dpbus node       what one TPU VM runs: a worker, plus its group's publisher if it leads
     dpbus ingest | publisher | worker    one service (what `up` and compose start)
+    dpbus status     wait until every group is ready and ingest answers
     dpbus schemas    the JSON Schema of every public message
     dpbus nats-config  a NATS server config with one user per role, for a layout
 """
@@ -207,6 +208,25 @@ def client_target(a: argparse.Namespace) -> tuple[str, float, Any]:
     return url, 5.0, auth
 
 
+def cmd_status(a: argparse.Namespace) -> int:
+    """Wait until every group is ready and an ingest answers (what `up` waits for)."""
+    from services.launcher import wait_groups_ready
+    from services.userstate import client_target as target
+
+    url, auth = target(a.nats_url, a.nats_user or "operator", "", a.nats_credentials, a.tls_ca)
+
+    async def main() -> int:
+        nc = await bus.connect_client(url, auth=auth)
+        try:
+            seconds = await wait_groups_ready(nc, a.prefix, a.dp_size, a.wait, print)
+        finally:
+            await nc.close()
+        print(f"ready: {a.dp_size} group(s) and ingest at {bus.redact(url)} (waited {seconds:.1f}s)")
+        return 0
+
+    return asyncio.run(main())
+
+
 def cmd_nats_config(a: argparse.Namespace) -> int:
     from services.natsconf import Tls, layout_users, read_hashes, write_config
     from services.topology import place_node
@@ -288,7 +308,8 @@ def parser() -> argparse.ArgumentParser:
                        help="default: $NATS_URL, else the running `dpbus up` (its state file), else 127.0.0.1:4222; "
                             "user:password@ in the URL authenticates")
         q.add_argument("--nats-credentials", default=None, help="a credentials.json (`dpbus nats-config`)")
-        q.add_argument("--nats-user", default="", help="the user in --nats-credentials (default client)")
+        q.add_argument("--nats-user", default="", help="the user in --nats-credentials (default: client; "
+                                                       "status: operator)")
         q.add_argument("--tls-ca", default="", help="CA of the server's TLS certificate")
 
     q = sub.add_parser("up", help="run the whole system on this machine")
@@ -317,6 +338,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--raw", action="store_true", help="print every answer message as JSON")
     q.add_argument("--timeout", type=float, default=120.0)
     q.set_defaults(fn=cmd_generate)
+    q = sub.add_parser("status", help="wait until every group is ready and ingest answers",
+                       description="Connects as the operator user (from --nats-credentials, or the URL) and "
+                                   "waits until every group reports ready and an ingest answers.")
+    client_flags(q)
+    q.add_argument("--dp-size", type=int, default=2, help="groups to wait for (default 2)")
+    q.add_argument("--prefix", default="dpbus")
+    q.add_argument("--wait", type=float, default=300.0, help="give up after this many seconds (default 300)")
+    q.set_defaults(fn=cmd_status)
     q = sub.add_parser("nats-config", help="write a NATS server config with one user per role for a layout")
     q.add_argument("--out", required=True, help="directory for nats.conf, auth.conf, credentials.json, compose.env")
     q.add_argument("--dp-size", type=int, default=2)

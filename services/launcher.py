@@ -187,36 +187,18 @@ class Cluster:
 
     async def wait_ready(self, timeout: float = 600.0) -> float:
         """Wait until every group reports ready and ingest answers; returns the seconds it took."""
-        t0 = time.monotonic()
         nc = await bus.connect_client(self.nats_url, auth=self.auth("operator"))
-        ready: set[int] = set()
-        decode = unpacker(LoadReport)
-
-        async def on_load(msg) -> None:
-            report = decode.decode(msg.data)
-            if report.ready:
-                ready.add(report.dp_rank)
-
-        await nc.subscribe(Subjects(self.prefix).all_loads, cb=on_load)
-        last_said = ""
         try:
-            while True:
-                for p in self.procs:
-                    if p.popen.poll() is not None:
-                        raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} during start-up; "
-                                           f"its log ({p.log_path}):\n{p.tail()}")
-                ingest_up = await _pong(nc, "dpbus-ingest")
-                said = f"groups ready {len(ready)}/{self.dp_size}, ingest {'up' if ingest_up else 'starting'}"
-                if said != last_said:
-                    self.say(f"  {said} ({time.monotonic() - t0:.0f}s)")
-                    last_said = said
-                if ingest_up and len(ready) == self.dp_size:
-                    return time.monotonic() - t0
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"not ready after {timeout:.0f}s ({said}); logs in {self.log_dir}")
-                await asyncio.sleep(0.5)
+            return await wait_groups_ready(nc, self.prefix, self.dp_size, timeout, self.say, self._check_alive,
+                                           where=f"logs in {self.log_dir}")
         finally:
             await nc.close()
+
+    def _check_alive(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} during start-up; "
+                                   f"its log ({p.log_path}):\n{p.tail()}")
 
     async def start(self, timeout: float = 600.0) -> float:
         if not self.nats_url:
@@ -297,6 +279,38 @@ class Cluster:
         elif self.own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
         return problems
+
+
+async def wait_groups_ready(nc, prefix: str, dp_size: int, timeout: float, say: Callable[[str], None],
+                            check: Callable[[], None] = lambda: None, where: str = "") -> float:
+    """Wait (as a user who may read load reports, e.g. ``operator``) until every one of
+    ``dp_size`` groups reports ready and an ingest answers; returns the seconds it took."""
+    t0 = time.monotonic()
+    ready: set[int] = set()
+    decode = unpacker(LoadReport)
+
+    async def on_load(msg) -> None:
+        report = decode.decode(msg.data)
+        if report.ready:
+            ready.add(report.dp_rank)
+
+    sub = await nc.subscribe(Subjects(prefix).all_loads, cb=on_load)
+    last_said = ""
+    try:
+        while True:
+            check()
+            ingest_up = await _pong(nc, "dpbus-ingest")
+            said = f"groups ready {len(ready)}/{dp_size}, ingest {'up' if ingest_up else 'starting'}"
+            if said != last_said:
+                say(f"  {said} ({time.monotonic() - t0:.0f}s)")
+                last_said = said
+            if ingest_up and len(ready) >= dp_size:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"not ready after {timeout:.0f}s ({said}){'; ' + where if where else ''}")
+            await asyncio.sleep(0.5)
+    finally:
+        await sub.unsubscribe()
 
 
 async def _pong(nc, name: str) -> bool:
