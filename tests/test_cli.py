@@ -147,3 +147,22 @@ def test_up_restarts_a_spanning_group_as_a_whole(tmp_path):
     assert c._peers("publisher-1") == ["publisher-1"] and c._peers("ingest") == ["ingest"]
     one_per_group = Cluster(dp_size=2, nnodes=2, local_devices=1, log_dir=tmp_path, say=lambda _: None)
     assert one_per_group._peers("worker-1") == ["worker-1"]
+
+
+def test_ready_again_needs_a_not_ready_report_or_a_new_publisher():
+    from schemas.internal import LoadReport
+    from services.launcher import ReadyAgain
+
+    def report(g: int, seq: int, ready: bool) -> LoadReport:
+        return LoadReport(g, seq, 0.0, ready, 0, 0, 1, 0)
+
+    watch = ReadyAgain()
+    assert not watch.report(report(1, 10, True))  # nothing restarted
+    watch.restarted({1})
+    assert not watch.report(report(1, 11, True))  # the old view: the dead member not missed yet
+    assert not watch.report(report(0, 11, True))  # another group
+    assert not watch.report(report(1, 12, False))
+    assert watch.report(report(1, 13, True))
+    assert not watch.report(report(1, 14, True))  # said once
+    watch.restarted({1})
+    assert watch.report(report(1, 1, True))  # a restarted publisher: its reports start over
