@@ -5,7 +5,8 @@ from enum import Enum
 
 class ErrorCode(str, Enum):
     BAD_REQUEST = "bad_request"          # the body is not a valid request (details in the message)
-    PROMPT_TOO_LONG = "prompt_too_long"  # prompt + max_new_tokens exceed the model's context
+    PROMPT_TOO_LONG = "prompt_too_long"  # the prompt fills the context: no room for one token
+    #                                      (a max_new_tokens past the context is clamped, see Done)
     UNKNOWN_DP_RANK = "unknown_dp_rank"  # dp_rank names no group of this deployment
     OVERLOADED = "overloaded"            # queues are full; retry later
     UNAVAILABLE = "unavailable"          # no group can take the request right now

@@ -85,6 +85,8 @@ class Done(Struct, tag="done", tag_field="type", omit_defaults=True):
     timings: Timings = msgspec.field(default_factory=Timings)
     token_ids: list[int] | None = None  # the whole output, when stream is false
     text: str | None = None
+    # set when prompt + max_new_tokens did not fit the context: the max_new_tokens used instead
+    clamped_max_new_tokens: int | None = None
 
 
 class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
@@ -111,3 +113,48 @@ PUBLIC_MESSAGES = {
     "Error": Error,
     "AbortAck": AbortAck,
 }
+
+
+def _default_of(f: msgspec.inspect.Field) -> str:
+    if f.default is not msgspec.NODEFAULT:
+        return "none" if f.default is None else msgspec.json.encode(f.default).decode()
+    if f.default_factory is not msgspec.NODEFAULT:
+        value = f.default_factory()
+        return "(below)" if isinstance(value, Struct) else msgspec.json.encode(value).decode()
+    return "required"
+
+
+def _range_of(t: msgspec.inspect.Type) -> str:
+    if isinstance(t, msgspec.inspect.UnionType):
+        return " ".join(r for r in (_range_of(u) for u in t.types) if r)
+    if isinstance(t, msgspec.inspect.ListType):
+        return f"at most {t.max_length} items" if t.max_length is not None else ""
+    if isinstance(t, msgspec.inspect.StrType) and t.max_length is not None:
+        return f"{t.min_length or 0} to {t.max_length} characters"
+    low = [f"{op} {getattr(t, name)}" for name, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+           if getattr(t, name, None) is not None]
+    return ", ".join(low)
+
+
+FIELD_NOTES = {
+    "rid": "assigned by ingest when missing", "text": "the prompt (give `text` or `input_ids`)",
+    "input_ids": "the prompt as token ids", "stream": "false: only the terminal message, with the whole output",
+    "dp_rank": "pin the request to one group", "max_new_tokens": "clamped to what the context leaves (see `done`)",
+    "temperature": "0: greedy", "top_p": "nucleus sampling cut", "top_k": "0: no top-k cut",
+    "seed": "none: a fresh random seed per request", "stop_token_ids": "stop after one of these (it is included)",
+    "ignore_eos": "keep going past the EOS token",
+    "stop": "stop strings: the answer ends before the first one (not included)",
+}
+
+
+def wire_defaults_table() -> str:
+    """The README's table of request fields, their defaults and bounds, made from the Structs
+    above (what a field omitted from a request means)."""
+    rows = ["| field | default | allowed | meaning |", "|---|---|---|---|"]
+    for prefix, typ in (("", GenerateRequest), ("sampling.", SamplingParams)):
+        for f in msgspec.inspect.type_info(typ).fields:
+            if isinstance(f.type, msgspec.inspect.StructType):
+                continue
+            rows.append(f"| `{prefix}{f.name}` | `{_default_of(f)}` | {_range_of(f.type)} | "
+                        f"{FIELD_NOTES.get(f.name, '')} |")
+    return "\n".join(rows) + "\n"

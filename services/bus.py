@@ -146,6 +146,14 @@ async def connect(url: str, name: str, log: Any, on_reconnect_hooks: list | None
     return nc
 
 
+async def close(nc: Client, timeout: float = 2.0) -> None:
+    """Drain ``nc`` (flush what is buffered), but for at most ``timeout`` seconds."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+    except Exception:  # noqa: BLE001 - a time-out or a dead connection: just close
+        await nc.close()
+
+
 async def publish(nc: Client, subject: str, data: bytes, attempts: int = 3, backoff: float = 0.2) -> None:
     """Publish, retrying a few times (a full reconnect buffer, a closing connection)."""
     for attempt in range(attempts):

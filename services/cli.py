@@ -6,6 +6,8 @@
     dpbus node       what one TPU VM runs: a worker, plus its group's publisher if it leads
     dpbus ingest | publisher | worker    one service (what `up` and compose start)
     dpbus gateway    the OpenAI-compatible HTTP API, one more client of the bus
+    dpbus status     wait until every group is ready and ingest answers
+    dpbus bench      a serving benchmark (a running deployment, or --engine-only)
     dpbus schemas    the JSON Schema of every public message
     dpbus nats-config  a NATS server config with one user per role, for a layout
 """
@@ -37,17 +39,7 @@ def use_local_devices(n: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-async def _until_signalled(*services: Any, metrics: tuple[int, str] | None = None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if metrics and metrics[0]:
-        serve_metrics(services, *metrics)
-    await asyncio.gather(*(s.run(stop) for s in services))
-
-
-def serve_metrics(services: tuple, port: int, host: str) -> None:
+def serve_metrics(services: list, port: int, host: str) -> None:
     """Prometheus metrics of this process's services on ``host:port``: their micro stats
     (read on the event loop at scrape time) and the publisher's latency histograms."""
     from prometheus_client import CollectorRegistry
@@ -70,6 +62,7 @@ def serve_metrics(services: tuple, port: int, host: str) -> None:
 
 def run_role(role: str, cfg: Any) -> int:
     from services import logs
+    from services.lifecycle import run_services
 
     if role in ("worker", "node"):
         use_local_devices(cfg.local_devices)
@@ -100,8 +93,8 @@ def run_role(role: str, cfg: Any) -> int:
             if should_run_publisher(cfg):
                 services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log,
                                           auth=worker.auth))
-    asyncio.run(_until_signalled(*services, metrics=(cfg.metrics_port, cfg.metrics_host)))
-    return 0
+    setup = (lambda: serve_metrics(services, cfg.metrics_port, cfg.metrics_host)) if cfg.metrics_port else None
+    return run_services(services, log, setup)
 
 
 # ---- user commands ----------------------------------------------------------------------
@@ -135,6 +128,7 @@ def tls_files(a: argparse.Namespace):
 
 
 def cmd_up(a: argparse.Namespace) -> int:
+    from services.lifecycle import Stopped, unless_stopped
     from services.userstate import clear_state, write_state
 
     cluster = cluster_from(a)
@@ -144,7 +138,10 @@ def cmd_up(a: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        seconds = await cluster.start()
+        try:
+            seconds = await unless_stopped(stop, cluster.start())
+        except Stopped:
+            return
         client = cluster.auth("client") if cluster.credentials else None
         where = write_state(cluster.nats_url, client or bus.NatsAuth(), os.getpid())
         who = f" as user {client.user!r} (password in {where})" if client else ""
@@ -153,10 +150,13 @@ def cmd_up(a: argparse.Namespace) -> int:
               f"try: dpbus generate 'hello'. Ctrl-C stops everything", flush=True)
         if cluster.http_url:
             print(f"OpenAI-compatible API at {cluster.http_url} (try: curl {cluster.http_url}/models)", flush=True)
+        watch, nc = await watch_ready_again(cluster, a.prefix)
         while not stop.is_set():
             if a.restart:
                 for line in cluster.supervise():
                     print(f"warning: {line}", flush=True)
+                watch.restarted(cluster.recovering)
+                cluster.recovering.clear()
             else:
                 for p in [p for p in cluster.procs if p.popen.poll() is not None]:
                     print(f"warning: {p.name} exited with code {p.popen.returncode}; log {p.log_path}", flush=True)
@@ -165,6 +165,7 @@ def cmd_up(a: argparse.Namespace) -> int:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+        await nc.close()
 
     try:
         asyncio.run(main())
@@ -174,9 +175,28 @@ def cmd_up(a: argparse.Namespace) -> int:
     finally:
         print("stopping every process dpbus started ...", flush=True)
         clear_state(os.getpid())
-        cluster.stop()
+        for problem in cluster.stop():
+            print(f"warning: {problem}", flush=True)
     print("stopped", flush=True)
     return 0
+
+
+async def watch_ready_again(cluster: Any, prefix: str) -> Any:
+    """Print "group g ready again" when a group that `up` restarted serves again."""
+    from schemas import Subjects
+    from schemas.internal import LoadReport, unpacker
+    from services.launcher import ReadyAgain
+
+    watch, decode = ReadyAgain(), unpacker(LoadReport)
+    nc = await bus.connect_client(cluster.nats_url, auth=cluster.auth("operator"))
+
+    async def on_load(msg: Any) -> None:
+        report = decode.decode(msg.data)
+        if watch.report(report):
+            print(f"group {report.dp_rank} ready again", flush=True)
+
+    await nc.subscribe(Subjects(prefix).all_loads, cb=on_load)
+    return watch, nc
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -186,10 +206,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from schemas import Chunk, Done
     from services.client import stream
 
-    req: dict[str, Any] = {"text": a.text, "stream": not a.no_stream,
-                           "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature}}
-    if a.seed is not None:
-        req["sampling"]["seed"] = a.seed
+    req: dict[str, Any] = {"text": a.text, "stream": not a.no_stream}
+    sampling = {k: v for k, v in (("max_new_tokens", a.max_new_tokens), ("temperature", a.temperature),
+                                  ("seed", a.seed)) if v is not None}
+    if sampling:  # only what the flags set: the wire's defaults apply to the rest
+        req["sampling"] = sampling
     if a.dp_rank is not None:
         req["dp_rank"] = a.dp_rank
 
@@ -210,8 +231,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 elif isinstance(ans, Done):
                     if ans.text:
                         print(ans.text, end="")
+                    clamp = (f", max_new_tokens clamped to {ans.clamped_max_new_tokens} by the context"
+                             if ans.clamped_max_new_tokens is not None else "")
                     print(f"\n[{ans.finish_reason.value}: group {ans.dp_rank}, {ans.completion_tokens} tokens, "
-                          f"first token {ans.timings.ttft_ms:.0f} ms, total {ans.timings.total_ms:.0f} ms]",
+                          f"first token {ans.timings.ttft_ms:.0f} ms, total {ans.timings.total_ms:.0f} ms{clamp}]",
                           file=sys.stderr)
                 else:
                     print(f"\nerror {ans.code.value}: {ans.message}", file=sys.stderr)
@@ -230,6 +253,25 @@ def client_target(a: argparse.Namespace) -> tuple[str, float, Any]:
 
     url, auth = target(a.nats_url, a.nats_user, "", a.nats_credentials, a.tls_ca)
     return url, 5.0, auth
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    """Wait until every group is ready and an ingest answers (what `up` waits for)."""
+    from services.launcher import wait_groups_ready
+    from services.userstate import client_target as target
+
+    url, auth = target(a.nats_url, a.nats_user or "operator", "", a.nats_credentials, a.tls_ca)
+
+    async def main() -> int:
+        nc = await bus.connect_client(url, auth=auth)
+        try:
+            seconds = await wait_groups_ready(nc, a.prefix, a.dp_size, a.wait, print)
+        finally:
+            await nc.close()
+        print(f"ready: {a.dp_size} group(s) and ingest at {bus.redact(url)} (waited {seconds:.1f}s)")
+        return 0
+
+    return asyncio.run(main())
 
 
 def cmd_nats_config(a: argparse.Namespace) -> int:
@@ -351,7 +393,8 @@ def parser() -> argparse.ArgumentParser:
                        help="default: $NATS_URL, else the running `dpbus up` (its state file), else 127.0.0.1:4222; "
                             "user:password@ in the URL authenticates")
         q.add_argument("--nats-credentials", default=None, help="a credentials.json (`dpbus nats-config`)")
-        q.add_argument("--nats-user", default="", help="the user in --nats-credentials (default client)")
+        q.add_argument("--nats-user", default="", help="the user in --nats-credentials (default: client; "
+                                                       "status: operator)")
         q.add_argument("--tls-ca", default="", help="CA of the server's TLS certificate")
 
     q = sub.add_parser("up", help="run the whole system on this machine")
@@ -364,12 +407,16 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--requests", type=int, default=8)
     q.add_argument("--max-new-tokens", type=int, default=24)
     q.set_defaults(fn=cmd_demo)
-    q = sub.add_parser("generate", help="send one request and print the streamed answer")
+    q = sub.add_parser("generate", help="send one request and print the streamed answer",
+                       description="Send one request and print the streamed answer. Only the sampling fields "
+                                   "given as flags are sent: the others take the wire's defaults "
+                                   "(README, 'Request fields and their defaults': max_new_tokens 32, "
+                                   "temperature 1.0, a random seed).")
     q.add_argument("text")
     client_flags(q)
-    q.add_argument("--max-new-tokens", type=int, default=32)
-    q.add_argument("--temperature", type=float, default=0.0)
-    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--max-new-tokens", type=int, default=None, help="default: the wire's (32)")
+    q.add_argument("--temperature", type=float, default=None, help="0: greedy; default: the wire's (1.0)")
+    q.add_argument("--seed", type=int, default=None, help="default: a random seed per request")
     q.add_argument("--dp-rank", type=int, default=None, help="pin the request to this group")
     q.add_argument("--no-stream", action="store_true", help="only the final answer")
     q.add_argument("--msgpack", action="store_true", help="send the request as msgpack")
@@ -392,6 +439,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--local-devices", type=int, default=1, help="--engine-only: virtual CPU devices")
     st.add_settings_args(q, st.EngineSettings, skip={*st.UP_DECIDES, "max_waiting", "seed"})
     q.set_defaults(fn=cmd_bench)
+    q = sub.add_parser("status", help="wait until every group is ready and ingest answers",
+                       description="Connects as the operator user (from --nats-credentials, or the URL) and "
+                                   "waits until every group reports ready and an ingest answers.")
+    client_flags(q)
+    q.add_argument("--dp-size", type=int, default=2, help="groups to wait for (default 2)")
+    q.add_argument("--prefix", default="dpbus")
+    q.add_argument("--wait", type=float, default=300.0, help="give up after this many seconds (default 300)")
+    q.set_defaults(fn=cmd_status)
     q = sub.add_parser("nats-config", help="write a NATS server config with one user per role for a layout")
     q.add_argument("--out", required=True, help="directory for nats.conf, auth.conf, credentials.json, compose.env")
     q.add_argument("--dp-size", type=int, default=2)

@@ -50,7 +50,9 @@ async def over_http(console: Console, base: str, max_tokens: int) -> bool:
 def run_demo(a: argparse.Namespace) -> int:
     from services.cli import cluster_from
 
-    console = Console()
+    # soft_wrap: lines (log paths, URLs) are never cut; the table folds its cells to fit
+    # whatever width the console has (80 columns without a terminal)
+    console = Console(soft_wrap=True)
     cluster = cluster_from(a, say=console.print)
 
     async def main() -> int:
@@ -66,7 +68,7 @@ def run_demo(a: argparse.Namespace) -> int:
             await nc.close()
         table = Table(title="dpbus demo")
         for col in ("rid", "group", "prompt", "tokens", "finish", "first token ms", "total ms", "tok/s"):
-            table.add_column(col, no_wrap=True)
+            table.add_column(col, overflow="fold")
         groups, ok = set(), 0
         for r, o in zip(reqs, outs):
             t = o.terminal
@@ -90,5 +92,7 @@ def run_demo(a: argparse.Namespace) -> int:
         return 1
     finally:
         console.print("shutting down ...")
-        cluster.stop()
+        problems = cluster.stop()
+        for line in problems:
+            console.print(f"[yellow]warning:[/] {line}")
         console.print("all processes stopped")

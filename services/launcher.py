@@ -86,10 +86,12 @@ class Cluster:
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
     _restarted: dict[str, float] = field(default_factory=dict)
+    recovering: set[int] = field(default_factory=set)  # groups restarted and not yet ready again
 
     def __post_init__(self) -> None:
         for r in range(self.nnodes):  # refuse bad layouts before starting anything
             place_node(r, self.nnodes, self.dp_size)
+        self.own_log_dir = self.log_dir is None  # made here: removed after a clean stop
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="dpbus-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -208,39 +210,18 @@ class Cluster:
 
     async def wait_ready(self, timeout: float = 600.0) -> float:
         """Wait until every group reports ready and ingest answers; returns the seconds it took."""
-        t0 = time.monotonic()
         nc = await bus.connect_client(self.nats_url, auth=self.auth("operator"))
-        ready: set[int] = set()
-        decode = unpacker(LoadReport)
-
-        async def on_load(msg) -> None:
-            report = decode.decode(msg.data)
-            if report.ready:
-                ready.add(report.dp_rank)
-
-        await nc.subscribe(Subjects(self.prefix).all_loads, cb=on_load)
-        last_said = ""
         try:
-            while True:
-                for p in self.procs:
-                    if p.popen.poll() is not None:
-                        raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} during start-up; "
-                                           f"its log ({p.log_path}):\n{p.tail()}")
-                ingest_up = await _pong(nc, "dpbus-ingest")
-                http_up = not self.http_port or not _port_free(self.http_port)
-                said = f"groups ready {len(ready)}/{self.dp_size}, ingest {'up' if ingest_up else 'starting'}"
-                if self.http_port:
-                    said += f", gateway {'up' if http_up else 'starting'}"
-                if said != last_said:
-                    self.say(f"  {said} ({time.monotonic() - t0:.0f}s)")
-                    last_said = said
-                if ingest_up and http_up and len(ready) == self.dp_size:
-                    return time.monotonic() - t0
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"not ready after {timeout:.0f}s ({said}); logs in {self.log_dir}")
-                await asyncio.sleep(0.5)
+            return await wait_groups_ready(nc, self.prefix, self.dp_size, timeout, self.say, self._check_alive,
+                                           where=f"logs in {self.log_dir}", http_port=self.http_port)
         finally:
             await nc.close()
+
+    def _check_alive(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} during start-up; "
+                                   f"its log ({p.log_path}):\n{p.tail()}")
 
     async def start(self, timeout: float = 600.0) -> float:
         if not self.nats_url:
@@ -262,6 +243,17 @@ class Cluster:
         g = place_node(int(rank), self.nnodes, self.dp_size).dp_rank
         return [f"{kind}-{r}" for r in group_nodes(g, self.nnodes, self.dp_size)]
 
+    def groups_of(self, names: list[str]) -> set[int]:
+        """The DP groups whose service runs in one of the processes ``names``."""
+        groups = set()
+        for name in names:
+            kind, _, rank = name.rpartition("-")
+            if kind == "publisher":
+                groups.add(int(rank))
+            elif kind in ("worker", "node"):
+                groups.add(place_node(int(rank), self.nnodes, self.dp_size).dp_rank)
+        return groups
+
     def supervise(self, min_interval: float = 5.0) -> list[str]:
         """Restart services that exited (with their group's peers when the group spans
         processes), at most once per ``min_interval`` seconds each. Returns what it did."""
@@ -277,14 +269,18 @@ class Cluster:
             for n in names:
                 self._restarted[n] = now
                 self.restart(n)
+            self.recovering.update(self.groups_of(names))
             said.append(f"{p.name} exited with code {p.popen.returncode} (log {p.log_path}); restarted "
                         + ", ".join(names))
         return said
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM every process started here (services first, NATS last), then SIGKILL stragglers."""
+    def stop(self, grace: float = 15.0) -> list[str]:
+        """SIGTERM every process started here (services first, NATS last), then SIGKILL
+        stragglers. Returns what went wrong: processes killed or failing; when nothing did,
+        the log (and JetStream store) directory is removed if it was made here."""
         services = [p for p in self.procs if p.name != "nats-server"]
         servers = [p for p in self.procs if p.name == "nats-server"]
+        killed = []
         for group in (services, servers):
             for p in group:
                 if p.popen.poll() is None:
@@ -296,7 +292,52 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     p.popen.kill()
                     p.popen.wait()
+                    killed.append(f"{p.name} did not stop on SIGTERM: killed")
+        failed = [f"{p.name} exited with code {p.popen.returncode}" for p in (*services, *servers)
+                  if p.popen.returncode not in (0, -signal.SIGTERM) and not any(k.startswith(p.name + " ") for k in killed)]
         self.procs.clear()
+        problems = killed + failed
+        if problems:
+            self.say(f"logs kept in {self.log_dir}")
+        elif self.own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        return problems
+
+
+async def wait_groups_ready(nc, prefix: str, dp_size: int, timeout: float, say: Callable[[str], None],
+                            check: Callable[[], None] = lambda: None, where: str = "", http_port: int = 0) -> float:
+    """Wait (as a user who may read load reports, e.g. ``operator``) until every one of
+    ``dp_size`` groups reports ready and an ingest answers (and, given ``http_port``, the
+    gateway listens on it); returns the seconds it took."""
+    t0 = time.monotonic()
+    ready: set[int] = set()
+    decode = unpacker(LoadReport)
+
+    async def on_load(msg) -> None:
+        report = decode.decode(msg.data)
+        if report.ready:
+            ready.add(report.dp_rank)
+
+    sub = await nc.subscribe(Subjects(prefix).all_loads, cb=on_load)
+    last_said = ""
+    try:
+        while True:
+            check()
+            ingest_up = await _pong(nc, "dpbus-ingest")
+            http_up = not http_port or not _port_free(http_port)
+            said = f"groups ready {len(ready)}/{dp_size}, ingest {'up' if ingest_up else 'starting'}"
+            if http_port:
+                said += f", gateway {'up' if http_up else 'starting'}"
+            if said != last_said:
+                say(f"  {said} ({time.monotonic() - t0:.0f}s)")
+                last_said = said
+            if ingest_up and http_up and len(ready) >= dp_size:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"not ready after {timeout:.0f}s ({said}){'; ' + where if where else ''}")
+            await asyncio.sleep(0.5)
+    finally:
+        await sub.unsubscribe()
 
 
 def _port_free(port: int) -> bool:
@@ -313,4 +354,37 @@ async def _pong(nc, name: str) -> bool:
         msg = await nc.request(f"$SRV.PING.{name}", b"", timeout=0.5)
         return bool(msg.data)
     except Exception:  # noqa: BLE001
+        return False
+
+
+class ReadyAgain:
+    """Tells when a restarted group serves again, from its load reports.
+
+    Right after a restart the reports may still say ready (the group's publisher has not
+    yet missed the dead member's heartbeats); the group is ready *again* at the first ready
+    report after it reported not ready, or after its publisher restarted (report numbers
+    start over)."""
+
+    def __init__(self) -> None:
+        self.last_seq: dict[int, int] = {}
+        self.seen_down: set[int] = set()
+        self.seq_at_restart: dict[int, int] = {}
+
+    def restarted(self, groups: set[int]) -> None:
+        for g in groups:
+            self.seen_down.discard(g)
+            self.seq_at_restart[g] = self.last_seq.get(g, 0)
+
+    def report(self, r: LoadReport) -> bool:
+        """True when ``r`` shows a restarted group ready again."""
+        self.last_seq[r.dp_rank] = r.seq
+        if r.dp_rank not in self.seq_at_restart:
+            return False
+        if not r.ready:
+            self.seen_down.add(r.dp_rank)
+            return False
+        if r.dp_rank in self.seen_down or r.seq < self.seq_at_restart[r.dp_rank]:
+            del self.seq_at_restart[r.dp_rank]
+            self.seen_down.discard(r.dp_rank)
+            return True
         return False

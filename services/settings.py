@@ -43,6 +43,8 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
     max_seq_len: Annotated[int, Meta(ge=32)] = 1024
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 0  # Prometheus metrics on this port; 0: off
     metrics_host: str = "127.0.0.1"
+    # on SIGTERM / Ctrl-C: how long work in flight may finish before it is answered `unavailable`
+    drain_timeout: Seconds = 3.0
 
 
 class IngestSettings(Common):

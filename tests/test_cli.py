@@ -52,6 +52,11 @@ def test_demo_prints_a_table_and_exits_zero():
     assert "4/4 requests done; groups that served: [0, 1]" in out.stdout
     url = re.search(r"listening on (nats://127\.0\.0\.1:\d+)", out.stdout).group(1)
     assert not port_open(url) and processes_using(url) == []
+    for i in range(4):  # no TTY: 80 columns, and still every cell whole (folded, not cut)
+        assert f"demo-{i}" in out.stdout
+    assert "\u2026" not in out.stdout, out.stdout
+    logs = Path(re.search(r"logs in (\S+)", out.stdout).group(1))
+    assert not logs.exists(), "a clean stop leaves no temp directory behind"
 
 
 @pytest.mark.e2e
@@ -98,6 +103,7 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
                 break
             time.sleep(1)
         assert json.loads(gen.stdout.splitlines()[-1])["dp_rank"] == 1, gen.stderr
+        assert proc.stdout.readline().strip() == "group 1 ready again"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         rest = proc.stdout.read()
@@ -196,3 +202,22 @@ def test_up_takes_the_service_settings_and_passes_them_on():
                                  "DPBUS_WARMUP": "false", "DPBUS_API_KEY": "k"}
     bad = subprocess.run([*DPBUS, "up", "--policy", "fastest"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "valid values: round_robin" in bad.stderr, bad.stderr
+
+
+def test_ready_again_needs_a_not_ready_report_or_a_new_publisher():
+    from schemas.internal import LoadReport
+    from services.launcher import ReadyAgain
+
+    def report(g: int, seq: int, ready: bool) -> LoadReport:
+        return LoadReport(g, seq, 0.0, ready, 0, 0, 1, 0)
+
+    watch = ReadyAgain()
+    assert not watch.report(report(1, 10, True))  # nothing restarted
+    watch.restarted({1})
+    assert not watch.report(report(1, 11, True))  # the old view: the dead member not missed yet
+    assert not watch.report(report(0, 11, True))  # another group
+    assert not watch.report(report(1, 12, False))
+    assert watch.report(report(1, 13, True))
+    assert not watch.report(report(1, 14, True))  # said once
+    watch.restarted({1})
+    assert watch.report(report(1, 1, True))  # a restarted publisher: its reports start over

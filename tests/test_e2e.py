@@ -14,7 +14,7 @@ import nats
 import pytest
 
 from schemas import AbortAck, Chunk, Done, Error
-from tests.conftest import client_of
+from tests.conftest import CLUSTER_SETTINGS, client_of
 from services.client import decode_answer
 
 pytestmark = pytest.mark.e2e
@@ -123,6 +123,35 @@ async def test_non_streaming_request_gets_only_the_terminal_with_the_output(clus
     chunks, done = terminal_of(msgs)
     assert chunks == [] and isinstance(done, Done)
     assert len(done.token_ids) == done.completion_tokens and done.text is not None
+
+
+async def test_max_new_tokens_past_the_context_is_clamped_and_done_says_so(cluster):
+    max_seq_len = int(CLUSTER_SETTINGS["DPBUS_MAX_SEQ_LEN"])
+    nc = await connect(cluster)
+    long, fits = await asyncio.gather(
+        ask(nc, body({"text": "clamp me", "stream": False,
+                      "sampling": {"max_new_tokens": 60000, "temperature": 0, "ignore_eos": True}})),
+        ask(nc, body({"text": "fits", "stream": False, "sampling": {"max_new_tokens": 4, "temperature": 0}})))
+    await nc.close()
+    _, done = terminal_of(long)
+    assert isinstance(done, Done), done
+    assert done.clamped_max_new_tokens == max_seq_len - done.prompt_tokens
+    assert done.completion_tokens == done.clamped_max_new_tokens and done.finish_reason.value == "length"
+    _, small = terminal_of(fits)
+    assert small.clamped_max_new_tokens is None and b"clamped" not in fits[-1]
+
+
+def test_generate_sends_only_the_sampling_fields_its_flags_set(cluster):
+    """No flags: the wire's defaults apply (temperature 1.0, a random seed, 32 tokens)."""
+    env = {**os.environ, "DPBUS_NATS_USER": "client", "DPBUS_NATS_PASSWORD": cluster.credentials.passwords["client"]}
+    outs = [subprocess.run([sys.executable, "-m", "services.cli", "generate", "--nats-url", cluster.nats_url, "--raw",
+                            "--no-stream", "defaults"] + extra, env=env, capture_output=True, text=True, timeout=120)
+            for extra in ([], [], ["--temperature", "0"], ["--temperature", "0"])]
+    assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+    done = [json.loads(o.stdout.splitlines()[-1]) for o in outs]
+    assert done[2]["token_ids"] == done[3]["token_ids"]  # greedy when asked
+    assert done[0]["token_ids"] != done[1]["token_ids"]  # sampled with fresh seeds by default
+    assert all(d["completion_tokens"] <= 32 for d in done)
 
 
 async def test_greedy_output_is_the_same_in_both_groups_and_missing_rid_is_assigned(cluster):

@@ -26,6 +26,7 @@ from schemas.codec import encode_answer, sniff_encoding
 from schemas.internal import Finished, GroupAbort, client_of, Inflight, LoadReport, Submit, SubmitAck, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
 from services import bus
+from services.lifecycle import unless_stopped
 from services.errors import Rejected
 from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from services.model_config import model_config_for
@@ -293,8 +294,8 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event) -> None:
         hooks: list = []
-        self.nc = await bus.connect(self.s.nats_url, "dpbus-ingest", self.log, on_reconnect_hooks=hooks,
-                                    auth=self.auth)
+        self.nc = await unless_stopped(stop, bus.connect(self.s.nats_url, "dpbus-ingest", self.log,
+                                                         on_reconnect_hooks=hooks, auth=self.auth))
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
@@ -311,7 +312,7 @@ class Ingest:
         await stop.wait()
         reconciling.cancel()
         await svc.stop()
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=self.s.submit_timeout * self.s.dp_size + 1)
-        await self.outbox.drain(timeout=5)
-        await self.nc.drain()
+        if self.tasks:  # requests being handed to a group
+            await asyncio.wait(self.tasks, timeout=self.s.drain_timeout)
+        await self.outbox.drain(timeout=2)
+        await bus.close(self.nc)

@@ -30,6 +30,7 @@ from schemas.internal import (
 from schemas.public import AbortAck
 from schemas.codec import Encoding
 from services import bus
+from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.metrics import PublisherMetrics
@@ -193,6 +194,9 @@ class Publisher:
             self.metrics.queue.observe(timings.queue_ms / 1000)
         if seq.first_token_at:
             self.metrics.ttft.observe(timings.ttft_ms / 1000)
+        room = self.model.max_seq_len - len(seq.prompt)
+        if seq.sampling.max_new_tokens > room:  # the context ends the output first: say so
+            done.clamped_max_new_tokens = room
         if not seq.stream:
             done.token_ids = list(seq.output)
             done.text = "".join(seq.text_parts)
@@ -384,8 +388,8 @@ class Publisher:
     async def run(self, stop: asyncio.Event) -> None:
         g, subj = self.g, self.subjects
         hooks: list = []
-        self.nc = await bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log, on_reconnect_hooks=hooks,
-                                    auth=self.auth)
+        self.nc = await unless_stopped(stop, bus.connect(self.s.nats_url, f"dpbus-publisher-{g}", self.log,
+                                                         on_reconnect_hooks=hooks, auth=self.auth))
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
@@ -402,16 +406,16 @@ class Publisher:
         self.log.info("publisher_started", members=self.members, epoch=self.epoch)
         tasks = [asyncio.create_task(self.schedule_loop(stop)), asyncio.create_task(self.housekeeping_loop(stop))]
         await stop.wait()
-        await svc.stop()  # no new work; the loop finishes what is running
+        await svc.stop()  # no new work; the loop finishes what is running, for drain_timeout at most
         self.wake.set()
         try:
-            await asyncio.wait_for(tasks[0], self.s.step_timeout)
+            await asyncio.wait_for(tasks[0], self.s.drain_timeout)
         except asyncio.TimeoutError:
             pass
         for seq in [*self.sched.take_all(), *self.sched.waiting]:
             await self.fail(seq, ErrorCode.UNAVAILABLE, f"group {g}'s publisher is shutting down")
         self.sched.waiting.clear()
         await self.announce_finished()
-        await self.outbox.drain(timeout=5)
+        await self.outbox.drain(timeout=2)
         tasks[1].cancel()
-        await self.nc.drain()
+        await bus.close(self.nc)

@@ -22,12 +22,19 @@ from schemas.internal import (
 )
 from services import bus
 from services.errors import ReceiveDataError
+from services.lifecycle import unless_stopped
 from services.model_config import model_config_for
 from services.natsconf import user_for
 from services.settings import WorkerSettings, total_pages
 from services.topology import group_nodes, place_node
 
 VERSION = "0.1.0"
+STEPS_QUIET_S = 1.0  # stopping: no step for this long means the publisher has stopped sending
+# Leaving a JAX job is a barrier of all its members. When the whole group stops they meet
+# there at once; a member stopped alone waits LEAVE_WAIT_S, then exits without the barrier,
+# well before JAX's own deadline (JOB_SHUTDOWN_TIMEOUT) would abort the process.
+LEAVE_WAIT_S = 2.0
+JOB_SHUTDOWN_TIMEOUT = 10
 
 
 def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
@@ -87,6 +94,19 @@ class Progress:
             self.bar = None
 
 
+def leave_jax_job(log: Any) -> None:
+    """Leave the group's JAX job, waiting at most LEAVE_WAIT_S for the other members (they
+    leave too when the whole group is stopped). The process must exit right after."""
+    import threading
+
+    import jax
+
+    leaving = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+    leaving.start()
+    leaving.join(LEAVE_WAIT_S)
+    log.info("left_jax_job", cleanly=not leaving.is_alive())
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings, log: Any, auth: bus.NatsAuth | None = None) -> None:
         self.s = settings
@@ -110,6 +130,8 @@ class Worker:
         self._replay_reply = unpacker(ReplayReply)
         self.runner = None
         self.step_started = 0.0
+        self.last_step_at = 0.0
+        self.stopping = False
         self.compiled_at_warmup = 0
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._decode_step = unpacker(Step)
@@ -143,23 +165,30 @@ class Worker:
         import jax
 
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU devices use it
+        # JAX's preemption service installs its own SIGTERM handler, which would take SIGTERM
+        # away from us; dpbus stops on SIGTERM itself (services/lifecycle.py)
+        jax.config.update("jax_enable_preemption_service", False)
         self.log.info("joining_jax_job", coordinator=self.s.coordinator, processes=self.place.nodes_per_group,
                       process_id=self.place.attn_tp_rank)
         jax.distributed.initialize(self.s.coordinator, num_processes=self.place.nodes_per_group,
                                    process_id=self.place.attn_tp_rank,
-                                   initialization_timeout=int(self.s.join_timeout), heartbeat_timeout_seconds=30)
+                                   initialization_timeout=int(self.s.join_timeout), heartbeat_timeout_seconds=30,
+                                   shutdown_timeout_seconds=JOB_SHUTDOWN_TIMEOUT)
         self.log.info("joined_jax_job", devices=len(jax.devices()), local_devices=len(jax.local_devices()))
 
     async def run(self, stop: asyncio.Event) -> None:
         g = self.place.dp_rank
-        self.nc = await bus.connect(self.s.nats_url, f"dpbus-worker-{self.s.node_rank}", self.log, auth=self.auth)
+        # until serving, a stop ends the start-up at once (the thread loading the model runs on
+        # until the process exits: XLA cannot be interrupted)
+        self.nc = await unless_stopped(stop, bus.connect(self.s.nats_url, f"dpbus-worker-{self.s.node_rank}",
+                                                         self.log, auth=self.auth))
         beating = asyncio.create_task(self.heartbeat_loop(stop))  # not ready yet: tells peers we are here
         if self.place.nodes_per_group > 1:
-            await self.wait_for_members()
-            await asyncio.to_thread(self.join_jax_job)
-        self.runner = await asyncio.to_thread(load_runner, self.s, self.log)
+            await unless_stopped(stop, self.wait_for_members())
+            await unless_stopped(stop, asyncio.to_thread(self.join_jax_job))
+        self.runner = await unless_stopped(stop, asyncio.to_thread(load_runner, self.s, self.log))
         self.compiled_at_warmup = self.runner.compiled_shapes()
-        await bus.subscribe(self.nc, self.subjects.step(g), self.on_step)
+        steps = await bus.subscribe(self.nc, self.subjects.step(g), self.on_step)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-worker", version=VERSION,
             description=f"dpbus worker node {self.s.node_rank} of group {g}",
@@ -172,12 +201,28 @@ class Worker:
         self.log.info("worker_ready", subject=self.subjects.step(g))
         tasks = [beating, asyncio.create_task(self.step_loop()), asyncio.create_task(self.watchdog(stop))]
         await stop.wait()
+        self.stopping = True
+        await self.serve_while_draining()
+        await steps.unsubscribe()
         for t in tasks:
             t.cancel()
         await svc.stop()
-        await self.nc.drain()
+        await bus.close(self.nc)
+        if self.place.nodes_per_group > 1:
+            await asyncio.to_thread(leave_jax_job, self.log)
+
+
+    async def serve_while_draining(self) -> None:
+        """After a stop, keep running steps while the publisher still sends them (it drains
+        its requests for ``drain_timeout``, with everyone stopping at once), and leave when
+        they have stopped coming for STEPS_QUIET_S."""
+        deadline = time.monotonic() + self.s.drain_timeout + STEPS_QUIET_S
+        while time.monotonic() < deadline and (self.step_started or not self.queue.empty()
+                                               or time.monotonic() - self.last_step_at < STEPS_QUIET_S):
+            await asyncio.sleep(0.05)
 
     async def on_step(self, msg: Any) -> None:
+        self.last_step_at = time.monotonic()
         self.queue.put_nowait(msg.data)
 
     async def on_status(self, req: Any) -> None:
@@ -279,7 +324,7 @@ class Worker:
             self.in_sync = False
             self.log.exception("step_failed", epoch=step.epoch, seq=step.seq)
             failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.INTERNAL, repr(e))
-            if self.place.nodes_per_group > 1:
+            if self.place.nodes_per_group > 1 and not self.stopping:  # stopping: a peer left first
                 await self.leave_broken_job(failure, result_subject)
             await bus.publish(self.nc, result_subject, pack(failure))
             return

@@ -1,0 +1,257 @@
+"""The README as a new user follows it.
+
+Every shell command in the fenced blocks of "Quick start" and "Several hosts", and the
+Python client snippet, is run as written, in order:
+
+* ``dpbus`` and ``nats-server`` are on PATH (what ``source .venv/bin/activate`` gives; the
+  ``dpbus`` found there runs this checkout's code with the test's interpreter);
+* ``make install`` runs with the stamp of the already installed environment (so it has
+  nothing to do) and ``make demo`` runs its recipe with that ``dpbus``; ``make test`` is
+  skipped (it is this suite);
+* a command whose comment says "leave it running" runs in the background (``dpbus up``
+  until it prints that it is ready, ``nats-server`` until it listens);
+* "Several hosts" runs on one machine: every host is 127.0.0.1 and every ``host:port``
+  gets a free port of its own (the two groups' coordinators both use 7070 on different
+  hosts);
+* HOME is a fresh directory (the state file of ``dpbus up`` goes there), and the services
+  compile fewer shapes (``DPBUS_MAX_*`` variables, which any user may set).
+
+Every background process must stop on a signal within 10 s with exit code 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from schemas.public import wire_defaults_table
+from services.launcher import free_port, nats_server_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+SMALL = {"DPBUS_MAX_PREFILL_TOKENS": "16", "DPBUS_MAX_RUNNING_REQUESTS": "2", "DPBUS_MAX_SEQ_LEN": "512"}
+SKIPPED = {"make test"}
+STOP_BOUND_S = 10.0
+
+
+def section(title: str, level: str = "##") -> str:
+    start = README.index(f"\n{level} {title}\n")
+    rest = README[start + 1:]
+    ends = [m.start() for m in re.finditer(r"^#{2,3} |^\* \*\*", rest, re.M) if m.start() > 0]
+    return rest[:min(ends)] if ends else rest
+
+
+def blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def commands(text: str) -> list[str]:
+    return [line.strip() for block in blocks(text, "sh") for line in block.splitlines() if line.strip()]
+
+
+def without_comment(cmd: str) -> str:
+    return re.sub(r"\s+#.*$", "", cmd)
+
+
+def test_wire_defaults_table_is_the_one_generated_from_schemas():
+    table = re.search(r"<!-- wire-defaults: begin -->\n(.*?)<!-- wire-defaults: end -->", README, re.S)
+    assert table, "the README lost its wire defaults table"
+    assert table.group(1) == wire_defaults_table(), "regenerate it from schemas.public.wire_defaults_table()"
+
+
+def test_readme_names_every_error_code():
+    from schemas.errors import ErrorCode
+
+    errors = section("The wire contract")
+    for code in ErrorCode:
+        assert f"`{code.value}`" in errors, code
+
+
+def test_the_runbook_sections_have_commands():
+    assert "dpbus up" in map(without_comment, commands(section("Quick start")))
+    hosts = commands(section("Several hosts", "###"))
+    assert sum(without_comment(c).startswith("dpbus node") for c in hosts) == 4
+
+
+@pytest.fixture
+def user_env(tmp_path):
+    """PATH with `dpbus` (this checkout) and `nats-server`, a fresh HOME, no test-only XLA flags."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    dpbus = bin_dir / "dpbus"
+    dpbus.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m services.cli "$@"\n')
+    dpbus.chmod(0o755)
+    (bin_dir / "nats-server").symlink_to(nats_server_binary())
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "XDG_STATE_HOME", "NATS_URL")
+           and not k.startswith("DPBUS_")}
+    env.update(SMALL, PATH=f"{bin_dir}:{env['PATH']}", HOME=str(home), PYTHONPATH=str(ROOT))
+    return env, bin_dir
+
+
+class Runner:
+    """Runs README commands in one working directory; background ones are stopped at the end."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.env, self.cwd = env, cwd
+        self.background: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def run(self, cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        out = subprocess.run(["bash", "-c", cmd], cwd=self.cwd, env=self.env, capture_output=True, text=True,
+                             timeout=timeout)
+        assert out.returncode == 0, f"`{cmd}` failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return out
+
+    def start(self, cmd: str) -> tuple[subprocess.Popen, Path]:
+        log = self.cwd / f"bg-{len(self.background)}.log"
+        with open(log, "wb") as f:  # exec: the signal goes to the command itself, not to bash
+            proc = subprocess.Popen(["bash", "-c", f"exec {without_comment(cmd)}"], cwd=self.cwd, env=self.env,
+                                    stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.background.append((cmd, proc, log))
+        return proc, log
+
+    def wait_for_line(self, proc: subprocess.Popen, log: Path, pattern: str, timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, log.read_text(errors="replace"))
+            if found:
+                return found.group(0)
+            assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} within {timeout}s:\n{log.read_text()[-3000:]}")
+
+    def stop_all(self, sig: signal.Signals = signal.SIGTERM) -> list[tuple[str, float, int]]:
+        """Signal every background command at once, as a supervisor does (the NATS server after
+        the services); each must exit within STOP_BOUND_S with code 0."""
+        timings = []
+        services = [b for b in self.background if not b[0].startswith("nats-server")]
+        servers = [b for b in self.background if b[0].startswith("nats-server")]
+        for batch in (services, servers):
+            t0 = time.monotonic()
+            for _, proc, _ in batch:
+                proc.send_signal(sig)
+            for cmd, proc, log in batch:
+                try:
+                    code = proc.wait(timeout=max(STOP_BOUND_S - (time.monotonic() - t0), 0.1))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    raise AssertionError(f"`{cmd}` still running {STOP_BOUND_S}s after {sig.name}:\n"
+                                         f"{log.read_text()[-3000:]}")
+                timings.append((without_comment(cmd), time.monotonic() - t0, code))
+                assert code == 0, f"`{cmd}` exited with {code} on {sig.name}:\n{log.read_text()[-3000:]}"
+        self.background.clear()
+        return timings
+
+    def kill_all(self) -> None:
+        for _, proc, _ in self.background:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+@pytest.mark.e2e
+def test_quick_start_as_written(user_env, tmp_path):
+    env, bin_dir = user_env
+    stamp = tmp_path / "installed"  # the environment running this test is installed already
+    stamp.touch()
+    runner = Runner(env, ROOT)
+    up = None
+    try:
+        for cmd in commands(section("Quick start")):
+            plain = without_comment(cmd)
+            if plain in SKIPPED:
+                continue
+            if plain == "source .venv/bin/activate":
+                assert shutil.which("dpbus", path=env["PATH"]) and shutil.which("nats-server", path=env["PATH"])
+                continue
+            if plain.startswith("make "):
+                out = runner.run(f"{plain} BIN={bin_dir} STAMP={stamp}", timeout=600)
+                if plain == "make demo":
+                    assert "requests done" in out.stdout, out.stdout[-2000:]
+                continue
+            if "leave it running" in cmd:
+                up, log = runner.start(cmd)
+                line = runner.wait_for_line(up, log, r"dpbus ready.*at nats://127\.0\.0\.1:\d+")
+                assert (Path(env["HOME"]) / ".local/state/dpbus/up.json").exists()
+                continue
+            out = runner.run(cmd, timeout=300)
+            if plain.startswith("dpbus generate"):
+                assert re.search(r"\[(length|stop): group \d", out.stderr), out.stderr
+        assert up is not None, "the quick start never started `dpbus up`"
+        (snippet,) = blocks(section("The wire contract"), "python")
+        script = tmp_path / "client.py"
+        script.write_text(snippet)
+        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "'type': 'done'" in out.stdout.splitlines()[-1], out.stdout[-2000:]
+        print(runner.stop_all(signal.SIGINT))  # Ctrl-C, as the README says
+        assert not (Path(env["HOME"]) / ".local/state/dpbus/up.json").exists()
+        assert re.search(r"logs in (\S+)", log.read_text())
+        assert not Path(re.search(r"logs in (\S+)", log.read_text()).group(1)).exists()
+    finally:
+        runner.kill_all()
+
+
+def on_localhost(cmd: str, ports: dict[tuple[str, int], int]) -> str:
+    """Hosts become 127.0.0.1; each (host, port) a free port (one server port for all hosts)."""
+    def swap(m: re.Match) -> str:
+        host, port = m.group(1), int(m.group(2))
+        key = (host if host in "abcd" else "*", port)
+        if key not in ports:
+            ports[key] = free_port()
+        return f"127.0.0.1:{ports[key]}"
+
+    return re.sub(r"(?<![\w.])(0\.0\.0\.0|[abcdn]):(\d+)", swap, cmd)
+
+
+@pytest.mark.e2e
+def test_several_hosts_runbook_on_localhost(user_env, tmp_path):
+    env, _ = user_env
+    work = tmp_path / "work"
+    work.mkdir()
+    runner = Runner(env, work)
+    ports: dict[tuple[str, int], int] = {}
+    ran = []
+    try:
+        for cmd in commands(section("Several hosts", "###")):
+            cmd = on_localhost(cmd, ports)
+            ran.append(without_comment(cmd))
+            if "leave it running" in cmd:
+                proc, log = runner.start(cmd)
+                if without_comment(cmd).startswith("nats-server"):
+                    port = ports[("*", 4222)]
+                    deadline = time.monotonic() + 20
+                    while time.monotonic() < deadline:
+                        try:
+                            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                            break
+                        except OSError:
+                            assert proc.poll() is None, log.read_text()
+                            time.sleep(0.1)
+                continue
+            out = runner.run(cmd, timeout=700)
+            if cmd.startswith("dpbus generate"):
+                assert re.search(r"\[(length|stop): group \d", out.stderr), out.stderr
+        assert (work / "jetstream").is_dir(), "the server keeps its store where it starts"
+        timings = runner.stop_all(signal.SIGTERM)
+        print("\n| command | seconds to exit on SIGTERM | exit code |\n|---|---|---|")
+        for cmd, seconds, code in timings:
+            print(f"| `{cmd[:60]}` | {seconds:.2f} | {code} |")
+    finally:
+        runner.kill_all()
+    assert any(c.startswith("dpbus status") for c in ran) and any(c.startswith("dpbus generate") for c in ran)
