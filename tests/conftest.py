@@ -139,3 +139,17 @@ async def client_of(cluster: Cluster, user: str = "client", **kw):
 
     kw.setdefault("error_cb", quiet)
     return await nats.connect(cluster.nats_url, **cluster.auth(user).kwargs(cluster.nats_url), **kw)
+
+
+def lines_until_ready(proc: subprocess.Popen, timeout: float = 300.0) -> list[str]:
+    """What `dpbus up` (started with stdout piped, text mode) prints up to its "dpbus ready"
+    line; fails with everything it printed if it exits or says nothing of the kind in time."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, "dpbus up exited early:\n" + "".join(lines)
+        lines.append(line)
+        if line.startswith("dpbus ready"):
+            return lines
+    raise AssertionError("dpbus up was not ready in time:\n" + "".join(lines))

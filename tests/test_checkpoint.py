@@ -217,8 +217,6 @@ def test_greedy_tokens_match_generate(ckpts, name, tensor):
 
 @pytest.mark.e2e
 def test_model_path_end_to_end(ckpts, nats_server, tmp_path):
-    import nats
-
     from schemas import Done
     from services.client import generate
     from services.launcher import Cluster
@@ -251,7 +249,9 @@ def test_model_path_end_to_end(ckpts, nats_server, tmp_path):
     for case, want_ids, out in zip(cases, want, outcomes):
         assert isinstance(out.terminal, Done), out.terminal
         assert out.token_ids == want_ids, f"prompt {case}"
-    assert outcomes[-1].text == tok.decode(want[-1])
+    # the streamed text continues the prompt: prompt text + answer text = the text of all tokens
+    # (a word after the prompt starts with its space, as in-context detokenizing gives it)
+    assert tok.decode(text_ids) + outcomes[-1].text == tok.decode(text_ids + want[-1])
 
 
 # ---- (e) refusals ----------------------------------------------------------------------------------

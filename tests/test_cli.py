@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import lines_until_ready
+
 DPBUS = [sys.executable, "-m", "services.cli"]
 
 
@@ -68,14 +70,7 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
                              "--node-processes", "--log-dir", str(logs)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "dpbus up exited early:\n" + "".join(lines)
-            lines.append(line)
-            if line.startswith("dpbus ready"):
-                break
+        lines = lines_until_ready(proc)
         url = re.search(r"at (nats://127\.0\.0\.1:\d+)", lines[-1]).group(1)
         assert sorted(p.name for p in logs.glob("*.log")) == ["ingest.log", "nats-server.log", "node-0.log",
                                                                "node-1.log"]
@@ -164,14 +159,7 @@ def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_pa
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "dpbus up exited early:\n" + "".join(lines)
-            lines.append(line)
-            if line.startswith("dpbus ready"):
-                break
+        lines = lines_until_ready(proc)
         assert re.search(r"at tls://127\.0\.0\.1:\d+ as user 'client'", lines[-1]), lines[-1]
         gen = subprocess.run([*DPBUS, "generate", "--raw", "--max-new-tokens", "3", "hi"], capture_output=True,
                              text=True, timeout=120, env=env)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import nats
 import pytest
 
 from schemas import Done, Error, Subjects

@@ -186,7 +186,7 @@ def test_quick_start_as_written(user_env, tmp_path):
                 continue
             if "leave it running" in cmd:
                 up, log = runner.start(cmd)
-                line = runner.wait_for_line(up, log, r"dpbus ready.*at nats://127\.0\.0\.1:\d+")
+                runner.wait_for_line(up, log, r"dpbus ready.*at nats://127\.0\.0\.1:\d+")
                 assert (Path(env["HOME"]) / ".local/state/dpbus/up.json").exists()
                 continue
             out = runner.run(cmd, timeout=300)

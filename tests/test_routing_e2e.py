@@ -13,7 +13,6 @@ import json
 import signal
 import time
 
-import nats
 import pytest
 
 from schemas import Done, Error, Subjects

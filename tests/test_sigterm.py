@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from schemas import Done, Error, Subjects
-from services.client import generate
 from services.launcher import free_port
-from tests.conftest import client_of, start_cluster
+from tests.conftest import client_of, lines_until_ready, start_cluster
 
 DPBUS = [sys.executable, "-m", "services.cli"]
 PREFIX = "stop"
@@ -246,15 +245,8 @@ def test_up_with_spanning_groups_stops_within_bounds(tmp_path):
     up = subprocess.Popen([*DPBUS, "up", "--nnodes", "4", "--dp-size", "2", "--local-devices", "1",
                            "--nats-port", "0", "--log-dir", str(tmp_path / "logs")], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            assert line, "dpbus up exited early:\n" + "".join(lines)
-            lines.append(line)
-            if line.startswith("dpbus ready"):
-                break
+        lines_until_ready(up, 400)
         t0 = time.monotonic()
         up.send_signal(signal.SIGTERM)
         code = up.wait(timeout=3 * BOUND_S)  # up stops its services, then NATS

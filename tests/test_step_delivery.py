@@ -10,7 +10,6 @@ import asyncio
 import time
 
 import msgspec
-import nats
 import pytest
 
 from schemas import Done, Error, SamplingParams, Subjects

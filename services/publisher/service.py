@@ -28,7 +28,6 @@ from schemas.internal import (
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
-from schemas.codec import Encoding
 from services import bus
 from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
