@@ -111,8 +111,9 @@ class ModelRunner:
             temp[i], top_p[i], top_k[i], seed[i] = s.temperature, s.top_p, s.top_k, s.seed
         return [temp, top_p, top_k, seed]
 
-    def prefill(self, item: PrefillItem) -> tuple[int, np.ndarray]:
-        """Process one prompt chunk; return the token sampled after it and its logits."""
+    def prefill(self, item: PrefillItem, logits: bool = True) -> tuple[int, jax.Array | None]:
+        """Process one prompt chunk; return the token sampled after it and (if asked) its
+        logits, left on the device."""
         n = len(item.token_ids)
         end = item.start + n
         if end > self.cfg.max_seq_len:
@@ -126,11 +127,12 @@ class ModelRunner:
         positions[0, :n] = np.arange(item.start, end)
         args = [tokens, positions, self._page_row(item.pages)[None, :], np.int32(n - 1)]
         args += self._sampling_rows([item.sampling], 1)
-        token, logits, self.cache = self._prefill(self.weights, self.cache, *self._put(*args))
-        return int(np.asarray(token)[0]), np.asarray(logits)[0]
+        token, out, self.cache = self._prefill(self.weights, self.cache, *self._put(*args))
+        return int(np.asarray(token)[0]), (out[0] if logits else None)
 
-    def decode(self, items: Sequence[DecodeItem]) -> tuple[list[int], np.ndarray]:
-        """One token for each item; the batch is padded with rows that write to the trash page."""
+    def decode(self, items: Sequence[DecodeItem], logits: bool = True) -> tuple[list[int], jax.Array | None]:
+        """One token for each item (and, if asked, their logits, left on the device); the
+        batch is padded with rows that write to the trash page."""
         bucket = self._bucket(self.decode_sizes, max(len(items), 1), "a decode batch")
         tokens, positions = np.zeros(bucket, np.int32), np.zeros(bucket, np.int32)
         counters = np.zeros(bucket, np.int32)
@@ -145,18 +147,18 @@ class ModelRunner:
         n_pages = np.int32(max((int(p) // self.page_size + 1 for p in positions[: len(items)]), default=1))
         samp = self._sampling_rows([it.sampling for it in items], bucket)
         args = self._put(tokens, positions, tables, n_pages, *samp, counters)
-        out, logits, self.cache = self._decode(self.weights, self.cache, *args)
+        out, row_logits, self.cache = self._decode(self.weights, self.cache, *args)
         out = np.asarray(out)
-        return [int(t) for t in out[: len(items)]], np.asarray(logits)[: len(items)]
+        return [int(t) for t in out[: len(items)]], (row_logits[: len(items)] if logits else None)
 
     def step(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> tuple[list[int], list[int]]:
         """Run one scheduling step: every prefill chunk, then the decode batch. Returns the
         token sampled after each chunk (-1 where the chunk does not sample) and per decode row."""
         prefill_tokens = []
         for item in prefill:
-            token, _ = self.prefill(item)
+            token, _ = self.prefill(item, logits=False)
             prefill_tokens.append(token if item.sample else -1)
-        return prefill_tokens, (self.decode(decode)[0] if decode else [])
+        return prefill_tokens, (self.decode(decode, logits=False)[0] if decode else [])
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> float:
         """Compile every bucket now. Its writes land in the first pages, which nobody owns

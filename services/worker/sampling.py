@@ -19,7 +19,14 @@ def sample(
     seeds: jax.Array,        # [B] int32
     counters: jax.Array,     # [B] int32
 ) -> jax.Array:
+    """The next token of every row. A batch of greedy rows only (the common case of
+    benchmarks and tests) takes a fast path: an argmax, no sort of the vocabulary."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.all(temperature <= 0.0), lambda: greedy,
+                        lambda: _draw(logits, temperature, top_p, top_k, seeds, counters, greedy))
+
+
+def _draw(logits, temperature, top_p, top_k, seeds, counters, greedy) -> jax.Array:
     vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
