@@ -208,4 +208,3 @@ def test_up_takes_the_service_settings_and_passes_them_on():
                                  "DPBUS_WARMUP": "false", "DPBUS_API_KEY": "k"}
     bad = subprocess.run([*DPBUS, "up", "--policy", "fastest"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "valid values: round_robin" in bad.stderr, bad.stderr
-
