@@ -3,7 +3,10 @@
 * memory bandwidth (numpy copy) — the yardstick for decode, which is memory bound;
 * the default model's decode step (every slot) and prefill chunk, for tensor sizes 1 and 2;
 * the bytes a decode step must read (weights + KV cache) and the fraction of the
-  measured bandwidth the step reaches.
+  measured bandwidth the step reaches;
+* ordered step delivery's overhead (``bench/delivery.py``);
+* the prefix cache on multi-turn chat, on vs off, and ``prefix_affinity`` vs
+  ``least_tokens`` on four groups (``bench/multiturn.py``).
 
 Run on a quiet machine; compare ratios within one run, not absolute numbers across runs.
 """
@@ -192,6 +195,9 @@ def main() -> None:
     path = RESULTS / "model.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
+    from bench.multiturn import run as multiturn
+
+    multiturn()  # the prefix cache on multi-turn chat: writes bench/results/multiturn.json
 
 
 if __name__ == "__main__":

@@ -180,7 +180,32 @@ class LoadReport(Struct):
     running: int
     free_slots: int              # running requests it could still admit
     outstanding_tokens: int      # prompt tokens to prefill + tokens still to generate
-    free_pages: int = 0          # KV pages free in the group's pool
+    free_pages: int = 0          # KV pages free in the group's pool (cached ones no request holds included)
+    page_size: int = 0           # positions per KV page (0: no prefix cache)
+    cached: bytes = b""          # the prefix cache: PAGE_HASH_BYTES per cached page (see page_hashes)
+
+
+PAGE_HASH_BYTES = 8
+
+
+def page_hashes(tokens: list[int], page_size: int, known: list[bytes] | None = None,
+                pages: int | None = None) -> list[bytes]:
+    """Chain hashes of the whole pages of ``tokens``: page i's hash covers every token up to
+    the end of page i (it hashes page i's tokens with page i-1's hash), so equal hashes mean
+    equal prefixes, and so equal K/V. ``known`` (the first hashes, already computed) is
+    extended in place up to ``pages`` pages (default: every whole page) and returned.
+    The publisher's prefix cache and the router's ``prefix_affinity`` share this definition."""
+    import hashlib
+    from array import array
+
+    out = [] if known is None else known
+    n = len(tokens) // page_size if pages is None else min(pages, len(tokens) // page_size)
+    prev = out[-1] if out else page_size.to_bytes(4, "little")
+    for i in range(len(out), n):
+        chunk = array("i", tokens[i * page_size:(i + 1) * page_size]).tobytes()
+        prev = hashlib.blake2b(prev + chunk, digest_size=PAGE_HASH_BYTES).digest()
+        out.append(prev)
+    return out
 
 
 _enc = msgspec.msgpack.Encoder()

@@ -91,6 +91,7 @@ def total_pages(s: EngineSettings, max_seq_len: int) -> int:
 
 class PublisherSettings(EngineSettings):
     dp_rank: NonNegative = 0
+    prefix_cache: bool = True  # keep filled KV pages after requests end and reuse shared prompt prefixes
     max_waiting: Positive = 1024
     step_timeout: Seconds = 60.0
     resend_interval: Seconds = 1.0  # re-publish a step whose acknowledgements are late

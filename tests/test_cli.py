@@ -177,6 +177,18 @@ def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_pa
             proc.wait()
 
 
+def test_the_prefix_cache_is_on_by_default_and_no_prefix_cache_turns_it_off():
+    from services import settings as st
+    from services.cli import parser
+
+    for role in ("publisher", "node"):
+        assert st.build(st.PublisherSettings, parser().parse_args([role]), env={}).prefix_cache is True
+        off = parser().parse_args([role, "--no-prefix-cache"])
+        assert st.build(st.PublisherSettings, off, env={}).prefix_cache is False
+    assert st.build(st.PublisherSettings, env={"DPBUS_PREFIX_CACHE": "false"}).prefix_cache is False
+    assert st.service_env(parser().parse_args(["up", "--no-prefix-cache"])) == {"DPBUS_PREFIX_CACHE": "false"}
+
+
 def test_up_takes_the_service_settings_and_passes_them_on():
     """`dpbus up --model-path DIR --max-seq-len N ...` (every engine's flags) reach the services."""
     from services import settings as st

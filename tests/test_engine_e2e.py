@@ -154,6 +154,31 @@ async def test_abort_reaches_queued_and_running_requests_and_frees_their_pages(s
     assert stats["free_pages"] == 40 and stats["running"] == 0 and stats["waiting"] == 0, stats
 
 
+async def test_shared_prefixes_come_from_the_prefix_cache_and_answers_stay_exact(small_pool):
+    """The prefix cache is on by default: requests that share an 80-token prefix (five
+    whole pages) compute it once, and every answer equals the reference (one-piece
+    prefill, no cache)."""
+    from schemas import Subjects
+
+    subjects = Subjects("small")
+    prefix = tokenizer.ByteTokenizer().encode("You are a terse assistant. " * 3)[:80]
+    prompts = [prefix + tokenizer.ByteTokenizer().encode(f"question {i}?" * (1 + i % 3)) for i in range(7)]
+    req = lambda p: {"input_ids": p, "sampling": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}  # noqa: E731
+    nc = await client_of(small_pool)
+    before = await publisher_stats(small_pool)
+    outs = [await generate(nc, req(prompts[0]), subjects=subjects, timeout=120)]
+    outs += await asyncio.gather(*(generate(nc, req(p), subjects=subjects, timeout=120) for p in prompts[1:]))
+    after = await publisher_stats(small_pool)
+    await nc.close()
+    for out, ref in zip(outs, reference_tokens(prompts, 12, 256)):
+        assert isinstance(out.terminal, Done) and out.token_ids == ref
+    print(f"prefix cache: {after['hit_tokens'] - before['hit_tokens']} hit tokens, {after['cached_pages']} pages "
+          f"cached, {after['evictions']} evictions")
+    assert after["hit_tokens"] - before["hit_tokens"] >= 6 * 80
+    assert after["prefill_tokens"] - before["prefill_tokens"] <= sum(map(len, prompts)) - 6 * 80
+    assert after["cached_pages"] >= 5 and after["running"] == 0 and after["free_pages"] == 40, after
+
+
 async def test_no_compilation_after_warmup_whatever_the_workload(cluster, small_pool):
     """A varied workload of its own (prompt lengths across every prefill bucket, batches
     of every size), after whatever the other tests ran, then the compile counts."""

@@ -272,6 +272,9 @@ def test_every_service_serves_prometheus_metrics(nats_server, tmp_path):
         assert re.search(r'^dpbus_publisher_step_seconds_count\{dp_rank="0"\} [1-9]', pub, re.M)
         assert re.search(r'^dpbus_publisher_done_total\{dp_rank="0"\} 1\.0', pub, re.M)
         assert re.search(r'^dpbus_publisher_free_pages\{dp_rank="0"\} \d', pub, re.M)
+        assert re.search(r'^# TYPE dpbus_publisher_cached_pages gauge', pub, re.M)  # the prefix cache
+        assert re.search(r'^dpbus_publisher_prefill_tokens_total\{dp_rank="0"\} [1-9]', pub, re.M)
+        assert re.search(r'^dpbus_publisher_hit_tokens_total\{dp_rank="0"\} \d', pub, re.M)
         assert re.search(r"^dpbus_ingest_forwarded_total 1\.0", ingest, re.M), ingest
         assert re.search(r'^dpbus_worker_steps_total\{dp_rank="0",node_rank="0"\} [1-9]', worker, re.M), worker
         assert "process_start_time_seconds" in worker

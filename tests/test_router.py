@@ -22,7 +22,7 @@ import pytest
 
 from schemas import ErrorCode
 from schemas.codec import Encoding
-from schemas.internal import LoadReport, Submit, SubmitAck, pack
+from schemas.internal import LoadReport, Submit, SubmitAck, pack, page_hashes
 from schemas.public import SamplingParams
 from services.ingest.router import POLICIES, Router
 
@@ -300,6 +300,91 @@ def test_rendezvous_is_the_same_in_every_instance():
     prompt = [256] + list(range(100, 140))
     homes = {fed("prefix_affinity", seed=s)[0].order(prompt, 8)[0] for s in range(20)}
     assert len(homes) == 1
+
+
+# ---- prefix_affinity with the groups' prefix caches ------------------------------------------
+PS = 16
+
+
+def cache_report(g: int, held: list[list[int]], tokens: int = 0, seq: int = 2) -> LoadReport:
+    """A report from a group whose prefix cache holds the whole pages of these prompts."""
+    pages = {h for p in held for h in page_hashes(p, PS)}
+    return LoadReport(g, seq, 0.0, True, 0, 0, 8, tokens, page_size=PS, cached=b"".join(sorted(pages)))
+
+
+def test_prefix_affinity_prefers_the_group_holding_the_longest_prefix():
+    r, _ = fed("prefix_affinity", prefix_tokens=8)
+    system = [256] + list(range(100, 163))  # 64 tokens: 4 pages
+    chat = system + list(range(10, 74))  # a conversation that went on for 4 more pages
+    home = r.order(system + [1], 8)[0]  # where a prefix nobody holds goes
+    a, b = (home + 1) % 4, (home + 2) % 4
+    r.on_load(cache_report(a, [system]))
+    r.on_load(cache_report(b, [chat]))
+    assert r.cached_tokens(a, chat + [5]) == 64 and r.cached_tokens(b, chat + [5]) == 128
+    assert r.order(chat + [5, 6], 8)[0] == b  # the whole conversation beats the system prompt
+    assert r.order(system + [7] * 20, 8)[0] in (a, b)  # either holds the system prompt; not the rendezvous home
+    r.on_load(cache_report(a, [system], tokens=50))
+    assert r.order(system + [7] * 20, 8)[0] == b  # a tie goes to the less loaded
+    assert r.order([9] * 70, 8)[0] == r.home([9] * 70, [0, 1, 2, 3])  # held nowhere: rendezvous as before
+
+
+def test_prefix_affinity_passes_over_an_overloaded_group_that_holds_the_prefix():
+    r, _ = fed("prefix_affinity")
+    chat = [256] + list(range(100, 227))
+    for g in range(4):
+        r.on_load(LoadReport(g, 2, 0.0, True, 0, 0, 8, 1000, page_size=PS))
+    r.on_load(cache_report(2, [chat], tokens=2000))  # 2x the others' mean: still preferred
+    assert r.order(chat + [1], 8)[0] == 2
+    r.on_load(cache_report(2, [chat], tokens=2100, seq=3))
+    assert r.order(chat + [1], 8)[0] != 2
+
+
+def test_prefix_affinity_remembers_what_it_sent_until_the_next_report():
+    r, _ = fed("prefix_affinity")
+    for g in range(4):
+        r.on_load(cache_report(g, []))
+    system = [256] + list(range(100, 163))
+    first = r.order(system + [1, 2], 8)[0]
+    r.sent(first, 100, system + [1, 2])
+    assert r.cached_tokens(first, system + [3]) == 64
+    r.on_load(cache_report(first, [], seq=3))  # the report (older than the prefill) restarts the memory
+    assert r.cached_tokens(first, system + [3]) == 0
+
+
+def conversations(policy: str, dp: int = 4, chats: int = 8, turns: int = 6, seed: int = 0) -> tuple[float, int]:
+    """Multi-turn chats (a shared 512-token system prompt; each turn adds 64 user tokens
+    and 48 answer tokens and re-sends the whole history) through a Router whose groups
+    report exactly what they hold: the fraction of prompt tokens (after the first turn)
+    found in the chosen group's cache, and how many groups were used."""
+    rng = random.Random(seed)
+    now = [0.0]
+    r = Router(dp, policy, clock=lambda: now[0], rng=random.Random(seed))
+    held: list[list[list[int]]] = [[] for _ in range(dp)]
+    system = [256] + [rng.randrange(256) for _ in range(511)]
+    histories = [list(system) for _ in range(chats)]
+    hit = total = 0
+    used: set[int] = set()
+    for turn in range(turns):
+        for g in range(dp):
+            r.on_load(cache_report(g, held[g], tokens=sum(len(p) for p in held[g][-chats:]) // 4, seq=turn + 2))
+        for c in range(chats):
+            prompt = histories[c] + [rng.randrange(256) for _ in range(64)]
+            g = r.order(prompt, 48)[0]
+            hit += r.cached_tokens(g, prompt) if turn else 0
+            total += len(prompt) if turn else 0
+            r.sent(g, len(prompt) + 48, prompt)
+            used.add(g)
+            histories[c] = prompt + [rng.randrange(256) for _ in range(48)]
+            held[g].append(histories[c])
+    return hit / total, len(used)
+
+
+def test_prefix_affinity_keeps_each_conversation_where_its_history_is():
+    for seed in range(3):
+        (affinity, groups), (spread, _) = conversations("prefix_affinity", seed=seed), conversations("least_tokens", seed=seed)
+        print(f"hit rate: prefix_affinity {affinity:.2f} on {groups} groups, least_tokens {spread:.2f}")
+        assert affinity > 0.88 and groups >= 3  # all but each turn's new tokens (the most possible), spread
+        assert spread < affinity - 0.1
 
 
 # ---- availability -----------------------------------------------------------------------

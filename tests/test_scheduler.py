@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import random
 import textwrap
+from collections import Counter
 
 import pytest
 
@@ -37,10 +38,12 @@ def mkseq(rid: str, n_prompt: int = 4, accepted_at: float = 0.0, **sampling) -> 
 
 
 def mksched(max_running: int = 4, max_prefill: int = 64, max_waiting: int = 16, max_seq_len: int = 128,
-            num_pages: int | None = None, page_size: int = PAGE) -> Scheduler:
+            num_pages: int | None = None, page_size: int = PAGE, prefix_cache: bool = False) -> Scheduler:
+    """The cases below that name exact pages run without the prefix cache (their prompts
+    share prefixes); the model-checked ones run both ways."""
     if num_pages is None:  # enough for every running request at full context
         num_pages = max_running * pages_for(max_seq_len, page_size) + 1
-    s = Scheduler(max_running, max_prefill, max_waiting, max_seq_len, num_pages, page_size)
+    s = Scheduler(max_running, max_prefill, max_waiting, max_seq_len, num_pages, page_size, prefix_cache)
     s.num_pages = num_pages  # for the checks below (the scheduler does not keep it)
     return s
 
@@ -71,13 +74,19 @@ def cached(seq: Sequence) -> int:
 
 def check_pages(s: Scheduler, plan: Plan | None = None) -> None:
     """The allocator's invariants; with a plan, also what each item's page list must be."""
-    owned = [p for q in s.running for p in q.pages]
-    assert len(owned) == len(set(owned)), "a page is owned twice"
-    assert 0 not in owned and 0 not in s.free_pages, "page 0 is the trash page"
-    assert len(s.free_pages) == len(set(s.free_pages))
-    assert not set(owned) & set(s.free_pages)
-    assert len(owned) + len(s.free_pages) == s.num_pages - 1
-    assert all(0 < p < s.num_pages for p in owned + s.free_pages)
+    held = Counter(p for q in s.running for p in q.pages)
+    owned, free = list(held), s.free_pages
+    assert all(len(q.pages) == len(set(q.pages)) for q in s.running), "a page listed twice in one table"
+    if not s.pool.cache:
+        assert all(n == 1 for n in held.values()), "a page is owned twice"
+    assert [s.pool.refs[p] for p in range(s.num_pages)] == [held[p] for p in range(s.num_pages)], \
+        "reference counts differ from the page tables"
+    assert 0 not in owned and 0 not in free, "page 0 is the trash page"
+    assert len(free) == len(set(free))
+    assert not set(owned) & set(free)
+    assert len(owned) + len(free) == s.num_pages - 1, "a page leaked"
+    assert all(0 < p < s.num_pages for p in owned + free)
+    assert s.pool.cached_pages() <= s.num_pages - 1
     assert all(not q.pages for q in s.waiting), "a waiting request holds pages"
     assert len(s.running) <= s.max_running
     if plan is None:
@@ -97,11 +106,20 @@ def check_pages(s: Scheduler, plan: Plan | None = None) -> None:
         assert end <= len(q.prompt) + max(len(q.output) - 1, 0)
         assert item.sample == (not q.output and end == len(q.prompt))
         assert item.pages == q.pages and len(q.pages) == pages_for(item.start + len(item.token_ids), s.page_size)
+        assert_writable(s, q, range(item.start, end))
     for q, item in plan.decode:
         assert q in s.running and q.decoding
         assert item.position == len(q.prompt) + len(q.output) - 1 < s.max_seq_len
         assert item.token == q.output[-1] and item.counter == len(q.output)
         assert item.pages == q.pages and len(q.pages) == pages_for(item.position + 1, s.page_size)
+        assert_writable(s, q, [item.position])
+
+
+def assert_writable(s: Scheduler, q: Sequence, positions) -> None:
+    """A step writes only pages its sequence alone holds and that are not in the prefix cache."""
+    for page in {q.pages[pos // s.page_size] for pos in positions}:
+        assert s.pool.refs[page] == 1, f"{q.rid} writes page {page}, which others hold"
+        assert not s.pool.is_cached(page), f"{q.rid} writes page {page}, which is in the prefix cache"
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,21 +147,29 @@ def expected_output(seq: Sequence, max_seq_len: int) -> tuple[list[int], FinishR
 
 
 class PagedFake:
-    def __init__(self, page_size: int) -> None:
-        self.ps = page_size
-        self.pool: dict[tuple[int, int], tuple[str, int, int]] = {}  # (page, slot) -> (rid, life, token)
+    """With ``shared`` (the prefix cache on) a sequence may read slots another one wrote, as
+    long as they hold K/V of the same tokens: each slot remembers the whole context it was
+    computed from, and a read checks it against the reader's own."""
+
+    def __init__(self, page_size: int, shared: bool = False) -> None:
+        self.ps, self.shared = page_size, shared
+        self.pool: dict[tuple[int, int], tuple[str, int, int, tuple]] = {}  # (page, slot) -> (rid, life, token, context)
         self.prefill_log: list[tuple[str, int, list[int], bool]] = []
 
     def _write(self, seq: Sequence, pages: list[int], pos: int, token: int) -> None:
         page = pages[pos // self.ps]
         assert page != 0, "real tokens written to the trash page"
-        self.pool[(page, pos % self.ps)] = (seq.rid, seq.preempted, token)
+        context = tuple((seq.prompt + seq.output)[:pos + 1])
+        assert context[-1] == token
+        self.pool[(page, pos % self.ps)] = (seq.rid, seq.preempted, token, context)
 
     def _read(self, seq: Sequence, pages: list[int], n: int) -> list[int]:
-        ctx = []
+        ctx, own = [], seq.prompt + seq.output
         for pos in range(n):
-            rid, life, token = self.pool[(pages[pos // self.ps], pos % self.ps)]
-            assert (rid, life) == (seq.rid, seq.preempted), f"{seq.rid} read a slot of {rid} (life {life})"
+            rid, life, token, context = self.pool[(pages[pos // self.ps], pos % self.ps)]
+            assert context == tuple(own[:pos + 1]), f"{seq.rid} read position {pos} of another context (by {rid})"
+            if not self.shared:
+                assert (rid, life) == (seq.rid, seq.preempted), f"{seq.rid} read a slot of {rid} (life {life})"
             ctx.append(token)
         return ctx
 
@@ -688,15 +714,32 @@ def test_no_seed_draws_one_per_request_once():
 # a long random run against the invariants, with preemption
 # ---------------------------------------------------------------------------------------
 
+def varied_prompt(rng: random.Random, max_len: int, earlier: list[Sequence]) -> list[int]:
+    """A prompt that shares a prefix with others the way real traffic does: one of a few
+    'system prompts' plus a tail, the whole history of an earlier request plus a new turn
+    (so pages that decode wrote are reused too), or the shared counting prompt."""
+    kind = rng.random()
+    if kind < 0.35 and earlier:
+        old = rng.choice(earlier)
+        history = (old.prompt + old.output)[:max_len - 2]
+        return history + [rng.randrange(10, 200) for _ in range(rng.randint(1, max_len - 1 - len(history)))]
+    if kind < 0.7:
+        family = [200 + rng.randrange(3)] + [11] * rng.randint(0, 9)
+        return (family + [rng.randrange(10, 200) for _ in range(rng.randint(0, 20))])[:max_len - 1]
+    return [(i % 200) + 10 for i in range(rng.randint(1, max_len - 1))]
+
+
 def random_workload(seed: int, steps: int, *, max_running: int = 4, budget: int = 10, max_len: int = 40,
-                    num_pages: int = 13, page_size: int = PAGE, aborts: bool = True) -> dict:
+                    num_pages: int = 13, page_size: int = PAGE, aborts: bool = True,
+                    prefix_cache: bool = False) -> dict:
     """Random arrivals, lengths and aborts against a small pool: every step keeps the
     allocator's invariants, makes progress, and every request ends with exactly the
-    tokens it would have produced alone (a prefix of them when aborted)."""
+    tokens it would have produced alone (a prefix of them when aborted). With the prefix
+    cache, prompts share prefixes as real traffic does (see ``varied_prompt``)."""
     rng = random.Random(seed)
     s = mksched(max_running=max_running, max_prefill=budget, max_waiting=6, max_seq_len=max_len,
-                num_pages=num_pages, page_size=page_size)
-    model = PagedFake(page_size)
+                num_pages=num_pages, page_size=page_size, prefix_cache=prefix_cache)
+    model = PagedFake(page_size, shared=prefix_cache)
     done: dict[str, FinishReason] = {}
     added: list[Sequence] = []
 
@@ -711,6 +754,8 @@ def random_workload(seed: int, steps: int, *, max_running: int = 4, budget: int 
         if n < steps and rng.random() < 0.35:
             q = mkseq(f"r{n}", n_prompt=rng.randint(1, max_len - 1), max_new_tokens=rng.randint(1, 20),
                       stop_token_ids=[3])
+            if prefix_cache:
+                q.prompt = varied_prompt(rng, max_len, added)
             if s.add(q):
                 added.append(q)
         live = [*s.waiting, *s.running]
@@ -738,7 +783,8 @@ def random_workload(seed: int, steps: int, *, max_running: int = 4, budget: int 
     return {"added": len(added), "preemptions": s.preemptions, "steps": n,
             "aborted": sum(r == FinishReason.ABORT for r in done.values()),
             "stopped": sum(r == FinishReason.STOP for r in done.values()),
-            "preempted_requests": sum(q.preempted > 0 for q in added)}
+            "preempted_requests": sum(q.preempted > 0 for q in added), "hit_tokens": s.hit_tokens,
+            "evictions": s.pool.evictions, "prefill_tokens": s.prefill_tokens}
 
 
 @pytest.mark.parametrize("seed, page_size, num_pages", [(3, 4, 13), (4, 1, 45), (5, 16, 4), (6, 4, 11)])
@@ -747,6 +793,16 @@ def test_random_workload_invariants(seed, page_size, num_pages):
     assert stats["added"] > 60
     assert stats["preemptions"] > 10 and stats["preempted_requests"] > 5
     assert stats["aborted"] > 0 and stats["stopped"] > 0
+
+
+@pytest.mark.parametrize("seed, page_size, num_pages", [(3, 4, 13), (4, 1, 45), (5, 16, 4), (6, 4, 11), (7, 2, 30)])
+def test_random_workload_with_the_prefix_cache(seed, page_size, num_pages):
+    """Shared prefixes, multi-turn histories, preemption and aborts (some mid-prefill) with
+    the prefix cache: every page check and every output as above, and the cache is used."""
+    stats = random_workload(seed, 400, page_size=page_size, num_pages=num_pages, prefix_cache=True)
+    print(stats)
+    assert stats["added"] > 60 and stats["aborted"] > 0 and stats["preemptions"] > 0
+    assert stats["hit_tokens"] > 0 and stats["evictions"] > 0
 
 
 def test_unpreempted_runs_agree_with_the_fake_model():
@@ -785,3 +841,156 @@ def test_broken_schedulers_fail_the_checks(monkeypatch, mutant):
         test_growing_sequence_preempts_the_most_recently_admitted_other_one()
     monkeypatch.undo()
     random_workload(3, 150)  # reverted: passes again
+
+
+# ---------------------------------------------------------------------------------------
+# the prefix cache
+# ---------------------------------------------------------------------------------------
+
+def test_a_second_request_reuses_the_whole_pages_of_a_shared_prefix():
+    s = mksched(prefix_cache=True)
+    model = PagedFake(PAGE, shared=True)
+    first, second = mkseq("a", n_prompt=11, max_new_tokens=2), mkseq("b", n_prompt=14, max_new_tokens=2)
+    s.add(first)
+    while s.has_work():
+        fake_step(s, model)
+    assert s.pool.cached_pages() == 3  # positions 0..11 filled three whole pages (prompt 11 + 1 decoded)
+    s.add(second)  # the same 11 first tokens, then 3 more
+    plan, _ = fake_step(s, model)
+    [(seq, item)] = plan.prefill
+    assert item.start == 8 and item.token_ids == second.prompt[8:]  # two whole pages of the prompt reused
+    assert s.hit_tokens == 8 and seq.pages[:2] == first_pages(model, "a", 2)
+    while s.has_work():
+        fake_step(s, model)
+    assert second.output == expected_output(second, 128)[0] and all_free(s)
+
+
+def first_pages(model: PagedFake, rid: str, n: int) -> list[int]:
+    """The pages ``rid`` wrote positions 0.. of, in order (from the fake's pool)."""
+    by_pos = {}
+    for (page, slot), (who, _, _, context) in model.pool.items():
+        if who == rid:
+            by_pos[len(context) - 1] = page
+    return [by_pos[i * PAGE] for i in range(n)]
+
+
+@pytest.mark.parametrize("n_prompt", [8, 9, 12])
+def test_at_least_one_prompt_token_is_computed_even_when_every_page_is_cached(n_prompt):
+    """A prompt that ends on a page boundary, all of it cached: its last page is computed
+    again (the logits to sample from come from the last token)."""
+    s = mksched(prefix_cache=True)
+    model = PagedFake(PAGE, shared=True)
+    s.add(mkseq("a", n_prompt=n_prompt, max_new_tokens=5))
+    while s.has_work():
+        fake_step(s, model)
+    again = mkseq("b", n_prompt=n_prompt, max_new_tokens=5)
+    s.add(again)
+    plan, _ = fake_step(s, model)
+    [(_, item)] = plan.prefill
+    assert item.start == (n_prompt - 1) // PAGE * PAGE and item.sample
+    while s.has_work():
+        fake_step(s, model)
+    assert again.output == expected_output(again, 128)[0]
+
+
+def test_concurrent_requests_share_pages_and_write_only_their_own():
+    s = mksched(max_running=4, prefix_cache=True, max_prefill=64)
+    model = PagedFake(PAGE, shared=True)
+    s.add(mkseq("sys", n_prompt=17, max_new_tokens=1))
+    fake_step(s, model)  # 4 whole pages of the 17-token prompt are cached now
+    seqs = [mkseq(r, n_prompt=17 + 3 * i, max_new_tokens=9) for i, r in enumerate("abcd")]
+    for q in seqs:
+        s.add(q)
+    fake_step(s, model)
+    shared = set(seqs[0].pages[:4])
+    assert all(set(q.pages[:4]) == shared for q in seqs) and all(s.pool.refs[p] == 4 for p in shared)
+    while s.has_work():
+        fake_step(s, model)  # check_pages: every write goes to a page only its writer holds
+    assert all(q.output == expected_output(q, 128)[0] for q in seqs) and all_free(s)
+    assert s.pool.cached_pages() > 4
+
+
+def test_cached_pages_are_evicted_least_recently_used_and_only_when_needed():
+    s = mksched(max_running=1, max_seq_len=16, num_pages=9, prefix_cache=True)  # 8 usable pages
+    model = PagedFake(PAGE, shared=True)
+
+    def run(rid: str, token: int, n: int) -> Sequence:
+        q = mkseq(rid, n_prompt=n, max_new_tokens=1)  # finishes at prefill: only whole prompt pages stay
+        q.prompt = [token] * n
+        s.add(q)
+        while s.has_work():
+            fake_step(s, model)
+        return q
+
+    run("a", 10, 12)
+    assert s.pool.cached_pages() == 3 and s.pool.evictions == 0  # kept after the request ended
+    run("b", 20, 15)  # 4 pages from the 5 clean ones: nothing evicted
+    assert s.pool.cached_pages() == 6 and s.pool.evictions == 0 and len(s.pool._free) == 2
+    run("c", 30, 15)  # 2 clean pages, then the 2 least recently used: a's last two pages
+    assert s.pool.evictions == 2 and s.pool.cached_pages() == 4 + 3
+    again = run("a2", 10, 12)
+    assert s.hit_tokens == 4  # a's first page was still cached
+    assert again.output == expected_output(again, 16)[0]
+
+
+def test_a_group_failure_forgets_the_cache():
+    s = mksched(prefix_cache=True)
+    model = PagedFake(PAGE, shared=True)
+    s.add(mkseq("a", n_prompt=12, max_new_tokens=1))
+    fake_step(s, model)
+    s.add(mkseq("b", n_prompt=12, max_new_tokens=30))
+    fake_step(s, model)
+    assert s.pool.cached_pages() >= 2 and s.hit_tokens == 8
+    s.take_all()
+    assert s.pool.cached_pages() == 0 and all_free(s)
+    s.add(mkseq("c", n_prompt=12, max_new_tokens=1))
+    plan, _ = fake_step(s, model)
+    assert plan.prefill[0][1].start == 0
+
+
+@pytest.mark.parametrize("mutant", ["a partly written page is published", "release frees pages others hold",
+                                    "eviction keeps the index entry", "the whole prompt is reused"])
+def test_broken_prefix_caches_fail_the_checks(monkeypatch, mutant):
+    from services.publisher.pages import PagePool
+
+    if mutant == "a partly written page is published":
+        original = Scheduler._publish
+
+        def publish(self, seq):
+            seq.prefilled += self.page_size - 1
+            try:
+                original(self, seq)
+            finally:
+                seq.prefilled -= self.page_size - 1
+        monkeypatch.setattr(Scheduler, "_publish", publish)
+    elif mutant == "release frees pages others hold":
+        def release(self, pages):
+            for page in reversed(pages):
+                if self.refs[page] <= 0:
+                    raise ValueError("double free")
+                self.refs[page] = 0
+                self._free.append(page) if page not in self._hash_of else self._idle.__setitem__(page, None)
+        monkeypatch.setattr(PagePool, "release", release)
+    elif mutant == "eviction keeps the index entry":
+        def take(self, n):
+            if n > self.available():
+                return None
+            out = []
+            for _ in range(n):
+                page = self._free.pop() if self._free else self._idle.popitem(last=False)[0]
+                self.refs[page] = 1
+                out.append(page)
+            return out
+        monkeypatch.setattr(PagePool, "take", take)
+    else:
+        src = textwrap.dedent(inspect.getsource(Scheduler._start))
+        assert "reusable = (target - 1) // self.page_size" in src
+        ns = dict(vars(scheduler_module))
+        exec(src.replace("reusable = (target - 1) // self.page_size", "reusable = target // self.page_size"), ns)  # noqa: S102
+        monkeypatch.setattr(Scheduler, "_start", ns["_start"])
+    with pytest.raises((AssertionError, KeyError, IndexError, ValueError)):
+        for seed in (3, 4, 5):
+            random_workload(seed, 200, page_size=4 if seed != 4 else 1, num_pages=13 if seed != 4 else 45,
+                            prefix_cache=True)
+    monkeypatch.undo()
+    random_workload(3, 200, prefix_cache=True)  # reverted: passes again

@@ -7,11 +7,14 @@ Policies (``--policy``):
 * ``shortest_queue``: the fewest requests waiting + running.
 * ``least_tokens``: the fewest outstanding tokens (prompt still to prefill + tokens still
   to generate).
-* ``prefix_affinity``: requests whose first ``prefix_tokens`` tokens are equal go to the
-  same group, to reuse its cache (rendezvous hashing over the available groups, so a group
-  that leaves or comes back moves only its own prefixes), unless that group carries more
-  than ``affinity_skew`` times the mean load of the other groups (at least one request's
-  worth); then ``least_tokens``.
+* ``prefix_affinity``: a request goes to the group whose prefix cache holds the longest
+  prefix of its prompt, by the page hashes each group lists in its load report (see
+  ``schemas.internal.page_hashes``) plus those of the prompts this router sent it since
+  (ties: the less loaded). When no group holds any of it, requests whose first
+  ``prefix_tokens`` tokens are equal go to the same group (rendezvous hashing over the
+  available groups, so a group that leaves or comes back moves only its own prefixes).
+  Either way, a group carrying more than ``affinity_skew`` times the mean load of the
+  other groups (at least one request's worth) is passed over for ``least_tokens``.
 
 A group's load is its latest ``LoadReport`` plus what this router dispatched to it since
 that report (``sent``), so that a burst arriving between two reports spreads instead of
@@ -34,7 +37,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from schemas.internal import LoadReport
+from schemas.internal import PAGE_HASH_BYTES, LoadReport, page_hashes
 
 POLICIES = ("round_robin", "shortest_queue", "least_tokens", "prefix_affinity")
 DEFAULT_PREFIX_TOKENS = 32
@@ -46,6 +49,8 @@ class GroupLoad:
     seen_at: float = 0.0      # router clock when the report arrived
     sent_requests: int = 0    # dispatched here since that report
     sent_tokens: int = 0
+    cached: frozenset[bytes] = frozenset()  # page hashes of the group's prefix cache (its report)
+    sent_pages: set[bytes] | None = None    # page hashes of prompts dispatched here since that report
 
     @property
     def requests(self) -> int:
@@ -86,13 +91,44 @@ class Router:
     # ---- what the router knows -------------------------------------------------------
     def on_load(self, report: LoadReport) -> None:
         if 0 <= report.dp_rank < self.dp_size:
-            self.groups[report.dp_rank] = GroupLoad(report, self.clock())  # local counts restart
+            held = report.cached
+            cached = frozenset(held[i:i + PAGE_HASH_BYTES] for i in range(0, len(held), PAGE_HASH_BYTES))
+            self.groups[report.dp_rank] = GroupLoad(report, self.clock(), cached=cached)  # local counts restart
 
-    def sent(self, g: int, tokens: int) -> None:
-        """A request of ``tokens`` outstanding tokens is being dispatched to ``g``."""
+    def remember(self, g: int, input_ids: Sequence[int]) -> None:
+        """A prompt is being dispatched to ``g``: its pages will be in g's cache (the next
+        report says so; until then, this router remembers)."""
+        st = self.groups[g]
+        if st.report is not None and st.report.page_size:
+            if st.sent_pages is None:
+                st.sent_pages = set()
+            st.sent_pages.update(page_hashes(list(input_ids), st.report.page_size))
+
+    def cached_tokens(self, g: int, input_ids: Sequence[int], hashes: dict[int, list[bytes]] | None = None) -> int:
+        """How many leading tokens of the prompt ``g`` holds in its prefix cache (by its last
+        report and what was sent to it since)."""
+        st = self.groups[g]
+        size = st.report.page_size if st.report is not None else 0
+        if not size or not (st.cached or st.sent_pages):
+            return 0
+        hashes = {} if hashes is None else hashes
+        if size not in hashes:
+            hashes[size] = page_hashes(list(input_ids), size)
+        n = 0
+        for h in hashes[size]:
+            if h not in st.cached and not (st.sent_pages and h in st.sent_pages):
+                break
+            n += 1
+        return n * size
+
+    def sent(self, g: int, tokens: int, input_ids: Sequence[int] = ()) -> None:
+        """A request of ``tokens`` outstanding tokens (prompt ``input_ids``) is being
+        dispatched to ``g``."""
         st = self.groups[g]
         st.sent_requests += 1
         st.sent_tokens += tokens
+        if self.policy == "prefix_affinity" and input_ids:
+            self.remember(g, input_ids)
 
     def unsent(self, g: int, tokens: int) -> None:
         """``g`` did not take it after all."""
@@ -147,7 +183,13 @@ class Router:
         return self._least(live, lambda g: self.groups[g].tokens, cost)
 
     def _prefix_affinity(self, live: list[int], input_ids: Sequence[int], cost: int) -> int:
-        home = self.home(input_ids, live)
+        hashes: dict[int, list[bytes]] = {}
+        held = {g: self.cached_tokens(g, input_ids, hashes) for g in live}
+        most = max(held.values())
+        if most > 0:
+            home = min((g for g in live if held[g] == most), key=lambda g: self.groups[g].tokens)
+        else:
+            home = self.home(input_ids, live)
         others = [self.groups[g].tokens for g in live if g != home]
         if others and self.groups[home].tokens > self.affinity_skew * max(sum(others) / len(others), cost):
             return self._least_tokens(live, input_ids, cost)

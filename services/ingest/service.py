@@ -182,7 +182,7 @@ class Ingest:
         tried: list[str] = []
         for g in groups:
             sub.dp_rank = g
-            self.router.sent(g, cost)  # counted before the await, so a concurrent burst sees it
+            self.router.sent(g, cost, sub.input_ids)  # counted before the await, so a concurrent burst sees it
             ack = await self.submit_to(g, sub)
             if ack is None:  # it may hold the request without our knowing: never offer it elsewhere
                 self.router.unsent(g, cost)

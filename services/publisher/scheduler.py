@@ -4,15 +4,21 @@ Requests wait in a bounded FIFO queue. Each step:
 
 1. every running request that is decoding gets one decode row, and a new KV page when
    its next position starts one; when the pool is empty the most recently admitted
-   request (possibly the one that needs the page) is *preempted*: its pages are freed and it goes back to the front of
-   the queue, to be recomputed (prompt + what it generated so far) when pages free up;
+   request (possibly the one that needs the page) is *preempted*: it releases its pages and goes back to the front
+   of the queue, to be recomputed (prompt + what it generated so far, less what the prefix cache still holds)
+   when pages free up;
 2. requests still prefilling get prompt chunks, at most ``max_prefill_tokens`` in all,
    as far as free pages allow;
 3. waiting requests are admitted while there is room in the batch and pages for their
    first chunk, so new requests join the running batch at the next step.
 
-Pages are freed when a request finishes, is aborted or is preempted. Page 0 is never
-handed out: it is the trash page padding writes to.
+Pages belong to ``pages.PagePool``, which the scheduler asks. With the prefix cache on, a
+request admitted from the queue first takes the longest cached prefix of whole pages of
+its prompt (never all of it: at least one token is computed, to sample from) and starts
+prefilling after it; each page it fills completely is published to the cache after the
+step that wrote it. A request that finishes, is aborted or is preempted releases its
+references; the pages it filled stay cached until the pool needs them. When the group
+fails (``take_all``) the whole cache is forgotten: a restarted worker has none of it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from dataclasses import dataclass, field
 
 from schemas import FinishReason, SamplingParams
 from schemas.codec import Encoding
-from schemas.internal import DecodeItem, PrefillItem, RowSampling
+from schemas.internal import DecodeItem, PrefillItem, RowSampling, page_hashes
+from services.publisher.pages import PagePool
 from services.publisher.stops import StopMatcher
 from services.tokenizer import EOS_ID, ByteStream, StreamDecoder
 
@@ -41,6 +48,8 @@ class Sequence:
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its first whole pages (page_hashes)
+    published: int = 0  # its first pages already offered to the prefix cache
     aborted: bool = False
     preempted: int = 0
     scheduled_at: float = 0.0
@@ -100,7 +109,7 @@ def pages_for(tokens: int, page_size: int) -> int:
 
 class Scheduler:
     def __init__(self, max_running: int, max_prefill_tokens: int, max_waiting: int, max_seq_len: int,
-                 num_pages: int, page_size: int) -> None:
+                 num_pages: int, page_size: int, prefix_cache: bool = True) -> None:
         if num_pages - 1 < pages_for(max_seq_len, page_size):
             raise ValueError(f"num_pages={num_pages} (page 0 is reserved) cannot hold one context of "
                              f"max_seq_len={max_seq_len} in pages of {page_size}: need "
@@ -112,8 +121,15 @@ class Scheduler:
         self.page_size = page_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        self.free_pages: list[int] = list(range(num_pages - 1, 0, -1))
+        self.pool = PagePool(num_pages, page_size, prefix_cache)
         self.preemptions = 0
+        self.hit_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
+        self.prefill_tokens = 0  # prompt tokens computed (every prefill chunk, recomputes included)
+
+    @property
+    def free_pages(self) -> list[int]:
+        """Pages no running request holds: free ones and cached ones (both can be taken)."""
+        return self.pool.unheld()
 
     # ---- queue ----------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -145,7 +161,7 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)
-        self.free_pages.extend(reversed(seq.pages))
+        self.pool.release(seq.pages)
         seq.pages = []
         return seq
 
@@ -155,8 +171,11 @@ class Scheduler:
             self.release(seq)
 
     def take_all(self) -> list[Sequence]:
-        """Remove every running request (the group failed); waiting ones stay queued."""
-        return [self.release(seq) for seq in list(self.running)]
+        """Remove every running request (the group failed: its cached pages are forgotten
+        too); waiting ones stay queued."""
+        gone = [self.release(seq) for seq in list(self.running)]
+        self.pool.forget()
+        return gone
 
     def take_expired(self, now: float, queue_timeout: float) -> list[Sequence]:
         """Waiting requests never scheduled within ``queue_timeout`` of their acceptance
@@ -173,11 +192,38 @@ class Scheduler:
     def _grow(self, seq: Sequence, tokens: int) -> bool:
         """Give ``seq`` pages for its first ``tokens`` positions, if the pool has them."""
         need = pages_for(tokens, self.page_size) - len(seq.pages)
-        if need > len(self.free_pages):
+        if need <= 0:
+            return True
+        got = self.pool.take(need)
+        if got is None:
             return False
-        for _ in range(max(need, 0)):
-            seq.pages.append(self.free_pages.pop())
+        seq.pages += got
         return True
+
+    def _start(self, seq: Sequence, budget: int) -> bool:
+        """Give the head of the queue its cached prefix and the pages of its first chunk;
+        False (holding nothing) when the pool has not enough."""
+        target, hit = seq.fill_target, []
+        if self.pool.cache:
+            reusable = (target - 1) // self.page_size  # whole pages before the last token to compute
+            hit = self.pool.lookup(page_hashes(seq.prompt + seq.output, self.page_size, seq.hashes, reusable)[:reusable])
+            self.pool.hold(hit)
+        seq.pages, seq.prefilled, seq.published = hit, len(hit) * self.page_size, len(hit)
+        if self._grow(seq, seq.prefilled + min(budget, target - seq.prefilled)):
+            self.hit_tokens += seq.prefilled
+            return True
+        self.pool.release(seq.pages)
+        seq.pages, seq.prefilled = [], 0
+        return False
+
+    def _publish(self, seq: Sequence) -> None:
+        """Offer the pages ``seq`` has completely written to the prefix cache."""
+        full = seq.prefilled // self.page_size
+        if self.pool.cache and full > seq.published:
+            page_hashes(seq.prompt + seq.output, self.page_size, seq.hashes, full)
+            for i in range(seq.published, full):
+                self.pool.publish(seq.pages[i], seq.hashes[i])
+            seq.published = full
 
     def _preempt(self, seq: Sequence) -> None:
         self.release(seq)
@@ -210,8 +256,7 @@ class Scheduler:
         while budget > 0 and self.waiting and len(self.running) < self.max_running \
                 and self.preemptions == preempted_before:
             seq = self.waiting[0]
-            first = min(budget, seq.fill_target)
-            if not self._grow(seq, first):
+            if not self._start(seq, budget):
                 break  # not enough free pages: it keeps its place at the head of the queue
             self.waiting.popleft()
             self.running.append(seq)
@@ -224,12 +269,13 @@ class Scheduler:
         target = seq.fill_target
         end = min(seq.prefilled + budget, target)
         while end > seq.prefilled and not self._grow(seq, end):
-            end = min(end - 1, len(seq.pages) * self.page_size + len(self.free_pages) * self.page_size)
+            end = min(end - 1, (len(seq.pages) + self.pool.available()) * self.page_size)
         if end <= seq.prefilled:
             return 0
         tokens = (seq.prompt + seq.output)[seq.prefilled:end]
         sample = end == target and not seq.output
         plan.prefill.append((seq, PrefillItem(seq.prefilled, tokens, sample, list(seq.pages), seq.row_sampling)))
+        self.prefill_tokens += len(tokens)
         return len(tokens)
 
     def apply(self, plan: Plan, prefill_tokens: list[int], decode_tokens: list[int]
@@ -241,10 +287,12 @@ class Scheduler:
         events = []
         for (seq, item), token in zip(plan.prefill, prefill_tokens):
             seq.prefilled += len(item.token_ids)
+            self._publish(seq)
             if item.sample:
                 events.append(self._append(seq, token))
         for (seq, item), token in zip(plan.decode, decode_tokens):
             seq.prefilled = item.position + 1  # the fed token is in the cache now
+            self._publish(seq)
             events.append(self._append(seq, token))
         return events
 

@@ -55,7 +55,7 @@ class Publisher:
         self.model = model_config_for(s.model_path, s.max_seq_len)
         self.tokenizer = load_tokenizer(s.model_path)
         self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
-                               total_pages(s, self.model.max_seq_len), s.page_size)
+                               total_pages(s, self.model.max_seq_len), s.page_size, s.prefix_cache)
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
         self.epoch = time.time_ns() // 1000
         self.instance = self.epoch  # identifies this run of the publisher to ingest
@@ -175,6 +175,8 @@ class Publisher:
         sched = self.sched
         return {**self.counts, "preemptions": sched.preemptions, "waiting": len(sched.waiting),
                 "running": len(sched.running), "free_pages": len(sched.free_pages), "epoch": self.epoch,
+                "cached_pages": sched.pool.cached_pages(), "hit_tokens": sched.hit_tokens,
+                "prefill_tokens": sched.prefill_tokens, "evictions": sched.pool.evictions,
                 "step_ms_total": round(self.timing["step_ms"], 3), "compute_ms_total": round(self.timing["compute_ms"], 3)}
 
     # ---- answers ---------------------------------------------------------------------
@@ -377,7 +379,8 @@ class Publisher:
             report = LoadReport(self.g, n, time.time(), self.ready(), len(sched.waiting), len(sched.running),
                                 sched.max_running - len(sched.running),
                                 sum(s.outstanding_tokens for s in (*sched.waiting, *sched.running)),
-                                len(sched.free_pages))
+                                len(sched.free_pages), sched.page_size if sched.pool.cache else 0,
+                                sched.pool.digest())
             try:
                 await self.nc.publish(self.subjects.load(self.g), pack(report))
             except Exception as e:  # noqa: BLE001
