@@ -72,8 +72,8 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
     try:
         lines = lines_until_ready(proc)
         url = re.search(r"at (nats://127\.0\.0\.1:\d+)", lines[-1]).group(1)
-        assert sorted(p.name for p in logs.glob("*.log")) == ["ingest.log", "nats-server.log", "node-0.log",
-                                                               "node-1.log"]
+        assert sorted(p.name for p in logs.glob("*.log")) == ["gateway.log", "ingest.log", "nats-server.log",
+                                                               "node-0.log", "node-1.log"]
         state = json.loads((tmp_path / "state" / "dpbus" / "up.json").read_text())
         assert state["url"] == url and state["user"] == "client" and state["password"]
         assert (tmp_path / "state" / "dpbus" / "up.json").stat().st_mode & 0o077 == 0
@@ -86,11 +86,14 @@ def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path)
             assert gen.returncode == 0, gen.stderr
             done = json.loads(gen.stdout.splitlines()[-1])
             assert done["type"] == "done" and done["dp_rank"] == rank
-        assert len(processes_using(url)) == 4  # nats-server, ingest, two nodes
+        assert len(processes_using(url)) == 5  # nats-server, ingest, the HTTP gateway, two nodes
         node1 = next(int(p) for p in processes_using(url) if b"--node-rank\x001" in Path(f"/proc/{p}/cmdline").read_bytes())
         os.kill(node1, signal.SIGKILL)  # `up` restarts what dies
-        restarted = [proc.stdout.readline() for _ in range(1)]
-        assert "node-1 exited" in restarted[0] and "restarted node-1" in restarted[0], restarted
+        said: list[str] = []
+        while len(said) < 5 and not any("exited" in line for line in said):  # the HTTP line may come first
+            said.append(proc.stdout.readline())
+        restarted = [line for line in said if "exited" in line]
+        assert restarted and "node-1 exited" in restarted[0] and "restarted node-1" in restarted[0], said
         for _ in range(60):
             gen = subprocess.run([*DPBUS, "generate", "--raw", "--dp-rank", "1",
                                   "--max-new-tokens", "2", "hi"], capture_output=True, text=True, timeout=60, env=env)
