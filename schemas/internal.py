@@ -36,6 +36,10 @@ class Submit(Struct):
     pinned: bool = False       # the client chose dp_rank: never move it to another group
     client: str = ""           # who sent it (client_of(reply)); (client, rid) names the request
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.client, self.rid)
+
 
 def client_of(reply: str) -> str:
     """Who sent a request, from its reply subject: the inbox prefix ``_INBOX.<user>`` of a
@@ -55,6 +59,7 @@ class SubmitAck(Struct, omit_defaults=True):
     message: str = ""
     waiting: int = 0
     instance: int = 0          # which run of the publisher holds it (changes on a restart)
+    duplicate: bool = False    # it held or answered this (client, rid) already: not run again
 
 
 class Inflight(Struct):

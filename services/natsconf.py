@@ -72,6 +72,7 @@ def _publisher(s: Subjects, g: int, dp_size: int) -> Permissions:
     return Permissions(
         publish=[s.step(g), s.load(g), s.finished(g),
                  *(s.submit(x) for x in range(dp_size) if x != g),  # moving a request elsewhere
+                 *(s.group_abort(x) for x in range(dp_size) if x != g),  # and an abort after it
                  f"{INBOX_ROOT}.>"],  # chunks and terminal answers to every client
         subscribe=[s.submit(g), s.group_abort(g), s.inflight(g), s.result(g), s.heartbeat(g), s.replay(g)],
     )

@@ -31,6 +31,7 @@ from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from services.model_config import model_config_for
 from services.settings import IngestSettings
 from services.tokenizer import load_tokenizer
+from services.topology import dp_groups
 
 VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
@@ -57,7 +58,8 @@ class Ingest:
         self.model = model_config_for(settings.model_path, settings.max_seq_len)
         self.tokenizer = load_tokenizer(settings.model_path)
         # raises ValueError (start-up fails with the list of valid policies) on an unknown --policy
-        self.router = Router(settings.dp_size, settings.policy, stale_after=settings.load_stale_after,
+        self.groups = dp_groups(settings.dp_size, settings.enable_dp_attention)
+        self.router = Router(self.groups, settings.policy, stale_after=settings.load_stale_after,
                              affinity_skew=settings.affinity_skew,
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
@@ -77,9 +79,9 @@ class Ingest:
     def admit(self, body: bytes, reply: str) -> tuple[Submit, list[int] | None]:
         """Turn a body into a Submit; raises DecodeError/Rejected. Also returns the groups to try."""
         req, enc = decode_request(body)
-        if req.dp_rank is not None and req.dp_rank >= self.s.dp_size:
+        if req.dp_rank is not None and req.dp_rank >= self.groups:
             raise Rejected(ErrorCode.UNKNOWN_DP_RANK, f"dp_rank {req.dp_rank} does not exist: this deployment has "
-                           f"dp_size={self.s.dp_size} (groups 0..{self.s.dp_size - 1})")
+                           f"{self.groups} DP group(s) (0..{self.groups - 1})")
         try:
             ids = self.tokenizer.encode(req.text) if req.text is not None else req.input_ids
         except ValueError as e:
@@ -173,7 +175,7 @@ class Ingest:
         else:
             groups = self.router.order(sub.input_ids, sub.sampling.max_new_tokens)
             if not groups:
-                whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.s.dp_size))
+                whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.groups))
                 await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
                                         f"no DP group is available ({whys})", sub.rid)
                 return
@@ -272,7 +274,7 @@ class Ingest:
             except Exception:  # noqa: BLE001 - a group that cannot answer does not have it running
                 return None
 
-        acks = await asyncio.gather(*(ask(g) for g in range(self.s.dp_size)))
+        acks = await asyncio.gather(*(ask(g) for g in range(self.groups)))
         hit = next((a for a in acks if a is not None and a.found), None)
         answer = hit or AbortAck(rid=abort.rid, found=False)
         if reply:
@@ -288,7 +290,7 @@ class Ingest:
         return {"forwarded": self.forwarded, "inflight": len(self.tasks), "errors": dict(self.errors),
                 "tracked": len(self.tracked), "orphaned": self.orphaned,
                 "policy": self.router.policy,
-                "dispatched": {str(g): self.dispatched[g] for g in range(self.s.dp_size)},
+                "dispatched": {str(g): self.dispatched[g] for g in range(self.groups)},
                 "groups": self.router.snapshot()}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -312,6 +314,6 @@ class Ingest:
         reconciling.cancel()
         await svc.stop()
         if self.tasks:
-            await asyncio.wait(self.tasks, timeout=self.s.submit_timeout * self.s.dp_size + 1)
+            await asyncio.wait(self.tasks, timeout=self.s.submit_timeout * self.groups + 1)
         await self.outbox.drain(timeout=5)
         await self.nc.drain()

@@ -16,6 +16,7 @@ group is not whole, or wait for it up to ``queue_timeout``.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from typing import Any
 
@@ -35,9 +36,10 @@ from services.model_config import model_config_for
 from services.natsconf import user_for
 from services.settings import PublisherSettings, total_pages
 from services.tokenizer import load_tokenizer
-from services.topology import group_nodes
+from services.topology import dp_groups, group_nodes
 
 VERSION = "0.1.0"
+ANSWERED_WINDOW = 120.0  # seconds a terminal answer is remembered against copies and retries
 
 
 class Publisher:
@@ -45,9 +47,11 @@ class Publisher:
         s = self.s = settings
         self.g = s.dp_rank
         self.auth = auth or bus.auth_from(s, user_for("publisher", self.g))
-        if not 0 <= self.g < s.dp_size:
-            raise ValueError(f"dp_rank {self.g} is out of range for dp_size={s.dp_size}")
-        self.members = group_nodes(self.g, s.nnodes, s.dp_size)
+        self.groups = dp_groups(s.dp_size, s.enable_dp_attention)
+        if not 0 <= self.g < self.groups:
+            raise ValueError(f"dp_rank {self.g} is out of range: this layout has {self.groups} DP group(s) "
+                             f"(dp_size={s.dp_size}, enable_dp_attention={s.enable_dp_attention})")
+        self.members = group_nodes(self.g, s.nnodes, self.groups)
         self.subjects = Subjects(s.prefix)
         self.log = log.bind(dp_rank=self.g)
         self.model = model_config_for(s.model_path, s.max_seq_len)
@@ -55,9 +59,11 @@ class Publisher:
         self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
                                total_pages(s, self.model.max_seq_len), s.page_size)
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
-        self.epoch = time.time_ns() // 1000
-        self.instance = self.epoch  # identifies this run of the publisher to ingest
+        self.epoch = 0  # chosen when the epoch's first step goes out (see start_epoch)
+        self.instance = secrets.randbits(62) | 1  # identifies this run of the publisher
         self.finished_keys: list[tuple[str, str]] = []
+        self.answered: dict[tuple[str, str], float] = {}  # key -> when answered (monotonic), oldest first
+        self.moving: dict[tuple[str, str], Sequence] = {}  # out of the scheduler, being offered elsewhere
         self.seq = 0
         self.pending: asyncio.Future | None = None
         self.acks: dict[int, StepResult] = {}
@@ -65,7 +71,7 @@ class Publisher:
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
-                       "resent": 0, "replayed": 0, "requeued": 0}
+                       "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0}
         self._unpack = {k: unpacker(t) for k, t in
                         (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
                          ("replay", Replay))}
@@ -91,15 +97,17 @@ class Publisher:
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.BAD_REQUEST, f"bad submit: {e}")))
             return
+        if self.held(sub.client, sub.rid) is not None or self.recently_answered(sub.key):
+            # a retried submit, or a copy of a request we hold or answered: one answer only
+            self.counts["duplicates"] += 1
+            await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance,
+                                             duplicate=True)))
+            return
         if not self.ready():
             self.counts["rejected"] += 1
             missing = self.missing_members(time.monotonic())
             await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
                                              f"group {self.g} is not whole: node(s) {missing} not ready")))
-            return
-        known = self.sched.find(sub.rid, sub.client)
-        if known is not None and known.reply == sub.reply:  # a retried submit: it is ours already
-            await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
             return
         seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
                        detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids, pinned=sub.pinned,
@@ -121,13 +129,17 @@ class Publisher:
             self.log.warning("bad_abort", error=str(e))
             return
         rid = ask.rid
-        seq = self.sched.find(rid, client_of(ask.reply))
+        seq = self.held(client_of(ask.reply), rid)
         found = seq is not None and seq.reply == ask.reply  # only the owner knows its reply subject
         if found:
-            self.sched.abort(rid, seq.client)
+            seq.aborted = True
         await req.respond(pack(AbortAck(rid=rid, found=found, dp_rank=self.g if found else None)))
         if found:
             self.wake.set()
+
+    def held(self, client: str, rid: str) -> Sequence | None:
+        """The request (client, rid) if this publisher holds it: queued, running or moving."""
+        return self.sched.find(rid, client) or self.moving.get((client, rid))
 
     async def on_heartbeat(self, msg: Any) -> None:
         try:
@@ -149,9 +161,11 @@ class Publisher:
             return
         if reply.epoch != self.epoch or reply.seq > self.seq or self.pending is None or self.pending.done():
             return  # a late or repeated answer to a step already settled
+        if reply.seq != self.seq or reply.node_rank not in self.members:
+            return  # an answer (or a failure) about an earlier step of this epoch: settled already
         if isinstance(reply, StepFailure):
             self.pending.set_result(reply)
-        elif reply.seq == self.seq and reply.node_rank in self.members:
+        else:
             self.acks[reply.node_rank] = reply
             if len(self.acks) == len(self.members):
                 self.pending.set_result(self.acks[self.members[0]])
@@ -190,18 +204,32 @@ class Publisher:
             done.token_ids = list(seq.output)
             done.text = seq.detok.feed(seq.output, final=True)
         self.counts["done"] += 1
-        self.finished_keys.append(seq.key)
+        self.answered_now(seq.key)
         await self.send(seq, done)
 
     async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
         self.counts["errors"] += 1
-        self.finished_keys.append(seq.key)
+        self.answered_now(seq.key)
         await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
+
+    def answered_now(self, key: tuple[str, str]) -> None:
+        """Remember a request's terminal answer: ingest hears of it, and a copy or retry of
+        it within ``ANSWERED_WINDOW`` is acknowledged without running it again."""
+        self.finished_keys.append(key)
+        self.answered[key] = time.monotonic()
+
+    def recently_answered(self, key: tuple[str, str]) -> bool:
+        now = time.monotonic()
+        while self.answered and now - next(iter(self.answered.values())) > ANSWERED_WINDOW:
+            self.answered.pop(next(iter(self.answered)))
+        return key in self.answered
 
     # ---- the scheduling loop -----------------------------------------------------------
     async def run_step(self, plan: Plan) -> StepResult:
         """Broadcast one step and wait until every member acknowledged it with the same
         digest; re-publish it while acknowledgements are late (workers drop repeats)."""
+        if self.seq == 0:
+            self.start_epoch()
         self.seq += 1
         data = pack(Step(self.epoch, self.seq, [i for _, i in plan.prefill], [i for _, i in plan.decode]))
         self.sent[self.seq] = data
@@ -242,6 +270,13 @@ class Publisher:
                                                    f"sampled differently from the leader")
         return reply
 
+    def start_epoch(self) -> None:
+        """Number a new epoch above every epoch this publisher used and every epoch its
+        workers report in their heartbeats (a restarted publisher continues above its
+        predecessor's; no clock involved, so a clock stepping back cannot stall a group)."""
+        seen = max((beat.epoch for _, beat in self.beats.values()), default=0)
+        self.epoch = max(self.epoch, seen) + 1
+
     async def emit(self, events: list) -> None:
         now = time.time()
         for seq, token, reason in events:
@@ -264,7 +299,7 @@ class Publisher:
                 self.log.warning("finished_notice_failed", error=repr(e))
 
     async def on_inflight(self, req: Any) -> None:
-        keys = [s.key for s in (*self.sched.waiting, *self.sched.running)]
+        keys = [s.key for s in (*self.sched.waiting, *self.sched.running, *self.moving.values())]
         await req.respond(pack(Inflight(self.instance, keys)))
 
     async def reset_group(self, failure: GroupFailure) -> None:
@@ -273,20 +308,62 @@ class Publisher:
         victims = self.sched.take_all()
         self.log.error("group_failed", code=failure.code.value, reason=failure.message, running=len(victims))
         for seq in victims:
-            if not await self.requeue(seq):
+            if await self.move(seq) is None:
                 await self.fail(seq, failure.code, failure.message)
-        self.epoch += 1
-        self.seq = 0
+        self.seq = 0  # the next step starts a new epoch
         self.sent.clear()
 
-    async def requeue(self, seq: Sequence) -> bool:
-        """Hand a request that has sent nothing to its client yet to another group. It keeps
-        its rid, reply subject and acceptance time; the other group answers the client."""
-        if seq.output or seq.pinned or self.s.dp_size == 1:
-            return False
+    def movable(self, seq: Sequence) -> bool:
+        """Only a request that has sent nothing to its client, and was not pinned, moves."""
+        return not seq.output and not seq.pinned and self.groups > 1
+
+    async def move(self, seq: Sequence) -> int | None:
+        """Offer ``seq`` (already out of the scheduler) to the other groups; the group that
+        took it, or None. While it is offered it stays listed in ``moving``, so that an
+        inflight query or an abort still finds it here; an abort that came meanwhile is
+        passed on to the group that took it."""
+        if not self.movable(seq):
+            return None
+        self.moving[seq.key] = seq
+        try:
+            target = await self.requeue(seq)
+        finally:
+            del self.moving[seq.key]
+        if target is not None and seq.aborted:
+            await self.forward_abort(target, seq)
+        return target
+
+    async def forward_abort(self, g: int, seq: Sequence) -> None:
+        try:
+            await bus.request(self.nc, self.subjects.group_abort(g), pack(GroupAbort(seq.rid, seq.reply)), timeout=2.0)
+        except ReceiveDataError as e:
+            self.log.warning("abort_not_forwarded", rid=seq.rid, to_group=g, error=e.message)
+
+    async def move_waiting(self) -> None:
+        """While the group is not whole, offer its queued requests to other groups. Each one
+        leaves the queue before it is offered, so it cannot also start here meanwhile; one
+        that no group took goes back to the head of the queue."""
+        for seq in list(self.sched.waiting):
+            if self.ready():
+                return
+            if seq not in self.sched.waiting or not self.movable(seq):
+                continue
+            self.sched.waiting.remove(seq)
+            if await self.move(seq) is None:
+                if seq.aborted:
+                    await self.finish(seq, FinishReason.ABORT)
+                else:
+                    self.sched.waiting.appendleft(seq)
+
+    async def requeue(self, seq: Sequence) -> int | None:
+        """Hand a request that has sent nothing to its client yet to another group (the
+        one returned). It keeps its rid, reply subject and acceptance time; the other group
+        answers the client."""
+        if not self.movable(seq):
+            return None
         sub = Submit(seq.rid, seq.prompt, seq.sampling, seq.stream, seq.reply, seq.encoding, seq.accepted_at, -1,
                      client=seq.client)
-        for g in (x for x in range(self.s.dp_size) if x != self.g):
+        for g in (x for x in range(self.groups) if x != self.g):
             sub.dp_rank = g
             try:
                 ack = self._ack.decode(await bus.request(self.nc, self.subjects.submit(g), pack(sub), timeout=2.0,
@@ -296,8 +373,8 @@ class Publisher:
             if ack.accepted:
                 self.counts["requeued"] += 1
                 self.log.info("requeued", rid=seq.rid, to_group=g)
-                return True
-        return False
+                return g
+        return None
 
     async def schedule_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set() or self.sched.running:
@@ -340,26 +417,30 @@ class Publisher:
         n = 0
         while not stop.is_set():
             n += 1
-            await self.announce_finished()
-            if self.sched.waiting and not self.ready():  # the group is not whole: try elsewhere
-                for seq in list(self.sched.waiting):
-                    if await self.requeue(seq):
-                        self.sched.waiting.remove(seq)
-            for seq in self.sched.take_expired(time.time(), self.s.queue_timeout):
-                missing = self.missing_members(time.monotonic())
-                await self.fail(seq, ErrorCode.UNAVAILABLE if missing else ErrorCode.TIMEOUT,
-                                f"waited {self.s.queue_timeout}s in group {self.g}'s queue"
-                                + (f"; nodes {missing} are not ready" if missing else ""))
-            sched = self.sched
-            report = LoadReport(self.g, n, time.time(), self.ready(), len(sched.waiting), len(sched.running),
-                                sched.max_running - len(sched.running),
-                                sum(s.outstanding_tokens for s in (*sched.waiting, *sched.running)),
-                                len(sched.free_pages))
             try:
-                await self.nc.publish(self.subjects.load(self.g), pack(report))
-            except Exception as e:  # noqa: BLE001
-                self.log.warning("load_report_failed", error=repr(e))
+                await self.housekeeping(n)
+            except Exception:  # noqa: BLE001 - a bug: say so, and keep reporting
+                self.log.exception("housekeeping_error")
             await asyncio.sleep(self.s.load_interval)
+
+    async def housekeeping(self, n: int) -> None:
+        await self.announce_finished()
+        if self.sched.waiting and not self.ready():  # the group is not whole: try elsewhere
+            await self.move_waiting()
+        for seq in self.sched.take_expired(time.time(), self.s.queue_timeout):
+            missing = self.missing_members(time.monotonic())
+            await self.fail(seq, ErrorCode.UNAVAILABLE if missing else ErrorCode.TIMEOUT,
+                            f"waited {self.s.queue_timeout}s in group {self.g}'s queue"
+                            + (f"; nodes {missing} are not ready" if missing else ""))
+        sched = self.sched
+        report = LoadReport(self.g, n, time.time(), self.ready(), len(sched.waiting), len(sched.running),
+                            sched.max_running - len(sched.running),
+                            sum(s.outstanding_tokens for s in (*sched.waiting, *sched.running)),
+                            len(sched.free_pages))
+        try:
+            await self.nc.publish(self.subjects.load(self.g), pack(report))
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("load_report_failed", error=repr(e))
 
     async def run(self, stop: asyncio.Event) -> None:
         g, subj = self.g, self.subjects
