@@ -35,6 +35,8 @@ class Submit(Struct):
     dp_rank: int
     pinned: bool = False       # the client chose dp_rank: never move it to another group
     client: str = ""           # who sent it (client_of(reply)); (client, rid) names the request
+    attempt: str = ""          # which admission by ingest (a retry by the client is a new one)
+    moved_from: int = 0        # the publisher instance that moves it here (0: from ingest)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -86,6 +86,24 @@ def _worker(s: Subjects, g: int) -> Permissions:
     )
 
 
+def ledger_access(prefix: str) -> Permissions:
+    """What a user of the request ledger (``services/ledger.py``, a JetStream KV bucket)
+    needs, for that bucket only: create/look up its stream, read, write and watch keys.
+    Replies come to the user's own inbox (granted to everyone)."""
+    from services.ledger import bucket_name
+
+    bucket = bucket_name(prefix)
+    stream = f"KV_{bucket}"
+    return Permissions(publish=[
+        f"$KV.{bucket}.>",
+        f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.FC.{stream}.>",  # flow control of a watch
+    ])
+
+
 def _ingest(s: Subjects, dp_size: int) -> Permissions:
     groups = range(dp_size)
     return Permissions(
@@ -109,13 +127,13 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
     for prefix in prefixes:
         s = Subjects(prefix)
         if kind == "ingest" and not rank:
-            out = out | _ingest(s, dp_size)
+            out = out | _ingest(s, dp_size) | ledger_access(prefix)
         elif kind == "publisher" and g is not None:
-            out = out | _publisher(s, g, dp_size)
+            out = out | _publisher(s, g, dp_size) | ledger_access(prefix)
         elif kind == "worker" and g is not None:
             out = out | _worker(s, g)
         elif kind == "node" and g is not None:
-            out = out | _publisher(s, g, dp_size) | _worker(s, g)
+            out = out | _publisher(s, g, dp_size) | ledger_access(prefix) | _worker(s, g)
         elif user == "operator":
             out = out | Permissions(publish=["$SRV.>"], subscribe=[s.all_loads])
         else:  # a client application (the gateway is one)

@@ -48,6 +48,9 @@ class Sequence:
     eos_ids: tuple[int, ...] = (EOS_ID,)
     pinned: bool = False
     client: str = ""  # who sent it (see schemas.internal.client_of): (client, rid) names a request
+    attempt: str = ""  # the admission it came from (see services/ledger.py)
+    ledger_rev: int = 0  # the revision of its ledger entry held by this publisher
+    abandoned: bool = False  # its publisher lost the lease: someone else answers it
 
     @property
     def key(self) -> tuple[str, str]:

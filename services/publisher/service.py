@@ -24,13 +24,14 @@ import nats.micro
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    Finished, GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
+    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
 from schemas.codec import Encoding
 from services import bus
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
+from services.ledger import ANSWERED, HELD, REFUSED, Entry, Lease, LeaseClock, Ledger, request_key
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.model_config import model_config_for
 from services.natsconf import user_for
@@ -39,6 +40,7 @@ from services.tokenizer import load_tokenizer
 from services.topology import dp_groups, group_nodes
 
 VERSION = "0.1.0"
+SETTLE_ATTEMPTS = 200  # x 0.1 s at most while the ledger is unreachable, then the lease is given up
 ANSWERED_WINDOW = 120.0  # seconds a terminal answer is remembered against copies and retries
 
 
@@ -60,8 +62,9 @@ class Publisher:
                                total_pages(s, self.model.max_seq_len), s.page_size)
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
         self.epoch = 0  # chosen when the epoch's first step goes out (see start_epoch)
-        self.instance = secrets.randbits(62) | 1  # identifies this run of the publisher
-        self.finished_keys: list[tuple[str, str]] = []
+        self.instance = secrets.randbits(62) | 1  # identifies this run of the publisher (and its lease)
+        self.lease = LeaseClock(s.publisher_timeout)
+        self.ledger: Ledger | None = None
         self.answered: dict[tuple[str, str], float] = {}  # key -> when answered (monotonic), oldest first
         self.moving: dict[tuple[str, str], Sequence] = {}  # out of the scheduler, being offered elsewhere
         self.seq = 0
@@ -71,7 +74,7 @@ class Publisher:
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
-                       "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0}
+                       "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0}
         self._unpack = {k: unpacker(t) for k, t in
                         (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
                          ("replay", Replay))}
@@ -87,7 +90,15 @@ class Publisher:
         return out
 
     def ready(self) -> bool:
-        return not self.missing_members(time.monotonic())
+        """Whole (every member beats, ready) and holding a valid lease in the ledger."""
+        now = time.monotonic()
+        return not self.missing_members(now) and self.lease.valid(now)
+
+    def not_ready_reason(self) -> str:
+        missing = self.missing_members(time.monotonic())
+        if missing:
+            return f"group {self.g} is not whole: node(s) {missing} not ready"
+        return f"group {self.g}'s publisher has no valid lease in the request ledger"
 
     # ---- NATS handlers ---------------------------------------------------------------
     async def on_submit(self, req: Any) -> None:
@@ -105,18 +116,28 @@ class Publisher:
             return
         if not self.ready():
             self.counts["rejected"] += 1
-            missing = self.missing_members(time.monotonic())
-            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
-                                             f"group {self.g} is not whole: node(s) {missing} not ready")))
+            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE, self.not_ready_reason())))
             return
-        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
-                       detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids, pinned=sub.pinned,
-                       client=sub.client)
-        if not self.sched.add(seq):
+        if len(self.sched.waiting) >= self.sched.max_waiting:
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED,
                                              f"group {self.g} has {len(self.sched.waiting)} requests waiting")))
             return
+        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
+                       detok=self.tokenizer.stream(), eos_ids=self.model.eos_token_ids, pinned=sub.pinned,
+                       client=sub.client, attempt=sub.attempt)
+        try:
+            rev = await self.claim(sub)
+        except Exception as e:  # noqa: BLE001 - no ledger, no acceptance
+            self.counts["rejected"] += 1
+            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE, f"the request ledger is unreachable: {e!r}")))
+            return
+        if rev is None:  # the name is someone else's (held elsewhere, or answered): never run it twice
+            self.counts["duplicates"] += 1
+            await req.respond(pack(SubmitAck(True, instance=self.instance, duplicate=True)))
+            return
+        seq.ledger_rev = rev
+        self.sched.waiting.append(seq)  # room was checked above; the claim is made
         self.counts["accepted"] += 1
         await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
         self.wake.set()
@@ -136,6 +157,26 @@ class Publisher:
         await req.respond(pack(AbortAck(rid=rid, found=found, dp_rank=self.g if found else None)))
         if found:
             self.wake.set()
+
+    async def claim(self, sub: Submit) -> int | None:
+        """Make this instance the holder of ``sub`` in the ledger: its revision, or None
+        when the name belongs to someone else. A moved request is taken over from the
+        instance that moved it; a refused one by a fresh attempt."""
+        key = request_key(sub.client, sub.rid)
+        mine = Entry(HELD, self.instance, self.g, sub.rid, sub.client, sub.reply, sub.encoding, sub.attempt)
+        for _ in range(2):  # a second try when the entry vanished between create and get
+            rev, existing = await self.ledger.claim(key, mine)
+            if rev is not None:
+                return rev
+            if existing is None:
+                continue
+            last, theirs = existing
+            moved_here = theirs.state == HELD and sub.moved_from and theirs.owner == sub.moved_from
+            fresh_attempt = theirs.state == REFUSED and theirs.attempt != sub.attempt
+            if moved_here or fresh_attempt:
+                return await self.ledger.swap(key, mine, last)
+            return None
+        return None
 
     def held(self, client: str, rid: str) -> Sequence | None:
         """The request (client, rid) if this publisher holds it: queued, running or moving."""
@@ -190,7 +231,72 @@ class Publisher:
 
     # ---- answers ---------------------------------------------------------------------
     async def send(self, seq: Sequence, msg: Any) -> None:
+        """Answer a client, only while this instance holds its lease (after that, ingest
+        answers for it)."""
+        if seq.abandoned:
+            return
+        if not self.lease.valid(time.monotonic()):
+            self.abandon("the lease expired")
+            return
         await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding))
+
+    async def settle(self, seq: Sequence) -> bool:
+        """Win the ledger's compare-and-set from held to answered: True when this
+        instance may send the terminal answer. While the ledger cannot be reached, tries
+        until the lease runs out (then ingest answers)."""
+        key = request_key(seq.client, seq.rid)
+        done = Entry(ANSWERED, self.instance, self.g, seq.rid, seq.client)
+        for _ in range(SETTLE_ATTEMPTS):
+            if seq.abandoned:
+                return False
+            if not self.lease.valid(time.monotonic()):
+                self.abandon("the lease expired while settling an answer")
+                return False
+            try:
+                if await self.ledger.swap(key, done, seq.ledger_rev) is not None:
+                    return True
+                got = await self.ledger.get(key)
+            except Exception as e:  # noqa: BLE001 - unreachable for now: try again
+                self.log.warning("ledger_unreachable", rid=seq.rid, error=repr(e))
+                await asyncio.sleep(0.1)
+                continue
+            if got is not None and got[1].state == ANSWERED and got[1].owner == self.instance:
+                return True  # our own earlier write landed; its acknowledgement was lost
+            self.counts["taken"] += 1
+            self.log.error("answer_taken", rid=seq.rid, entry=repr(got))
+            return False
+        self.abandon("the request ledger stayed unreachable")
+        return False
+
+    def abandon(self, why: str) -> None:
+        """This instance lost (or may have lost) its lease: ingest may be answering its
+        requests now, so it drops all of them without a word and carries on as a new
+        instance with an empty queue and a new epoch."""
+        seqs = [*self.sched.take_all(), *self.sched.waiting, *self.moving.values()]
+        self.sched.waiting.clear()
+        for seq in seqs:
+            seq.abandoned = True
+        self.counts["abandoned"] += len(seqs)
+        self.log.error("lease_lost", reason=why, requests=len(seqs), instance=self.instance)
+        self.instance = secrets.randbits(62) | 1
+        self.lease = LeaseClock(self.s.publisher_timeout)
+        self.seq = 0
+        self.sent.clear()
+        if self.pending is not None and not self.pending.done():
+            self.pending.set_exception(GroupFailure(ErrorCode.UNAVAILABLE, why))
+
+    async def lease_loop(self, stop: asyncio.Event) -> None:
+        """Renew the lease every quarter of its length; give everything up when it lapses."""
+        while not stop.is_set():
+            clock, sent_at = self.lease, time.monotonic()
+            try:
+                await self.ledger.renew(Lease(self.instance, self.g, self.s.publisher_timeout))
+                clock.renewed(sent_at)
+            except Exception as e:  # noqa: BLE001 - the next renewal retries
+                self.log.warning("lease_not_renewed", error=repr(e))
+            if not self.lease.valid(time.monotonic()) and (self.sched.has_work() or self.moving):
+                self.abandon("the lease expired")
+            await asyncio.sleep(self.s.publisher_timeout / 4)
 
     async def finish(self, seq: Sequence, reason: FinishReason) -> None:
         now = time.time()
@@ -203,19 +309,20 @@ class Publisher:
         if not seq.stream:
             done.token_ids = list(seq.output)
             done.text = seq.detok.feed(seq.output, final=True)
-        self.counts["done"] += 1
-        self.answered_now(seq.key)
-        await self.send(seq, done)
+        if await self.settle(seq):
+            self.counts["done"] += 1
+            self.answered_now(seq.key)
+            await self.send(seq, done)
 
     async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
-        self.counts["errors"] += 1
-        self.answered_now(seq.key)
-        await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
+        if await self.settle(seq):
+            self.counts["errors"] += 1
+            self.answered_now(seq.key)
+            await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
 
     def answered_now(self, key: tuple[str, str]) -> None:
-        """Remember a request's terminal answer: ingest hears of it, and a copy or retry of
-        it within ``ANSWERED_WINDOW`` is acknowledged without running it again."""
-        self.finished_keys.append(key)
+        """Remember a request's terminal answer: a copy or retry of it within
+        ``ANSWERED_WINDOW`` is acknowledged without asking the ledger."""
         self.answered[key] = time.monotonic()
 
     def recently_answered(self, key: tuple[str, str]) -> bool:
@@ -278,7 +385,10 @@ class Publisher:
         self.epoch = max(self.epoch, seen) + 1
 
     async def emit(self, events: list) -> None:
+        """Chunks in order, then the terminal answers of the requests that finished (their
+        ledger writes made together)."""
         now = time.time()
+        finished = []
         for seq, token, reason in events:
             if not seq.first_token_at:
                 seq.first_token_at = now
@@ -286,17 +396,8 @@ class Publisher:
                 text = seq.detok.feed([token], final=reason is not None)
                 await self.send(seq, Chunk(seq.rid, len(seq.output) - 1, [token], text))
             if reason is not None:
-                await self.finish(seq, reason)
-        await self.announce_finished()
-
-    async def announce_finished(self) -> None:
-        """Tell ingest which requests are answered (best effort; ingest also reconciles)."""
-        if self.finished_keys:
-            keys, self.finished_keys = self.finished_keys, []
-            try:
-                await self.nc.publish(self.subjects.finished(self.g), pack(Finished(self.instance, keys)))
-            except Exception as e:  # noqa: BLE001
-                self.log.warning("finished_notice_failed", error=repr(e))
+                finished.append((seq, reason))
+        await asyncio.gather(*(self.finish(seq, reason) for seq, reason in finished))
 
     async def on_inflight(self, req: Any) -> None:
         keys = [s.key for s in (*self.sched.waiting, *self.sched.running, *self.moving.values())]
@@ -328,8 +429,8 @@ class Publisher:
         try:
             target = await self.requeue(seq)
         finally:
-            del self.moving[seq.key]
-        if target is not None and seq.aborted:
+            self.moving.pop(seq.key, None)
+        if target is not None and seq.aborted and not seq.abandoned:
             await self.forward_abort(target, seq)
         return target
 
@@ -349,7 +450,7 @@ class Publisher:
             if seq not in self.sched.waiting or not self.movable(seq):
                 continue
             self.sched.waiting.remove(seq)
-            if await self.move(seq) is None:
+            if await self.move(seq) is None and not seq.abandoned:
                 if seq.aborted:
                     await self.finish(seq, FinishReason.ABORT)
                 else:
@@ -362,7 +463,7 @@ class Publisher:
         if not self.movable(seq):
             return None
         sub = Submit(seq.rid, seq.prompt, seq.sampling, seq.stream, seq.reply, seq.encoding, seq.accepted_at, -1,
-                     client=seq.client)
+                     client=seq.client, attempt=seq.attempt, moved_from=self.instance)
         for g in (x for x in range(self.groups) if x != self.g):
             sub.dp_rank = g
             try:
@@ -424,7 +525,6 @@ class Publisher:
             await asyncio.sleep(self.s.load_interval)
 
     async def housekeeping(self, n: int) -> None:
-        await self.announce_finished()
         if self.sched.waiting and not self.ready():  # the group is not whole: try elsewhere
             await self.move_waiting()
         for seq in self.sched.take_expired(time.time(), self.s.queue_timeout):
@@ -449,6 +549,8 @@ class Publisher:
                                     auth=self.auth)
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
+        self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas)
+        leasing = asyncio.create_task(self.lease_loop(stop))
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
         await bus.subscribe(self.nc, subj.result(g), self.on_result)
         await bus.subscribe(self.nc, subj.replay(g), self.on_replay)
@@ -472,7 +574,7 @@ class Publisher:
         for seq in [*self.sched.take_all(), *self.sched.waiting]:
             await self.fail(seq, ErrorCode.UNAVAILABLE, f"group {g}'s publisher is shutting down")
         self.sched.waiting.clear()
-        await self.announce_finished()
         await self.outbox.drain(timeout=5)
         tasks[1].cancel()
+        leasing.cancel()
         await self.nc.drain()
