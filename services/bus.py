@@ -206,12 +206,15 @@ class ClientOutbox:
     (nats-py waits 2 s between attempts by default); an answer sent before that reaches
     nobody. So while disconnected, and for ``hold`` seconds after reconnecting, answers
     wait here and then go out in the order they were made. An answer is never dropped:
-    past ``limit`` held answers, ``send`` waits for room (the service slows down instead)."""
+    past ``limit`` held answers, ``send`` waits for room (the service slows down instead).
+    An answer sent with ``still`` goes out only if ``still()`` is true when it actually
+    goes out (a publisher that lost its lease meanwhile must not answer any more)."""
 
     def __init__(self, nc: Client, log: Any, hold: float = 2.5, limit: int = 200_000) -> None:
         self.nc, self.log, self.hold, self.limit = nc, log, hold, limit
         self.hold_until = 0.0
-        self.held: deque[tuple[str, bytes]] = deque()
+        self.held: deque[tuple[str, bytes, Any]] = deque()
+        self.withdrawn = 0  # held answers whose sender may no longer send them
         self._flusher: asyncio.Task | None = None
         self.waited = 0  # sends that had to wait for room
 
@@ -221,7 +224,7 @@ class ClientOutbox:
     def _open(self) -> bool:
         return self.nc.is_connected and asyncio.get_running_loop().time() >= self.hold_until
 
-    async def send(self, subject: str, data: bytes) -> None:
+    async def send(self, subject: str, data: bytes, still: Any = None) -> None:
         if not self.held and self._open():
             try:
                 await self.nc.publish(subject, data)
@@ -234,7 +237,7 @@ class ClientOutbox:
             while len(self.held) >= self.limit:
                 self._start_flusher()
                 await asyncio.sleep(0.05)
-        self.held.append((subject, data))
+        self.held.append((subject, data, still))
         self._start_flusher()
 
     def _start_flusher(self) -> None:
@@ -252,7 +255,11 @@ class ClientOutbox:
             if not self._open():
                 await asyncio.sleep(0.1)
                 continue
-            subject, data = self.held[0]
+            subject, data, still = self.held[0]
+            if still is not None and not still():
+                self.withdrawn += 1
+                self.held.popleft()
+                continue
             try:
                 await self.nc.publish(subject, data)
             except Exception:  # noqa: BLE001 - disconnected again: wait

@@ -136,7 +136,7 @@ class Publisher:
             self.counts["duplicates"] += 1
             await req.respond(pack(SubmitAck(True, instance=self.instance, duplicate=True)))
             return
-        seq.ledger_rev = rev
+        seq.ledger_rev, seq.owner = rev, self.instance
         self.sched.waiting.append(seq)  # room was checked above; the claim is made
         self.counts["accepted"] += 1
         await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
@@ -233,12 +233,17 @@ class Publisher:
     async def send(self, seq: Sequence, msg: Any) -> None:
         """Answer a client, only while this instance holds its lease (after that, ingest
         answers for it)."""
-        if seq.abandoned:
+        if not self.may_answer(seq):
+            self.give_up(seq, "the lease expired")
             return
-        if not self.lease.valid(time.monotonic()):
-            self.abandon("the lease expired")
-            return
-        await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding))
+        await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding), still=lambda: self.may_answer(seq))
+
+    def may_answer(self, seq: Sequence) -> bool:
+        """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is
+        settled here (this instance won its terminal answer), or this instance still holds
+        its lease and has not given ``seq`` up."""
+        return seq.settled or (not seq.abandoned and seq.owner == self.instance
+                               and self.lease.valid(time.monotonic()))
 
     async def settle(self, seq: Sequence) -> bool:
         """Win the ledger's compare-and-set from held to answered: True when this
@@ -247,13 +252,12 @@ class Publisher:
         key = request_key(seq.client, seq.rid)
         done = Entry(ANSWERED, self.instance, self.g, seq.rid, seq.client)
         for _ in range(SETTLE_ATTEMPTS):
-            if seq.abandoned:
-                return False
-            if not self.lease.valid(time.monotonic()):
-                self.abandon("the lease expired while settling an answer")
+            if not self.may_answer(seq):
+                self.give_up(seq, "the lease expired while settling an answer")
                 return False
             try:
                 if await self.ledger.swap(key, done, seq.ledger_rev) is not None:
+                    seq.settled = True
                     return True
                 got = await self.ledger.get(key)
             except Exception as e:  # noqa: BLE001 - unreachable for now: try again
@@ -261,12 +265,19 @@ class Publisher:
                 await asyncio.sleep(0.1)
                 continue
             if got is not None and got[1].state == ANSWERED and got[1].owner == self.instance:
-                return True  # our own earlier write landed; its acknowledgement was lost
+                seq.settled = True  # our own earlier write landed; its acknowledgement was lost
+                return True
             self.counts["taken"] += 1
             self.log.error("answer_taken", rid=seq.rid, entry=repr(got))
             return False
-        self.abandon("the request ledger stayed unreachable")
+        self.give_up(seq, "the request ledger stayed unreachable", force=True)
         return False
+
+    def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
+        """``seq`` may not be answered from here: give up every request of its instance (once)."""
+        if not seq.abandoned and seq.owner == self.instance and (force or not self.lease.valid(time.monotonic())):
+            self.abandon(why)
+        seq.abandoned = True
 
     def abandon(self, why: str) -> None:
         """This instance lost (or may have lost) its lease: ingest may be answering its
@@ -284,6 +295,7 @@ class Publisher:
         self.sent.clear()
         if self.pending is not None and not self.pending.done():
             self.pending.set_exception(GroupFailure(ErrorCode.UNAVAILABLE, why))
+            self.pending.exception()  # retrieved here: the step loop may not be waiting for it
 
     async def lease_loop(self, stop: asyncio.Event) -> None:
         """Renew the lease every quarter of its length; give everything up when it lapses."""
