@@ -26,7 +26,7 @@ from pathlib import Path
 
 import nats
 
-from schemas import Done, Subjects
+from schemas import Done
 from services.client import generate
 from services.launcher import Cluster
 

@@ -35,6 +35,12 @@ class Submit(Struct):
     dp_rank: int
     pinned: bool = False       # the client chose dp_rank: never move it to another group
     client: str = ""           # who sent it (client_of(reply)); (client, rid) names the request
+    attempt: str = ""          # which admission by ingest (a retry by the client is a new one)
+    moved_from: int = 0        # the publisher instance that moves it here (0: from ingest)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.client, self.rid)
 
 
 def client_of(reply: str) -> str:
@@ -55,6 +61,7 @@ class SubmitAck(Struct, omit_defaults=True):
     message: str = ""
     waiting: int = 0
     instance: int = 0          # which run of the publisher holds it (changes on a restart)
+    duplicate: bool = False    # it held or answered this (client, rid) already: not run again
 
 
 class Inflight(Struct):

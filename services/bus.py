@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,13 +213,18 @@ class ClientOutbox:
     After a NATS outage a client needs a moment to reconnect and subscribe its inbox again
     (nats-py waits 2 s between attempts by default); an answer sent before that reaches
     nobody. So while disconnected, and for ``hold`` seconds after reconnecting, answers
-    wait here and then go out in the order they were made."""
+    wait here and then go out in the order they were made. An answer is never dropped:
+    past ``limit`` held answers, ``send`` waits for room (the service slows down instead).
+    An answer sent with ``still`` goes out only if ``still()`` is true when it actually
+    goes out (a publisher that lost its lease meanwhile must not answer any more)."""
 
     def __init__(self, nc: Client, log: Any, hold: float = 2.5, limit: int = 200_000) -> None:
         self.nc, self.log, self.hold, self.limit = nc, log, hold, limit
         self.hold_until = 0.0
-        self.held: list[tuple[str, bytes]] = []
+        self.held: deque[tuple[str, bytes, Any]] = deque()
+        self.withdrawn = 0  # held answers whose sender may no longer send them
         self._flusher: asyncio.Task | None = None
+        self.waited = 0  # sends that had to wait for room
 
     def on_reconnect(self) -> None:
         self.hold_until = asyncio.get_running_loop().time() + self.hold
@@ -226,7 +232,7 @@ class ClientOutbox:
     def _open(self) -> bool:
         return self.nc.is_connected and asyncio.get_running_loop().time() >= self.hold_until
 
-    async def send(self, subject: str, data: bytes) -> None:
+    async def send(self, subject: str, data: bytes, still: Any = None) -> None:
         if not self.held and self._open():
             try:
                 await self.nc.publish(subject, data)
@@ -234,9 +240,15 @@ class ClientOutbox:
             except Exception as e:  # noqa: BLE001 - keep it for the flush
                 self.log.warning("answer_deferred", error=repr(e))
         if len(self.held) >= self.limit:
-            self.log.error("answer_dropped", subject=subject, reason=f"more than {self.limit} answers held")
-            return
-        self.held.append((subject, data))
+            self.waited += 1
+            self.log.warning("answers_backlogged", held=len(self.held))
+            while len(self.held) >= self.limit:
+                self._start_flusher()
+                await asyncio.sleep(0.05)
+        self.held.append((subject, data, still))
+        self._start_flusher()
+
+    def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
@@ -251,10 +263,14 @@ class ClientOutbox:
             if not self._open():
                 await asyncio.sleep(0.1)
                 continue
-            subject, data = self.held[0]
+            subject, data, still = self.held[0]
+            if still is not None and not still():
+                self.withdrawn += 1
+                self.held.popleft()
+                continue
             try:
                 await self.nc.publish(subject, data)
             except Exception:  # noqa: BLE001 - disconnected again: wait
                 await asyncio.sleep(0.1)
                 continue
-            self.held.pop(0)
+            self.held.popleft()

@@ -72,6 +72,7 @@ def _publisher(s: Subjects, g: int, dp_size: int) -> Permissions:
     return Permissions(
         publish=[s.step(g), s.load(g), s.finished(g),
                  *(s.submit(x) for x in range(dp_size) if x != g),  # moving a request elsewhere
+                 *(s.group_abort(x) for x in range(dp_size) if x != g),  # and an abort after it
                  f"{INBOX_ROOT}.>"],  # chunks and terminal answers to every client
         subscribe=[s.submit(g), s.group_abort(g), s.inflight(g), s.result(g), s.heartbeat(g), s.replay(g)],
     )
@@ -83,6 +84,24 @@ def _worker(s: Subjects, g: int) -> Permissions:
         subscribe=[s.step(g), s.heartbeat(g), s.worker_status(g, "*")],
         allow_responses=True,
     )
+
+
+def ledger_access(prefix: str) -> Permissions:
+    """What a user of the request ledger (``services/ledger.py``, a JetStream KV bucket)
+    needs, for that bucket only: create/look up its stream, read, write and watch keys.
+    Replies come to the user's own inbox (granted to everyone)."""
+    from services.ledger import bucket_name
+
+    bucket = bucket_name(prefix)
+    stream = f"KV_{bucket}"
+    return Permissions(publish=[
+        f"$KV.{bucket}.>",
+        f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.FC.{stream}.>",  # flow control of a watch
+    ])
 
 
 def _ingest(s: Subjects, dp_size: int) -> Permissions:
@@ -108,13 +127,13 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
     for prefix in prefixes:
         s = Subjects(prefix)
         if kind == "ingest" and not rank:
-            out = out | _ingest(s, dp_size)
+            out = out | _ingest(s, dp_size) | ledger_access(prefix)
         elif kind == "publisher" and g is not None:
-            out = out | _publisher(s, g, dp_size)
+            out = out | _publisher(s, g, dp_size) | ledger_access(prefix)
         elif kind == "worker" and g is not None:
             out = out | _worker(s, g)
         elif kind == "node" and g is not None:
-            out = out | _publisher(s, g, dp_size) | _worker(s, g)
+            out = out | _publisher(s, g, dp_size) | ledger_access(prefix) | _worker(s, g)
         elif user == "operator":
             out = out | Permissions(publish=["$SRV.>"], subscribe=[s.all_loads])
         else:  # a client application (the gateway is one)

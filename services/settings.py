@@ -45,14 +45,16 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_host: str = "127.0.0.1"
     # on SIGTERM / Ctrl-C: how long work in flight may finish before it is answered `unavailable`
     drain_timeout: Seconds = 3.0
+    # a publisher silent this long (its lease in the request ledger lapsed): ingest answers its
+    # requests; the publisher stops answering before that (see services/ledger.py)
+    publisher_timeout: Annotated[float, Meta(gt=1.0)] = 5.0
+    ledger_replicas: Annotated[int, Meta(ge=1, le=5)] = 1  # copies of the request ledger (NATS cluster size)
 
 
 class IngestSettings(Common):
     submit_timeout: Seconds = 5.0
     max_inflight: Positive = 4096  # requests being handed to a group at once
-    max_tracked: Positive = 65536  # requests handed over and not yet answered
-    reconcile_interval: Seconds = 1.0  # how often ingest checks what each publisher still holds
-    publisher_timeout: Seconds = 5.0  # a publisher silent this long: ingest answers its requests
+    reconcile_interval: Seconds = 1.0  # how often ingest sweeps the ledger for lapsed leases
     policy: Literal["round_robin", "shortest_queue", "least_tokens", "prefix_affinity"] = "round_robin"
     affinity_skew: Annotated[float, Meta(ge=1.0)] = 2.0  # prefix_affinity gives up past this load ratio
     affinity_prefix_tokens: Positive = 32  # prefix_affinity hashes this many leading prompt tokens

@@ -82,6 +82,12 @@ def place_node(node_rank: int, nnodes: int, dp_size: int, enable_dp_attention: b
     return NodePlace(node_rank, attn_dp_rank, attn_tp_rank, attn_tp_size)
 
 
+def dp_groups(dp_size: int, enable_dp_attention: bool = True) -> int:
+    """How many DP groups (publishers, schedulers, KV caches) a layout has: ``dp_size``
+    with DP attention, one without it (every node is then in the one JAX job)."""
+    return dp_size if enable_dp_attention else 1
+
+
 def group_nodes(group: int, nnodes: int, dp_size: int) -> list[int]:
     """The node ranks that form DP group ``group``, leader first."""
     _check_layout(nnodes, dp_size)

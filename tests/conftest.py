@@ -30,7 +30,7 @@ from services.natsconf import Credentials, write_config  # noqa: E402
 
 # every prefix a test cluster or stand-in uses on a shared server (permissions are per prefix)
 TEST_PREFIXES = ["dpbus", "small", "span", "robust", "dpbusrt", "silent", "move", "deliv", "gap", "lonely",
-                 "resend", "diverge", "gw", "gwnone", "gwm", "stop"]
+                 "resend", "diverge", "gw", "gwnone", "gwm", "stop", "once", "ledger"]
 CLIENTS = ["client", "alice", "bob"]
 
 

@@ -15,10 +15,12 @@ import time
 import nats
 import pytest
 
+from services.ledger import Ledger, request_key
 from tests.conftest import NatsServer, start_cluster
 from tests.test_robustness_e2e import TERMINAL, decode_any
 
 pytestmark = pytest.mark.e2e
+INBOX = "_INBOX.client"  # the test client's inbox prefix: (INBOX, rid) names its requests
 SETTINGS = {"DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32", "DPBUS_HEARTBEAT_TIMEOUT": "2",
             "DPBUS_STEP_TIMEOUT": "10", "DPBUS_PUBLISHER_TIMEOUT": "2", "DPBUS_RECONCILE_INTERVAL": "0.5",
             "DPBUS_LOAD_STALE_AFTER": "2", "DPBUS_WARMUP": "true"}
@@ -32,46 +34,37 @@ def own_nats():
     server.cleanup()
 
 
+# how long to keep listening after the last terminal answer: a late ``publisher_lost`` comes
+# up to publisher_timeout + reconcile_interval (+ the ledger's margin) after a publisher dies
+LISTEN_PAST = float(SETTINGS["DPBUS_PUBLISHER_TIMEOUT"]) + float(SETTINGS["DPBUS_RECONCILE_INTERVAL"]) + 1.5
+
+
 class Load:
-    """Sends requests at a steady pace and records, for each, every answer it received."""
+    """Sends requests at a steady pace and records, for each, every answer it received,
+    listening on every inbox until ``LISTEN_PAST`` seconds after the last terminal answer."""
 
     def __init__(self, nc) -> None:
         self.nc = nc
         self.answers: dict[str, list[dict]] = {}
+        self.subs: list = []
         self.sent = 0
 
     async def one(self, i: int, timeout: float) -> None:
         rid = f"chaos-{i}"
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
         got = self.answers.setdefault(rid, [])
+
+        async def on_answer(msg) -> None:
+            got.append(decode_any(msg.data) if msg.data else {"type": "no_responders"})
+
+        self.subs.append(await self.nc.subscribe(inbox, cb=on_answer))
         body = json.dumps({"rid": rid, "text": f"chaos {i} " + "x" * random.randrange(40),
                            "sampling": {"max_new_tokens": random.randrange(20, 120), "ignore_eos": True}})
         await self.nc.publish("dpbus.generate", body.encode(), reply=inbox)
         self.sent += 1
         deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    msg = await sub.next_msg(timeout=max(deadline - time.monotonic(), 0.01))
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                    break
-                if not msg.data:  # a 503 status: nothing subscribed yet, ingest never saw it
-                    got.append({"type": "no_responders"})
-                    break
-                got.append(decode_any(msg.data))
-                if got[-1]["type"] in TERMINAL:
-                    try:  # any answer after the terminal one is a bug too
-                        extra = (await sub.next_msg(timeout=0.3)).data
-                        got.append(decode_any(extra) if extra else {"type": "status"})
-                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                        pass
-                    break
-        finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - reconnecting
-                pass
+        while time.monotonic() < deadline and not any(a["type"] in (*TERMINAL, "no_responders") for a in got):
+            await asyncio.sleep(0.1)
 
     async def run(self, n: int, every: float, timeout: float) -> None:
         tasks = []
@@ -79,29 +72,60 @@ class Load:
             tasks.append(asyncio.create_task(self.one(i, timeout)))
             await asyncio.sleep(every)
         await asyncio.gather(*tasks)
+        await asyncio.sleep(LISTEN_PAST)  # anything after a terminal answer counts too
+        for sub in self.subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - reconnecting
+                pass
 
-    def report(self) -> dict:
+    async def accepted(self, server: NatsServer, rids: list[str]) -> set[str]:
+        """Which of ``rids`` a publisher accepted or ingest refused in the ledger (entries stay
+        two minutes after their answer): a request without a terminal answer and
+        without an entry never reached a group (no ingest got it, or it died first)."""
+        admin = await server.connect("admin")
+        try:
+            ledger = await Ledger.open(admin, "dpbus")
+            return {rid for rid in rids
+                    if await ledger.get(request_key(INBOX, rid)) is not None}
+        finally:
+            await admin.close()
+
+    async def report(self, server: NatsServer) -> dict:
+        silent = [rid for rid, got in self.answers.items()
+                  if not any(a["type"] in (*TERMINAL, "no_responders") for a in got)]
+        self.silent_accepted = await self.accepted(server, silent)
         outcome: collections.Counter[str] = collections.Counter()
-        bad = []
+        bad, after, lost = [], [], []
         for rid, got in self.answers.items():
-            if got and got[-1]["type"] == "status":  # a NATS status (503) for a resent copy, not an answer
-                outcome["status_after_terminal"] += 1
-                got = got[:-1]
-            terminals = [a for a in got if a["type"] in TERMINAL]
-            if got and got[-1]["type"] == "no_responders":
-                outcome["not_accepted_no_responders"] += 1
-            elif not terminals:
-                outcome["lost"] += 1
-            elif len(terminals) > 1 or got[-1] is not terminals[0]:
-                bad.append((rid, [a["type"] for a in got][-3:]))
+            refused = any(a["type"] == "no_responders" for a in got)  # a 503 (NATS): no ingest saw it
+            got = [a for a in got if a["type"] != "no_responders"]  # a 503 for a resent copy is no answer
+            terminals = [i for i, a in enumerate(got) if a["type"] in TERMINAL]
+            chunks = [a["index"] for a in got if a["type"] == "chunk"]
+            if not terminals:
+                if refused and not got:
+                    outcome["not_accepted_no_responders"] += 1
+                elif rid not in self.silent_accepted:
+                    outcome["never_reached_a_group"] += 1
+                else:
+                    outcome["lost"] += 1
+                    lost.append((rid, [a["type"] for a in got][-4:]))
+                continue
+            if len(terminals) > 1:
+                bad.append((rid, [a["type"] for a in got][-4:]))
+            elif terminals[0] != len(got) - 1:
+                after.append((rid, [a["type"] for a in got][-4:]))
             else:
-                outcome[terminals[0].get("code", "done")] += 1
-        return {"sent": self.sent, **outcome, "more_than_one_terminal": len(bad), "examples": bad[:3]}
+                outcome[got[terminals[0]].get("code", "done")] += 1
+            if chunks != sorted(set(chunks)):
+                outcome["chunks_out_of_order"] += 1
+        return {"sent": self.sent, **outcome, "more_than_one_terminal": len(bad), "after_terminal": len(after),
+                "examples": (bad + after)[:3], "lost_examples": lost[:3]}
 
 
 def assert_nothing_lost(report: dict) -> None:
     assert report.get("lost", 0) == 0, report
-    assert report["more_than_one_terminal"] == 0, report
+    assert report["more_than_one_terminal"] == 0 and report["after_terminal"] == 0, report
 
 
 async def serving(nc, within: float) -> bool:
@@ -145,7 +169,7 @@ async def test_a_nats_server_restart_loses_no_accepted_request(own_nats, tmp_pat
         await nc.close()
     finally:
         cluster.stop()
-    report = load.report()
+    report = await load.report(own_nats)
     print(f"nats-server restart: {report}")
     assert_nothing_lost(report)
     assert back
@@ -190,7 +214,7 @@ async def test_chaos(own_nats, tmp_path):
         await nc.close()
     finally:
         cluster.stop()
-    report = load.report()
+    report = await load.report(own_nats)
     print(f"chaos: {report} {timings}")
     assert_nothing_lost(report)
     assert report.get("done", 0) > report["sent"] // 3, report
@@ -212,10 +236,10 @@ async def test_killing_one_of_two_ingests_loses_nothing_it_handed_over(own_nats,
         await nc.close()
     finally:
         cluster.stop()
-    report = load.report()
+    report = await load.report(own_nats)
     heard = {rid for rid, got in load.answers.items() if got}
     print(f"one of two ingests killed: {report}")
-    assert report["more_than_one_terminal"] == 0, report
+    assert report["more_than_one_terminal"] == 0 and report["after_terminal"] == 0, report
     for rid in heard:  # everything that reached a group was answered, exactly once
         got = load.answers[rid]
         assert got[-1]["type"] in (*TERMINAL, "no_responders"), (rid, got[-1])

@@ -157,21 +157,25 @@ def violation(errors: list[str], kind: str, subject: str) -> bool:
 # Written from what each service does (see the modules named), not from the generator.
 MATRIX = {
     "ingest": (  # services/ingest/service.py
-        ["dpbus.dp.0.submit", "dpbus.dp.1.abort", "dpbus.dp.1.inflight", "_INBOX.alice.answer"],
+        ["dpbus.dp.0.submit", "dpbus.dp.1.abort", "dpbus.dp.1.inflight", "_INBOX.alice.answer",
+         "$KV.dpbus_requests.r.x", "$JS.API.STREAM.INFO.KV_dpbus_requests",  # the request ledger
+         "$JS.API.CONSUMER.CREATE.KV_dpbus_requests.w.>"],
         ["dpbus.generate", "dpbus.abort", "dpbus.dp.*.load", "dpbus.dp.*.finished", "$SRV.PING",
          "_INBOX.ingest.r"],
-        ["dpbus.dp.0.step", "dpbus.generate"],
+        ["dpbus.dp.0.step", "dpbus.generate", "$JS.API.STREAM.DELETE.KV_dpbus_requests", "$KV.other.x",
+         "$JS.API.STREAM.PURGE.KV_dpbus_requests"],
         ["dpbus.dp.0.step", "_INBOX.alice.>"]),
     "publisher-0": (  # services/publisher/service.py
-        ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.0.finished", "dpbus.dp.1.submit", "_INBOX.bob.answer"],
+        ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.0.finished", "dpbus.dp.1.submit", "dpbus.dp.1.abort",
+         "_INBOX.bob.answer", "$KV.dpbus_requests.lease.7", "$JS.API.DIRECT.GET.KV_dpbus_requests.$KV.x"],
         ["dpbus.dp.0.submit", "dpbus.dp.0.abort", "dpbus.dp.0.inflight", "dpbus.dp.0.result", "dpbus.dp.0.heartbeat",
          "dpbus.dp.0.replay", "$SRV.PING", "_INBOX.publisher-0.r"],
-        ["dpbus.dp.1.step", "dpbus.generate", "dpbus.dp.0.result"],
+        ["dpbus.dp.1.step", "dpbus.generate", "dpbus.dp.0.result", "$JS.API.STREAM.DELETE.KV_dpbus_requests"],
         ["dpbus.dp.1.result", "dpbus.generate", "_INBOX.alice.>"]),
     "worker-1": (  # services/worker/service.py
         ["dpbus.dp.1.result", "dpbus.dp.1.heartbeat", "dpbus.dp.1.replay"],
         ["dpbus.dp.1.step", "dpbus.dp.1.heartbeat", "dpbus.dp.1.worker.3.status", "$SRV.PING", "_INBOX.worker-1.r"],
-        ["dpbus.generate", "dpbus.dp.0.result", "dpbus.dp.1.step", "_INBOX.alice.answer"],
+        ["dpbus.generate", "dpbus.dp.0.result", "dpbus.dp.1.step", "_INBOX.alice.answer", "$KV.dpbus_requests.r.x"],
         ["dpbus.dp.0.step", "dpbus.dp.1.submit", "_INBOX.alice.>"]),
     "node-1": (  # a worker and its group's publisher in one process
         ["dpbus.dp.1.step", "dpbus.dp.1.result", "dpbus.dp.1.heartbeat", "dpbus.dp.0.submit", "_INBOX.alice.answer"],
@@ -181,7 +185,8 @@ MATRIX = {
     "alice": (  # a client application
         ["dpbus.generate", "dpbus.abort", "$SRV.PING", "$SRV.PING.dpbus-ingest"],
         ["_INBOX.alice.r"],
-        ["dpbus.dp.0.step", "dpbus.dp.0.submit", "_INBOX.bob.answer", "$SRV.STATS.dpbus-ingest"],
+        ["dpbus.dp.0.step", "dpbus.dp.0.submit", "_INBOX.bob.answer", "$SRV.STATS.dpbus-ingest",
+         "$KV.dpbus_requests.r.x", "$JS.API.STREAM.INFO.KV_dpbus_requests"],
         ["_INBOX.bob.>", "_INBOX.>", "dpbus.generate", "dpbus.dp.0.step"]),
     "gateway": (
         ["dpbus.generate", "dpbus.abort"],
@@ -215,7 +220,7 @@ async def test_permission_matrix(server, user):
             async def observe(msg):
                 seen.append(msg.subject)
 
-            for root in ("dpbus.>", "_INBOX.>", "$SRV.>"):
+            for root in ("dpbus.>", "_INBOX.>", "$SRV.>", "$KV.>", "$JS.>"):
                 await admin.subscribe(root, cb=observe)
             await admin.publish("dpbus.probe", b"")
             assert await until(lambda: "dpbus.probe" in seen), "observer never got ready"

@@ -219,7 +219,7 @@ async def test_a_killed_publisher_s_requests_are_answered_and_a_restart_serves_a
         assert len(terminals) == 1 and terminals[0]["type"] == "error", answers[-1]
         assert terminals[0]["code"] == "publisher_lost" and terminals[0]["rid"].startswith("orphan-")
     assert answered_in < 10
-    assert stats["orphaned"] >= 3 and stats["tracked"] == 0, stats
+    assert stats["orphaned"] >= 3 and stats["held"] == 0, stats
 
 
 async def test_sigterm_drains_the_publisher(robust):

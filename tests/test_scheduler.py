@@ -108,7 +108,7 @@ def check_pages(s: Scheduler, plan: Plan | None = None) -> None:
         assert item.pages == q.pages and len(q.pages) == pages_for(item.start + len(item.token_ids), s.page_size)
         assert_writable(s, q, range(item.start, end))
     for q, item in plan.decode:
-        assert q in s.running and q.decoding
+        assert q in s.running and q.decoding, f"{q.rid} decodes while not running or not decoding"
         assert item.position == len(q.prompt) + len(q.output) - 1 < s.max_seq_len
         assert item.token == q.output[-1] and item.counter == len(q.output)
         assert item.pages == q.pages and len(q.pages) == pages_for(item.position + 1, s.page_size)
@@ -515,7 +515,8 @@ def test_growing_sequence_preempts_the_most_recently_admitted_other_one():
     plan, _ = fake_step(s, model)  # position 8: a needs a page, c (the newest) is preempted
     assert s.preemptions == 1 and c.preempted == 1 and a.preempted == b.preempted == 0
     assert rids(plan.decode) == ["a", "b"] and plan.prefill == []
-    assert c not in s.running and c.pages == [] and c.prefilled == 0 and c.output == c_output
+    assert c not in s.running and c.pages == [] and c.output == c_output
+    assert c.prefilled == 0, "a preempted request keeps a prefill count for pages it gave back"
     assert [q.rid for q in s.waiting] == ["c", "d"]  # back at the head of the queue
     assert [len(q.pages) for q in (a, b)] == [3, 3] and not s.free_pages
 
@@ -811,9 +812,13 @@ def test_unpreempted_runs_agree_with_the_fake_model():
     assert stats["preemptions"] == 0 and stats["added"] > 60
 
 
-@pytest.mark.parametrize("mutant", ["recompute forgets the generated tokens", "release leaks pages",
-                                    "preemption keeps the old prefill count", "victim is the oldest"])
-def test_broken_schedulers_fail_the_checks(monkeypatch, mutant):
+@pytest.mark.parametrize("mutant, caught_by", [
+    ("recompute forgets the generated tokens", "work is pending but the step is empty"),
+    ("release leaks pages", "reference counts differ from the page tables"),  # held, never given back
+    ("preemption keeps the old prefill count", "keeps a prefill count for pages it gave back"),
+    ("victim is the oldest", "decodes while not running or not decoding"),
+])
+def test_broken_schedulers_fail_the_checks(monkeypatch, mutant, caught_by):
     """Each deliberately broken variant (patched in memory) is caught by the checks above."""
     if mutant == "recompute forgets the generated tokens":
         monkeypatch.setattr(Sequence, "fill_target", property(lambda self: len(self.prompt)))
@@ -836,7 +841,7 @@ def test_broken_schedulers_fail_the_checks(monkeypatch, mutant):
         ns = dict(vars(scheduler_module))
         exec(src.replace("victim = self.running[-1]", "victim = self.running[0]"), ns)  # noqa: S102
         monkeypatch.setattr(Scheduler, "build_step", ns["build_step"])
-    with pytest.raises((AssertionError, KeyError, IndexError, ValueError)):
+    with pytest.raises(AssertionError, match=caught_by):  # each mutant is caught by the check meant for it
         random_workload(3, 150)
         test_growing_sequence_preempts_the_most_recently_admitted_other_one()
     monkeypatch.undo()

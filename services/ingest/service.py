@@ -3,7 +3,9 @@
 ``dpbus.generate``: decode and check the request, tokenize, pick a group, forward it on
 ``dpbus.dp.{g}.submit`` and wait for the publisher's acknowledgement. Anything wrong
 becomes an ``error`` answer on the client's reply subject at once; from the
-acknowledgement on, the publisher owns the request and its terminal answer.
+acknowledgement on, the request's entry in the ledger (``services/ledger.py``) says who
+answers it: its publisher, or, when that publisher's lease lapses, whichever ingest
+instance wins the entry first (``publisher_lost``).
 
 ``dpbus.abort``: ask every group to cancel the ``rid``; answer whether one had it.
 """
@@ -11,11 +13,9 @@ acknowledgement on, the publisher owns the request and its terminal answer.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -23,30 +23,20 @@ import nats.micro
 
 from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects, decode_abort, decode_request
 from schemas.codec import encode_answer, sniff_encoding
-from schemas.internal import Finished, GroupAbort, client_of, Inflight, LoadReport, Submit, SubmitAck, pack, unpacker
+from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, client_of, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
 from services import bus
 from services.lifecycle import unless_stopped
 from services.errors import Rejected
+from services.ledger import ANSWERED, REFUSED, Entry, Ledger, SweepView, request_key
 from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from services.model_config import model_config_for
 from services.settings import IngestSettings
 from services.tokenizer import load_tokenizer
+from services.topology import dp_groups
 
 VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
-RECENT_WINDOW = 120.0  # seconds a reply subject is remembered, to drop redelivered copies
-
-
-@dataclass
-class Tracked:
-    """A request this ingest handed to a group, until the group has answered it."""
-
-    reply: str
-    encoding: Encoding
-    group: int
-    instance: int
-    since: float
 
 
 class Ingest:
@@ -58,16 +48,16 @@ class Ingest:
         self.model = model_config_for(settings.model_path, settings.max_seq_len)
         self.tokenizer = load_tokenizer(settings.model_path)
         # raises ValueError (start-up fails with the list of valid policies) on an unknown --policy
-        self.router = Router(settings.dp_size, settings.policy, stale_after=settings.load_stale_after,
+        self.groups = dp_groups(settings.dp_size, settings.enable_dp_attention)
+        self.router = Router(self.groups, settings.policy, stale_after=settings.load_stale_after,
                              affinity_skew=settings.affinity_skew,
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
         self.forwarded = 0
-        self.tracked: dict[tuple[str, str], Tracked] = {}  # (client, rid) -> where it went
-        self.recent: dict[tuple[str, bytes], float] = {}  # (reply, body digest) -> when seen, oldest first
+        self.handing: set[tuple[str, str]] = set()  # (client, rid) being handed to a group now
         self.orphaned = 0
-        self._finished = unpacker(Finished)
-        self._inflight = unpacker(Inflight)
+        self.view = SweepView(fallback_ttl=settings.publisher_timeout)
+        self.ledger: Ledger | None = None
         self.dispatched: Counter[int] = Counter()  # accepted requests per group
         self.tasks: set[asyncio.Task] = set()
         self._ack = unpacker(SubmitAck)
@@ -78,9 +68,9 @@ class Ingest:
     def admit(self, body: bytes, reply: str) -> tuple[Submit, list[int] | None]:
         """Turn a body into a Submit; raises DecodeError/Rejected. Also returns the groups to try."""
         req, enc = decode_request(body)
-        if req.dp_rank is not None and req.dp_rank >= self.s.dp_size:
+        if req.dp_rank is not None and req.dp_rank >= self.groups:
             raise Rejected(ErrorCode.UNKNOWN_DP_RANK, f"dp_rank {req.dp_rank} does not exist: this deployment has "
-                           f"dp_size={self.s.dp_size} (groups 0..{self.s.dp_size - 1})")
+                           f"{self.groups} DP group(s) (0..{self.groups - 1})")
         try:
             ids = self.tokenizer.encode(req.text) if req.text is not None else req.input_ids
         except ValueError as e:
@@ -92,9 +82,9 @@ class Ingest:
         if len(ids) >= self.model.max_seq_len:
             raise Rejected(ErrorCode.PROMPT_TOO_LONG, f"the prompt has {len(ids)} tokens; the context holds "
                            f"{self.model.max_seq_len}, and at least one must be left to generate")
-        rid = req.rid or uuid.uuid4().hex
+        rid = req.rid or uuid.uuid4().hex  # without a rid, every copy is a new request
         sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None,
-                     client=client_of(reply))
+                     client=client_of(reply), attempt=uuid.uuid4().hex[:16])
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------
@@ -111,8 +101,6 @@ class Ingest:
             self.log.warning("request_without_reply_subject")
             return
         body = req.data
-        if self.seen_before(reply, body):
-            return
         try:
             sub, pinned = self.admit(body, reply)
         except DecodeError as e:
@@ -121,32 +109,22 @@ class Ingest:
         except Rejected as e:
             await self.answer_error(reply, sniff_encoding(body), e.code, e.message)
             return
-        if len(self.tasks) >= self.s.max_inflight or len(self.tracked) >= self.s.max_tracked:
+        if sub.key in self.handing:  # a copy of a request being handed over right now
+            self.errors["duplicate_delivery"] += 1
+            return
+        if len(self.tasks) >= self.s.max_inflight:
             await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
                                     f"ingest has {len(self.tasks)} requests being forwarded", sub.rid)
             return
+        self.handing.add(sub.key)
         task = asyncio.create_task(self.forward(sub, pinned))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    def seen_before(self, reply: str, body: bytes) -> bool:
-        """The same bytes for the same reply subject twice within ``RECENT_WINDOW`` means NATS
-        delivered one request again (a client resends its buffer after reconnecting).
-        Answering it twice would break "exactly one terminal", so the copy is dropped."""
-        now = time.monotonic()
-        while self.recent and now - next(iter(self.recent.values())) > RECENT_WINDOW:
-            self.recent.pop(next(iter(self.recent)))
-        key = (reply, hashlib.blake2b(body, digest_size=16).digest())
-        if key in self.recent:
-            self.errors["duplicate_delivery"] += 1
-            self.log.warning("duplicate_request_dropped", reply=reply)
-            return True
-        self.recent[key] = now
-        return False
+        task.add_done_callback(lambda _: self.handing.discard(sub.key))
 
     async def submit_to(self, g: int, sub: Submit) -> SubmitAck | None:
         """Hand ``sub`` to group ``g``; None when no acknowledgement came (the publisher may
-        hold it: a resubmission with the same rid and reply subject is acknowledged again)."""
+        hold it: a resubmission of the same (client, rid) is acknowledged as a duplicate)."""
         for _ in range(SUBMIT_ATTEMPTS):
             try:
                 msg = await self.nc.request(self.subjects.submit(g), pack(sub), timeout=self.s.submit_timeout)
@@ -174,7 +152,7 @@ class Ingest:
         else:
             groups = self.router.order(sub.input_ids, sub.sampling.max_new_tokens)
             if not groups:
-                whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.s.dp_size))
+                whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.groups))
                 await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
                                         f"no DP group is available ({whys})", sub.rid)
                 return
@@ -186,14 +164,12 @@ class Ingest:
             ack = await self.submit_to(g, sub)
             if ack is None:  # it may hold the request without our knowing: never offer it elsewhere
                 self.router.unsent(g, cost)
-                await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
-                                        f"group {g} did not acknowledge the request within "
-                                        f"{SUBMIT_ATTEMPTS} x {self.s.submit_timeout}s", sub.rid)
+                await self.refuse_unheard(sub, g)
                 return
-            if ack.accepted:
+            if ack.accepted:  # its holder (or, for a duplicate, whoever has the name) answers it
                 self.forwarded += 1
                 self.dispatched[g] += 1
-                self.tracked[(sub.client, sub.rid)] = Tracked(sub.reply, sub.encoding, g, ack.instance, time.monotonic())
+                self.errors["duplicate_request"] += ack.duplicate
                 return
             self.router.unsent(g, cost)
             tried.append(f"group {g}: {ack.message}")
@@ -207,55 +183,62 @@ class Ingest:
                                 "no group could take the request: " + "; ".join(tried), sub.rid)
 
     # ---- what ingest guarantees after the acknowledgement ---------------------------------
-    async def on_finished(self, msg: Any) -> None:
+    async def refuse_unheard(self, sub: Submit, g: int) -> None:
+        """No acknowledgement came: the publisher may hold the request or never have seen
+        it. Marking it ``refused`` in the ledger settles which: if that works, nobody holds
+        it (and a late copy of the submit will not run), so ingest answers ``unavailable``;
+        if the name is taken, its holder answers."""
+        key = request_key(sub.client, sub.rid)
+        why = f"group {g} did not acknowledge the request within {SUBMIT_ATTEMPTS} x {self.s.submit_timeout}s"
         try:
-            done = self._finished.decode(msg.data)
-        except Exception:  # noqa: BLE001
-            self.errors["bad_finished_notice"] += 1
-            return
-        for key in done.keys:
-            entry = self.tracked.get(key)
-            if entry is not None and entry.instance == done.instance:
-                del self.tracked[key]
+            rev, _ = await self.ledger.claim(key, Entry(REFUSED, group=g, rid=sub.rid, client=sub.client,
+                                                         attempt=sub.attempt))
+        except Exception as e:  # noqa: BLE001 - no ledger: whoever holds it cannot answer either
+            self.log.error("ledger_unreachable", rid=sub.rid, error=repr(e))
+            rev = None
+        if rev is not None:
+            await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
+        else:
+            self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, group=g)
 
-    async def reconcile_loop(self, stop: asyncio.Event) -> None:
-        """Keep ``tracked`` true, and answer for a publisher that is gone.
+    async def watch_ledger(self, stop: asyncio.Event) -> None:
+        """Keep ``view`` up to date with every change of the ledger (watching again after
+        a failure)."""
+        while not stop.is_set():
+            try:
+                watcher = await self.ledger.watch()
+                async for change in watcher:
+                    if change is None:
+                        continue
+                    value = None if change.operation in ("DEL", "PURGE") else change.value
+                    self.view.update(change.key, change.revision, value, time.monotonic())
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - NATS away: watch again
+                self.log.warning("ledger_watch_failed", error=repr(e))
+                await asyncio.sleep(self.s.reconcile_interval)
 
-        Every ``reconcile_interval`` each group holding requests this ingest handed it is
-        asked which it still holds. Those it no longer holds were answered (dropped here);
-        if it answers as a new instance (a restart) or not at all for ``publisher_timeout``,
-        the requests it held can no longer be answered by it: ingest sends their ``error``
-        (code ``publisher_lost``) itself."""
-        last_ok: dict[int, float] = {}
+    async def sweep_loop(self, stop: asyncio.Event) -> None:
+        """Every ``reconcile_interval``: answer for publishers whose lease lapsed, and forget
+        settled requests ``KEEP_ANSWERED`` seconds after their answer."""
         while not stop.is_set():
             await asyncio.sleep(self.s.reconcile_interval)
-            groups = {e.group for e in self.tracked.values()}
-            for g in groups:
-                asked_at = time.monotonic()
-                try:
-                    held = self._inflight.decode(await bus.request(self.nc, self.subjects.inflight(g), b"",
-                                                                   timeout=1.0, attempts=1))
-                except Exception:  # noqa: BLE001 - no publisher, or a slow one
-                    since = asked_at - last_ok.setdefault(g, asked_at)
-                    if since >= self.s.publisher_timeout:
-                        await self.orphan(g, lambda e: True, f"the publisher of group {g} has not answered for "
-                                                             f"{since:.0f}s")
-                    continue
-                last_ok[g] = time.monotonic()
-                keys = set(held.keys)
-                for key, e in list(self.tracked.items()):
-                    if e.group == g and e.instance == held.instance and key not in keys and e.since < asked_at:
-                        del self.tracked[key]  # answered: the notice was lost or is on its way
-                await self.orphan(g, lambda e: e.instance != held.instance,
-                                  f"the publisher of group {g} restarted")
+            try:
+                await self.sweep(time.monotonic())
+            except Exception as e:  # noqa: BLE001 - NATS away: the next sweep retries
+                self.log.warning("sweep_failed", error=repr(e), detail=str(getattr(e, "description", "")))
 
-    async def orphan(self, g: int, which, why: str) -> None:
-        for key, e in list(self.tracked.items()):
-            if e.group == g and which(e):
-                del self.tracked[key]
-                self.orphaned += 1
-                await self.answer_error(e.reply, e.encoding, ErrorCode.PUBLISHER_LOST,
-                                        f"{why} while holding this request", key[1])
+    async def sweep(self, now: float) -> None:
+        for key, rev, entry in self.view.orphans(now):
+            settled = Entry(ANSWERED, 0, entry.group, entry.rid, entry.client)
+            if await self.ledger.swap(key, settled, rev) is None:
+                continue  # its holder finished, or another ingest answered it
+            self.orphaned += 1
+            await self.answer_error(entry.reply, entry.encoding, ErrorCode.PUBLISHER_LOST,
+                                    f"the publisher of group {entry.group} holding this request went silent for "
+                                    f"{self.s.publisher_timeout}s", entry.rid)
+        for key, rev in [*self.view.stale_settled(now), *self.view.dead_leases(now)]:
+            await self.ledger.delete(key, rev)
 
     async def on_abort(self, req: Any) -> None:
         reply = bus.reply_subject(req)
@@ -273,7 +256,7 @@ class Ingest:
             except Exception:  # noqa: BLE001 - a group that cannot answer does not have it running
                 return None
 
-        acks = await asyncio.gather(*(ask(g) for g in range(self.s.dp_size)))
+        acks = await asyncio.gather(*(ask(g) for g in range(self.groups)))
         hit = next((a for a in acks if a is not None and a.found), None)
         answer = hit or AbortAck(rid=abort.rid, found=False)
         if reply:
@@ -287,9 +270,9 @@ class Ingest:
 
     def stats(self, *_: Any) -> dict:
         return {"forwarded": self.forwarded, "inflight": len(self.tasks), "errors": dict(self.errors),
-                "tracked": len(self.tracked), "orphaned": self.orphaned,
+                "held": len(self.view.held), "orphaned": self.orphaned,
                 "policy": self.router.policy,
-                "dispatched": {str(g): self.dispatched[g] for g in range(self.s.dp_size)},
+                "dispatched": {str(g): self.dispatched[g] for g in range(self.groups)},
                 "groups": self.router.snapshot()}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -298,8 +281,8 @@ class Ingest:
                                                          on_reconnect_hooks=hooks, auth=self.auth))
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
+        self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas)
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
-        await bus.subscribe(self.nc, self.subjects.all_finished, self.on_finished)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-ingest", version=VERSION, description="dpbus front door: validate and route",
             queue_group=INGEST_QUEUE, metadata={"dp_size": str(self.s.dp_size), "prefix": self.s.prefix},
@@ -308,9 +291,10 @@ class Ingest:
         await svc.add_endpoint(name="generate", subject=self.subjects.generate, handler=self.on_generate)
         await svc.add_endpoint(name="abort", subject=self.subjects.abort, handler=self.on_abort)
         self.log.info("ingest_ready", subjects=[self.subjects.generate, self.subjects.abort])
-        reconciling = asyncio.create_task(self.reconcile_loop(stop))
+        background = [asyncio.create_task(self.watch_ledger(stop)), asyncio.create_task(self.sweep_loop(stop))]
         await stop.wait()
-        reconciling.cancel()
+        for task in background:
+            task.cancel()
         await svc.stop()
         if self.tasks:  # requests being handed to a group
             await asyncio.wait(self.tasks, timeout=self.s.drain_timeout)

@@ -59,6 +59,11 @@ class Sequence:
     eos_ids: tuple[int, ...] = (EOS_ID,)
     pinned: bool = False
     client: str = ""  # who sent it (see schemas.internal.client_of): (client, rid) names a request
+    attempt: str = ""  # the admission it came from (see services/ledger.py)
+    ledger_rev: int = 0  # the revision of its ledger entry held by this publisher
+    owner: int = 0  # the publisher instance that claimed it (see services/ledger.py)
+    abandoned: bool = False  # its publisher lost the lease: someone else answers it
+    settled: bool = False  # its publisher won its terminal answer in the ledger
 
     @property
     def key(self) -> tuple[str, str]:

@@ -16,6 +16,7 @@ group is not whole, or wait for it up to ``queue_timeout``.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from typing import Any
 
@@ -24,22 +25,25 @@ from prometheus_client import CollectorRegistry
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    Finished, GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
+    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
 from services import bus
 from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
+from services.ledger import ANSWERED, HELD, REFUSED, Entry, Lease, LeaseClock, Ledger, request_key
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.metrics import PublisherMetrics
 from services.model_config import model_config_for
 from services.natsconf import user_for
 from services.settings import PublisherSettings, total_pages
 from services.tokenizer import load_tokenizer
-from services.topology import group_nodes
+from services.topology import dp_groups, group_nodes
 
 VERSION = "0.1.0"
+SETTLE_ATTEMPTS = 200  # x 0.1 s at most while the ledger is unreachable, then the lease is given up
+ANSWERED_WINDOW = 120.0  # seconds a terminal answer is remembered against copies and retries
 
 
 class Publisher:
@@ -47,9 +51,11 @@ class Publisher:
         s = self.s = settings
         self.g = s.dp_rank
         self.auth = auth or bus.auth_from(s, user_for("publisher", self.g))
-        if not 0 <= self.g < s.dp_size:
-            raise ValueError(f"dp_rank {self.g} is out of range for dp_size={s.dp_size}")
-        self.members = group_nodes(self.g, s.nnodes, s.dp_size)
+        self.groups = dp_groups(s.dp_size, s.enable_dp_attention)
+        if not 0 <= self.g < self.groups:
+            raise ValueError(f"dp_rank {self.g} is out of range: this layout has {self.groups} DP group(s) "
+                             f"(dp_size={s.dp_size}, enable_dp_attention={s.enable_dp_attention})")
+        self.members = group_nodes(self.g, s.nnodes, self.groups)
         self.subjects = Subjects(s.prefix)
         self.log = log.bind(dp_rank=self.g)
         self.model = model_config_for(s.model_path, s.max_seq_len)
@@ -57,9 +63,12 @@ class Publisher:
         self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
                                total_pages(s, self.model.max_seq_len), s.page_size, s.prefix_cache)
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
-        self.epoch = time.time_ns() // 1000
-        self.instance = self.epoch  # identifies this run of the publisher to ingest
-        self.finished_keys: list[tuple[str, str]] = []
+        self.epoch = 0  # chosen when the epoch's first step goes out (see start_epoch)
+        self.instance = secrets.randbits(62) | 1  # identifies this run of the publisher (and its lease)
+        self.lease = LeaseClock(s.publisher_timeout)
+        self.ledger: Ledger | None = None
+        self.answered: dict[tuple[str, str], float] = {}  # key -> when answered (monotonic), oldest first
+        self.moving: dict[tuple[str, str], Sequence] = {}  # out of the scheduler, being offered elsewhere
         self.seq = 0
         self.pending: asyncio.Future | None = None
         self.acks: dict[int, StepResult] = {}
@@ -67,7 +76,7 @@ class Publisher:
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
-                       "resent": 0, "replayed": 0, "requeued": 0}
+                       "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0}
         self._unpack = {k: unpacker(t) for k, t in
                         (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
                          ("replay", Replay))}
@@ -84,7 +93,15 @@ class Publisher:
         return out
 
     def ready(self) -> bool:
-        return not self.missing_members(time.monotonic())
+        """Whole (every member beats, ready) and holding a valid lease in the ledger."""
+        now = time.monotonic()
+        return not self.missing_members(now) and self.lease.valid(now)
+
+    def not_ready_reason(self) -> str:
+        missing = self.missing_members(time.monotonic())
+        if missing:
+            return f"group {self.g} is not whole: node(s) {missing} not ready"
+        return f"group {self.g}'s publisher has no valid lease in the request ledger"
 
     # ---- NATS handlers ---------------------------------------------------------------
     async def on_submit(self, req: Any) -> None:
@@ -94,24 +111,36 @@ class Publisher:
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.BAD_REQUEST, f"bad submit: {e}")))
             return
+        if self.held(sub.client, sub.rid) is not None or self.recently_answered(sub.key):
+            # a retried submit, or a copy of a request we hold or answered: one answer only
+            self.counts["duplicates"] += 1
+            await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance,
+                                             duplicate=True)))
+            return
         if not self.ready():
             self.counts["rejected"] += 1
-            missing = self.missing_members(time.monotonic())
-            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
-                                             f"group {self.g} is not whole: node(s) {missing} not ready")))
+            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE, self.not_ready_reason())))
             return
-        known = self.sched.find(sub.rid, sub.client)
-        if known is not None and known.reply == sub.reply:  # a retried submit: it is ours already
-            await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
-            return
-        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
-                       detok=self.tokenizer.stream(sub.input_ids), eos_ids=self.model.eos_token_ids, pinned=sub.pinned,
-                       client=sub.client)
-        if not self.sched.add(seq):
+        if len(self.sched.waiting) >= self.sched.max_waiting:
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED,
                                              f"group {self.g} has {len(self.sched.waiting)} requests waiting")))
             return
+        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
+                       detok=self.tokenizer.stream(sub.input_ids), eos_ids=self.model.eos_token_ids,
+                       pinned=sub.pinned, client=sub.client, attempt=sub.attempt)
+        try:
+            rev = await self.claim(sub)
+        except Exception as e:  # noqa: BLE001 - no ledger, no acceptance
+            self.counts["rejected"] += 1
+            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE, f"the request ledger is unreachable: {e!r}")))
+            return
+        if rev is None:  # the name is someone else's (held elsewhere, or answered): never run it twice
+            self.counts["duplicates"] += 1
+            await req.respond(pack(SubmitAck(True, instance=self.instance, duplicate=True)))
+            return
+        seq.ledger_rev, seq.owner = rev, self.instance
+        self.sched.waiting.append(seq)  # room was checked above; the claim is made
         self.counts["accepted"] += 1
         await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
         self.wake.set()
@@ -124,13 +153,37 @@ class Publisher:
             self.log.warning("bad_abort", error=str(e))
             return
         rid = ask.rid
-        seq = self.sched.find(rid, client_of(ask.reply))
+        seq = self.held(client_of(ask.reply), rid)
         found = seq is not None and seq.reply == ask.reply  # only the owner knows its reply subject
         if found:
-            self.sched.abort(rid, seq.client)
+            seq.aborted = True
         await req.respond(pack(AbortAck(rid=rid, found=found, dp_rank=self.g if found else None)))
         if found:
             self.wake.set()
+
+    async def claim(self, sub: Submit) -> int | None:
+        """Make this instance the holder of ``sub`` in the ledger: its revision, or None
+        when the name belongs to someone else. A moved request is taken over from the
+        instance that moved it; a refused one by a fresh attempt."""
+        key = request_key(sub.client, sub.rid)
+        mine = Entry(HELD, self.instance, self.g, sub.rid, sub.client, sub.reply, sub.encoding, sub.attempt)
+        for _ in range(2):  # a second try when the entry vanished between create and get
+            rev, existing = await self.ledger.claim(key, mine)
+            if rev is not None:
+                return rev
+            if existing is None:
+                continue
+            last, theirs = existing
+            moved_here = theirs.state == HELD and sub.moved_from and theirs.owner == sub.moved_from
+            fresh_attempt = theirs.state == REFUSED and theirs.attempt != sub.attempt
+            if moved_here or fresh_attempt:
+                return await self.ledger.swap(key, mine, last)
+            return None
+        return None
+
+    def held(self, client: str, rid: str) -> Sequence | None:
+        """The request (client, rid) if this publisher holds it: queued, running or moving."""
+        return self.sched.find(rid, client) or self.moving.get((client, rid))
 
     async def on_heartbeat(self, msg: Any) -> None:
         try:
@@ -152,9 +205,11 @@ class Publisher:
             return
         if reply.epoch != self.epoch or reply.seq > self.seq or self.pending is None or self.pending.done():
             return  # a late or repeated answer to a step already settled
+        if reply.seq != self.seq or reply.node_rank not in self.members:
+            return  # an answer (or a failure) about an earlier step of this epoch: settled already
         if isinstance(reply, StepFailure):
             self.pending.set_result(reply)
-        elif reply.seq == self.seq and reply.node_rank in self.members:
+        else:
             self.acks[reply.node_rank] = reply
             if len(self.acks) == len(self.members):
                 self.pending.set_result(self.acks[self.members[0]])
@@ -181,7 +236,84 @@ class Publisher:
 
     # ---- answers ---------------------------------------------------------------------
     async def send(self, seq: Sequence, msg: Any) -> None:
-        await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding))
+        """Answer a client, only while this instance holds its lease (after that, ingest
+        answers for it)."""
+        if not self.may_answer(seq):
+            self.give_up(seq, "the lease expired")
+            return
+        await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding), still=lambda: self.may_answer(seq))
+
+    def may_answer(self, seq: Sequence) -> bool:
+        """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is
+        settled here (this instance won its terminal answer), or this instance still holds
+        its lease and has not given ``seq`` up."""
+        return seq.settled or (not seq.abandoned and seq.owner == self.instance
+                               and self.lease.valid(time.monotonic()))
+
+    async def settle(self, seq: Sequence) -> bool:
+        """Win the ledger's compare-and-set from held to answered: True when this
+        instance may send the terminal answer. While the ledger cannot be reached, tries
+        until the lease runs out (then ingest answers)."""
+        key = request_key(seq.client, seq.rid)
+        done = Entry(ANSWERED, self.instance, self.g, seq.rid, seq.client)
+        for _ in range(SETTLE_ATTEMPTS):
+            if not self.may_answer(seq):
+                self.give_up(seq, "the lease expired while settling an answer")
+                return False
+            try:
+                if await self.ledger.swap(key, done, seq.ledger_rev) is not None:
+                    seq.settled = True
+                    return True
+                got = await self.ledger.get(key)
+            except Exception as e:  # noqa: BLE001 - unreachable for now: try again
+                self.log.warning("ledger_unreachable", rid=seq.rid, error=repr(e))
+                await asyncio.sleep(0.1)
+                continue
+            if got is not None and got[1].state == ANSWERED and got[1].owner == self.instance:
+                seq.settled = True  # our own earlier write landed; its acknowledgement was lost
+                return True
+            self.counts["taken"] += 1
+            self.log.error("answer_taken", rid=seq.rid, entry=repr(got))
+            return False
+        self.give_up(seq, "the request ledger stayed unreachable", force=True)
+        return False
+
+    def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
+        """``seq`` may not be answered from here: give up every request of its instance (once)."""
+        if not seq.abandoned and seq.owner == self.instance and (force or not self.lease.valid(time.monotonic())):
+            self.abandon(why)
+        seq.abandoned = True
+
+    def abandon(self, why: str) -> None:
+        """This instance lost (or may have lost) its lease: ingest may be answering its
+        requests now, so it drops all of them without a word and carries on as a new
+        instance with an empty queue and a new epoch."""
+        seqs = [*self.sched.take_all(), *self.sched.waiting, *self.moving.values()]
+        self.sched.waiting.clear()
+        for seq in seqs:
+            seq.abandoned = True
+        self.counts["abandoned"] += len(seqs)
+        self.log.error("lease_lost", reason=why, requests=len(seqs), instance=self.instance)
+        self.instance = secrets.randbits(62) | 1
+        self.lease = LeaseClock(self.s.publisher_timeout)
+        self.seq = 0
+        self.sent.clear()
+        if self.pending is not None and not self.pending.done():
+            self.pending.set_exception(GroupFailure(ErrorCode.UNAVAILABLE, why))
+            self.pending.exception()  # retrieved here: the step loop may not be waiting for it
+
+    async def lease_loop(self, stop: asyncio.Event) -> None:
+        """Renew the lease every quarter of its length; give everything up when it lapses."""
+        while not stop.is_set():
+            clock, sent_at = self.lease, time.monotonic()
+            try:
+                await self.ledger.renew(Lease(self.instance, self.g, self.s.publisher_timeout))
+                clock.renewed(sent_at)
+            except Exception as e:  # noqa: BLE001 - the next renewal retries
+                self.log.warning("lease_not_renewed", error=repr(e))
+            if not self.lease.valid(time.monotonic()) and (self.sched.has_work() or self.moving):
+                self.abandon("the lease expired")
+            await asyncio.sleep(self.s.publisher_timeout / 4)
 
     async def finish(self, seq: Sequence, reason: FinishReason) -> None:
         now = time.time()
@@ -201,19 +333,34 @@ class Publisher:
         if not seq.stream:
             done.token_ids = list(seq.output)
             done.text = "".join(seq.text_parts)
-        self.counts["done"] += 1
-        self.finished_keys.append(seq.key)
-        await self.send(seq, done)
+        if await self.settle(seq):
+            self.counts["done"] += 1
+            self.answered_now(seq.key)
+            await self.send(seq, done)
 
     async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
-        self.counts["errors"] += 1
-        self.finished_keys.append(seq.key)
-        await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
+        if await self.settle(seq):
+            self.counts["errors"] += 1
+            self.answered_now(seq.key)
+            await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
+
+    def answered_now(self, key: tuple[str, str]) -> None:
+        """Remember a request's terminal answer: a copy or retry of it within
+        ``ANSWERED_WINDOW`` is acknowledged without asking the ledger."""
+        self.answered[key] = time.monotonic()
+
+    def recently_answered(self, key: tuple[str, str]) -> bool:
+        now = time.monotonic()
+        while self.answered and now - next(iter(self.answered.values())) > ANSWERED_WINDOW:
+            self.answered.pop(next(iter(self.answered)))
+        return key in self.answered
 
     # ---- the scheduling loop -----------------------------------------------------------
     async def run_step(self, plan: Plan) -> StepResult:
         """Broadcast one step and wait until every member acknowledged it with the same
         digest; re-publish it while acknowledgements are late (workers drop repeats)."""
+        if self.seq == 0:
+            self.start_epoch()
         self.seq += 1
         data = pack(Step(self.epoch, self.seq, [i for _, i in plan.prefill], [i for _, i in plan.decode]))
         self.sent[self.seq] = data
@@ -254,8 +401,18 @@ class Publisher:
                                                    f"sampled differently from the leader")
         return reply
 
+    def start_epoch(self) -> None:
+        """Number a new epoch above every epoch this publisher used and every epoch its
+        workers report in their heartbeats (a restarted publisher continues above its
+        predecessor's; no clock involved, so a clock stepping back cannot stall a group)."""
+        seen = max((beat.epoch for _, beat in self.beats.values()), default=0)
+        self.epoch = max(self.epoch, seen) + 1
+
     async def emit(self, events: list) -> None:
+        """Chunks in order, then the terminal answers of the requests that finished (their
+        ledger writes made together)."""
         now = time.time()
+        finished = []
         for seq, token, reason in events:
             if not seq.first_token_at:
                 seq.first_token_at = now
@@ -273,20 +430,11 @@ class Publisher:
             else:
                 seq.text_parts.append(text)
             if reason is not None:
-                await self.finish(seq, reason)
-        await self.announce_finished()
-
-    async def announce_finished(self) -> None:
-        """Tell ingest which requests are answered (best effort; ingest also reconciles)."""
-        if self.finished_keys:
-            keys, self.finished_keys = self.finished_keys, []
-            try:
-                await self.nc.publish(self.subjects.finished(self.g), pack(Finished(self.instance, keys)))
-            except Exception as e:  # noqa: BLE001
-                self.log.warning("finished_notice_failed", error=repr(e))
+                finished.append((seq, reason))
+        await asyncio.gather(*(self.finish(seq, reason) for seq, reason in finished))
 
     async def on_inflight(self, req: Any) -> None:
-        keys = [s.key for s in (*self.sched.waiting, *self.sched.running)]
+        keys = [s.key for s in (*self.sched.waiting, *self.sched.running, *self.moving.values())]
         await req.respond(pack(Inflight(self.instance, keys)))
 
     async def reset_group(self, failure: GroupFailure) -> None:
@@ -295,20 +443,62 @@ class Publisher:
         victims = self.sched.take_all()
         self.log.error("group_failed", code=failure.code.value, reason=failure.message, running=len(victims))
         for seq in victims:
-            if not await self.requeue(seq):
+            if await self.move(seq) is None:
                 await self.fail(seq, failure.code, failure.message)
-        self.epoch += 1
-        self.seq = 0
+        self.seq = 0  # the next step starts a new epoch
         self.sent.clear()
 
-    async def requeue(self, seq: Sequence) -> bool:
-        """Hand a request that has sent nothing to its client yet to another group. It keeps
-        its rid, reply subject and acceptance time; the other group answers the client."""
-        if seq.output or seq.pinned or self.s.dp_size == 1:
-            return False
+    def movable(self, seq: Sequence) -> bool:
+        """Only a request that has sent nothing to its client, and was not pinned, moves."""
+        return not seq.output and not seq.pinned and self.groups > 1
+
+    async def move(self, seq: Sequence) -> int | None:
+        """Offer ``seq`` (already out of the scheduler) to the other groups; the group that
+        took it, or None. While it is offered it stays listed in ``moving``, so that an
+        inflight query or an abort still finds it here; an abort that came meanwhile is
+        passed on to the group that took it."""
+        if not self.movable(seq):
+            return None
+        self.moving[seq.key] = seq
+        try:
+            target = await self.requeue(seq)
+        finally:
+            self.moving.pop(seq.key, None)
+        if target is not None and seq.aborted and not seq.abandoned:
+            await self.forward_abort(target, seq)
+        return target
+
+    async def forward_abort(self, g: int, seq: Sequence) -> None:
+        try:
+            await bus.request(self.nc, self.subjects.group_abort(g), pack(GroupAbort(seq.rid, seq.reply)), timeout=2.0)
+        except ReceiveDataError as e:
+            self.log.warning("abort_not_forwarded", rid=seq.rid, to_group=g, error=e.message)
+
+    async def move_waiting(self) -> None:
+        """While the group is not whole, offer its queued requests to other groups. Each one
+        leaves the queue before it is offered, so it cannot also start here meanwhile; one
+        that no group took goes back to the head of the queue."""
+        for seq in list(self.sched.waiting):
+            if self.ready():
+                return
+            if seq not in self.sched.waiting or not self.movable(seq):
+                continue
+            self.sched.waiting.remove(seq)
+            if await self.move(seq) is None and not seq.abandoned:
+                if seq.aborted:
+                    await self.finish(seq, FinishReason.ABORT)
+                else:
+                    self.sched.waiting.appendleft(seq)
+
+    async def requeue(self, seq: Sequence) -> int | None:
+        """Hand a request that has sent nothing to its client yet to another group (the
+        one returned). It keeps its rid, reply subject and acceptance time; the other group
+        answers the client."""
+        if not self.movable(seq):
+            return None
         sub = Submit(seq.rid, seq.prompt, seq.sampling, seq.stream, seq.reply, seq.encoding, seq.accepted_at, -1,
-                     client=seq.client)
-        for g in (x for x in range(self.s.dp_size) if x != self.g):
+                     client=seq.client, attempt=seq.attempt, moved_from=self.instance)
+        for g in (x for x in range(self.groups) if x != self.g):
             sub.dp_rank = g
             try:
                 ack = self._ack.decode(await bus.request(self.nc, self.subjects.submit(g), pack(sub), timeout=2.0,
@@ -318,8 +508,8 @@ class Publisher:
             if ack.accepted:
                 self.counts["requeued"] += 1
                 self.log.info("requeued", rid=seq.rid, to_group=g)
-                return True
-        return False
+                return g
+        return None
 
     async def schedule_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set() or self.sched.running:
@@ -365,27 +555,30 @@ class Publisher:
         n = 0
         while not stop.is_set():
             n += 1
-            await self.announce_finished()
-            if self.sched.waiting and not self.ready():  # the group is not whole: try elsewhere
-                for seq in list(self.sched.waiting):
-                    if await self.requeue(seq):
-                        self.sched.waiting.remove(seq)
-            for seq in self.sched.take_expired(time.time(), self.s.queue_timeout):
-                missing = self.missing_members(time.monotonic())
-                await self.fail(seq, ErrorCode.UNAVAILABLE if missing else ErrorCode.TIMEOUT,
-                                f"waited {self.s.queue_timeout}s in group {self.g}'s queue"
-                                + (f"; nodes {missing} are not ready" if missing else ""))
-            sched = self.sched
-            report = LoadReport(self.g, n, time.time(), self.ready(), len(sched.waiting), len(sched.running),
-                                sched.max_running - len(sched.running),
-                                sum(s.outstanding_tokens for s in (*sched.waiting, *sched.running)),
-                                len(sched.free_pages), sched.page_size if sched.pool.cache else 0,
-                                sched.pool.digest())
             try:
-                await self.nc.publish(self.subjects.load(self.g), pack(report))
-            except Exception as e:  # noqa: BLE001
-                self.log.warning("load_report_failed", error=repr(e))
+                await self.housekeeping(n)
+            except Exception:  # noqa: BLE001 - a bug: say so, and keep reporting
+                self.log.exception("housekeeping_error")
             await asyncio.sleep(self.s.load_interval)
+
+    async def housekeeping(self, n: int) -> None:
+        if self.sched.waiting and not self.ready():  # the group is not whole: try elsewhere
+            await self.move_waiting()
+        for seq in self.sched.take_expired(time.time(), self.s.queue_timeout):
+            missing = self.missing_members(time.monotonic())
+            await self.fail(seq, ErrorCode.UNAVAILABLE if missing else ErrorCode.TIMEOUT,
+                            f"waited {self.s.queue_timeout}s in group {self.g}'s queue"
+                            + (f"; nodes {missing} are not ready" if missing else ""))
+        sched = self.sched
+        report = LoadReport(self.g, n, time.time(), self.ready(), len(sched.waiting), len(sched.running),
+                            sched.max_running - len(sched.running),
+                            sum(s.outstanding_tokens for s in (*sched.waiting, *sched.running)),
+                            len(sched.free_pages), sched.page_size if sched.pool.cache else 0,
+                            sched.pool.digest())
+        try:
+            await self.nc.publish(self.subjects.load(self.g), pack(report))
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("load_report_failed", error=repr(e))
 
     async def run(self, stop: asyncio.Event) -> None:
         g, subj = self.g, self.subjects
@@ -394,6 +587,8 @@ class Publisher:
                                                          on_reconnect_hooks=hooks, auth=self.auth))
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
+        self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas)
+        leasing = asyncio.create_task(self.lease_loop(stop))
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
         await bus.subscribe(self.nc, subj.result(g), self.on_result)
         await bus.subscribe(self.nc, subj.replay(g), self.on_replay)
@@ -417,7 +612,7 @@ class Publisher:
         for seq in [*self.sched.take_all(), *self.sched.waiting]:
             await self.fail(seq, ErrorCode.UNAVAILABLE, f"group {g}'s publisher is shutting down")
         self.sched.waiting.clear()
-        await self.announce_finished()
         await self.outbox.drain(timeout=2)
         tasks[1].cancel()
+        leasing.cancel()
         await bus.close(self.nc)

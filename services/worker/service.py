@@ -21,12 +21,12 @@ from schemas.internal import (
     Heartbeat, Replay, ReplayReply, Step, StepFailure, StepResult, pack, token_digest, unpacker,
 )
 from services import bus
-from services.errors import ReceiveDataError
+from services.errors import ReceiveDataError, SendDataError
 from services.lifecycle import unless_stopped
 from services.model_config import model_config_for
 from services.natsconf import user_for
 from services.settings import WorkerSettings, total_pages
-from services.topology import group_nodes, place_node
+from services.topology import dp_groups, group_nodes, place_node
 
 VERSION = "0.1.0"
 STEPS_QUIET_S = 1.0  # stopping: no step for this long means the publisher has stopped sending
@@ -117,7 +117,8 @@ class Worker:
                 "processes in each group: they form one JAX job and need --coordinator HOST:PORT "
                 "(the address the group's leader node listens on)"
             )
-        self.members = group_nodes(self.place.dp_rank, settings.nnodes, settings.dp_size)
+        self.members = group_nodes(self.place.dp_rank, settings.nnodes,
+                                   dp_groups(settings.dp_size, settings.enable_dp_attention))
         self.auth = auth or bus.auth_from(settings, user_for("worker", self.place.dp_rank))
         self.subjects = Subjects(settings.prefix)
         self.log = log.bind(dp_rank=self.place.dp_rank, node_rank=settings.node_rank)
@@ -125,7 +126,7 @@ class Worker:
         self.last_seq = 0
         self.in_sync = False
         self.ready = False
-        self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "replayed": 0, "failures": 0}
+        self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "replayed": 0, "failures": 0, "unsent": 0}
         self.last_reply: bytes | None = None
         self._replay_reply = unpacker(ReplayReply)
         self.runner = None
@@ -135,6 +136,8 @@ class Worker:
         self.compiled_at_warmup = 0
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._decode_step = unpacker(Step)
+        self.stepping: asyncio.Task | None = None
+        self.exit = os._exit  # how the process leaves a broken JAX job (tests replace it)
 
     def stats(self, *_: Any) -> dict:
         return {**self.counts, "epoch": self.epoch, "last_seq": self.last_seq,
@@ -199,7 +202,8 @@ class Worker:
                                handler=self.on_status)
         self.ready = True
         self.log.info("worker_ready", subject=self.subjects.step(g))
-        tasks = [beating, asyncio.create_task(self.step_loop()), asyncio.create_task(self.watchdog(stop))]
+        self.stepping = asyncio.create_task(self.step_loop())
+        tasks = [beating, self.stepping, asyncio.create_task(self.watchdog(stop))]
         await stop.wait()
         self.stopping = True
         await self.serve_while_draining()
@@ -229,7 +233,8 @@ class Worker:
         await req.respond(pack(self.heartbeat()))
 
     def heartbeat(self) -> Heartbeat:
-        return Heartbeat(self.s.node_rank, self.place.dp_rank, self.place.attn_tp_rank, self.ready,
+        alive = self.stepping is None or not self.stepping.done()  # never "ready" without a step loop
+        return Heartbeat(self.s.node_rank, self.place.dp_rank, self.place.attn_tp_rank, self.ready and alive,
                          self.epoch, self.last_seq, time.time())
 
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
@@ -280,36 +285,49 @@ class Worker:
         return steps
 
     async def step_loop(self) -> None:
+        """Take steps in arrival order, forever: a step that cannot be answered (NATS would
+        not take the result) is logged and counted, and the loop goes on; the publisher
+        re-sends the step and gets the kept result then."""
         result_subject = self.subjects.result(self.place.dp_rank)
         while True:
             data = await self.queue.get()
             try:
-                step = self._decode_step.decode(data)
-            except Exception as e:  # noqa: BLE001
+                await self.take_step(data, result_subject)
+            except SendDataError as e:
+                self.counts["unsent"] += 1
+                self.log.error("result_not_sent", error=e.message)
+            except Exception:  # noqa: BLE001 - a bug: say so, keep the group's steps going
                 self.counts["failures"] += 1
-                self.log.error("bad_step", error=str(e))
-                continue
-            kind = self.classify(step)
-            if kind in ("repeat", "stale"):
-                self.counts["repeated"] += 1
-                if kind == "repeat" and step.seq == self.last_seq and self.last_reply is not None:
-                    await bus.publish(self.nc, result_subject, self.last_reply)  # our answer may have been lost
-                continue
-            todo = [step]
-            if kind == "gap":
-                self.counts["gaps"] += 1
-                self.log.warning("steps_missed", epoch=step.epoch, have=self.last_seq, got=step.seq)
-                try:
-                    todo = [*await self.fetch_missing(step), step]
-                    self.counts["replayed"] += len(todo) - 1
-                except ReceiveDataError as e:
-                    self.in_sync = False
-                    self.log.error("replay_failed", epoch=step.epoch, seq=step.seq, error=str(e))
-                    failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.DIVERGED, str(e))
-                    await bus.publish(self.nc, result_subject, pack(failure))
-                    continue
-            for s in todo:
-                await self.run_in_order(s, result_subject)
+                self.log.exception("step_loop_error")
+
+    async def take_step(self, data: bytes, result_subject: str) -> None:
+        try:
+            step = self._decode_step.decode(data)
+        except Exception as e:  # noqa: BLE001
+            self.counts["failures"] += 1
+            self.log.error("bad_step", error=str(e))
+            return
+        kind = self.classify(step)
+        if kind in ("repeat", "stale"):
+            self.counts["repeated"] += 1
+            if kind == "repeat" and step.seq == self.last_seq and self.last_reply is not None:
+                await bus.publish(self.nc, result_subject, self.last_reply)  # our answer may have been lost
+            return
+        todo = [step]
+        if kind == "gap":
+            self.counts["gaps"] += 1
+            self.log.warning("steps_missed", epoch=step.epoch, have=self.last_seq, got=step.seq)
+            try:
+                todo = [*await self.fetch_missing(step), step]
+                self.counts["replayed"] += len(todo) - 1
+            except ReceiveDataError as e:
+                self.in_sync = False
+                self.log.error("replay_failed", epoch=step.epoch, seq=step.seq, error=str(e))
+                failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.DIVERGED, str(e))
+                await bus.publish(self.nc, result_subject, pack(failure))
+                return
+        for s in todo:
+            await self.run_in_order(s, result_subject)
 
     async def run_in_order(self, step: Step, result_subject: str) -> None:
         try:
@@ -337,10 +355,14 @@ class Worker:
         then exit so a supervisor restarts the group's processes."""
         failure.code = ErrorCode.WORKER_LOST
         failure.message = f"group {self.place.dp_rank}'s JAX job broke ({failure.message}); a member is gone"
-        await self.nc.publish(subject, pack(failure))
-        await self.nc.flush(timeout=2)
-        self.log.error("leaving_broken_group", reason=failure.message)
-        os._exit(70)
+        try:
+            await self.nc.publish(subject, pack(failure))
+            await self.nc.flush(timeout=2)
+        except Exception as e:  # noqa: BLE001 - the publisher also notices our silence
+            self.log.error("failure_not_reported", error=repr(e))
+        finally:
+            self.log.error("leaving_broken_group", reason=failure.message)
+            self.exit(70)
 
     def run_step(self, step: Step) -> StepResult:
         t0 = time.perf_counter()

@@ -1,0 +1,220 @@
+"""The request ledger: who owns each accepted request's terminal answer, kept where any
+survivor can find it (a JetStream key-value bucket, ``<prefix>_requests``).
+
+One entry per accepted request, keyed by a digest of (client, rid):
+
+* a publisher **claims** the entry (create: the name must be new) before it acknowledges
+  a submit; the entry says ``held`` by that publisher instance and carries the reply
+  subject;
+* a group taking a moved request **takes it over** with compare-and-set from the instance
+  that moved it;
+* the terminal answer is sent only by whoever wins the compare-and-set from ``held`` to
+  ``answered``: the holder when it finishes, or an ingest instance when the holder's
+  lease expired;
+* ingest records ``refused`` for a request whose submit it could not get acknowledged and
+  nobody claimed (so a late copy of that submit never runs); a fresh attempt with the
+  same name may take a ``refused`` entry over;
+* ``answered`` and ``refused`` entries are deleted ``KEEP_ANSWERED`` seconds later (copies
+  and retries of the same name are duplicates until then).
+
+Each publisher instance keeps a **lease** (``lease.<instance>``), renewed every quarter of
+its ``ttl``. It sends nothing to a client once ``ttl - MARGIN`` has passed since it *sent*
+the last renewal that was acknowledged; an ingest declares the lease expired ``ttl +
+MARGIN`` after it first *saw* the latest renewal. A renewal is seen after it was sent, so
+the holder is silent before anyone answers for it. Only durations on each side's own
+monotonic clock are compared: no wall clocks.
+
+The decisions (``LeaseClock``, ``SweepView``) do no I/O; ``Ledger`` is the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import msgspec
+from msgspec import Struct
+
+from schemas.codec import Encoding
+
+HELD, ANSWERED, REFUSED = "held", "answered", "refused"
+KEEP_ANSWERED = 120.0  # seconds a settled name stays (duplicates are dropped until then)
+MARGIN = 0.5  # seconds between the holder going silent and anyone answering for it
+
+
+class Entry(Struct, omit_defaults=True):
+    state: str
+    owner: int = 0  # the publisher instance holding (or having answered) it; 0: ingest
+    group: int = -1
+    rid: str = ""
+    client: str = ""
+    reply: str = ""
+    encoding: Encoding = Encoding.JSON
+    attempt: str = ""  # the admission it came from (a refused attempt's copies never run)
+
+
+class Lease(Struct):
+    instance: int
+    group: int
+    ttl: float
+
+
+_entry = msgspec.msgpack.Decoder(Entry)
+_lease = msgspec.msgpack.Decoder(Lease)
+_enc = msgspec.msgpack.Encoder()
+
+
+def bucket_name(prefix: str) -> str:
+    return f"{prefix}_requests"
+
+
+def request_key(client: str, rid: str) -> str:
+    """The ledger key of (client, rid): any strings, as a valid key."""
+    return "r." + hashlib.blake2b(f"{client}\0{rid}".encode(), digest_size=16).hexdigest()
+
+
+def lease_key(instance: int) -> str:
+    return f"lease.{instance}"
+
+
+def encode(value: Struct) -> bytes:
+    return _enc.encode(value)
+
+
+def decode_entry(data: bytes) -> Entry:
+    return _entry.decode(data)
+
+
+def decode_lease(data: bytes) -> Lease:
+    return _lease.decode(data)
+
+
+class LeaseClock:
+    """The holder's side of a lease: valid until ``ttl - MARGIN`` after the sending of the
+    last renewal that was acknowledged."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.valid_until = float("-inf")
+
+    def renewed(self, sent_at: float) -> None:
+        self.valid_until = max(self.valid_until, sent_at + self.ttl - MARGIN)
+
+    def valid(self, now: float) -> bool:
+        return now < self.valid_until
+
+
+@dataclass
+class Seen:
+    revision: int
+    since: float  # when this revision was first seen, on the viewer's monotonic clock
+
+
+@dataclass
+class SweepView:
+    """What one ingest instance knows of the ledger (from watching it), and what it must do:
+    answer for held requests whose holder's lease expired, delete settled entries after
+    ``KEEP_ANSWERED``, delete leases of holders that are gone."""
+
+    fallback_ttl: float  # for a holder whose lease this view never saw
+    leases: dict[int, tuple[Seen, float]] = field(default_factory=dict)  # instance -> (seen, ttl)
+    held: dict[str, tuple[int, Entry]] = field(default_factory=dict)  # key -> (revision, entry)
+    owner_seen: dict[int, float] = field(default_factory=dict)  # holder -> first seen holding
+    settled: dict[str, Seen] = field(default_factory=dict)
+
+    def update(self, key: str, revision: int, value: bytes | None, now: float) -> None:
+        """Record a change of ``key`` (``value`` None: deleted)."""
+        if key.startswith("lease."):
+            instance = int(key.split(".", 1)[1])
+            if value is None:
+                self.leases.pop(instance, None)
+                return
+            old = self.leases.get(instance)
+            if old is None or old[0].revision != revision:
+                self.leases[instance] = (Seen(revision, now), decode_lease(value).ttl)
+            return
+        self.held.pop(key, None)
+        self.settled.pop(key, None)
+        if value is None:
+            return
+        entry = decode_entry(value)
+        if entry.state == HELD:
+            self.held[key] = (revision, entry)
+            self.owner_seen.setdefault(entry.owner, now)
+        else:
+            self.settled[key] = Seen(revision, now)
+
+    def expired(self, owner: int, now: float) -> bool:
+        if owner in self.leases:
+            seen, ttl = self.leases[owner]
+            return now - seen.since > ttl + MARGIN
+        return now - self.owner_seen.get(owner, now) > self.fallback_ttl + MARGIN
+
+    def orphans(self, now: float) -> list[tuple[str, int, Entry]]:
+        """Held requests whose holder's lease expired: someone must answer them."""
+        return [(k, rev, e) for k, (rev, e) in self.held.items() if self.expired(e.owner, now)]
+
+    def stale_settled(self, now: float) -> list[tuple[str, int]]:
+        return [(k, s.revision) for k, s in self.settled.items() if now - s.since > KEEP_ANSWERED]
+
+    def dead_leases(self, now: float) -> list[tuple[str, int]]:
+        holding = {e.owner for _, e in self.held.values()}
+        return [(lease_key(i), seen.revision) for i, (seen, ttl) in self.leases.items()
+                if i not in holding and now - seen.since > ttl + MARGIN]
+
+
+class Ledger:
+    """The bucket. Every call may raise (no JetStream, a time-out); callers decide."""
+
+    def __init__(self, kv) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, nc, prefix: str, replicas: int = 1, timeout: float = 2.0) -> "Ledger":
+        from nats.js.api import KeyValueConfig, StorageType
+
+        js = nc.jetstream(timeout=timeout)
+        config = KeyValueConfig(bucket=bucket_name(prefix), history=1, storage=StorageType.FILE, replicas=replicas,
+                                description="dpbus request ledger: who owns each request's terminal answer")
+        return cls(await js.create_key_value(config))
+
+    async def claim(self, key: str, entry: Entry) -> tuple[int | None, tuple[int, Entry] | None]:
+        """Create ``key``: (its revision, None), or (None, the existing (revision, entry))."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            return await self.kv.create(key, encode(entry)), None
+        except KeyWrongLastSequenceError:
+            return None, await self.get(key)
+
+    async def get(self, key: str) -> tuple[int, Entry] | None:
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            got = await self.kv.get(key)
+        except KeyNotFoundError:  # KeyDeletedError is one
+            return None
+        return got.revision, decode_entry(got.value)
+
+    async def swap(self, key: str, entry: Entry, last: int) -> int | None:
+        """Compare-and-set: the new revision, or None when ``key`` changed since ``last``."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            return await self.kv.update(key, encode(entry), last=last)
+        except KeyWrongLastSequenceError:
+            return None
+
+    async def delete(self, key: str, last: int) -> None:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            await self.kv.delete(key, last=last)
+        except KeyWrongLastSequenceError:
+            pass  # changed meanwhile (or another ingest deleted it)
+
+    async def renew(self, lease: Lease) -> None:
+        await self.kv.put(lease_key(lease.instance), encode(lease))
+
+    async def watch(self):
+        return await self.kv.watchall()

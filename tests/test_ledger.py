@@ -1,0 +1,278 @@
+"""The request ledger (services/ledger.py): its decisions without I/O, and ingest and
+publishers using it on a real nats-server (JetStream), the other roles played by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import msgspec
+
+from schemas import Done, Error, Subjects
+from schemas.internal import Heartbeat, Step, Submit, SubmitAck, pack
+from services import logs
+from services.ingest.service import Ingest
+from services.ledger import (
+    ANSWERED, HELD, KEEP_ANSWERED, MARGIN, Entry, Lease, LeaseClock, Ledger, SweepView, encode, lease_key,
+    request_key,
+)
+from services.publisher.service import Publisher
+from services.settings import IngestSettings, PublisherSettings
+from tests.test_one_terminal import answer, answers_on, submit
+
+LOG = logs.configure("warning", json=True)
+PREFIX = "ledger"
+SUBJ = Subjects(PREFIX)
+
+
+# ---- decisions, no I/O ---------------------------------------------------------------------
+def test_a_holder_is_silent_before_anyone_answers_for_it():
+    clock = LeaseClock(ttl=4.0)
+    assert not clock.valid(0.0)  # no lease before the first acknowledged renewal
+    clock.renewed(sent_at=10.0)
+    view = SweepView(fallback_ttl=4.0)
+    view.update(lease_key(7), 1, encode(Lease(7, 0, 4.0)), now=10.2)  # seen after it was sent
+    view.update("r.a", 2, encode(Entry(HELD, 7, 0, "a", "c", "_INBOX.c.1")), now=10.3)
+    last_send = 10.0 + 4.0 - MARGIN
+    assert clock.valid(last_send - 0.01) and not clock.valid(last_send)
+    assert view.orphans(10.2 + 4.0 + MARGIN) == []
+    assert [k for k, _, _ in view.orphans(10.2 + 4.0 + MARGIN + 0.01)] == ["r.a"]
+    view.update(lease_key(7), 3, encode(Lease(7, 0, 4.0)), now=13.0)  # renewed in time: not an orphan
+    assert view.orphans(15.0) == []
+
+
+def test_a_held_entry_of_a_holder_never_seen_renewing_expires_from_when_it_was_seen():
+    view = SweepView(fallback_ttl=2.0)
+    view.update("r.a", 5, encode(Entry(HELD, 9, 1, "a", "c", "_INBOX.c.1")), now=100.0)
+    assert view.orphans(102.4) == [] and len(view.orphans(102.6)) == 1
+
+
+def test_settled_entries_are_kept_for_duplicates_then_deleted_and_dead_leases_go():
+    view = SweepView(fallback_ttl=2.0)
+    view.update("r.a", 5, encode(Entry(HELD, 9, 1, "a", "c")), now=0.0)
+    view.update("r.a", 6, encode(Entry(ANSWERED, 9, 1, "a", "c")), now=1.0)
+    view.update(lease_key(9), 7, encode(Lease(9, 1, 2.0)), now=1.0)
+    assert view.held == {} and view.stale_settled(1.0 + KEEP_ANSWERED) == []
+    assert view.stale_settled(1.0 + KEEP_ANSWERED + 0.1) == [("r.a", 6)]
+    assert view.dead_leases(3.0) == [] and view.dead_leases(3.6) == [(lease_key(9), 7)]
+    view.update("r.a", 8, None, now=200.0)
+    assert view.settled == {}
+
+
+def test_request_keys_name_client_and_rid_together():
+    assert request_key("_INBOX.alice", "x") != request_key("_INBOX.bob", "x")
+    assert request_key("_INBOX.alice", "x") == request_key("_INBOX.alice", "x")
+
+
+# ---- on the wire ---------------------------------------------------------------------------
+def ingest(server, **kw) -> Ingest:
+    s = msgspec.convert({**server.settings("ingest"), "prefix": PREFIX, "dp_size": 2, "nnodes": 2,
+                         "submit_timeout": 0.3, "reconcile_interval": 0.2, "publisher_timeout": 2.0, **kw},
+                        IngestSettings)
+    return Ingest(s, LOG)
+
+
+def publisher(server, g: int, **kw) -> Publisher:
+    s = msgspec.convert({**server.settings(f"publisher-{g}"), "prefix": PREFIX, "dp_size": 2, "nnodes": 2,
+                         "dp_rank": g, "max_seq_len": 64, "max_prefill_tokens": 16, "heartbeat_timeout": 1.0,
+                         "publisher_timeout": 2.0, "load_interval": 0.1, **kw}, PublisherSettings)
+    return Publisher(s, LOG)
+
+
+class Running:
+    """Services run in this process, stopped (and awaited) at the end."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self, service) -> None:
+        self.tasks.append(asyncio.create_task(service.run(self.stop)))
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def fake_workers(nc, groups, stop: asyncio.Event, slow: float = 0.0) -> None:
+    """Beat for every group and answer its steps (after ``slow`` seconds each)."""
+    async def on_step_of(g):
+        async def on_step(msg):
+            step = msgspec.msgpack.decode(msg.data, type=Step)
+            await asyncio.sleep(slow)
+            await nc.publish(SUBJ.result(g), pack(answer(step, g)))
+        return on_step
+
+    for g in groups:
+        await nc.subscribe(SUBJ.step(g), cb=await on_step_of(g))
+
+    async def beat():
+        while not stop.is_set():
+            for g in groups:
+                await nc.publish(SUBJ.heartbeat(g), pack(Heartbeat(g, g, 0, True, 0, 0, time.time())))
+            await asyncio.sleep(0.1)
+
+    asyncio.ensure_future(beat())
+
+
+async def request(nc, inbox: str, rid: str, tokens: int = 3, **extra) -> None:
+    body = {"rid": rid, "input_ids": [1, 2, 3], "sampling": {"max_new_tokens": tokens, "temperature": 0.0}, **extra}
+    await nc.publish(SUBJ.generate, json.dumps(body).encode(), reply=inbox)
+
+
+async def until(cond, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not cond() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def test_no_acknowledgement_from_a_publisher_that_holds_the_request_is_not_an_error(nats_server):
+    """Ingest answered ``unavailable`` when a submit got no acknowledgement, although the
+    publisher held the request and answered it too: two terminal answers."""
+    run, nc = Running(), await nats_server.connect("admin")
+    front = ingest(nats_server, dp_size=1)
+    run.start(front)
+    ledger = await Ledger.open(nc, PREFIX)
+
+    async def holds_without_acknowledging(msg):  # a publisher whose acknowledgements are lost
+        sub = msgspec.msgpack.decode(msg.data, type=Submit)
+        key = request_key(sub.client, sub.rid)
+        if await ledger.get(key) is None:
+            rev, _ = await ledger.claim(key, Entry(HELD, 77, 0, sub.rid, sub.client, sub.reply, sub.encoding))
+            await asyncio.sleep(1.5)
+            await ledger.swap(key, Entry(ANSWERED, 77, 0, sub.rid, sub.client), rev)
+            await nc.publish(sub.reply, msgspec.json.encode(Done(sub.rid, 0, "length", 3, 0)))
+
+    await nc.subscribe(SUBJ.submit(0), cb=holds_without_acknowledging)
+    inbox, answers = await answers_on(nc)
+    await asyncio.sleep(0.5)
+    await request(nc, inbox, "unacked")
+    await answers.until_terminal(5)
+    await asyncio.sleep(1.5)  # past every retry and time-out of ingest
+    await run.close()
+    await nc.close()
+    answers.check_one_terminal_last()
+    assert isinstance(answers.got[-1], Done), answers.got
+
+
+async def test_no_acknowledgement_and_nobody_holds_it_is_answered_once_and_a_late_copy_never_runs(nats_server):
+    run, nc = Running(), await nats_server.connect("admin")
+    front = ingest(nats_server, dp_size=1)
+    run.start(front)
+    late: list[bytes] = []
+
+    async def deaf(msg):  # the submit reaches nobody in time
+        late.append(msg.data)
+
+    await nc.subscribe(SUBJ.submit(0), cb=deaf)
+    inbox, answers = await answers_on(nc)
+    await asyncio.sleep(0.5)
+    await request(nc, inbox, "unheard")
+    await answers.until_terminal(5)
+    pub = publisher(nats_server, 0)  # the publisher comes up and gets the late copy
+    run.start(pub)
+    await fake_workers(nc, [0], run.stop)
+    await until(pub.ready, 5)
+    ack = msgspec.msgpack.decode((await nc.request(SUBJ.submit(0), late[0], timeout=5)).data, type=SubmitAck)
+    await asyncio.sleep(0.5)
+    await run.close()
+    await nc.close()
+    answers.check_one_terminal_last()
+    assert isinstance(answers.got[-1], Error) and answers.got[-1].code.value == "unavailable"
+    assert ack.accepted and ack.duplicate and pub.counts["steps"] == 0
+
+
+async def test_a_retry_after_overloaded_on_the_same_inbox_is_a_new_attempt(nats_server):
+    """The same bytes on the same reply subject were dropped for 120 s as a redelivered
+    copy: a client retrying after ``overloaded`` heard nothing more."""
+    run, nc = Running(), await nats_server.connect("admin")
+    run.start(ingest(nats_server, dp_size=1))
+    offers = []
+
+    async def full_then_free(msg):
+        sub = msgspec.msgpack.decode(msg.data, type=Submit)
+        offers.append(sub.rid)
+        if len(offers) == 1:
+            await msg.respond(pack(SubmitAck(False, "overloaded", "group 0 has 9 requests waiting")))
+            return
+        await msg.respond(pack(SubmitAck(True, instance=5)))
+        await nc.publish(sub.reply, msgspec.json.encode(Done(sub.rid, 0, "length", 3, 0)))
+
+    await nc.subscribe(SUBJ.submit(0), cb=full_then_free)
+    inbox, answers = await answers_on(nc)
+    await asyncio.sleep(0.5)
+    for _ in range(2):
+        await request(nc, inbox, "retry")
+        await until(lambda: len(answers.terminals()) == len(offers), 3)
+        await asyncio.sleep(0.3)
+    await run.close()
+    await nc.close()
+    assert [type(a).__name__ for a in answers.got] == ["Error", "Done"], answers.got
+    assert answers.got[0].code.value == "overloaded"
+
+
+async def test_copies_and_retries_through_other_ingests_and_groups_run_once(nats_server):
+    """A copy of a request (or the client's retry with the same rid, from another inbox)
+    reaching another ingest instance, even after the answer, even routed to another group."""
+    run, nc = Running(), await nats_server.connect("admin")
+    client = await nats_server.connect("client")
+    fronts = [ingest(nats_server), ingest(nats_server)]
+    pubs = [publisher(nats_server, 0), publisher(nats_server, 1)]
+    for service in (*fronts, *pubs):
+        run.start(service)
+    await fake_workers(nc, [0, 1], run.stop)
+    await until(lambda: all(p.ready() for p in pubs), 5)
+    await until(lambda: all(not f.router.unavailable_reason(g) for f in fronts for g in (0, 1)), 5)
+    inbox, answers = await answers_on(client)
+    retry_inbox, retried = await answers_on(client)
+    for copy in range(6):  # round robin spreads the copies over both groups
+        await request(client, inbox if copy < 3 else retry_inbox, "once-only")
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(1.0)
+    await run.close()
+    await nc.close()
+    await client.close()
+    answers.check_one_terminal_last()
+    assert retried.got == []
+    assert sum(p.counts["accepted"] for p in pubs) == 1
+    assert sum(p.counts["duplicates"] for p in pubs) == 5
+
+
+async def test_a_moved_request_whose_second_publisher_goes_silent_is_answered_once(nats_server):
+    """A request moved to another group lost ingest's tracking: when the second
+    publisher died, nobody answered. Now its holder is in the ledger; when that holder's
+    lease lapses it stops answering, and an ingest (not the one that handed it over: it
+    is gone too) answers ``publisher_lost``."""
+    run, nc = Running(), await nats_server.connect("admin")
+    client = await nats_server.connect("client")
+    second = publisher(nats_server, 1)
+    run.start(second)
+    await fake_workers(nc, [1], run.stop, slow=0.3)  # 40 tokens take ~12 s
+    await until(second.ready, 5)
+    ledger = await Ledger.open(nc, PREFIX)
+    inbox, answers = await answers_on(client)
+    sub = submit("moved", inbox, g=1, tokens=40)
+    key = request_key(sub.client, sub.rid)
+    await ledger.claim(key, Entry(HELD, 12345, 0, sub.rid, sub.client, sub.reply, sub.encoding))  # group 0 held it
+    sub.moved_from = 12345
+    ack = msgspec.msgpack.decode((await nc.request(SUBJ.submit(1), pack(sub), timeout=5)).data, type=SubmitAck)
+    await until(lambda: len(answers.got) >= 2, 5)
+
+    async def cannot_renew(*_):
+        raise ConnectionError("the publisher is gone (test)")
+
+    second.ledger.renew = cannot_renew  # from the ledger's side, exactly a dead publisher
+    silent_from = time.monotonic()
+    run.start(ingest(nats_server))  # a survivor that never handled this request
+    await answers.until_terminal(10)
+    answered_after = time.monotonic() - silent_from
+    await asyncio.sleep(1.0)
+    await run.close()
+    await nc.close()
+    await client.close()
+    assert ack.accepted and not ack.duplicate
+    answers.check_one_terminal_last()
+    assert isinstance(answers.got[-1], Error) and answers.got[-1].code.value == "publisher_lost", answers.got[-1]
+    assert answered_after < 2.0 + 2 * MARGIN + 1.0
+    assert second.counts["abandoned"] == 1
