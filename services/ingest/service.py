@@ -54,7 +54,7 @@ class Ingest:
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
         self.forwarded = 0
-        self.handing: set[tuple[str, str]] = set()  # (client, rid) being handed to a group now
+        self.handing: dict[tuple[str, str], asyncio.Task] = {}  # (client, rid) being handed to a group now
         self.orphaned = 0
         self.view = SweepView(fallback_ttl=settings.publisher_timeout)
         self.ledger: Ledger | None = None
@@ -116,11 +116,11 @@ class Ingest:
             await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
                                     f"ingest has {len(self.tasks)} requests being forwarded", sub.rid)
             return
-        self.handing.add(sub.key)
         task = asyncio.create_task(self.forward(sub, pinned))
+        self.handing[sub.key] = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        task.add_done_callback(lambda _: self.handing.discard(sub.key))
+        task.add_done_callback(lambda _: self.handing.pop(sub.key, None))
 
     async def submit_to(self, g: int, sub: Submit) -> SubmitAck | None:
         """Hand ``sub`` to group ``g``; None when no acknowledgement came (the publisher may
@@ -247,6 +247,10 @@ class Ingest:
         except DecodeError as e:
             await self.answer_error(reply, sniff_encoding(req.data), e.code, e.message)
             return
+
+        handing = self.handing.get((client_of(abort.reply), abort.rid))
+        if handing is not None:  # the request is on its way to a group: abort it once it is there
+            await asyncio.wait({handing}, timeout=self.s.submit_timeout * 2)
 
         async def ask(g: int) -> AbortAck | None:
             try:
