@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 
@@ -25,6 +26,23 @@ class MemoryKV:
         self.last: dict[str, int] = {}  # key -> revision of its last operation (a delete too)
         self.revision = 0
         self.watchers: list[Callable[[str, int, bytes | None], None]] = []
+        self.fault: Callable[[], str | None] = lambda: None  # "lost" (not applied), "unanswered" (applied)
+
+    def _call(self, apply: Callable[[], int]) -> int:
+        """One request to the bucket: it may be lost, or applied with its reply lost; both
+        time out, as a JetStream request does."""
+        fault = self.fault()
+        if fault == "lost":
+            raise NatsTimeout()
+        try:
+            revision = apply()
+        except KeyWrongLastSequenceError:
+            if fault == "unanswered":
+                raise NatsTimeout() from None
+            raise
+        if fault == "unanswered":
+            raise NatsTimeout()
+        return revision
 
     def _write(self, key: str, value: bytes | None) -> int:
         self.revision += 1
@@ -38,28 +56,36 @@ class MemoryKV:
         return self.revision
 
     async def create(self, key: str, value: bytes) -> int:
-        if key in self.values:
-            raise KeyWrongLastSequenceError()
-        return self._write(key, value)
+        def apply() -> int:
+            if key in self.values:
+                raise KeyWrongLastSequenceError()
+            return self._write(key, value)
+        return self._call(apply)
 
     async def update(self, key: str, value: bytes, last: int) -> int:
-        if self.last.get(key, 0) != last or key not in self.values:
-            raise KeyWrongLastSequenceError()
-        return self._write(key, value)
+        def apply() -> int:
+            if self.last.get(key, 0) != last or key not in self.values:
+                raise KeyWrongLastSequenceError()
+            return self._write(key, value)
+        return self._call(apply)
 
     async def put(self, key: str, value: bytes) -> int:
-        return self._write(key, value)
+        return self._call(lambda: self._write(key, value))
 
     async def get(self, key: str) -> Got:
+        if self.fault() is not None:
+            raise NatsTimeout()
         if key not in self.values:
             raise KeyNotFoundError()
         revision, value = self.values[key]
         return Got(key, revision, value)
 
     async def delete(self, key: str, last: int | None = None) -> bool:
-        if last is not None and self.last.get(key, 0) != last:
-            raise KeyWrongLastSequenceError()
-        self._write(key, None)
+        def apply() -> int:
+            if last is not None and self.last.get(key, 0) != last:
+                raise KeyWrongLastSequenceError()
+            return self._write(key, None)
+        self._call(apply)
         return True
 
     def snapshot(self) -> list[tuple[str, int, bytes]]:

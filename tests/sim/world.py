@@ -9,7 +9,10 @@ faults are on; services are killed and restarted, and groups fail. The ledger is
 What the services decide is decided by the production code: ``services.ownership``
 (take over, settle, may answer, refuse), ``LeaseClock`` (a publisher's lease) and
 ``SweepView`` (ingest's view of leases and held requests, and which are orphans). This
-module only sequences the calls the services make, and records what they send.
+module only sequences the calls the services make, and records what they send. A ledger
+call may time out while faults are on, lost or applied without an answer; the services
+react as theirs do (a publisher rejects the submit or retries its settle, ingest gives up
+the sweep until the next one).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
+from nats.errors import TimeoutError as NatsTimeout
+
 from schemas import Encoding
 from services import ownership
 from services.ledger import Lease, LeaseClock, Ledger, SweepView, request_key
+from services.publisher.service import SETTLE_ATTEMPTS
 from tests.sim.checker import Checker
 from tests.sim.memkv import MemoryKV, run
 
@@ -44,6 +50,7 @@ class Faults:
     group_failure: bool = True
     clock_jump: bool = True
     lease_outage: bool = True  # a publisher's lease renewals are lost for up to 2 x TTL
+    ledger: float = 0.0  # probability that a ledger call times out (lost, or applied unanswered)
 
 
 @dataclass
@@ -120,16 +127,24 @@ class Publisher(Service):
             return
         clock, sent_at, lease = self.lease, self.now(), Lease(self.instance, self.g, TTL)
         landed = self.w.deliver_at() if self.w.t >= self.outage_until else None
+        answered: list[bool] = []
         if landed is not None:
-            self.w.at(landed, lambda: run(self.w.ledger.renew(lease)))  # lands even if we die meanwhile
+            self.w.at(landed, self.land, lease, answered)  # lands even if we die meanwhile
         acked = self.w.deliver_at()
         back = (landed or 0.0) + (acked or self.w.rng.uniform(0.0, 0.05))
-        self.w.at(back, self.renewed, life, clock, sent_at, landed is not None and acked is not None)
+        self.w.at(back, self.renewed, life, clock, sent_at, answered, acked is not None)
 
-    def renewed(self, life: int, clock: LeaseClock, sent_at: float, ok: bool) -> None:
+    def land(self, lease: Lease, answered: list[bool]) -> None:
+        try:
+            run(self.w.ledger.renew(lease))
+            answered.append(True)
+        except NatsTimeout:
+            pass
+
+    def renewed(self, life: int, clock: LeaseClock, sent_at: float, answered: list[bool], acked: bool) -> None:
         if not self.live(life):
             return
-        if ok:
+        if answered and acked:
             clock.renewed(sent_at)
         if not self.lease.valid(self.now()) and self.held:
             self.abandon()
@@ -150,7 +165,10 @@ class Publisher(Service):
             return answer(Ack(True, duplicate=True))
         if not self.lease.valid(self.now()):
             return answer(Ack(False))
-        rev = self.claim(sub)
+        try:
+            rev = self.claim(sub)
+        except NatsTimeout:  # no ledger, no acceptance
+            return answer(Ack(False))
         if rev is None:
             return answer(Ack(True, duplicate=True))
         self.held[sub.key] = Held(sub, rev, self.instance)
@@ -177,8 +195,8 @@ class Publisher(Service):
         return ownership.may_answer(seq.settled, seq.abandoned, seq.owner, self.instance,
                                     self.lease.valid(self.now()))
 
-    def give_up(self, seq: Held) -> None:
-        if not seq.abandoned and seq.owner == self.instance and not self.lease.valid(self.now()):
+    def give_up(self, seq: Held, force: bool = False) -> None:
+        if not seq.abandoned and seq.owner == self.instance and (force or not self.lease.valid(self.now())):
             self.abandon()
         seq.abandoned = True
 
@@ -188,10 +206,8 @@ class Publisher(Service):
         self.w.check.record(self.w.t, self.name, seq.sub.rid, kind, index)
 
     def settle(self, seq: Held) -> bool:
-        """The order of ``Publisher.settle``: compare-and-set to answered, else was it ours."""
-        if not self.may_answer(seq):
-            self.give_up(seq)
-            return False
+        """One round of ``Publisher.settle``: compare-and-set to answered, else was it ours
+        (raises when the ledger does not answer)."""
         sub = seq.sub
         done = ownership.answered_by(self.instance, self.g, sub.rid, sub.client)
         if run(self.w.ledger.swap(sub.key, done, seq.rev)) is not None:
@@ -204,7 +220,22 @@ class Publisher(Service):
 
     def finish(self, seq: Held, kind: str) -> None:
         self.held.pop(seq.sub.key, None)
-        if self.settle(seq):
+        self.settling(self.life, seq, kind, 0)
+
+    def settling(self, life: int, seq: Held, kind: str, attempt: int) -> None:
+        """``Publisher.settle``'s loop: rounds 0.1 s apart while the ledger does not answer,
+        as long as it may answer; then the terminal."""
+        if not self.live(life):
+            return
+        if attempt == SETTLE_ATTEMPTS:
+            return self.give_up(seq, force=True)
+        if not self.may_answer(seq):
+            return self.give_up(seq)
+        try:
+            won = self.settle(seq)
+        except NatsTimeout:
+            return self.w.at(0.1, self.settling, life, seq, kind, attempt + 1)
+        if won:
             self.answered.add(seq.sub.key)
             self.send(seq, kind)
 
@@ -309,8 +340,9 @@ class Ingest(Service):
                 return self.submit(key)
             del self.handing[key]
             return self.refuse_unheard(fwd.sub, fwd.groups[fwd.at])
-        if ack.accepted:
+        if ack.accepted:  # its holder answers it now (for a duplicate: whoever holds the name)
             del self.handing[key]
+            self.w.accepted.add(fwd.sub.rid)
             return
         fwd.at, fwd.tries = fwd.at + 1, 0
         if fwd.at < len(fwd.groups):
@@ -319,7 +351,10 @@ class Ingest(Service):
         self.w.check.record(self.w.t, self.name, fwd.sub.rid, "refused")
 
     def refuse_unheard(self, sub: Sub, g: int) -> None:
-        rev, _ = run(self.w.ledger.claim(sub.key, ownership.refused(sub, g)))
+        try:
+            rev, _ = run(self.w.ledger.claim(sub.key, ownership.refused(sub, g)))
+        except NatsTimeout:  # no ledger: whoever holds it cannot answer either
+            rev = None
         if rev is not None:
             self.w.check.record(self.w.t, self.name, sub.rid, "refused")
 
@@ -327,14 +362,19 @@ class Ingest(Service):
         """The order of ``Ingest.sweep``."""
         if not self.live(life):
             return
-        now = self.now()
+        self.w.at(RECONCILE, self.sweep, life)
+        try:
+            self.sweep_once(self.now())
+        except NatsTimeout:
+            pass  # the next sweep retries
+
+    def sweep_once(self, now: float) -> None:
         for key, rev, entry in self.view.orphans(now):
             settled = ownership.answered_by(0, entry.group, entry.rid, entry.client)
             if run(self.w.ledger.swap(key, settled, rev)) is not None:
                 self.w.check.record(self.w.t, self.name, entry.rid, "publisher_lost")
         for key, rev in [*self.view.stale_settled(now), *self.view.dead_leases(now)]:
             run(self.w.ledger.delete(key, rev))
-        self.w.at(RECONCILE, self.sweep, life)
 
 
 @dataclass
@@ -352,6 +392,7 @@ class World:
         self.kv = MemoryKV()
         self.ledger = Ledger(self.kv)
         self.kv.watchers.append(self.on_change)
+        self.kv.fault = self.ledger_fault
         self.check = Checker()
         self.accepted: set[str] = set()
         self.publishers = [Publisher(self, g) for g in range(self.groups)]
@@ -373,6 +414,11 @@ class World:
         if self.faulty() and self.rng.random() < self.faults.slow:
             return self.rng.uniform(0.05, 0.6)
         return self.rng.uniform(0.001, 0.02)
+
+    def ledger_fault(self) -> str | None:
+        if self.faulty() and self.rng.random() < self.faults.ledger:
+            return self.rng.choice(["lost", "unanswered"])
+        return None
 
     def network(self, fn, *args) -> None:
         copies = 2 if self.faulty() and self.rng.random() < self.faults.duplicate else 1
