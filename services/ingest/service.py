@@ -25,10 +25,10 @@ from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects,
 from schemas.codec import encode_answer, sniff_encoding
 from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, client_of, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
-from services import bus
+from services import bus, ownership
 from services.lifecycle import unless_stopped
 from services.errors import Rejected
-from services.ledger import ANSWERED, REFUSED, Entry, Ledger, SweepView, request_key
+from services.ledger import Ledger, SweepView, request_key
 from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from services.model_config import model_config_for
 from services.settings import IngestSettings
@@ -191,8 +191,7 @@ class Ingest:
         key = request_key(sub.client, sub.rid)
         why = f"group {g} did not acknowledge the request within {SUBMIT_ATTEMPTS} x {self.s.submit_timeout}s"
         try:
-            rev, _ = await self.ledger.claim(key, Entry(REFUSED, group=g, rid=sub.rid, client=sub.client,
-                                                         attempt=sub.attempt))
+            rev, _ = await self.ledger.claim(key, ownership.refused(sub, g))
         except Exception as e:  # noqa: BLE001 - no ledger: whoever holds it cannot answer either
             self.log.error("ledger_unreachable", rid=sub.rid, error=repr(e))
             rev = None
@@ -230,7 +229,7 @@ class Ingest:
 
     async def sweep(self, now: float) -> None:
         for key, rev, entry in self.view.orphans(now):
-            settled = Entry(ANSWERED, 0, entry.group, entry.rid, entry.client)
+            settled = ownership.answered_by(0, entry.group, entry.rid, entry.client)
             if await self.ledger.swap(key, settled, rev) is None:
                 continue  # its holder finished, or another ingest answered it
             self.orphaned += 1

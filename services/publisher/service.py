@@ -29,10 +29,10 @@ from schemas.internal import (
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
-from services import bus
+from services import bus, ownership
 from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
-from services.ledger import ANSWERED, HELD, REFUSED, Entry, Lease, LeaseClock, Ledger, request_key
+from services.ledger import Lease, LeaseClock, Ledger, request_key
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.metrics import PublisherMetrics
 from services.model_config import model_config_for
@@ -166,7 +166,7 @@ class Publisher:
         when the name belongs to someone else. A moved request is taken over from the
         instance that moved it; a refused one by a fresh attempt."""
         key = request_key(sub.client, sub.rid)
-        mine = Entry(HELD, self.instance, self.g, sub.rid, sub.client, sub.reply, sub.encoding, sub.attempt)
+        mine = ownership.held_by(self.instance, self.g, sub)
         for _ in range(2):  # a second try when the entry vanished between create and get
             rev, existing = await self.ledger.claim(key, mine)
             if rev is not None:
@@ -174,9 +174,7 @@ class Publisher:
             if existing is None:
                 continue
             last, theirs = existing
-            moved_here = theirs.state == HELD and sub.moved_from and theirs.owner == sub.moved_from
-            fresh_attempt = theirs.state == REFUSED and theirs.attempt != sub.attempt
-            if moved_here or fresh_attempt:
+            if ownership.may_take_over(theirs, sub.moved_from, sub.attempt):
                 return await self.ledger.swap(key, mine, last)
             return None
         return None
@@ -247,15 +245,15 @@ class Publisher:
         """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is
         settled here (this instance won its terminal answer), or this instance still holds
         its lease and has not given ``seq`` up."""
-        return seq.settled or (not seq.abandoned and seq.owner == self.instance
-                               and self.lease.valid(time.monotonic()))
+        return ownership.may_answer(seq.settled, seq.abandoned, seq.owner, self.instance,
+                                    self.lease.valid(time.monotonic()))
 
     async def settle(self, seq: Sequence) -> bool:
         """Win the ledger's compare-and-set from held to answered: True when this
         instance may send the terminal answer. While the ledger cannot be reached, tries
         until the lease runs out (then ingest answers)."""
         key = request_key(seq.client, seq.rid)
-        done = Entry(ANSWERED, self.instance, self.g, seq.rid, seq.client)
+        done = ownership.answered_by(self.instance, self.g, seq.rid, seq.client)
         for _ in range(SETTLE_ATTEMPTS):
             if not self.may_answer(seq):
                 self.give_up(seq, "the lease expired while settling an answer")
@@ -269,7 +267,7 @@ class Publisher:
                 self.log.warning("ledger_unreachable", rid=seq.rid, error=repr(e))
                 await asyncio.sleep(0.1)
                 continue
-            if got is not None and got[1].state == ANSWERED and got[1].owner == self.instance:
+            if ownership.own_write_landed(got, self.instance):
                 seq.settled = True  # our own earlier write landed; its acknowledgement was lost
                 return True
             self.counts["taken"] += 1

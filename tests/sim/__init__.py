@@ -1,0 +1,1 @@
+"""A deterministic simulation of the ledger protocol: no NATS, no JAX, one seeded RNG."""

@@ -1,0 +1,54 @@
+"""The invariants on what the services *send* to clients, checked after every event.
+
+Terminal answers of an accepted request: ``done``, ``error`` (from its publisher) and
+``publisher_lost`` (from an ingest). ``refused`` is ingest's answer to a submit nobody
+acknowledged; it ends an attempt nobody accepted, so it is recorded but is not one of
+them (a later copy of the request is a new attempt, as a client's retry would be).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+TERMINALS = ("done", "error", "publisher_lost")
+
+
+class Violation(AssertionError):
+    pass
+
+
+@dataclass
+class Checker:
+    sent: list[tuple[float, str, str, str, int]] = field(default_factory=list)  # (t, by, rid, kind, index)
+    checked: int = 0
+    terminals: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    next_chunk: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    refused: set[str] = field(default_factory=set)
+
+    def record(self, t: float, by: str, rid: str, kind: str, index: int = -1) -> None:
+        self.sent.append((t, by, rid, kind, index))
+
+    def check(self) -> None:
+        """Look at everything sent since the last check."""
+        while self.checked < len(self.sent):
+            t, by, rid, kind, index = self.sent[self.checked]
+            self.checked += 1
+            where = f"at t={t:.3f} {by} sent {kind}{'' if index < 0 else f' #{index}'} for {rid}"
+            if kind == "refused":
+                self.refused.add(rid)
+                continue
+            if self.terminals[rid]:
+                raise Violation(f"{where} after its terminal {self.terminals[rid][0]}")
+            if kind in TERMINALS:
+                self.terminals[rid].append(f"{kind} by {by}")
+            elif index != self.next_chunk[rid]:
+                raise Violation(f"{where}; the next chunk was #{self.next_chunk[rid]}")
+            else:
+                self.next_chunk[rid] += 1
+
+    def check_settled(self, accepted: set[str]) -> None:
+        """At quiescence: every accepted request got its one terminal."""
+        silent = sorted(rid for rid in accepted if not self.terminals[rid])
+        if silent:
+            raise Violation(f"accepted requests without a terminal answer: {silent}")

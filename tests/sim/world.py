@@ -1,0 +1,476 @@
+"""A small world of ingests, publishers and one ledger, run by a seeded event scheduler.
+
+Time is virtual; every service reads its own monotonic clock (the world's time plus an
+offset drawn at each start, so clocks restart with the process; a publisher's clock can
+also jump forward). The network delays, reorders, duplicates and drops messages while
+faults are on; services are killed and restarted, and groups fail. The ledger is a
+``services.ledger.Ledger`` on a ``MemoryKV``; every ledger call is atomic within one event.
+
+What the services decide is decided by the production code: ``services.ownership``
+(take over, settle, may answer, refuse), ``LeaseClock`` (a publisher's lease) and
+``SweepView`` (ingest's view of leases and held requests, and which are orphans). This
+module only sequences the calls the services make, and records what they send. A ledger
+call may time out while faults are on, lost or applied without an answer; the services
+react as theirs do (a publisher rejects the submit or retries its settle, ingest gives up
+the sweep until the next one).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+
+from nats.errors import TimeoutError as NatsTimeout
+
+from schemas import Encoding
+from services import ownership
+from services.ledger import Lease, LeaseClock, Ledger, SweepView, request_key
+from services.publisher.service import SETTLE_ATTEMPTS
+from tests.sim.checker import Checker
+from tests.sim.memkv import MemoryKV, run
+
+TTL = 2.0  # publisher_timeout
+RECONCILE = 0.5  # ingest's sweep interval
+SUBMIT_TIMEOUT = 0.3
+SUBMIT_ATTEMPTS = 3
+MOVE_TIMEOUT = 0.4
+STEP = 0.1  # one token per running request per step
+RUNNING = 1  # requests a publisher runs at once; the others wait (and can still move)
+FAULTS_UNTIL = 6.0  # then the network heals, killed services come back and the world settles
+END = 20.0
+
+
+@dataclass
+class Faults:
+    drop: float = 0.1
+    duplicate: float = 0.05
+    slow: float = 0.15  # a message takes up to 0.6 s (reordering it)
+    kill: bool = True
+    group_failure: bool = True
+    clock_jump: bool = True
+    lease_outage: bool = True  # a publisher's lease renewals are lost for up to 2 x TTL
+    ledger: float = 0.0  # probability that a ledger call times out (lost, or applied unanswered)
+
+
+@dataclass
+class Sub:
+    rid: str
+    client: str
+    reply: str
+    attempt: str
+    tokens: int
+    moved_from: int = 0
+    encoding: Encoding = Encoding.JSON
+
+    @property
+    def key(self) -> str:
+        return request_key(self.client, self.rid)
+
+
+@dataclass
+class Ack:
+    accepted: bool
+    duplicate: bool = False
+
+
+@dataclass
+class Held:
+    sub: Sub
+    rev: int
+    owner: int
+    output: int = 0
+    settled: bool = False
+    abandoned: bool = False
+    moving: int = 0  # the token of the move under way, 0: none
+
+
+class Service:
+    def __init__(self, world: "World", name: str) -> None:
+        self.w, self.name = world, name
+        self.alive, self.life, self.offset = False, 0, 0.0
+
+    def now(self) -> float:
+        return self.w.t + self.offset
+
+    def live(self, life: int) -> bool:
+        return self.alive and self.life == life
+
+    def start(self) -> None:
+        self.alive, self.life = True, self.life + 1
+        self.offset = self.w.rng.uniform(-1000.0, 1000.0)
+
+    def kill(self) -> None:
+        self.alive = False
+        self.w.at(self.w.rng.uniform(0.1, 3.0), self.start)
+
+
+class Publisher(Service):
+    def __init__(self, world: "World", g: int) -> None:
+        super().__init__(world, f"publisher{g}")
+        self.g = g
+
+    def start(self) -> None:
+        super().start()
+        self.instance = self.w.rng.getrandbits(62) | 1
+        self.lease = LeaseClock(TTL)
+        self.held: dict[str, Held] = {}
+        self.answered: set[str] = set()
+        self.move_token = 0
+        self.outage_until = 0.0
+        self.w.at(0.0, self.renew, self.life)
+        self.w.at(STEP, self.step, self.life)
+
+    # ---- the lease ------------------------------------------------------------------
+    def renew(self, life: int) -> None:
+        if not self.live(life):
+            return
+        clock, sent_at, lease = self.lease, self.now(), Lease(self.instance, self.g, TTL)
+        landed = self.w.deliver_at() if self.w.t >= self.outage_until else None
+        answered: list[bool] = []
+        if landed is not None:
+            self.w.at(landed, self.land, lease, answered)  # lands even if we die meanwhile
+        acked = self.w.deliver_at()
+        back = (landed or 0.0) + (acked or self.w.rng.uniform(0.0, 0.05))
+        self.w.at(back, self.renewed, life, clock, sent_at, answered, acked is not None)
+
+    def land(self, lease: Lease, answered: list[bool]) -> None:
+        try:
+            run(self.w.ledger.renew(lease))
+            answered.append(True)
+        except NatsTimeout:
+            pass
+
+    def renewed(self, life: int, clock: LeaseClock, sent_at: float, answered: list[bool], acked: bool) -> None:
+        if not self.live(life):
+            return
+        if answered and acked:
+            clock.renewed(sent_at)
+        if not self.lease.valid(self.now()) and self.held:
+            self.abandon()
+        self.w.at(TTL / 4, self.renew, self.life)
+
+    def abandon(self) -> None:
+        for seq in self.held.values():
+            seq.abandoned = True
+        self.held.clear()
+        self.instance = self.w.rng.getrandbits(62) | 1
+        self.lease = LeaseClock(TTL)
+
+    # ---- submits --------------------------------------------------------------------
+    def on_submit(self, sub: Sub, answer) -> None:
+        if not self.alive:
+            return
+        if sub.key in self.held or sub.key in self.answered:
+            return answer(Ack(True, duplicate=True))
+        if not self.lease.valid(self.now()):
+            return answer(Ack(False))
+        try:
+            rev = self.claim(sub)
+        except NatsTimeout:  # no ledger, no acceptance
+            return answer(Ack(False))
+        if rev is None:
+            return answer(Ack(True, duplicate=True))
+        self.held[sub.key] = Held(sub, rev, self.instance)
+        self.w.accepted.add(sub.rid)
+        answer(Ack(True))
+
+    def claim(self, sub: Sub) -> int | None:
+        """The order of ``Publisher.claim``: create, else take over when allowed."""
+        mine = ownership.held_by(self.instance, self.g, sub)
+        for _ in range(2):
+            rev, existing = run(self.w.ledger.claim(sub.key, mine))
+            if rev is not None:
+                return rev
+            if existing is None:
+                continue
+            last, theirs = existing
+            if ownership.may_take_over(theirs, sub.moved_from, sub.attempt):
+                return run(self.w.ledger.swap(sub.key, mine, last))
+            return None
+        return None
+
+    # ---- answers --------------------------------------------------------------------
+    def may_answer(self, seq: Held) -> bool:
+        return ownership.may_answer(seq.settled, seq.abandoned, seq.owner, self.instance,
+                                    self.lease.valid(self.now()))
+
+    def give_up(self, seq: Held, force: bool = False) -> None:
+        if not seq.abandoned and seq.owner == self.instance and (force or not self.lease.valid(self.now())):
+            self.abandon()
+        seq.abandoned = True
+
+    def send(self, seq: Held, kind: str, index: int = -1) -> None:
+        if not self.may_answer(seq):
+            return self.give_up(seq)
+        self.w.check.record(self.w.t, self.name, seq.sub.rid, kind, index)
+
+    def settle(self, seq: Held) -> bool:
+        """One round of ``Publisher.settle``: compare-and-set to answered, else was it ours
+        (raises when the ledger does not answer)."""
+        sub = seq.sub
+        done = ownership.answered_by(self.instance, self.g, sub.rid, sub.client)
+        if run(self.w.ledger.swap(sub.key, done, seq.rev)) is not None:
+            seq.settled = True
+            return True
+        if ownership.own_write_landed(run(self.w.ledger.get(sub.key)), self.instance):
+            seq.settled = True
+            return True
+        return False
+
+    def finish(self, seq: Held, kind: str) -> None:
+        self.held.pop(seq.sub.key, None)
+        self.settling(self.life, seq, kind, 0)
+
+    def settling(self, life: int, seq: Held, kind: str, attempt: int) -> None:
+        """``Publisher.settle``'s loop: rounds 0.1 s apart while the ledger does not answer,
+        as long as it may answer; then the terminal."""
+        if not self.live(life):
+            return
+        if attempt == SETTLE_ATTEMPTS:
+            return self.give_up(seq, force=True)
+        if not self.may_answer(seq):
+            return self.give_up(seq)
+        try:
+            won = self.settle(seq)
+        except NatsTimeout:
+            return self.w.at(0.1, self.settling, life, seq, kind, attempt + 1)
+        if won:
+            self.answered.add(seq.sub.key)
+            self.send(seq, kind)
+
+    def step(self, life: int) -> None:
+        if not self.live(life):
+            return
+        for seq in [s for s in self.held.values() if not s.moving][:RUNNING]:
+            if seq.sub.key not in self.held:
+                continue
+            self.send(seq, "chunk", seq.output)
+            if seq.abandoned:
+                break  # given up: everything held went with it
+            seq.output += 1
+            if seq.output == seq.sub.tokens:
+                self.finish(seq, "done")
+        self.w.at(STEP, self.step, life)
+
+    # ---- a group failure: move what streamed nothing, fail the rest --------------------
+    def fail_group(self) -> None:
+        if not self.alive:
+            return
+        for seq in list(self.held.values()):
+            if seq.moving:
+                continue
+            if seq.output == 0 and len(self.w.publishers) > 1:
+                self.move(seq)
+            else:
+                self.finish(seq, "error")
+
+    def move(self, seq: Held) -> None:
+        self.move_token += 1
+        seq.moving = token = self.move_token
+        other = self.w.publishers[(self.g + 1) % len(self.w.publishers)]
+        sub = Sub(seq.sub.rid, seq.sub.client, seq.sub.reply, seq.sub.attempt, seq.sub.tokens, self.instance)
+        life = self.life
+        self.w.network(other.on_submit, sub, lambda ack: self.w.network(self.moved, life, seq, token, ack))
+        self.w.at(MOVE_TIMEOUT, self.moved, life, seq, token, None)
+
+    def moved(self, life: int, seq: Held, token: int, ack: Ack | None) -> None:
+        if not self.live(life) or seq.moving != token or seq.abandoned:
+            return
+        seq.moving = 0
+        if ack is not None and ack.accepted:
+            self.held.pop(seq.sub.key, None)  # the other group answers it
+        else:
+            self.finish(seq, "error")
+
+
+@dataclass
+class Forward:
+    sub: Sub
+    groups: list[int]
+    at: int = 0  # index into groups
+    tries: int = 0
+    token: int = 0
+
+
+class Ingest(Service):
+    def __init__(self, world: "World", i: int) -> None:
+        super().__init__(world, f"ingest{i}")
+        self.tokens = 0
+
+    def start(self) -> None:
+        super().start()
+        self.view = SweepView(fallback_ttl=TTL)
+        self.handing: dict[str, Forward] = {}
+        self.watch_at = self.w.t
+        for key, rev, value in self.w.kv.snapshot():  # a new watcher first gets every live key
+            self.view.update(key, rev, value, self.now())
+        self.w.at(RECONCILE, self.sweep, self.life)
+
+    def on_change(self, life: int, key: str, rev: int, value: bytes | None) -> None:
+        if self.live(life):
+            self.view.update(key, rev, value, self.now())
+
+    def on_generate(self, rid: str, client: str, tokens: int) -> None:
+        if not self.alive:
+            return
+        sub = Sub(rid, client, f"_INBOX.{client}.{rid}", f"{self.name}.{self.w.rng.getrandbits(32):08x}", tokens)
+        if sub.key in self.handing:
+            return  # a copy of a request being handed over now
+        self.handing[sub.key] = Forward(sub, self.w.rng.sample(range(len(self.w.publishers)), len(self.w.publishers)))
+        self.submit(sub.key)
+
+    def submit(self, key: str) -> None:
+        fwd = self.handing[key]
+        fwd.tries += 1
+        self.tokens += 1
+        fwd.token = token = self.tokens
+        publisher, life = self.w.publishers[fwd.groups[fwd.at]], self.life
+        if not publisher.alive:  # no responders
+            return self.w.at(0.0, self.on_ack, life, key, token, Ack(False))
+        self.w.network(publisher.on_submit, fwd.sub, lambda ack: self.w.network(self.on_ack, life, key, token, ack))
+        self.w.at(SUBMIT_TIMEOUT, self.on_ack, life, key, token, None)
+
+    def on_ack(self, life: int, key: str, token: int, ack: Ack | None) -> None:
+        fwd = self.handing.get(key)
+        if not self.live(life) or fwd is None or fwd.token != token:
+            return  # a late answer: its request timed out
+        if ack is None:  # no acknowledgement in time
+            if fwd.tries < SUBMIT_ATTEMPTS:
+                return self.submit(key)
+            del self.handing[key]
+            return self.refuse_unheard(fwd.sub, fwd.groups[fwd.at])
+        if ack.accepted:  # its holder answers it now (for a duplicate: whoever holds the name)
+            del self.handing[key]
+            self.w.accepted.add(fwd.sub.rid)
+            return
+        fwd.at, fwd.tries = fwd.at + 1, 0
+        if fwd.at < len(fwd.groups):
+            return self.submit(key)
+        del self.handing[key]
+        self.w.check.record(self.w.t, self.name, fwd.sub.rid, "refused")
+
+    def refuse_unheard(self, sub: Sub, g: int) -> None:
+        try:
+            rev, _ = run(self.w.ledger.claim(sub.key, ownership.refused(sub, g)))
+        except NatsTimeout:  # no ledger: whoever holds it cannot answer either
+            rev = None
+        if rev is not None:
+            self.w.check.record(self.w.t, self.name, sub.rid, "refused")
+
+    def sweep(self, life: int) -> None:
+        """The order of ``Ingest.sweep``."""
+        if not self.live(life):
+            return
+        self.w.at(RECONCILE, self.sweep, life)
+        try:
+            self.sweep_once(self.now())
+        except NatsTimeout:
+            pass  # the next sweep retries
+
+    def sweep_once(self, now: float) -> None:
+        for key, rev, entry in self.view.orphans(now):
+            settled = ownership.answered_by(0, entry.group, entry.rid, entry.client)
+            if run(self.w.ledger.swap(key, settled, rev)) is not None:
+                self.w.check.record(self.w.t, self.name, entry.rid, "publisher_lost")
+        for key, rev in [*self.view.stale_settled(now), *self.view.dead_leases(now)]:
+            run(self.w.ledger.delete(key, rev))
+
+
+@dataclass
+class World:
+    seed: int
+    faults: Faults = field(default_factory=Faults)
+    requests: int = 6
+    groups: int = 2
+    ingests: int = 2
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.t, self.n = 0.0, 0
+        self.events: list = []
+        self.kv = MemoryKV()
+        self.ledger = Ledger(self.kv)
+        self.kv.watchers.append(self.on_change)
+        self.kv.fault = self.ledger_fault
+        self.check = Checker()
+        self.accepted: set[str] = set()
+        self.publishers = [Publisher(self, g) for g in range(self.groups)]
+        self.ingest = [Ingest(self, i) for i in range(self.ingests)]
+        self.steps = 0
+
+    # ---- scheduling and the network ---------------------------------------------------
+    def at(self, delay: float, fn, *args) -> None:
+        self.n += 1
+        heapq.heappush(self.events, (self.t + delay, self.n, fn, args))
+
+    def faulty(self) -> bool:
+        return self.t < FAULTS_UNTIL
+
+    def deliver_at(self) -> float | None:
+        """A message's delay, or None when the network drops it."""
+        if self.faulty() and self.rng.random() < self.faults.drop:
+            return None
+        if self.faulty() and self.rng.random() < self.faults.slow:
+            return self.rng.uniform(0.05, 0.6)
+        return self.rng.uniform(0.001, 0.02)
+
+    def ledger_fault(self) -> str | None:
+        if self.faulty() and self.rng.random() < self.faults.ledger:
+            return self.rng.choice(["lost", "unanswered"])
+        return None
+
+    def network(self, fn, *args) -> None:
+        copies = 2 if self.faulty() and self.rng.random() < self.faults.duplicate else 1
+        for _ in range(copies):
+            delay = self.deliver_at()
+            if delay is not None:
+                self.at(delay, fn, *args)
+
+    def on_change(self, key: str, rev: int, value: bytes | None) -> None:
+        """The ledger's watch: every change reaches every live ingest, in order, late."""
+        for ingest in self.ingest:
+            if ingest.alive:
+                ingest.watch_at = max(ingest.watch_at, self.t + self.rng.uniform(0.001, 0.3))
+                self.at(ingest.watch_at - self.t, ingest.on_change, ingest.life, key, rev, value)
+
+    # ---- clients and faults -----------------------------------------------------------
+    def client(self, rid: str) -> None:
+        ingest = self.rng.choice(self.ingest)
+        self.network(ingest.on_generate, rid, "c1", self.rng.randint(1, 4))
+
+    def fault(self) -> None:
+        if not self.faulty():
+            return
+        f, rng = self.faults, self.rng
+        what = rng.choice([x for x, on in (("kill", f.kill), ("kill_ingest", f.kill), ("fail", f.group_failure),
+                                           ("jump", f.clock_jump), ("outage", f.lease_outage)) if on] or ["none"])
+        if what == "kill":
+            p = rng.choice(self.publishers)
+            if p.alive:
+                p.kill()
+        elif what == "kill_ingest":
+            i = rng.choice(self.ingest)
+            if i.alive:
+                i.kill()
+        elif what == "fail":
+            rng.choice(self.publishers).fail_group()
+        elif what == "jump":
+            rng.choice(self.publishers).offset += rng.uniform(0.0, TTL)  # monotonic clocks only go forward
+        elif what == "outage":
+            rng.choice(self.publishers).outage_until = self.t + rng.uniform(0.0, 2 * TTL)
+        self.at(rng.uniform(0.2, 1.0), self.fault)
+
+    def run(self) -> Checker:
+        for service in (*self.publishers, *self.ingest):
+            service.start()
+        for r in range(self.requests):
+            self.at(self.rng.uniform(0.5, FAULTS_UNTIL), self.client, f"r{r}")
+        self.at(self.rng.uniform(0.2, 1.0), self.fault)
+        while self.events and self.events[0][0] <= END:
+            self.t, _, fn, args = heapq.heappop(self.events)
+            fn(*args)
+            self.steps += 1
+            self.check.check()
+        self.check.check_settled(self.accepted)
+        return self.check
