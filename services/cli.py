@@ -108,7 +108,7 @@ def cluster_from(a: argparse.Namespace, **kw: Any):
     return Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=url, prefix=a.prefix, log_dir=a.log_dir,
                    node_processes=a.node_processes, ingests=a.ingests, secure=not a.insecure, credentials=creds,
                    nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, extra=st.service_env(a),
-                   metrics=a.metrics, **kw)
+                   metrics=a.metrics, nats_cluster=a.nats_cluster, **kw)
 
 
 def tls_files(a: argparse.Namespace):
@@ -386,6 +386,9 @@ def parser() -> argparse.ArgumentParser:
                        help="run one `dpbus node` per node (worker + its group's publisher), as on TPU VMs")
         q.add_argument("--nats-port", type=int, default=None,
                        help="embedded server's port (default 4222 when free, else any free port; 0: any)")
+        q.add_argument("--nats-cluster", type=int, default=0,
+                       help="embedded NATS: a cluster of this many servers on free ports (routes authenticated, "
+                            "JetStream and the request ledger replicated on each)")
         q.add_argument("--insecure", action="store_true",
                        help="embedded server without users or passwords (debugging only)")
         q.add_argument("--nats-credentials", default=None,
