@@ -21,7 +21,6 @@ from services.launcher import Cluster, wait_nats_cluster
 from services.ledger import Ledger, bucket_name, request_key
 from tests.test_chaos import INBOX, SETTINGS, Load, assert_nothing_lost, serving
 
-pytestmark = pytest.mark.e2e
 VICTIM = 1  # the server killed: publisher-0 and worker-1 prefer it, ingest does not
 
 
@@ -72,6 +71,16 @@ def start(cluster: Cluster) -> None:
         raise
 
 
+def test_up_and_demo_take_nats_cluster():
+    from services.cli import cluster_from, parser
+
+    for command in ("up", "demo"):
+        c = cluster_from(parser().parse_args([command, "--nats-cluster", "3", "--nnodes", "2"]))
+        assert c.nats_cluster == 3
+        c.stop()
+
+
+@pytest.mark.e2e
 async def test_a_cluster_loses_a_server_and_no_request(tmp_path):
     cluster = Cluster(dp_size=2, nnodes=2, local_devices=1, nats_cluster=3, log_dir=tmp_path,
                       extra=dict(SETTINGS), say=lambda _: None)
