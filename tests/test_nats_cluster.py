@@ -90,12 +90,12 @@ async def test_a_cluster_loses_a_server_and_no_request(tmp_path):
         clients = [await connect(cluster, "client", first=i) for i in range(3)]
         assert [server_of(nc) for nc in clients] == ports  # one client on each server
         loads = [ClusterLoad(nc, tag=f"on{i}") for i, nc in enumerate(clients)]
-        running = [asyncio.create_task(load.run(60, every=0.1, timeout=60)) for load in loads]
-        await asyncio.sleep(2.0)
+        running = [asyncio.create_task(load.run(150, every=0.1, timeout=60)) for load in loads]
+        await asyncio.sleep(3.0)
         victim = next(p for p in cluster.procs if p.name == f"nats-server-{VICTIM}")
         victim.popen.send_signal(signal.SIGKILL)
         await asyncio.to_thread(victim.popen.wait, 10)
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(6.0)  # past the ledger's new leader: requests are accepted meanwhile
         cluster.restart(victim.name)  # same ports, same store
         await asyncio.gather(*running)
         await wait_nats_cluster(cluster.nats_url, cluster.auth("sys"), cluster.auth("admin"))
