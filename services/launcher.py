@@ -257,6 +257,7 @@ class Cluster:
             self.start_nats()
             if self.nats_cluster > 1:
                 await wait_nats_cluster(self.nats_url, self.auth("sys"), self.auth("admin"))
+                await make_ledger(self.nats_url, self.auth("admin"), self.prefix, int(self.extra["DPBUS_LEDGER_REPLICAS"]))
                 self.say(f"NATS cluster of {self.nats_cluster} servers (embedded) on {self.nats_url}")
             else:
                 self.say(f"nats-server (embedded) listening on {self.nats_url}")
@@ -435,6 +436,27 @@ async def wait_nats_cluster(url: str, sys_auth: bus.NatsAuth, admin: bus.NatsAut
             return
         await asyncio.sleep(0.2)
     raise TimeoutError(f"NATS cluster not formed after {timeout:.0f}s (not ready through: {', '.join(missing)})")
+
+
+async def make_ledger(url: str, admin: bus.NatsAuth, prefix: str, replicas: int, timeout: float = 30.0) -> None:
+    """Create the replicated request ledger before any service needs it: right after a
+    cluster forms, its JetStream leader may not yet count every peer as online ("no
+    suitable peers for placement"), and a service that cannot open the ledger exits."""
+    from services.ledger import Ledger
+
+    nc = await bus.connect_client(url, auth=admin)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await Ledger.open(nc, prefix, replicas)
+                return
+            except Exception as e:  # noqa: BLE001 - not yet placeable
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"could not create the request ledger ({replicas} replicas): {e!r}") from e
+                await asyncio.sleep(0.3)
+    finally:
+        await nc.close()
 
 
 def _port_free(port: int) -> bool:
