@@ -48,7 +48,7 @@ class NatsAuth:
             kw["user"], kw["password"] = self.user, self.password
         if self.nkey_seed:
             kw["nkeys_seed"] = self.nkey_seed
-        if self.tls_ca or self.tls_cert or url.startswith("tls://"):
+        if self.tls_ca or self.tls_cert or any(u.startswith("tls://") for u in servers(url)):
             ctx = ssl.create_default_context(cafile=self.tls_ca or None)
             if self.tls_cert:
                 ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
@@ -59,12 +59,20 @@ class NatsAuth:
         return f"user {self.user or url_user(url) or '(none)'} at {redact(url)}"
 
 
+def servers(url: str) -> list[str]:
+    """The servers of ``url``: one URL, or several separated by commas (a NATS cluster;
+    tried in the order given)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 def url_user(url: str) -> str:
-    return unquote(urlsplit(url).username or "")
+    return unquote(urlsplit(servers(url)[0] if url else "").username or "")
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
+    """``url`` (or a comma-separated list of them) without passwords, for messages and logs."""
+    if "," in url:
+        return ",".join(redact(u) for u in servers(url))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -131,7 +139,8 @@ async def connect(url: str, name: str, log: Any, on_reconnect_hooks: list | None
             hook()
 
     nc = await nats.connect(
-        servers=[url],
+        servers=servers(url),
+        dont_randomize=True,  # the order given is the preference (``dpbus up`` spreads services)
         name=name,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
@@ -198,7 +207,7 @@ async def connect_client(url: str, timeout: float = 5.0, auth: NatsAuth | None =
     auth = auth or NatsAuth()
     try:
         return await asyncio.wait_for(
-            nats.connect(servers=[url], error_cb=_ignore, allow_reconnect=False, connect_timeout=3,
+            nats.connect(servers=servers(url), error_cb=_ignore, allow_reconnect=False, connect_timeout=3,
                          max_reconnect_attempts=0, **auth.kwargs(url)), timeout)
     except Exception as e:  # noqa: BLE001 - nats raises several kinds here
         if _fatal(e):

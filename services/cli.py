@@ -108,7 +108,7 @@ def cluster_from(a: argparse.Namespace, **kw: Any):
     return Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=url, prefix=a.prefix, log_dir=a.log_dir,
                    node_processes=a.node_processes, ingests=a.ingests, secure=not a.insecure, credentials=creds,
                    nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, extra=st.service_env(a),
-                   metrics=a.metrics, **kw)
+                   metrics=a.metrics, nats_cluster=a.nats_cluster, **kw)
 
 
 def tls_files(a: argparse.Namespace):
@@ -289,13 +289,28 @@ def cmd_nats_config(a: argparse.Namespace) -> int:
     scheme = "tls" if tls else "nats"
     host = a.listen.rsplit(":", 1)
     url = f"{scheme}://{'127.0.0.1' if host[0] in ('0.0.0.0', '') else host[0]}:{host[-1]}"
+    peers = config_peers(a.cluster, a.listen, a.http, a.route_port, a.store_dir)
+    if peers:  # clients list every server (hosts nats-0, nats-1, ...)
+        url = ",".join(f"{scheme}://{p.name}:{host[-1]}" for p in peers)
+        passwords["route"] = a.password or ""
     write_config(a.out, dp_size=a.dp_size, clients=a.client or ["client"], prefixes=a.prefix or ["dpbus"],
                  passwords=passwords, listen=a.listen, http=a.http or None, store_dir=a.store_dir, tls=tls, url=url,
-                 existing_hashes=hashes, nkey_users=a.nkeys)
-    print(f"wrote nats.conf, auth.conf, credentials.json and compose.env to {a.out} "
+                 existing_hashes=hashes, nkey_users=a.nkeys, peers=peers)
+    confs = ", ".join(p.conf for p in peers) or "nats.conf"
+    print(f"wrote {confs}, auth.conf, credentials.json and compose.env to {a.out} "
           f"(dp_size {a.dp_size}, clients {', '.join(a.client or ['client'])}); check it with: "
-          f"nats-server -t -c {os.path.join(a.out, 'nats.conf')}")
+          f"nats-server -t -c {os.path.join(a.out, (peers[0].conf if peers else 'nats.conf'))}")
     return 0
+
+
+def config_peers(n: int, listen: str, http: str, route_port: int, store_dir: str) -> list:
+    """A cluster of ``n`` servers on hosts ``nats-0`` ... (one each), for `nats-config --cluster`."""
+    from services.natsconf import Peer
+
+    if n < 2:
+        return []
+    return [Peer(f"nats-{i}", listen, f"nats-{i}:{route_port}", http or None, f"{store_dir}-nats-{i}")
+            for i in range(n)]
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -371,6 +386,9 @@ def parser() -> argparse.ArgumentParser:
                        help="run one `dpbus node` per node (worker + its group's publisher), as on TPU VMs")
         q.add_argument("--nats-port", type=int, default=None,
                        help="embedded server's port (default 4222 when free, else any free port; 0: any)")
+        q.add_argument("--nats-cluster", type=int, default=0,
+                       help="embedded NATS: a cluster of this many servers on free ports (routes authenticated, "
+                            "JetStream and the request ledger replicated on each)")
         q.add_argument("--insecure", action="store_true",
                        help="embedded server without users or passwords (debugging only)")
         q.add_argument("--nats-credentials", default=None,
@@ -465,6 +483,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--tls-verify", action="store_true", help="also require client certificates")
     q.add_argument("--nkeys", action="store_true", help="users authenticate with nkeys (seeds in OUT/nkeys/) "
                                                         "instead of passwords")
+    q.add_argument("--cluster", type=int, default=0,
+                   help="a NATS cluster of this many servers on hosts nats-0, nats-1, ...: OUT/nats-<i>.conf each, "
+                        "routes authenticated (JetStream clustered)")
+    q.add_argument("--route-port", type=int, default=6222, help="--cluster: the port routes use on every host")
     q.set_defaults(fn=cmd_nats_config)
     q = sub.add_parser("schemas", help="print the JSON Schema of every public message")
     q.add_argument("--out", default=None, help="write one file per message into this directory")

@@ -30,7 +30,7 @@ from typing import Callable
 from schemas import Subjects
 from schemas.internal import LoadReport, unpacker
 from services import bus
-from services.natsconf import Credentials, Tls, user_for, write_config
+from services.natsconf import Credentials, Peer, Tls, user_for, write_config
 from services.topology import group_nodes, place_node
 
 DEFAULT_NATS_PORT = 4222
@@ -79,6 +79,7 @@ class Cluster:
     secure: bool = True  # embedded server: per-role users with this run's passwords
     credentials: Credentials | None = None  # per-role users on a given server (or made for the embedded one)
     nats_port: int | None = None  # embedded server: None = 4222 when free, else any; 0 = any
+    nats_cluster: int = 0  # embedded: a cluster of this many servers (free ports) instead of one
     tls: Tls | None = None  # embedded secured server: serve TLS with these files
     http_port: int = 0  # the OpenAI-compatible gateway's port (taken: any free one); 0 = no gateway
     metrics: bool = False  # give every service a Prometheus port (listed in log_dir/prometheus-targets.json)
@@ -86,6 +87,7 @@ class Cluster:
     say: Callable[[str], None] = print
     procs: list[Proc] = field(default_factory=list)
     _restarted: dict[str, float] = field(default_factory=dict)
+    _spread: int = 0  # services spawned: each prefers the next server of a cluster
     recovering: set[int] = field(default_factory=set)  # groups restarted and not yet ready again
 
     def __post_init__(self) -> None:
@@ -118,8 +120,18 @@ class Cluster:
         self.procs.remove(old)
         return self._spawn(name, old.argv, old.env)
 
+    def _service_url(self) -> str:
+        """The NATS URL for the next service: with several servers, each service lists them
+        starting from the next one, so services spread over the cluster."""
+        urls = bus.servers(self.nats_url or "")
+        if len(urls) < 2:
+            return self.nats_url or ""
+        k = self._spread % len(urls)
+        self._spread += 1
+        return ",".join(urls[k:] + urls[:k])
+
     def _service_env(self, user: str = "") -> dict[str, str]:
-        env = {"DPBUS_NATS_URL": self.nats_url, "DPBUS_PREFIX": self.prefix, "DPBUS_DP_SIZE": str(self.dp_size),
+        env = {"DPBUS_NATS_URL": self._service_url(), "DPBUS_PREFIX": self.prefix, "DPBUS_DP_SIZE": str(self.dp_size),
                "DPBUS_NNODES": str(self.nnodes), "DPBUS_LOCAL_DEVICES": str(self.local_devices)}
         if self.credentials and user:  # in the environment, not on the command line (ps shows that)
             auth = bus.auth_for(self.credentials, user)
@@ -154,6 +166,8 @@ class Cluster:
         return free_port()
 
     def start_nats(self) -> None:
+        if self.nats_cluster > 1:
+            return self.start_nats_cluster()
         port = self._pick_port()
         store = self.log_dir / "jetstream"
         self.nats_url = f"nats://127.0.0.1:{port}"
@@ -169,14 +183,29 @@ class Cluster:
         else:
             self._spawn("nats-server", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
                                         "-sd", str(store)])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nats-server did not listen on port {port}:\n{self.procs[-1].tail()}")
+        wait_listening(port, self.procs[-1])
+
+    def start_nats_cluster(self) -> None:
+        """``nats_cluster`` secured servers on 127.0.0.1, routes between all of them (their
+        own password), JetStream clustered; returns once every server sees every other and
+        JetStream has a leader. The request ledger keeps a copy on each (up to 5)."""
+        if not self.secure:
+            raise ValueError("an embedded NATS cluster is always secured (drop --insecure)")
+        scheme = "tls" if self.tls else "nats"
+        peers = [Peer(f"nats-{i}", f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", None,
+                      str(self.log_dir / f"jetstream-{i}")) for i in range(self.nats_cluster)]
+        self.nats_url = ",".join(f"{scheme}://{p.listen}" for p in peers)
+        conf_dir = self.log_dir / "nats"
+        self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=["client"], prefixes=[self.prefix],
+                                        url=self.nats_url, tls=self.tls, peers=peers)
+        for i, p in enumerate(peers):
+            self._spawn(f"nats-server-{i}", [nats_server_binary(), "-c", str(conf_dir / p.conf)])
+        for i, p in enumerate(peers):
+            wait_listening(int(p.listen.rsplit(":", 1)[1]), self.procs[-len(peers) + i])
+        self.extra.setdefault("DPBUS_LEDGER_REPLICAS", str(min(self.nats_cluster, 5)))
+
+    def servers(self) -> list[Proc]:
+        return [p for p in self.procs if is_server(p.name)]
 
     def start_services(self) -> None:
         cli = [sys.executable, "-m", "services.cli"]
@@ -226,7 +255,12 @@ class Cluster:
     async def start(self, timeout: float = 600.0) -> float:
         if not self.nats_url:
             self.start_nats()
-            self.say(f"nats-server (embedded) listening on {self.nats_url}")
+            if self.nats_cluster > 1:
+                await wait_nats_cluster(self.nats_url, self.auth("sys"), self.auth("admin"))
+                await make_ledger(self.nats_url, self.auth("admin"), self.prefix, int(self.extra["DPBUS_LEDGER_REPLICAS"]))
+                self.say(f"NATS cluster of {self.nats_cluster} servers (embedded) on {self.nats_url}")
+            else:
+                self.say(f"nats-server (embedded) listening on {self.nats_url}")
         else:
             self.say(f"using NATS at {bus.redact(self.nats_url)}")
         self.start_services()
@@ -259,7 +293,7 @@ class Cluster:
         processes), at most once per ``min_interval`` seconds each. Returns what it did."""
         said = []
         now = time.monotonic()
-        for p in [p for p in self.procs if p.popen.poll() is not None and p.name != "nats-server"]:
+        for p in [p for p in self.procs if p.popen.poll() is not None and not is_server(p.name)]:
             if p not in self.procs or now - self._restarted.get(p.name, -1e9) < min_interval:
                 continue
             names = self._peers(p.name)
@@ -278,8 +312,8 @@ class Cluster:
         """SIGTERM every process started here (services first, NATS last), then SIGKILL
         stragglers. Returns what went wrong: processes killed or failing; when nothing did,
         the log (and JetStream store) directory is removed if it was made here."""
-        services = [p for p in self.procs if p.name != "nats-server"]
-        servers = [p for p in self.procs if p.name == "nats-server"]
+        services = [p for p in self.procs if not is_server(p.name)]
+        servers = self.servers()
         killed = []
         for group in (services, servers):
             for p in group:
@@ -338,6 +372,91 @@ async def wait_groups_ready(nc, prefix: str, dp_size: int, timeout: float, say: 
             await asyncio.sleep(0.5)
     finally:
         await sub.unsubscribe()
+
+
+def is_server(name: str) -> bool:
+    return name.startswith("nats-server")
+
+
+def wait_listening(port: int, proc: Proc, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not listen on port {port}:\n{proc.tail()}")
+
+
+async def servers_seen(url: str, auth: bus.NatsAuth, wait: float = 0.5) -> set[str]:
+    """The names of the servers that answer a system-account ping sent through ``url``."""
+    import json
+
+    nc = await bus.connect_client(url, auth=auth)
+    try:
+        names: set[str] = set()
+
+        async def on_reply(msg) -> None:
+            names.add(json.loads(msg.data).get("server", {}).get("name", ""))
+
+        sub = await nc.subscribe(nc.new_inbox(), cb=on_reply)
+        await nc.publish("$SYS.REQ.SERVER.PING", b"", reply=sub.subject)
+        await asyncio.sleep(wait)
+        return names
+    finally:
+        await nc.close()
+
+
+async def jetstream_ready(url: str, auth: bus.NatsAuth) -> bool:
+    """JetStream answers account requests (in a cluster: it has a meta leader)."""
+    import json
+
+    nc = await bus.connect_client(url, auth=auth)
+    try:
+        reply = json.loads((await nc.request("$JS.API.INFO", b"", timeout=1)).data)
+        return "error" not in reply
+    except Exception:  # noqa: BLE001 - no responders, a time-out: not yet
+        return False
+    finally:
+        await nc.close()
+
+
+async def wait_nats_cluster(url: str, sys_auth: bus.NatsAuth, admin: bus.NatsAuth, timeout: float = 60.0) -> None:
+    """Until, through each server of ``url``, every server answers and JetStream is ready."""
+    urls = bus.servers(url)
+    deadline = time.monotonic() + timeout
+    missing = urls
+    while time.monotonic() < deadline:
+        missing = [u for u in urls if len(await servers_seen(u, sys_auth)) < len(urls)
+                   or not await jetstream_ready(u, admin)]
+        if not missing:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"NATS cluster not formed after {timeout:.0f}s (not ready through: {', '.join(missing)})")
+
+
+async def make_ledger(url: str, admin: bus.NatsAuth, prefix: str, replicas: int, timeout: float = 30.0) -> None:
+    """Create the replicated request ledger before any service needs it: right after a
+    cluster forms, its JetStream leader may not yet count every peer as online ("no
+    suitable peers for placement"), and a service that cannot open the ledger exits."""
+    from services.ledger import Ledger
+
+    nc = await bus.connect_client(url, auth=admin)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await Ledger.open(nc, prefix, replicas)
+                return
+            except Exception as e:  # noqa: BLE001 - not yet placeable
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"could not create the request ledger ({replicas} replicas): {e!r}") from e
+                await asyncio.sleep(0.3)
+    finally:
+        await nc.close()
 
 
 def _port_free(port: int) -> bool:

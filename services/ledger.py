@@ -213,6 +213,16 @@ class Ledger:
         except KeyWrongLastSequenceError:
             pass  # changed meanwhile (or another ingest deleted it)
 
+    async def lease(self, instance: int) -> tuple[int, bytes] | None:
+        """The current (revision, value) of ``instance``'s lease, read from the bucket itself."""
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            got = await self.kv.get(lease_key(instance))
+        except KeyNotFoundError:
+            return None
+        return got.revision, got.value
+
     async def renew(self, lease: Lease) -> None:
         await self.kv.put(lease_key(lease.instance), encode(lease))
 

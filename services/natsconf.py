@@ -239,13 +239,48 @@ class Tls:
     verify: bool = False  # also require client certificates signed by the CA
 
 
+@dataclass
+class Peer:
+    """One server of a NATS cluster: its name, where clients and other servers reach it
+    (``host:port`` each), its monitoring address and its own JetStream store."""
+
+    name: str
+    listen: str
+    route: str
+    http: str | None = None
+    store_dir: str = "jetstream"
+
+    @property
+    def conf(self) -> str:
+        return f"{self.name}.conf"
+
+
+ROUTE_USER = "route"
+
+
+def render_cluster(me: Peer, peers: list[Peer], route_password: str, name: str = "dpbus") -> str:
+    """The ``cluster`` block of ``me``: routes to every other peer, each authenticated with
+    the route user's password (routes are never open)."""
+    port = me.route.rsplit(":", 1)[-1]
+    listen = me.route if me.route.startswith("127.") else f"0.0.0.0:{port}"
+    routes = [f"nats-route://{ROUTE_USER}:{route_password}@{p.route}" for p in peers if p.name != me.name]
+    return "\n".join([
+        "cluster {",
+        f"  name: {json.dumps(name)}",
+        f"  listen: {json.dumps(listen)}",
+        f"  authorization {{ user: {json.dumps(ROUTE_USER)}, password: {json.dumps(route_password)}, timeout: 2 }}",
+        f"  routes: {_list(routes)}",
+        "}",
+    ])
+
+
 def render_server(listen: str, http: str | None, store_dir: str, tls: Tls | None = None,
-                  cluster: str = "") -> str:
+                  cluster: str = "", server_name: str = "dpbus-nats", conf: str = "nats.conf") -> str:
     lines = [
         "# dpbus NATS server: written by `dpbus nats-config`. JetStream, per-role users (auth.conf).",
-        "# Check it with:  nats-server -t -c nats.conf   (from this directory)",
+        f"# Check it with:  nats-server -t -c {conf}   (from this directory)",
         "",
-        "server_name: dpbus-nats",
+        f"server_name: {server_name}",
         f"listen: {json.dumps(listen)}",
     ]
     if http:
@@ -321,13 +356,16 @@ def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[
                  passwords: dict[str, str] | None = None, listen: str = "0.0.0.0:4222",
                  http: str | None = "0.0.0.0:8222", store_dir: str = "jetstream", tls: Tls | None = None,
                  url: str = "", existing_hashes: dict[str, str] | None = None, cluster: str = "",
-                 nkey_users: bool = False) -> Credentials:
+                 nkey_users: bool = False, peers: list[Peer] | None = None) -> Credentials:
     """Write ``nats.conf``, ``auth.conf``, ``credentials.json`` and ``compose.env`` into ``out``.
 
     ``passwords`` fixes some users' passwords (the rest are random); ``existing_hashes``
     are kept for users whose password still matches them (so regenerating with the same
     passwords changes nothing). ``nkey_users``: every user but ``sys`` authenticates with
-    an nkey instead, its seed in ``out/nkeys/<user>.nk``."""
+    an nkey instead, its seed in ``out/nkeys/<user>.nk``.
+
+    ``peers``: a NATS cluster; one ``<peer>.conf`` each (instead of ``nats.conf``), sharing
+    ``auth.conf``; their routes authenticate with the password of ``route``."""
     users = layout_users(dp_size, clients)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,7 +381,12 @@ def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[
     for u, p in pw.items():
         old = (existing_hashes or {}).get(u)
         hashes[u] = old if old and check_password(p, old) else hash_password(p)
-    (out / "nats.conf").write_text(render_server(listen, http, store_dir, tls, cluster))
+    route_password = (passwords or {}).get(ROUTE_USER) or new_password()
+    for p in peers or ():
+        block = render_cluster(p, peers, route_password)
+        (out / p.conf).write_text(render_server(p.listen, p.http, p.store_dir, tls, block, p.name, p.conf))
+    if not peers:
+        (out / "nats.conf").write_text(render_server(listen, http, store_dir, tls, cluster))
     (out / "auth.conf").write_text(render_auth(users, hashes, prefixes, dp_size, hashes.pop("sys"), public))
     creds = Credentials(url, pw, tls.ca if tls else "", seeds)
     creds.save(out / "credentials.json")

@@ -43,14 +43,15 @@ class Load:
     """Sends requests at a steady pace and records, for each, every answer it received,
     listening on every inbox until ``LISTEN_PAST`` seconds after the last terminal answer."""
 
-    def __init__(self, nc) -> None:
+    def __init__(self, nc, tag: str = "chaos") -> None:
         self.nc = nc
+        self.tag = tag  # names its requests: tag-0, tag-1, ...
         self.answers: dict[str, list[dict]] = {}
         self.subs: list = []
         self.sent = 0
 
     async def one(self, i: int, timeout: float) -> None:
-        rid = f"chaos-{i}"
+        rid = f"{self.tag}-{i}"
         inbox = self.nc.new_inbox()
         got = self.answers.setdefault(rid, [])
 

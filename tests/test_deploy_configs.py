@@ -60,9 +60,40 @@ def test_nats_config_is_valid(conf: Path):
     assert "/data" not in conf.read_text(), "a store path a normal user cannot create"
 
 
-def test_the_ledger_store_syncs_every_write():
+SERVER_CONFS = [NATS_DIR / "nats.conf", *sorted((NATS_DIR / "cluster").glob("nats-*.conf"))]
+
+
+@pytest.mark.parametrize("conf", SERVER_CONFS, ids=lambda p: p.name)
+def test_the_ledger_store_syncs_every_write(conf: Path):
     """JetStream's default fsync (every 2 minutes) loses acknowledged writes on a power cut."""
-    assert re.search(r"^\s*sync_interval:\s*always\b", (NATS_DIR / "nats.conf").read_text(), re.M)
+    assert re.search(r"^\s*sync_interval:\s*always\b", conf.read_text(), re.M)
+
+
+def test_the_shipped_cluster_is_three_servers_with_authenticated_routes():
+    confs = SERVER_CONFS[1:]
+    assert [c.name for c in confs] == ["nats-0.conf", "nats-1.conf", "nats-2.conf"]
+    names, stores = set(), set()
+    for c in confs:
+        text = c.read_text()
+        names.add(re.search(r"^server_name:\s*(\S+)", text, re.M).group(1))
+        stores.add(re.search(r"store_dir:\s*(\S+)", text).group(1))
+        assert re.search(r"authorization \{ user: \"route\", password: \"\S+\"", text)
+        routes = re.findall(r"nats-route://route:[^@\s]+@(nats-\d):6222", text)
+        assert sorted(routes) == sorted({"nats-0", "nats-1", "nats-2"} - {c.stem}), text
+    assert len(names) == 3 and len(stores) == 3  # JetStream clustered: distinct names and stores
+
+
+def test_shipped_cluster_files_are_the_generator_s_output(tmp_path):
+    """infra/nats/cluster is `dpbus nats-config --cluster 3 --dp-size 2 --password changeme`."""
+    shipped = NATS_DIR / "cluster"
+    (tmp_path / "auth.conf").write_text((shipped / "auth.conf").read_text())  # keep its bcrypt hashes
+    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--cluster", "3",
+                        "--dp-size", "2", "--nnodes", "2", "--password", SHIPPED_PASSWORD], capture_output=True,
+                       text=True, timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    for name in ("auth.conf", "nats-0.conf", "nats-1.conf", "nats-2.conf"):
+        assert (tmp_path / name).read_text() == (shipped / name).read_text(), \
+            f"infra/nats/cluster/{name} drifted from `dpbus nats-config --cluster 3`: regenerate it"
 
 
 def test_shipped_files_are_the_generator_s_output(tmp_path):

@@ -11,7 +11,7 @@ import msgspec
 
 from schemas import Done, Error, Subjects
 from schemas.internal import Heartbeat, Step, Submit, SubmitAck, pack
-from services import logs
+from services import bus, logs
 from services.ingest.service import Ingest
 from services.ledger import (
     ANSWERED, HELD, KEEP_ANSWERED, MARGIN, Entry, Lease, LeaseClock, Ledger, SweepView, encode, lease_key,
@@ -276,3 +276,27 @@ async def test_a_moved_request_whose_second_publisher_goes_silent_is_answered_on
     assert isinstance(answers.got[-1], Error) and answers.got[-1].code.value == "publisher_lost", answers.got[-1]
     assert answered_after < 2.0 + 2 * MARGIN + 1.0
     assert second.counts["abandoned"] == 1
+
+
+async def test_a_lagging_watch_does_not_answer_for_a_holder_that_renews(nats_server):
+    """While a NATS cluster elects the bucket's new leader, ingest's watch may stall while
+    a publisher's renewals are acknowledged: ingest answered ``publisher_lost`` for a
+    publisher that went on streaming (chunks after the terminal, seen in
+    tests/test_nats_cluster.py). Now it reads the lease itself before answering."""
+    nc = await nats_server.connect("admin")
+    ing = ingest(nats_server)
+    ing.nc, ing.outbox = nc, bus.ClientOutbox(nc, LOG)
+    ing.ledger = ledger = await Ledger.open(nc, PREFIX)
+    lease = Lease(4242, 0, 2.0)
+    old = await ledger.kv.put(lease_key(4242), encode(lease))
+    key = request_key("_INBOX.client", "lagging")
+    held = Entry(HELD, 4242, 0, "lagging", "_INBOX.client", "_INBOX.client.lagging")
+    rev, _ = await ledger.claim(key, held)
+    ing.view.update(lease_key(4242), old, encode(lease), now=0.0)  # the last renewal the watch showed
+    ing.view.update(key, rev, encode(held), now=0.0)
+    await ledger.renew(lease)  # acknowledged, but the watch has not shown it
+    await ing.sweep(now=100.0)
+    _, entry = await ledger.get(key)
+    await ledger.kv.delete(key)
+    await nc.close()
+    assert entry.state == HELD and ing.orphaned == 0

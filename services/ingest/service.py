@@ -28,7 +28,7 @@ from schemas.subjects import INGEST_QUEUE
 from services import bus, ownership
 from services.lifecycle import unless_stopped
 from services.errors import Rejected
-from services.ledger import Ledger, SweepView, request_key
+from services.ledger import Ledger, SweepView, lease_key, request_key
 from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from services.model_config import model_config_for
 from services.settings import IngestSettings
@@ -228,6 +228,8 @@ class Ingest:
                 self.log.warning("sweep_failed", error=repr(e), detail=str(getattr(e, "description", "")))
 
     async def sweep(self, now: float) -> None:
+        for owner in {e.owner for _, _, e in self.view.orphans(now)}:
+            await self.confirm_lease(owner, now)
         for key, rev, entry in self.view.orphans(now):
             settled = ownership.answered_by(0, entry.group, entry.rid, entry.client)
             if await self.ledger.swap(key, settled, rev) is None:
@@ -238,6 +240,14 @@ class Ingest:
                                     f"{self.s.publisher_timeout}s", entry.rid)
         for key, rev in [*self.view.stale_settled(now), *self.view.dead_leases(now)]:
             await self.ledger.delete(key, rev)
+
+    async def confirm_lease(self, owner: int, now: float) -> None:
+        """Read ``owner``'s lease from the ledger before answering for it: the watch may
+        lag (e.g. while a NATS cluster elects the bucket's new leader) while the holder
+        renews, and sees its renewals acknowledged, and goes on streaming."""
+        got = await self.ledger.lease(owner)
+        if got is not None:
+            self.view.update(lease_key(owner), got[0], got[1], now)
 
     async def on_abort(self, req: Any) -> None:
         reply = bus.reply_subject(req)

@@ -43,6 +43,7 @@ from services.topology import dp_groups, group_nodes
 
 VERSION = "0.1.0"
 SETTLE_ATTEMPTS = 200  # x 0.1 s at most while the ledger is unreachable, then the lease is given up
+RESOLVE_FOR = 30.0  # seconds to learn whether an unacknowledged settling write landed
 ANSWERED_WINDOW = 120.0  # seconds a terminal answer is remembered against copies and retries
 
 
@@ -254,8 +255,12 @@ class Publisher:
         until the lease runs out (then ingest answers)."""
         key = request_key(seq.client, seq.rid)
         done = ownership.answered_by(self.instance, self.g, seq.rid, seq.client)
+        unsure = False  # a swap that raised may still have landed
         for _ in range(SETTLE_ATTEMPTS):
             if not self.may_answer(seq):
+                if unsure and await self.landed(key, done.owner):
+                    seq.settled = True
+                    return True
                 self.give_up(seq, "the lease expired while settling an answer")
                 return False
             try:
@@ -265,6 +270,7 @@ class Publisher:
                 got = await self.ledger.get(key)
             except Exception as e:  # noqa: BLE001 - unreachable for now: try again
                 self.log.warning("ledger_unreachable", rid=seq.rid, error=repr(e))
+                unsure = True
                 await asyncio.sleep(0.1)
                 continue
             if ownership.own_write_landed(got, self.instance):
@@ -273,7 +279,26 @@ class Publisher:
             self.counts["taken"] += 1
             self.log.error("answer_taken", rid=seq.rid, entry=repr(got))
             return False
+        if unsure and await self.landed(key, done.owner):
+            seq.settled = True
+            return True
         self.give_up(seq, "the request ledger stayed unreachable", force=True)
+        return False
+
+    async def landed(self, key: str, owner: int) -> bool:
+        """Whether a swap to *answered by* ``owner`` landed after all (its acknowledgement
+        lost, e.g. while a NATS cluster elects the ledger's leader). If it did, nobody else
+        will ever answer: the terminal answer is ours to send, lease or not. Reads for at
+        most ``RESOLVE_FOR`` seconds."""
+        deadline = time.monotonic() + RESOLVE_FOR
+        while time.monotonic() < deadline:
+            try:
+                got = await self.ledger.get(key)
+            except Exception:  # noqa: BLE001 - still unreachable
+                await asyncio.sleep(0.2)
+                continue
+            return ownership.own_write_landed(got, owner)
+        self.log.error("settle_unresolved", key=key)
         return False
 
     def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
