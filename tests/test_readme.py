@@ -102,8 +102,8 @@ def user_env(tmp_path):
 class Runner:
     """Runs README commands in one working directory; background ones are stopped at the end."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.env, self.cwd = env, cwd
+    def __init__(self, env: dict[str, str], cwd: Path, logs: Path) -> None:
+        self.env, self.cwd, self.logs = env, cwd, logs  # logs: never the checkout itself
         self.background: list[tuple[str, subprocess.Popen, Path]] = []
 
     def run(self, cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -113,7 +113,7 @@ class Runner:
         return out
 
     def start(self, cmd: str) -> tuple[subprocess.Popen, Path]:
-        log = self.cwd / f"bg-{len(self.background)}.log"
+        log = self.logs / f"bg-{len(self.background)}.log"
         with open(log, "wb") as f:  # exec: the signal goes to the command itself, not to bash
             proc = subprocess.Popen(["bash", "-c", f"exec {without_comment(cmd)}"], cwd=self.cwd, env=self.env,
                                     stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -169,7 +169,7 @@ def test_quick_start_as_written(user_env, tmp_path):
     env, bin_dir = user_env
     stamp = tmp_path / "installed"  # the environment running this test is installed already
     stamp.touch()
-    runner = Runner(env, ROOT)
+    runner = Runner(env, ROOT, tmp_path)
     up = None
     try:
         for cmd in commands(section("Quick start")):
@@ -224,7 +224,7 @@ def test_several_hosts_runbook_on_localhost(user_env, tmp_path):
     env, _ = user_env
     work = tmp_path / "work"
     work.mkdir()
-    runner = Runner(env, work)
+    runner = Runner(env, work, tmp_path)
     ports: dict[tuple[str, int], int] = {}
     ran = []
     try:
