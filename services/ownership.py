@@ -16,6 +16,24 @@ def held_by(instance: int, group: int, sub) -> Entry:
     return Entry(HELD, instance, group, sub.rid, sub.client, sub.reply, sub.encoding, sub.attempt)
 
 
+async def claim(ledger, key: str, mine: Entry, moved_from: int, attempt: str) -> int | None:
+    """Make ``mine`` the holder of ``key`` in ``ledger`` (the bucket, or the simulation's
+    store): create the entry, else take it over when ``may_take_over`` allows. Its
+    revision, or None when the name is someone else's. The one place this order of
+    calls is written: the publisher and the simulation both run it."""
+    for _ in range(2):  # a second try when the entry vanished between create and get
+        rev, existing = await ledger.claim(key, mine)
+        if rev is not None:
+            return rev
+        if existing is None:
+            continue
+        last, theirs = existing
+        if may_take_over(theirs, moved_from, attempt):
+            return await ledger.swap(key, mine, last)
+        return None
+    return None
+
+
 def may_take_over(theirs: Entry, moved_from: int, attempt: str) -> bool:
     """A name already in the ledger may be taken by a submit only when the request was
     moved here by the instance holding it, or when it is a fresh attempt after a refusal.

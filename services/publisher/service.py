@@ -166,19 +166,9 @@ class Publisher:
         """Make this instance the holder of ``sub`` in the ledger: its revision, or None
         when the name belongs to someone else. A moved request is taken over from the
         instance that moved it; a refused one by a fresh attempt."""
-        key = request_key(sub.client, sub.rid)
         mine = ownership.held_by(self.instance, self.g, sub)
-        for _ in range(2):  # a second try when the entry vanished between create and get
-            rev, existing = await self.ledger.claim(key, mine)
-            if rev is not None:
-                return rev
-            if existing is None:
-                continue
-            last, theirs = existing
-            if ownership.may_take_over(theirs, sub.moved_from, sub.attempt):
-                return await self.ledger.swap(key, mine, last)
-            return None
-        return None
+        return await ownership.claim(self.ledger, request_key(sub.client, sub.rid), mine, sub.moved_from,
+                                     sub.attempt)
 
     def held(self, client: str, rid: str) -> Sequence | None:
         """The request (client, rid) if this publisher holds it: queued, running or moving."""

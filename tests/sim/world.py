@@ -176,19 +176,9 @@ class Publisher(Service):
         answer(Ack(True))
 
     def claim(self, sub: Sub) -> int | None:
-        """The order of ``Publisher.claim``: create, else take over when allowed."""
+        """``Publisher.claim``: the same order of ledger calls (``ownership.claim``)."""
         mine = ownership.held_by(self.instance, self.g, sub)
-        for _ in range(2):
-            rev, existing = run(self.w.ledger.claim(sub.key, mine))
-            if rev is not None:
-                return rev
-            if existing is None:
-                continue
-            last, theirs = existing
-            if ownership.may_take_over(theirs, sub.moved_from, sub.attempt):
-                return run(self.w.ledger.swap(sub.key, mine, last))
-            return None
-        return None
+        return run(ownership.claim(self.w.ledger, sub.key, mine, sub.moved_from, sub.attempt))
 
     # ---- answers --------------------------------------------------------------------
     def may_answer(self, seq: Held) -> bool:
