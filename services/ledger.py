@@ -44,7 +44,7 @@ MARGIN = 0.5  # seconds between the holder going silent and anyone answering for
 
 class Entry(Struct, omit_defaults=True):
     state: str
-    owner: int = 0  # the publisher instance holding (or having answered) it; 0: ingest
+    owner: int = 0  # the publisher instance holding it, or the publisher or ingest instance that answered it
     group: int = -1
     rid: str = ""
     client: str = ""

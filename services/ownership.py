@@ -1,14 +1,42 @@
-"""Who may answer a request: the decisions of the ledger protocol that publisher and
-ingest take, without I/O.
+"""Who may answer a request: the rules of the ledger protocol that publisher and ingest
+follow, and the order of their ledger calls.
 
-The services do the ledger calls and the sending; these functions say what the answers
-of those calls mean. The protocol simulation (``tests/sim``) runs the same functions, so
-what it checks is the production rule, not a copy of it.
+The services do the sending; the functions here decide (without I/O) or make the ledger
+calls (``claim``, ``settle``, ``resolve``, ``refuse``), given the ledger and a ``sleep``.
+The protocol simulation (``tests/sim``) runs the same functions on its in-memory bucket
+with a virtual-time ``sleep``, so what it checks is the production code, not a copy.
+
+A ledger call that times out may still have landed (a JetStream request whose answer was
+lost). Such a write is never taken for failed: it is *resolved* by reading the entry back
+(``ours``) until the ledger answers, because if it landed nobody else will ever act on
+that entry.
 """
 
 from __future__ import annotations
 
-from services.ledger import ANSWERED, HELD, REFUSED, Entry
+from collections.abc import Awaitable, Callable
+
+from services.ledger import ANSWERED, HELD, REFUSED, Entry, SweepView, lease_key
+
+Sleep = Callable[[float], Awaitable[None]]
+SETTLE_ATTEMPTS = 200  # x RETRY at most while the ledger is unreachable, then the lease is given up
+RETRY = 0.1  # seconds between two tries of a ledger call that did not answer
+RESOLVE_EVERY = 0.2  # seconds between two reads resolving a write whose outcome is unknown
+
+
+def certainly_not_applied(e: Exception) -> bool:
+    """A ledger call failed in a way that proves it was not applied (no JetStream server
+    took it). Anything else, a time-out above all, may have landed."""
+    from nats.errors import NoRespondersError
+    from nats.js.errors import ServiceUnavailableError
+
+    return isinstance(e, (NoRespondersError, ServiceUnavailableError))
+
+
+def ours(got: tuple[int, Entry] | None, mine: Entry) -> bool:
+    """Does the entry read back hold exactly what we wrote? Then our write landed (even if
+    its acknowledgement was lost) and nobody has changed it since."""
+    return got is not None and got[1] == mine
 
 
 def held_by(instance: int, group: int, sub) -> Entry:
@@ -28,6 +56,8 @@ async def claim(ledger, key: str, mine: Entry, moved_from: int, attempt: str) ->
         if existing is None:
             continue
         last, theirs = existing
+        if theirs == mine:
+            return last  # an earlier try of this claim landed; its acknowledgement was lost
         if may_take_over(theirs, moved_from, attempt):
             return await ledger.swap(key, mine, last)
         return None
@@ -65,3 +95,108 @@ def refused(sub, group: int) -> Entry:
     nobody holds the request and ingest answers ``unavailable``; if the name is taken,
     its holder answers."""
     return Entry(REFUSED, group=group, rid=sub.rid, client=sub.client, attempt=sub.attempt)
+
+
+WON, TAKEN, SILENCED, UNKNOWN = "won", "taken", "silenced", "unknown"  # how a settle ends
+
+
+async def settle(ledger, key: str, done: Entry, rev: int, may_answer: Callable[[], bool], sleep: Sleep,
+                 attempts: int = SETTLE_ATTEMPTS) -> str:
+    """Compare-and-set ``key`` from the held revision ``rev`` to ``done`` (answered by us).
+    ``WON``: send the terminal answer. ``TAKEN``: someone else has it. ``SILENCED``: we
+    may no longer answer (``may_answer`` turned false, or the ledger stayed unreachable),
+    and no write of ours can have landed. ``UNKNOWN``: the same, but a write of ours may
+    have landed unanswered: ``resolve`` it, and answer if it did."""
+    unsure = False
+    for _ in range(attempts):
+        if not may_answer():
+            break
+        try:
+            if await ledger.swap(key, done, rev) is not None:
+                return WON
+            got = await ledger.get(key)
+        except Exception as e:  # noqa: BLE001 - unreachable for now: try again
+            unsure = unsure or not certainly_not_applied(e)
+            await sleep(RETRY)
+            continue
+        return WON if own_write_landed(got, done.owner) else TAKEN
+    return UNKNOWN if unsure else SILENCED
+
+
+async def resolve(ledger, key: str, mine: Entry, sleep: Sleep) -> bool:
+    """Whether ``mine`` is what ``key`` holds, reading until the ledger answers. A write of
+    ours that landed unanswered is ours to act on: nobody else ever will."""
+    while True:
+        try:
+            got = await ledger.get(key)
+        except Exception:  # noqa: BLE001 - still unreachable
+            await sleep(RESOLVE_EVERY)
+            continue
+        return landed(got, mine)
+
+
+def landed(got: tuple[int, Entry] | None, mine: Entry) -> bool:
+    """Did our write of ``mine`` land, judging by the entry read back? An answered entry is
+    ours whatever the details; any other must be exactly what we wrote."""
+    return own_write_landed(got, mine.owner) if mine.state == ANSWERED else ours(got, mine)
+
+
+async def claim_until_known(ledger, key: str, mine: Entry, moved_from: int, attempt: str, sleep: Sleep,
+                            still: Callable[[], bool]) -> int | None:
+    """``claim`` again until the ledger answers (while ``still``): a claim that timed out
+    may have landed, and then the request is ours to run. None: not ours, or ``still``
+    turned false (the instance that claimed is gone: ingest answers for it)."""
+    while still():
+        try:
+            return await claim(ledger, key, mine, moved_from, attempt)
+        except Exception:  # noqa: BLE001 - still unreachable
+            await sleep(RESOLVE_EVERY)
+    return None
+
+
+async def refuse(ledger, key: str, mine: Entry, sleep: Sleep) -> bool:
+    """Record ``mine`` (a ``refused`` entry) unless the name is taken, until the ledger
+    answers: True when the refusal is recorded (the refuser answers the client), False
+    when someone holds or answered the request (they answer it)."""
+    while True:
+        try:
+            rev, existing = await ledger.claim(key, mine)
+        except Exception:  # noqa: BLE001 - it may have landed: read it back next time
+            await sleep(RESOLVE_EVERY)
+            continue
+        if rev is not None:
+            return True
+        if existing is not None:
+            return existing[1] == mine  # our earlier try landed unanswered
+        # deleted between create and get: create again
+
+
+async def sweep(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]], instance: int, now: float,
+                answer_lost: Callable[[Entry], Awaitable[None]]) -> None:
+    """One sweep by the ingest ``instance``: answer (``answer_lost``) for held requests whose
+    holder's lease expired, when it wins the compare-and-set; then delete settled entries
+    and dead leases. ``unsure`` keeps the compare-and-sets that did not answer (key ->
+    (our write, the entry)): the next sweep reads them back first. Raises when the ledger
+    does not answer (the next sweep carries on)."""
+    for key, (mine, entry) in list(unsure.items()):
+        if landed(await ledger.get(key), mine):
+            await answer_lost(entry)
+        del unsure[key]
+    for owner in {e.owner for _, _, e in view.orphans(now)}:
+        # the watch may lag (a NATS cluster electing the bucket's leader) while the holder
+        # renews and streams on: read its lease itself before answering for it
+        got = await ledger.lease(owner)
+        if got is not None:
+            view.update(lease_key(owner), got[0], got[1], now)
+    for key, rev, entry in view.orphans(now):
+        mine = answered_by(instance, entry.group, entry.rid, entry.client)
+        try:
+            won = await ledger.swap(key, mine, rev)
+        except Exception as e:
+            if not certainly_not_applied(e):
+                unsure[key] = (mine, entry)
+            raise
+        if won is not None:
+            await answer_lost(entry)
+    for key, rev in [*view.stale_settled(now), *view.dead_leases(now)]:
+        await ledger.delete(key, rev)

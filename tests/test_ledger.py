@@ -8,6 +8,7 @@ import json
 import time
 
 import msgspec
+import nats.errors
 
 from schemas import Done, Error, Subjects
 from schemas.internal import Heartbeat, Step, Submit, SubmitAck, pack
@@ -300,3 +301,108 @@ async def test_a_lagging_watch_does_not_answer_for_a_holder_that_renews(nats_ser
     await ledger.kv.delete(key)
     await nc.close()
     assert entry.state == HELD and ing.orphaned == 0
+
+
+class AnswersLost:
+    """A bucket whose chosen writes land and then time out, as a JetStream request does
+    when its answer is lost (e.g. while a NATS cluster elects a new leader)."""
+
+    def __init__(self, kv, method: str, times: int = 1) -> None:
+        self.kv, self.method, self.left = kv, method, times
+
+    def __getattr__(self, name):
+        return getattr(self.kv, name)
+
+    async def create(self, key, value):
+        return self.lose("create", await self.kv.create(key, value))
+
+    async def update(self, key, value, last):
+        return self.lose("update", await self.kv.update(key, value, last=last))
+
+    def lose(self, method: str, revision: int) -> int:
+        if method == self.method and self.left:
+            self.left -= 1
+            raise nats.errors.TimeoutError
+        return revision
+
+
+async def test_a_claim_that_landed_unanswered_is_run_once(nats_server):
+    """A publisher's claim landed but its answer was lost: the publisher refused the
+    submit, ingest tried elsewhere, and the entry stayed held by a live publisher that did
+    not hold the request: nobody answered. Now it does not answer the submit until it
+    knows; the claim proves its own, and the request runs once."""
+    run, nc = Running(), await nats_server.connect("admin")
+    client = await nats_server.connect("client")
+    pub, front = publisher(nats_server, 0, dp_size=1, nnodes=1), ingest(nats_server, dp_size=1, nnodes=1)
+    run.start(pub)
+    run.start(front)
+    await fake_workers(nc, [0], run.stop)
+    await until(lambda: pub.ready() and front.router.groups[0].report is not None
+                and front.router.available(0), 5)
+    pub.ledger.kv = AnswersLost(pub.ledger.kv, "create")
+    inbox, answers = await answers_on(client)
+    await request(client, inbox, "claim-unanswered")
+    await answers.until_terminal(10)
+    await asyncio.sleep(1.0)
+    await run.close()
+    await nc.close()
+    await client.close()
+    answers.check_one_terminal_last()
+    assert isinstance(answers.got[-1], Done), answers.got
+    assert pub.counts["accepted"] == 1 and pub.ledger.kv.left == 0
+
+
+async def test_a_settling_write_that_landed_unanswered_is_answered_once(nats_server):
+    """The publisher's compare-and-set to answered landed and its answer was lost, then
+    every retry found the entry answered... by itself. It answers (the write is read back
+    as its own); nobody else could."""
+    run, nc = Running(), await nats_server.connect("admin")
+    client = await nats_server.connect("client")
+    pub, front = publisher(nats_server, 0, dp_size=1, nnodes=1), ingest(nats_server, dp_size=1, nnodes=1)
+    run.start(pub)
+    run.start(front)
+    await fake_workers(nc, [0], run.stop)
+    await until(lambda: pub.ready() and front.router.groups[0].report is not None
+                and front.router.available(0), 5)
+    pub.ledger.kv = AnswersLost(pub.ledger.kv, "update")
+    inbox, answers = await answers_on(client)
+    await request(client, inbox, "settle-unanswered")
+    await answers.until_terminal(10)
+    await asyncio.sleep(1.0)
+    await run.close()
+    await nc.close()
+    await client.close()
+    answers.check_one_terminal_last()
+    assert isinstance(answers.got[-1], Done), answers.got
+    assert pub.counts["done"] == 1 and pub.counts["taken"] == 0 and pub.ledger.kv.left == 0
+
+
+async def test_a_sweep_whose_write_landed_unanswered_answers_once(nats_server):
+    """Ingest's compare-and-set to answered (for a holder whose lease lapsed) landed with
+    its answer lost; the sweep failed, and the next one saw the entry settled and moved
+    on: nobody answered. Now the next sweep reads its own write back first and answers."""
+    nc = await nats_server.connect("admin")
+    client = await nats_server.connect("client")
+    ing = ingest(nats_server)
+    ing.nc, ing.outbox = nc, bus.ClientOutbox(nc, LOG)
+    ing.ledger = ledger = await Ledger.open(nc, PREFIX)
+    inbox, answers = await answers_on(client)
+    key = request_key("_INBOX.client", "swept")
+    held = Entry(HELD, 5151, 0, "swept", "_INBOX.client", inbox)
+    rev, _ = await ledger.claim(key, held)
+    ing.view.update(key, rev, encode(held), now=0.0)  # a holder never seen renewing
+    ledger.kv = AnswersLost(ledger.kv, "update")
+    try:
+        await ing.sweep(now=100.0)
+    except nats.errors.TimeoutError:
+        pass  # as sweep_loop does: the next sweep carries on
+    await ing.sweep(now=100.5)
+    await answers.until_terminal(5)
+    await asyncio.sleep(0.5)
+    _, entry = await ledger.get(key)
+    await ledger.kv.kv.delete(key)
+    await nc.close()
+    await client.close()
+    answers.check_one_terminal_last()
+    assert isinstance(answers.got[-1], Error) and answers.got[-1].code.value == "publisher_lost"
+    assert entry.state == ANSWERED and entry.owner == ing.instance and ing.orphaned == 1

@@ -13,6 +13,7 @@ instance wins the entry first (``publisher_lost``).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -28,7 +29,7 @@ from schemas.subjects import INGEST_QUEUE
 from services import bus, ownership
 from services.lifecycle import unless_stopped
 from services.errors import Rejected
-from services.ledger import Ledger, SweepView, lease_key, request_key
+from services.ledger import Entry, Ledger, SweepView, request_key
 from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from services.model_config import model_config_for
 from services.settings import IngestSettings
@@ -57,6 +58,8 @@ class Ingest:
         self.handing: dict[tuple[str, str], asyncio.Task] = {}  # (client, rid) being handed to a group now
         self.orphaned = 0
         self.view = SweepView(fallback_ttl=settings.publisher_timeout)
+        self.instance = secrets.randbits(62) | 1  # names this ingest in the entries it settles
+        self.unsure: dict[str, tuple[Entry, Entry]] = {}  # key -> (our unanswered settling write, the entry)
         self.ledger: Ledger | None = None
         self.dispatched: Counter[int] = Counter()  # accepted requests per group
         self.tasks: set[asyncio.Task] = set()
@@ -190,12 +193,7 @@ class Ingest:
         if the name is taken, its holder answers."""
         key = request_key(sub.client, sub.rid)
         why = f"group {g} did not acknowledge the request within {SUBMIT_ATTEMPTS} x {self.s.submit_timeout}s"
-        try:
-            rev, _ = await self.ledger.claim(key, ownership.refused(sub, g))
-        except Exception as e:  # noqa: BLE001 - no ledger: whoever holds it cannot answer either
-            self.log.error("ledger_unreachable", rid=sub.rid, error=repr(e))
-            rev = None
-        if rev is not None:
+        if await ownership.refuse(self.ledger, key, ownership.refused(sub, g), asyncio.sleep):
             await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
         else:
             self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, group=g)
@@ -228,26 +226,13 @@ class Ingest:
                 self.log.warning("sweep_failed", error=repr(e), detail=str(getattr(e, "description", "")))
 
     async def sweep(self, now: float) -> None:
-        for owner in {e.owner for _, _, e in self.view.orphans(now)}:
-            await self.confirm_lease(owner, now)
-        for key, rev, entry in self.view.orphans(now):
-            settled = ownership.answered_by(0, entry.group, entry.rid, entry.client)
-            if await self.ledger.swap(key, settled, rev) is None:
-                continue  # its holder finished, or another ingest answered it
-            self.orphaned += 1
-            await self.answer_error(entry.reply, entry.encoding, ErrorCode.PUBLISHER_LOST,
-                                    f"the publisher of group {entry.group} holding this request went silent for "
-                                    f"{self.s.publisher_timeout}s", entry.rid)
-        for key, rev in [*self.view.stale_settled(now), *self.view.dead_leases(now)]:
-            await self.ledger.delete(key, rev)
+        await ownership.sweep(self.ledger, self.view, self.unsure, self.instance, now, self.answer_lost)
 
-    async def confirm_lease(self, owner: int, now: float) -> None:
-        """Read ``owner``'s lease from the ledger before answering for it: the watch may
-        lag (e.g. while a NATS cluster elects the bucket's new leader) while the holder
-        renews, and sees its renewals acknowledged, and goes on streaming."""
-        got = await self.ledger.lease(owner)
-        if got is not None:
-            self.view.update(lease_key(owner), got[0], got[1], now)
+    async def answer_lost(self, entry: Entry) -> None:
+        self.orphaned += 1
+        await self.answer_error(entry.reply, entry.encoding, ErrorCode.PUBLISHER_LOST,
+                                f"the publisher of group {entry.group} holding this request went silent for "
+                                f"{self.s.publisher_timeout}s", entry.rid)
 
     async def on_abort(self, req: Any) -> None:
         reply = bus.reply_subject(req)

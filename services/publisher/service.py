@@ -42,8 +42,6 @@ from services.tokenizer import load_tokenizer
 from services.topology import dp_groups, group_nodes
 
 VERSION = "0.1.0"
-SETTLE_ATTEMPTS = 200  # x 0.1 s at most while the ledger is unreachable, then the lease is given up
-RESOLVE_FOR = 30.0  # seconds to learn whether an unacknowledged settling write landed
 ANSWERED_WINDOW = 120.0  # seconds a terminal answer is remembered against copies and retries
 
 
@@ -70,6 +68,8 @@ class Publisher:
         self.ledger: Ledger | None = None
         self.answered: dict[tuple[str, str], float] = {}  # key -> when answered (monotonic), oldest first
         self.moving: dict[tuple[str, str], Sequence] = {}  # out of the scheduler, being offered elsewhere
+        self.doubtful: dict[tuple[str, str], asyncio.Task] = {}  # claims whose outcome is being resolved
+        self.resolving: set[asyncio.Task] = set()  # terminal answers whose settling write is being resolved
         self.seq = 0
         self.pending: asyncio.Future | None = None
         self.acks: dict[int, StepResult] = {}
@@ -112,6 +112,8 @@ class Publisher:
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.BAD_REQUEST, f"bad submit: {e}")))
             return
+        if sub.key in self.doubtful:
+            return  # its claim is being resolved: no answer until known (ingest asks again)
         if self.held(sub.client, sub.rid) is not None or self.recently_answered(sub.key):
             # a retried submit, or a copy of a request we hold or answered: one answer only
             self.counts["duplicates"] += 1
@@ -130,21 +132,48 @@ class Publisher:
         seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
                        detok=self.tokenizer.stream(sub.input_ids), eos_ids=self.model.eos_token_ids,
                        pinned=sub.pinned, client=sub.client, attempt=sub.attempt)
+        instance = self.instance
         try:
             rev = await self.claim(sub)
         except Exception as e:  # noqa: BLE001 - no ledger, no acceptance
-            self.counts["rejected"] += 1
-            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE, f"the request ledger is unreachable: {e!r}")))
+            if ownership.certainly_not_applied(e):
+                self.counts["rejected"] += 1
+                await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
+                                                 f"the request ledger is unreachable: {e!r}")))
+                return
+            # the claim may have landed: refusing would leave a request nobody runs. No
+            # answer now; ingest asks again, or records a refusal that the ledger arbitrates
+            self.log.warning("claim_unknown", rid=sub.rid, error=repr(e))
+            self.doubtful[sub.key] = asyncio.create_task(self.resolve_claim(sub, seq, instance))
             return
         if rev is None:  # the name is someone else's (held elsewhere, or answered): never run it twice
             self.counts["duplicates"] += 1
             await req.respond(pack(SubmitAck(True, instance=self.instance, duplicate=True)))
             return
-        seq.ledger_rev, seq.owner = rev, self.instance
-        self.sched.waiting.append(seq)  # room was checked above; the claim is made
-        self.counts["accepted"] += 1
+        self.adopt(seq, rev, instance)
         await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
+
+    def adopt(self, seq: Sequence, rev: int, instance: int) -> None:
+        """``seq`` is claimed in the ledger by ``instance`` (this one): queue it."""
+        seq.ledger_rev, seq.owner = rev, instance
+        self.sched.waiting.append(seq)  # room was checked when it came; the claim is made
+        self.counts["accepted"] += 1
         self.wake.set()
+
+    async def resolve_claim(self, sub: Submit, seq: Sequence, instance: int) -> None:
+        """A claim whose outcome is unknown: claim again until the ledger answers. If ours,
+        run it (ingest could not refuse it: the name was taken). Given up with this
+        instance (then ingest answers for the instance's held requests)."""
+        try:
+            mine = ownership.held_by(instance, self.g, sub)
+            rev = await ownership.claim_until_known(self.ledger, request_key(sub.client, sub.rid), mine,
+                                                    sub.moved_from, sub.attempt, asyncio.sleep,
+                                                    lambda: self.instance == instance)
+            if rev is not None and self.instance == instance:
+                self.log.info("claim_resolved", rid=sub.rid)
+                self.adopt(seq, rev, instance)
+        finally:
+            self.doubtful.pop(sub.key, None)
 
     async def on_abort(self, req: Any) -> None:
         try:
@@ -239,57 +268,39 @@ class Publisher:
         return ownership.may_answer(seq.settled, seq.abandoned, seq.owner, self.instance,
                                     self.lease.valid(time.monotonic()))
 
-    async def settle(self, seq: Sequence) -> bool:
-        """Win the ledger's compare-and-set from held to answered: True when this
-        instance may send the terminal answer. While the ledger cannot be reached, tries
-        until the lease runs out (then ingest answers)."""
+    async def answer(self, seq: Sequence, msg: Done | Error, count: str) -> None:
+        """Send ``seq``'s terminal answer if this instance wins it in the ledger. A settling
+        write whose outcome is unknown is resolved off the step path; the answer goes out
+        when it proves ours (late, but once)."""
+        self.answered_now(seq.key)  # from now on a copy of it is a duplicate, whoever wins
         key = request_key(seq.client, seq.rid)
         done = ownership.answered_by(self.instance, self.g, seq.rid, seq.client)
-        unsure = False  # a swap that raised may still have landed
-        for _ in range(SETTLE_ATTEMPTS):
-            if not self.may_answer(seq):
-                if unsure and await self.landed(key, done.owner):
-                    seq.settled = True
-                    return True
-                self.give_up(seq, "the lease expired while settling an answer")
-                return False
-            try:
-                if await self.ledger.swap(key, done, seq.ledger_rev) is not None:
-                    seq.settled = True
-                    return True
-                got = await self.ledger.get(key)
-            except Exception as e:  # noqa: BLE001 - unreachable for now: try again
-                self.log.warning("ledger_unreachable", rid=seq.rid, error=repr(e))
-                unsure = True
-                await asyncio.sleep(0.1)
-                continue
-            if ownership.own_write_landed(got, self.instance):
-                seq.settled = True  # our own earlier write landed; its acknowledgement was lost
-                return True
+        won = await ownership.settle(self.ledger, key, done, seq.ledger_rev, lambda: self.may_answer(seq),
+                                     asyncio.sleep)
+        if won == ownership.WON:
+            await self.answered_with(seq, msg, count)
+        elif won == ownership.TAKEN:
             self.counts["taken"] += 1
-            self.log.error("answer_taken", rid=seq.rid, entry=repr(got))
-            return False
-        if unsure and await self.landed(key, done.owner):
-            seq.settled = True
-            return True
-        self.give_up(seq, "the request ledger stayed unreachable", force=True)
-        return False
+            self.log.error("answer_taken", rid=seq.rid)
+        elif won == ownership.UNKNOWN:
+            self.log.warning("settle_unknown", rid=seq.rid)
+            task = asyncio.create_task(self.answer_if_ours(seq, key, done, msg, count))
+            self.resolving.add(task)
+            task.add_done_callback(self.resolving.discard)
+        else:
+            self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
 
-    async def landed(self, key: str, owner: int) -> bool:
-        """Whether a swap to *answered by* ``owner`` landed after all (its acknowledgement
-        lost, e.g. while a NATS cluster elects the ledger's leader). If it did, nobody else
-        will ever answer: the terminal answer is ours to send, lease or not. Reads for at
-        most ``RESOLVE_FOR`` seconds."""
-        deadline = time.monotonic() + RESOLVE_FOR
-        while time.monotonic() < deadline:
-            try:
-                got = await self.ledger.get(key)
-            except Exception:  # noqa: BLE001 - still unreachable
-                await asyncio.sleep(0.2)
-                continue
-            return ownership.own_write_landed(got, owner)
-        self.log.error("settle_unresolved", key=key)
-        return False
+    async def answer_if_ours(self, seq: Sequence, key: str, done: Any, msg: Done | Error, count: str) -> None:
+        if await ownership.resolve(self.ledger, key, done, asyncio.sleep):
+            self.log.info("settle_resolved", rid=seq.rid)
+            await self.answered_with(seq, msg, count)
+        else:
+            self.give_up(seq, "a settling write did not land")
+
+    async def answered_with(self, seq: Sequence, msg: Done | Error, count: str) -> None:
+        seq.settled = True
+        self.counts[count] += 1
+        await self.send(seq, msg)
 
     def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
         """``seq`` may not be answered from here: give up every request of its instance (once)."""
@@ -346,16 +357,10 @@ class Publisher:
         if not seq.stream:
             done.token_ids = list(seq.output)
             done.text = "".join(seq.text_parts)
-        if await self.settle(seq):
-            self.counts["done"] += 1
-            self.answered_now(seq.key)
-            await self.send(seq, done)
+        await self.answer(seq, done, "done")
 
     async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
-        if await self.settle(seq):
-            self.counts["errors"] += 1
-            self.answered_now(seq.key)
-            await self.send(seq, Error(code, message, rid=seq.rid, dp_rank=self.g))
+        await self.answer(seq, Error(code, message, rid=seq.rid, dp_rank=self.g), "errors")
 
     def answered_now(self, key: tuple[str, str]) -> None:
         """Remember a request's terminal answer: a copy or retry of it within

@@ -27,8 +27,9 @@ class MemoryKV:
         self.revision = 0
         self.watchers: list[Callable[[str, int, bytes | None], None]] = []
         self.fault: Callable[[], str | None] = lambda: None  # "lost" (not applied), "unanswered" (applied)
+        self.unanswered: Callable[[str, bytes | None], None] = lambda key, value: None  # told of such writes
 
-    def _call(self, apply: Callable[[], int]) -> int:
+    def _call(self, apply: Callable[[], int], key: str, value: bytes | None) -> int:
         """One request to the bucket: it may be lost, or applied with its reply lost; both
         time out, as a JetStream request does."""
         fault = self.fault()
@@ -41,6 +42,7 @@ class MemoryKV:
                 raise NatsTimeout() from None
             raise
         if fault == "unanswered":
+            self.unanswered(key, value)
             raise NatsTimeout()
         return revision
 
@@ -60,17 +62,17 @@ class MemoryKV:
             if key in self.values:
                 raise KeyWrongLastSequenceError()
             return self._write(key, value)
-        return self._call(apply)
+        return self._call(apply, key, value)
 
     async def update(self, key: str, value: bytes, last: int) -> int:
         def apply() -> int:
             if self.last.get(key, 0) != last or key not in self.values:
                 raise KeyWrongLastSequenceError()
             return self._write(key, value)
-        return self._call(apply)
+        return self._call(apply, key, value)
 
     async def put(self, key: str, value: bytes) -> int:
-        return self._call(lambda: self._write(key, value))
+        return self._call(lambda: self._write(key, value), key, value)
 
     async def get(self, key: str) -> Got:
         if self.fault() is not None:
@@ -85,7 +87,7 @@ class MemoryKV:
             if last is not None and self.last.get(key, 0) != last:
                 raise KeyWrongLastSequenceError()
             return self._write(key, None)
-        self._call(apply)
+        self._call(apply, key, None)
         return True
 
     def snapshot(self) -> list[tuple[str, int, bytes]]:

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 from nats.errors import TimeoutError as NatsTimeout
 
 from schemas import Encoding
 from services import ownership
-from services.ledger import Lease, LeaseClock, Ledger, SweepView, request_key
-from services.publisher.service import SETTLE_ATTEMPTS
+from services.ledger import ANSWERED, HELD, Lease, LeaseClock, Ledger, SweepView, decode_entry, request_key
 from tests.sim.checker import Checker
 from tests.sim.memkv import MemoryKV, run
 
@@ -39,6 +39,21 @@ STEP = 0.1  # one token per running request per step
 RUNNING = 1  # requests a publisher runs at once; the others wait (and can still move)
 FAULTS_UNTIL = 6.0  # then the network heals, killed services come back and the world settles
 END = 20.0
+
+
+class Sleep:
+    """What ``sleep`` gives a coroutine run by ``World.spawn`` to await."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __await__(self):
+        yield self
+
+
+def sleep(seconds: float) -> Sleep:
+    """The simulation's ``asyncio.sleep``, in virtual time."""
+    return Sleep(seconds)
 
 
 @dataclass
@@ -99,10 +114,18 @@ class Service:
     def start(self) -> None:
         self.alive, self.life = True, self.life + 1
         self.offset = self.w.rng.uniform(-1000.0, 1000.0)
+        self.instances: list[int] = []  # the instances this life used
 
     def kill(self) -> None:
         self.alive = False
+        for instance in self.instances:  # won terminal answers it never learnt of die with it
+            self.w.died_in_doubt |= self.w.in_doubt.pop(instance, set())
         self.w.at(self.w.rng.uniform(0.1, 3.0), self.start)
+
+    def new_instance(self) -> int:
+        instance = self.w.rng.getrandbits(62) | 1
+        self.instances.append(instance)
+        return instance
 
 
 class Publisher(Service):
@@ -112,10 +135,11 @@ class Publisher(Service):
 
     def start(self) -> None:
         super().start()
-        self.instance = self.w.rng.getrandbits(62) | 1
+        self.instance = self.new_instance()
         self.lease = LeaseClock(TTL)
         self.held: dict[str, Held] = {}
         self.answered: set[str] = set()
+        self.doubtful: set[str] = set()  # claims being resolved
         self.move_token = 0
         self.outage_until = 0.0
         self.w.at(0.0, self.renew, self.life)
@@ -154,31 +178,41 @@ class Publisher(Service):
         for seq in self.held.values():
             seq.abandoned = True
         self.held.clear()
-        self.instance = self.w.rng.getrandbits(62) | 1
+        self.instance = self.new_instance()
         self.lease = LeaseClock(TTL)
 
     # ---- submits --------------------------------------------------------------------
     def on_submit(self, sub: Sub, answer) -> None:
-        if not self.alive:
+        """``Publisher.on_submit``."""
+        if not self.alive or sub.key in self.doubtful:
             return
         if sub.key in self.held or sub.key in self.answered:
             return answer(Ack(True, duplicate=True))
         if not self.lease.valid(self.now()):
             return answer(Ack(False))
+        instance = self.instance
+        mine = ownership.held_by(instance, self.g, sub)
         try:
-            rev = self.claim(sub)
-        except NatsTimeout:  # no ledger, no acceptance
-            return answer(Ack(False))
+            rev = run(ownership.claim(self.w.ledger, sub.key, mine, sub.moved_from, sub.attempt))
+        except NatsTimeout:  # it may have landed: no answer until known (``resolve_claim``)
+            self.doubtful.add(sub.key)
+            resolving = ownership.claim_until_known(self.w.ledger, sub.key, mine, sub.moved_from, sub.attempt,
+                                                    sleep, lambda: self.instance == instance)
+            return self.w.spawn(self, resolving, lambda rev: self.claim_resolved(sub, rev, instance))
         if rev is None:
             return answer(Ack(True, duplicate=True))
-        self.held[sub.key] = Held(sub, rev, self.instance)
-        self.w.accepted.add(sub.rid)
+        self.adopt(sub, rev, instance)
         answer(Ack(True))
 
-    def claim(self, sub: Sub) -> int | None:
-        """``Publisher.claim``: the same order of ledger calls (``ownership.claim``)."""
-        mine = ownership.held_by(self.instance, self.g, sub)
-        return run(ownership.claim(self.w.ledger, sub.key, mine, sub.moved_from, sub.attempt))
+    def claim_resolved(self, sub: Sub, rev: int | None, instance: int) -> None:
+        self.doubtful.discard(sub.key)
+        if rev is not None and self.instance == instance:
+            self.w.paths["claim resolved: ours"] += 1
+            self.adopt(sub, rev, instance)
+
+    def adopt(self, sub: Sub, rev: int, instance: int) -> None:
+        self.held[sub.key] = Held(sub, rev, instance)
+        self.w.accepted.add(sub.rid)
 
     # ---- answers --------------------------------------------------------------------
     def may_answer(self, seq: Held) -> bool:
@@ -195,39 +229,33 @@ class Publisher(Service):
             return self.give_up(seq)
         self.w.check.record(self.w.t, self.name, seq.sub.rid, kind, index)
 
-    def settle(self, seq: Held) -> bool:
-        """One round of ``Publisher.settle``: compare-and-set to answered, else was it ours
-        (raises when the ledger does not answer)."""
+    def finish(self, seq: Held, kind: str) -> None:
+        """``Publisher.answer``: settle in the ledger, then send (or resolve, or give up)."""
+        self.held.pop(seq.sub.key, None)
+        self.answered.add(seq.sub.key)  # from now on a copy of it is a duplicate, whoever wins
         sub = seq.sub
         done = ownership.answered_by(self.instance, self.g, sub.rid, sub.client)
-        if run(self.w.ledger.swap(sub.key, done, seq.rev)) is not None:
-            seq.settled = True
-            return True
-        if ownership.own_write_landed(run(self.w.ledger.get(sub.key)), self.instance):
-            seq.settled = True
-            return True
-        return False
+        settling = ownership.settle(self.w.ledger, sub.key, done, seq.rev, lambda: self.may_answer(seq), sleep)
+        self.w.spawn(self, settling, lambda how: self.settled(seq, kind, done, how))
 
-    def finish(self, seq: Held, kind: str) -> None:
-        self.held.pop(seq.sub.key, None)
-        self.settling(self.life, seq, kind, 0)
+    def settled(self, seq: Held, kind: str, done, how: str) -> None:
+        if how == ownership.WON:
+            self.answered_with(seq, kind)
+        elif how == ownership.UNKNOWN:
+            resolving = ownership.resolve(self.w.ledger, seq.sub.key, done, sleep)
+            self.w.spawn(self, resolving, lambda ours: self.settle_resolved(seq, kind, ours))
+        elif how == ownership.SILENCED:
+            self.give_up(seq, force=True)
 
-    def settling(self, life: int, seq: Held, kind: str, attempt: int) -> None:
-        """``Publisher.settle``'s loop: rounds 0.1 s apart while the ledger does not answer,
-        as long as it may answer; then the terminal."""
-        if not self.live(life):
-            return
-        if attempt == SETTLE_ATTEMPTS:
-            return self.give_up(seq, force=True)
-        if not self.may_answer(seq):
-            return self.give_up(seq)
-        try:
-            won = self.settle(seq)
-        except NatsTimeout:
-            return self.w.at(0.1, self.settling, life, seq, kind, attempt + 1)
-        if won:
-            self.answered.add(seq.sub.key)
-            self.send(seq, kind)
+    def settle_resolved(self, seq: Held, kind: str, ours: bool) -> None:
+        if ours:
+            self.w.paths["settle resolved: ours"] += 1
+            return self.answered_with(seq, kind)
+        self.give_up(seq)
+
+    def answered_with(self, seq: Held, kind: str) -> None:
+        seq.settled = True
+        self.send(seq, kind)
 
     def step(self, life: int) -> None:
         if not self.live(life):
@@ -291,6 +319,8 @@ class Ingest(Service):
     def start(self) -> None:
         super().start()
         self.view = SweepView(fallback_ttl=TTL)
+        self.instance = self.new_instance()
+        self.unsure: dict = {}
         self.handing: dict[str, Forward] = {}
         self.watch_at = self.w.t
         for key, rev, value in self.w.kv.snapshot():  # a new watcher first gets every live key
@@ -341,30 +371,29 @@ class Ingest(Service):
         self.w.check.record(self.w.t, self.name, fwd.sub.rid, "refused")
 
     def refuse_unheard(self, sub: Sub, g: int) -> None:
-        try:
-            rev, _ = run(self.w.ledger.claim(sub.key, ownership.refused(sub, g)))
-        except NatsTimeout:  # no ledger: whoever holds it cannot answer either
-            rev = None
-        if rev is not None:
+        """``Ingest.refuse_unheard``."""
+        refusing = ownership.refuse(self.w.ledger, sub.key, ownership.refused(sub, g), sleep)
+        self.w.spawn(self, refusing, lambda ours: self.refused(sub, ours))
+
+    def refused(self, sub: Sub, ours: bool) -> None:
+        self.w.paths[f"refusal {'recorded' if ours else 'found the name taken'}"] += 1
+        if ours:
             self.w.check.record(self.w.t, self.name, sub.rid, "refused")
 
     def sweep(self, life: int) -> None:
-        """The order of ``Ingest.sweep``."""
+        """``Ingest.sweep_loop``: ``ownership.sweep`` every ``RECONCILE``."""
         if not self.live(life):
             return
         self.w.at(RECONCILE, self.sweep, life)
         try:
-            self.sweep_once(self.now())
+            run(ownership.sweep(self.w.ledger, self.view, self.unsure, self.instance, self.now(), self.answer_lost))
         except NatsTimeout:
-            pass  # the next sweep retries
+            pass  # the next sweep carries on
 
-    def sweep_once(self, now: float) -> None:
-        for key, rev, entry in self.view.orphans(now):
-            settled = ownership.answered_by(0, entry.group, entry.rid, entry.client)
-            if run(self.w.ledger.swap(key, settled, rev)) is not None:
-                self.w.check.record(self.w.t, self.name, entry.rid, "publisher_lost")
-        for key, rev in [*self.view.stale_settled(now), *self.view.dead_leases(now)]:
-            run(self.w.ledger.delete(key, rev))
+    async def answer_lost(self, entry) -> None:
+        if entry.rid in self.w.in_doubt.get(self.instance, ()):
+            self.w.paths["sweep resolved: ours"] += 1
+        self.w.check.record(self.w.t, self.name, entry.rid, "publisher_lost")
 
 
 @dataclass
@@ -383,6 +412,10 @@ class World:
         self.ledger = Ledger(self.kv)
         self.kv.watchers.append(self.on_change)
         self.kv.fault = self.ledger_fault
+        self.kv.unanswered = self.on_unanswered
+        self.in_doubt: dict[int, set[str]] = {}  # instance -> rids whose terminal it won unanswered
+        self.died_in_doubt: set[str] = set()
+        self.paths: Counter[str] = Counter()  # the rarer ways through the protocol, for the tests  # ... and whose winner died before it could read that back
         self.check = Checker()
         self.accepted: set[str] = set()
         self.publishers = [Publisher(self, g) for g in range(self.groups)]
@@ -390,6 +423,23 @@ class World:
         self.steps = 0
 
     # ---- scheduling and the network ---------------------------------------------------
+    def spawn(self, service: Service, coro, then) -> None:
+        """Run a coroutine of the production code (``services.ownership``) for ``service``:
+        its ledger calls complete at once, each ``await sleep(d)`` resumes it ``d`` later,
+        and it dies with the service. ``then`` gets its result."""
+        life = service.life
+
+        def resume() -> None:
+            if not service.live(life):
+                return coro.close()
+            try:
+                pause = coro.send(None)
+            except StopIteration as finished:
+                return then(finished.value)
+            self.at(pause.seconds, resume)
+
+        resume()
+
     def at(self, delay: float, fn, *args) -> None:
         self.n += 1
         heapq.heappush(self.events, (self.t + delay, self.n, fn, args))
@@ -410,6 +460,13 @@ class World:
             return self.rng.choice(["lost", "unanswered"])
         return None
 
+    def on_unanswered(self, key: str, value: bytes | None) -> None:
+        """A write landed and its answer was lost: if it won a terminal answer, its writer
+        holds that answer without knowing it until it reads the entry back."""
+        entry = decode_entry(value) if value is not None and not key.startswith("lease.") else None
+        if entry is not None and entry.state == ANSWERED:
+            self.in_doubt.setdefault(entry.owner, set()).add(entry.rid)
+
     def network(self, fn, *args) -> None:
         copies = 2 if self.faulty() and self.rng.random() < self.faults.duplicate else 1
         for _ in range(copies):
@@ -418,7 +475,11 @@ class World:
                 self.at(delay, fn, *args)
 
     def on_change(self, key: str, rev: int, value: bytes | None) -> None:
-        """The ledger's watch: every change reaches every live ingest, in order, late."""
+        """The ledger's watch: every change reaches every live ingest, in order, late. A
+        request held in the ledger is accepted, whoever knows it."""
+        entry = decode_entry(value) if value is not None and not key.startswith("lease.") else None
+        if entry is not None and entry.state == HELD:
+            self.accepted.add(entry.rid)
         for ingest in self.ingest:
             if ingest.alive:
                 ingest.watch_at = max(ingest.watch_at, self.t + self.rng.uniform(0.001, 0.3))
@@ -462,5 +523,5 @@ class World:
             fn(*args)
             self.steps += 1
             self.check.check()
-        self.check.check_settled(self.accepted)
+        self.check.check_settled(self.accepted, self.died_in_doubt)
         return self.check
