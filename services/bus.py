@@ -225,26 +225,50 @@ class ClientOutbox:
     wait here and then go out in the order they were made. An answer is never dropped:
     past ``limit`` held answers, ``send`` waits for room (the service slows down instead).
     An answer sent with ``still`` goes out only if ``still()`` is true when it actually
-    goes out (a publisher that lost its lease meanwhile must not answer any more)."""
+    goes out (a publisher that lost its lease meanwhile must not answer any more).
 
-    def __init__(self, nc: Client, log: Any, hold: float = 2.5, limit: int = 200_000) -> None:
+    **Terminal answers are confirmed.** Core NATS delivers at most once: bytes written to
+    a server that dies before reading them are gone, and a terminal answer lost so leaves
+    its client waiting for ever. Each terminal answer is followed, in the same write, by an
+    *echo*: a message to this service's own inbox, which the server handles after the
+    answer (one connection's messages are handled in order). The echo coming back proves
+    the server took the answer. After a reconnection, a probe echo on the new connection
+    (it comes back after everything nats-py re-sent from its buffer) settles the rest: a
+    terminal answer whose echo never came back was lost, and goes out again. It can arrive
+    twice only if the server took it and died before its echo left (a window of one
+    server-side write), where without this it would have been lost far more often."""
+
+    def __init__(self, nc: Client, log: Any, hold: float = 2.5, limit: int = 200_000,
+                 confirm_timeout: float = 5.0) -> None:
         self.nc, self.log, self.hold, self.limit = nc, log, hold, limit
+        self.confirm_timeout = confirm_timeout
         self.hold_until = 0.0
-        self.held: deque[tuple[str, bytes, Any]] = deque()
+        self.held: deque[tuple[str, bytes, Any, bool]] = deque()  # (subject, data, still, terminal)
         self.withdrawn = 0  # held answers whose sender may no longer send them
         self._flusher: asyncio.Task | None = None
         self.waited = 0  # sends that had to wait for room
+        self.unconfirmed: dict[int, tuple[str, bytes, Any]] = {}  # echo number -> terminal answer
+        self.resent = 0  # terminal answers sent again after a reconnection lost them
+        self._echo_subject = ""
+        self._echoes = 0
+        self._probes: dict[int, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     def on_reconnect(self) -> None:
         self.hold_until = asyncio.get_running_loop().time() + self.hold
+        if self.unconfirmed:
+            task = asyncio.create_task(self._after_reconnect(list(self.unconfirmed)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _open(self) -> bool:
         return self.nc.is_connected and asyncio.get_running_loop().time() >= self.hold_until
 
-    async def send(self, subject: str, data: bytes, still: Any = None) -> None:
+    async def send(self, subject: str, data: bytes, still: Any = None, terminal: bool = False) -> None:
+        """Send (or hold) one answer; ``terminal`` answers are confirmed (see the class)."""
         if not self.held and self._open():
             try:
-                await self.nc.publish(subject, data)
+                await self._publish(subject, data, still, terminal)
                 return
             except Exception as e:  # noqa: BLE001 - keep it for the flush
                 self.log.warning("answer_deferred", error=repr(e))
@@ -254,7 +278,52 @@ class ClientOutbox:
             while len(self.held) >= self.limit:
                 self._start_flusher()
                 await asyncio.sleep(0.05)
-        self.held.append((subject, data, still))
+        self.held.append((subject, data, still, terminal))
+        self._start_flusher()
+
+    async def _publish(self, subject: str, data: bytes, still: Any, terminal: bool) -> None:
+        if terminal and not self._echo_subject:
+            self._echo_subject = self.nc.new_inbox()
+            await self.nc.subscribe(self._echo_subject, cb=self._on_echo)
+        await self.nc.publish(subject, data)
+        if terminal:
+            # no await may suspend between the answer and its echo (nats-py appends both to
+            # its buffer at once): they reach the server in one write
+            self._echoes += 1
+            self.unconfirmed[self._echoes] = (subject, data, still)
+            try:
+                await self.nc.publish(self._echo_subject, b"%d" % self._echoes)
+            except Exception as e:  # noqa: BLE001 - the answer went: the next reconnection settles it
+                self.log.warning("echo_not_sent", error=repr(e))
+
+    async def _on_echo(self, msg: Any) -> None:
+        n = int(msg.data[1:]) if msg.data[:1] == b"p" else int(msg.data)
+        if msg.data[:1] == b"p":
+            probe = self._probes.pop(n, None)
+            if probe is not None and not probe.done():
+                probe.set_result(None)
+        else:
+            self.unconfirmed.pop(n, None)
+
+    async def _after_reconnect(self, before: list[int]) -> None:
+        """Once a probe echo came back on the new connection, every terminal answer of
+        ``before`` still unconfirmed was lost with the old one: send it again."""
+        self._echoes += 1
+        n, probe = self._echoes, asyncio.get_running_loop().create_future()
+        self._probes[n] = probe
+        try:
+            await self.nc.publish(self._echo_subject, b"p%d" % n)
+            await asyncio.wait_for(probe, self.confirm_timeout)
+        except Exception as e:  # noqa: BLE001 - disconnected again: the next reconnection looks again
+            self._probes.pop(n, None)
+            self.log.warning("answers_unconfirmed", count=len(self.unconfirmed), error=repr(e))
+            return
+        lost = [(i, self.unconfirmed.pop(i)) for i in before if i in self.unconfirmed]
+        if not lost:
+            return
+        self.resent += len(lost)
+        self.log.warning("answers_resent", count=len(lost))
+        self.held.extendleft((subject, data, still, True) for _, (subject, data, still) in reversed(lost))
         self._start_flusher()
 
     def _start_flusher(self) -> None:
@@ -262,9 +331,10 @@ class ClientOutbox:
             self._flusher = asyncio.create_task(self._flush())
 
     async def drain(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) until every held answer is out."""
+        """Wait (up to ``timeout``) until every held answer is out and every terminal
+        answer confirmed."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while self.held and asyncio.get_running_loop().time() < deadline:
+        while (self.held or self.unconfirmed) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
 
     async def _flush(self) -> None:
@@ -272,13 +342,13 @@ class ClientOutbox:
             if not self._open():
                 await asyncio.sleep(0.1)
                 continue
-            subject, data, still = self.held[0]
+            subject, data, still, terminal = self.held[0]
             if still is not None and not still():
                 self.withdrawn += 1
                 self.held.popleft()
                 continue
             try:
-                await self.nc.publish(subject, data)
+                await self._publish(subject, data, still, terminal)
             except Exception:  # noqa: BLE001 - disconnected again: wait
                 await asyncio.sleep(0.1)
                 continue

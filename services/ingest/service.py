@@ -95,7 +95,7 @@ class Ingest:
         self.errors[code.value] += 1
         self.log.info("request_rejected", code=code.value, reason=message[:200], rid=rid)
         if reply:
-            await self.outbox.send(reply, encode_answer(Error(code, message, rid=rid), enc))
+            await self.outbox.send(reply, encode_answer(Error(code, message, rid=rid), enc), terminal=True)
 
     async def on_generate(self, req: Any) -> None:
         reply = bus.reply_subject(req)

@@ -259,7 +259,8 @@ class Publisher:
         if not self.may_answer(seq):
             self.give_up(seq, "the lease expired")
             return
-        await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding), still=lambda: self.may_answer(seq))
+        await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding), still=lambda: self.may_answer(seq),
+                               terminal=isinstance(msg, (Done, Error)))
 
     def may_answer(self, seq: Sequence) -> bool:
         """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is

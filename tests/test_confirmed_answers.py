@@ -1,0 +1,129 @@
+"""Terminal answers are confirmed (``bus.ClientOutbox``): a terminal answer written to a
+server that dies before reading it goes out again after the reconnection, once; one
+the server took is not sent again.
+
+A loopback TCP proxy stands between the answering service and a real nats-server. It can
+*swallow* what the service sends (the bytes vanish, as in the socket buffer of a server
+that is SIGKILLed) and then cut the connection; nats-py reconnects through it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from schemas import Done, Error, ErrorCode
+from schemas.codec import Encoding, encode_answer
+from services import bus, logs
+from tests.test_one_terminal import answers_on
+
+LOG = logs.configure("warning", json=True)
+
+
+class Proxy:
+    """Forwards 127.0.0.1:<port> to the server; ``swallow`` drops client-to-server bytes."""
+
+    def __init__(self, server_port: int) -> None:
+        self.server_port = server_port
+        self.swallow = False
+        self.links: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.listener = await asyncio.start_server(self.on_client, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self.listener.sockets[0].getsockname()[1]}"
+
+    async def on_client(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.server_port)
+        self.links += [writer, up_writer]
+
+        async def pump(src, dst, upstream: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if not (upstream and self.swallow):
+                        dst.write(data)
+                        await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+
+    def cut(self) -> None:
+        """The server dies: every link closes, and what was swallowed is gone."""
+        for w in self.links:
+            w.close()
+        self.links.clear()
+        self.swallow = False
+
+    async def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+async def connect_via(url: str, server) -> bus.Client:
+    return await bus.connect(url, "confirm-test", LOG, auth=server.auth("ingest"))
+
+
+async def until(cond, within: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not cond() and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def test_a_terminal_answer_lost_with_its_server_is_sent_again_once(nats_server):
+    proxy = Proxy(nats_server.port)
+    hooks: list = []
+    nc = await bus.connect(await proxy.start(), "confirm-test", LOG, on_reconnect_hooks=hooks,
+                           auth=nats_server.auth("ingest"))
+    outbox = bus.ClientOutbox(nc, LOG, hold=0.2)
+    hooks.append(outbox.on_reconnect)
+    client = await nats_server.connect("client")
+    inbox, answers = await answers_on(client)
+    await client.flush()
+    await outbox.send(inbox, encode_answer(Done("taken", 0, "length", 3, 1), Encoding.JSON), terminal=True)
+    await until(lambda: not outbox.unconfirmed, 5)
+    taken_confirmed = not outbox.unconfirmed
+
+    proxy.swallow = True  # the server stops reading: what is written now never arrives
+    await outbox.send(inbox, encode_answer(Error(ErrorCode.TIMEOUT, "lost", rid="lost"), Encoding.JSON),
+                      terminal=True)
+    await asyncio.sleep(0.3)
+    unconfirmed_while_swallowed = len(outbox.unconfirmed)
+    proxy.cut()
+    await until(lambda: len(answers.got) >= 2 and not outbox.unconfirmed, 10)
+    await asyncio.sleep(0.5)  # anything sent twice would arrive by now
+    got = [(type(a).__name__, a.rid) for a in answers.got]
+    await client.close()
+    await nc.close()
+    await proxy.close()
+    assert taken_confirmed and unconfirmed_while_swallowed == 1
+    assert got == [("Done", "taken"), ("Error", "lost")], got
+    assert outbox.resent == 1 and not outbox.unconfirmed
+
+
+async def test_answers_the_server_took_are_not_sent_again_after_a_reconnection(nats_server):
+    proxy = Proxy(nats_server.port)
+    hooks: list = []
+    nc = await bus.connect(await proxy.start(), "confirm-test", LOG, on_reconnect_hooks=hooks,
+                           auth=nats_server.auth("ingest"))
+    outbox = bus.ClientOutbox(nc, LOG, hold=0.2)
+    hooks.append(outbox.on_reconnect)
+    client = await nats_server.connect("client")
+    inbox, answers = await answers_on(client)
+    await client.flush()
+    for i in range(20):
+        await outbox.send(inbox, encode_answer(Done(f"r{i}", 0, "length", 3, 1), Encoding.JSON), terminal=True)
+    await until(lambda: not outbox.unconfirmed, 5)
+    reconnected: list[int] = []
+    hooks.append(lambda: reconnected.append(1))
+    proxy.cut()
+    await until(lambda: reconnected and nc.is_connected and not outbox._tasks, 10)
+    await outbox.send(inbox, encode_answer(Done("after", 0, "length", 3, 1), Encoding.JSON), terminal=True)
+    await until(lambda: len(answers.got) >= 21 and not outbox.unconfirmed, 10)
+    await asyncio.sleep(0.5)
+    rids = [a.rid for a in answers.got]
+    await client.close()
+    await nc.close()
+    await proxy.close()
+    assert rids == [f"r{i}" for i in range(20)] + ["after"], rids
+    assert outbox.resent == 0
