@@ -248,3 +248,33 @@ async def test_killing_one_of_two_ingests_loses_nothing_it_handed_over(own_nats,
     # unanswered (documented); at this pace that is at most one or two
     assert report.get("lost", 0) <= 2, report
     assert back
+
+
+async def test_a_publisher_and_the_ingest_that_fed_it_killed_together_lose_nothing(own_nats, tmp_path):
+    """A publisher and an ingest SIGKILLed at the same moment: the requests the publisher
+    held (whichever ingest handed them over) are answered once, by the surviving ingest,
+    once the dead publisher's lease lapses; the restarted publisher serves again."""
+    cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+                                      ingests=2, extra=dict(SETTINGS))
+    try:
+        nc = await connect(own_nats)
+        load = Load(nc)
+        running = asyncio.create_task(load.run(80, every=0.05, timeout=60))
+        await asyncio.sleep(2.0)
+        proc = {p.name: p for p in cluster.procs}
+        for name in ("publisher-0", "ingest-1"):
+            proc[name].popen.kill()
+        for name in ("publisher-0", "ingest-1"):
+            await asyncio.to_thread(proc[name].popen.wait, 10)
+        await asyncio.sleep(1.0)
+        cluster.restart("publisher-0")
+        await running
+        back = await serving(nc, 60)
+        await nc.close()
+    finally:
+        cluster.stop()
+    report = await load.report(own_nats)
+    print(f"a publisher and an ingest killed together: {report}")
+    assert_nothing_lost(report)
+    assert report.get("publisher_lost", 0) > 0, report  # the dead publisher held requests: answered for it
+    assert back

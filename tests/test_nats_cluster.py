@@ -6,7 +6,12 @@ its services prefer different servers, and so do the three clients. The server t
 does not use is SIGKILLed while requests stream (SIGTERM would let it hand over cleanly),
 restarted a few seconds later, and the cluster must be whole again. Then, listening past
 the publisher time-out after the last terminal answer: every accepted request got exactly
-one terminal and nothing after it, and no client on a surviving server missed an answer."""
+one terminal and nothing after it, and no client on a surviving server missed an answer.
+
+Core NATS delivers at most once: what a service wrote to the killed server and the server
+had not yet handled is gone. Terminal answers are therefore confirmed and, if lost with
+the connection, sent again (``bus.ClientOutbox``); ledger writes whose answers are lost
+while the bucket elects a new leader are read back (``services.ownership``)."""
 
 from __future__ import annotations
 
@@ -81,10 +86,6 @@ def test_up_and_demo_take_nats_cluster():
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 9 is open: about 1 run in 8 a terminal in flight through the killed server is lost (core NATS "
-    "delivers at most once; terminals need confirmed delivery), and once a request got two errors (a refusal "
-    "after a ledger write that landed unanswered, not yet settled through the ledger)"))
 async def test_a_cluster_loses_a_server_and_no_request(tmp_path):
     cluster = Cluster(dp_size=2, nnodes=2, local_devices=1, nats_cluster=3, log_dir=tmp_path,
                       extra=dict(SETTINGS), say=lambda _: None)
