@@ -71,13 +71,6 @@ class Inflight(Struct):
     keys: list[Key]
 
 
-class Finished(Struct):
-    """publisher g -> ingest, after each step: requests that got their terminal answer."""
-
-    instance: int
-    keys: list[Key]
-
-
 class GroupAbort(Struct):
     """ingest -> publisher g: cancel ``rid``, honoured only if ``reply`` is the request's own
     reply subject (the proof that the sender owns it)."""

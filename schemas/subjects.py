@@ -52,14 +52,6 @@ class Subjects:
         """ingest -> publisher g: which requests do you hold? (request/reply)"""
         return f"{self.group(g)}.inflight"
 
-    def finished(self, g: int) -> str:
-        """publisher g -> ingest: these requests got their terminal answer."""
-        return f"{self.group(g)}.finished"
-
-    @property
-    def all_finished(self) -> str:
-        return f"{self.prefix}.dp.*.finished"
-
     def heartbeat(self, g: int) -> str:
         """each worker of g -> publisher g: alive, ready, last step applied."""
         return f"{self.group(g)}.heartbeat"

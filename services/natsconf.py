@@ -70,7 +70,7 @@ class Permissions:
 
 def _publisher(s: Subjects, g: int, dp_size: int) -> Permissions:
     return Permissions(
-        publish=[s.step(g), s.load(g), s.finished(g),
+        publish=[s.step(g), s.load(g),
                  *(s.submit(x) for x in range(dp_size) if x != g),  # moving a request elsewhere
                  *(s.group_abort(x) for x in range(dp_size) if x != g),  # and an abort after it
                  f"{INBOX_ROOT}.>"],  # chunks and terminal answers to every client
@@ -109,7 +109,7 @@ def _ingest(s: Subjects, dp_size: int) -> Permissions:
     return Permissions(
         publish=[*(s.submit(g) for g in groups), *(s.group_abort(g) for g in groups),
                  *(s.inflight(g) for g in groups), f"{INBOX_ROOT}.>"],
-        subscribe=[s.generate, s.abort, s.all_loads, s.all_finished],
+        subscribe=[s.generate, s.abort, s.all_loads],
     )
 
 

@@ -191,13 +191,13 @@ MATRIX = {
         ["dpbus.dp.0.submit", "dpbus.dp.1.abort", "dpbus.dp.1.inflight", "_INBOX.alice.answer",
          "$KV.dpbus_requests.r.x", "$JS.API.STREAM.INFO.KV_dpbus_requests",  # the request ledger
          "$JS.API.CONSUMER.CREATE.KV_dpbus_requests.w.>"],
-        ["dpbus.generate", "dpbus.abort", "dpbus.dp.*.load", "dpbus.dp.*.finished", "$SRV.PING",
+        ["dpbus.generate", "dpbus.abort", "dpbus.dp.*.load", "$SRV.PING",
          "_INBOX.ingest.r"],
         ["dpbus.dp.0.step", "dpbus.generate", "$JS.API.STREAM.DELETE.KV_dpbus_requests", "$KV.other.x",
          "$JS.API.STREAM.PURGE.KV_dpbus_requests"],
         ["dpbus.dp.0.step", "_INBOX.alice.>"]),
     "publisher-0": (  # services/publisher/service.py
-        ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.0.finished", "dpbus.dp.1.submit", "dpbus.dp.1.abort",
+        ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.1.submit", "dpbus.dp.1.abort",
          "_INBOX.bob.answer", "$KV.dpbus_requests.lease.7", "$JS.API.DIRECT.GET.KV_dpbus_requests.$KV.x"],
         ["dpbus.dp.0.submit", "dpbus.dp.0.abort", "dpbus.dp.0.inflight", "dpbus.dp.0.result", "dpbus.dp.0.heartbeat",
          "dpbus.dp.0.replay", "$SRV.PING", "_INBOX.publisher-0.r"],
