@@ -222,22 +222,37 @@ async def test_chaos(own_nats, tmp_path):
     assert back
 
 
-async def test_killing_one_of_two_ingests_loses_nothing_it_handed_over(own_nats, tmp_path):
-    cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+async def killed_mid_load(server: NatsServer, log_dir, victims: list[str], after: float,
+                          restart: bool) -> tuple[Load, dict, bool]:
+    """Two ingests, two groups; 80 requests at 20/s; ``victims`` SIGKILLed together
+    ``after`` seconds in (and started again a second later, if ``restart``). The load,
+    its report, and whether dpbus serves afterwards."""
+    cluster = await asyncio.to_thread(start_cluster, server, log_dir, dp_size=2, nnodes=2, local_devices=1,
                                       ingests=2, extra=dict(SETTINGS))
     try:
-        nc = await connect(own_nats)
+        nc = await connect(server)
         load = Load(nc)
         running = asyncio.create_task(load.run(80, every=0.05, timeout=60))
-        await asyncio.sleep(1.5)
-        victim = next(p for p in cluster.procs if p.name == "ingest-1")
-        victim.popen.kill()
+        await asyncio.sleep(after)
+        proc = {p.name: p for p in cluster.procs}
+        for name in victims:
+            proc[name].popen.kill()
+        for name in victims:
+            await asyncio.to_thread(proc[name].popen.wait, 10)
+        if restart:
+            await asyncio.sleep(1.0)
+            for name in victims:
+                cluster.restart(name)
         await running
-        back = await serving(nc, 30)
+        back = await serving(nc, 60)
         await nc.close()
     finally:
         cluster.stop()
-    report = await load.report(own_nats)
+    return load, await load.report(server), back
+
+
+async def test_killing_one_of_two_ingests_loses_nothing_it_handed_over(own_nats, tmp_path):
+    load, report, back = await killed_mid_load(own_nats, tmp_path, ["ingest-1"], after=1.5, restart=False)
     heard = {rid for rid, got in load.answers.items() if got}
     print(f"one of two ingests killed: {report}")
     assert report["more_than_one_terminal"] == 0 and report["after_terminal"] == 0, report
@@ -254,26 +269,8 @@ async def test_a_publisher_and_the_ingest_that_fed_it_killed_together_lose_nothi
     """A publisher and an ingest SIGKILLed at the same moment: the requests the publisher
     held (whichever ingest handed them over) are answered once, by the surviving ingest,
     once the dead publisher's lease lapses; the restarted publisher serves again."""
-    cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=2, nnodes=2, local_devices=1,
-                                      ingests=2, extra=dict(SETTINGS))
-    try:
-        nc = await connect(own_nats)
-        load = Load(nc)
-        running = asyncio.create_task(load.run(80, every=0.05, timeout=60))
-        await asyncio.sleep(2.0)
-        proc = {p.name: p for p in cluster.procs}
-        for name in ("publisher-0", "ingest-1"):
-            proc[name].popen.kill()
-        for name in ("publisher-0", "ingest-1"):
-            await asyncio.to_thread(proc[name].popen.wait, 10)
-        await asyncio.sleep(1.0)
-        cluster.restart("publisher-0")
-        await running
-        back = await serving(nc, 60)
-        await nc.close()
-    finally:
-        cluster.stop()
-    report = await load.report(own_nats)
+    _, report, back = await killed_mid_load(own_nats, tmp_path, ["publisher-0", "ingest-1"], after=2.0,
+                                            restart=True)
     print(f"a publisher and an ingest killed together: {report}")
     assert_nothing_lost(report)
     assert report.get("publisher_lost", 0) > 0, report  # the dead publisher held requests: answered for it

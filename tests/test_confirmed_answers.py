@@ -59,8 +59,23 @@ class Proxy:
         self.listener.close()
 
 
-async def connect_via(url: str, server) -> bus.Client:
-    return await bus.connect(url, "confirm-test", LOG, auth=server.auth("ingest"))
+async def outbox_behind(proxy: Proxy, server) -> tuple[bus.Client, bus.ClientOutbox, list]:
+    """A service's connection (as ``ingest``) through ``proxy``, its outbox, and its list
+    of reconnection hooks."""
+    hooks: list = []
+    nc = await bus.connect(await proxy.start(), "confirm-test", LOG, on_reconnect_hooks=hooks,
+                           auth=server.auth("ingest"))
+    outbox = bus.ClientOutbox(nc, LOG, hold=0.2)
+    hooks.append(outbox.on_reconnect)
+    return nc, outbox, hooks
+
+
+async def listening_client(server):
+    """A client connection, its inbox, and the answers arriving there (subscribed for sure)."""
+    client = await server.connect("client")
+    inbox, answers = await answers_on(client)
+    await client.flush()
+    return client, inbox, answers
 
 
 async def until(cond, within: float) -> None:
@@ -72,14 +87,8 @@ async def until(cond, within: float) -> None:
 
 async def test_a_terminal_answer_lost_with_its_server_is_sent_again_once(nats_server):
     proxy = Proxy(nats_server.port)
-    hooks: list = []
-    nc = await bus.connect(await proxy.start(), "confirm-test", LOG, on_reconnect_hooks=hooks,
-                           auth=nats_server.auth("ingest"))
-    outbox = bus.ClientOutbox(nc, LOG, hold=0.2)
-    hooks.append(outbox.on_reconnect)
-    client = await nats_server.connect("client")
-    inbox, answers = await answers_on(client)
-    await client.flush()
+    nc, outbox, hooks = await outbox_behind(proxy, nats_server)
+    client, inbox, answers = await listening_client(nats_server)
     await outbox.send(inbox, encode_answer(Done("taken", 0, "length", 3, 1), Encoding.JSON), terminal=True)
     await until(lambda: not outbox.unconfirmed, 5)
     taken_confirmed = not outbox.unconfirmed
@@ -103,14 +112,8 @@ async def test_a_terminal_answer_lost_with_its_server_is_sent_again_once(nats_se
 
 async def test_answers_the_server_took_are_not_sent_again_after_a_reconnection(nats_server):
     proxy = Proxy(nats_server.port)
-    hooks: list = []
-    nc = await bus.connect(await proxy.start(), "confirm-test", LOG, on_reconnect_hooks=hooks,
-                           auth=nats_server.auth("ingest"))
-    outbox = bus.ClientOutbox(nc, LOG, hold=0.2)
-    hooks.append(outbox.on_reconnect)
-    client = await nats_server.connect("client")
-    inbox, answers = await answers_on(client)
-    await client.flush()
+    nc, outbox, hooks = await outbox_behind(proxy, nats_server)
+    client, inbox, answers = await listening_client(nats_server)
     for i in range(20):
         await outbox.send(inbox, encode_answer(Done(f"r{i}", 0, "length", 3, 1), Encoding.JSON), terminal=True)
     await until(lambda: not outbox.unconfirmed, 5)

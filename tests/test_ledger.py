@@ -326,11 +326,10 @@ class AnswersLost:
         return revision
 
 
-async def test_a_claim_that_landed_unanswered_is_run_once(nats_server):
-    """A publisher's claim landed but its answer was lost: the publisher refused the
-    submit, ingest tried elsewhere, and the entry stayed held by a live publisher that did
-    not hold the request: nobody answered. Now it does not answer the submit until it
-    knows; the claim proves its own, and the request runs once."""
+async def one_request_whose_publisher_loses(nats_server, method: str, rid: str) -> tuple[Publisher, list]:
+    """One group of one fake worker behind a real ingest and publisher, whose ledger loses
+    the answer of its first ``method`` call; one request through it. The publisher and
+    the answers the client got."""
     run, nc = Running(), await nats_server.connect("admin")
     client = await nats_server.connect("client")
     pub, front = publisher(nats_server, 0, dp_size=1, nnodes=1), ingest(nats_server, dp_size=1, nnodes=1)
@@ -339,16 +338,25 @@ async def test_a_claim_that_landed_unanswered_is_run_once(nats_server):
     await fake_workers(nc, [0], run.stop)
     await until(lambda: pub.ready() and front.router.groups[0].report is not None
                 and front.router.available(0), 5)
-    pub.ledger.kv = AnswersLost(pub.ledger.kv, "create")
+    pub.ledger.kv = AnswersLost(pub.ledger.kv, method)
     inbox, answers = await answers_on(client)
-    await request(client, inbox, "claim-unanswered")
+    await request(client, inbox, rid)
     await answers.until_terminal(10)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # anything after the terminal answer would arrive by now
     await run.close()
     await nc.close()
     await client.close()
     answers.check_one_terminal_last()
-    assert isinstance(answers.got[-1], Done), answers.got
+    return pub, answers.got
+
+
+async def test_a_claim_that_landed_unanswered_is_run_once(nats_server):
+    """A publisher's claim landed but its answer was lost: the publisher refused the
+    submit, ingest tried elsewhere, and the entry stayed held by a live publisher that did
+    not hold the request: nobody answered. Now it does not answer the submit until it
+    knows; the claim proves its own, and the request runs once."""
+    pub, got = await one_request_whose_publisher_loses(nats_server, "create", "claim-unanswered")
+    assert isinstance(got[-1], Done), got
     assert pub.counts["accepted"] == 1 and pub.ledger.kv.left == 0
 
 
@@ -356,24 +364,8 @@ async def test_a_settling_write_that_landed_unanswered_is_answered_once(nats_ser
     """The publisher's compare-and-set to answered landed and its answer was lost, then
     every retry found the entry answered... by itself. It answers (the write is read back
     as its own); nobody else could."""
-    run, nc = Running(), await nats_server.connect("admin")
-    client = await nats_server.connect("client")
-    pub, front = publisher(nats_server, 0, dp_size=1, nnodes=1), ingest(nats_server, dp_size=1, nnodes=1)
-    run.start(pub)
-    run.start(front)
-    await fake_workers(nc, [0], run.stop)
-    await until(lambda: pub.ready() and front.router.groups[0].report is not None
-                and front.router.available(0), 5)
-    pub.ledger.kv = AnswersLost(pub.ledger.kv, "update")
-    inbox, answers = await answers_on(client)
-    await request(client, inbox, "settle-unanswered")
-    await answers.until_terminal(10)
-    await asyncio.sleep(1.0)
-    await run.close()
-    await nc.close()
-    await client.close()
-    answers.check_one_terminal_last()
-    assert isinstance(answers.got[-1], Done), answers.got
+    pub, got = await one_request_whose_publisher_loses(nats_server, "update", "settle-unanswered")
+    assert isinstance(got[-1], Done), got
     assert pub.counts["done"] == 1 and pub.counts["taken"] == 0 and pub.ledger.kv.left == 0
 
 
