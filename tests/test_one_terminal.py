@@ -155,7 +155,7 @@ async def test_a_new_publisher_numbers_its_epoch_above_its_workers_even_when_its
     await nc.close()
     answers.check_one_terminal_last()
     assert isinstance(answers.got[-1], Done), answers.got[-1]
-    assert pub.epoch == worker_epoch + 1
+    assert pub.stepper.epoch == worker_epoch + 1
 
 
 def queue_while_not_whole(pub: Publisher, sub: Submit) -> None:

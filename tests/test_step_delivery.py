@@ -190,7 +190,7 @@ async def test_publisher_resends_a_step_nobody_acknowledged(nats_server):
 async def test_publisher_detects_a_diverging_worker(nats_server):
     got, pub, _ = await run_publisher_with(nats_server, "diverge", "diverge")
     assert isinstance(got[-1], Error) and got[-1].code.value == "diverged", got[-1]
-    assert pub.counts["group_failures"] == 1 and pub.epoch > 0
+    assert pub.counts["group_failures"] == 1 and pub.stepper.epoch > 0
 
 
 @pytest.mark.parametrize("silent_after", [0])

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
+    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
@@ -34,6 +34,7 @@ from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.ledger import Lease, LeaseClock, Ledger, request_key
 from services.publisher.scheduler import Plan, Scheduler, Sequence
+from services.publisher.stepper import Stepper
 from services.metrics import PublisherMetrics
 from services.model_config import model_config_for
 from services.natsconf import user_for
@@ -62,7 +63,7 @@ class Publisher:
         self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
                                total_pages(s, self.model.max_seq_len), s.page_size, s.prefix_cache)
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
-        self.epoch = 0  # chosen when the epoch's first step goes out (see start_epoch)
+        self.stepper = Stepper(self.g, self.members, s.replay_window)  # numbering, acknowledgements, replay
         self.instance = secrets.randbits(62) | 1  # identifies this run of the publisher (and its lease)
         self.lease = LeaseClock(s.publisher_timeout)
         self.ledger: Ledger | None = None
@@ -70,11 +71,8 @@ class Publisher:
         self.moving: dict[tuple[str, str], Sequence] = {}  # out of the scheduler, being offered elsewhere
         self.doubtful: dict[tuple[str, str], asyncio.Task] = {}  # claims whose outcome is being resolved
         self.resolving: set[asyncio.Task] = set()  # terminal answers whose settling write is being resolved
-        self.seq = 0
-        self.pending: asyncio.Future | None = None
-        self.acks: dict[int, StepResult] = {}
+        self.pending: asyncio.Future | None = None  # settled when the step in flight is
         self.timing = {"step_ms": 0.0, "compute_ms": 0.0}  # publish -> every ack, and the leader's compute
-        self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
                        "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0}
@@ -221,16 +219,8 @@ class Publisher:
         except Exception as e:  # noqa: BLE001
             self.log.error("bad_result", error=str(e))
             return
-        if reply.epoch != self.epoch or reply.seq > self.seq or self.pending is None or self.pending.done():
-            return  # a late or repeated answer to a step already settled
-        if reply.seq != self.seq or reply.node_rank not in self.members:
-            return  # an answer (or a failure) about an earlier step of this epoch: settled already
-        if isinstance(reply, StepFailure):
-            self.pending.set_result(reply)
-        else:
-            self.acks[reply.node_rank] = reply
-            if len(self.acks) == len(self.members):
-                self.pending.set_result(self.acks[self.members[0]])
+        if self.pending is not None and not self.pending.done() and self.stepper.on_reply(reply):
+            self.pending.set_result(None)
 
     async def on_replay(self, req: Any) -> None:
         """Resend steps a worker missed, from the window of recent ones."""
@@ -239,15 +229,14 @@ class Publisher:
         except Exception:  # noqa: BLE001
             await req.respond(pack(ReplayReply([])))
             return
-        held = ask.epoch == self.epoch and all(n in self.sent for n in range(ask.first, ask.last + 1))
-        steps = [self.sent[n] for n in range(ask.first, ask.last + 1)] if held else []
+        steps = self.stepper.replay(ask)
         self.counts["replayed"] += len(steps)
         await req.respond(pack(ReplayReply(steps)))
 
     def stats(self, *_: Any) -> dict:
         sched = self.sched
         return {**self.counts, "preemptions": sched.preemptions, "waiting": len(sched.waiting),
-                "running": len(sched.running), "free_pages": len(sched.free_pages), "epoch": self.epoch,
+                "running": len(sched.running), "free_pages": len(sched.free_pages), "epoch": self.stepper.epoch,
                 "cached_pages": sched.pool.cached_pages(), "hit_tokens": sched.hit_tokens,
                 "prefill_tokens": sched.prefill_tokens, "evictions": sched.pool.evictions,
                 "step_ms_total": round(self.timing["step_ms"], 3), "compute_ms_total": round(self.timing["compute_ms"], 3)}
@@ -321,8 +310,7 @@ class Publisher:
         self.log.error("lease_lost", reason=why, requests=len(seqs), instance=self.instance)
         self.instance = secrets.randbits(62) | 1
         self.lease = LeaseClock(self.s.publisher_timeout)
-        self.seq = 0
-        self.sent.clear()
+        self.stepper.reset()
         if self.pending is not None and not self.pending.done():
             self.pending.set_exception(GroupFailure(ErrorCode.UNAVAILABLE, why))
             self.pending.exception()  # retrieved here: the step loop may not be waiting for it
@@ -378,13 +366,9 @@ class Publisher:
     async def run_step(self, plan: Plan) -> StepResult:
         """Broadcast one step and wait until every member acknowledged it with the same
         digest; re-publish it while acknowledgements are late (workers drop repeats)."""
-        if self.seq == 0:
-            self.start_epoch()
-        self.seq += 1
-        data = pack(Step(self.epoch, self.seq, [i for _, i in plan.prefill], [i for _, i in plan.decode]))
-        self.sent[self.seq] = data
-        self.sent.pop(self.seq - self.s.replay_window, None)
-        self.acks = {}
+        data = self.stepper.next_step(
+            lambda epoch, seq: pack(Step(epoch, seq, [i for _, i in plan.prefill], [i for _, i in plan.decode])),
+            (beat.epoch for _, beat in self.beats.values()))
         self.pending = asyncio.get_running_loop().create_future()
         subject = self.subjects.step(self.g)
         try:
@@ -395,37 +379,23 @@ class Publisher:
         next_send = start + self.s.resend_interval
         while True:
             try:
-                reply = await asyncio.wait_for(asyncio.shield(self.pending), 0.05)
+                await asyncio.wait_for(asyncio.shield(self.pending), 0.05)
                 break
             except asyncio.TimeoutError:
                 now = time.monotonic()
                 missing = self.missing_members(now)
                 if missing:
                     raise GroupFailure(ErrorCode.WORKER_LOST, f"group {self.g} lost node(s) {missing} during step "
-                                                              f"{self.seq}") from None
+                                                              f"{self.stepper.seq}") from None
                 if now - start > self.s.step_timeout:
-                    silent = [n for n in self.members if n not in self.acks]
-                    raise GroupFailure(ErrorCode.TIMEOUT, f"step {self.seq} of group {self.g}: node(s) {silent} did "
+                    raise GroupFailure(ErrorCode.TIMEOUT, f"step {self.stepper.seq} of group {self.g}: node(s) "
+                                                          f"{self.stepper.silent()} did "
                                                           f"not answer within {self.s.step_timeout}s") from None
                 if now >= next_send:
                     self.counts["resent"] += 1
                     next_send = now + self.s.resend_interval
                     await bus.publish(self.nc, subject, data)
-        if isinstance(reply, StepFailure):
-            raise GroupFailure(reply.code, f"node {reply.node_rank}: {reply.message}")
-        want = token_digest(reply.prefill_tokens, reply.decode_tokens)
-        odd = [n for n, r in self.acks.items() if r.digest != want]
-        if odd:
-            raise GroupFailure(ErrorCode.DIVERGED, f"group {self.g} diverged at step {self.seq}: node(s) {odd} "
-                                                   f"sampled differently from the leader")
-        return reply
-
-    def start_epoch(self) -> None:
-        """Number a new epoch above every epoch this publisher used and every epoch its
-        workers report in their heartbeats (a restarted publisher continues above its
-        predecessor's; no clock involved, so a clock stepping back cannot stall a group)."""
-        seen = max((beat.epoch for _, beat in self.beats.values()), default=0)
-        self.epoch = max(self.epoch, seen) + 1
+        return self.stepper.outcome(lambda leader: token_digest(leader.prefill_tokens, leader.decode_tokens))
 
     async def emit(self, events: list) -> None:
         """Chunks in order, then the terminal answers of the requests that finished (their
@@ -464,8 +434,7 @@ class Publisher:
         for seq in victims:
             if await self.move(seq) is None:
                 await self.fail(seq, failure.code, failure.message)
-        self.seq = 0  # the next step starts a new epoch
-        self.sent.clear()
+        self.stepper.reset()  # the next step starts a new epoch
 
     def movable(self, seq: Sequence) -> bool:
         """Only a request that has sent nothing to its client, and was not pinned, moves."""
@@ -619,7 +588,7 @@ class Publisher:
         await svc.add_endpoint(name="submit", subject=subj.submit(g), handler=self.on_submit)
         await svc.add_endpoint(name="abort", subject=subj.group_abort(g), handler=self.on_abort)
         await svc.add_endpoint(name="inflight", subject=subj.inflight(g), handler=self.on_inflight)
-        self.log.info("publisher_started", members=self.members, epoch=self.epoch)
+        self.log.info("publisher_started", members=self.members)
         tasks = [asyncio.create_task(self.schedule_loop(stop)), asyncio.create_task(self.housekeeping_loop(stop))]
         await stop.wait()
         await svc.stop()  # no new work; the loop finishes what is running, for drain_timeout at most

@@ -27,6 +27,7 @@ from services.model_config import model_config_for
 from services.natsconf import user_for
 from services.settings import WorkerSettings, total_pages
 from services.topology import dp_groups, group_nodes, place_node
+from services.worker.ordering import GAP, REPEAT, STALE, StepOrder
 
 VERSION = "0.1.0"
 STEPS_QUIET_S = 1.0  # stopping: no step for this long means the publisher has stopped sending
@@ -122,12 +123,9 @@ class Worker:
         self.auth = auth or bus.auth_from(settings, user_for("worker", self.place.dp_rank))
         self.subjects = Subjects(settings.prefix)
         self.log = log.bind(dp_rank=self.place.dp_rank, node_rank=settings.node_rank)
-        self.epoch = -1
-        self.last_seq = 0
-        self.in_sync = False
+        self.order = StepOrder(on_new_epoch=lambda epoch: self.log.info("new_epoch", epoch=epoch))
         self.ready = False
         self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "replayed": 0, "failures": 0, "unsent": 0}
-        self.last_reply: bytes | None = None
         self._replay_reply = unpacker(ReplayReply)
         self.runner = None
         self.step_started = 0.0
@@ -140,7 +138,7 @@ class Worker:
         self.exit = os._exit  # how the process leaves a broken JAX job (tests replace it)
 
     def stats(self, *_: Any) -> dict:
-        return {**self.counts, "epoch": self.epoch, "last_seq": self.last_seq,
+        return {**self.counts, "epoch": self.order.epoch, "last_seq": self.order.last_seq,
                 "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes()}
 
     async def wait_for_members(self) -> None:
@@ -235,7 +233,7 @@ class Worker:
     def heartbeat(self) -> Heartbeat:
         alive = self.stepping is None or not self.stepping.done()  # never "ready" without a step loop
         return Heartbeat(self.s.node_rank, self.place.dp_rank, self.place.attn_tp_rank, self.ready and alive,
-                         self.epoch, self.last_seq, time.time())
+                         self.order.epoch, self.order.last_seq, time.time())
 
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
         subject = self.subjects.heartbeat(self.place.dp_rank)
@@ -254,33 +252,18 @@ class Worker:
             await asyncio.sleep(1.0)
             if self.step_started and time.monotonic() - self.step_started > self.s.stall_timeout:
                 self.log.error("step_stalled", seconds=round(time.monotonic() - self.step_started, 1),
-                               epoch=self.epoch, seq=self.last_seq + 1,
+                               epoch=self.order.epoch, seq=self.order.last_seq + 1,
                                reason="a collective never completed; a peer of the group is probably gone")
                 os._exit(70)
-
-    def classify(self, step: Step) -> str:
-        """``next``, ``repeat`` (already run), ``gap`` (steps missing before it) or ``stale``."""
-        if step.epoch == self.epoch and self.in_sync:
-            if step.seq == self.last_seq + 1:
-                return "next"
-            return "repeat" if step.seq <= self.last_seq else "gap"
-        if step.epoch < self.epoch:
-            return "stale"
-        if step.seq == 1:  # a new epoch (publisher restart or group reset): start afresh
-            self.epoch, self.last_seq, self.in_sync, self.last_reply = step.epoch, 0, True, None
-            self.log.info("new_epoch", epoch=step.epoch)
-            return "next"
-        self.epoch, self.last_seq, self.in_sync, self.last_reply = step.epoch, 0, True, None
-        return "gap"  # joined an epoch midway: fetch it from its first step
 
     async def fetch_missing(self, step: Step) -> list[Step]:
         """The steps between the last one run and ``step``, from the publisher's replay window."""
         data = await bus.request(self.nc, self.subjects.replay(self.place.dp_rank),
-                                 pack(Replay(step.epoch, self.last_seq + 1, step.seq - 1)),
+                                 pack(Replay(step.epoch, self.order.last_seq + 1, step.seq - 1)),
                                  timeout=self.s.replay_timeout)
         steps = [self._decode_step.decode(b) for b in self._replay_reply.decode(data).steps]
-        if [s.seq for s in steps] != list(range(self.last_seq + 1, step.seq)):
-            raise ReceiveDataError(None, f"the publisher no longer holds steps {self.last_seq + 1}..{step.seq - 1} "
+        if [s.seq for s in steps] != list(self.order.missing(step.seq)):
+            raise ReceiveDataError(None, f"the publisher no longer holds steps {self.order.last_seq + 1}..{step.seq - 1} "
                                        f"of epoch {step.epoch}")
         return steps
 
@@ -307,21 +290,22 @@ class Worker:
             self.counts["failures"] += 1
             self.log.error("bad_step", error=str(e))
             return
-        kind = self.classify(step)
-        if kind in ("repeat", "stale"):
+        kind = self.order.classify(step.epoch, step.seq)
+        if kind in (REPEAT, STALE):
             self.counts["repeated"] += 1
-            if kind == "repeat" and step.seq == self.last_seq and self.last_reply is not None:
-                await bus.publish(self.nc, result_subject, self.last_reply)  # our answer may have been lost
+            kept = self.order.reply_to_repeat(step.seq) if kind == REPEAT else None
+            if kept is not None:
+                await bus.publish(self.nc, result_subject, kept)  # our answer may have been lost
             return
         todo = [step]
-        if kind == "gap":
+        if kind == GAP:
             self.counts["gaps"] += 1
-            self.log.warning("steps_missed", epoch=step.epoch, have=self.last_seq, got=step.seq)
+            self.log.warning("steps_missed", epoch=step.epoch, have=self.order.last_seq, got=step.seq)
             try:
                 todo = [*await self.fetch_missing(step), step]
                 self.counts["replayed"] += len(todo) - 1
             except ReceiveDataError as e:
-                self.in_sync = False
+                self.order.lose_sync()
                 self.log.error("replay_failed", epoch=step.epoch, seq=step.seq, error=str(e))
                 failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.DIVERGED, str(e))
                 await bus.publish(self.nc, result_subject, pack(failure))
@@ -334,20 +318,19 @@ class Worker:
             self.step_started = time.monotonic()
             reply = await asyncio.to_thread(self.run_step, step)
             self.step_started = 0.0
-            self.last_seq = step.seq
             self.counts["steps"] += 1
         except Exception as e:  # noqa: BLE001 - reported, the group resets
             self.step_started = 0.0
             self.counts["failures"] += 1
-            self.in_sync = False
+            self.order.lose_sync()
             self.log.exception("step_failed", epoch=step.epoch, seq=step.seq)
             failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.INTERNAL, repr(e))
             if self.place.nodes_per_group > 1 and not self.stopping:  # stopping: a peer left first
                 await self.leave_broken_job(failure, result_subject)
             await bus.publish(self.nc, result_subject, pack(failure))
             return
-        self.last_reply = pack(reply)
-        await bus.publish(self.nc, result_subject, self.last_reply)
+        self.order.ran(step.seq, pack(reply))
+        await bus.publish(self.nc, result_subject, self.order.last_reply)
 
     async def leave_broken_job(self, failure: StepFailure, subject: str) -> None:
         """A step failing in a group of several processes means its JAX job is broken (most

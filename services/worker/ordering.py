@@ -1,0 +1,58 @@
+"""Which of its group's steps a worker runs, and when, without I/O: exactly the
+publisher's sequence of each epoch, in order, each step once.
+
+The worker service fetches, runs and replies; the step simulation (``tests/sim/steps.py``)
+drives the same object on virtual time. A step is
+
+* ``next``: the one after the last run (or the first of a new epoch): run it;
+* ``repeat``: run already; the publisher re-sent it because our reply was late or lost:
+  send the kept reply again (only the last one is kept, the only one it can be waiting for);
+* ``gap``: steps are missing before it (lost, or this worker joined the epoch midway):
+  fetch them from the publisher's replay window, run them in order, then it;
+* ``stale``: from an older epoch, or from the epoch in which this worker failed a step
+  (it reported the failure; the publisher starts a new epoch): drop it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+NEXT, REPEAT, GAP, STALE = "next", "repeat", "gap", "stale"
+
+
+class StepOrder:
+    def __init__(self, on_new_epoch: Callable[[int], None] = lambda epoch: None) -> None:
+        self.epoch = -1
+        self.last_seq = 0  # the last step run in this epoch
+        self.in_sync = False  # False after a failure: only a new epoch is taken
+        self.last_reply: bytes | None = None
+        self.on_new_epoch = on_new_epoch  # told when an epoch is taken from its first step
+
+    def classify(self, epoch: int, seq: int) -> str:
+        if epoch == self.epoch and self.in_sync:
+            if seq == self.last_seq + 1:
+                return NEXT
+            return REPEAT if seq <= self.last_seq else GAP
+        if epoch <= self.epoch:
+            return STALE  # older, or the epoch this worker lost track of: only a new one is taken
+        self.begin_epoch(epoch)
+        return NEXT if seq == 1 else GAP  # a new epoch from its start; or joined midway: fetch from step 1
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch, self.last_seq, self.in_sync, self.last_reply = epoch, 0, True, None
+        self.on_new_epoch(epoch)
+
+    def missing(self, seq: int) -> range:
+        """The steps to fetch before running ``seq``."""
+        return range(self.last_seq + 1, seq)
+
+    def ran(self, seq: int, reply: bytes) -> None:
+        self.last_seq, self.last_reply = seq, reply
+
+    def reply_to_repeat(self, seq: int) -> bytes | None:
+        """What to send for a repeated step: the kept reply, if it is the last step run."""
+        return self.last_reply if seq == self.last_seq else None
+
+    def lose_sync(self) -> None:
+        """A step failed or could not be fetched: wait for the publisher's next epoch."""
+        self.in_sync = False
