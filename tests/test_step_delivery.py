@@ -15,8 +15,8 @@ import pytest
 from schemas import Done, Error, SamplingParams, Subjects
 from schemas.codec import Encoding
 from schemas.internal import (
-    DecodeItem, Heartbeat, PrefillItem, Replay, ReplayReply, RowSampling, Step, StepFailure, StepReply, StepResult,
-    Submit, SubmitAck, pack, token_digest,
+    DecodeRow, Heartbeat, PrefillChunk, Replay, ReplayReply, RowPages, RowSampling, RowStart, Step, StepFailure,
+    StepReply, StepResult, Submit, SubmitAck, pack, token_digest,
 )
 from services import logs
 from services.client import decode_answer
@@ -29,15 +29,15 @@ LOG = logs.configure("warning", json=True)
 
 
 def steps_for(epoch: int) -> list[Step]:
-    """A prompt prefilled in two chunks, then three decode steps (tokens fed are arbitrary)."""
+    """A prompt prefilled in two chunks (row 0, pages of 16: one page, then a second),
+    then three decode steps (tokens fed are arbitrary)."""
     prompt = list(range(1, 21))
-    pages = [1, 2]
     return [
-        Step(epoch, 1, [PrefillItem(0, prompt[:16], False, pages, G)], []),
-        Step(epoch, 2, [PrefillItem(16, prompt[16:], True, pages, G)], []),
-        Step(epoch, 3, [], [DecodeItem(65, 20, 1, pages, G)]),
-        Step(epoch, 4, [], [DecodeItem(66, 21, 2, pages, G)]),
-        Step(epoch, 5, [], [DecodeItem(67, 22, 3, pages, G)]),
+        Step(epoch, 1, started=[RowStart(0, [1], G)], prefill=[PrefillChunk(0, 0, prompt[:16], False)]),
+        Step(epoch, 2, grown=[RowPages(0, [2])], prefill=[PrefillChunk(0, 16, prompt[16:], True)]),
+        Step(epoch, 3, decode=[DecodeRow(0, 65, 20, 1)]),
+        Step(epoch, 4, decode=[DecodeRow(0, 66, 21, 2)]),
+        Step(epoch, 5, decode=[DecodeRow(0, 67, 22, 3)]),
     ]
 
 
@@ -95,6 +95,7 @@ async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_serv
     assert [r.seq for r in results] == [1, 2, 3, 3, 4]  # the repeat of 3 is answered again, not re-run
     assert results[2] == results[3]
     assert worker.counts["steps"] == 4 and worker.counts["gaps"] == 1 and worker.counts["replayed"] == 1
+    assert {row: r.pages for row, r in worker.tables.rows.items()} == {0: [1, 2]}  # step 2's page came by replay
     assert all(isinstance(r, StepResult) and r.digest == token_digest(r.prefill_tokens, r.decode_tokens)
                for r in results)
 
@@ -125,6 +126,7 @@ async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nat
     assert "no longer holds steps 2..3" in results[1].message
     assert isinstance(results[2], StepResult) and (results[2].epoch, results[2].seq) == (2, 1)
     assert worker.counts["steps"] == 2
+    assert {row: r.pages for row, r in worker.tables.rows.items()} == {0: [1]}  # the new epoch's, from scratch
 
 
 class FakeWorker:

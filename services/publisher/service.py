@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepFailure, StepReply, StepResult, Submit, SubmitAck,
+    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, StepFailure, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
@@ -34,6 +34,7 @@ from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.ledger import Lease, LeaseClock, Ledger, request_key
 from services.publisher.scheduler import Plan, Scheduler, Sequence
+from services.publisher.tables import RowTables
 from services.metrics import PublisherMetrics
 from services.model_config import model_config_for
 from services.natsconf import user_for
@@ -75,6 +76,7 @@ class Publisher:
         self.acks: dict[int, StepResult] = {}
         self.timing = {"step_ms": 0.0, "compute_ms": 0.0}  # publish -> every ack, and the leader's compute
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
+        self.tables = RowTables(s.max_running_requests)  # the rows the workers know, this epoch
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
                        "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0}
@@ -375,7 +377,7 @@ class Publisher:
         if self.seq == 0:
             self.start_epoch()
         self.seq += 1
-        data = pack(Step(self.epoch, self.seq, [i for _, i in plan.prefill], [i for _, i in plan.decode]))
+        data = pack(self.tables.step(self.epoch, self.seq, plan, self.sched.running))
         self.sent[self.seq] = data
         self.sent.pop(self.seq - self.s.replay_window, None)
         self.acks = {}
@@ -420,6 +422,7 @@ class Publisher:
         predecessor's; no clock involved, so a clock stepping back cannot stall a group)."""
         seen = max((beat.epoch for _, beat in self.beats.values()), default=0)
         self.epoch = max(self.epoch, seen) + 1
+        self.tables.reset()  # an epoch starts with no rows: its steps build the workers' tables
 
     async def emit(self, events: list) -> None:
         """Chunks in order, then the terminal answers of the requests that finished (their

@@ -1,9 +1,11 @@
 """The worker service: loads the model, applies its group's steps strictly in order,
 and (when it leads the group) reports the sampled tokens.
 
-A step whose sequence number is not the next one is never run: a gap is reported to
-the publisher as a ``StepFailure`` (the publisher resets the group with a new epoch),
-a repeat is logged, counted and dropped.
+A step whose sequence number is not the next one is never run: a gap is filled from the
+publisher's replay window or reported as a ``StepFailure`` (the publisher resets the
+group with a new epoch), a repeat is logged, counted and dropped. Steps name rows and
+carry only their changes; the worker keeps each row's page table (``tables.py``),
+rebuilt from the first step whenever it takes an epoch from its start.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from services.model_config import model_config_for
 from services.natsconf import user_for
 from services.settings import WorkerSettings, total_pages
 from services.topology import dp_groups, group_nodes, place_node
+from services.worker.tables import PageTables
 
 VERSION = "0.1.0"
 STEPS_QUIET_S = 1.0  # stopping: no step for this long means the publisher has stopped sending
@@ -125,6 +128,7 @@ class Worker:
         self.epoch = -1
         self.last_seq = 0
         self.in_sync = False
+        self.tables = PageTables(settings.max_running_requests)  # the rows of this epoch, built by its steps
         self.ready = False
         self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "replayed": 0, "failures": 0, "unsent": 0}
         self.last_reply: bytes | None = None
@@ -266,12 +270,16 @@ class Worker:
             return "repeat" if step.seq <= self.last_seq else "gap"
         if step.epoch < self.epoch:
             return "stale"
+        self.begin_epoch(step.epoch)
         if step.seq == 1:  # a new epoch (publisher restart or group reset): start afresh
-            self.epoch, self.last_seq, self.in_sync, self.last_reply = step.epoch, 0, True, None
             self.log.info("new_epoch", epoch=step.epoch)
             return "next"
-        self.epoch, self.last_seq, self.in_sync, self.last_reply = step.epoch, 0, True, None
-        return "gap"  # joined an epoch midway: fetch it from its first step
+        return "gap"  # joined an epoch midway (or lost track of it): fetch it from its first step
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Take ``epoch`` from its first step: no step run yet, no rows."""
+        self.epoch, self.last_seq, self.in_sync, self.last_reply = epoch, 0, True, None
+        self.tables.clear()
 
     async def fetch_missing(self, step: Step) -> list[Step]:
         """The steps between the last one run and ``step``, from the publisher's replay window."""
@@ -366,7 +374,8 @@ class Worker:
 
     def run_step(self, step: Step) -> StepResult:
         t0 = time.perf_counter()
-        prefill_tokens, decode_tokens = self.runner.step(step.prefill, step.decode)
+        prefill, decode = self.tables.apply(step)
+        prefill_tokens, decode_tokens = self.runner.step(prefill, decode)
         digest = token_digest(prefill_tokens, decode_tokens)
         if not self.place.is_leader:  # the leader reports the tokens, the others vouch for them
             prefill_tokens, decode_tokens = [], []
