@@ -4,7 +4,7 @@ but versioned with it: every service of one deployment runs the same dpbus.
 Flow for one group g::
 
     ingest  --Submit (request/reply: SubmitAck)-->  publisher g
-    publisher g  --Step (epoch, seq)-->  every worker of g
+    publisher g  --Step (epoch, seq; rows' changes)-->  every worker of g
     leader worker of g  --StepResult | StepFailure-->  publisher g
     each worker of g  --Heartbeat-->  publisher g
     publisher g  --LoadReport-->  ingest

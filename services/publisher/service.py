@@ -2,8 +2,9 @@
 
 It takes submitted requests (``dpbus.dp.{g}.submit``, acknowledged at once, refused
 while the group is not whole), runs the scheduling loop (one ``Step`` at a time on
-``dpbus.dp.{g}.step``, until every member acknowledged it with the same digest; late
-steps are re-sent and missed ones replayed from a window), streams ``chunk``s and exactly
+``dpbus.dp.{g}.step``, carrying only what changed in the rows' page tables (``tables.py``),
+until every member acknowledged it with the same digest; late steps are re-sent and
+missed ones replayed from a window), streams ``chunk``s and exactly
 one terminal message to each client, watches its workers' heartbeats, reports the
 group's load and tells ingest which requests it has answered.
 
