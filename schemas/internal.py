@@ -214,7 +214,7 @@ class Replay(Struct):
 
 
 class ReplayReply(Struct):
-    steps: list[bytes]  # the packed steps, in order; empty when no longer held
+    steps: list[bytes]  # the packed steps from ``first``, in order (as many as fit one answer); empty when no longer held
 
 
 class StepFailure(Struct, tag="failure", tag_field="type"):

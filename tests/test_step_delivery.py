@@ -20,7 +20,7 @@ from schemas.internal import (
 )
 from services import logs
 from services.client import decode_answer
-from services.publisher.service import Publisher
+from services.publisher.service import Publisher, replayable
 from services.settings import PublisherSettings, WorkerSettings
 from services.worker.service import Worker
 
@@ -98,6 +98,46 @@ async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_serv
     assert {row: r.pages for row, r in worker.tables.rows.items()} == {0: [1, 2]}  # step 2's page came by replay
     assert all(isinstance(r, StepResult) and r.digest == token_digest(r.prefill_tokens, r.decode_tokens)
                for r in results)
+
+
+async def test_a_worker_that_joins_midway_rebuilds_its_tables_from_the_first_step(nats_server):
+    """Its first step is the third of the epoch: it fetches steps 1..2, one per answer (as
+    when steps are too big to replay together), then later fills a gap the same way."""
+    subj = Subjects("deliv")
+    worker, stop, task = await start_worker(nats_server, "deliv")
+    nc = await nats_server.connect("admin")  # plays every other role
+    results = await collect_results(nc, subj)
+    steps = steps_for(epoch=3)
+    replays: list[Replay] = []
+
+    async def on_replay(msg):  # answers the first step asked for only
+        ask = msgspec.msgpack.decode(msg.data, type=Replay)
+        replays.append(ask)
+        await msg.respond(pack(ReplayReply([pack(steps[ask.first - 1])])))
+
+    await nc.subscribe(subj.replay(0), cb=on_replay)
+    await nc.flush()
+    for n, seq in enumerate((3, 5)):
+        await nc.publish(subj.step(0), pack(steps[seq - 1]))
+        await nc.flush()
+        for _ in range(300):  # every step up to this one answered, in order
+            if len(results) >= seq:
+                break
+            await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    await nc.close()
+    assert replays == [Replay(3, 1, 2), Replay(3, 2, 2), Replay(3, 4, 4)]
+    assert [r.seq for r in results] == [1, 2, 3, 4, 5] and all(isinstance(r, StepResult) for r in results)
+    assert {row: r.pages for row, r in worker.tables.rows.items()} == {0: [1, 2]}
+
+
+def test_replay_answers_hold_the_first_steps_that_fit():
+    sent = {n: bytes(100) for n in range(3, 9)}
+    assert replayable(sent, 3, 8, limit=250) == [bytes(100)] * 2
+    assert replayable(sent, 3, 8, limit=50) == [bytes(100)]  # one step at least, however big
+    assert replayable(sent, 5, 8) == [bytes(100)] * 4
+    assert replayable(sent, 2, 8) == []  # step 2 is no longer held
 
 
 async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nats_server):

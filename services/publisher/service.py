@@ -47,6 +47,21 @@ VERSION = "0.1.0"
 SETTLE_ATTEMPTS = 200  # x 0.1 s at most while the ledger is unreachable, then the lease is given up
 RESOLVE_FOR = 30.0  # seconds to learn whether an unacknowledged settling write landed
 ANSWERED_WINDOW = 120.0  # seconds a terminal answer is remembered against copies and retries
+REPLAY_BYTES = 512 * 1024  # a replay answer holds steps up to this size (always one at least)
+
+
+def replayable(sent: dict[int, bytes], first: int, last: int, limit: int = REPLAY_BYTES) -> list[bytes]:
+    """Steps ``first``.. of the window ``sent`` that fit in ``limit`` bytes (one at least),
+    or none if the window no longer holds every step up to ``last``."""
+    if not all(n in sent for n in range(first, last + 1)):
+        return []
+    steps, size = [], 0
+    for n in range(first, last + 1):
+        if steps and size + len(sent[n]) > limit:
+            break
+        steps.append(sent[n])
+        size += len(sent[n])
+    return steps
 
 
 class Publisher:
@@ -207,14 +222,14 @@ class Publisher:
                 self.pending.set_result(self.acks[self.members[0]])
 
     async def on_replay(self, req: Any) -> None:
-        """Resend steps a worker missed, from the window of recent ones."""
+        """Resend steps a worker missed, from the window of recent ones: the first of them
+        that fit in ``REPLAY_BYTES`` (the worker asks again for the rest)."""
         try:
             ask = self._unpack["replay"].decode(req.data)
         except Exception:  # noqa: BLE001
             await req.respond(pack(ReplayReply([])))
             return
-        held = ask.epoch == self.epoch and all(n in self.sent for n in range(ask.first, ask.last + 1))
-        steps = [self.sent[n] for n in range(ask.first, ask.last + 1)] if held else []
+        steps = replayable(self.sent, ask.first, ask.last) if ask.epoch == self.epoch else []
         self.counts["replayed"] += len(steps)
         await req.respond(pack(ReplayReply(steps)))
 

@@ -144,7 +144,7 @@ class Worker:
         self.exit = os._exit  # how the process leaves a broken JAX job (tests replace it)
 
     def stats(self, *_: Any) -> dict:
-        return {**self.counts, "epoch": self.epoch, "last_seq": self.last_seq,
+        return {**self.counts, "epoch": self.epoch, "last_seq": self.last_seq, "rows": len(self.tables.rows),
                 "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes()}
 
     async def wait_for_members(self) -> None:
@@ -282,14 +282,18 @@ class Worker:
         self.tables.clear()
 
     async def fetch_missing(self, step: Step) -> list[Step]:
-        """The steps between the last one run and ``step``, from the publisher's replay window."""
-        data = await bus.request(self.nc, self.subjects.replay(self.place.dp_rank),
-                                 pack(Replay(step.epoch, self.last_seq + 1, step.seq - 1)),
-                                 timeout=self.s.replay_timeout)
-        steps = [self._decode_step.decode(b) for b in self._replay_reply.decode(data).steps]
-        if [s.seq for s in steps] != list(range(self.last_seq + 1, step.seq)):
-            raise ReceiveDataError(None, f"the publisher no longer holds steps {self.last_seq + 1}..{step.seq - 1} "
-                                       f"of epoch {step.epoch}")
+        """The steps between the last one run and ``step``, from the publisher's replay window
+        (each answer holds the first of the steps asked for; asked again for the rest)."""
+        steps: list[Step] = []
+        while self.last_seq + 1 + len(steps) < step.seq:
+            first = self.last_seq + 1 + len(steps)
+            data = await bus.request(self.nc, self.subjects.replay(self.place.dp_rank),
+                                     pack(Replay(step.epoch, first, step.seq - 1)), timeout=self.s.replay_timeout)
+            got = [self._decode_step.decode(b) for b in self._replay_reply.decode(data).steps]
+            if not got or [s.seq for s in got] != list(range(first, first + len(got))) or got[-1].seq >= step.seq:
+                raise ReceiveDataError(None, f"the publisher no longer holds steps {first}..{step.seq - 1} "
+                                           f"of epoch {step.epoch}")
+            steps += got
         return steps
 
     async def step_loop(self) -> None:
