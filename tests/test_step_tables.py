@@ -259,7 +259,7 @@ def long_context_group(rows: int, context: int, page_size: int = 16) -> tuple[Sc
     (step, plan) so far."""
     prompt = context - 64  # a multiple of the page size: the first decode starts a page
     sched = Scheduler(rows, rows * prompt, rows, context, rows * (context // page_size) + 1, page_size,
-                      prefix_cache=False)
+                      prefix_cache=False, max_start_pages=rows * context)
     for i in range(rows):
         q = mkseq(f"r{i}", n_prompt=1, max_new_tokens=60, ignore_eos=True)
         q.prompt = [10 + (i + j) % 200 for j in range(prompt)]
