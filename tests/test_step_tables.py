@@ -284,7 +284,6 @@ def decode_steps(sched: Scheduler, tables: RowTables, n: int) -> list[tuple[Step
 def test_a_decode_step_stays_small_at_a_long_context(rows, context):
     sched, tables, log = long_context_group(rows, context)
     steps = decode_steps(sched, tables, 20)
-    sizes = [len(pack(step)) for step, _ in steps]
     before = [legacy_bytes(1, step.seq, plan) for step, plan in steps]
     growing = [len(pack(step)) for step, _ in steps if len(step.grown) == rows]
     quiet = [len(pack(step)) for step, _ in steps if not step.grown]
