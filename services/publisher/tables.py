@@ -35,7 +35,6 @@ class Row:
     life: int  # the sequence's preemption count when it got the row
     sent: int  # its first pages the workers know
     last_page: int  # the last of them (a cheap check that the list only grew)
-    sampling: RowSampling
 
 
 class RowTables:
@@ -80,8 +79,8 @@ class RowTables:
         if row is None:
             return self._start(step, seq, pages, sampling)
         r = self.rows[row]
-        if len(pages) < r.sent or (r.sent and pages[r.sent - 1] != r.last_page) or sampling != r.sampling:
-            raise ValueError(f"row {row} ({seq.rid}): its page list or sampling changed other than by growing "
+        if len(pages) < r.sent or (r.sent and pages[r.sent - 1] != r.last_page):
+            raise ValueError(f"row {row} ({seq.rid}): its page list changed other than by growing "
                              f"({r.sent} pages sent, {len(pages)} now)")
         if len(pages) > r.sent:
             step.grown.append(RowPages(row, pages[r.sent:]))
@@ -92,7 +91,7 @@ class RowTables:
         if not self.spare:
             raise ValueError(f"no free row for {seq.rid}: {len(self.rows)} rows of {self.max_rows} in use")
         row = heapq.heappop(self.spare)
-        self.rows[row] = Row(seq, seq.preempted, len(pages), pages[-1] if pages else 0, sampling)
+        self.rows[row] = Row(seq, seq.preempted, len(pages), pages[-1] if pages else 0)
         self.row_of[id(seq)] = row
         step.started.append(RowStart(row, list(pages), sampling))
         return row
