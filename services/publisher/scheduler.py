@@ -38,7 +38,7 @@ from services.publisher.stops import StopMatcher
 from services.tokenizer import EOS_ID, ByteStream, StreamDecoder
 
 
-@dataclass
+@dataclass(eq=False)  # one request's life: compared (and found in lists) by identity, in O(1)
 class Sequence:
     rid: str
     prompt: list[int]
