@@ -214,7 +214,7 @@ class Replay(Struct):
 
 
 class ReplayReply(Struct):
-    steps: list[bytes]  # the packed steps from ``first``, in order (as many as fit one answer); empty when no longer held
+    steps: list[bytes]  # packed steps from ``first`` on, in order, as many as fit; empty when not held
 
 
 class StepFailure(Struct, tag="failure", tag_field="type"):
