@@ -22,7 +22,8 @@ from schemas.internal import (
 from services import logs
 from services.publisher.scheduler import Plan, Scheduler
 from services.publisher.tables import RowTables
-from services.settings import WorkerSettings
+from services.publisher.service import Publisher
+from services.settings import PublisherSettings, WorkerSettings
 from services.worker.service import Worker
 from services.worker.tables import PageTables
 from tests.test_scheduler import PagedFake, check_pages, expected_output, mkseq, mksched, varied_prompt
@@ -139,6 +140,7 @@ def run_group(seed: int, steps: int = 500, *, max_running: int = 4, budget: int 
         for what in ("started", "grown", "freed"):
             stats[what] += len(getattr(step, what))
         data = window[(epoch, number)] = pack(step)
+        assert len(data) <= bound(step), "a step bigger than its changes"
         expected[(epoch, number)] = ([i for _, i in plan.prefill], [i for _, i in plan.decode])
         result = leader.take(data, plan)
         steady.take(data)
@@ -177,6 +179,14 @@ def run_group(seed: int, steps: int = 500, *, max_running: int = 4, budget: int 
             "replayed": lossy.replayed + late.replayed}
 
 
+def bound(step: Step) -> int:
+    """Bytes a step may take: a few per change (a msgpack number is 1 to 5 bytes, a row's
+    sampling about 30), nothing per page or token it does not carry."""
+    return (16 + 5 * len(step.freed) + sum(40 + 5 * len(r.pages) for r in step.started)
+            + sum(8 + 5 * len(g.pages) for g in step.grown) + sum(16 + 5 * len(c.token_ids) for c in step.prefill)
+            + 24 * len(step.decode))
+
+
 @pytest.mark.parametrize("seed, page_size, num_pages, prefix_cache",
                          [(1, 4, 13, True), (2, 1, 45, True), (3, 16, 4, True), (4, 4, 11, False), (5, 2, 30, True)])
 def test_workers_rebuild_exactly_the_page_lists_of_the_plan(seed, page_size, num_pages, prefix_cache):
@@ -211,6 +221,20 @@ def test_rows_are_numbered_from_zero_and_reused_once_freed():
     tables.reset()
     step = tables.step(2, 1, s.build_step(0.0), s.running)
     assert sorted(r.row for r in step.started) == [0, 1, 2]  # a new epoch starts every row again
+
+
+def test_the_publisher_starts_every_epoch_with_no_rows():
+    pub = Publisher(PublisherSettings(max_running_requests=4, max_seq_len=64), LOG)
+    s = pub.sched
+    s.add(mkseq("a"))
+    plan = s.build_step(0.0)
+    pub.start_epoch()
+    first = pub.tables.step(pub.epoch, 1, plan, s.running)
+    [a] = s.running
+    assert [r.row for r in first.started] == [0] and pub.tables.row(a) == 0
+    s.take_all()  # the group fails (or the lease is lost): the next step starts a new epoch
+    pub.start_epoch()
+    assert pub.epoch == 2 and not pub.tables.rows and pub.tables.row(a) is None
 
 
 def test_a_page_list_that_shrank_is_refused():
