@@ -4,7 +4,7 @@ but versioned with it: every service of one deployment runs the same dpbus.
 Flow for one group g::
 
     ingest  --Submit (request/reply: SubmitAck)-->  publisher g
-    publisher g  --Step (epoch, seq)-->  every worker of g
+    publisher g  --Step (epoch, seq; rows' changes)-->  every worker of g
     leader worker of g  --StepResult | StepFailure-->  publisher g
     each worker of g  --Heartbeat-->  publisher g
     publisher g  --LoadReport-->  ingest
@@ -87,8 +87,10 @@ class RowSampling(Struct, array_like=True):
 
 
 class PrefillItem(Struct, array_like=True):
-    """Write ``token_ids`` at positions ``start``.. of the sequence whose KV pages are
-    ``pages`` (in order); when ``sample``, draw the next token after the last one."""
+    """The runner's input for one prompt chunk (not a wire type: a worker rebuilds it from
+    its page tables and a step's ``PrefillChunk``). Write ``token_ids`` at positions
+    ``start``.. of the sequence whose KV pages are ``pages`` (all of them, in order); when
+    ``sample``, draw the next token after the last one."""
 
     start: int
     token_ids: list[int]
@@ -98,7 +100,9 @@ class PrefillItem(Struct, array_like=True):
 
 
 class DecodeItem(Struct, array_like=True):
-    """Feed ``token`` at ``position``; ``counter`` = tokens generated so far."""
+    """The runner's input for one decode row (not a wire type, see ``PrefillItem``): feed
+    ``token`` at ``position`` of the sequence whose KV pages are ``pages``; ``counter`` =
+    tokens generated so far."""
 
     token: int
     position: int
@@ -107,14 +111,70 @@ class DecodeItem(Struct, array_like=True):
     sampling: RowSampling
 
 
-class Step(Struct):
+# ---- steps on the wire -------------------------------------------------------------------
+# A step names each running sequence by its *row*: a small number (0 .. max_running_requests
+# - 1) the publisher gives the sequence when it joins the batch and takes back when it
+# leaves (finished, aborted, preempted), unique among the rows alive in the epoch. Workers
+# keep every live row's page table and sampling; a step carries only what changed, so its
+# size is O(changes), never O(context). A row is a slot a worker can index device state by
+# (e.g. a later step may feed "the token this row sampled last", kept on the device).
+
+
+class RowStart(Struct, array_like=True):
+    """A sequence joins the batch as ``row``: its KV pages so far (a prefix-cache hit and
+    its first chunk's pages) and its sampling, fixed for the row's life."""
+
+    row: int
+    pages: list[int]
+    sampling: RowSampling
+
+
+class RowPages(Struct, array_like=True):
+    """``pages`` appended, in order, to the page table of ``row``."""
+
+    row: int
+    pages: list[int]
+
+
+class PrefillChunk(Struct, array_like=True):
+    """Write ``token_ids`` at positions ``start``.. of ``row``; when ``sample``, draw the
+    next token after the last one."""
+
+    row: int
+    start: int
+    token_ids: list[int]
+    sample: bool
+
+
+class DecodeRow(Struct, array_like=True):
+    """Feed ``token`` at ``position`` of ``row``; ``counter`` = tokens generated so far."""
+
+    row: int
+    token: int
+    position: int
+    counter: int
+
+
+class Step(Struct, omit_defaults=True):
     """One scheduling step of a group. ``seq`` counts 1, 2, 3... within an ``epoch``;
-    a new epoch (a publisher restart or a reset after a failure) starts again at 1."""
+    a new epoch (a publisher restart or a reset after a failure) starts again at 1, with
+    no rows: the page tables are built by the epoch's steps from its first one, exactly
+    as the KV cache is, so a worker that lacks them replays the epoch from step 1 or
+    waits for a new epoch.
+
+    A worker applies a step in field order: ``freed`` rows are dropped (they left the
+    batch since the previous step; their row numbers may be reused at once), ``started``
+    rows are created, ``grown`` rows get their new pages, then the ``prefill`` chunks run
+    (in order) and the ``decode`` batch. Fields have defaults so that later ones (e.g. a
+    step every group takes part in) can be added without breaking the format."""
 
     epoch: int
     seq: int
-    prefill: list[PrefillItem] = []
-    decode: list[DecodeItem] = []
+    freed: list[int] = []
+    started: list[RowStart] = []
+    grown: list[RowPages] = []
+    prefill: list[PrefillChunk] = []
+    decode: list[DecodeRow] = []
 
 
 class StepResult(Struct, tag="result", tag_field="type"):
@@ -147,7 +207,7 @@ class Replay(Struct):
 
 
 class ReplayReply(Struct):
-    steps: list[bytes]  # the packed steps, in order; empty when no longer held
+    steps: list[bytes]  # packed steps from ``first`` on, in order, as many as fit; empty when not held
 
 
 class StepFailure(Struct, tag="failure", tag_field="type"):

@@ -938,6 +938,24 @@ def test_cached_pages_are_evicted_least_recently_used_and_only_when_needed():
     assert again.output == expected_output(again, 16)[0]
 
 
+def test_admissions_stop_once_they_hold_max_start_pages():
+    """A step carries the pages of each request it admits: a burst of long prefix-cache
+    hits is spread over steps (the first admission of a step is never held back)."""
+    s = mksched(max_running=8, max_prefill=64, prefix_cache=True)
+    s.max_start_pages = 5
+    model = PagedFake(PAGE, shared=True)
+    first = mkseq("a", n_prompt=17)
+    s.add(first)
+    fake_step(s, model)  # "a" fills four whole pages of its prompt: cached
+    for rid in "bcd":
+        s.add(mkseq(rid, n_prompt=17))  # the same prompt: four pages hit, one more for the rest
+    admitted = []
+    for _ in range(3):
+        plan, _ = fake_step(s, model)
+        admitted.append(rids(plan.prefill))
+    assert admitted == [["b"], ["c"], ["d"]] and s.hit_tokens == 3 * 16
+
+
 def test_a_group_failure_forgets_the_cache():
     s = mksched(prefix_cache=True)
     model = PagedFake(PAGE, shared=True)

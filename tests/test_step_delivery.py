@@ -15,12 +15,13 @@ import pytest
 from schemas import Done, Error, SamplingParams, Subjects
 from schemas.codec import Encoding
 from schemas.internal import (
-    DecodeItem, Heartbeat, PrefillItem, Replay, ReplayReply, RowSampling, Step, StepFailure, StepReply, StepResult,
-    Submit, SubmitAck, pack, token_digest,
+    DecodeRow, Heartbeat, PrefillChunk, Replay, ReplayReply, RowPages, RowSampling, RowStart, Step, StepFailure,
+    StepReply, StepResult, Submit, SubmitAck, pack, token_digest,
 )
 from services import logs
 from services.client import decode_answer
 from services.publisher.service import Publisher
+from services.publisher.stepper import Stepper
 from services.settings import PublisherSettings, WorkerSettings
 from services.worker.service import Worker
 
@@ -29,15 +30,15 @@ LOG = logs.configure("warning", json=True)
 
 
 def steps_for(epoch: int) -> list[Step]:
-    """A prompt prefilled in two chunks, then three decode steps (tokens fed are arbitrary)."""
+    """A prompt prefilled in two chunks (row 0, pages of 16: one page, then a second),
+    then three decode steps (tokens fed are arbitrary)."""
     prompt = list(range(1, 21))
-    pages = [1, 2]
     return [
-        Step(epoch, 1, [PrefillItem(0, prompt[:16], False, pages, G)], []),
-        Step(epoch, 2, [PrefillItem(16, prompt[16:], True, pages, G)], []),
-        Step(epoch, 3, [], [DecodeItem(65, 20, 1, pages, G)]),
-        Step(epoch, 4, [], [DecodeItem(66, 21, 2, pages, G)]),
-        Step(epoch, 5, [], [DecodeItem(67, 22, 3, pages, G)]),
+        Step(epoch, 1, started=[RowStart(0, [1], G)], prefill=[PrefillChunk(0, 0, prompt[:16], False)]),
+        Step(epoch, 2, grown=[RowPages(0, [2])], prefill=[PrefillChunk(0, 16, prompt[16:], True)]),
+        Step(epoch, 3, decode=[DecodeRow(0, 65, 20, 1)]),
+        Step(epoch, 4, decode=[DecodeRow(0, 66, 21, 2)]),
+        Step(epoch, 5, decode=[DecodeRow(0, 67, 22, 3)]),
     ]
 
 
@@ -95,8 +96,52 @@ async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_serv
     assert [r.seq for r in results] == [1, 2, 3, 3, 4]  # the repeat of 3 is answered again, not re-run
     assert results[2] == results[3]
     assert worker.counts["steps"] == 4 and worker.counts["gaps"] == 1 and worker.counts["replayed"] == 1
+    assert {row: r.pages for row, r in worker.tables.rows.items()} == {0: [1, 2]}  # step 2's page came by replay
     assert all(isinstance(r, StepResult) and r.digest == token_digest(r.prefill_tokens, r.decode_tokens)
                for r in results)
+
+
+async def test_a_worker_that_joins_midway_rebuilds_its_tables_from_the_first_step(nats_server):
+    """Its first step is the third of the epoch: it fetches steps 1..2, one per answer (as
+    when steps are too big to replay together), then later fills a gap the same way."""
+    subj = Subjects("deliv")
+    worker, stop, task = await start_worker(nats_server, "deliv")
+    nc = await nats_server.connect("admin")  # plays every other role
+    results = await collect_results(nc, subj)
+    steps = steps_for(epoch=3)
+    replays: list[Replay] = []
+
+    async def on_replay(msg):  # answers the first step asked for only
+        ask = msgspec.msgpack.decode(msg.data, type=Replay)
+        replays.append(ask)
+        await msg.respond(pack(ReplayReply([pack(steps[ask.first - 1])])))
+
+    await nc.subscribe(subj.replay(0), cb=on_replay)
+    await nc.flush()
+    for n, seq in enumerate((3, 5)):
+        await nc.publish(subj.step(0), pack(steps[seq - 1]))
+        await nc.flush()
+        for _ in range(300):  # every step up to this one answered, in order
+            if len(results) >= seq:
+                break
+            await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    await nc.close()
+    assert replays == [Replay(3, 1, 2), Replay(3, 2, 2), Replay(3, 4, 4)]
+    assert [r.seq for r in results] == [1, 2, 3, 4, 5] and all(isinstance(r, StepResult) for r in results)
+    assert {row: r.pages for row, r in worker.tables.rows.items()} == {0: [1, 2]}
+
+
+def test_replay_answers_hold_the_first_steps_that_fit():
+    stepper = Stepper(0, [0], replay_window=6)
+    for _ in range(8):
+        stepper.next_step(lambda epoch, seq: bytes(100), [])  # epoch 1, steps 1..8; the window keeps 3..8
+    assert stepper.replay(Replay(1, 3, 8), limit=250) == [bytes(100)] * 2
+    assert stepper.replay(Replay(1, 3, 8), limit=50) == [bytes(100)]  # one step at least, however big
+    assert stepper.replay(Replay(1, 5, 8)) == [bytes(100)] * 4
+    assert stepper.replay(Replay(1, 2, 8)) == []  # step 2 is no longer held
+    assert stepper.replay(Replay(2, 5, 8)) == []  # another epoch
 
 
 async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nats_server):
@@ -125,6 +170,7 @@ async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nat
     assert "no longer holds steps 2..3" in results[1].message
     assert isinstance(results[2], StepResult) and (results[2].epoch, results[2].seq) == (2, 1)
     assert worker.counts["steps"] == 2
+    assert {row: r.pages for row, r in worker.tables.rows.items()} == {0: [1]}  # the new epoch's, from scratch
 
 
 class FakeWorker:

@@ -10,7 +10,10 @@ Requests wait in a bounded FIFO queue. Each step:
 2. requests still prefilling get prompt chunks, at most ``max_prefill_tokens`` in all,
    as far as free pages allow;
 3. waiting requests are admitted while there is room in the batch and pages for their
-   first chunk, so new requests join the running batch at the next step.
+   first chunk, so new requests join the running batch at the next step. A step carries
+   the page list of each request it admits (see ``tables.py``), so admissions stop once
+   they hold ``max_start_pages`` pages in all (long prefix-cache hits): the step stays
+   small, the rest join at the next one.
 
 Pages belong to ``pages.PagePool``, which the scheduler asks. With the prefix cache on, a
 request admitted from the queue first takes the longest cached prefix of whole pages of
@@ -35,7 +38,7 @@ from services.publisher.stops import StopMatcher
 from services.tokenizer import EOS_ID, ByteStream, StreamDecoder
 
 
-@dataclass
+@dataclass(eq=False)  # one request's life: compared (and found in lists) by identity, in O(1)
 class Sequence:
     rid: str
     prompt: list[int]
@@ -112,9 +115,13 @@ def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
+MAX_START_PAGES = 65536  # pages the requests admitted in one step may hold in all (~200 KB of step)
+
+
 class Scheduler:
     def __init__(self, max_running: int, max_prefill_tokens: int, max_waiting: int, max_seq_len: int,
-                 num_pages: int, page_size: int, prefix_cache: bool = True) -> None:
+                 num_pages: int, page_size: int, prefix_cache: bool = True,
+                 max_start_pages: int = MAX_START_PAGES) -> None:
         if num_pages - 1 < pages_for(max_seq_len, page_size):
             raise ValueError(f"num_pages={num_pages} (page 0 is reserved) cannot hold one context of "
                              f"max_seq_len={max_seq_len} in pages of {page_size}: need "
@@ -124,6 +131,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.max_seq_len = max_seq_len
         self.page_size = page_size
+        self.max_start_pages = max_start_pages
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.pool = PagePool(num_pages, page_size, prefix_cache)
@@ -258,11 +266,13 @@ class Scheduler:
             if budget > 0 and not seq.decoding:
                 budget -= self._plan_chunk(plan, seq, budget)
         # a request preempted in this step waits at least until the next one (no thrashing)
+        started = 0  # pages of the requests admitted in this step
         while budget > 0 and self.waiting and len(self.running) < self.max_running \
-                and self.preemptions == preempted_before:
+                and self.preemptions == preempted_before and started < self.max_start_pages:
             seq = self.waiting[0]
             if not self._start(seq, budget):
                 break  # not enough free pages: it keeps its place at the head of the queue
+            started += len(seq.pages)
             self.waiting.popleft()
             self.running.append(seq)
             seq.scheduled_at = seq.scheduled_at or now

@@ -2,8 +2,9 @@
 
 It takes submitted requests (``dpbus.dp.{g}.submit``, acknowledged at once, refused
 while the group is not whole), runs the scheduling loop (one ``Step`` at a time on
-``dpbus.dp.{g}.step``, until every member acknowledged it with the same digest; late
-steps are re-sent and missed ones replayed from a window), streams ``chunk``s and exactly
+``dpbus.dp.{g}.step``, carrying only what changed in the rows' page tables (``tables.py``),
+until every member acknowledged it with the same digest; late steps are re-sent and
+missed ones replayed from a window), streams ``chunk``s and exactly
 one terminal message to each client, watches its workers' heartbeats, reports the
 group's load and tells ingest which requests it has answered.
 
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, Step, StepReply, StepResult, Submit, SubmitAck,
+    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
@@ -35,6 +36,7 @@ from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.ledger import Lease, LeaseClock, Ledger, request_key
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.publisher.stepper import Stepper
+from services.publisher.tables import RowTables
 from services.metrics import PublisherMetrics
 from services.model_config import model_config_for
 from services.natsconf import user_for
@@ -73,6 +75,7 @@ class Publisher:
         self.resolving: set[asyncio.Task] = set()  # terminal answers whose settling write is being resolved
         self.pending: asyncio.Future | None = None  # settled when the step in flight is
         self.timing = {"step_ms": 0.0, "compute_ms": 0.0}  # publish -> every ack, and the leader's compute
+        self.tables = RowTables(s.max_running_requests)  # the rows the workers know, this epoch
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
                        "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0}
@@ -223,7 +226,8 @@ class Publisher:
             self.pending.set_result(None)
 
     async def on_replay(self, req: Any) -> None:
-        """Resend steps a worker missed, from the window of recent ones."""
+        """Resend steps a worker missed, from the window of recent ones: the first of them
+        that fit in ``REPLAY_BYTES`` (the worker asks again for the rest)."""
         try:
             ask = self._unpack["replay"].decode(req.data)
         except Exception:  # noqa: BLE001
@@ -366,9 +370,7 @@ class Publisher:
     async def run_step(self, plan: Plan) -> StepResult:
         """Broadcast one step and wait until every member acknowledged it with the same
         digest; re-publish it while acknowledgements are late (workers drop repeats)."""
-        data = self.stepper.next_step(
-            lambda epoch, seq: pack(Step(epoch, seq, [i for _, i in plan.prefill], [i for _, i in plan.decode])),
-            (beat.epoch for _, beat in self.beats.values()))
+        data = self.stepper.next_step(self.pack_step(plan), (beat.epoch for _, beat in self.beats.values()))
         self.pending = asyncio.get_running_loop().create_future()
         subject = self.subjects.step(self.g)
         try:
@@ -396,6 +398,15 @@ class Publisher:
                     next_send = now + self.s.resend_interval
                     await bus.publish(self.nc, subject, data)
         return self.stepper.outcome(lambda leader: token_digest(leader.prefill_tokens, leader.decode_tokens))
+
+    def pack_step(self, plan: Plan):
+        """How to pack ``plan`` as step (epoch, seq): only what changed in the rows' tables
+        (an epoch's first step starts with no rows)."""
+        def pack_as(epoch: int, seq: int) -> bytes:
+            if seq == 1:
+                self.tables.reset()
+            return pack(self.tables.step(epoch, seq, plan, self.sched.running))
+        return pack_as
 
     async def emit(self, events: list) -> None:
         """Chunks in order, then the terminal answers of the requests that finished (their

@@ -22,6 +22,8 @@ from schemas.errors import ErrorCode
 from schemas.internal import Replay, StepFailure, StepResult
 from services.errors import GroupFailure
 
+REPLAY_BYTES = 512 * 1024  # a replay answer holds steps up to this size (always one at least)
+
 
 class Stepper:
     def __init__(self, group: int, members: list[int], replay_window: int) -> None:
@@ -77,12 +79,20 @@ class Stepper:
                                                    f"sampled differently from the leader")
         return leader
 
-    def replay(self, ask: Replay) -> list[bytes]:
-        """The steps ``ask`` names, in order, if this epoch still holds every one; else none."""
+    def replay(self, ask: Replay, limit: int = REPLAY_BYTES) -> list[bytes]:
+        """The first steps ``ask`` names that fit in ``limit`` bytes (one at least), in
+        order, if this epoch still holds every step it names; else none. The worker asks
+        again for the rest."""
         wanted = range(ask.first, ask.last + 1)
         if ask.epoch != self.epoch or not all(n in self.sent for n in wanted):
             return []
-        return [self.sent[n] for n in wanted]
+        steps, size = [], 0
+        for n in wanted:
+            if steps and size + len(self.sent[n]) > limit:
+                break
+            steps.append(self.sent[n])
+            size += len(self.sent[n])
+        return steps
 
     def reset(self) -> None:
         """Forget this epoch: the next step starts a new one."""

@@ -1,9 +1,11 @@
 """The worker service: loads the model, applies its group's steps strictly in order,
 and (when it leads the group) reports the sampled tokens.
 
-A step whose sequence number is not the next one is never run: a gap is reported to
-the publisher as a ``StepFailure`` (the publisher resets the group with a new epoch),
-a repeat is logged, counted and dropped.
+A step whose sequence number is not the next one is never run: a gap is filled from the
+publisher's replay window or reported as a ``StepFailure`` (the publisher resets the
+group with a new epoch), a repeat is logged, counted and dropped. Steps name rows and
+carry only their changes; the worker keeps each row's page table (``tables.py``),
+rebuilt from the first step whenever it takes an epoch from its start.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from services.natsconf import user_for
 from services.settings import WorkerSettings, total_pages
 from services.topology import dp_groups, group_nodes, place_node
 from services.worker.ordering import GAP, REPEAT, STALE, StepOrder
+from services.worker.tables import PageTables
 
 VERSION = "0.1.0"
 STEPS_QUIET_S = 1.0  # stopping: no step for this long means the publisher has stopped sending
@@ -123,7 +126,8 @@ class Worker:
         self.auth = auth or bus.auth_from(settings, user_for("worker", self.place.dp_rank))
         self.subjects = Subjects(settings.prefix)
         self.log = log.bind(dp_rank=self.place.dp_rank, node_rank=settings.node_rank)
-        self.order = StepOrder(on_new_epoch=lambda epoch: self.log.info("new_epoch", epoch=epoch))
+        self.tables = PageTables(settings.max_running_requests)  # the rows of this epoch, built by its steps
+        self.order = StepOrder(on_new_epoch=self.begin_epoch)
         self.ready = False
         self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "replayed": 0, "failures": 0, "unsent": 0}
         self._replay_reply = unpacker(ReplayReply)
@@ -138,7 +142,7 @@ class Worker:
         self.exit = os._exit  # how the process leaves a broken JAX job (tests replace it)
 
     def stats(self, *_: Any) -> dict:
-        return {**self.counts, "epoch": self.order.epoch, "last_seq": self.order.last_seq,
+        return {**self.counts, "epoch": self.order.epoch, "last_seq": self.order.last_seq, "rows": len(self.tables.rows),
                 "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes()}
 
     async def wait_for_members(self) -> None:
@@ -256,15 +260,25 @@ class Worker:
                                reason="a collective never completed; a peer of the group is probably gone")
                 os._exit(70)
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Taking ``epoch`` from its first step: no rows yet (its steps build them)."""
+        self.tables.clear()
+        self.log.info("new_epoch", epoch=epoch)
+
     async def fetch_missing(self, step: Step) -> list[Step]:
-        """The steps between the last one run and ``step``, from the publisher's replay window."""
-        data = await bus.request(self.nc, self.subjects.replay(self.place.dp_rank),
-                                 pack(Replay(step.epoch, self.order.last_seq + 1, step.seq - 1)),
-                                 timeout=self.s.replay_timeout)
-        steps = [self._decode_step.decode(b) for b in self._replay_reply.decode(data).steps]
-        if [s.seq for s in steps] != list(self.order.missing(step.seq)):
-            raise ReceiveDataError(None, f"the publisher no longer holds steps {self.order.last_seq + 1}..{step.seq - 1} "
-                                       f"of epoch {step.epoch}")
+        """The steps between the last one run and ``step``, from the publisher's replay window
+        (each answer holds the first of the steps asked for; asked again for the rest)."""
+        steps: list[Step] = []
+        missing = self.order.missing(step.seq)
+        while missing.start + len(steps) < missing.stop:
+            first = missing.start + len(steps)
+            data = await bus.request(self.nc, self.subjects.replay(self.place.dp_rank),
+                                     pack(Replay(step.epoch, first, step.seq - 1)), timeout=self.s.replay_timeout)
+            got = [self._decode_step.decode(b) for b in self._replay_reply.decode(data).steps]
+            if not got or [s.seq for s in got] != list(range(first, first + len(got))) or got[-1].seq >= step.seq:
+                raise ReceiveDataError(None, f"the publisher no longer holds steps {first}..{step.seq - 1} "
+                                           f"of epoch {step.epoch}")
+            steps += got
         return steps
 
     async def step_loop(self) -> None:
@@ -349,7 +363,8 @@ class Worker:
 
     def run_step(self, step: Step) -> StepResult:
         t0 = time.perf_counter()
-        prefill_tokens, decode_tokens = self.runner.step(step.prefill, step.decode)
+        prefill, decode = self.tables.apply(step)
+        prefill_tokens, decode_tokens = self.runner.step(prefill, decode)
         digest = token_digest(prefill_tokens, decode_tokens)
         if not self.place.is_leader:  # the leader reports the tokens, the others vouch for them
             prefill_tokens, decode_tokens = [], []
