@@ -13,8 +13,9 @@ instance wins the entry first (``publisher_lost``).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -63,6 +64,10 @@ class Ingest:
         self._ack = unpacker(SubmitAck)
         self._ack_abort = unpacker(AbortAck)
         self._load = unpacker(LoadReport)
+        # names this instance gives (a rid when the client sent none, each admission's attempt):
+        # a random prefix per process and a counter, unique without the random source per request
+        self._origin = secrets.token_hex(8)
+        self._names = itertools.count()
 
     # ---- checks ------------------------------------------------------------------------
     def admit(self, body: bytes, reply: str) -> tuple[Submit, list[int] | None]:
@@ -75,16 +80,17 @@ class Ingest:
             ids = self.tokenizer.encode(req.text) if req.text is not None else req.input_ids
         except ValueError as e:
             raise Rejected(ErrorCode.BAD_REQUEST, str(e)) from None
-        bad = next((t for t in ids if t >= self.model.vocab_size), None)
-        if bad is not None:
+        if ids and max(ids) >= self.model.vocab_size:
+            bad = next(t for t in ids if t >= self.model.vocab_size)
             raise Rejected(ErrorCode.BAD_REQUEST,
                            f"token id {bad} is outside the vocabulary (0..{self.model.vocab_size - 1})")
         if len(ids) >= self.model.max_seq_len:
             raise Rejected(ErrorCode.PROMPT_TOO_LONG, f"the prompt has {len(ids)} tokens; the context holds "
                            f"{self.model.max_seq_len}, and at least one must be left to generate")
-        rid = req.rid or uuid.uuid4().hex  # without a rid, every copy is a new request
+        name = f"{self._origin}{next(self._names):x}"
+        rid = req.rid or name  # without a rid, every copy is a new request
         sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None,
-                     client=client_of(reply), attempt=uuid.uuid4().hex[:16])
+                     client=client_of(reply), attempt=name)
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------
@@ -127,8 +133,8 @@ class Ingest:
         hold it: a resubmission of the same (client, rid) is acknowledged as a duplicate)."""
         for _ in range(SUBMIT_ATTEMPTS):
             try:
-                msg = await self.nc.request(self.subjects.submit(g), pack(sub), timeout=self.s.submit_timeout)
-                return self._ack.decode(msg.data)
+                return self._ack.decode(await self.replies.request(self.subjects.submit(g), pack(sub),
+                                                                   self.s.submit_timeout))
             except nats.errors.NoRespondersError:
                 return SubmitAck(False, ErrorCode.UNAVAILABLE, "no publisher")
             except nats.errors.TimeoutError:
@@ -294,6 +300,8 @@ class Ingest:
                                                          on_reconnect_hooks=hooks, auth=self.auth))
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
+        self.replies = bus.Replies(self.nc)
+        await self.replies.start()
         self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas)
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
         svc = await nats.micro.add_service(
@@ -312,4 +320,5 @@ class Ingest:
         if self.tasks:  # requests being handed to a group
             await asyncio.wait(self.tasks, timeout=self.s.drain_timeout)
         await self.outbox.drain(timeout=2)
+        self.replies.stop()
         await bus.close(self.nc)
