@@ -9,7 +9,7 @@ import ssl
 from collections import deque
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import nats
@@ -297,7 +297,7 @@ class Replies:
     def __init__(self, nc: Client, tick: float = 0.05) -> None:
         self.nc, self.tick = nc, tick
         self.prefix = ""
-        self.waiting: dict[str, asyncio.Future] = {}
+        self.waiting: dict[str, Callable[[Any], None]] = {}
         self.deadlines: dict[float, deque[tuple[float, str]]] = {}  # per time-out, in the order sent
         self.sent = 0
         self._expirer: asyncio.Task | None = None
@@ -311,34 +311,47 @@ class Replies:
         if self._expirer is not None:
             self._expirer.cancel()
 
-    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+    async def send(self, subject: str, data: bytes, timeout: float, done: Callable[[Any], None]) -> None:
+        """Publish a request; ``done`` is called once, from the reply's delivery, with the
+        reply's body (bytes) or the exception (no responders, time-out)."""
         self.sent += 1
         token = str(self.sent)
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.waiting[token] = fut
-        self.deadlines.setdefault(timeout, deque()).append((loop.time() + timeout, token))
+        self.waiting[token] = done
+        self.deadlines.setdefault(timeout, deque()).append((asyncio.get_running_loop().time() + timeout, token))
         try:
             await self.nc.publish(subject, data, reply=self.prefix + token)
-            return await fut
-        finally:
+        except BaseException:
             self.waiting.pop(token, None)
+            raise
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(got: Any) -> None:
+            if not fut.done():
+                if isinstance(got, BaseException):
+                    fut.set_exception(got)
+                else:
+                    fut.set_result(got)
+
+        await self.send(subject, data, timeout, done)
+        return await fut
 
     async def on_reply(self, msg: Any) -> None:
-        fut = self.waiting.pop(msg.subject[len(self.prefix):], None)
-        if fut is None or fut.done():
+        done = self.waiting.pop(msg.subject[len(self.prefix):], None)
+        if done is None:
             return
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            fut.set_exception(nats.errors.NoRespondersError())
+            done(nats.errors.NoRespondersError())
         else:
-            fut.set_result(msg.data)
+            done(msg.data)
 
     def expire(self, now: float) -> None:
         for queue in self.deadlines.values():
             while queue and queue[0][0] <= now:
-                fut = self.waiting.pop(queue.popleft()[1], None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(nats.errors.TimeoutError())
+                done = self.waiting.pop(queue.popleft()[1], None)
+                if done is not None:
+                    done(nats.errors.TimeoutError())
 
     async def _expire_loop(self) -> None:
         loop = asyncio.get_running_loop()

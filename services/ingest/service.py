@@ -40,6 +40,22 @@ VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
 
 
+class Handover:
+    """A request on its way to a group: offered to ``groups`` in turn until one takes it."""
+
+    __slots__ = ("sub", "groups", "cost", "pinned", "waiter")
+
+    def __init__(self, sub: Submit, groups: list[int], cost: int, pinned: bool) -> None:
+        self.sub, self.groups, self.cost, self.pinned = sub, groups, cost, pinned
+        self.waiter: asyncio.Future | None = None  # made when someone waits (an abort)
+
+    def wait(self) -> asyncio.Future:
+        """A future done when the hand-over is over (accepted, refused or answered)."""
+        if self.waiter is None:
+            self.waiter = asyncio.get_running_loop().create_future()
+        return self.waiter
+
+
 class Ingest:
     def __init__(self, settings: IngestSettings, log: Any, auth: bus.NatsAuth | None = None) -> None:
         self.s = settings
@@ -55,12 +71,12 @@ class Ingest:
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
         self.forwarded = 0
-        self.handing: dict[tuple[str, str], asyncio.Task] = {}  # (client, rid) being handed to a group now
+        self.handing: dict[tuple[str, str], Handover] = {}  # (client, rid) being handed to a group now
         self.orphaned = 0
         self.view = SweepView(fallback_ttl=settings.publisher_timeout)
         self.ledger: Ledger | None = None
         self.dispatched: Counter[int] = Counter()  # accepted requests per group
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task] = set()  # hand-overs past their first answer (see forward)
         self._ack = unpacker(SubmitAck)
         self._ack_abort = unpacker(AbortAck)
         self._load = unpacker(LoadReport)
@@ -118,23 +134,85 @@ class Ingest:
         if sub.key in self.handing:  # a copy of a request being handed over right now
             self.errors["duplicate_delivery"] += 1
             return
-        if len(self.tasks) >= self.s.max_inflight:
+        if len(self.handing) >= self.s.max_inflight:
             await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
-                                    f"ingest has {len(self.tasks)} requests being forwarded", sub.rid)
+                                    f"ingest has {len(self.handing)} requests being forwarded", sub.rid)
             return
-        task = asyncio.create_task(self.forward(sub, pinned))
-        self.handing[sub.key] = task
+        groups, why = self.route(sub, pinned)
+        if why:
+            await self.answer_error(reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
+            return
+        # the common case without a task: offer it to the first group; its acknowledgement
+        # settles it in the reply's callback, anything else goes on in ``offer``
+        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None)
+        self.handing[sub.key] = h
+        g = sub.dp_rank = groups[0]
+        self.router.sent(g, h.cost, sub.input_ids)  # counted before any await, so a concurrent burst sees it
+        try:
+            await self.replies.send(self.subjects.submit(g), pack(sub), self.s.submit_timeout,
+                                    lambda got: self.first_answer(h, got))
+        except Exception as e:  # noqa: BLE001 - NATS away: the slow path answers it
+            self.first_answer(h, e)
+
+    def first_answer(self, h: "Handover", got: Any) -> None:
+        """The first group's answer to a submit (its body, or why none came)."""
+        if not isinstance(got, BaseException):
+            try:
+                ack = self._ack.decode(got)
+            except Exception as e:  # noqa: BLE001 - not an acknowledgement: as a publisher's failure
+                got = e
+            else:
+                if ack.accepted:
+                    self.accepted(h.sub.dp_rank, ack)
+                    self.handed(h)
+                    return
+        task = asyncio.create_task(self.offer(h, got))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        task.add_done_callback(lambda _: self.handing.pop(sub.key, None))
+        task.add_done_callback(lambda _: self.handed(h))
 
-    async def submit_to(self, g: int, sub: Submit) -> SubmitAck | None:
+    def handed(self, h: "Handover") -> None:
+        if self.handing.get(h.sub.key) is h:
+            del self.handing[h.sub.key]
+        if h.waiter is not None and not h.waiter.done():
+            h.waiter.set_result(None)
+
+    def accepted(self, g: int, ack: SubmitAck) -> None:
+        """Group ``g`` took the request: its holder (or, for a duplicate, whoever has the
+        name) answers it."""
+        self.forwarded += 1
+        self.dispatched[g] += 1
+        self.errors["duplicate_request"] += ack.duplicate
+
+    def route(self, sub: Submit, pinned: list[int] | None) -> tuple[list[int], str]:
+        """The groups to offer ``sub`` to, in turn, or why there are none.
+
+        A pinned group is the only one tried. Unavailable groups (see ``Router``) are not
+        tried at all: with none available the client gets ``unavailable`` at once."""
+        if pinned:
+            why = self.router.unavailable_reason(pinned[0])
+            if why:
+                return [], f"group {pinned[0]} (the request's dp_rank) is unavailable: {why}"
+            return pinned, ""
+        groups = self.router.order(sub.input_ids, sub.sampling.max_new_tokens)
+        if not groups:
+            whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.groups))
+            return [], f"no DP group is available ({whys})"
+        return groups, ""
+
+    async def submit_to(self, g: int, sub: Submit, first: Any = None) -> SubmitAck | None:
         """Hand ``sub`` to group ``g``; None when no acknowledgement came (the publisher may
-        hold it: a resubmission of the same (client, rid) is acknowledged as a duplicate)."""
-        for _ in range(SUBMIT_ATTEMPTS):
+        hold it: a resubmission of the same (client, rid) is acknowledged as a duplicate).
+        ``first``: the answer to a first attempt made already (a body or an exception)."""
+        for attempt in range(SUBMIT_ATTEMPTS):
             try:
-                return self._ack.decode(await self.replies.request(self.subjects.submit(g), pack(sub),
-                                                                   self.s.submit_timeout))
+                if attempt == 0 and first is not None:
+                    if isinstance(first, BaseException):
+                        raise first
+                    got = first
+                else:
+                    got = await self.replies.request(self.subjects.submit(g), pack(sub), self.s.submit_timeout)
+                return self._ack.decode(got)
             except nats.errors.NoRespondersError:
                 return SubmitAck(False, ErrorCode.UNAVAILABLE, "no publisher")
             except nats.errors.TimeoutError:
@@ -144,42 +222,38 @@ class Ingest:
         return None
 
     async def forward(self, sub: Submit, pinned: list[int] | None) -> None:
-        """Offer the request to the available groups in turn until one acknowledges it.
+        """The whole hand-over in one coroutine (``on_generate`` does its first step
+        without one): route ``sub``, then offer it to its groups in turn."""
+        groups, why = self.route(sub, pinned)
+        if why:
+            await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
+            return
+        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None)
+        sub.dp_rank = groups[0]
+        self.router.sent(groups[0], h.cost, sub.input_ids)
+        await self.offer(h, None)
 
-        A pinned group is the only one tried. Unavailable groups (see ``Router``) are not
-        tried at all: with none available the client gets ``unavailable`` at once."""
-        if pinned:
-            why = self.router.unavailable_reason(pinned[0])
-            if why:
-                await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
-                                        f"group {pinned[0]} (the request's dp_rank) is unavailable: {why}", sub.rid)
-                return
-            groups = pinned
-        else:
-            groups = self.router.order(sub.input_ids, sub.sampling.max_new_tokens)
-            if not groups:
-                whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.groups))
-                await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
-                                        f"no DP group is available ({whys})", sub.rid)
-                return
-        cost = len(sub.input_ids) + sub.sampling.max_new_tokens
+    async def offer(self, h: "Handover", first: Any) -> None:
+        """Offer the request to its groups in turn until one acknowledges it (the first
+        group is counted as sent to already; ``first``: the answer to an offer made to it
+        already, or None)."""
+        sub, cost = h.sub, h.cost
         tried: list[str] = []
-        for g in groups:
+        for i, g in enumerate(h.groups):
             sub.dp_rank = g
-            self.router.sent(g, cost, sub.input_ids)  # counted before the await, so a concurrent burst sees it
-            ack = await self.submit_to(g, sub)
+            if i:
+                self.router.sent(g, cost, sub.input_ids)
+            ack = await self.submit_to(g, sub, first if i == 0 else None)
             if ack is None:  # it may hold the request without our knowing: never offer it elsewhere
                 self.router.unsent(g, cost)
                 await self.refuse_unheard(sub, g)
                 return
-            if ack.accepted:  # its holder (or, for a duplicate, whoever has the name) answers it
-                self.forwarded += 1
-                self.dispatched[g] += 1
-                self.errors["duplicate_request"] += ack.duplicate
+            if ack.accepted:
+                self.accepted(g, ack)
                 return
             self.router.unsent(g, cost)
             tried.append(f"group {g}: {ack.message}")
-            if ack.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE) and not pinned:
+            if ack.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE) and not h.pinned:
                 continue
             await self.answer_error(sub.reply, sub.encoding, ack.code or ErrorCode.INTERNAL, f"group {g}: {ack.message}",
                                     sub.rid)
@@ -265,7 +339,7 @@ class Ingest:
 
         handing = self.handing.get((client_of(abort.reply), abort.rid))
         if handing is not None:  # the request is on its way to a group: abort it once it is there
-            await asyncio.wait({handing}, timeout=self.s.submit_timeout * 2)
+            await asyncio.wait({handing.wait()}, timeout=self.s.submit_timeout * (SUBMIT_ATTEMPTS + 1))
 
         async def ask(g: int) -> AbortAck | None:
             try:
@@ -288,7 +362,7 @@ class Ingest:
             self.errors["bad_load_report"] += 1
 
     def stats(self, *_: Any) -> dict:
-        return {"forwarded": self.forwarded, "inflight": len(self.tasks), "errors": dict(self.errors),
+        return {"forwarded": self.forwarded, "inflight": len(self.handing), "errors": dict(self.errors),
                 "held": len(self.view.held), "orphaned": self.orphaned,
                 "policy": self.router.policy,
                 "dispatched": {str(g): self.dispatched[g] for g in range(self.groups)},
@@ -317,8 +391,9 @@ class Ingest:
         for task in background:
             task.cancel()
         await svc.stop()
-        if self.tasks:  # requests being handed to a group
-            await asyncio.wait(self.tasks, timeout=self.s.drain_timeout)
+        deadline = time.monotonic() + self.s.drain_timeout
+        while self.handing and time.monotonic() < deadline:  # requests being handed to a group
+            await asyncio.sleep(0.05)
         await self.outbox.drain(timeout=2)
         self.replies.stop()
         await bus.close(self.nc)
