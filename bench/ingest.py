@@ -87,8 +87,10 @@ class Standins:
                 try:
                     rev = await ownership.claim(ledger, key, ownership.held_by(instance, g, sub), sub.moved_from,
                                                 sub.attempt)
-                except Exception:  # noqa: BLE001 - counted; the ack says unavailable as a publisher's would
+                except Exception as e:  # noqa: BLE001 - counted; the ack says unavailable as a publisher's would
                     self.counts["claim_failed"] += 1
+                    if self.counts["claim_failed"] <= 5:
+                        print(f"claim failed: {e!r}", flush=True)
                     await msg.respond(pack(SubmitAck(False, None, "ledger unreachable")))
                     return
                 if rev is None:
@@ -362,6 +364,7 @@ def run(groups: int = 2, rates=(1000, 2000, 4000), seconds: float = 2.0, kind: s
         ingest_from: str | None = None, mode: str = "claim+settle", rtt_samples: int = 2000, label: str = "",
         profile: str = "") -> dict:
     with tempfile.TemporaryDirectory(prefix="dpbus-bench-ingest-") as d:
+        d = os.environ.get("DPBUS_BENCH_LOGS") or d  # keep the logs there
         cluster, pids = start(groups, ingest_from, mode, Path(d), profile)
         try:
             print(f"ingest routing{' (' + label + ')' if label else ''}: {groups} stand-in group(s), "

@@ -119,8 +119,9 @@ class SweepView:
     fallback_ttl: float  # for a holder whose lease this view never saw
     leases: dict[int, tuple[Seen, float]] = field(default_factory=dict)  # instance -> (seen, ttl)
     held: dict[str, tuple[int, Entry]] = field(default_factory=dict)  # key -> (revision, entry)
+    holding: dict[int, set[str]] = field(default_factory=dict)  # holder -> the keys of held it holds
     owner_seen: dict[int, float] = field(default_factory=dict)  # holder -> first seen holding
-    settled: dict[str, Seen] = field(default_factory=dict)
+    settled: dict[str, Seen] = field(default_factory=dict)  # in the order seen (oldest first)
 
     def update(self, key: str, revision: int, value: bytes | None, now: float) -> None:
         """Record a change of ``key`` (``value`` None: deleted)."""
@@ -133,13 +134,19 @@ class SweepView:
             if old is None or old[0].revision != revision:
                 self.leases[instance] = (Seen(revision, now), decode_lease(value).ttl)
             return
-        self.held.pop(key, None)
+        was = self.held.pop(key, None)
+        if was is not None:
+            keys = self.holding[was[1].owner]
+            keys.discard(key)
+            if not keys:
+                del self.holding[was[1].owner]
         self.settled.pop(key, None)
         if value is None:
             return
         entry = decode_entry(value)
         if entry.state == HELD:
             self.held[key] = (revision, entry)
+            self.holding.setdefault(entry.owner, set()).add(key)
             self.owner_seen.setdefault(entry.owner, now)
         else:
             self.settled[key] = Seen(revision, now)
@@ -151,16 +158,25 @@ class SweepView:
         return now - self.owner_seen.get(owner, now) > self.fallback_ttl + MARGIN
 
     def orphans(self, now: float) -> list[tuple[str, int, Entry]]:
-        """Held requests whose holder's lease expired: someone must answer them."""
-        return [(k, rev, e) for k, (rev, e) in self.held.items() if self.expired(e.owner, now)]
+        """Held requests whose holder's lease expired: someone must answer them. (By
+        holder: a sweep costs the number of holders, not of held requests.)"""
+        return [(k, *self.held[k]) for owner, keys in self.holding.items() if self.expired(owner, now)
+                for k in sorted(keys)]
 
     def stale_settled(self, now: float) -> list[tuple[str, int]]:
-        return [(k, s.revision) for k, s in self.settled.items() if now - s.since > KEEP_ANSWERED]
+        """Settled entries seen more than ``KEEP_ANSWERED`` ago. ``settled`` is in the order
+        seen, so this stops at the first younger one (with a clock that went back, an
+        entry waits for the ones seen before it: kept longer, never deleted early)."""
+        out = []
+        for k, s in self.settled.items():
+            if now - s.since <= KEEP_ANSWERED:
+                break
+            out.append((k, s.revision))
+        return out
 
     def dead_leases(self, now: float) -> list[tuple[str, int]]:
-        holding = {e.owner for _, e in self.held.values()}
         return [(lease_key(i), seen.revision) for i, (seen, ttl) in self.leases.items()
-                if i not in holding and now - seen.since > ttl + MARGIN]
+                if i not in self.holding and now - seen.since > ttl + MARGIN]
 
 
 class Ledger:
