@@ -70,6 +70,8 @@ class Ingest:
                              affinity_skew=settings.affinity_skew,
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
+        self._said: dict[str, float] = {}  # error code -> when a refusal was last logged
+        self._unsaid: Counter[str] = Counter()  # refusals not logged since
         self.forwarded = 0
         self.handing: dict[tuple[str, str], Handover] = {}  # (client, rid) being handed to a group now
         self.orphaned = 0
@@ -112,9 +114,20 @@ class Ingest:
     # ---- handlers ----------------------------------------------------------------------
     async def answer_error(self, reply: str, enc: Encoding, code: ErrorCode, message: str, rid: str | None = None) -> None:
         self.errors[code.value] += 1
-        self.log.info("request_rejected", code=code.value, reason=message[:200], rid=rid)
+        self.log_refusal(code.value, message, rid)
         if reply:
             await self.outbox.send(reply, encode_answer(Error(code, message, rid=rid), enc))
+
+    def log_refusal(self, code: str, message: str, rid: str | None) -> None:
+        """One line per error code per second at most: an overload refuses every request,
+        and a line for each would slow the refusing down (``errors`` counts them all)."""
+        now = time.monotonic()
+        if now - self._said.get(code, float("-inf")) < 1.0:
+            self._unsaid[code] += 1
+            return
+        self._said[code] = now
+        self.log.info("request_rejected", code=code, reason=message[:200], rid=rid,
+                      also_since_last_line=self._unsaid.pop(code, 0))
 
     async def on_generate(self, req: Any) -> None:
         reply = bus.reply_subject(req)
