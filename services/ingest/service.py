@@ -78,7 +78,7 @@ class Ingest:
         self.view = SweepView(fallback_ttl=settings.publisher_timeout)
         self.ledger: Ledger | None = None
         self.dispatched: Counter[int] = Counter()  # accepted requests per group
-        self.tasks: set[asyncio.Task] = set()  # hand-overs past their first answer (see forward)
+        self.tasks: set[asyncio.Task] = set()  # hand-overs past their first answer (see offer)
         self._ack = unpacker(SubmitAck)
         self._ack_abort = unpacker(AbortAck)
         self._load = unpacker(LoadReport)
@@ -352,7 +352,7 @@ class Ingest:
 
         handing = self.handing.get((client_of(abort.reply), abort.rid))
         if handing is not None:  # the request is on its way to a group: abort it once it is there
-            await asyncio.wait({handing.wait()}, timeout=self.s.submit_timeout * (SUBMIT_ATTEMPTS + 1))
+            await asyncio.wait({handing.wait()}, timeout=self.s.submit_timeout * 2)
 
         async def ask(g: int) -> AbortAck | None:
             try:
