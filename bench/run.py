@@ -76,7 +76,7 @@ def matmul_peak(n: int = 2048) -> dict:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
     mm = jax.jit(jnp.matmul)
     t = timed(lambda: mm(a, a).block_until_ready(), repeat=10)
-    return {"n": n, **t, "gflop_s": 2 * n ** 3 / (t["median_ms"] / 1000) / 1e9}
+    return {**t, "size": n, "gflop_s": 2 * n ** 3 / (t["median_ms"] / 1000) / 1e9}
 
 
 def prefill_flops(cfg, tokens: int) -> int:
@@ -252,7 +252,7 @@ def model_part() -> dict:
     read_bw = read_bandwidth()
     print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s; read-only pass: {read_bw:.1f} GB/s")
     peak = matmul_peak()
-    print(f"f32 matmul {peak['n']}x{peak['n']} on one device: {peak['gflop_s']:.1f} GFLOP/s")
+    print(f"f32 matmul {peak['size']}x{peak['size']} on one device: {peak['gflop_s']:.1f} GFLOP/s")
     visits = bench_pages_per_visit(read_bw)
     for per, r in visits.items():
         print(f"decode attention, page size 16, {per:>2} page(s) per visit: {r['median_ms']:.3f} ms "
