@@ -48,3 +48,7 @@ def run() -> list[dict]:
               f"delivery {r['delivery_overhead_ms']:.2f} ms ({r['overhead_fraction'] * 100:.0f}%) over "
               f"{r['steps']} steps; resent {r['resent']}, replayed {r['replayed']}")
     return out
+
+
+if __name__ == "__main__":
+    run()
