@@ -268,12 +268,14 @@ async def measure(cluster, pids: dict[str, int], rates: list[float], seconds: fl
         await control(admin, "reset")
         load.errors.clear()
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        cpu0["client"] = time.process_time()
         t0 = time.monotonic()
         sent = await (load.at_rate(rate, seconds) if rate else load.closed_loop(window, seconds))
         await client.flush()
         st = await wait_settled(admin, sent, 30)
         wall = time.monotonic() - t0
         cpu = {name: (cpu_seconds(pid) - cpu0[name]) for name, pid in pids.items()}
+        cpu["client"] = time.process_time() - cpu0["client"]  # this process: the load and the control
         run = {"offered_per_s": rate or None, "window": None if rate else window, "sent": sent,
                "arrived": st["submits"], "claimed": st["claimed"], "settled": st["settled"],
                "refused": dict(load.errors), "arrived_per_s": st["submits"] / st["seconds"] if st["seconds"] else 0.0,

@@ -27,7 +27,7 @@ def test_ingest_bench_routes_every_request_through_the_ledger():
     for r in out["runs"]:
         assert r["sent"] > 0 and r["arrived"] == r["sent"] == r["claimed"] == r["settled"], r
         assert r["refused"] == {}
-        assert set(r["cpu_us_per_request"]) == {"ingest", "standins", "nats-server"}
+        assert set(r["cpu_us_per_request"]) == {"ingest", "standins", "nats-server", "client"}
     assert out["raw_nats_round_trip_ms"]["p50"] > 0
 
 
