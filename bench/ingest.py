@@ -34,7 +34,8 @@ RESULTS = Path(__file__).parent / "results"
 CONTROL = "bench.standin"  # the stand-ins' control subjects (stats, reset), as the admin user
 MODES = ("claim+settle", "claim", "ack")
 TICK = 0.001
-DONE = b'{"type":"done"}'  # a stand-in's whole answer to the client  # the offered load is published in a burst every TICK seconds
+DONE = b'{"type":"done"}'  # a stand-in's whole answer to the client
+LEASE_TTL = 5.0  # the stand-ins' leases (a publisher's default --publisher-timeout)  # the offered load is published in a burst every TICK seconds
 
 
 # ---- the stand-in publishers (a child process) ---------------------------------------------
@@ -45,7 +46,8 @@ class Standins:
         self.groups, self.mode = groups, mode
         self.arrival_ns: list[int] = []  # publish -> arrival at a stand-in
         self.admit_ns: list[int] = []  # publish -> ingest admitted it (wall clocks of one machine)
-        self.counts = {"submits": 0, "claimed": 0, "duplicates": 0, "claim_failed": 0, "settled": 0}
+        self.counts = {"submits": 0, "claimed": 0, "duplicates": 0, "claim_failed": 0, "settled": 0,
+                       "settle_failed": 0, "renew_failed": 0}
         self.first = self.last = 0.0
         self.tasks: set[asyncio.Task] = set()
 
@@ -60,7 +62,7 @@ class Standins:
                 "seconds": self.last - self.first, "in_progress": len(self.tasks)}
 
     async def serve(self, url: str, credentials: str, prefix: str) -> None:
-        from schemas import Subjects
+        from schemas import ErrorCode, Subjects
         from schemas.internal import Submit, SubmitAck, pack, unpacker
         from services import bus, ownership
         from services.ledger import Lease, Ledger, request_key
@@ -75,7 +77,7 @@ class Standins:
             nc = await bus.connect_client(url, auth=bus.auth_for(creds, user_for("publisher", g)))
             ledger = await Ledger.open(nc, prefix)
             instance = secrets.randbits(62) | 1
-            await ledger.renew(Lease(instance, g, 5.0))
+            await ledger.renew(Lease(instance, g, LEASE_TTL))
 
             async def handle(msg, sub) -> None:
                 if self.mode == "ack":  # no ledger at all: what ingest alone can route
@@ -87,11 +89,12 @@ class Standins:
                 try:
                     rev = await ownership.claim(ledger, key, ownership.held_by(instance, g, sub), sub.moved_from,
                                                 sub.attempt)
-                except Exception as e:  # noqa: BLE001 - counted; the ack says unavailable as a publisher's would
+                except Exception as e:  # noqa: BLE001 - counted; refused as a publisher refuses it
                     self.counts["claim_failed"] += 1
                     if self.counts["claim_failed"] <= 5:
                         print(f"claim failed: {e!r}", flush=True)
-                    await msg.respond(pack(SubmitAck(False, None, "ledger unreachable")))
+                    await msg.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
+                                                     f"the request ledger is unreachable: {e!r}")))
                     return
                 if rev is None:
                     self.counts["duplicates"] += 1
@@ -101,8 +104,11 @@ class Standins:
                 await msg.respond(pack(SubmitAck(True, instance=instance)))
                 await nc.publish(sub.reply, DONE)  # what the client waits for (a real one: the tokens)
                 if self.mode == "claim+settle":  # the request "finishes": its terminal is ours
-                    if await ledger.swap(key, ownership.answered_by(instance, g, sub.rid, sub.client), rev):
-                        self.counts["settled"] += 1
+                    try:
+                        if await ledger.swap(key, ownership.answered_by(instance, g, sub.rid, sub.client), rev):
+                            self.counts["settled"] += 1
+                    except Exception:  # noqa: BLE001 - a time-out: ingest answers it once the lease lapses
+                        self.counts["settle_failed"] += 1
 
             async def on_submit(msg) -> None:
                 now_ns, wall = time.monotonic_ns(), time.time()
@@ -117,10 +123,13 @@ class Standins:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
 
-            async def renew() -> None:
+            async def renew() -> None:  # as a publisher: a quarter of the lease's time-to-live apart
                 while not stop.is_set():
-                    await asyncio.sleep(1.0)
-                    await ledger.renew(Lease(instance, g, 5.0))
+                    await asyncio.sleep(LEASE_TTL / 4)
+                    try:
+                        await ledger.renew(Lease(instance, g, LEASE_TTL))
+                    except Exception:  # noqa: BLE001 - the next one may get through
+                        self.counts["renew_failed"] += 1
 
             await bus.subscribe(nc, subjects.submit(g), on_submit, queue=f"dpbus-publisher-{g}")
             await renew()
@@ -236,8 +245,9 @@ async def wait_settled(admin, sent: int, timeout: float) -> dict:
         await asyncio.sleep(0.1)
 
 
-async def raw_round_trip(admin, n: int) -> dict:
-    """One NATS request/reply at a time, on the same server (admin to itself)."""
+async def raw_round_trip(admin, n: int, server_pid: int) -> dict:
+    """One NATS request/reply at a time, on the same server (admin to itself), and the
+    server's CPU time per round trip."""
     async def echo(msg) -> None:
         await msg.respond(msg.data)
 
@@ -245,13 +255,35 @@ async def raw_round_trip(admin, n: int) -> dict:
     payload = b"x" * 200
     for _ in range(100):
         await admin.request("bench.echo", payload, timeout=5)
-    samples = []
+    samples, cpu0 = [], cpu_seconds(server_pid)
     for _ in range(n):
         t0 = time.monotonic_ns()
         await admin.request("bench.echo", payload, timeout=5)
         samples.append(time.monotonic_ns() - t0)
+    cpu = cpu_seconds(server_pid) - cpu0
     await sub.unsubscribe()
-    return percentiles_ms(samples)
+    return {**percentiles_ms(samples), "server_cpu_us": cpu / n * 1e6}
+
+
+async def raw_kv_create(admin, n: int, server_pid: int) -> dict:
+    """One JetStream key-value create at a time (a fresh key each: what a claim is), in a
+    bucket made like the ledger's (file storage, one revision per key), and the server's
+    CPU time per create."""
+    from nats.js.api import KeyValueConfig, StorageType
+
+    js = admin.jetstream(timeout=5)
+    kv = await js.create_key_value(KeyValueConfig(bucket="bench_kv", history=1, storage=StorageType.FILE))
+    value = b"x" * 100
+    for i in range(100):
+        await kv.create(f"warm.{i}", value)
+    samples, cpu0 = [], cpu_seconds(server_pid)
+    for i in range(n):
+        t0 = time.monotonic_ns()
+        await kv.create(f"k.{i}", value)
+        samples.append(time.monotonic_ns() - t0)
+    cpu = cpu_seconds(server_pid) - cpu0
+    await js.delete_key_value("bench_kv")
+    return {**percentiles_ms(samples), "server_cpu_us": cpu / n * 1e6}
 
 
 async def measure(cluster, pids: dict[str, int], rates: list[float], seconds: float, kind: str,
@@ -262,7 +294,8 @@ async def measure(cluster, pids: dict[str, int], rates: list[float], seconds: fl
     admin = await bus.connect_client(cluster.nats_url, auth=cluster.auth("admin"))
     load = Load(client, cluster.prefix + ".generate", kind)
     await load.start()
-    out: dict = {"raw_nats_round_trip_ms": await raw_round_trip(admin, rtt_samples), "runs": []}
+    out: dict = {"raw_nats_round_trip_ms": await raw_round_trip(admin, rtt_samples, pids["nats-server"]),
+                 "raw_kv_create_ms": await raw_kv_create(admin, rtt_samples, pids["nats-server"]), "runs": []}
     await wait_settled(admin, await load.at_rate(2000, 1.0), 10)  # warm the path
     for rate in [*rates, 0]:
         await control(admin, "reset")
@@ -280,6 +313,7 @@ async def measure(cluster, pids: dict[str, int], rates: list[float], seconds: fl
                "arrived": st["submits"], "claimed": st["claimed"], "settled": st["settled"],
                "refused": dict(load.errors), "arrived_per_s": st["submits"] / st["seconds"] if st["seconds"] else 0.0,
                "arrival_ms": st["arrival_ms"], "admit_ms": st["admit_ms"],
+               "ledger_failures": {k: st[k] for k in ("claim_failed", "settle_failed", "renew_failed")},
                "cpu_us_per_request": {k: v / max(sent, 1) * 1e6 for k, v in cpu.items()},
                "cpu_busy_fraction": {k: v / wall for k, v in cpu.items()}}
         out["runs"].append(run)
@@ -374,8 +408,10 @@ def run(groups: int = 2, rates=(1000, 2000, 4000), seconds: float = 2.0, kind: s
             out = asyncio.run(measure(cluster, pids, list(rates), seconds, kind, rtt_samples, window))
         finally:
             cluster.stop()
-    rtt = out["raw_nats_round_trip_ms"]
-    print(f"  raw NATS request/reply round trip: p50 {rtt['p50']:.3f} ms, p99 {rtt['p99']:.3f} ms")
+    rtt, kv = out["raw_nats_round_trip_ms"], out["raw_kv_create_ms"]
+    print(f"  raw NATS request/reply round trip: p50 {rtt['p50']:.3f} ms, p99 {rtt['p99']:.3f} ms, server CPU "
+          f"{rtt['server_cpu_us']:.0f} us; raw KV create: p50 {kv['p50']:.3f} ms, p99 {kv['p99']:.3f} ms, "
+          f"server CPU {kv['server_cpu_us']:.0f} us")
     out.update({"groups": groups, "kind": kind, "seconds_per_rate": seconds, "mode": mode,
                 "ingest_from": ingest_from or "this checkout", "label": label,
                 "capacity_per_s": max(r["arrived_per_s"] for r in out["runs"]),
