@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import msgspec
 from msgspec import Struct
@@ -182,8 +183,8 @@ class SweepView:
 class Ledger:
     """The bucket. Every call may raise (no JetStream, a time-out); callers decide."""
 
-    def __init__(self, kv) -> None:
-        self.kv = kv
+    def __init__(self, kv, js=None, bucket: str = "") -> None:
+        self.kv, self.js, self.bucket = kv, js, bucket
 
     @classmethod
     async def open(cls, nc, prefix: str, replicas: int = 1, timeout: float = 2.0) -> "Ledger":
@@ -192,7 +193,7 @@ class Ledger:
         js = nc.jetstream(timeout=timeout)
         config = KeyValueConfig(bucket=bucket_name(prefix), history=1, storage=StorageType.FILE, replicas=replicas,
                                 description="dpbus request ledger: who owns each request's terminal answer")
-        return cls(await js.create_key_value(config))
+        return cls(await js.create_key_value(config), js, config.bucket)
 
     async def claim(self, key: str, entry: Entry) -> tuple[int | None, tuple[int, Entry] | None]:
         """Create ``key``: (its revision, None), or (None, the existing (revision, entry))."""
@@ -244,3 +245,34 @@ class Ledger:
 
     async def watch(self):
         return await self.kv.watchall()
+
+    async def follow(self, on_change: Callable[[str, int, bytes | None], None]) -> Any:
+        """Call ``on_change(key, revision, value)`` with the latest value of every key, then
+        with every change (``value`` None: deleted), as the changes are delivered. What
+        ``watch`` gives, for a reader of every change of every request: no entry object,
+        queue or iterator per change. Returns the subscription (``unsubscribe`` ends it)."""
+        from nats.js.api import DeliverPolicy
+
+        pre = f"$KV.{self.bucket}."
+
+        async def deliver(msg) -> None:
+            headers = msg.header
+            deleted = False
+            if headers:
+                op = headers.get("KV-Operation")
+                reason = headers.get("Nats-Marker-Reason")  # the server's own delete markers (2.11+)
+                if op is None and reason is not None and reason not in ("MaxAge", "Purge", "Remove"):
+                    return  # a marker of a kind this code does not know
+                deleted = op in ("DEL", "PURGE") or reason is not None
+            on_change(msg.subject[len(pre):], stream_sequence(msg.reply), None if deleted else msg.data)
+
+        return await self.js.subscribe(pre + ">", stream=f"KV_{self.bucket}", cb=deliver, ordered_consumer=True,
+                                       deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=300.0)
+
+
+def stream_sequence(reply: str) -> int:
+    """The stream sequence (a key's revision) of a JetStream delivery, from its reply
+    subject: ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`` (9 tokens), or
+    with a domain and an account hash after ``ACK`` (12 or more)."""
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])

@@ -294,21 +294,31 @@ class Ingest:
             self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, group=g)
 
     async def watch_ledger(self, stop: asyncio.Event) -> None:
-        """Keep ``view`` up to date with every change of the ledger (watching again after
-        a failure)."""
+        """Keep ``view`` up to date with every change of the ledger (following it again
+        when it cannot be followed: JetStream away)."""
+        def changed(key: str, revision: int, value: bytes | None) -> None:
+            try:
+                self.view.update(key, revision, value, time.monotonic())
+            except Exception as e:  # noqa: BLE001 - not an entry of this dpbus: leave it out
+                self.errors["unreadable_ledger_entry"] += 1
+                self.log.warning("unreadable_ledger_entry", key=key, error=repr(e))
+
         while not stop.is_set():
             try:
-                watcher = await self.ledger.watch()
-                async for change in watcher:
-                    if change is None:
-                        continue
-                    value = None if change.operation in ("DEL", "PURGE") else change.value
-                    self.view.update(change.key, change.revision, value, time.monotonic())
+                following = await self.ledger.follow(changed)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - NATS away: watch again
+            except Exception as e:  # noqa: BLE001 - NATS away: try again
                 self.log.warning("ledger_watch_failed", error=repr(e))
                 await asyncio.sleep(self.s.reconcile_interval)
+                continue
+            try:
+                await stop.wait()
+            finally:
+                try:
+                    await following.unsubscribe()
+                except Exception:  # noqa: BLE001 - closing anyway
+                    pass
 
     async def sweep_loop(self, stop: asyncio.Event) -> None:
         """Every ``reconcile_interval``: answer for publishers whose lease lapsed, and forget
