@@ -47,14 +47,17 @@ def test_memory_reads_proc_and_sizes_the_model():
 def test_the_summary_renders_what_the_parts_return():
     p = {"p50": 0.1, "p90": 0.2, "p99": 0.3, "mean": 0.1, "n": 10}
     run = {"offered_per_s": None, "window": 8, "arrived_per_s": 100.0, "arrival_ms": {"p50": 1.0, "p99": 2.0},
-           "cpu_us_per_request": {"ingest": 30.0}, "refused": {}}
+           "cpu_us_per_request": {"ingest": 30.0, "standins": 10.0, "nats-server": 10.0, "client": 5.0},
+           "refused": {}}
+    measured = {"mode": "ack", "raw_nats_round_trip_ms": p, "raw_kv_create_ms": {**p, "server_cpu_us": 9.0},
+                "runs": [run], "capacity_per_s": 100.0, "best_rate_p99_under_1ms": 0.0}
     out = {"when": "now", "cpus": 2,
            "transports": {"payload_bytes": 400, "rounds": 10, "nats": {1: p}, "zmq": {1: p}},
            "delivery": [{"nodes_per_group": 1, "delivery_overhead_ms": 0.5, "overhead_fraction": 0.1, "step_ms": 5.0}],
-           "ingest": {"runs": [{"code": "this checkout", "mode": "ack", "raw_nats_round_trip_ms": p, "runs": [run],
-                                "capacity_per_s": 100.0, "best_rate_p99_under_1ms": 0.0}]},
+           "ingest": {"runs": [{**measured, "code": "abc1234"}, {**measured, "code": "this checkout"}]},
            "memory": {"model": {"weights_bytes": 1 << 20, "kv_cache_bytes": 2 << 20},
                       "processes": {"ingest": {"rss_bytes": 50 << 20, "peak_rss_bytes": 60 << 20}}}}
     text = summary.render(out)
-    for part in ("raw ZeroMQ", "raw nats-py", "dpbus ordered steps", "ingest routing", "memory (MiB)"):
+    for part in ("raw ZeroMQ", "raw nats-py", "dpbus ordered steps", "ingest routing", "abc1234 30 us -> this checkout",
+                 "raw JetStream KV create", "memory (MiB)"):
         assert part in text
