@@ -4,8 +4,9 @@ the request in the real ledger (``ownership.claim`` on the JetStream bucket, as 
 publisher does) and, a moment later, settling it (the compare-and-set a publisher makes
 when it finishes a request). Nothing runs a model, so what is measured is the front door.
 
-Offered load: requests published on ``dpbus.generate`` at a fixed rate for a while (a
-few rates, rising), then as fast as the client can. For each: requests/s arriving at
+Offered load: first a closed loop (a window of requests in flight, the next sent as a
+stand-in answers one: what the whole chain carries at most), then requests published on
+``dpbus.generate`` at a fixed rate for a while (a few rates, rising). For each: requests/s arriving at
 the stand-ins, and the latency from the client's publish to the submit's arrival at a
 stand-in (p50/p99; every process is on this machine, one monotonic clock), and the CPU
 time each process spent per request. Next to it, one raw NATS request/reply round trip
@@ -33,9 +34,9 @@ import msgspec
 RESULTS = Path(__file__).parent / "results"
 CONTROL = "bench.standin"  # the stand-ins' control subjects (stats, reset), as the admin user
 MODES = ("claim+settle", "claim", "ack")
-TICK = 0.001
+TICK = 0.001  # the offered load is published in a burst every TICK seconds
 DONE = b'{"type":"done"}'  # a stand-in's whole answer to the client
-LEASE_TTL = 5.0  # the stand-ins' leases (a publisher's default --publisher-timeout)  # the offered load is published in a burst every TICK seconds
+LEASE_TTL = 5.0  # the stand-ins' leases (a publisher's default --publisher-timeout)
 
 
 # ---- the stand-in publishers (a child process) ---------------------------------------------
@@ -72,6 +73,7 @@ class Standins:
         subjects = Subjects(prefix)
         decode = unpacker(Submit).decode
         stop = asyncio.Event()
+        subscribed: list[int] = []
 
         async def group(g: int) -> None:
             nc = await bus.connect_client(url, auth=bus.auth_for(creds, user_for("publisher", g)))
@@ -132,6 +134,8 @@ class Standins:
                         self.counts["renew_failed"] += 1
 
             await bus.subscribe(nc, subjects.submit(g), on_submit, queue=f"dpbus-publisher-{g}")
+            await nc.flush()
+            subscribed.append(g)
             await renew()
 
         admin = await bus.connect_client(url, auth=bus.auth_for(creds, "admin"))
@@ -147,7 +151,10 @@ class Standins:
         await admin.subscribe(f"{CONTROL}.*", cb=on_control)
         await admin.flush()
         runs = [asyncio.create_task(group(g)) for g in range(self.groups)]
-        await asyncio.sleep(0.5)  # let every group subscribe before saying ready
+        while len(subscribed) < self.groups:  # every group listens before the load starts
+            if any(r.done() for r in runs):
+                await asyncio.gather(*runs)  # a group that could not start: its error ends this process
+            await asyncio.sleep(0.05)
         print("standins ready", flush=True)
         await stop.wait()
         for r in runs:
@@ -297,7 +304,7 @@ async def measure(cluster, pids: dict[str, int], rates: list[float], seconds: fl
     out: dict = {"raw_nats_round_trip_ms": await raw_round_trip(admin, rtt_samples, pids["nats-server"]),
                  "raw_kv_create_ms": await raw_kv_create(admin, rtt_samples, pids["nats-server"]), "runs": []}
     await wait_settled(admin, await load.at_rate(2000, 1.0), 10)  # warm the path
-    for rate in [*rates, 0]:
+    for rate in [0, *rates]:  # the closed loop first: an overloading rate leaves a backlog behind
         await control(admin, "reset")
         load.errors.clear()
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
