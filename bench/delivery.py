@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
-from pathlib import Path
 
 import nats
 
@@ -16,9 +14,9 @@ from services.launcher import Cluster
 
 
 async def measure(nnodes: int, requests: int = 48) -> dict:
-    cluster = Cluster(dp_size=1, nnodes=nnodes, local_devices=1, nats_port=0,
-                      log_dir=Path(tempfile.mkdtemp(prefix="dpbus-bench-")),
-                      say=lambda _: None, extra={"DPBUS_MAX_SEQ_LEN": "256"})
+    # logs in a directory of the cluster's own: removed after a clean stop, kept otherwise
+    cluster = Cluster(dp_size=1, nnodes=nnodes, local_devices=1, nats_port=0, say=lambda _: None,
+                      extra={"DPBUS_MAX_SEQ_LEN": "256"})
     try:
         await cluster.start(timeout=300)
         nc = await nats.connect(cluster.nats_url, **cluster.auth("client").kwargs(cluster.nats_url))
