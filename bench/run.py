@@ -31,6 +31,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -239,11 +240,16 @@ def bench_ingest(baseline: str) -> dict:
             print(f"ingest baseline {baseline}: no such git revision here; measuring this checkout only")
         else:
             sources.insert(0, (baseline, where))
-    for mode in ("claim+settle", "ack"):
-        for label, where in sources:
-            r = ingest.run(mode=mode, ingest_from=where, label=f"{label}, stand-ins: {mode}")
-            r["code"] = label
-            out["runs"].append(r)
+    try:
+        for mode in ("claim+settle", "ack"):
+            for label, where in sources:
+                r = ingest.run(mode=mode, ingest_from=where, label=f"{label}, stand-ins: {mode}")
+                r["code"] = label
+                out["runs"].append(r)
+    finally:
+        for _, where in sources:
+            if where:
+                shutil.rmtree(where, ignore_errors=True)
     return out
 
 
