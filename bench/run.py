@@ -225,6 +225,7 @@ def checkout(rev: str) -> str | None:
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", where], input=archive, check=True)
     except (OSError, subprocess.CalledProcessError):
+        shutil.rmtree(where, ignore_errors=True)
         return None
     return where
 
