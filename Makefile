@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install demo test bench clean
 
@@ -21,7 +22,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
+# the benchmarks also need the `bench` extra (pyzmq); `make test` and `make demo` do not
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run
 
 clean:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
-from pathlib import Path
 
 import nats
 
@@ -16,13 +14,16 @@ from services.launcher import Cluster
 
 
 async def measure(nnodes: int, requests: int = 48) -> dict:
-    cluster = Cluster(dp_size=1, nnodes=nnodes, local_devices=1, log_dir=Path(tempfile.mkdtemp(prefix="dpbus-bench-")),
-                      say=lambda _: None, extra={"DPBUS_MAX_SEQ_LEN": "256"})
+    # logs in a directory of the cluster's own: removed after a clean stop, kept otherwise
+    cluster = Cluster(dp_size=1, nnodes=nnodes, local_devices=1, nats_port=0, say=lambda _: None,
+                      extra={"DPBUS_MAX_SEQ_LEN": "256"})
     try:
         await cluster.start(timeout=300)
-        nc = await nats.connect(cluster.nats_url)
+        nc = await nats.connect(cluster.nats_url, **cluster.auth("client").kwargs(cluster.nats_url))
         req = {"text": "measure the bus", "sampling": {"max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}
         await asyncio.gather(*(generate(nc, req) for _ in range(requests)))
+        await nc.close()
+        nc = await nats.connect(cluster.nats_url, **cluster.auth("operator").kwargs(cluster.nats_url))
         msg = await nc.request("$SRV.STATS.dpbus-publisher", b"", timeout=5)
         stats = json.loads(msg.data)["endpoints"][0]["data"]
         await nc.close()
@@ -45,3 +46,7 @@ def run() -> list[dict]:
               f"delivery {r['delivery_overhead_ms']:.2f} ms ({r['overhead_fraction'] * 100:.0f}%) over "
               f"{r['steps']} steps; resent {r['resent']}, replayed {r['replayed']}")
     return out
+
+
+if __name__ == "__main__":
+    run()

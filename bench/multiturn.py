@@ -20,7 +20,6 @@ import asyncio
 import json
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,8 +62,7 @@ async def publisher_stats(cluster: Cluster, groups: int) -> list[dict]:
 async def measure(groups: int, prefix_cache: bool, policy: str) -> dict:
     extra = {"DPBUS_MAX_SEQ_LEN": str(MAX_SEQ_LEN), "DPBUS_PREFIX_CACHE": str(prefix_cache).lower(),
              "DPBUS_POLICY": policy, "DPBUS_MAX_RUNNING_REQUESTS": str(CHATS)}
-    cluster = Cluster(dp_size=groups, nnodes=groups, local_devices=1, say=lambda _: None, extra=extra,
-                      log_dir=Path(tempfile.mkdtemp(prefix="dpbus-bench-multiturn-")))
+    cluster = Cluster(dp_size=groups, nnodes=groups, local_devices=1, say=lambda _: None, extra=extra, nats_port=0)
     try:
         await cluster.start(timeout=600)
         nc = await nats.connect(cluster.nats_url, **cluster.auth("client").kwargs(cluster.nats_url))

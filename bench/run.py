@@ -1,11 +1,21 @@
-"""``make bench``: measurements side by side in one run, written to ``bench/results/``.
+"""``make bench``: measurements side by side in one run, written to ``bench/results/``
+(one JSON file per part) and summed up in one table at the end.
 
-* memory bandwidth (numpy copy) — the yardstick for decode, which is memory bound;
-* the default model's decode step (every slot) and prefill chunk, for tensor sizes 1 and 2;
-* the bytes a decode step must read (weights + KV cache) and the fraction of the
-  measured bandwidth the step reaches;
-* ordered step delivery's overhead (``bench/delivery.py``);
-* the prefix cache on multi-turn chat, on vs off, and ``prefix_affinity`` vs
+* model: memory bandwidth (numpy copy) — the yardstick for decode, which is memory
+  bound — and an f32 matmul — the yardstick for prefill; the default model's decode step
+  (every slot) and prefill chunk for tensor sizes 1 and 2, the bytes a decode step must
+  read (weights + KV cache) and the fraction of the bandwidth it reaches, prefill's
+  fraction of the matmul peak;
+* transports: raw ZeroMQ and raw NATS step-and-acknowledge round trips to 1, 2, 4
+  processes (``bench/transports.py``), next to
+* delivery: dpbus's ordered step delivery while serving, groups of 1 and 2 processes
+  (``bench/delivery.py``): the time the bus adds between two forwards;
+* ingest: routing capacity and latency of the real ingest with stand-in publishers
+  (``bench/ingest.py``), this checkout next to the code before issue 10;
+* serving: the whole system against the engine alone at concurrency 8 and 32
+  (``bench/serving.py``);
+* memory: resident memory of every process of a running dpbus (``bench/memory.py``);
+* multiturn: the prefix cache on multi-turn chat, on vs off, and ``prefix_affinity`` vs
   ``least_tokens`` on four groups (``bench/multiturn.py``).
 
 Run on a quiet machine; compare ratios within one run, not absolute numbers across runs.
@@ -18,13 +28,17 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from bench import summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,6 +67,25 @@ def read_bandwidth(n_bytes: int = 256 << 20) -> float:
     src = np.ones(n_bytes // 4, np.float32)
     t = timed(lambda: src.sum(), repeat=10)
     return n_bytes / (t["median_ms"] / 1000) / 1e9
+
+
+def matmul_peak(n: int = 2048) -> dict:
+    """f32 matrix multiply on one JAX device: the compute yardstick for prefill."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    mm = jax.jit(jnp.matmul)
+    t = timed(lambda: mm(a, a).block_until_ready(), repeat=10)
+    return {**t, "size": n, "gflop_s": 2 * n ** 3 / (t["median_ms"] / 1000) / 1e9}
+
+
+def prefill_flops(cfg, tokens: int) -> int:
+    """Multiply-adds x 2 of a prefill chunk of ``tokens`` from position 0: the projections
+    and MLP of every layer, causal attention scores and sums, one row of logits."""
+    proj = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.dim * cfg.ffn_dim
+    attention = 2 * cfg.n_heads * cfg.head_dim * tokens * (tokens + 1) // 2
+    return 2 * (cfg.n_layers * (proj * tokens + attention) + cfg.dim * cfg.vocab_size)
 
 
 def bench_pages_per_visit(read_bw: float) -> dict:
@@ -85,7 +118,7 @@ def bench_pages_per_visit(read_bw: float) -> dict:
     return out
 
 
-def bench_model(tensor: int, bandwidth: float) -> dict:
+def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0) -> dict:
     import jax
 
     from schemas.internal import DecodeItem, PrefillItem, RowSampling
@@ -109,7 +142,11 @@ def bench_model(tensor: int, bandwidth: float) -> dict:
     kv_row = cfg.n_kv_heads * cfg.head_dim * 4 * 2  # K and V, f32, per position per layer
     cache_bytes = slots * context * kv_row * cfg.n_layers
     step_s = decode["median_ms"] / 1000
+    flops = prefill_flops(cfg, 256)
+    prefill_gflop_s = flops / (prefill["median_ms"] / 1000) / 1e9
     return {
+        "prefill_flops": flops, "prefill_gflop_s": prefill_gflop_s,
+        "prefill_fraction_of_matmul_peak": prefill_gflop_s / peak_gflop_s if peak_gflop_s else None,
         "compiled_shapes": runner.compiled_shapes(),
         "tensor": tensor, "batch": slots, "kv_length": context, "page_size": page_size,
         "compile_s": round(compile_s, 2),
@@ -162,11 +199,67 @@ def bench_attention(bandwidth: float) -> dict:
     return out
 
 
-def main() -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description="make bench: every measurement, one run")
+    p.add_argument("--ingest-baseline", default=INGEST_BASELINE,
+                   help="also measure ingest as it was at this git revision ('' to skip)")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: " + ", ".join(PARTS))
+    return p.parse_args(argv)
+
+
+PARTS = ("model", "transports", "delivery", "ingest", "serving", "memory", "multiturn")
+# ingest before issue 10's work on its hot path: measured next to this checkout's
+INGEST_BASELINE = "b8a66f6"
+
+
+def checkout(rev: str) -> str | None:
+    """``services/`` and ``schemas/`` of ``rev`` in a temporary directory (None without git
+    or without that revision)."""
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    where = tempfile.mkdtemp(prefix=f"dpbus-{rev}-")
+    try:
+        archive = subprocess.run(["git", "-C", str(root), "archive", rev, "services", "schemas"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", where], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        shutil.rmtree(where, ignore_errors=True)
+        return None
+    return where
+
+
+def bench_ingest(baseline: str) -> dict:
+    from bench import ingest
+
+    out = {"runs": []}
+    sources = [("this checkout", None)]
+    if baseline:
+        where = checkout(baseline)
+        if where is None:
+            print(f"ingest baseline {baseline}: no such git revision here; measuring this checkout only")
+        else:
+            sources.insert(0, (baseline, where))
+    try:
+        for mode in ("claim+settle", "ack"):
+            for label, where in sources:
+                r = ingest.run(mode=mode, ingest_from=where, label=f"{label}, stand-ins: {mode}")
+                r["code"] = label
+                out["runs"].append(r)
+    finally:
+        for _, where in sources:
+            if where:
+                shutil.rmtree(where, ignore_errors=True)
+    return out
+
+
+def model_part() -> dict:
     bw = memory_bandwidth()
     read_bw = read_bandwidth()
     print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s; read-only pass: {read_bw:.1f} GB/s")
+    peak = matmul_peak()
+    print(f"f32 matmul {peak['size']}x{peak['size']} on one device: {peak['gflop_s']:.1f} GFLOP/s")
     visits = bench_pages_per_visit(read_bw)
     for per, r in visits.items():
         print(f"decode attention, page size 16, {per:>2} page(s) per visit: {r['median_ms']:.3f} ms "
@@ -178,26 +271,50 @@ def main() -> None:
               f"({a['fraction_of_bandwidth'] * 100:.0f}% of bandwidth)")
     runs = []
     for tensor in (1, 2):
-        r = bench_model(tensor, bw)
+        r = bench_model(tensor, bw, peak["gflop_s"])
         runs.append(r)
         print(f"tensor={tensor}: decode step {r['decode_step']['median_ms']:.2f} ms "
               f"({r['decode_tokens_per_s']:.0f} tok/s over a batch of {r['batch']} at KV length {r['kv_length']}), "
-              f"prefill 256 tokens {r['prefill_256']['median_ms']:.1f} ms, "
+              f"prefill 256 tokens {r['prefill_256']['median_ms']:.1f} ms "
+              f"({r['prefill_fraction_of_matmul_peak'] * 100:.0f}% of the matmul peak), "
               f"decode at {r['decode_fraction_of_bandwidth'] * 100:.0f}% of bandwidth, compile {r['compile_s']} s")
-    from bench import serving
-    from bench.delivery import run as delivery
+    return {"read_bandwidth_gb_s": read_bw, "memory_bandwidth_gb_s": bw, "matmul_peak": peak,
+            "pages_per_visit": visits, "decode_attention": att, "model": runs}
 
-    steps = delivery()
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    skip = {p.strip() for p in a.skip.split(",") if p.strip()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    out: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.platform(),
+                 "cpus": os.cpu_count()}
+
+    def part(name: str, fn) -> None:
+        if name in skip:
+            return
+        print(f"\n== {name} ==", flush=True)
+        out[name] = fn()
+        (RESULTS / f"{name}.json").write_text(json.dumps(out[name], indent=2))
+
+    from bench import delivery, memory, multiturn, serving, transports
+
+    part("model", model_part)
+    part("transports", transports.run)
+    part("delivery", delivery.run)
+    part("ingest", lambda: bench_ingest(a.ingest_baseline))
+    part("serving", lambda: report_serving(serving))
+    part("memory", memory.run)
+    part("multiturn", multiturn.run)
+    out["seconds"] = time.monotonic() - started
+    print()
+    print(summary.render(out))
+
+
+def report_serving(serving) -> dict:
     served = serving.run()
     serving.report(served)
-    out = {"step_delivery": steps, "serving": served, "read_bandwidth_gb_s": read_bw, "pages_per_visit": visits, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.platform(),
-           "cpus": os.cpu_count(), "memory_bandwidth_gb_s": bw, "decode_attention": att, "model": runs}
-    path = RESULTS / "model.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
-    from bench.multiturn import run as multiturn
-
-    multiturn()  # the prefix cache on multi-turn chat: writes bench/results/multiturn.json
+    return served
 
 
 if __name__ == "__main__":

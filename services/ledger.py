@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import msgspec
 from msgspec import Struct
@@ -119,8 +120,9 @@ class SweepView:
     fallback_ttl: float  # for a holder whose lease this view never saw
     leases: dict[int, tuple[Seen, float]] = field(default_factory=dict)  # instance -> (seen, ttl)
     held: dict[str, tuple[int, Entry]] = field(default_factory=dict)  # key -> (revision, entry)
+    holding: dict[int, set[str]] = field(default_factory=dict)  # holder -> the keys of held it holds
     owner_seen: dict[int, float] = field(default_factory=dict)  # holder -> first seen holding
-    settled: dict[str, Seen] = field(default_factory=dict)
+    settled: dict[str, Seen] = field(default_factory=dict)  # in the order seen (oldest first)
 
     def update(self, key: str, revision: int, value: bytes | None, now: float) -> None:
         """Record a change of ``key`` (``value`` None: deleted)."""
@@ -133,13 +135,19 @@ class SweepView:
             if old is None or old[0].revision != revision:
                 self.leases[instance] = (Seen(revision, now), decode_lease(value).ttl)
             return
-        self.held.pop(key, None)
+        was = self.held.pop(key, None)
+        if was is not None:
+            keys = self.holding[was[1].owner]
+            keys.discard(key)
+            if not keys:
+                del self.holding[was[1].owner]
         self.settled.pop(key, None)
         if value is None:
             return
         entry = decode_entry(value)
         if entry.state == HELD:
             self.held[key] = (revision, entry)
+            self.holding.setdefault(entry.owner, set()).add(key)
             self.owner_seen.setdefault(entry.owner, now)
         else:
             self.settled[key] = Seen(revision, now)
@@ -151,23 +159,32 @@ class SweepView:
         return now - self.owner_seen.get(owner, now) > self.fallback_ttl + MARGIN
 
     def orphans(self, now: float) -> list[tuple[str, int, Entry]]:
-        """Held requests whose holder's lease expired: someone must answer them."""
-        return [(k, rev, e) for k, (rev, e) in self.held.items() if self.expired(e.owner, now)]
+        """Held requests whose holder's lease expired: someone must answer them. (By
+        holder: a sweep costs the number of holders, not of held requests.)"""
+        return [(k, *self.held[k]) for owner, keys in self.holding.items() if self.expired(owner, now)
+                for k in sorted(keys)]
 
     def stale_settled(self, now: float) -> list[tuple[str, int]]:
-        return [(k, s.revision) for k, s in self.settled.items() if now - s.since > KEEP_ANSWERED]
+        """Settled entries seen more than ``KEEP_ANSWERED`` ago. ``settled`` is in the order
+        seen, so this stops at the first younger one (with a clock that went back, an
+        entry waits for the ones seen before it: kept longer, never deleted early)."""
+        out = []
+        for k, s in self.settled.items():
+            if now - s.since <= KEEP_ANSWERED:
+                break
+            out.append((k, s.revision))
+        return out
 
     def dead_leases(self, now: float) -> list[tuple[str, int]]:
-        holding = {e.owner for _, e in self.held.values()}
         return [(lease_key(i), seen.revision) for i, (seen, ttl) in self.leases.items()
-                if i not in holding and now - seen.since > ttl + MARGIN]
+                if i not in self.holding and now - seen.since > ttl + MARGIN]
 
 
 class Ledger:
     """The bucket. Every call may raise (no JetStream, a time-out); callers decide."""
 
-    def __init__(self, kv) -> None:
-        self.kv = kv
+    def __init__(self, kv, js=None, bucket: str = "") -> None:
+        self.kv, self.js, self.bucket = kv, js, bucket
 
     @classmethod
     async def open(cls, nc, prefix: str, replicas: int = 1, timeout: float = 2.0) -> "Ledger":
@@ -176,7 +193,7 @@ class Ledger:
         js = nc.jetstream(timeout=timeout)
         config = KeyValueConfig(bucket=bucket_name(prefix), history=1, storage=StorageType.FILE, replicas=replicas,
                                 description="dpbus request ledger: who owns each request's terminal answer")
-        return cls(await js.create_key_value(config))
+        return cls(await js.create_key_value(config), js, config.bucket)
 
     async def claim(self, key: str, entry: Entry) -> tuple[int | None, tuple[int, Entry] | None]:
         """Create ``key``: (its revision, None), or (None, the existing (revision, entry))."""
@@ -228,3 +245,34 @@ class Ledger:
 
     async def watch(self):
         return await self.kv.watchall()
+
+    async def follow(self, on_change: Callable[[str, int, bytes | None], None]) -> Any:
+        """Call ``on_change(key, revision, value)`` with the latest value of every key, then
+        with every change (``value`` None: deleted), as the changes are delivered. What
+        ``watch`` gives, for a reader of every change of every request: no entry object,
+        queue or iterator per change. Returns the subscription (``unsubscribe`` ends it)."""
+        from nats.js.api import DeliverPolicy
+
+        pre = f"$KV.{self.bucket}."
+
+        async def deliver(msg) -> None:
+            headers = msg.header
+            deleted = False
+            if headers:
+                op = headers.get("KV-Operation")
+                reason = headers.get("Nats-Marker-Reason")  # the server's own delete markers (2.11+)
+                if op is None and reason is not None and reason not in ("MaxAge", "Purge", "Remove"):
+                    return  # a marker of a kind this code does not know
+                deleted = op in ("DEL", "PURGE") or reason is not None
+            on_change(msg.subject[len(pre):], stream_sequence(msg.reply), None if deleted else msg.data)
+
+        return await self.js.subscribe(pre + ">", stream=f"KV_{self.bucket}", cb=deliver, ordered_consumer=True,
+                                       deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=300.0)
+
+
+def stream_sequence(reply: str) -> int:
+    """The stream sequence (a key's revision) of a JetStream delivery, from its reply
+    subject: ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...`` (9 tokens), or
+    with a domain and an account hash after ``ACK`` (12 or more)."""
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])

@@ -16,7 +16,7 @@ from services import bus, logs
 from services.ingest.service import Ingest
 from services.ledger import (
     ANSWERED, HELD, KEEP_ANSWERED, MARGIN, Entry, Lease, LeaseClock, Ledger, SweepView, encode, lease_key,
-    request_key,
+    request_key, stream_sequence,
 )
 from services.publisher.service import Publisher
 from services.settings import IngestSettings, PublisherSettings
@@ -59,6 +59,25 @@ def test_settled_entries_are_kept_for_duplicates_then_deleted_and_dead_leases_go
     assert view.dead_leases(3.0) == [] and view.dead_leases(3.6) == [(lease_key(9), 7)]
     view.update("r.a", 8, None, now=200.0)
     assert view.settled == {}
+
+
+def test_a_sweep_goes_by_holder_and_expires_settled_entries_oldest_first():
+    view = SweepView(fallback_ttl=2.0)
+    for i, owner in enumerate((1, 2, 1, 3)):
+        view.update(f"r.{i}", i + 1, encode(Entry(HELD, owner, 0, str(i), "c")), now=0.0)
+    view.update(lease_key(2), 9, encode(Lease(2, 0, 2.0)), now=5.0)  # only holder 2 still renews
+    assert sorted(k for k, _, _ in view.orphans(5.0)) == ["r.0", "r.2", "r.3"]
+    view.update("r.0", 10, encode(Entry(ANSWERED, 1, 0, "0", "c")), now=6.0)
+    view.update("r.2", 11, None, now=6.0)
+    assert view.holding == {2: {"r.1"}, 3: {"r.3"}} and [k for k, _, _ in view.orphans(6.0)] == ["r.3"]
+    view.update("r.1", 12, encode(Entry(ANSWERED, 2, 0, "1", "c")), now=7.0)
+    assert view.stale_settled(6.0 + KEEP_ANSWERED + 0.5) == [("r.0", 10)]  # r.1 was settled later
+    assert [k for k, _ in view.stale_settled(7.0 + KEEP_ANSWERED + 0.5)] == ["r.0", "r.1"]
+
+
+def test_the_revision_of_a_delivery_is_read_from_either_form_of_its_reply_subject():
+    assert stream_sequence("$JS.ACK.KV_x.consumer.1.42.7.1700000000000000000.0") == 42
+    assert stream_sequence("$JS.ACK.domain.ACCOUNTHASH.KV_x.consumer.1.43.7.1700000000000000000.0.rand") == 43
 
 
 def test_request_keys_name_client_and_rid_together():

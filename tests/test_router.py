@@ -462,6 +462,16 @@ class FakeBus:
         pass
 
 
+class FakeReplies:
+    """What ingest's ``bus.Replies`` does, over the fake bus."""
+
+    def __init__(self, nc: FakeBus) -> None:
+        self.nc = nc
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        return (await self.nc.request(subject, data, timeout)).data
+
+
 class NoLog:
     def __getattr__(self, _):
         return lambda *a, **k: None
@@ -475,6 +485,7 @@ def ingest(policy: str = "least_tokens", dead: set[int] = frozenset(), **kw):
     from services.bus import ClientOutbox
 
     ing.nc = FakeBus(dead)
+    ing.replies = FakeReplies(ing.nc)
     ing.outbox = ClientOutbox(ing.nc, NoLog())
     return ing
 

@@ -151,14 +151,24 @@ class Router:
     def available(self, g: int, now: float | None = None) -> bool:
         return self.unavailable_reason(g, now) is None
 
+    def live(self, now: float) -> list[int]:
+        """The available groups (what ``available`` says of each, in one pass: this runs
+        for every request)."""
+        if all(st.report is None for st in self.groups):
+            return list(range(self.dp_size))
+        stale = now - self.stale_after
+        return [g for g, st in enumerate(self.groups)
+                if st.report is not None and st.report.ready and st.seen_at >= stale]
+
     # ---- the decision ----------------------------------------------------------------
     def order(self, input_ids: Sequence[int] = (), max_new_tokens: int = 0) -> list[int]:
         """The available groups to offer a request to, best first; empty when none is."""
-        now = self.clock()
-        live = [g for g in range(self.dp_size) if self.available(g, now)]
+        live = self.live(self.clock())
         if not live:
             return []
         first = self._choose(live, input_ids, max(len(input_ids) + max_new_tokens, 1))
+        if len(live) == 1:
+            return [first]
         rest = sorted((g for g in live if g != first), key=lambda g: self.groups[g].tokens)
         return [first, *rest]
 

@@ -13,9 +13,9 @@ instance wins the entry first (``publisher_lost``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -40,6 +40,22 @@ VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
 
 
+class Handover:
+    """A request on its way to a group: offered to ``groups`` in turn until one takes it."""
+
+    __slots__ = ("sub", "groups", "cost", "pinned", "waiter")
+
+    def __init__(self, sub: Submit, groups: list[int], cost: int, pinned: bool) -> None:
+        self.sub, self.groups, self.cost, self.pinned = sub, groups, cost, pinned
+        self.waiter: asyncio.Future | None = None  # made when someone waits (an abort)
+
+    def wait(self) -> asyncio.Future:
+        """A future done when the hand-over is over (accepted, refused or answered)."""
+        if self.waiter is None:
+            self.waiter = asyncio.get_running_loop().create_future()
+        return self.waiter
+
+
 class Ingest:
     def __init__(self, settings: IngestSettings, log: Any, auth: bus.NatsAuth | None = None) -> None:
         self.s = settings
@@ -54,18 +70,24 @@ class Ingest:
                              affinity_skew=settings.affinity_skew,
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
+        self._said: dict[str, float] = {}  # error code -> when a refusal was last logged
+        self._unsaid: Counter[str] = Counter()  # refusals not logged since
         self.forwarded = 0
-        self.handing: dict[tuple[str, str], asyncio.Task] = {}  # (client, rid) being handed to a group now
+        self.handing: dict[tuple[str, str], Handover] = {}  # (client, rid) being handed to a group now
         self.orphaned = 0
         self.view = SweepView(fallback_ttl=settings.publisher_timeout)
         self.instance = secrets.randbits(62) | 1  # names this ingest in the entries it settles
         self.unsure: dict[str, tuple[Entry, Entry]] = {}  # key -> (our unanswered settling write, the entry)
         self.ledger: Ledger | None = None
         self.dispatched: Counter[int] = Counter()  # accepted requests per group
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task] = set()  # hand-overs past their first answer (see offer)
         self._ack = unpacker(SubmitAck)
         self._ack_abort = unpacker(AbortAck)
         self._load = unpacker(LoadReport)
+        # names this instance gives (a rid when the client sent none, each admission's attempt):
+        # a random prefix per process and a counter, unique without the random source per request
+        self._origin = secrets.token_hex(8)
+        self._names = itertools.count()
 
     # ---- checks ------------------------------------------------------------------------
     def admit(self, body: bytes, reply: str) -> tuple[Submit, list[int] | None]:
@@ -78,24 +100,36 @@ class Ingest:
             ids = self.tokenizer.encode(req.text) if req.text is not None else req.input_ids
         except ValueError as e:
             raise Rejected(ErrorCode.BAD_REQUEST, str(e)) from None
-        bad = next((t for t in ids if t >= self.model.vocab_size), None)
-        if bad is not None:
+        if ids and max(ids) >= self.model.vocab_size:
+            bad = next(t for t in ids if t >= self.model.vocab_size)
             raise Rejected(ErrorCode.BAD_REQUEST,
                            f"token id {bad} is outside the vocabulary (0..{self.model.vocab_size - 1})")
         if len(ids) >= self.model.max_seq_len:
             raise Rejected(ErrorCode.PROMPT_TOO_LONG, f"the prompt has {len(ids)} tokens; the context holds "
                            f"{self.model.max_seq_len}, and at least one must be left to generate")
-        rid = req.rid or uuid.uuid4().hex  # without a rid, every copy is a new request
+        name = f"{self._origin}{next(self._names):x}"
+        rid = req.rid or name  # without a rid, every copy is a new request
         sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None,
-                     client=client_of(reply), attempt=uuid.uuid4().hex[:16])
+                     client=client_of(reply), attempt=name)
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------
     async def answer_error(self, reply: str, enc: Encoding, code: ErrorCode, message: str, rid: str | None = None) -> None:
         self.errors[code.value] += 1
-        self.log.info("request_rejected", code=code.value, reason=message[:200], rid=rid)
+        self.log_refusal(code.value, message, rid)
         if reply:
             await self.outbox.send(reply, encode_answer(Error(code, message, rid=rid), enc), terminal=True)
+
+    def log_refusal(self, code: str, message: str, rid: str | None) -> None:
+        """One line per error code per second at most: an overload refuses every request,
+        and a line for each would slow the refusing down (``errors`` counts them all)."""
+        now = time.monotonic()
+        if now - self._said.get(code, float("-inf")) < 1.0:
+            self._unsaid[code] += 1
+            return
+        self._said[code] = now
+        self.log.info("request_rejected", code=code, reason=message[:200], rid=rid,
+                      also_since_last_line=self._unsaid.pop(code, 0))
 
     async def on_generate(self, req: Any) -> None:
         reply = bus.reply_subject(req)
@@ -115,23 +149,85 @@ class Ingest:
         if sub.key in self.handing:  # a copy of a request being handed over right now
             self.errors["duplicate_delivery"] += 1
             return
-        if len(self.tasks) >= self.s.max_inflight:
+        if len(self.handing) >= self.s.max_inflight:
             await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
-                                    f"ingest has {len(self.tasks)} requests being forwarded", sub.rid)
+                                    f"ingest has {len(self.handing)} requests being forwarded", sub.rid)
             return
-        task = asyncio.create_task(self.forward(sub, pinned))
-        self.handing[sub.key] = task
+        groups, why = self.route(sub, pinned)
+        if why:
+            await self.answer_error(reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
+            return
+        # the common case without a task: offer it to the first group; its acknowledgement
+        # settles it in the reply's callback, anything else goes on in ``offer``
+        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None)
+        self.handing[sub.key] = h
+        g = sub.dp_rank = groups[0]
+        self.router.sent(g, h.cost, sub.input_ids)  # counted before any await, so a concurrent burst sees it
+        try:
+            await self.replies.send(self.subjects.submit(g), pack(sub), self.s.submit_timeout,
+                                    lambda got: self.first_answer(h, got))
+        except Exception as e:  # noqa: BLE001 - NATS away: the slow path answers it
+            self.first_answer(h, e)
+
+    def first_answer(self, h: "Handover", got: Any) -> None:
+        """The first group's answer to a submit (its body, or why none came)."""
+        if not isinstance(got, BaseException):
+            try:
+                ack = self._ack.decode(got)
+            except Exception as e:  # noqa: BLE001 - not an acknowledgement: as a publisher's failure
+                got = e
+            else:
+                if ack.accepted:
+                    self.accepted(h.sub.dp_rank, ack)
+                    self.handed(h)
+                    return
+        task = asyncio.create_task(self.offer(h, got))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        task.add_done_callback(lambda _: self.handing.pop(sub.key, None))
+        task.add_done_callback(lambda _: self.handed(h))
 
-    async def submit_to(self, g: int, sub: Submit) -> SubmitAck | None:
+    def handed(self, h: "Handover") -> None:
+        if self.handing.get(h.sub.key) is h:
+            del self.handing[h.sub.key]
+        if h.waiter is not None and not h.waiter.done():
+            h.waiter.set_result(None)
+
+    def accepted(self, g: int, ack: SubmitAck) -> None:
+        """Group ``g`` took the request: its holder (or, for a duplicate, whoever has the
+        name) answers it."""
+        self.forwarded += 1
+        self.dispatched[g] += 1
+        self.errors["duplicate_request"] += ack.duplicate
+
+    def route(self, sub: Submit, pinned: list[int] | None) -> tuple[list[int], str]:
+        """The groups to offer ``sub`` to, in turn, or why there are none.
+
+        A pinned group is the only one tried. Unavailable groups (see ``Router``) are not
+        tried at all: with none available the client gets ``unavailable`` at once."""
+        if pinned:
+            why = self.router.unavailable_reason(pinned[0])
+            if why:
+                return [], f"group {pinned[0]} (the request's dp_rank) is unavailable: {why}"
+            return pinned, ""
+        groups = self.router.order(sub.input_ids, sub.sampling.max_new_tokens)
+        if not groups:
+            whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.groups))
+            return [], f"no DP group is available ({whys})"
+        return groups, ""
+
+    async def submit_to(self, g: int, sub: Submit, first: Any = None) -> SubmitAck | None:
         """Hand ``sub`` to group ``g``; None when no acknowledgement came (the publisher may
-        hold it: a resubmission of the same (client, rid) is acknowledged as a duplicate)."""
-        for _ in range(SUBMIT_ATTEMPTS):
+        hold it: a resubmission of the same (client, rid) is acknowledged as a duplicate).
+        ``first``: the answer to a first attempt made already (a body or an exception)."""
+        for attempt in range(SUBMIT_ATTEMPTS):
             try:
-                msg = await self.nc.request(self.subjects.submit(g), pack(sub), timeout=self.s.submit_timeout)
-                return self._ack.decode(msg.data)
+                if attempt == 0 and first is not None:
+                    if isinstance(first, BaseException):
+                        raise first
+                    got = first
+                else:
+                    got = await self.replies.request(self.subjects.submit(g), pack(sub), self.s.submit_timeout)
+                return self._ack.decode(got)
             except nats.errors.NoRespondersError:
                 return SubmitAck(False, ErrorCode.UNAVAILABLE, "no publisher")
             except nats.errors.TimeoutError:
@@ -141,42 +237,38 @@ class Ingest:
         return None
 
     async def forward(self, sub: Submit, pinned: list[int] | None) -> None:
-        """Offer the request to the available groups in turn until one acknowledges it.
+        """The whole hand-over in one coroutine (``on_generate`` does its first step
+        without one): route ``sub``, then offer it to its groups in turn."""
+        groups, why = self.route(sub, pinned)
+        if why:
+            await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
+            return
+        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None)
+        sub.dp_rank = groups[0]
+        self.router.sent(groups[0], h.cost, sub.input_ids)
+        await self.offer(h, None)
 
-        A pinned group is the only one tried. Unavailable groups (see ``Router``) are not
-        tried at all: with none available the client gets ``unavailable`` at once."""
-        if pinned:
-            why = self.router.unavailable_reason(pinned[0])
-            if why:
-                await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
-                                        f"group {pinned[0]} (the request's dp_rank) is unavailable: {why}", sub.rid)
-                return
-            groups = pinned
-        else:
-            groups = self.router.order(sub.input_ids, sub.sampling.max_new_tokens)
-            if not groups:
-                whys = "; ".join(f"group {g}: {self.router.unavailable_reason(g)}" for g in range(self.groups))
-                await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE,
-                                        f"no DP group is available ({whys})", sub.rid)
-                return
-        cost = len(sub.input_ids) + sub.sampling.max_new_tokens
+    async def offer(self, h: "Handover", first: Any) -> None:
+        """Offer the request to its groups in turn until one acknowledges it (the first
+        group is counted as sent to already; ``first``: the answer to an offer made to it
+        already, or None)."""
+        sub, cost = h.sub, h.cost
         tried: list[str] = []
-        for g in groups:
+        for i, g in enumerate(h.groups):
             sub.dp_rank = g
-            self.router.sent(g, cost, sub.input_ids)  # counted before the await, so a concurrent burst sees it
-            ack = await self.submit_to(g, sub)
+            if i:
+                self.router.sent(g, cost, sub.input_ids)
+            ack = await self.submit_to(g, sub, first if i == 0 else None)
             if ack is None:  # it may hold the request without our knowing: never offer it elsewhere
                 self.router.unsent(g, cost)
                 await self.refuse_unheard(sub, g)
                 return
-            if ack.accepted:  # its holder (or, for a duplicate, whoever has the name) answers it
-                self.forwarded += 1
-                self.dispatched[g] += 1
-                self.errors["duplicate_request"] += ack.duplicate
+            if ack.accepted:
+                self.accepted(g, ack)
                 return
             self.router.unsent(g, cost)
             tried.append(f"group {g}: {ack.message}")
-            if ack.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE) and not pinned:
+            if ack.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE) and not h.pinned:
                 continue
             await self.answer_error(sub.reply, sub.encoding, ack.code or ErrorCode.INTERNAL, f"group {g}: {ack.message}",
                                     sub.rid)
@@ -199,21 +291,31 @@ class Ingest:
             self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, group=g)
 
     async def watch_ledger(self, stop: asyncio.Event) -> None:
-        """Keep ``view`` up to date with every change of the ledger (watching again after
-        a failure)."""
+        """Keep ``view`` up to date with every change of the ledger (following it again
+        when it cannot be followed: JetStream away)."""
+        def changed(key: str, revision: int, value: bytes | None) -> None:
+            try:
+                self.view.update(key, revision, value, time.monotonic())
+            except Exception as e:  # noqa: BLE001 - not an entry of this dpbus: leave it out
+                self.errors["unreadable_ledger_entry"] += 1
+                self.log.warning("unreadable_ledger_entry", key=key, error=repr(e))
+
         while not stop.is_set():
             try:
-                watcher = await self.ledger.watch()
-                async for change in watcher:
-                    if change is None:
-                        continue
-                    value = None if change.operation in ("DEL", "PURGE") else change.value
-                    self.view.update(change.key, change.revision, value, time.monotonic())
+                following = await self.ledger.follow(changed)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - NATS away: watch again
+            except Exception as e:  # noqa: BLE001 - NATS away: try again
                 self.log.warning("ledger_watch_failed", error=repr(e))
                 await asyncio.sleep(self.s.reconcile_interval)
+                continue
+            try:
+                await stop.wait()
+            finally:
+                try:
+                    await following.unsubscribe()
+                except Exception:  # noqa: BLE001 - closing anyway
+                    pass
 
     async def sweep_loop(self, stop: asyncio.Event) -> None:
         """Every ``reconcile_interval``: answer for publishers whose lease lapsed, and forget
@@ -244,7 +346,7 @@ class Ingest:
 
         handing = self.handing.get((client_of(abort.reply), abort.rid))
         if handing is not None:  # the request is on its way to a group: abort it once it is there
-            await asyncio.wait({handing}, timeout=self.s.submit_timeout * 2)
+            await asyncio.wait({handing.wait()}, timeout=self.s.submit_timeout * 2)
 
         async def ask(g: int) -> AbortAck | None:
             try:
@@ -267,7 +369,7 @@ class Ingest:
             self.errors["bad_load_report"] += 1
 
     def stats(self, *_: Any) -> dict:
-        return {"forwarded": self.forwarded, "inflight": len(self.tasks), "errors": dict(self.errors),
+        return {"forwarded": self.forwarded, "inflight": len(self.handing), "errors": dict(self.errors),
                 "held": len(self.view.held), "orphaned": self.orphaned,
                 "policy": self.router.policy,
                 "dispatched": {str(g): self.dispatched[g] for g in range(self.groups)},
@@ -279,6 +381,8 @@ class Ingest:
                                                          on_reconnect_hooks=hooks, auth=self.auth))
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
+        self.replies = bus.Replies(self.nc)
+        await self.replies.start()
         self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas)
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
         svc = await nats.micro.add_service(
@@ -294,7 +398,9 @@ class Ingest:
         for task in background:
             task.cancel()
         await svc.stop()
-        if self.tasks:  # requests being handed to a group
-            await asyncio.wait(self.tasks, timeout=self.s.drain_timeout)
+        deadline = time.monotonic() + self.s.drain_timeout
+        while self.handing and time.monotonic() < deadline:  # requests being handed to a group
+            await asyncio.sleep(0.05)
         await self.outbox.drain(timeout=2)
+        self.replies.stop()
         await bus.close(self.nc)
