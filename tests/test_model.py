@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from schemas.internal import DecodeItem, PrefillItem, RowSampling  # noqa: E402
-from services.worker import model  # noqa: E402
+from services.worker import attention, model  # noqa: E402
 from services.worker.model import Config  # noqa: E402
 from services.worker.runner import ModelRunner, make_group_mesh, prefill_buckets  # noqa: E402
 from services.worker.sampling import sample  # noqa: E402
@@ -259,8 +259,8 @@ def test_a_page_table_bug_would_show(runners, prompts, reference, monkeypatch):
     sequence's positions land elsewhere as its list grows, and the comparison fails; with
     ascending contiguous lists this mutant would have passed unnoticed."""
     runner = get_runner(runners, 1)
-    real = ModelRunner._page_row
-    monkeypatch.setattr(ModelRunner, "_page_row", lambda self, pages: real(self, sorted(pages)))
+    real = ModelRunner._pages
+    monkeypatch.setattr(ModelRunner, "_pages", lambda self, pages: real(self, sorted(pages)))
     got = run_batch(runner, prompts, PROMPTS, N_NEW, pages=scattered_pages(7))
     with pytest.raises(AssertionError):
         assert_matches_reference(got, reference, prompts, "sorted-pages mutant")
@@ -276,10 +276,11 @@ def test_reference_agrees_with_unsharded_forward(prompts):
     pages = scattered_pages(9)[0]
     cache = [(jnp.zeros((NUM_PAGES, CFG.n_kv_heads, PAGE, CFG.head_dim)),) * 2 for _ in range(CFG.n_layers)]
     weights = jax.tree.map(jnp.asarray, HOST)
-    logits, cache = jax.jit(model.forward, static_argnums=0)(
-        CFG, weights, cache, jnp.asarray([prompt], jnp.int32), jnp.arange(t, dtype=jnp.int32)[None],
-        jnp.asarray([pages], jnp.int32))
-    np.testing.assert_allclose(np.asarray(logits[0]), ref_logits(CFG, HOST, prompt), atol=ATOL, rtol=0)
+    batch = attention.build_batch(attention.Shape(0, t, 1, len(pages)), PAGE, CFG.max_seq_len, [],
+                                  [(0, prompt, pages)])
+    batch = batch._replace(sample=np.arange(t, dtype=np.int32))  # logits of every position
+    logits, cache = jax.jit(model.forward, static_argnums=0)(CFG, weights, cache, jax.tree.map(jnp.asarray, batch))
+    np.testing.assert_allclose(np.asarray(logits), ref_logits(CFG, HOST, prompt), atol=ATOL, rtol=0)
     # the K of position p sits at (pages[p // PAGE], :, p % PAGE); nothing else was written
     k0 = np.asarray(cache[0][0])
     want = ref_layer0_keys(prompt)
@@ -340,14 +341,14 @@ def attention_case(page_size: int, seed: int = 0):
     return q, k_pages, v_pages, table, positions, n_pages
 
 
-_paged = jax.jit(model.paged_decode_attention)
+_paged = jax.jit(attention.paged_decode_attention)
 
 
 @pytest.mark.parametrize("page_size, per_visit", [(1, 1), (4, 1), (16, 1), (1, 8), (4, 3), (16, 8), (4, 64)])
 def test_paged_decode_attention_equals_dense(page_size, per_visit):
     q, kp, vp, table, positions, n_pages = attention_case(page_size, seed=page_size)
     assert n_pages < table.shape[1]
-    paged = jax.jit(functools.partial(model.paged_decode_attention, per_visit=per_visit))
+    paged = jax.jit(functools.partial(attention.paged_decode_attention, per_visit=per_visit))
     got = np.asarray(paged(q, kp, vp, table, positions, np.int32(n_pages)))
     assert np.isfinite(got).all(), "a page past n_pages was read"
     want = ref_attention(q, kp, vp, table, positions)
@@ -357,7 +358,7 @@ def test_paged_decode_attention_equals_dense(page_size, per_visit):
     clean = table.copy()
     clean[:, n_pages:] = 0
     rows = lambda pool: pool[clean].transpose(0, 2, 1, 3, 4).reshape(b, kv, -1, pool.shape[3])  # noqa: E731
-    dense = model.dense_attention(jnp.asarray(q)[:, None], rows(kp), rows(vp), jnp.asarray(positions)[:, None])
+    dense = attention.dense_attention(jnp.asarray(q)[:, None], rows(kp), rows(vp), jnp.asarray(positions)[:, None])
     np.testing.assert_allclose(np.asarray(dense[:, 0]), want, atol=1e-5, rtol=0)
 
 
@@ -373,9 +374,9 @@ def test_paged_decode_attention_rows_do_not_depend_on_each_other():
 
 def test_a_broken_paged_attention_fails_the_comparison():
     """Mutant built in memory from the real source: key positions forget the page offset."""
-    src = inspect.getsource(model.paged_decode_attention)
+    src = inspect.getsource(attention.paged_decode_attention)
     assert "first * ps + jnp.arange(per * ps)" in src
-    ns = dict(vars(model))
+    ns = dict(vars(attention))
     exec(src.replace("first * ps + jnp.arange(per * ps)", "jnp.arange(per * ps)"), ns)  # noqa: S102
     q, kp, vp, table, positions, n_pages = attention_case(4, seed=2)
     want = ref_attention(q, kp, vp, table, positions)
@@ -579,12 +580,8 @@ def test_compilations_are_bounded(runners, prompts):
     run_batch(runner, prompts, PROMPTS, 3, pages=scattered_pages(62))
     assert runner.compiled_shapes() == n
 
-    # the counter does see a new shape (so the check above can fail): a 17-token prefill
-    tokens = np.zeros((1, 17), np.int32)
-    positions = np.full((1, 17), CFG.max_seq_len, np.int32)
-    table = np.zeros((1, MAX_PAGES), np.int32)
-    args = runner._put(tokens, positions, table, np.int32(0), *runner._sampling_rows([GREEDY], 1))
-    _, _, runner.cache = runner._prefill(runner.weights, runner.cache, *args)
+    # the counter does see a new shape (so the check above can fail): 17 prefill token slots
+    runner._run(runner._shape(runner.decode_sizes[-1], 17), [PrefillItem(0, [1] * 17, True, pool[0][:3], GREEDY)], [])
     assert runner.compiled_shapes() == n + 1
 
 
