@@ -39,8 +39,9 @@ import numpy as np
 PAGES_PER_VISIT = 1
 # prefill queries are attended in blocks of this many tokens of one chunk, each loop turn
 # reading PREFILL_PAGES_PER_VISIT pages of the block's row
-PREFILL_BLOCK = 16
-PREFILL_PAGES_PER_VISIT = 4
+PREFILL_BLOCK = 32
+PREFILL_PAGES_PER_VISIT = 8
+PREFILL_GROUP = 4  # blocks visited together
 MASKED = -1e30
 
 
@@ -72,9 +73,17 @@ class Shape:
     width: int          # page table width (a whole context)
 
     @property
+    def block(self) -> int:
+        return block_size(self.prefill)
+
+    @property
     def blocks(self) -> int:
-        """Query blocks: each chunk of n tokens takes ceil(n / block) of them."""
-        return min(self.prefill, self.prefill // PREFILL_BLOCK + self.prefill_rows) if self.prefill else 0
+        """Query blocks: a chunk of n tokens takes ceil(n / block) of them, so all chunks
+        together at most P // block + chunks (and at most P); rounded up to whole groups."""
+        if not self.prefill:
+            return 0
+        n = min(self.prefill, self.prefill // self.block + self.prefill_rows)
+        return -(-n // PREFILL_GROUP) * PREFILL_GROUP
 
     @property
     def rows(self) -> int:
@@ -94,9 +103,14 @@ class StepBatch(NamedTuple):
     decode_pages: np.ndarray  # i32[]    pages the decode loop visits (the longest decode row)
     block_start: np.ndarray   # i32[blocks]  the first token of each prefill query block
     block_row: np.ndarray     # i32[blocks]  its row
-    token_slot: np.ndarray    # i32[P]   prefill token -> block * block_size + offset
-    prefill_pages: np.ndarray  # i32[]   pages the prefill loop visits (the furthest chunk end)
+    group_pages: np.ndarray   # i32[blocks / PREFILL_GROUP]  pages each group of blocks visits
+    token_slot: np.ndarray    # i32[P]   prefill token -> block * block size + offset
     sample: np.ndarray        # i32[D + prefill rows]  the token whose logits each row samples from
+
+
+def block_size(prefill: int) -> int:
+    """Query block size of a step with ``prefill`` token slots."""
+    return max(1, min(PREFILL_BLOCK, prefill))
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -106,8 +120,12 @@ def pages_for(tokens: int, page_size: int) -> int:
 def build_batch(shape: Shape, page_size: int, max_seq_len: int, decode: list[tuple[int, int, list[int]]],
                 prefill: list[tuple[int, list[int], list[int]]]) -> StepBatch:
     """``decode``: (token, position, pages) per row; ``prefill``: (start, tokens, pages) per
-    chunk. Checking them against the pool and the context is the caller's business."""
-    d, p, b = shape.decode, shape.prefill, PREFILL_BLOCK
+    chunk. Checking them against the pool and the context is the caller's business.
+
+    Prefill query blocks are sorted by the pages they need, longest first, and visited in
+    groups of ``PREFILL_GROUP``: each group reads as far as its own longest block, so a
+    short chunk (or the padding) next to a long one costs little."""
+    d, p, b = shape.decode, shape.prefill, shape.block
     if len(decode) > d or len(prefill) > shape.prefill_rows or sum(len(t) for _, t, _ in prefill) > p:
         raise ValueError(f"{len(decode)} decode rows and {len(prefill)} chunks do not fit {shape}")
     t_total, r_total = d + p, shape.rows
@@ -129,11 +147,8 @@ def build_batch(shape: Shape, page_size: int, max_seq_len: int, decode: list[tup
         table[i, :len(pages)] = pages
         kv_lens[i] = position + 1
         decode_pages = max(decode_pages, pages_for(position + 1, page_size))
-    n_blocks = shape.blocks
-    block_start = np.zeros(n_blocks, np.int32)
-    block_row = np.zeros(n_blocks, np.int32)
-    token_slot = np.zeros(p, np.int32)
-    prefill_pages, at, blk = 1, d, 0
+    blocks = []  # (pages needed, first token, row, tokens)
+    at = d
     for j, (start, ids, pages) in enumerate(prefill):
         r, n = d + j, len(ids)
         tokens[at:at + n] = ids
@@ -142,17 +157,23 @@ def build_batch(shape: Shape, page_size: int, max_seq_len: int, decode: list[tup
         table[r, :len(pages)] = pages
         kv_lens[r] = start + n
         sample[r] = at + n - 1
-        for s in range(0, n, b):
-            block_start[blk], block_row[blk] = at + s, r
-            token_slot[at - d + s:at - d + min(s + b, n)] = blk * b + np.arange(min(b, n - s))
-            blk += 1
-        prefill_pages = max(prefill_pages, pages_for(start + n, page_size))
+        blocks += [(pages_for(start + min(s + b, n), page_size), at + s, r, min(b, n - s)) for s in range(0, n, b)]
         at += n
         cu[r + 1] = at
     cu[d + len(prefill) + 1:] = at
-    rows[at:] = r_total - 1  # padding prefill tokens: the last row (their positions send them to the trash page)
+    rows[at:] = r_total - 1  # padding prefill tokens: their positions send them to the trash page
+    blocks.sort(key=lambda blk: -blk[0])
+    n_blocks = shape.blocks
+    block_start = np.zeros(n_blocks, np.int32)
+    block_row = np.zeros(n_blocks, np.int32)
+    need = np.ones(n_blocks, np.int32)  # padding blocks: one page
+    token_slot = np.zeros(p, np.int32)
+    for i, (pages_needed, first, r, n) in enumerate(blocks):
+        block_start[i], block_row[i], need[i] = first, r, pages_needed
+        token_slot[first - d:first - d + n] = i * b + np.arange(n)
     return StepBatch(tokens, positions, rows, table, kv_lens, cu, np.array([d + len(prefill)], np.int32),
-                     np.int32(decode_pages), block_start, block_row, token_slot, np.int32(prefill_pages), sample)
+                     np.int32(decode_pages), block_start, block_row, need[::PREFILL_GROUP].copy(), token_slot,
+                     sample)
 
 
 # ---- XLA attention ---------------------------------------------------------------------------
@@ -194,38 +215,40 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 
 def prefill_block_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_tables: jax.Array,
-                            q_pos: jax.Array, n_pages: jax.Array, per_visit: int = PREFILL_PAGES_PER_VISIT
-                            ) -> jax.Array:
+                            q_pos: jax.Array, n_pages: jax.Array, per_visit: int | None = None) -> jax.Array:
     """Blocks of queries ``q [N, Bq, H, hd]`` at positions ``q_pos [N, Bq]``, block ``i``
     reading the pages ``page_tables[i]`` of its row, causally, ``per_visit`` pages per
     loop turn, over the first ``n_pages`` pages only (the same online softmax as decode)."""
     n, bq, h, hd = q.shape
     kv, ps = k_pages.shape[1], k_pages.shape[2]
     g = h // kv
-    per = max(1, min(per_visit, page_tables.shape[1]))
+    per = max(1, min(per_visit or PREFILL_PAGES_PER_VISIT, page_tables.shape[1]))
     tables = jnp.pad(page_tables, ((0, 0), (0, (-page_tables.shape[1]) % per)))
-    q = q.reshape(n, bq, kv, g, hd).astype(jnp.float32) / math.sqrt(hd)
+    # [N, KV, g * Bq, hd]: one plain matmul per (block, KV head) against its keys
+    q = q.reshape(n, bq, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(n, kv, g * bq, hd).astype(jnp.float32)
+    q = q / math.sqrt(hd)
+    q_pos = jnp.tile(q_pos, (1, g))  # [N, g * Bq], the order of q's rows
 
     def visit(j, carry):
         m, denom, acc = carry
         first = j * per
         ids = jax.lax.dynamic_slice_in_dim(tables, first, per, axis=1)  # [N, per]
         ids = jnp.where(first + jnp.arange(per) < n_pages, ids, 0)
-        k, v = k_pages[ids], v_pages[ids]  # [N, per, KV, ps, hd]
-        s = jnp.einsum("nqkgd,npkld->nkgqpl", q, k, preferred_element_type=jnp.float32).reshape(n, kv, g, bq, per * ps)
+        keys = lambda pool: pool[ids].transpose(0, 2, 1, 3, 4).reshape(n, kv, per * ps, hd)  # noqa: E731
+        k, v = keys(k_pages), keys(v_pages)
+        s = jnp.einsum("nkqd,nkld->nkql", q, k, preferred_element_type=jnp.float32)
         key_pos = first * ps + jnp.arange(per * ps)
-        s = jnp.where((key_pos[None, None, :] <= q_pos[:, :, None])[:, None, None], s, MASKED)
+        s = jnp.where((key_pos[None, None, :] <= q_pos[:, :, None])[:, None], s, MASKED)
         m_new = jnp.maximum(m, s.max(-1))
         scale = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        pv = jnp.einsum("nkgqpl,npkld->nkgqd", p.reshape(n, kv, g, bq, per, ps), v,
-                        preferred_element_type=jnp.float32)
+        pv = jnp.einsum("nkql,nkld->nkqd", p, v, preferred_element_type=jnp.float32)
         return m_new, denom * scale + p.sum(-1), acc * scale[..., None] + pv
 
-    init = (jnp.full((n, kv, g, bq), MASKED, jnp.float32), jnp.zeros((n, kv, g, bq), jnp.float32),
-            jnp.zeros((n, kv, g, bq, hd), jnp.float32))
+    init = (jnp.full((n, kv, g * bq), MASKED, jnp.float32), jnp.zeros((n, kv, g * bq), jnp.float32),
+            jnp.zeros((n, kv, g * bq, hd), jnp.float32))
     _, denom, acc = jax.lax.fori_loop(0, (n_pages + per - 1) // per, visit, init)
-    out = acc / denom[..., None]  # [N, KV, g, Bq, hd]
+    out = (acc / denom[..., None]).reshape(n, kv, g, bq, hd)
     return out.transpose(0, 3, 1, 2, 4).reshape(n, bq, h, hd)
 
 
@@ -242,9 +265,11 @@ def ragged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch
         parts.append(paged_decode_attention(q[:d], k_pages, v_pages, batch.page_indices[:d], batch.positions[:d],
                                             batch.decode_pages))
     if p:
-        idx = jnp.minimum(batch.block_start[:, None] + jnp.arange(PREFILL_BLOCK), t - 1)  # [N, Bq]
-        out = prefill_block_attention(q[idx], k_pages, v_pages, batch.page_indices[batch.block_row],
-                                      batch.positions[idx], batch.prefill_pages)
+        idx = jnp.minimum(batch.block_start[:, None] + jnp.arange(block_size(p)), t - 1)  # [N, Bq]
+        groups = lambda x: x.reshape(-1, PREFILL_GROUP, *x.shape[1:])  # noqa: E731
+        per_group = (groups(q[idx]), groups(batch.page_indices[batch.block_row]), groups(batch.positions[idx]),
+                     batch.group_pages)
+        out = jax.lax.map(lambda a: prefill_block_attention(a[0], k_pages, v_pages, a[1], a[2], a[3]), per_group)
         parts.append(out.reshape(-1, *q.shape[1:])[batch.token_slot])
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
