@@ -1,7 +1,8 @@
 """``make bench``: measurements side by side in one run, written to ``bench/results/``.
 
 * memory bandwidth (numpy copy) — the yardstick for decode, which is memory bound;
-* the default model's decode step (every slot) and prefill chunk, for tensor sizes 1 and 2;
+* the default model's decode step (every slot), prefill chunk and mixed step (a chunk and
+  15 decode rows in one forward), for tensor sizes 1 and 2 in float32 and 1 in bfloat16;
 * the bytes a decode step must read (weights + KV cache) and the fraction of the
   measured bandwidth the step reaches;
 * ordered step delivery's overhead (``bench/delivery.py``);
@@ -64,7 +65,7 @@ def bench_pages_per_visit(read_bw: float) -> dict:
     import jax.numpy as jnp
 
     from services.model_config import ModelConfig
-    from services.worker.model import paged_decode_attention
+    from services.worker.attention import paged_decode_attention
 
     cfg = ModelConfig()
     b, ps, length = 16, 16, 1000
@@ -85,7 +86,7 @@ def bench_pages_per_visit(read_bw: float) -> dict:
     return out
 
 
-def bench_model(tensor: int, bandwidth: float) -> dict:
+def bench_model(tensor: int, bandwidth: float, dtype: str = "float32") -> dict:
     import jax
 
     from schemas.internal import DecodeItem, PrefillItem, RowSampling
@@ -98,23 +99,26 @@ def bench_model(tensor: int, bandwidth: float) -> dict:
     per_seq = -(-cfg.max_seq_len // page_size)
     runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:tensor]), num_pages=slots * per_seq + 1,
                          page_size=page_size, max_running_requests=slots, max_prefill_tokens=256,
-                         host_weights=dummy_weights(cfg, 0))
+                         host_weights=dummy_weights(cfg, 0), dtype=dtype)
     compile_s = runner.warmup()
     greedy = RowSampling(0.0, 1.0, 0, 0)
     pages = [list(range(1 + s * per_seq, 1 + (s + 1) * per_seq)) for s in range(slots)]
     items = [DecodeItem(65, context - 1, 1, pages[s], greedy) for s in range(slots)]
     decode = timed(lambda: runner.decode(items), repeat=40)
     prefill = timed(lambda: runner.prefill(PrefillItem(0, [65] * 256, True, pages[0], greedy)), repeat=10)
+    # one step of both kinds: a 256-token chunk late in a prompt next to 15 decode rows
+    mixed = timed(lambda: runner.step([PrefillItem(512, [65] * 256, True, pages[0], greedy)], items[1:]), repeat=10)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.weights))
-    kv_row = cfg.n_kv_heads * cfg.head_dim * 4 * 2  # K and V, f32, per position per layer
+    kv_row = cfg.n_kv_heads * cfg.head_dim * runner.cache[0][0].dtype.itemsize * 2  # K and V, per position per layer
     cache_bytes = slots * context * kv_row * cfg.n_layers
     step_s = decode["median_ms"] / 1000
     return {
         "compiled_shapes": runner.compiled_shapes(),
-        "tensor": tensor, "batch": slots, "kv_length": context, "page_size": page_size,
+        "tensor": tensor, "dtype": dtype, "batch": slots, "kv_length": context, "page_size": page_size,
         "compile_s": round(compile_s, 2),
         "decode_step": decode, "decode_tokens_per_s": slots / step_s,
         "prefill_256": prefill, "prefill_tokens_per_s": 256 / (prefill["median_ms"] / 1000),
+        "mixed_step_256_at_512_and_15_decode": mixed,
         "bytes_read_per_decode_step": weight_bytes + cache_bytes,
         "decode_fraction_of_bandwidth": (weight_bytes + cache_bytes) / step_s / 1e9 / bandwidth,
     }
@@ -126,7 +130,7 @@ def bench_attention(bandwidth: float) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from services.worker.model import dense_attention, paged_decode_attention
+    from services.worker.attention import dense_attention, paged_decode_attention
 
     b, h, kv, hd, length, ps = 8, 32, 8, 128, 2048, 64
     n = length // ps
@@ -177,12 +181,13 @@ def main() -> None:
         print(f"decode attention {name:18s}: {a['median_ms']:.2f} ms, {a['gb_s']:.1f} GB/s "
               f"({a['fraction_of_bandwidth'] * 100:.0f}% of bandwidth)")
     runs = []
-    for tensor in (1, 2):
-        r = bench_model(tensor, bw)
+    for tensor, dtype in ((1, "float32"), (2, "float32"), (1, "bfloat16")):
+        r = bench_model(tensor, bw, dtype)
         runs.append(r)
-        print(f"tensor={tensor}: decode step {r['decode_step']['median_ms']:.2f} ms "
+        print(f"tensor={tensor} {dtype}: decode step {r['decode_step']['median_ms']:.2f} ms "
               f"({r['decode_tokens_per_s']:.0f} tok/s over a batch of {r['batch']} at KV length {r['kv_length']}), "
               f"prefill 256 tokens {r['prefill_256']['median_ms']:.1f} ms, "
+              f"mixed step {r['mixed_step_256_at_512_and_15_decode']['median_ms']:.1f} ms, "
               f"decode at {r['decode_fraction_of_bandwidth'] * 100:.0f}% of bandwidth, compile {r['compile_s']} s")
     from bench import serving
     from bench.delivery import run as delivery
