@@ -13,6 +13,7 @@ shape).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,8 +49,24 @@ def make_group_mesh(devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
     return jax.make_mesh((len(devices),), (TENSOR,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
-def _step_fn(cfg: Config, mesh, weights, cache, batch: StepBatch, temperature, top_p, top_k, seeds, counters):
-    logits, cache = model.forward(cfg, weights, cache, batch, mesh)
+def _pack(arrays: Sequence[np.ndarray], dtype) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
+    """Many small host arrays as one (one transfer a step instead of one per array)."""
+    return np.concatenate([np.asarray(a, dtype).ravel() for a in arrays]), tuple(np.shape(a) for a in arrays)
+
+
+def _unpack(flat: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
+    out, at = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[at:at + n].reshape(shape))
+        at += n
+    return out
+
+
+def _step_fn(cfg: Config, mesh, int_shapes, float_shapes, weights, cache, ints, floats):
+    *batch, top_k, seeds, counters = _unpack(ints, int_shapes)
+    temperature, top_p = _unpack(floats, float_shapes)
+    logits, cache = model.forward(cfg, weights, cache, StepBatch(*batch), mesh)
     return sample(logits, temperature, top_p, top_k, seeds, counters), logits, cache
 
 
@@ -72,7 +89,8 @@ class ModelRunner:
         self.cache = model.new_cache(cfg, num_pages, page_size, mesh, dtype)
         replicated = NamedSharding(mesh, jax.P())
         cache_sh = [(model.cache_sharding(mesh),) * 2 for _ in range(cfg.n_layers)]
-        self._step = jax.jit(functools.partial(_step_fn, cfg, mesh), donate_argnums=(1,),
+        # (int shapes, float shapes, weights, cache, ints, floats): the shapes follow from the step's Shape
+        self._step = jax.jit(functools.partial(_step_fn, cfg, mesh), static_argnums=(0, 1), donate_argnums=(3,),
                              out_shardings=(replicated, replicated, cache_sh))
         self._replicated = replicated
 
@@ -148,8 +166,10 @@ class ModelRunner:
                                    + [it.sampling for it in prefill], n)
         counters = np.zeros(n, np.int32)
         counters[:len(decode)] = [it.counter for it in decode]
-        tokens, logits, self.cache = self._step(self.weights, self.cache, StepBatch(*self._put(*batch)),
-                                                *self._put(*samp, counters))
+        ints, int_shapes = _pack([*batch, samp[2], samp[3], counters], np.int32)
+        floats, float_shapes = _pack(samp[:2], np.float32)
+        tokens, logits, self.cache = self._step(int_shapes, float_shapes, self.weights, self.cache,
+                                                *self._put(ints, floats))
         return np.asarray(tokens), logits
 
     def step(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> tuple[list[int], list[int]]:
