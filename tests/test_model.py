@@ -299,7 +299,7 @@ def test_bfloat16_runs_close_to_the_reference(prompts, reference):
                          max_running_requests=MAX_RUNNING, max_prefill_tokens=MAX_PREFILL, host_weights=HOST,
                          dtype="bfloat16")
     assert runner.weights["layers"][0]["wq"].dtype == jnp.bfloat16
-    assert all(a.dtype == jnp.bfloat16 for kv in runner.cache for a in kv)
+    assert all(attention.page_values(a).dtype == jnp.bfloat16 for kv in runner.cache for a in kv)
     pages = scattered_pages(71)
     got, want = [], []
     for i, (prompt, (_, sizes, _)) in enumerate(zip(prompts, PROMPTS)):

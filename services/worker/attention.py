@@ -61,6 +61,30 @@ def split_kv(kv_pages: jax.Array) -> tuple[jax.Array, jax.Array]:
     return both[:, :, 0], both[:, :, 1]
 
 
+# ---- reading and writing pages ----------------------------------------------------------------
+
+# bfloat16 pages are kept as their bit patterns (uint16): XLA on CPU turns a scatter into,
+# or a gather from, a bfloat16 array into a conversion of the whole pool every step
+BF16_BITS = jnp.uint16
+
+
+def page_values(pages: jax.Array) -> jax.Array:
+    """Pages (or a pool) as numbers: bfloat16 for a pool kept as bits, else as they are."""
+    return jax.lax.bitcast_convert_type(pages, jnp.bfloat16) if pages.dtype == BF16_BITS else pages
+
+
+def read_pages(pool: jax.Array, ids: jax.Array) -> jax.Array:
+    """``pool[ids]`` in float32."""
+    return page_values(pool[ids]).astype(jnp.float32)
+
+
+def write_slots(pool: jax.Array, page: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
+    """``x [T, KV, hd]`` into ``pool[page[t], :, slot[t]]``, in the pool's dtype."""
+    if pool.dtype == BF16_BITS:
+        x = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
+    return pool.at[page, :, slot].set(x.astype(pool.dtype))
+
+
 # ---- a step's batch, built on the host -------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -198,7 +222,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         first = j * per
         ids = jax.lax.dynamic_slice_in_dim(tables, first, per, axis=1)  # [B, per]
         ids = jnp.where(first + jnp.arange(per) < n_pages, ids, 0)  # never past n_pages
-        k, v = k_pages[ids], v_pages[ids]  # [B, per, KV, ps, hd]
+        k, v = read_pages(k_pages, ids), read_pages(v_pages, ids)  # [B, per, KV, ps, hd]
         s = jnp.einsum("bkgd,bpkld->bkgpl", q, k, preferred_element_type=jnp.float32).reshape(b, kv, g, per * ps)
         key_pos = first * ps + jnp.arange(per * ps)
         s = jnp.where((key_pos[None, :] <= positions[:, None])[:, None, None, :], s, MASKED)
@@ -234,7 +258,7 @@ def prefill_block_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         first = j * per
         ids = jax.lax.dynamic_slice_in_dim(tables, first, per, axis=1)  # [N, per]
         ids = jnp.where(first + jnp.arange(per) < n_pages, ids, 0)
-        keys = lambda pool: pool[ids].transpose(0, 2, 1, 3, 4).reshape(n, kv, per * ps, hd)  # noqa: E731
+        keys = lambda pool: read_pages(pool, ids).transpose(0, 2, 1, 3, 4).reshape(n, kv, per * ps, hd)  # noqa: E731
         k, v = keys(k_pages), keys(v_pages)
         s = jnp.einsum("nkqd,nkld->nkql", q, k, preferred_element_type=jnp.float32)
         key_pos = first * ps + jnp.arange(per * ps)
@@ -257,7 +281,8 @@ def ragged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch
     """Every query token of a step ``q [T, H, hd]`` against its row's keys: ``[T, H, hd]``.
     The K/V of this step's tokens must be in the pools already."""
     if mesh is not None and jax.default_backend() == "tpu":
-        return tpu_ragged_attention(mesh, q, combined_kv(k_pages, v_pages), batch, 1 / math.sqrt(q.shape[-1]))
+        kv_pages = combined_kv(page_values(k_pages), page_values(v_pages))
+        return tpu_ragged_attention(mesh, q.astype(kv_pages.dtype), kv_pages, batch, 1 / math.sqrt(q.shape[-1]))
     t, p = q.shape[0], batch.token_slot.shape[0]
     d = t - p
     parts = []

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from services.model_config import ModelConfig
-from services.worker.attention import StepBatch, ragged_attention
+from services.worker.attention import BF16_BITS, StepBatch, ragged_attention, write_slots
 
 TENSOR = "tensor"
 
@@ -134,10 +134,11 @@ def new_cache(cfg: Config, num_pages: int, page_size: int, mesh: jax.sharding.Me
     split over the KV heads.
 
     Page 0 is the trash page: padding rows and padding tokens write there; a real token
-    reads it only where masked.
+    reads it only where masked. bfloat16 pages are kept as their bits (uint16).
     """
     shape = (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
-    make = jax.jit(lambda: jnp.zeros(shape, DTYPES[dtype]), out_shardings=cache_sharding(mesh))
+    stored = BF16_BITS if dtype == "bfloat16" else DTYPES[dtype]  # see attention.BF16_BITS
+    make = jax.jit(lambda: jnp.zeros(shape, stored), out_shardings=cache_sharding(mesh))
     return [(make(), make()) for _ in range(cfg.n_layers)]
 
 
@@ -189,8 +190,8 @@ def forward(
         q = rope(mm("td,dhk->thk", h, w["wq"]), positions, cfg.rope_theta)
         k = rope(mm("td,dhk->thk", h, w["wk"]), positions, cfg.rope_theta)
         v = mm("td,dhk->thk", h, w["wv"])
-        k_pages = k_pages.at[write_page, :, write_off].set(k.astype(k_pages.dtype))
-        v_pages = v_pages.at[write_page, :, write_off].set(v.astype(v_pages.dtype))
+        k_pages = write_slots(k_pages, write_page, write_off, k)
+        v_pages = write_slots(v_pages, write_page, write_off, v)
         new_cache.append((k_pages, v_pages))
         attn = ragged_attention(q, k_pages, v_pages, batch, mesh)
         x = x + mm("thk,hkd->td", attn, w["wo"])
