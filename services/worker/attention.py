@@ -14,8 +14,10 @@ the pages in use:
 * decode rows: one query per row, an online softmax over the row's pages, one page per
   loop turn, up to the longest row of the step (``paged_decode_attention``);
 * prefill chunks: their queries cut in blocks of ``PREFILL_BLOCK`` tokens of one chunk
-  each; every loop turn gathers the next pages of each block's row, up to the longest
-  chunk's end (``prefill_block_attention``).
+  each, sorted by how far they reach and taken ``PREFILL_GROUP`` at a time; every loop
+  turn gathers the next pages of each block's row, up to the furthest block of the
+  group (``prefill_block_attention``), so neither padding nor a short chunk next to a
+  long one costs a long walk.
 
 On a TPU the kernel takes the same batch (K and V in its combined pool layout). dpbus
 keeps K and V in two pools ``[page, kv_head, page_slot, head_dim]`` (what the XLA path
@@ -282,7 +284,8 @@ def ragged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch
     The K/V of this step's tokens must be in the pools already."""
     if mesh is not None and jax.default_backend() == "tpu":
         kv_pages = combined_kv(page_values(k_pages), page_values(v_pages))
-        return tpu_ragged_attention(mesh, q.astype(kv_pages.dtype), kv_pages, batch, 1 / math.sqrt(q.shape[-1]))
+        out = tpu_ragged_attention(mesh, q.astype(kv_pages.dtype), kv_pages, batch, 1 / math.sqrt(q.shape[-1]))
+        return out.astype(jnp.float32)
     t, p = q.shape[0], batch.token_slot.shape[0]
     d = t - p
     parts = []
