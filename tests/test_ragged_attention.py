@@ -54,11 +54,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("ps", [4, 16])
+@pytest.mark.parametrize("ps, group", [(4, 1), (16, 1), (4, 4)])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_xla_ragged_attention_equals_the_kernel_reference(ps, case):
+def test_xla_ragged_attention_equals_the_kernel_reference(ps, group, case, monkeypatch):
+    monkeypatch.setattr(attention, "PREFILL_GROUP", group)  # blocks walked together
+    xla = _xla if group == 1 else jax.jit(attention.ragged_attention)
     d, p, rows, decode_shapes, chunk_shapes = CASES[case]
-    rng = np.random.default_rng(100 * ps + case)
+    rng = np.random.default_rng(100 * ps + 10 * group + case)
     h, kv, hd = 8, 4, 32
     width = 100 // ps + 1
     num_pages = 1 + sum(-(-(start + n) // ps) for n, start in decode_shapes + chunk_shapes) + 6
@@ -77,7 +79,7 @@ def test_xla_ragged_attention_equals_the_kernel_reference(ps, case):
     q = rng.standard_normal((d + p, h, hd)).astype(np.float32)
 
     want = reference(batch, q, k, v)
-    got = np.asarray(_xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jax.tree.map(jnp.asarray, batch)))
+    got = np.asarray(xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jax.tree.map(jnp.asarray, batch)))
     assert got.shape == q.shape and np.isfinite(got).all()
     real = list(range(len(decode))) + list(range(d, d + sum(n for n, _ in chunk_shapes)))
     cu = batch.cu_q_lens
@@ -88,7 +90,7 @@ def test_xla_ragged_attention_equals_the_kernel_reference(ps, case):
     # and a wrong page table would show: the first real row reads the trash page instead of its first page
     bad = batch._replace(page_indices=batch.page_indices.copy())
     bad.page_indices[0 if decode else d, 0] = 0
-    got_bad = np.asarray(_xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jax.tree.map(jnp.asarray, bad)))
+    got_bad = np.asarray(xla(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jax.tree.map(jnp.asarray, bad)))
     assert not np.allclose(got_bad[real], want[real], atol=2e-5, rtol=0)
 
 
@@ -110,7 +112,8 @@ def test_blocks_of_a_step_cover_each_prefill_token_once():
     assert sorted(last) == [0, 1, 2, 3]  # 5 tokens, 32 + 8, 1: four blocks, the rest padding
     need = [-(-(last[i] + 1) // ps) for i in range(4)]
     assert need == sorted(need, reverse=True) and need[0] == -(-70 // ps)
-    assert list(b.group_pages) == [need[0], 1]
+    need += [1] * (shape.blocks - 4)  # padding blocks: one page
+    assert list(b.group_pages) == need[::attention.PREFILL_GROUP]
     assert list(b.sample) == [0, 1, 6, 46, 47, 0]
     assert list(b.cu_q_lens) == [0, 1, 2, 7, 47, 48, 48] and int(b.num_seqs[0]) == 5
     assert list(b.kv_lens) == [10, 1, 5, 70, 8, 0]

@@ -43,7 +43,7 @@ PAGES_PER_VISIT = 1
 # reading PREFILL_PAGES_PER_VISIT pages of the block's row
 PREFILL_BLOCK = 32
 PREFILL_PAGES_PER_VISIT = 8
-PREFILL_GROUP = 4  # blocks visited together
+PREFILL_GROUP = 1  # blocks visited together (in one loop, as far as the furthest of them)
 MASKED = -1e30
 
 
