@@ -112,7 +112,7 @@ def test_blocks_of_a_step_cover_each_prefill_token_once():
     assert sorted(last) == [0, 1, 2, 3]  # 5 tokens, 32 + 8, 1: four blocks, the rest padding
     need = [-(-(last[i] + 1) // ps) for i in range(4)]
     assert need == sorted(need, reverse=True) and need[0] == -(-70 // ps)
-    need += [1] * (shape.blocks - 4)  # padding blocks: one page
+    need += [0] * (shape.blocks - 4)  # padding blocks visit nothing
     assert list(b.group_pages) == need[::attention.PREFILL_GROUP]
     assert list(b.sample) == [0, 1, 6, 46, 47, 0]
     assert list(b.cu_q_lens) == [0, 1, 2, 7, 47, 48, 48] and int(b.num_seqs[0]) == 5

@@ -192,7 +192,7 @@ def build_batch(shape: Shape, page_size: int, max_seq_len: int, decode: list[tup
     n_blocks = shape.blocks
     block_start = np.zeros(n_blocks, np.int32)
     block_row = np.zeros(n_blocks, np.int32)
-    need = np.ones(n_blocks, np.int32)  # padding blocks: one page
+    need = np.zeros(n_blocks, np.int32)  # padding blocks visit nothing
     token_slot = np.zeros(p, np.int32)
     for i, (pages_needed, first, r, n) in enumerate(blocks):
         block_start[i], block_row[i], need[i] = first, r, pages_needed
@@ -274,7 +274,8 @@ def prefill_block_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     init = (jnp.full((n, kv, g * bq), MASKED, jnp.float32), jnp.zeros((n, kv, g * bq), jnp.float32),
             jnp.zeros((n, kv, g * bq, hd), jnp.float32))
     _, denom, acc = jax.lax.fori_loop(0, (n_pages + per - 1) // per, visit, init)
-    out = (acc / denom[..., None]).reshape(n, kv, g, bq, hd)
+    # a block that visited nothing (padding) gives zeros: a real query always sees key 0, so denom >= 1
+    out = (acc / jnp.maximum(denom, 1e-30)[..., None]).reshape(n, kv, g, bq, hd)
     return out.transpose(0, 3, 1, 2, 4).reshape(n, bq, h, hd)
 
 
