@@ -121,7 +121,8 @@ def place_weights(host: dict[str, Any], cfg: Config, mesh: jax.sharding.Mesh, dt
                   ) -> dict[str, Any]:
     """Put host weights on the mesh in ``dtype``, each array split by its logical axes."""
     want = DTYPES[dtype]
-    return jax.tree.map(lambda a, sh: global_array(np.asarray(a).astype(want, copy=False), sh), host, weight_shardings(cfg, mesh))
+    place = lambda a, sh: global_array(np.asarray(a).astype(want, copy=False), sh)  # noqa: E731
+    return jax.tree.map(place, host, weight_shardings(cfg, mesh))
 
 
 def cache_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
