@@ -254,6 +254,42 @@ def test_runner_matches_reference(runners, prompts, reference, tensor):
     assert_matches_reference(got, reference, prompts, f"tensor={tensor}")
 
 
+def test_whole_steps_match_reference(runners, prompts, reference):
+    """``step``: chunks of some prompts and decode rows of others in one forward, as a
+    worker runs the publisher's steps, give the reference's greedy tokens."""
+    runner = get_runner(runners, 2)
+    pages = scattered_pages(111)
+    joins = [0, 0, 2]  # 5 + 7 tokens, then 13, then 32 and 13: never more than MAX_PREFILL a step
+    done = [0] * len(prompts)  # prompt tokens in the cache
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in range(40):
+        prefill, decode, who = [], [], []
+        for i, (prompt, (_, sizes, _)) in enumerate(zip(prompts, PROMPTS)):
+            if step < joins[i] or len(out[i]) == N_NEW:
+                continue
+            if done[i] < len(prompt):
+                n = sizes[[sum(sizes[:j]) for j in range(len(sizes))].index(done[i])]
+                end = done[i] + n
+                prefill.append(PrefillItem(done[i], prompt[done[i]:end], end == len(prompt),
+                                           pages[i][:pages_for(end)], GREEDY))
+                who.append(("p", i))
+                done[i] = end
+            else:
+                decode.append(decode_item(out[i][-1], len(prompt) + len(out[i]) - 1, len(out[i]), pages[i], GREEDY))
+                who.append(("d", i))
+        if not who:
+            break
+        assert sum(len(it.token_ids) for it in prefill) <= MAX_PREFILL
+        got_prefill, got_decode = runner.step(prefill, decode)
+        for (kind, i), tok in zip([w for w in who if w[0] == "p"] + [w for w in who if w[0] == "d"],
+                                  got_prefill + got_decode):
+            if tok >= 0:
+                out[i].append(tok)
+            else:
+                assert kind == "p" and done[i] < len(prompts[i])  # a chunk that is not a prompt's last
+    assert out == [tokens for tokens, _ in reference]
+
+
 def test_a_page_table_bug_would_show(runners, prompts, reference, monkeypatch):
     """Mutant (in memory): the runner sorts each page list. With shuffled pages the
     sequence's positions land elsewhere as its list grows, and the comparison fails; with
@@ -603,6 +639,13 @@ def test_compilations_are_bounded(runners, prompts):
                      for r in range(size)]
             runner.decode(items)
     run_batch(runner, prompts, PROMPTS, 3, pages=scattered_pages(62))
+    # whole steps: chunks next to decode rows, up to MAX_RUNNING rows and MAX_PREFILL tokens in all
+    for chunks, decodes in (([20], 1), ([1, 1, 1], 1), ([5, 27], 2), ([32], 3), ([3], 0), ([16, 16], 0)):
+        prefill = [PrefillItem(3 * i, list(range(1, n + 1)), i % 2 == 0, pool[i][:pages_for(3 * i + n)], hot)
+                   for i, n in enumerate(chunks)]
+        decode = [decode_item(7, 40 + r, 1, pool[(len(chunks) + r) % 3], GREEDY) for r in range(decodes)]
+        got_prefill, got_decode = runner.step(prefill, decode)
+        assert len(got_decode) == decodes and [t >= 0 for t in got_prefill] == [i % 2 == 0 for i in range(len(chunks))]
     assert runner.compiled_shapes() == n
 
     # the counter does see a new shape (so the check above can fail): 17 prefill token slots
