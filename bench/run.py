@@ -3,7 +3,8 @@
 
 * model: memory bandwidth (numpy copy) — the yardstick for decode, which is memory
   bound — and an f32 matmul — the yardstick for prefill; the default model's decode step
-  (every slot) and prefill chunk for tensor sizes 1 and 2, the bytes a decode step must
+  (every slot), prefill chunk and mixed step (a chunk and 15 decode rows in one forward)
+  for tensor sizes 1 and 2 in float32 and 1 in bfloat16, the bytes a decode step must
   read (weights + KV cache) and the fraction of the bandwidth it reaches, prefill's
   fraction of the matmul peak;
 * transports: raw ZeroMQ and raw NATS step-and-acknowledge round trips to 1, 2, 4
@@ -97,7 +98,7 @@ def bench_pages_per_visit(read_bw: float) -> dict:
     import jax.numpy as jnp
 
     from services.model_config import ModelConfig
-    from services.worker.model import paged_decode_attention
+    from services.worker.attention import paged_decode_attention
 
     cfg = ModelConfig()
     b, ps, length = 16, 16, 1000
@@ -118,7 +119,7 @@ def bench_pages_per_visit(read_bw: float) -> dict:
     return out
 
 
-def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0) -> dict:
+def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0, dtype: str = "float32") -> dict:
     import jax
 
     from schemas.internal import DecodeItem, PrefillItem, RowSampling
@@ -131,15 +132,17 @@ def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0) -> dic
     per_seq = -(-cfg.max_seq_len // page_size)
     runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:tensor]), num_pages=slots * per_seq + 1,
                          page_size=page_size, max_running_requests=slots, max_prefill_tokens=256,
-                         host_weights=dummy_weights(cfg, 0))
+                         host_weights=dummy_weights(cfg, 0), dtype=dtype)
     compile_s = runner.warmup()
     greedy = RowSampling(0.0, 1.0, 0, 0)
     pages = [list(range(1 + s * per_seq, 1 + (s + 1) * per_seq)) for s in range(slots)]
     items = [DecodeItem(65, context - 1, 1, pages[s], greedy) for s in range(slots)]
     decode = timed(lambda: runner.decode(items), repeat=40)
     prefill = timed(lambda: runner.prefill(PrefillItem(0, [65] * 256, True, pages[0], greedy)), repeat=10)
+    # one step of both kinds: a 256-token chunk late in a prompt next to 15 decode rows
+    mixed = timed(lambda: runner.step([PrefillItem(512, [65] * 256, True, pages[0], greedy)], items[1:]), repeat=10)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.weights))
-    kv_row = cfg.n_kv_heads * cfg.head_dim * 4 * 2  # K and V, f32, per position per layer
+    kv_row = cfg.n_kv_heads * cfg.head_dim * runner.cache[0][0].dtype.itemsize * 2  # K and V, per position per layer
     cache_bytes = slots * context * kv_row * cfg.n_layers
     step_s = decode["median_ms"] / 1000
     flops = prefill_flops(cfg, 256)
@@ -148,10 +151,11 @@ def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0) -> dic
         "prefill_flops": flops, "prefill_gflop_s": prefill_gflop_s,
         "prefill_fraction_of_matmul_peak": prefill_gflop_s / peak_gflop_s if peak_gflop_s else None,
         "compiled_shapes": runner.compiled_shapes(),
-        "tensor": tensor, "batch": slots, "kv_length": context, "page_size": page_size,
+        "tensor": tensor, "dtype": dtype, "batch": slots, "kv_length": context, "page_size": page_size,
         "compile_s": round(compile_s, 2),
         "decode_step": decode, "decode_tokens_per_s": slots / step_s,
         "prefill_256": prefill, "prefill_tokens_per_s": 256 / (prefill["median_ms"] / 1000),
+        "mixed_step_256_at_512_and_15_decode": mixed,
         "bytes_read_per_decode_step": weight_bytes + cache_bytes,
         "decode_fraction_of_bandwidth": (weight_bytes + cache_bytes) / step_s / 1e9 / bandwidth,
     }
@@ -163,7 +167,7 @@ def bench_attention(bandwidth: float) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from services.worker.model import dense_attention, paged_decode_attention
+    from services.worker.attention import dense_attention, paged_decode_attention
 
     b, h, kv, hd, length, ps = 8, 32, 8, 128, 2048, 64
     n = length // ps
@@ -270,13 +274,14 @@ def model_part() -> dict:
         print(f"decode attention {name:18s}: {a['median_ms']:.2f} ms, {a['gb_s']:.1f} GB/s "
               f"({a['fraction_of_bandwidth'] * 100:.0f}% of bandwidth)")
     runs = []
-    for tensor in (1, 2):
-        r = bench_model(tensor, bw, peak["gflop_s"])
+    for tensor, dtype in ((1, "float32"), (2, "float32"), (1, "bfloat16")):
+        r = bench_model(tensor, bw, peak["gflop_s"], dtype)
         runs.append(r)
-        print(f"tensor={tensor}: decode step {r['decode_step']['median_ms']:.2f} ms "
+        print(f"tensor={tensor} {dtype}: decode step {r['decode_step']['median_ms']:.2f} ms "
               f"({r['decode_tokens_per_s']:.0f} tok/s over a batch of {r['batch']} at KV length {r['kv_length']}), "
               f"prefill 256 tokens {r['prefill_256']['median_ms']:.1f} ms "
               f"({r['prefill_fraction_of_matmul_peak'] * 100:.0f}% of the matmul peak), "
+              f"mixed step {r['mixed_step_256_at_512_and_15_decode']['median_ms']:.1f} ms, "
               f"decode at {r['decode_fraction_of_bandwidth'] * 100:.0f}% of bandwidth, compile {r['compile_s']} s")
     return {"read_bandwidth_gb_s": read_bw, "memory_bandwidth_gb_s": bw, "matmul_peak": peak,
             "pages_per_visit": visits, "decode_attention": att, "model": runs}

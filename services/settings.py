@@ -107,6 +107,7 @@ class WorkerSettings(EngineSettings):
     node_rank: NonNegative = 0
     local_devices: NonNegative = 0  # 0: use the devices JAX finds; N: N virtual CPU devices
     load_format: str = "dummy"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weights and KV pages (bfloat16 halves what a step reads)
     seed: NonNegative = 0
     heartbeat_interval: Seconds = 0.5
     warmup: bool = True

@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from schemas.internal import DecodeItem, PrefillItem, RowSampling  # noqa: E402
 from services.model_config import ModelConfig  # noqa: E402
-from services.worker import model  # noqa: E402
+from services.worker import attention, model  # noqa: E402
 from services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
 from services.worker.runner import ModelRunner, make_group_mesh  # noqa: E402
 
@@ -49,10 +49,11 @@ def full_logits(cfg: ModelConfig, host: dict, tensor: int, tokens: list[int]) ->
     n_pages = -(-len(tokens) // PAGE_SIZE)
     cache = model.new_cache(cfg, n_pages + 1, PAGE_SIZE, mesh)
     weights = model.place_weights(host, cfg, mesh)
-    fwd = jax.jit(lambda w, c, t, p, pt: model.forward(cfg, w, c, t, p, pt)[0])
-    logits = fwd(weights, cache, np.array([tokens], np.int32), np.arange(len(tokens), dtype=np.int32)[None],
-                 np.arange(1, n_pages + 1, dtype=np.int32)[None])
-    return np.asarray(logits)[0]
+    batch = attention.build_batch(attention.Shape(0, len(tokens), 1, n_pages), PAGE_SIZE, cfg.max_seq_len, [],
+                                  [(0, tokens, list(range(1, n_pages + 1)))])
+    batch = batch._replace(sample=np.arange(len(tokens), dtype=np.int32))  # logits of every position
+    fwd = jax.jit(lambda w, c, b: model.forward(cfg, w, c, b)[0])
+    return np.asarray(fwd(weights, cache, batch))
 
 
 def runner_greedy(cfg: ModelConfig, host: dict, tensor: int, prompts: list[list[int]], n_new: int) -> list[list[int]]:

@@ -199,10 +199,16 @@ def test_up_takes_the_service_settings_and_passes_them_on():
 
     a = parser().parse_args(["up", "--model-path", "/models/llama", "--max-seq-len", "2048",
                              "--max-running-requests", "8", "--policy", "least_tokens", "--no-warmup",
-                             "--api-key", "k"])
+                             "--api-key", "k", "--dtype", "bfloat16"])
     assert st.service_env(a) == {"DPBUS_MODEL_PATH": "/models/llama", "DPBUS_MAX_SEQ_LEN": "2048",
                                  "DPBUS_MAX_RUNNING_REQUESTS": "8", "DPBUS_POLICY": "least_tokens",
-                                 "DPBUS_WARMUP": "false", "DPBUS_API_KEY": "k"}
+                                 "DPBUS_WARMUP": "false", "DPBUS_API_KEY": "k", "DPBUS_DTYPE": "bfloat16"}
+    for role in ("worker", "node"):  # the worker's weights and KV pages
+        assert st.build(st.WorkerSettings, parser().parse_args([role]), env={}).dtype == "float32"
+        bf16 = parser().parse_args([role, "--dtype", "bfloat16"])
+        assert st.build(st.WorkerSettings, bf16, env={}).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="valid values: float32, bfloat16"):
+        st.build(st.WorkerSettings, env={"DPBUS_DTYPE": "float16"})
     bad = subprocess.run([*DPBUS, "up", "--policy", "fastest"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "valid values: round_robin" in bad.stderr, bad.stderr
 

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from schemas.internal import DecodeItem, PrefillItem, RowSampling  # noqa: E402
-from services.worker import model  # noqa: E402
+from services.worker import attention, model  # noqa: E402
 from services.worker.model import Config  # noqa: E402
 from services.worker.runner import ModelRunner, make_group_mesh, prefill_buckets  # noqa: E402
 from services.worker.sampling import sample  # noqa: E402
@@ -254,13 +254,49 @@ def test_runner_matches_reference(runners, prompts, reference, tensor):
     assert_matches_reference(got, reference, prompts, f"tensor={tensor}")
 
 
+def test_whole_steps_match_reference(runners, prompts, reference):
+    """``step``: chunks of some prompts and decode rows of others in one forward, as a
+    worker runs the publisher's steps, give the reference's greedy tokens."""
+    runner = get_runner(runners, 2)
+    pages = scattered_pages(111)
+    joins = [0, 0, 2]  # 5 + 7 tokens, then 13, then 32 and 13: never more than MAX_PREFILL a step
+    done = [0] * len(prompts)  # prompt tokens in the cache
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in range(40):
+        prefill, decode, who = [], [], []
+        for i, (prompt, (_, sizes, _)) in enumerate(zip(prompts, PROMPTS)):
+            if step < joins[i] or len(out[i]) == N_NEW:
+                continue
+            if done[i] < len(prompt):
+                n = sizes[[sum(sizes[:j]) for j in range(len(sizes))].index(done[i])]
+                end = done[i] + n
+                prefill.append(PrefillItem(done[i], prompt[done[i]:end], end == len(prompt),
+                                           pages[i][:pages_for(end)], GREEDY))
+                who.append(("p", i))
+                done[i] = end
+            else:
+                decode.append(decode_item(out[i][-1], len(prompt) + len(out[i]) - 1, len(out[i]), pages[i], GREEDY))
+                who.append(("d", i))
+        if not who:
+            break
+        assert sum(len(it.token_ids) for it in prefill) <= MAX_PREFILL
+        got_prefill, got_decode = runner.step(prefill, decode)
+        for (kind, i), tok in zip([w for w in who if w[0] == "p"] + [w for w in who if w[0] == "d"],
+                                  got_prefill + got_decode):
+            if tok >= 0:
+                out[i].append(tok)
+            else:
+                assert kind == "p" and done[i] < len(prompts[i])  # a chunk that is not a prompt's last
+    assert out == [tokens for tokens, _ in reference]
+
+
 def test_a_page_table_bug_would_show(runners, prompts, reference, monkeypatch):
     """Mutant (in memory): the runner sorts each page list. With shuffled pages the
     sequence's positions land elsewhere as its list grows, and the comparison fails; with
     ascending contiguous lists this mutant would have passed unnoticed."""
     runner = get_runner(runners, 1)
-    real = ModelRunner._page_row
-    monkeypatch.setattr(ModelRunner, "_page_row", lambda self, pages: real(self, sorted(pages)))
+    real = ModelRunner._pages
+    monkeypatch.setattr(ModelRunner, "_pages", lambda self, pages: real(self, sorted(pages)))
     got = run_batch(runner, prompts, PROMPTS, N_NEW, pages=scattered_pages(7))
     with pytest.raises(AssertionError):
         assert_matches_reference(got, reference, prompts, "sorted-pages mutant")
@@ -276,10 +312,11 @@ def test_reference_agrees_with_unsharded_forward(prompts):
     pages = scattered_pages(9)[0]
     cache = [(jnp.zeros((NUM_PAGES, CFG.n_kv_heads, PAGE, CFG.head_dim)),) * 2 for _ in range(CFG.n_layers)]
     weights = jax.tree.map(jnp.asarray, HOST)
-    logits, cache = jax.jit(model.forward, static_argnums=0)(
-        CFG, weights, cache, jnp.asarray([prompt], jnp.int32), jnp.arange(t, dtype=jnp.int32)[None],
-        jnp.asarray([pages], jnp.int32))
-    np.testing.assert_allclose(np.asarray(logits[0]), ref_logits(CFG, HOST, prompt), atol=ATOL, rtol=0)
+    batch = attention.build_batch(attention.Shape(0, t, 1, len(pages)), PAGE, CFG.max_seq_len, [],
+                                  [(0, prompt, pages)])
+    batch = batch._replace(sample=np.arange(t, dtype=np.int32))  # logits of every position
+    logits, cache = jax.jit(model.forward, static_argnums=0)(CFG, weights, cache, jax.tree.map(jnp.asarray, batch))
+    np.testing.assert_allclose(np.asarray(logits), ref_logits(CFG, HOST, prompt), atol=ATOL, rtol=0)
     # the K of position p sits at (pages[p // PAGE], :, p % PAGE); nothing else was written
     k0 = np.asarray(cache[0][0])
     want = ref_layer0_keys(prompt)
@@ -287,6 +324,31 @@ def test_reference_agrees_with_unsharded_forward(prompts):
         np.testing.assert_allclose(k0[pages[p // PAGE], :, p % PAGE], want[p], atol=1e-5, rtol=0)
     used = set(pages[:pages_for(t)])
     assert not np.any(k0[[i for i in range(NUM_PAGES) if i not in used]])
+
+
+def test_bfloat16_runs_close_to_the_reference(prompts, reference):
+    """Weights and KV pages in bfloat16 (``--dtype bfloat16``): the pools and weights really
+    are bf16, and with the reference's tokens fed back (teacher forcing, so one flipped
+    near-tie does not derail the rest) the logits stay close and the greedy choices
+    mostly agree."""
+    runner = ModelRunner(CFG, make_group_mesh(jax.devices()[:2]), num_pages=NUM_PAGES, page_size=PAGE,
+                         max_running_requests=MAX_RUNNING, max_prefill_tokens=MAX_PREFILL, host_weights=HOST,
+                         dtype="bfloat16")
+    assert runner.weights["layers"][0]["wq"].dtype == jnp.bfloat16
+    assert all(attention.page_values(a).dtype == jnp.bfloat16 for kv in runner.cache for a in kv)
+    pages = scattered_pages(71)
+    got, want = [], []
+    for i, (prompt, (_, sizes, _)) in enumerate(zip(prompts, PROMPTS)):
+        ref_tokens, ref_logits_ = reference[i]
+        _, lg = prefill_all(runner, prompt, sizes, pages[i])
+        got.append(np.asarray(lg))
+        for j, tok in enumerate(ref_tokens[:-1]):
+            _, lg = runner.decode([decode_item(tok, len(prompt) + j, j + 1, pages[i], GREEDY)])
+            got.append(np.asarray(lg[0]))
+        want += ref_logits_
+    got, want = np.stack(got), np.stack(want)
+    assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()  # about 0.007 measured
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.9
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,14 +402,14 @@ def attention_case(page_size: int, seed: int = 0):
     return q, k_pages, v_pages, table, positions, n_pages
 
 
-_paged = jax.jit(model.paged_decode_attention)
+_paged = jax.jit(attention.paged_decode_attention)
 
 
 @pytest.mark.parametrize("page_size, per_visit", [(1, 1), (4, 1), (16, 1), (1, 8), (4, 3), (16, 8), (4, 64)])
 def test_paged_decode_attention_equals_dense(page_size, per_visit):
     q, kp, vp, table, positions, n_pages = attention_case(page_size, seed=page_size)
     assert n_pages < table.shape[1]
-    paged = jax.jit(functools.partial(model.paged_decode_attention, per_visit=per_visit))
+    paged = jax.jit(functools.partial(attention.paged_decode_attention, per_visit=per_visit))
     got = np.asarray(paged(q, kp, vp, table, positions, np.int32(n_pages)))
     assert np.isfinite(got).all(), "a page past n_pages was read"
     want = ref_attention(q, kp, vp, table, positions)
@@ -357,7 +419,7 @@ def test_paged_decode_attention_equals_dense(page_size, per_visit):
     clean = table.copy()
     clean[:, n_pages:] = 0
     rows = lambda pool: pool[clean].transpose(0, 2, 1, 3, 4).reshape(b, kv, -1, pool.shape[3])  # noqa: E731
-    dense = model.dense_attention(jnp.asarray(q)[:, None], rows(kp), rows(vp), jnp.asarray(positions)[:, None])
+    dense = attention.dense_attention(jnp.asarray(q)[:, None], rows(kp), rows(vp), jnp.asarray(positions)[:, None])
     np.testing.assert_allclose(np.asarray(dense[:, 0]), want, atol=1e-5, rtol=0)
 
 
@@ -373,9 +435,9 @@ def test_paged_decode_attention_rows_do_not_depend_on_each_other():
 
 def test_a_broken_paged_attention_fails_the_comparison():
     """Mutant built in memory from the real source: key positions forget the page offset."""
-    src = inspect.getsource(model.paged_decode_attention)
+    src = inspect.getsource(attention.paged_decode_attention)
     assert "first * ps + jnp.arange(per * ps)" in src
-    ns = dict(vars(model))
+    ns = dict(vars(attention))
     exec(src.replace("first * ps + jnp.arange(per * ps)", "jnp.arange(per * ps)"), ns)  # noqa: S102
     q, kp, vp, table, positions, n_pages = attention_case(4, seed=2)
     want = ref_attention(q, kp, vp, table, positions)
@@ -577,14 +639,17 @@ def test_compilations_are_bounded(runners, prompts):
                      for r in range(size)]
             runner.decode(items)
     run_batch(runner, prompts, PROMPTS, 3, pages=scattered_pages(62))
+    # whole steps: chunks next to decode rows, up to MAX_RUNNING rows and MAX_PREFILL tokens in all
+    for chunks, decodes in (([20], 1), ([1, 1, 1], 1), ([5, 27], 2), ([32], 3), ([3], 0), ([16, 16], 0)):
+        prefill = [PrefillItem(3 * i, list(range(1, n + 1)), i % 2 == 0, pool[i][:pages_for(3 * i + n)], hot)
+                   for i, n in enumerate(chunks)]
+        decode = [decode_item(7, 40 + r, 1, pool[(len(chunks) + r) % 3], GREEDY) for r in range(decodes)]
+        got_prefill, got_decode = runner.step(prefill, decode)
+        assert len(got_decode) == decodes and [t >= 0 for t in got_prefill] == [i % 2 == 0 for i in range(len(chunks))]
     assert runner.compiled_shapes() == n
 
-    # the counter does see a new shape (so the check above can fail): a 17-token prefill
-    tokens = np.zeros((1, 17), np.int32)
-    positions = np.full((1, 17), CFG.max_seq_len, np.int32)
-    table = np.zeros((1, MAX_PAGES), np.int32)
-    args = runner._put(tokens, positions, table, np.int32(0), *runner._sampling_rows([GREEDY], 1))
-    _, _, runner.cache = runner._prefill(runner.weights, runner.cache, *args)
+    # the counter does see a new shape (so the check above can fail): 17 prefill token slots
+    runner._run(runner._shape(runner.decode_sizes[-1], 17), [PrefillItem(0, [1] * 17, True, pool[0][:3], GREEDY)], [])
     assert runner.compiled_shapes() == n + 1
 
 

@@ -5,8 +5,14 @@ of *logical* axes, and ``AXIS_RULES`` maps logical axes to mesh axes. Attention 
 KV heads and the MLP hidden dimension live on the mesh axis ``"tensor"``; XLA inserts
 the all-reduces after the attention output and MLP down projections.
 
-The KV cache is a fixed number of sequence *slots*, each ``max_seq_len`` long, laid out
-head-major ``[slot, kv_head, position, head_dim]`` so that decode reads it contiguously.
+The KV cache is a pool of pages per layer, ``[page, kv_head, page_slot, head_dim]`` for K and
+for V; a sequence's positions live in the pages its page table lists, in order.
+
+A forward is one scheduling step: the tokens of every prefill chunk and decode row of
+the step in one flat batch (``attention.StepBatch``), attention ragged over those rows.
+Weights and pages are stored in the runner's dtype (float32, or bfloat16 to halve the
+bytes read); norms, softmax and the residual stream stay float32, matmuls accumulate
+in float32.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from services.model_config import ModelConfig
+from services.worker.attention import BF16_BITS, StepBatch, ragged_attention, write_slots
 
 TENSOR = "tensor"
 
@@ -107,136 +114,90 @@ def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def place_weights(host: dict[str, Any], cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """Put host weights on the mesh, each array split by its logical axes."""
-    return jax.tree.map(global_array, host, weight_shardings(cfg, mesh))
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def place_weights(host: dict[str, Any], cfg: Config, mesh: jax.sharding.Mesh, dtype: str = "float32"
+                  ) -> dict[str, Any]:
+    """Put host weights on the mesh in ``dtype``, each array split by its logical axes."""
+    want = DTYPES[dtype]
+    place = lambda a, sh: global_array(np.asarray(a).astype(want, copy=False), sh)  # noqa: E731
+    return jax.tree.map(place, host, weight_shardings(cfg, mesh))
 
 
 def cache_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec(*CACHE_AXES))
 
 
-def new_cache(cfg: Config, num_pages: int, page_size: int, mesh: jax.sharding.Mesh) -> list[tuple[jax.Array, jax.Array]]:
-    """Zeroed K and V page pools for every layer, ``[page, kv_head, page_slot, head_dim]``.
+def new_cache(cfg: Config, num_pages: int, page_size: int, mesh: jax.sharding.Mesh, dtype: str = "float32"
+              ) -> list[tuple[jax.Array, jax.Array]]:
+    """Zeroed K and V page pools for every layer, ``[page, kv_head, page_slot, head_dim]``,
+    split over the KV heads.
 
-    Page 0 is the trash page: padding rows and padding tokens write there, nobody reads it.
+    Page 0 is the trash page: padding rows and padding tokens write there; a real token
+    reads it only where masked. bfloat16 pages are kept as their bits (uint16).
     """
     shape = (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
-    make = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=cache_sharding(mesh))
+    stored = BF16_BITS if dtype == "bfloat16" else DTYPES[dtype]  # see attention.BF16_BITS
+    make = jax.jit(lambda: jnp.zeros(shape, stored), out_shardings=cache_sharding(mesh))
     return [(make(), make()) for _ in range(cfg.n_layers)]
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w.astype(jnp.float32)
+
+
+def mm(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``einsum(spec, x, w)`` in the weights' dtype, accumulated and returned in float32."""
+    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate pairs (first half, second half) of the head dim, as Hugging Face Llama does."""
+    """Rotate pairs (first half, second half) of the head dim, as Hugging Face Llama does.
+    ``x [T, H, hd]`` at ``positions [T]``."""
     hd = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    angles = positions[:, None].astype(jnp.float32) * inv_freq  # [T, hd/2]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
     x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def dense_attention(q: jax.Array, k_all: jax.Array, v_all: jax.Array, positions: jax.Array) -> jax.Array:
-    """q ``[B,T,H,hd]`` against keys ``[B,KV,L,hd]`` at positions 0..L-1; a query at p sees 0..p."""
-    b, t, h, hd = q.shape
-    kv = k_all.shape[1]
-    q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_all) / math.sqrt(hd)
-    key_pos = jnp.arange(k_all.shape[2])
-    visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, L]
-    scores = jnp.where(visible[:, None, None, :, :], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_all)
-    return out.reshape(b, t, h, hd)
-
-
-# pages each loop iteration of decode attention reads per row: more per visit means fewer,
-# larger gathers and einsums (see `make bench`, decode attention by pages per visit)
-PAGES_PER_VISIT = 1
-
-
-def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_tables: jax.Array,
-                           positions: jax.Array, n_pages: jax.Array, per_visit: int = PAGES_PER_VISIT) -> jax.Array:
-    """One query per row ``q [B,H,hd]`` against that row's pages, ``per_visit`` pages at a time.
-
-    An online softmax runs over the first ``n_pages`` entries of each row's page table,
-    so only the pages in use are read (entries past ``n_pages`` in the last visit read the
-    trash page instead, masked) and no gathered copy of the whole cache is built.
-    """
-    b, h, hd = q.shape
-    kv, ps = k_pages.shape[1], k_pages.shape[2]
-    g = h // kv
-    per = max(1, min(per_visit, page_tables.shape[1]))
-    tables = jnp.pad(page_tables, ((0, 0), (0, (-page_tables.shape[1]) % per)))
-    q = q.reshape(b, kv, g, hd) / math.sqrt(hd)
-
-    def visit(j, carry):
-        m, denom, acc = carry
-        first = j * per
-        ids = jax.lax.dynamic_slice_in_dim(tables, first, per, axis=1)  # [B, per]
-        ids = jnp.where(first + jnp.arange(per) < n_pages, ids, 0)  # never past n_pages
-        k, v = k_pages[ids], v_pages[ids]  # [B, per, KV, ps, hd]
-        s = jnp.einsum("bkgd,bpkld->bkgpl", q, k).reshape(b, kv, g, per * ps)
-        key_pos = first * ps + jnp.arange(per * ps)
-        s = jnp.where((key_pos[None, :] <= positions[:, None])[:, None, None, :], s, -1e30)
-        m_new = jnp.maximum(m, s.max(-1))
-        scale = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[..., None])
-        pv = jnp.einsum("bkgpl,bpkld->bkgd", p.reshape(b, kv, g, per, ps), v)
-        return m_new, denom * scale + p.sum(-1), acc * scale[..., None] + pv
-
-    init = (jnp.full((b, kv, g), -1e30, jnp.float32), jnp.zeros((b, kv, g), jnp.float32),
-            jnp.zeros((b, kv, g, hd), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, (n_pages + per - 1) // per, visit, init)
-    return (acc / denom[..., None]).reshape(b, h, hd)
 
 
 def forward(
     cfg: Config,
     weights: dict[str, Any],
     cache: list[tuple[jax.Array, jax.Array]],
-    tokens: jax.Array,       # [B, T] int32
-    positions: jax.Array,    # [B, T] int32 absolute positions; >= max_seq_len marks padding
-    page_tables: jax.Array,  # [B, P] int32 pages of each row's sequence, in order (0 = trash)
-    n_pages: jax.Array | int | None = None,  # decode: pages to visit (max in use over rows)
+    batch: StepBatch,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
-    """Logits ``[B, T, vocab]`` and the page pools with these tokens' K/V written in.
+    """One step over the flat tokens of ``batch``: logits ``[S, vocab]`` (float32) of the
+    tokens ``batch.sample`` names, and the page pools with every token's K/V written in.
 
-    ``T == 1`` is a decode step (paged attention, one page at a time); ``T > 1`` is a
-    prefill chunk (dense attention over the row's pages).
+    Each token's K/V goes to ``page_indices[row, position // page_size]`` at slot
+    ``position % page_size``; padding (position >= max_seq_len) goes to the trash page.
+    ``mesh`` is needed only for the TPU kernel (on CPU the attention is plain XLA).
     """
-    b, t = tokens.shape
     ps = cache[0][0].shape[2]
+    positions = batch.positions
     valid = positions < cfg.max_seq_len
-    slot_page = jnp.take_along_axis(page_tables, jnp.clip(positions // ps, 0, page_tables.shape[1] - 1), axis=1)
-    write_page = jnp.where(valid, slot_page, 0)  # padding goes to the trash page
+    page_col = jnp.clip(positions // ps, 0, batch.page_indices.shape[1] - 1)
+    write_page = jnp.where(valid, batch.page_indices[batch.rows, page_col], 0)
     write_off = jnp.where(valid, positions % ps, 0)
-    if n_pages is None:
-        n_pages = page_tables.shape[1]
-    x = weights["embed"][tokens]
+    x = weights["embed"][batch.tokens].astype(jnp.float32)  # [T, dim]
     new_cache = []
     for w, (k_pages, v_pages) in zip(weights["layers"], cache):
         h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
-        q = rope(jnp.einsum("btd,dhk->bthk", h, w["wq"]), positions, cfg.rope_theta)
-        k = rope(jnp.einsum("btd,dhk->bthk", h, w["wk"]), positions, cfg.rope_theta)
-        v = jnp.einsum("btd,dhk->bthk", h, w["wv"])
-        k_pages = k_pages.at[write_page, :, write_off].set(k)
-        v_pages = v_pages.at[write_page, :, write_off].set(v)
+        q = rope(mm("td,dhk->thk", h, w["wq"]), positions, cfg.rope_theta)
+        k = rope(mm("td,dhk->thk", h, w["wk"]), positions, cfg.rope_theta)
+        v = mm("td,dhk->thk", h, w["wv"])
+        k_pages = write_slots(k_pages, write_page, write_off, k)
+        v_pages = write_slots(v_pages, write_page, write_off, v)
         new_cache.append((k_pages, v_pages))
-        if t == 1:
-            attn = paged_decode_attention(q[:, 0], k_pages, v_pages, page_tables, positions[:, 0], n_pages)[:, None]
-        else:
-            def rows(pages: jax.Array) -> jax.Array:  # [B, P, KV, ps, hd] -> [B, KV, P*ps, hd]
-                g = pages[page_tables]
-                return g.transpose(0, 2, 1, 3, 4).reshape(b, g.shape[2], -1, g.shape[4])
-            attn = dense_attention(q, rows(k_pages), rows(v_pages), positions)
-        x = x + jnp.einsum("bthk,hkd->btd", attn, w["wo"])
+        attn = ragged_attention(q, k_pages, v_pages, batch, mesh)
+        x = x + mm("thk,hkd->td", attn, w["wo"])
         h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
-        x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
-    x = rms_norm(x, weights["final_norm"], cfg.norm_eps)
-    return x @ weights["lm_head"], new_cache
+        x = x + mm("tf,fd->td", jax.nn.silu(mm("td,df->tf", h, w["w_gate"])) * mm("td,df->tf", h, w["w_up"]),
+                   w["w_down"])
+    x = rms_norm(x[batch.sample], weights["final_norm"], cfg.norm_eps)
+    return mm("td,dv->tv", x, weights["lm_head"]), new_cache

@@ -60,7 +60,7 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
         raise ValueError(f"load_format={s.load_format!r} needs --model-path; without one use 'dummy'")
     runner = ModelRunner(cfg, mesh, num_pages=total_pages(s, cfg.max_seq_len), page_size=s.page_size,
                          max_running_requests=s.max_running_requests, max_prefill_tokens=s.max_prefill_tokens,
-                         host_weights=weights)
+                         host_weights=weights, dtype=s.dtype)
     if s.warmup:
         seconds = runner.warmup(show.step("compiling", "warmup"))
         show.close()
