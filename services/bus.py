@@ -298,13 +298,12 @@ class ClientOutbox:
                 self.log.warning("echo_not_sent", error=repr(e))
 
     async def _on_echo(self, msg: Any) -> None:
-        n = int(msg.data[1:]) if msg.data[:1] == b"p" else int(msg.data)
-        if msg.data[:1] == b"p":
-            probe = self._probes.pop(n, None)
-            if probe is not None and not probe.done():
-                probe.set_result(None)
-        else:
-            self.unconfirmed.pop(n, None)
+        if msg.data[:1] != b"p":  # a terminal answer's echo
+            self.unconfirmed.pop(int(msg.data), None)
+            return
+        probe = self._probes.pop(int(msg.data[1:]), None)  # a probe's, after a reconnection
+        if probe is not None and not probe.done():
+            probe.set_result(None)
 
     async def _after_reconnect(self, before: list[int]) -> None:
         """Once a probe echo came back on the new connection, every terminal answer of

@@ -56,7 +56,7 @@ async def claim(ledger, key: str, mine: Entry, moved_from: int, attempt: str) ->
         if existing is None:
             continue
         last, theirs = existing
-        if theirs == mine:
+        if ours(existing, mine):
             return last  # an earlier try of this claim landed; its acknowledgement was lost
         if may_take_over(theirs, moved_from, attempt):
             return await ledger.swap(key, mine, last)
@@ -119,7 +119,7 @@ async def settle(ledger, key: str, done: Entry, rev: int, may_answer: Callable[[
             unsure = unsure or not certainly_not_applied(e)
             await sleep(RETRY)
             continue
-        return WON if own_write_landed(got, done.owner) else TAKEN
+        return WON if landed(got, done) else TAKEN
     return UNKNOWN if unsure else SILENCED
 
 
@@ -167,7 +167,7 @@ async def refuse(ledger, key: str, mine: Entry, sleep: Sleep) -> bool:
         if rev is not None:
             return True
         if existing is not None:
-            return existing[1] == mine  # our earlier try landed unanswered
+            return ours(existing, mine)  # our earlier try landed unanswered
         # deleted between create and get: create again
 
 

@@ -71,10 +71,9 @@ async def outbox_behind(proxy: Proxy, server) -> tuple[bus.Client, bus.ClientOut
 
 
 async def listening_client(server):
-    """A client connection, its inbox, and the answers arriving there (subscribed for sure)."""
+    """A client connection, its inbox, and the answers arriving there (subscribed at the server)."""
     client = await server.connect("client")
     inbox, answers = await answers_on(client)
-    await client.flush()
     return client, inbox, answers
 
 

@@ -70,8 +70,13 @@ class Answers:
 
 
 async def answers_on(nc) -> tuple[str, Answers]:
+    """A new inbox of ``nc`` and what arrives there, subscribed at the server on return.
+    (nats-py's ``flush`` writes its PING ahead of commands still in its buffer, so the
+    buffer is written out first.)"""
     inbox, answers = nc.new_inbox(), Answers()
     await nc.subscribe(inbox, cb=answers.on)
+    await nc._flush_pending(force_flush=True)
+    await nc.flush()
     return inbox, answers
 
 
@@ -96,6 +101,26 @@ async def wait_ready(pub: Publisher) -> None:
     raise TimeoutError("publisher never saw its group whole")
 
 
+async def one_request(nc, pub: Publisher, task: asyncio.Task, stop: asyncio.Event, on_step, rid: str,
+                      epoch: int = 0) -> "Answers":
+    """Group 0's publisher ``pub`` (running as ``task``) with one stand-in worker answering
+    steps with ``on_step`` and beating at ``epoch``: one request through it, listened to
+    for 0.5 s past its terminal answer; then everything stops. Its answers (one terminal)."""
+    await nc.subscribe(SUBJ.step(0), cb=on_step)
+    beating = asyncio.create_task(beat(nc, 0, stop, epoch=epoch))
+    await wait_ready(pub)
+    inbox, answers = await answers_on(nc)
+    assert (await ack_of(nc, 0, submit(rid, inbox))).accepted
+    await answers.until_terminal(10)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await task
+    beating.cancel()
+    await nc.close()
+    answers.check_one_terminal_last()
+    return answers
+
+
 async def test_a_failure_reported_for_an_earlier_step_does_not_fail_the_current_one(nats_server):
     """A late StepFailure about step n-1 (e.g. a replay that came too late) used to fail
     step n and every request running in it."""
@@ -110,18 +135,7 @@ async def test_a_failure_reported_for_an_earlier_step_does_not_fail_the_current_
             await nc.publish(SUBJ.result(0), pack(late))
         await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
 
-    await nc.subscribe(SUBJ.step(0), cb=on_step)
-    beating = asyncio.create_task(beat(nc, 0, stop))
-    await wait_ready(pub)
-    inbox, answers = await answers_on(nc)
-    assert (await ack_of(nc, 0, submit("late-failure", inbox))).accepted
-    await answers.until_terminal(10)
-    await asyncio.sleep(0.5)
-    stop.set()
-    await task
-    beating.cancel()
-    await nc.close()
-    answers.check_one_terminal_last()
+    answers = await one_request(nc, pub, task, stop, on_step, "late-failure")
     assert isinstance(answers.got[-1], Done), answers.got[-1]
     assert pub.counts["group_failures"] == 0
 
@@ -143,17 +157,7 @@ async def test_a_new_publisher_numbers_its_epoch_above_its_workers_even_when_its
         if step.epoch > worker_epoch:
             await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
 
-    await nc.subscribe(SUBJ.step(0), cb=on_step)
-    beating = asyncio.create_task(beat(nc, 0, stop, epoch=worker_epoch))
-    await wait_ready(pub)
-    inbox, answers = await answers_on(nc)
-    assert (await ack_of(nc, 0, submit("clock", inbox))).accepted
-    await answers.until_terminal(8)
-    stop.set()
-    await task
-    beating.cancel()
-    await nc.close()
-    answers.check_one_terminal_last()
+    answers = await one_request(nc, pub, task, stop, on_step, "clock", epoch=worker_epoch)
     assert isinstance(answers.got[-1], Done), answers.got[-1]
     assert pub.stepper.epoch == worker_epoch + 1
 
