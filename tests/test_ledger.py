@@ -361,7 +361,7 @@ async def one_request_whose_publisher_loses(nats_server, method: str, rid: str) 
     inbox, answers = await answers_on(client)
     await request(client, inbox, rid)
     await answers.until_terminal(10)
-    await asyncio.sleep(1.0)  # anything after the terminal answer would arrive by now
+    await asyncio.sleep(2.0 + 0.2 + MARGIN + 0.5)  # past publisher_timeout + reconcile_interval: a late answer too
     await run.close()
     await nc.close()
     await client.close()
