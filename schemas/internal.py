@@ -146,8 +146,14 @@ class PrefillChunk(Struct, array_like=True):
     sample: bool
 
 
+# A decode row's token when it is the one its row sampled last (at an earlier step, whose
+# result the publisher may not have yet: overlapped steps); the workers hold it.
+LAST_TOKEN = -1
+
+
 class DecodeRow(Struct, array_like=True):
-    """Feed ``token`` at ``position`` of ``row``; ``counter`` = tokens generated so far."""
+    """Feed ``token`` at ``position`` of ``row`` (``LAST_TOKEN``: the token this row
+    sampled last); ``counter`` = tokens generated so far."""
 
     row: int
     token: int

@@ -98,6 +98,7 @@ class PublisherSettings(EngineSettings):
     step_timeout: Seconds = 60.0
     resend_interval: Seconds = 1.0  # re-publish a step whose acknowledgements are late
     replay_window: Positive = 256  # recent steps kept for workers that missed some
+    steps_in_flight: Positive = 2  # overlapped steps: the next is on the wire while the group computes (1: one at a time)
     heartbeat_timeout: Seconds = 10.0
     load_interval: Seconds = 0.5
     queue_timeout: Seconds = 300.0

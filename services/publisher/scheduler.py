@@ -15,6 +15,14 @@ Requests wait in a bounded FIFO queue. Each step:
    they hold ``max_start_pages`` pages in all (long prefix-cache hits): the step stays
    small, the rest join at the next one.
 
+Steps may overlap: the publisher plans step N+1 before step N's tokens are known. A
+sequence counts what steps in flight will do for it: ``ahead`` positions they write and
+``pending`` tokens they sample. Planning goes on from there (a decode row whose previous
+token is still pending feeds ``LAST_TOKEN``: the workers hold it); ``apply`` takes each
+step's tokens in order. Stop tokens are seen one step late: a sequence that stopped at
+step N may be in step N+1 already; that step's token for it is dropped, never streamed.
+A length limit is known ahead: no step goes past it.
+
 Pages belong to ``pages.PagePool``, which the scheduler asks. With the prefix cache on, a
 request admitted from the queue first takes the longest cached prefix of whole pages of
 its prompt (never all of it: at least one token is computed, to sample from) and starts
@@ -32,7 +40,7 @@ from dataclasses import dataclass, field
 
 from schemas import FinishReason, SamplingParams
 from schemas.codec import Encoding
-from schemas.internal import DecodeItem, PrefillItem, RowSampling, page_hashes
+from schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling, page_hashes
 from services.publisher.pages import PagePool
 from services.publisher.stops import StopMatcher
 from services.tokenizer import EOS_ID, ByteStream, StreamDecoder
@@ -67,6 +75,9 @@ class Sequence:
     owner: int = 0  # the publisher instance that claimed it (see services/ledger.py)
     abandoned: bool = False  # its publisher lost the lease: someone else answers it
     settled: bool = False  # its publisher won its terminal answer in the ledger
+    ahead: int = 0  # positions after ``prefilled`` that steps in flight write
+    pending: int = 0  # tokens that steps in flight sample for it (not known yet)
+    finished: bool = False  # it left for good (finished, stopped, aborted): later tokens are dropped
 
     @property
     def key(self) -> tuple[str, str]:
@@ -87,8 +98,24 @@ class Sequence:
         return len(self.prompt) + max(len(self.output) - 1, 0)
 
     @property
+    def planned(self) -> int:
+        """Positions whose K/V the steps sent so far write (``prefilled`` once they settle)."""
+        return self.prefilled + self.ahead
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated, counting those that steps in flight sample."""
+        return len(self.output) + self.pending
+
+    @property
     def decoding(self) -> bool:
-        return self.prefilled == self.fill_target and bool(self.output)
+        """Every position before its last token (pending ones counted) is planned: the
+        next step feeds that token."""
+        return self.generated > 0 and self.planned == len(self.prompt) + self.generated - 1
+
+    def at_limit(self, max_seq_len: int) -> bool:
+        """No further token may be planned: the ones pending reach its length limit."""
+        return self.generated >= self.sampling.max_new_tokens or len(self.prompt) + self.generated >= max_seq_len
 
     @property
     def row_sampling(self) -> RowSampling:
@@ -97,15 +124,21 @@ class Sequence:
 
     @property
     def outstanding_tokens(self) -> int:
-        return self.fill_target - self.prefilled + self.sampling.max_new_tokens - len(self.output)
+        return max(self.fill_target - self.planned, 0) + self.sampling.max_new_tokens - self.generated
 
 
 @dataclass
 class Plan:
-    """Which sequence each item of a step belongs to."""
+    """Which sequence each item of a step belongs to (and in which of its runs: a
+    sequence preempted after the step was planned is in a new one)."""
 
     prefill: list[tuple[Sequence, PrefillItem]]
     decode: list[tuple[Sequence, DecodeItem]]
+    lives: dict[int, int] = field(default_factory=dict)  # id(sequence) -> its preemption count then
+
+    def same_run(self, seq: Sequence) -> bool:
+        """``seq`` still runs as when this step was planned (its writes are its cache)."""
+        return not seq.finished and self.lives.get(id(seq), seq.preempted) == seq.preempted
 
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)
@@ -170,23 +203,34 @@ class Scheduler:
         self.waiting = deque(s for s in self.waiting if not s.aborted)
         for seq in [s for s in self.running if s.aborted]:
             gone.append(self.release(seq))
+        for seq in gone:
+            seq.finished = True
         return gone
 
     def release(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)
         self.pool.release(seq.pages)
-        seq.pages = []
+        seq.pages, seq.ahead = [], 0
         return seq
 
     def stop_early(self, seq: Sequence) -> None:
-        """``seq`` reached a stop string: it leaves the batch now (its pages are freed)."""
+        """``seq`` reached a stop string: it leaves now (its pages are freed)."""
+        self._leave(seq)
+
+    def _leave(self, seq: Sequence) -> None:
+        seq.finished = True
         if seq in self.running:
             self.release(seq)
+        elif seq in self.waiting:  # preempted while a step in flight sampled for it
+            self.waiting.remove(seq)
 
     def take_all(self) -> list[Sequence]:
         """Remove every running request (the group failed: its cached pages are forgotten
-        too); waiting ones stay queued."""
+        too, and what the steps in flight would have done is lost); waiting ones stay
+        queued."""
         gone = [self.release(seq) for seq in list(self.running)]
+        for seq in (*gone, *self.waiting):
+            seq.pending = seq.ahead = 0
         self.pool.forget()
         return gone
 
@@ -239,6 +283,8 @@ class Scheduler:
             seq.published = full
 
     def _preempt(self, seq: Sequence) -> None:
+        """Back to the head of the queue (a step in flight may still sample a token for
+        it: ``apply`` adds it to the output, and it is admitted again only after)."""
         self.release(seq)
         seq.prefilled = 0
         seq.preempted += 1
@@ -250,17 +296,19 @@ class Scheduler:
         plan = Plan([], [])
         preempted_before = self.preemptions
         for seq in list(self.running):
-            if seq not in self.running or not seq.decoding:
+            if seq not in self.running or not seq.decoding or seq.at_limit(self.max_seq_len):
                 continue
-            position = len(seq.prompt) + len(seq.output) - 1
+            position = len(seq.prompt) + seq.generated - 1
             while not self._grow(seq, position + 1):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq in self.running:
-                plan.decode.append((seq, DecodeItem(seq.output[-1], position, len(seq.output), list(seq.pages),
+                token = LAST_TOKEN if seq.pending else seq.output[-1]
+                plan.decode.append((seq, DecodeItem(token, position, seq.generated, list(seq.pages),
                                                     seq.row_sampling)))
+                seq.ahead, seq.pending = seq.ahead + 1, seq.pending + 1
         budget = self.max_prefill_tokens
         for seq in self.running:
             if budget > 0 and not seq.decoding:
@@ -270,46 +318,61 @@ class Scheduler:
         while budget > 0 and self.waiting and len(self.running) < self.max_running \
                 and self.preemptions == preempted_before and started < self.max_start_pages:
             seq = self.waiting[0]
-            if not self._start(seq, budget):
+            if seq.pending or not self._start(seq, budget):
                 break  # not enough free pages: it keeps its place at the head of the queue
             started += len(seq.pages)
             self.waiting.popleft()
             self.running.append(seq)
             seq.scheduled_at = seq.scheduled_at or now
             budget -= self._plan_chunk(plan, seq, budget)
+        plan.lives = {id(seq): seq.preempted for seq, _ in (*plan.prefill, *plan.decode)}
         return plan
 
     def _plan_chunk(self, plan: Plan, seq: Sequence, budget: int) -> int:
         """Add the next prompt chunk of ``seq`` that fits the budget and free pages."""
-        target = seq.fill_target
-        end = min(seq.prefilled + budget, target)
-        while end > seq.prefilled and not self._grow(seq, end):
+        target, start = seq.fill_target, seq.planned
+        end = min(start + budget, target)
+        while end > start and not self._grow(seq, end):
             end = min(end - 1, (len(seq.pages) + self.pool.available()) * self.page_size)
-        if end <= seq.prefilled:
+        if end <= start:
             return 0
-        tokens = (seq.prompt + seq.output)[seq.prefilled:end]
+        tokens = (seq.prompt + seq.output)[start:end]
         sample = end == target and not seq.output
-        plan.prefill.append((seq, PrefillItem(seq.prefilled, tokens, sample, list(seq.pages), seq.row_sampling)))
+        plan.prefill.append((seq, PrefillItem(start, tokens, sample, list(seq.pages), seq.row_sampling)))
+        seq.ahead += len(tokens)
+        seq.pending += sample
         self.prefill_tokens += len(tokens)
         return len(tokens)
 
     def apply(self, plan: Plan, prefill_tokens: list[int], decode_tokens: list[int]
               ) -> list[tuple[Sequence, int, FinishReason | None]]:
-        """Record the sampled tokens; returns (sequence, new token, finish reason or None)."""
+        """Record a settled step's sampled tokens (steps are applied in the order they
+        were planned); returns (sequence, new token, finish reason or None). A token for
+        a sequence that left meanwhile is dropped; one for a sequence preempted meanwhile
+        joins its output (it was sampled from the right context)."""
         if len(prefill_tokens) != len(plan.prefill) or len(decode_tokens) != len(plan.decode):
             raise ValueError(f"result has {len(prefill_tokens)}+{len(decode_tokens)} tokens for a step of "
                              f"{len(plan.prefill)}+{len(plan.decode)} items")
         events = []
         for (seq, item), token in zip(plan.prefill, prefill_tokens):
-            seq.prefilled += len(item.token_ids)
-            self._publish(seq)
+            if plan.same_run(seq):
+                self._written(seq, len(item.token_ids))
             if item.sample:
-                events.append(self._append(seq, token))
+                self._sampled(seq, token, events)
         for (seq, item), token in zip(plan.decode, decode_tokens):
-            seq.prefilled = item.position + 1  # the fed token is in the cache now
-            self._publish(seq)
-            events.append(self._append(seq, token))
+            if plan.same_run(seq):
+                self._written(seq, 1)  # the fed token is in the cache now
+            self._sampled(seq, token, events)
         return events
+
+    def _written(self, seq: Sequence, n: int) -> None:
+        seq.prefilled, seq.ahead = seq.prefilled + n, seq.ahead - n
+        self._publish(seq)
+
+    def _sampled(self, seq: Sequence, token: int, events: list) -> None:
+        seq.pending -= 1
+        if not seq.finished:
+            events.append(self._append(seq, token))
 
     def _append(self, seq: Sequence, token: int) -> tuple[Sequence, int, FinishReason | None]:
         seq.output.append(token)
@@ -319,5 +382,5 @@ class Scheduler:
         elif len(seq.output) >= seq.sampling.max_new_tokens or len(seq.prompt) + len(seq.output) >= self.max_seq_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            self.release(seq)
+            self._leave(seq)
         return seq, token, reason

@@ -1,12 +1,19 @@
 """The publisher service of one DP group.
 
 It takes submitted requests (``dpbus.dp.{g}.submit``, acknowledged at once, refused
-while the group is not whole), runs the scheduling loop (one ``Step`` at a time on
-``dpbus.dp.{g}.step``, carrying only what changed in the rows' page tables (``tables.py``),
-until every member acknowledged it with the same digest; late steps are re-sent and
-missed ones replayed from a window), streams ``chunk``s and exactly
+while the group is not whole), runs the scheduling loop (``Step``s on ``dpbus.dp.{g}.step``, carrying only what changed
+in the rows' page tables (``tables.py``), each settled when every member acknowledged it
+with the same digest; late steps are re-sent and missed ones replayed from a window),
+streams ``chunk``s and exactly
 one terminal message to each client, watches its workers' heartbeats, reports the
 group's load and tells ingest which requests it has answered.
+
+Steps overlap (``steps_in_flight``, default 2): step N+1 is planned and published before
+step N's tokens are back, so the workers go from one forward to the next without waiting
+for the bus; a decode row whose last token is not known yet feeds ``LAST_TOKEN`` (the
+workers hold it). While the group computes step N+1, the publisher takes step N's tokens,
+sends step N+2, and only then streams step N's chunks and answers: stop checks run a
+step late, and a token sampled past a stop is dropped, never sent.
 
 When the group fails (a step fails, times out or diverges, a worker stops beating), the
 running requests that streamed nothing move to another group, the others get an
@@ -25,6 +32,8 @@ import nats.micro
 from prometheus_client import CollectorRegistry
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
+from collections import deque
+
 from schemas.internal import (
     GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
@@ -73,8 +82,11 @@ class Publisher:
         self.moving: dict[tuple[str, str], Sequence] = {}  # out of the scheduler, being offered elsewhere
         self.doubtful: dict[tuple[str, str], asyncio.Task] = {}  # claims whose outcome is being resolved
         self.resolving: set[asyncio.Task] = set()  # terminal answers whose settling write is being resolved
-        self.pending: asyncio.Future | None = None  # settled when the step in flight is
-        self.timing = {"step_ms": 0.0, "compute_ms": 0.0}  # publish -> every ack, and the leader's compute
+        self.flight: deque[tuple[int, Plan]] = deque()  # steps sent, not yet applied: (number, plan), oldest first
+        self.settling: dict[int, asyncio.Future] = {}  # step number -> done when it settles
+        self.sent_at: dict[int, float] = {}  # step number -> when it was first sent (monotonic)
+        self.last_settled = 0.0  # when the last step settled (monotonic)
+        self.timing = {"step_ms": 0.0, "compute_ms": 0.0}  # settle to settle, and the leader's compute
         self.tables = RowTables(s.max_running_requests)  # the rows the workers know, this epoch
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
@@ -222,8 +234,10 @@ class Publisher:
         except Exception as e:  # noqa: BLE001
             self.log.error("bad_result", error=str(e))
             return
-        if self.pending is not None and not self.pending.done() and self.stepper.on_reply(reply):
-            self.pending.set_result(None)
+        n = self.stepper.on_reply(reply)
+        settling = self.settling.get(n) if n is not None else None
+        if settling is not None and not settling.done():
+            settling.set_result(None)
 
     async def on_replay(self, req: Any) -> None:
         """Resend steps a worker missed, from the window of recent ones: the first of them
@@ -314,10 +328,18 @@ class Publisher:
         self.log.error("lease_lost", reason=why, requests=len(seqs), instance=self.instance)
         self.instance = secrets.randbits(62) | 1
         self.lease = LeaseClock(self.s.publisher_timeout)
+        self.drop_flight(GroupFailure(ErrorCode.UNAVAILABLE, why))
+
+    def drop_flight(self, failure: GroupFailure) -> None:
+        """Forget the steps in flight (the epoch ends): a wait for one of them fails."""
         self.stepper.reset()
-        if self.pending is not None and not self.pending.done():
-            self.pending.set_exception(GroupFailure(ErrorCode.UNAVAILABLE, why))
-            self.pending.exception()  # retrieved here: the step loop may not be waiting for it
+        self.flight.clear()
+        for settling in self.settling.values():
+            if not settling.done():
+                settling.set_exception(failure)
+                settling.exception()  # retrieved here: the step loop may not be waiting for it
+        self.settling.clear()
+        self.sent_at.clear()
 
     async def lease_loop(self, stop: asyncio.Event) -> None:
         """Renew the lease every quarter of its length; give everything up when it lapses."""
@@ -367,37 +389,47 @@ class Publisher:
         return key in self.answered
 
     # ---- the scheduling loop -----------------------------------------------------------
-    async def run_step(self, plan: Plan) -> StepResult:
-        """Broadcast one step and wait until every member acknowledged it with the same
-        digest; re-publish it while acknowledgements are late (workers drop repeats)."""
+    async def send_step(self, plan: Plan) -> int:
+        """Number and publish the step of ``plan``; its number."""
         data = self.stepper.next_step(self.pack_step(plan), (beat.epoch for _, beat in self.beats.values()))
-        self.pending = asyncio.get_running_loop().create_future()
-        subject = self.subjects.step(self.g)
+        n = self.stepper.seq
+        self.settling[n] = asyncio.get_running_loop().create_future()
+        self.sent_at[n] = time.monotonic()
+        self.flight.append((n, plan))
         try:
-            await bus.publish(self.nc, subject, data)
+            await bus.publish(self.nc, self.subjects.step(self.g), data)
         except SendDataError as e:
             raise GroupFailure(ErrorCode.UNAVAILABLE, str(e)) from None
+        return n
+
+    async def settle(self, n: int) -> StepResult:
+        """Wait until every member acknowledged step ``n`` with the same digest;
+        re-publish it while acknowledgements are late (workers drop repeats)."""
+        settling = self.settling.get(n)
+        if settling is None:
+            raise GroupFailure(ErrorCode.UNAVAILABLE, f"step {n} of group {self.g} was given up")
         start = time.monotonic()
         next_send = start + self.s.resend_interval
-        while True:
+        while not settling.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self.pending), 0.05)
-                break
+                await asyncio.wait_for(asyncio.shield(settling), 0.05)
             except asyncio.TimeoutError:
                 now = time.monotonic()
                 missing = self.missing_members(now)
                 if missing:
                     raise GroupFailure(ErrorCode.WORKER_LOST, f"group {self.g} lost node(s) {missing} during step "
-                                                              f"{self.stepper.seq}") from None
+                                                              f"{n}") from None
                 if now - start > self.s.step_timeout:
-                    raise GroupFailure(ErrorCode.TIMEOUT, f"step {self.stepper.seq} of group {self.g}: node(s) "
-                                                          f"{self.stepper.silent()} did "
+                    raise GroupFailure(ErrorCode.TIMEOUT, f"step {n} of group {self.g}: node(s) "
+                                                          f"{self.stepper.silent(n)} did "
                                                           f"not answer within {self.s.step_timeout}s") from None
-                if now >= next_send:
+                if now >= next_send and n in self.stepper.sent:
                     self.counts["resent"] += 1
                     next_send = now + self.s.resend_interval
-                    await bus.publish(self.nc, subject, data)
-        return self.stepper.outcome(lambda leader: token_digest(leader.prefill_tokens, leader.decode_tokens))
+                    await bus.publish(self.nc, self.subjects.step(self.g), self.stepper.sent[n])
+        settling.result()  # raises if the step was given up meanwhile
+        del self.settling[n]
+        return self.stepper.outcome(n, lambda leader: token_digest(leader.prefill_tokens, leader.decode_tokens))
 
     def pack_step(self, plan: Plan):
         """How to pack ``plan`` as step (epoch, seq): only what changed in the rows' tables
@@ -440,16 +472,17 @@ class Publisher:
     async def reset_group(self, failure: GroupFailure) -> None:
         """Fail what was running (or move it, if it streamed nothing yet), start a new epoch."""
         self.counts["group_failures"] += 1
+        self.drop_flight(failure)  # what the steps in flight would have sampled is lost with the epoch
         victims = self.sched.take_all()
         self.log.error("group_failed", code=failure.code.value, reason=failure.message, running=len(victims))
         for seq in victims:
             if await self.move(seq) is None:
                 await self.fail(seq, failure.code, failure.message)
-        self.stepper.reset()  # the next step starts a new epoch
 
     def movable(self, seq: Sequence) -> bool:
-        """Only a request that has sent nothing to its client, and was not pinned, moves."""
-        return not seq.output and not seq.pinned and self.groups > 1
+        """Only a request that has sent nothing to its client, and was not pinned, moves
+        (nor one a step in flight still samples for: its token would come here)."""
+        return not seq.output and not seq.pending and not seq.pinned and self.groups > 1
 
     async def move(self, seq: Sequence) -> int | None:
         """Offer ``seq`` (already out of the scheduler) to the other groups; the group that
@@ -511,37 +544,63 @@ class Publisher:
         return None
 
     async def schedule_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set() or self.sched.running:
+        """Keep ``steps_in_flight`` steps on the wire; take each one's tokens when it
+        settles, then send the next and only then stream what the settled one sampled."""
+        events: list = []
+        while not stop.is_set() or self.sched.running or self.flight:
             for seq in self.sched.take_aborted():
                 await self.finish(seq, FinishReason.ABORT)
-            if not self.sched.has_work():
+            failure = None
+            try:
+                await self.fill_flight()
+            except GroupFailure as f:
+                failure = f
+            if events:  # the group computes meanwhile
+                await self.emit(events)
+                events = []
+            if failure is None and self.flight:
+                try:
+                    events = await self.take_oldest_step()
+                    continue
+                except GroupFailure as f:
+                    failure = f
+                except Exception as e:  # noqa: BLE001 - a bug: fail loudly but keep the group alive
+                    self.log.exception("step_error")
+                    failure = GroupFailure(ErrorCode.INTERNAL, repr(e))
+            if failure is not None:
+                await self.reset_group(failure)
+            elif not self.sched.has_work():
                 self.wake.clear()
                 await self._wait_wake(stop)
-                continue
-            if not self.ready():
+            elif not self.ready():
                 await self._wait_wake(stop, 0.1)
-                continue
+            else:
+                await asyncio.sleep(0)  # nothing could be planned now (pages come back as steps settle)
+
+    async def fill_flight(self) -> None:
+        """Plan and send steps until ``steps_in_flight`` are on the wire (or nothing is
+        left to plan, or the group is not ready)."""
+        while len(self.flight) < self.s.steps_in_flight and self.sched.has_work() and self.ready():
             plan = self.sched.build_step(time.time())
             if not plan:
-                continue
-            try:
-                t0 = time.perf_counter()
-                result = await self.run_step(plan)
-                wall = time.perf_counter() - t0
-                self.timing["step_ms"] += wall * 1000
-                self.timing["compute_ms"] += result.elapsed_ms
-                self.metrics.step.observe(wall)
-                self.metrics.delivery.observe(max(wall - result.elapsed_ms / 1000, 0.0))
-                events = self.sched.apply(plan, result.prefill_tokens, result.decode_tokens)
-            except GroupFailure as f:
-                await self.reset_group(f)
-                continue
-            except Exception as e:  # noqa: BLE001 - a bug: fail loudly but keep the group alive
-                self.log.exception("step_error")
-                await self.reset_group(GroupFailure(ErrorCode.INTERNAL, repr(e)))
-                continue
-            self.counts["steps"] += 1
-            await self.emit(events)
+                return
+            await self.send_step(plan)
+
+    async def take_oldest_step(self) -> list:
+        """Wait for the oldest step in flight to settle and apply its tokens; the events
+        to stream."""
+        n, plan = self.flight[0]
+        result = await self.settle(n)
+        self.flight.popleft()
+        now = time.monotonic()
+        wall = now - max(self.last_settled, self.sent_at.pop(n, now))
+        self.last_settled = now
+        self.timing["step_ms"] += wall * 1000
+        self.timing["compute_ms"] += result.elapsed_ms
+        self.metrics.step.observe(wall)
+        self.metrics.delivery.observe(max(wall - result.elapsed_ms / 1000, 0.0))
+        self.counts["steps"] += 1
+        return self.sched.apply(plan, result.prefill_tokens, result.decode_tokens)
 
     async def _wait_wake(self, stop: asyncio.Event, timeout: float = 1.0) -> None:
         try:

@@ -8,15 +8,19 @@ The publisher service publishes, waits and re-sends; the step simulation
 * steps are numbered 1, 2, 3... within an epoch; a new epoch (the first step after a
   start or a reset) is numbered above every epoch this publisher used and every epoch its
   workers report, so no clock is involved;
-* one step is in flight at a time; only a reply about *that* step, from a member of the
-  group, counts: anything about an earlier step or epoch was settled already;
-* the step is settled by a failure from any member, or by an acknowledgement from every
+* several steps may be in flight at once (overlapped steps: the next one is on the wire
+  while the group computes the one before); workers run them strictly in order, so they
+  settle in order too;
+* only a reply about a step in flight, from a member of the group, counts: anything
+  about an earlier step or epoch was settled already;
+* a step is settled by a failure from any member, or by an acknowledgement from every
   member; the acknowledgements must carry the same digest (else the group diverged).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from schemas.errors import ErrorCode
 from schemas.internal import Replay, StepFailure, StepResult
@@ -25,15 +29,26 @@ from services.errors import GroupFailure
 REPLAY_BYTES = 512 * 1024  # a replay answer holds steps up to this size (always one at least)
 
 
+@dataclass
+class InFlight:
+    """What the members said about one step sent and not settled yet."""
+
+    acks: dict[int, StepResult] = field(default_factory=dict)
+    failure: StepFailure | None = None
+    settled: bool = False
+
+
 class Stepper:
     def __init__(self, group: int, members: list[int], replay_window: int) -> None:
         self.group, self.members, self.replay_window = group, members, replay_window
         self.epoch = 0  # chosen when an epoch's first step goes out
-        self.seq = 0  # the step in flight (or last settled); 0: the next step starts an epoch
+        self.seq = 0  # the last step numbered; 0: the next step starts an epoch
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
-        self.acks: dict[int, StepResult] = {}
-        self.failure: StepFailure | None = None
-        self.in_flight = False
+        self.flight: dict[int, InFlight] = {}  # steps sent and not yet taken by ``outcome``, by number
+
+    @property
+    def in_flight(self) -> bool:
+        return any(not f.settled for f in self.flight.values())
 
     def next_step(self, pack_step: Callable[[int, int], bytes], epochs_seen: Iterable[int]) -> bytes:
         """Number the next step (starting an epoch when due) and keep it for replay:
@@ -44,38 +59,43 @@ class Stepper:
         data = pack_step(self.epoch, self.seq)
         self.sent[self.seq] = data
         self.sent.pop(self.seq - self.replay_window, None)
-        self.acks, self.failure, self.in_flight = {}, None, True
+        self.flight[self.seq] = InFlight()
         return data
 
-    def on_reply(self, reply: StepResult | StepFailure) -> bool:
-        """Take one reply; True when it settles the step in flight."""
-        if not self.in_flight or reply.epoch != self.epoch or reply.seq != self.seq:
-            return False  # about a step settled already (or a late copy)
-        if reply.node_rank not in self.members:
-            return False
+    def on_reply(self, reply: StepResult | StepFailure) -> int | None:
+        """Take one reply; the number of the step it settles, if it settles one."""
+        step = self.flight.get(reply.seq) if reply.epoch == self.epoch else None
+        if step is None or step.settled or reply.node_rank not in self.members:
+            return None  # about a step settled already (or a late copy), or not from the group
         if isinstance(reply, StepFailure):
-            self.failure, self.in_flight = reply, False
-            return True
-        self.acks[reply.node_rank] = reply
-        if len(self.acks) == len(self.members):
-            self.in_flight = False
-            return True
-        return False
+            step.failure, step.settled = reply, True
+            return reply.seq
+        step.acks[reply.node_rank] = reply
+        if len(step.acks) == len(self.members):
+            step.settled = True
+            return reply.seq
+        return None
 
-    def silent(self) -> list[int]:
-        """Members that have not acknowledged the step in flight."""
-        return [n for n in self.members if n not in self.acks]
+    def settled(self, seq: int) -> bool:
+        return seq in self.flight and self.flight[seq].settled
 
-    def outcome(self, digest: Callable[[StepResult], str]) -> StepResult:
-        """The settled step's result (the leader's, which carries the tokens); raises
-        ``GroupFailure`` for a failure or for acknowledgements that disagree."""
-        if self.failure is not None:
-            raise GroupFailure(self.failure.code, f"node {self.failure.node_rank}: {self.failure.message}")
-        leader = self.acks[self.members[0]]
+    def silent(self, seq: int) -> list[int]:
+        """Members that have not acknowledged step ``seq``."""
+        acks = self.flight[seq].acks if seq in self.flight else {}
+        return [n for n in self.members if n not in acks]
+
+    def outcome(self, seq: int, digest: Callable[[StepResult], str]) -> StepResult:
+        """Settled step ``seq``'s result (the leader's, which carries the tokens), which
+        leaves the flight; raises ``GroupFailure`` for a failure or for acknowledgements
+        that disagree."""
+        step = self.flight.pop(seq)
+        if step.failure is not None:
+            raise GroupFailure(step.failure.code, f"node {step.failure.node_rank}: {step.failure.message}")
+        leader = step.acks[self.members[0]]
         want = digest(leader)
-        odd = [n for n, r in self.acks.items() if r.digest != want]
+        odd = [n for n, r in step.acks.items() if r.digest != want]
         if odd:
-            raise GroupFailure(ErrorCode.DIVERGED, f"group {self.group} diverged at step {self.seq}: node(s) {odd} "
+            raise GroupFailure(ErrorCode.DIVERGED, f"group {self.group} diverged at step {seq}: node(s) {odd} "
                                                    f"sampled differently from the leader")
         return leader
 
@@ -95,6 +115,7 @@ class Stepper:
         return steps
 
     def reset(self) -> None:
-        """Forget this epoch: the next step starts a new one."""
-        self.seq, self.in_flight = 0, False
+        """Forget this epoch (and every step in flight): the next step starts a new one."""
+        self.seq = 0
         self.sent.clear()
+        self.flight.clear()

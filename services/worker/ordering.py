@@ -6,7 +6,8 @@ drives the same object on virtual time. A step is
 
 * ``next``: the one after the last run (or the first of a new epoch): run it;
 * ``repeat``: run already; the publisher re-sent it because our reply was late or lost:
-  send the kept reply again (only the last one is kept, the only one it can be waiting for);
+  send the kept reply again (the replies to the last ``KEPT_REPLIES`` steps are kept:
+  with overlapped steps the publisher may wait for an older step than the last one run);
 * ``gap``: steps are missing before it (lost, or this worker joined the epoch midway):
   fetch them from the publisher's replay window, run them in order, then it;
 * ``stale``: from an older epoch, or from the epoch in which this worker failed a step
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 NEXT, REPEAT, GAP, STALE = "next", "repeat", "gap", "stale"
+KEPT_REPLIES = 8  # more than the steps a publisher keeps in flight
 
 
 class StepOrder:
@@ -25,7 +27,7 @@ class StepOrder:
         self.epoch = -1
         self.last_seq = 0  # the last step run in this epoch
         self.in_sync = False  # False after a failure: only a new epoch is taken
-        self.last_reply: bytes | None = None
+        self.replies: dict[int, bytes] = {}  # replies to the last KEPT_REPLIES steps run, by step
         self.on_new_epoch = on_new_epoch  # told when an epoch is taken from its first step
 
     def classify(self, epoch: int, seq: int) -> str:
@@ -39,7 +41,8 @@ class StepOrder:
         return NEXT if seq == 1 else GAP  # a new epoch from its start; or joined midway: fetch from step 1
 
     def begin_epoch(self, epoch: int) -> None:
-        self.epoch, self.last_seq, self.in_sync, self.last_reply = epoch, 0, True, None
+        self.epoch, self.last_seq, self.in_sync = epoch, 0, True
+        self.replies = {}
         self.on_new_epoch(epoch)
 
     def missing(self, seq: int) -> range:
@@ -47,11 +50,17 @@ class StepOrder:
         return range(self.last_seq + 1, seq)
 
     def ran(self, seq: int, reply: bytes) -> None:
-        self.last_seq, self.last_reply = seq, reply
+        self.last_seq = seq
+        self.replies[seq] = reply
+        self.replies.pop(seq - KEPT_REPLIES, None)
+
+    @property
+    def last_reply(self) -> bytes | None:
+        return self.replies.get(self.last_seq)
 
     def reply_to_repeat(self, seq: int) -> bytes | None:
-        """What to send for a repeated step: the kept reply, if it is the last step run."""
-        return self.last_reply if seq == self.last_seq else None
+        """What to send for a repeated step: its kept reply, if it is still kept."""
+        return self.replies.get(seq)
 
     def lose_sync(self) -> None:
         """A step failed or could not be fetched: wait for the publisher's next epoch."""
