@@ -112,8 +112,9 @@ class ModelRunner:
         self._step = jax.jit(functools.partial(_step_fn, cfg, mesh), static_argnums=(0, 1), donate_argnums=(3, 4),
                              out_shardings=(replicated, replicated, cache_sh, replicated))
         self._replicated = replicated
-        # the token each row sampled last (what a LAST_TOKEN decode item is fed); a row
-        # that never sampled holds 0, never read: the page tables refuse to ask for it
+        # the token each row sampled last (what a LAST_TOKEN decode item is fed); a row that
+        # has not sampled in the epoch holds 0 or an old token, never read: the page tables
+        # refuse to ask for it
         [self.last_tokens] = self._put(np.zeros(self.max_rows, np.int32))
 
     def compiled_shapes(self) -> int:
