@@ -79,6 +79,12 @@ class GroupAbort(Struct):
     reply: str
 
 
+# A decode token equal to this (``DecodeRow.token``, ``DecodeItem.token``) means "the token
+# this row sampled last, kept by the workers": a step can be sent before the tokens of
+# the step before it are known.
+LAST_TOKEN = -1
+
+
 class RowSampling(Struct, array_like=True):
     temperature: float
     top_p: float
@@ -97,18 +103,26 @@ class PrefillItem(Struct, array_like=True):
     sample: bool
     pages: list[int]
     sampling: RowSampling
+    row: int = -1              # the step's row it runs in; -1: no row (see ``DecodeItem``)
 
 
 class DecodeItem(Struct, array_like=True):
     """The runner's input for one decode row (not a wire type, see ``PrefillItem``): feed
     ``token`` at ``position`` of the sequence whose KV pages are ``pages``; ``counter`` =
-    tokens generated so far."""
+    tokens generated so far.
+
+    ``row`` is the row the item runs in (a worker's items carry their step's rows); -1
+    when the caller has no rows (the runner driven alone, tests). The runner keeps the
+    token each row sampled last: an item with a row records its sample there, one with
+    row -1 neither records nor reads. ``token`` = ``LAST_TOKEN`` feeds the token kept for
+    ``row``, so such an item must have a row."""
 
     token: int
     position: int
     counter: int
     pages: list[int]
     sampling: RowSampling
+    row: int = -1
 
 
 # ---- steps on the wire -------------------------------------------------------------------
@@ -116,8 +130,9 @@ class DecodeItem(Struct, array_like=True):
 # - 1) the publisher gives the sequence when it joins the batch and takes back when it
 # leaves (finished, aborted, preempted), unique among the rows alive in the epoch. Workers
 # keep every live row's page table and sampling; a step carries only what changed, so its
-# size is O(changes), never O(context). A row is a slot a worker can index device state by
-# (e.g. a later step may feed "the token this row sampled last", kept on the device).
+# size is O(changes), never O(context). A row is a slot a worker indexes device state by:
+# the workers keep the token each row sampled last, which a decode row can feed by naming
+# ``LAST_TOKEN`` instead of a token.
 
 
 class RowStart(Struct, array_like=True):
@@ -146,14 +161,12 @@ class PrefillChunk(Struct, array_like=True):
     sample: bool
 
 
-# A decode row's token when it is the one its row sampled last (at an earlier step, whose
-# result the publisher may not have yet: overlapped steps); the workers hold it.
-LAST_TOKEN = -1
-
-
 class DecodeRow(Struct, array_like=True):
-    """Feed ``token`` at ``position`` of ``row`` (``LAST_TOKEN``: the token this row
-    sampled last); ``counter`` = tokens generated so far."""
+    """Feed ``token`` at ``position`` of ``row``; ``counter`` = tokens generated so far.
+    ``token`` = ``LAST_TOKEN`` feeds the token the row sampled in its latest step (by a
+    prefill chunk that samples or a decode row), kept by the workers; a row that has not
+    sampled in this epoch (a row just started, or freed and started again) has none, and
+    a step that asks for it is refused."""
 
     row: int
     token: int

@@ -8,6 +8,12 @@ a step with prefill pads its prefill tokens to a power of two (16 .. max_prefill
 and its decode rows to the largest decode bucket. Page tables always have room for a
 whole context; attention visits only the pages in use (loop bounds that are data, not
 shape).
+
+The runner keeps, on the device, the token each row sampled last (``last_tokens``, one
+per row of the group, ``max_running_requests``): every item with a row records its
+sample there, and a decode item whose token is ``LAST_TOKEN`` is fed the one kept for
+its row. So a step can be sent before the tokens of the step before it are known, and
+the tokens never make a round trip through the host to be fed back.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from schemas.internal import DecodeItem, PrefillItem, RowSampling
+from schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling
 from services.worker import model
 from services.worker.attention import Shape, StepBatch, build_batch
 from services.worker.model import TENSOR, Config
@@ -63,11 +70,22 @@ def _unpack(flat: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Ar
     return out
 
 
-def _step_fn(cfg: Config, mesh, int_shapes, float_shapes, weights, cache, ints, floats):
-    *batch, top_k, seeds, counters = _unpack(ints, int_shapes)
+def _step_fn(cfg: Config, mesh, int_shapes, float_shapes, weights, cache, last_tokens, ints, floats):
+    *batch, top_k, seeds, counters, held_rows, keep_rows = _unpack(ints, int_shapes)
     temperature, top_p = _unpack(floats, float_shapes)
-    logits, cache = model.forward(cfg, weights, cache, StepBatch(*batch), mesh)
-    return sample(logits, temperature, top_p, top_k, seeds, counters), logits, cache
+    batch = StepBatch(*batch)
+    batch = batch._replace(tokens=_feed_held(batch.tokens, last_tokens, held_rows))
+    logits, cache = model.forward(cfg, weights, cache, batch, mesh)
+    tokens = sample(logits, temperature, top_p, top_k, seeds, counters)
+    return tokens, logits, cache, last_tokens.at[keep_rows].set(tokens, mode="drop")
+
+
+def _feed_held(tokens: jax.Array, last_tokens: jax.Array, held_rows: jax.Array) -> jax.Array:
+    """The step's tokens with each decode slot that asks for ``LAST_TOKEN`` given the token
+    kept for its row (``held_rows``: one per decode slot, the first tokens of the step)."""
+    d = held_rows.shape[0]
+    decode = tokens[:d]
+    return tokens.at[:d].set(jnp.where(decode == LAST_TOKEN, last_tokens[held_rows], decode))
 
 
 class ModelRunner:
@@ -89,10 +107,15 @@ class ModelRunner:
         self.cache = model.new_cache(cfg, num_pages, page_size, mesh, dtype)
         replicated = NamedSharding(mesh, jax.P())
         cache_sh = [(model.cache_sharding(mesh),) * 2 for _ in range(cfg.n_layers)]
-        # (int shapes, float shapes, weights, cache, ints, floats): the shapes follow from the step's Shape
-        self._step = jax.jit(functools.partial(_step_fn, cfg, mesh), static_argnums=(0, 1), donate_argnums=(3,),
-                             out_shardings=(replicated, replicated, cache_sh))
+        # (int shapes, float shapes, weights, cache, last tokens, ints, floats): the shapes
+        # follow from the step's Shape; the cache and the last tokens are updated in place
+        self._step = jax.jit(functools.partial(_step_fn, cfg, mesh), static_argnums=(0, 1), donate_argnums=(3, 4),
+                             out_shardings=(replicated, replicated, cache_sh, replicated))
         self._replicated = replicated
+        # the token each row sampled last (what a LAST_TOKEN decode item is fed); a row that
+        # has not sampled in the epoch holds 0 or an old token, never read: the page tables
+        # refuse to ask for it
+        [self.last_tokens] = self._put(np.zeros(self.max_rows, np.int32))
 
     def compiled_shapes(self) -> int:
         """How many shapes the step function has compiled so far."""
@@ -141,6 +164,7 @@ class ModelRunner:
         return [temp, top_p, top_k, seed]
 
     def _check(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> None:
+        self._check_rows(prefill, decode)
         for it in decode:
             if not 0 <= it.position < self.cfg.max_seq_len:
                 raise ValueError(f"decode position {it.position} outside the context of {self.cfg.max_seq_len}")
@@ -154,6 +178,35 @@ class ModelRunner:
             if len(it.pages) * self.page_size < end:
                 raise ValueError(f"{len(it.pages)} pages of {self.page_size} cannot hold positions up to {end}")
 
+    def _check_rows(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> None:
+        """Rows are -1 or 0..max_rows-1, each at most once a step; a LAST_TOKEN item has one."""
+        rows = [it.row for it in [*decode, *prefill]]
+        if any(not -1 <= r < self.max_rows for r in rows):
+            raise ValueError(f"rows {rows}: each one -1 (no row) or in 0..{self.max_rows - 1}")
+        named = [r for r in rows if r >= 0]
+        if len(named) != len(set(named)):
+            raise ValueError(f"rows {rows}: a row runs twice in one step")
+        for it in decode:
+            if it.token == LAST_TOKEN and it.row < 0:
+                raise ValueError(f"a decode item at position {it.position} asks for its row's last token "
+                                 "(LAST_TOKEN) but has no row")
+
+    def _held_rows(self, shape: Shape, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Where each decode slot reads a LAST_TOKEN from (a row; 0 where unused), and where
+        each batch row keeps the token it samples (``max_rows``, out of range: nowhere, for
+        padding, items without a row and chunks that do not sample)."""
+        held = np.zeros(shape.decode, np.int32)
+        keep = np.full(shape.rows, self.max_rows, np.int32)
+        for i, it in enumerate(decode):
+            held[i] = max(it.row, 0)
+            if it.row >= 0:
+                keep[i] = it.row
+        for j, it in enumerate(prefill):
+            if it.sample and it.row >= 0:
+                keep[shape.decode + j] = it.row
+        return held, keep
+
     def _run(self, shape: Shape, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]
              ) -> tuple[np.ndarray, jax.Array]:
         """One jitted call: every row's sampled token (host) and logits (left on the device),
@@ -166,10 +219,11 @@ class ModelRunner:
                                    + [it.sampling for it in prefill], n)
         counters = np.zeros(n, np.int32)
         counters[:len(decode)] = [it.counter for it in decode]
-        ints, int_shapes = _pack([*batch, samp[2], samp[3], counters], np.int32)
+        ints, int_shapes = _pack([*batch, samp[2], samp[3], counters, *self._held_rows(shape, prefill, decode)],
+                                 np.int32)
         floats, float_shapes = _pack(samp[:2], np.float32)
-        tokens, logits, self.cache = self._step(int_shapes, float_shapes, self.weights, self.cache,
-                                                *self._put(ints, floats))
+        tokens, logits, self.cache, self.last_tokens = self._step(int_shapes, float_shapes, self.weights, self.cache,
+                                                                  self.last_tokens, *self._put(ints, floats))
         return np.asarray(tokens), logits
 
     def step(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> tuple[list[int], list[int]]:

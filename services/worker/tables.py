@@ -10,19 +10,25 @@ A step that does not fit the tables (it frees or grows a row that does not exist
 one that does, or runs one it never started) raises: the worker reports the step as
 failed and the group starts a new epoch. ``apply`` checks the whole step before changing
 anything, so a step it refuses leaves the tables as they were.
+
+The tables also know which rows have sampled a token in the epoch (a prefill chunk that
+samples, or a decode row): only those have a token kept by the runner, so a decode row
+that asks for it (``LAST_TOKEN``) on any other row is refused. A row started again after
+being freed has sampled nothing yet.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.internal import DecodeItem, PrefillItem, RowSampling, Step
+from schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling, Step
 
 
 @dataclass
 class Row:
     pages: list[int]
     sampling: RowSampling
+    sampled: bool = False  # it sampled a token in an earlier step: the runner keeps it for this row
 
 
 class PageTables:
@@ -45,10 +51,12 @@ class PageTables:
             self.rows[start.row] = Row(list(start.pages), start.sampling)
         for more in step.grown:
             self.rows[more.row].pages.extend(more.pages)
-        prefill = [PrefillItem(c.start, c.token_ids, c.sample, list(self.rows[c.row].pages), self.rows[c.row].sampling)
-                   for c in step.prefill]
-        decode = [DecodeItem(d.token, d.position, d.counter, list(self.rows[d.row].pages), self.rows[d.row].sampling)
-                  for d in step.decode]
+        prefill = [PrefillItem(c.start, c.token_ids, c.sample, list(self.rows[c.row].pages), self.rows[c.row].sampling,
+                               c.row) for c in step.prefill]
+        decode = [DecodeItem(d.token, d.position, d.counter, list(self.rows[d.row].pages), self.rows[d.row].sampling,
+                             d.row) for d in step.decode]
+        for row in [c.row for c in step.prefill if c.sample] + [d.row for d in step.decode]:
+            self.rows[row].sampled = True
         return prefill, decode
 
     def check(self, step: Step) -> None:
@@ -70,3 +78,8 @@ class PageTables:
         named = [c.row for c in step.prefill] + [d.row for d in step.decode]
         if len(named) != len(set(named)):
             raise ValueError(f"step {step.seq} runs a row twice")
+        fresh = set(step.freed) | {start.row for start in step.started}
+        for d in step.decode:
+            if d.token == LAST_TOKEN and (d.row in fresh or not self.rows[d.row].sampled):
+                raise ValueError(f"step {step.seq} feeds row {d.row} its last token, but the row has sampled none "
+                                 "in this epoch")
