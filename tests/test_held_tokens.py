@@ -329,6 +329,18 @@ def test_the_runner_refuses_a_last_token_without_a_row(runner):
         runner.decode([DecodeItem(LAST_TOKEN, 3, 1, pages, GREEDY)])
 
 
+def test_the_runner_refuses_tokens_outside_the_vocabulary(runner):
+    """Only LAST_TOKEN may be negative; nothing may reach past the vocabulary (the
+    embedding lookup would wrap or clamp without a word)."""
+    pages = [1, 2]
+    for decode_token in (-2, CFG.vocab_size):
+        with pytest.raises(ValueError, match="vocabulary"):
+            runner.decode([DecodeItem(decode_token, 3, 1, pages, GREEDY, row=0)])
+    for chunk in ([5, -3], [CFG.vocab_size]):
+        with pytest.raises(ValueError, match="vocabulary"):
+            runner.prefill(PrefillItem(0, chunk, True, pages, GREEDY))
+
+
 # ---------------------------------------------------------------------------------------
 # compilation
 # ---------------------------------------------------------------------------------------

@@ -165,7 +165,10 @@ class ModelRunner:
 
     def _check(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> None:
         self._check_rows(prefill, decode)
+        vocab = self.cfg.vocab_size
         for it in decode:
+            if it.token != LAST_TOKEN and not 0 <= it.token < vocab:
+                raise ValueError(f"decode token {it.token} outside the vocabulary of {vocab}")
             if not 0 <= it.position < self.cfg.max_seq_len:
                 raise ValueError(f"decode position {it.position} outside the context of {self.cfg.max_seq_len}")
             if len(it.pages) * self.page_size <= it.position:
@@ -175,6 +178,8 @@ class ModelRunner:
             if not it.token_ids or it.start < 0 or end > self.cfg.max_seq_len:
                 raise ValueError(f"prefill of {len(it.token_ids)} at {it.start}: outside the context of "
                                  f"{self.cfg.max_seq_len}")
+            if min(it.token_ids) < 0 or max(it.token_ids) >= vocab:
+                raise ValueError(f"a prefill chunk at {it.start} holds tokens outside the vocabulary of {vocab}")
             if len(it.pages) * self.page_size < end:
                 raise ValueError(f"{len(it.pages)} pages of {self.page_size} cannot hold positions up to {end}")
 
