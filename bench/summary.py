@@ -96,10 +96,15 @@ def ingest(out: dict) -> list[str]:
 def serving(out: dict) -> list[str]:
     s = out["serving"]
     rows = ["serving: the system over NATS vs the engine alone (one group, one process)",
-            "  concurrency | engine tok/s | system tok/s | ratio"]
+            "  concurrency | engine tok/s | system tok/s | ratio | one step at a time | ratio | "
+            "ITL p50 engine / system ms"]
+    one = s.get("system_one_step", {})
     for c, ratio in s["ratio"].items():
-        rows.append(f"  {c:>11} | {s['engine'][c]['output_tokens_per_s']:12.0f} | "
-                    f"{s['system'][c]['output_tokens_per_s']:12.0f} | {ratio:5.2f}")
+        e, sy = s["engine"][c], s["system"][c]
+        single = (f"{one[c]['output_tokens_per_s']:18.0f} | {s['ratio_one_step'][c]:5.2f}" if c in one
+                  else f"{'-':>18} | {'-':>5}")
+        rows.append(f"  {c:>11} | {e['output_tokens_per_s']:12.0f} | {sy['output_tokens_per_s']:12.0f} | "
+                    f"{ratio:5.2f} | {single} | {e['itl_ms']['p50']:.2f} / {sy['itl_ms']['p50']:.2f}")
     return rows
 
 

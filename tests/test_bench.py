@@ -57,7 +57,10 @@ def test_the_summary_renders_what_the_parts_return():
            "ingest": {"runs": [{**measured, "code": "abc1234"}, {**measured, "code": "this checkout"}]},
            "memory": {"model": {"weights_bytes": 1 << 20, "kv_cache_bytes": 2 << 20},
                       "processes": {"ingest": {"rss_bytes": 50 << 20, "peak_rss_bytes": 60 << 20}}}}
+    served = {"output_tokens_per_s": 100.0, "itl_ms": p}
+    out["serving"] = {"engine": {8: served}, "system": {8: served}, "system_one_step": {8: served},
+                      "ratio": {8: 1.0}, "ratio_one_step": {8: 1.0}}
     text = summary.render(out)
     for part in ("raw ZeroMQ", "raw nats-py", "dpbus ordered steps", "ingest routing", "abc1234 30 us -> this checkout",
-                 "raw JetStream KV create", "memory (MiB)"):
+                 "raw JetStream KV create", "memory (MiB)", "one step at a time"):
         assert part in text
