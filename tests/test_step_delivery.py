@@ -23,6 +23,7 @@ from services.client import decode_answer
 from services.publisher.service import Publisher
 from services.publisher.stepper import Stepper
 from services.settings import PublisherSettings, WorkerSettings
+from services.worker.ordering import NEXT, REPEAT, STALE, StepOrder
 from services.worker.service import Worker
 
 G = RowSampling(0.0, 1.0, 0, 0)
@@ -142,6 +143,21 @@ def test_replay_answers_hold_the_first_steps_that_fit():
     assert stepper.replay(Replay(1, 5, 8)) == [bytes(100)] * 4
     assert stepper.replay(Replay(1, 2, 8)) == []  # step 2 is no longer held
     assert stepper.replay(Replay(2, 5, 8)) == []  # another epoch
+
+
+def test_a_worker_that_failed_a_step_still_answers_the_steps_it_ran_before_it():
+    """With overlapped steps the publisher may wait for step n while a member has run n and
+    failed n + 1. That member took every step of the epoch as stale and never answered a
+    re-sent step n: the publisher waited out its step timeout before it took the failure
+    (found by the step simulation)."""
+    order = StepOrder()
+    assert order.classify(5, 1) == NEXT
+    order.ran(1, b"reply to 1")
+    assert order.classify(5, 2) == NEXT
+    order.lose_sync()  # step 2 failed
+    assert order.classify(5, 1) == REPEAT and order.reply_to_repeat(1) == b"reply to 1"
+    assert order.classify(5, 2) == STALE and order.classify(5, 3) == STALE  # nothing new of this epoch
+    assert order.classify(6, 1) == NEXT
 
 
 async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nats_server):
