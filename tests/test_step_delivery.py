@@ -7,6 +7,7 @@ test, on the wire, with the real message types."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import msgspec
@@ -23,6 +24,7 @@ from services.client import decode_answer
 from services.publisher.service import Publisher
 from services.publisher.stepper import Stepper
 from services.settings import PublisherSettings, WorkerSettings
+from services.worker.ordering import NEXT, REPEAT, STALE, StepOrder
 from services.worker.service import Worker
 
 G = RowSampling(0.0, 1.0, 0, 0)
@@ -136,12 +138,53 @@ async def test_a_worker_that_joins_midway_rebuilds_its_tables_from_the_first_ste
 def test_replay_answers_hold_the_first_steps_that_fit():
     stepper = Stepper(0, [0], replay_window=6)
     for _ in range(8):
-        stepper.next_step(lambda epoch, seq: bytes(100), [])  # epoch 1, steps 1..8; the window keeps 3..8
-    assert stepper.replay(Replay(1, 3, 8), limit=250) == [bytes(100)] * 2
-    assert stepper.replay(Replay(1, 3, 8), limit=50) == [bytes(100)]  # one step at least, however big
-    assert stepper.replay(Replay(1, 5, 8)) == [bytes(100)] * 4
-    assert stepper.replay(Replay(1, 2, 8)) == []  # step 2 is no longer held
-    assert stepper.replay(Replay(2, 5, 8)) == []  # another epoch
+        stepper.next_step(lambda epoch, seq: bytes(100), [])  # steps 1..8 of one epoch; the window keeps 3..8
+    e = stepper.epoch
+    assert stepper.replay(Replay(e, 3, 8), limit=250) == [bytes(100)] * 2
+    assert stepper.replay(Replay(e, 3, 8), limit=50) == [bytes(100)]  # one step at least, however big
+    assert stepper.replay(Replay(e, 5, 8)) == [bytes(100)] * 4
+    assert stepper.replay(Replay(e, 2, 8)) == []  # step 2 is no longer held
+    assert stepper.replay(Replay(e + 1, 5, 8)) == []  # another epoch
+
+
+def test_a_worker_that_failed_a_step_still_answers_the_steps_it_ran_before_it():
+    """With overlapped steps the publisher may wait for step n while a member has run n and
+    failed n + 1. That member took every step of the epoch as stale and never answered a
+    re-sent step n: the publisher waited out its step timeout before it took the failure
+    (found by the step simulation)."""
+    order = StepOrder()
+    assert order.classify(5, 1) == NEXT
+    order.ran(1, b"reply to 1")
+    assert order.classify(5, 2) == NEXT
+    order.lose_sync()  # step 2 failed
+    assert order.classify(5, 1) == REPEAT and order.reply_to_repeat(1) == b"reply to 1"
+    assert order.classify(5, 2) == STALE and order.classify(5, 3) == STALE  # nothing new of this epoch
+    assert order.classify(6, 1) == NEXT
+
+
+def test_a_restarted_publisher_does_not_take_again_an_epoch_its_predecessor_started():
+    """Workers report the epoch they have taken. A publisher that dies right after the
+    first step of a new epoch leaves that step in a worker's queue (or on the wire) with
+    nobody reporting its epoch yet; its successor numbered its first epoch just above the
+    reported ones, the same number: the worker ran the dead publisher's step as the new
+    one's step 1, then answered the real step 1 with that step's kept reply (found by the
+    step simulation)."""
+    def nothing(epoch: int, seq: int) -> bytes:
+        return b""
+
+    dead = Stepper(0, [0, 1], 8)
+    dead.next_step(nothing, [])
+    taken = dead.epoch  # the workers took its first epoch...
+    dead.reset()
+    dead.next_step(nothing, [taken])  # ...not yet its next one when it died
+    for seed in range(100):
+        new = Stepper(0, [0, 1], 8, random.Random(seed))
+        new.next_step(nothing, [taken])
+        first = new.epoch
+        assert taken < first != dead.epoch
+        new.reset()
+        new.next_step(nothing, [taken])
+        assert new.epoch == first + 1  # its own later epochs follow one by one
 
 
 async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nats_server):

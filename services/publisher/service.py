@@ -446,6 +446,8 @@ class Publisher:
         now = time.time()
         finished = []
         for seq, token, reason in events:
+            if seq.aborted and seq.finished and reason is None:
+                continue  # aborted after this token was sampled: its terminal answer went out already
             if not seq.first_token_at:
                 seq.first_token_at = now
             elif seq.last_token_at:

@@ -7,7 +7,11 @@ The publisher service publishes, waits and re-sends; the step simulation
 
 * steps are numbered 1, 2, 3... within an epoch; a new epoch (the first step after a
   start or a reset) is numbered above every epoch this publisher used and every epoch its
-  workers report, so no clock is involved;
+  workers report, so no clock is involved. A worker reports the epoch it has taken, not
+  one whose first step still waits in its queue (or on the wire) when the publisher that
+  sent it dies: a restarted publisher's first epoch jumps a random gap above the reported
+  ones, so that it does not take that number again (the worker would run the dead
+  publisher's step as the new one's, then answer the new one with its reply);
 * several steps may be in flight at once (overlapped steps: the next one is on the wire
   while the group computes the one before); workers run them strictly in order, so they
   settle in order too;
@@ -19,6 +23,7 @@ The publisher service publishes, waits and re-sends; the step simulation
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -38,9 +43,14 @@ class InFlight:
     settled: bool = False
 
 
+EPOCH_GAP = 1 << 24  # a publisher's first epoch is 1..EPOCH_GAP above the ones its workers report
+
+
 class Stepper:
-    def __init__(self, group: int, members: list[int], replay_window: int) -> None:
+    def __init__(self, group: int, members: list[int], replay_window: int,
+                 rng: random.Random | None = None) -> None:
         self.group, self.members, self.replay_window = group, members, replay_window
+        self.first_gap = (rng or random.Random()).randrange(1, EPOCH_GAP + 1)
         self.epoch = 0  # chosen when an epoch's first step goes out
         self.seq = 0  # the last step numbered; 0: the next step starts an epoch
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
@@ -54,7 +64,8 @@ class Stepper:
         """Number the next step (starting an epoch when due) and keep it for replay:
         ``pack_step(epoch, seq)`` makes its bytes."""
         if self.seq == 0:
-            self.epoch = max(self.epoch, max(epochs_seen, default=0)) + 1
+            gap = 1 if self.epoch else self.first_gap
+            self.epoch = max(self.epoch, max(epochs_seen, default=0)) + gap
         self.seq += 1
         data = pack_step(self.epoch, self.seq)
         self.sent[self.seq] = data

@@ -10,8 +10,10 @@ drives the same object on virtual time. A step is
   with overlapped steps the publisher may wait for an older step than the last one run);
 * ``gap``: steps are missing before it (lost, or this worker joined the epoch midway):
   fetch them from the publisher's replay window, run them in order, then it;
-* ``stale``: from an older epoch, or from the epoch in which this worker failed a step
-  (it reported the failure; the publisher starts a new epoch): drop it.
+* ``stale``: from an older epoch, or a step not run yet of the epoch in which this worker
+  failed a step (it reported the failure; the publisher starts a new epoch): drop it. A
+  step it ran before the failure is still a ``repeat``: with overlapped steps the
+  publisher may be waiting for it, and takes the failure only after it.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ class StepOrder:
         self.on_new_epoch = on_new_epoch  # told when an epoch is taken from its first step
 
     def classify(self, epoch: int, seq: int) -> str:
+        if epoch == self.epoch and seq <= self.last_seq:
+            return REPEAT  # run already, even if a later step failed: the publisher may wait for it
         if epoch == self.epoch and self.in_sync:
-            if seq == self.last_seq + 1:
-                return NEXT
-            return REPEAT if seq <= self.last_seq else GAP
+            return NEXT if seq == self.last_seq + 1 else GAP
         if epoch <= self.epoch:
             return STALE  # older, or the epoch this worker lost track of: only a new one is taken
         self.begin_epoch(epoch)
