@@ -164,10 +164,10 @@ async def test_a_new_publisher_numbers_its_epoch_above_its_workers_even_when_its
 
 
 async def test_a_request_aborted_while_its_step_is_computed_gets_nothing_after_its_end(nats_server):
-    """With overlapped steps the publisher takes step n's tokens, ends the requests aborted
-    meanwhile, sends the next step and only then streams step n's tokens: a request aborted
-    while step n was computed got its ``done`` and then step n's chunk (found by the step
-    simulation)."""
+    """With overlapped steps the publisher takes step n's tokens, sends the next step and
+    only then streams step n's tokens; a request aborted while step n was computed got its
+    ``done`` first and then step n's chunk (found by the step simulation). Now step n's
+    chunk goes out, then the ``done`` that counts it, and nothing after."""
     pub, stop = publisher(nats_server), asyncio.Event()
     task = asyncio.create_task(pub.run(stop))
     nc = await nats_server.connect("admin")
@@ -185,7 +185,9 @@ async def test_a_request_aborted_while_its_step_is_computed_gets_nothing_after_i
         await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
 
     answers = await one_request(nc, pub, task, stop, on_step, "aborted-in-flight")
-    assert answers.got[-1].finish_reason == "abort", answers.got
+    *chunks, done = answers.got
+    assert done.finish_reason == "abort", answers.got
+    assert done.completion_tokens == len(chunks) == 1, "the token sampled before the abort was seen goes out first"
 
 
 def queue_while_not_whole(pub: Publisher, sub: Submit) -> None:

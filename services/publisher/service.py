@@ -446,8 +446,6 @@ class Publisher:
         now = time.time()
         finished = []
         for seq, token, reason in events:
-            if seq.aborted and seq.finished and reason is None:
-                continue  # aborted after this token was sampled: its terminal answer went out already
             if not seq.first_token_at:
                 seq.first_token_at = now
             elif seq.last_token_at:
@@ -550,16 +548,20 @@ class Publisher:
         settles, then send the next and only then stream what the settled one sampled."""
         events: list = []
         while not stop.is_set() or self.sched.running or self.flight:
-            for seq in self.sched.take_aborted():
-                await self.finish(seq, FinishReason.ABORT)
+            aborted = self.sched.take_aborted()  # out of the batch before the next step is planned
             failure = None
             try:
                 await self.fill_flight()
             except GroupFailure as f:
                 failure = f
+            except Exception as e:  # noqa: BLE001 - a bug (e.g. a plan the row tables refuse)
+                self.log.exception("step_error")
+                failure = GroupFailure(ErrorCode.INTERNAL, repr(e))
             if events:  # the group computes meanwhile
-                await self.emit(events)
+                await self.emit(events)  # tokens sampled before an abort was seen still go out...
                 events = []
+            for seq in aborted:  # ...then the aborted requests' answers: nothing after them
+                await self.finish(seq, FinishReason.ABORT)
             if failure is None and self.flight:
                 try:
                     events = await self.take_oldest_step()
