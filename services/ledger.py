@@ -41,6 +41,7 @@ from schemas.codec import Encoding
 HELD, ANSWERED, REFUSED = "held", "answered", "refused"
 KEEP_ANSWERED = 120.0  # seconds a settled name stays (duplicates are dropped until then)
 MARGIN = 0.5  # seconds between the holder going silent and anyone answering for it
+WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's error codes for a compare-and-set that lost
 
 
 class Entry(Struct, omit_defaults=True):
@@ -187,13 +188,29 @@ class Ledger:
         self.kv, self.js, self.bucket = kv, js, bucket
 
     @classmethod
-    async def open(cls, nc, prefix: str, replicas: int = 1, timeout: float = 2.0) -> "Ledger":
+    async def open(cls, nc, prefix: str, replicas: int = 1, timeout: float = 2.0, attempts: int = 10,
+                   log: Any = None) -> "Ledger":
+        """Open (or create) the bucket. A JetStream that does not answer in time (a busy
+        server, a cluster still electing its leader) is asked again, ``attempts`` times in
+        all, before the error goes to the caller."""
+        import asyncio
+
+        from nats.errors import TimeoutError as NatsTimeout
         from nats.js.api import KeyValueConfig, StorageType
 
         js = nc.jetstream(timeout=timeout)
         config = KeyValueConfig(bucket=bucket_name(prefix), history=1, storage=StorageType.FILE, replicas=replicas,
                                 description="dpbus request ledger: who owns each request's terminal answer")
-        return cls(await js.create_key_value(config), js, config.bucket)
+        for attempt in range(1, attempts + 1):
+            try:
+                return cls(await js.create_key_value(config), js, config.bucket)
+            except NatsTimeout:
+                if attempt == attempts:
+                    raise
+                if log is not None:
+                    log.warning("ledger_not_ready", attempt=attempt, of=attempts, bucket=config.bucket)
+                await asyncio.sleep(min(0.5 * attempt, 2.0))
+        raise AssertionError("unreachable")
 
     async def claim(self, key: str, entry: Entry) -> tuple[int | None, tuple[int, Entry] | None]:
         """Create ``key``: (its revision, None), or (None, the existing (revision, entry))."""
@@ -222,20 +239,32 @@ class Ledger:
         except KeyWrongLastSequenceError:
             return None
 
-    async def delete(self, key: str, last: int) -> None:
-        from nats.js.errors import KeyWrongLastSequenceError
+    async def delete(self, key: str, last: int) -> bool:
+        """Delete ``key`` if it is still at revision ``last``: False when it changed
+        meanwhile (or another ingest deleted it)."""
+        from nats.js.errors import APIError, KeyWrongLastSequenceError
 
         try:
             await self.kv.delete(key, last=last)
         except KeyWrongLastSequenceError:
-            pass  # changed meanwhile (or another ingest deleted it)
+            return False
+        except APIError as e:  # nats-py's delete does not name this error itself
+            if e.err_code not in WRONG_LAST_SEQUENCE:
+                raise
+            return False
+        return True
 
     async def lease(self, instance: int) -> tuple[int, bytes] | None:
         """The current (revision, value) of ``instance``'s lease, read from the bucket itself."""
+        return await self.read(lease_key(instance))
+
+    async def read(self, key: str) -> tuple[int, bytes] | None:
+        """The current (revision, raw value) of ``key``, read from the bucket itself; None
+        when it is absent or deleted."""
         from nats.js.errors import KeyNotFoundError
 
         try:
-            got = await self.kv.get(lease_key(instance))
+            got = await self.kv.get(key)
         except KeyNotFoundError:
             return None
         return got.revision, got.value

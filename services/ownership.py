@@ -198,5 +198,17 @@ async def sweep(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]],
             raise
         if won is not None:
             await answer_lost(entry)
+        else:  # changed since the view saw it, or the view missed a change: look again
+            await look_again(ledger, view, key, now)
     for key, rev in [*view.stale_settled(now), *view.dead_leases(now)]:
-        await ledger.delete(key, rev)
+        if not await ledger.delete(key, rev):
+            await look_again(ledger, view, key, now)
+
+
+async def look_again(ledger, view: SweepView, key: str, now: float) -> None:
+    """Put ``key`` as the bucket holds it now into ``view``. The view follows the bucket's
+    changes, but one can be missed (a connection lost and found again): a compare-and-set
+    on a revision it no longer has would lose at every sweep, and a request still held by
+    a dead holder would never be answered. The next sweep uses the revision read here."""
+    got = await ledger.read(key)
+    view.update(key, got[0] if got else 0, got[1] if got else None, now)

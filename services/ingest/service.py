@@ -383,7 +383,7 @@ class Ingest:
         hooks.append(self.outbox.on_reconnect)
         self.replies = bus.Replies(self.nc)
         await self.replies.start()
-        self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas)
+        self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas, log=self.log)
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-ingest", version=VERSION, description="dpbus front door: validate and route",

@@ -341,9 +341,11 @@ class Publisher:
         self.settling.clear()
         self.sent_at.clear()
 
-    async def lease_loop(self, stop: asyncio.Event) -> None:
-        """Renew the lease every quarter of its length; give everything up when it lapses."""
-        while not stop.is_set():
+    async def lease_loop(self) -> None:
+        """Renew the lease every quarter of its length; give everything up when it lapses.
+        It runs until the publisher ends (cancelled then), a stop included: draining the
+        requests after a SIGTERM needs the lease as much as serving them."""
+        while True:
             clock, sent_at = self.lease, time.monotonic()
             try:
                 await self.ledger.renew(Lease(self.instance, self.g, self.s.publisher_timeout))
@@ -580,6 +582,8 @@ class Publisher:
                 await self._wait_wake(stop, 0.1)
             else:
                 await asyncio.sleep(0)  # nothing could be planned now (pages come back as steps settle)
+        if events:  # the last settled step's tokens and answers (the loop ended with no work left)
+            await self.emit(events)
 
     async def fill_flight(self) -> None:
         """Plan and send steps until ``steps_in_flight`` are on the wire (or nothing is
@@ -649,8 +653,8 @@ class Publisher:
                                                          on_reconnect_hooks=hooks, auth=self.auth))
         self.outbox = bus.ClientOutbox(self.nc, self.log)
         hooks.append(self.outbox.on_reconnect)
-        self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas)
-        leasing = asyncio.create_task(self.lease_loop(stop))
+        self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas, log=self.log)
+        leasing = asyncio.create_task(self.lease_loop())
         await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
         await bus.subscribe(self.nc, subj.result(g), self.on_result)
         await bus.subscribe(self.nc, subj.replay(g), self.on_replay)

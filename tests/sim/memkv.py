@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 
 
 @dataclass
@@ -84,8 +84,8 @@ class MemoryKV:
 
     async def delete(self, key: str, last: int | None = None) -> bool:
         def apply() -> int:
-            if last is not None and self.last.get(key, 0) != last:
-                raise KeyWrongLastSequenceError()
+            if last is not None and self.last.get(key, 0) != last:  # as nats-py raises it for a delete
+                raise BadRequestError(code=400, err_code=10071, description=f"wrong last sequence: {self.last.get(key, 0)}")
             return self._write(key, None)
         self._call(apply, key, None)
         return True
