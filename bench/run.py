@@ -5,8 +5,9 @@
   bound — and an f32 matmul — the yardstick for prefill; the default model's decode step
   (every slot), prefill chunk and mixed step (a chunk and 15 decode rows in one forward)
   for tensor sizes 1 and 2 in float32 and 1 in bfloat16, the bytes a decode step must
-  read (weights + KV cache) and the fraction of the bandwidth it reaches, prefill's
-  fraction of the matmul peak;
+  read (weights + KV cache) and the fraction of the read bandwidth it reaches, prefill's
+  fraction of the matmul peak, and what attention takes of each (the same steps with
+  little to attend to);
 * transports: raw ZeroMQ and raw NATS step-and-acknowledge round trips to 1, 2, 4
   processes (``bench/transports.py``), next to
 * delivery: dpbus's ordered step delivery while serving, groups of 1 and 2 processes
@@ -119,7 +120,12 @@ def bench_pages_per_visit(read_bw: float) -> dict:
     return out
 
 
-def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0, dtype: str = "float32") -> dict:
+def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0, dtype: str = "float32",
+                read_bandwidth: float = 0.0) -> dict:
+    """The default model's steps. Next to each headline step, the same compiled step with
+    less to attend to (decode rows at KV length 16, a chunk from position 0 against one at
+    768): the difference is what attention costs, the rest is weights, matmuls and the
+    step's fixed cost."""
     import jax
 
     from schemas.internal import DecodeItem, PrefillItem, RowSampling
@@ -137,8 +143,11 @@ def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0, dtype:
     greedy = RowSampling(0.0, 1.0, 0, 0)
     pages = [list(range(1 + s * per_seq, 1 + (s + 1) * per_seq)) for s in range(slots)]
     items = [DecodeItem(65, context - 1, 1, pages[s], greedy) for s in range(slots)]
+    short = [DecodeItem(65, 15, 1, pages[s], greedy) for s in range(slots)]
     decode = timed(lambda: runner.decode(items), repeat=40)
+    decode_short = timed(lambda: runner.decode(short), repeat=20)
     prefill = timed(lambda: runner.prefill(PrefillItem(0, [65] * 256, True, pages[0], greedy)), repeat=10)
+    prefill_late = timed(lambda: runner.prefill(PrefillItem(768, [65] * 256, True, pages[0], greedy)), repeat=10)
     # one step of both kinds: a 256-token chunk late in a prompt next to 15 decode rows
     mixed = timed(lambda: runner.step([PrefillItem(512, [65] * 256, True, pages[0], greedy)], items[1:]), repeat=10)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.weights))
@@ -158,6 +167,11 @@ def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0, dtype:
         "mixed_step_256_at_512_and_15_decode": mixed,
         "bytes_read_per_decode_step": weight_bytes + cache_bytes,
         "decode_fraction_of_bandwidth": (weight_bytes + cache_bytes) / step_s / 1e9 / bandwidth,
+        "decode_fraction_of_read_bandwidth":
+            (weight_bytes + cache_bytes) / step_s / 1e9 / read_bandwidth if read_bandwidth else None,
+        "decode_step_kv16": decode_short,
+        "decode_attention_share": 1 - decode_short["median_ms"] / decode["median_ms"],
+        "prefill_256_at_768": prefill_late,
     }
 
 
@@ -275,14 +289,19 @@ def model_part() -> dict:
               f"({a['fraction_of_bandwidth'] * 100:.0f}% of bandwidth)")
     runs = []
     for tensor, dtype in ((1, "float32"), (2, "float32"), (1, "bfloat16")):
-        r = bench_model(tensor, bw, peak["gflop_s"], dtype)
+        r = bench_model(tensor, bw, peak["gflop_s"], dtype, read_bw)
         runs.append(r)
         print(f"tensor={tensor} {dtype}: decode step {r['decode_step']['median_ms']:.2f} ms "
               f"({r['decode_tokens_per_s']:.0f} tok/s over a batch of {r['batch']} at KV length {r['kv_length']}), "
               f"prefill 256 tokens {r['prefill_256']['median_ms']:.1f} ms "
               f"({r['prefill_fraction_of_matmul_peak'] * 100:.0f}% of the matmul peak), "
               f"mixed step {r['mixed_step_256_at_512_and_15_decode']['median_ms']:.1f} ms, "
-              f"decode at {r['decode_fraction_of_bandwidth'] * 100:.0f}% of bandwidth, compile {r['compile_s']} s")
+              f"decode at {r['decode_fraction_of_read_bandwidth'] * 100:.0f}% of read bandwidth, "
+              f"compile {r['compile_s']} s")
+        print(f"  breakdown: decode step {r['decode_step']['median_ms']:.2f} ms = "
+              f"{r['decode_step_kv16']['median_ms']:.2f} ms at KV length 16 (weights, matmuls, fixed cost) + "
+              f"{r['decode_attention_share'] * 100:.0f}% attention over KV 1000; prefill 256 tokens from 0 "
+              f"{r['prefill_256']['median_ms']:.1f} ms, from 768 {r['prefill_256_at_768']['median_ms']:.1f} ms")
     return {"read_bandwidth_gb_s": read_bw, "memory_bandwidth_gb_s": bw, "matmul_peak": peak,
             "pages_per_visit": visits, "decode_attention": att, "model": runs}
 

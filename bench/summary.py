@@ -25,12 +25,13 @@ def model(out: dict) -> list[str]:
     m = out["model"]
     rows = [f"compute: memory bandwidth {m['memory_bandwidth_gb_s']:.1f} GB/s (copy), "
             f"{m['read_bandwidth_gb_s']:.1f} GB/s (read); f32 matmul peak {m['matmul_peak']['gflop_s']:.1f} GFLOP/s",
-            "  tensor | dtype    | decode step ms | of bandwidth | prefill 256 ms | prefill GFLOP/s | of matmul peak"
+            "  tensor | dtype    | decode step ms | of read bw   | prefill 256 ms | prefill GFLOP/s | of matmul peak"
             " | mixed step ms"]
     for r in m["model"]:
         mixed = r.get("mixed_step_256_at_512_and_15_decode", {}).get("median_ms")
         rows.append(f"  {r['tensor']:>6} | {r.get('dtype', 'float32'):8} | {r['decode_step']['median_ms']:>14.2f} | "
-                    f"{r['decode_fraction_of_bandwidth']:>12.0%} | {r['prefill_256']['median_ms']:>14.1f} | "
+                    f"{r.get('decode_fraction_of_read_bandwidth') or r['decode_fraction_of_bandwidth']:>12.0%} | "
+                    f"{r['prefill_256']['median_ms']:>14.1f} | "
                     f"{r['prefill_gflop_s']:>15.1f} | {r['prefill_fraction_of_matmul_peak']:>14.0%}"
                     + (f" | {mixed:>13.1f}" if mixed is not None else ""))
     return rows

@@ -37,8 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 # pages each loop turn of decode attention reads per row: more per visit means fewer,
-# larger gathers and einsums (see `make bench`, decode attention by pages per visit)
-PAGES_PER_VISIT = 1
+# larger gathers and einsums (see `make bench`, decode attention by pages per visit); at
+# page size 16 a loop turn costs about as much as reading a page, so 8 halves decode
+# attention at KV length 1000 and costs a few reads of the trash page on short rows
+PAGES_PER_VISIT = 8
 # prefill queries are attended in blocks of this many tokens of one chunk, each loop turn
 # reading PREFILL_PAGES_PER_VISIT pages of the block's row
 PREFILL_BLOCK = 32
@@ -76,8 +78,10 @@ def page_values(pages: jax.Array) -> jax.Array:
 
 
 def read_pages(pool: jax.Array, ids: jax.Array) -> jax.Array:
-    """``pool[ids]`` in float32."""
-    return page_values(pool[ids]).astype(jnp.float32)
+    """``pool[ids]`` in float32. The ids are clipped into the pool: XLA on CPU copies whole
+    pages for a clipped gather, while plain indexing (which wraps negative ids) becomes a
+    loop over every element, several times slower."""
+    return page_values(jnp.take(pool, ids, axis=0, mode="clip")).astype(jnp.float32)
 
 
 def write_slots(pool: jax.Array, page: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
@@ -224,14 +228,17 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         first = j * per
         ids = jax.lax.dynamic_slice_in_dim(tables, first, per, axis=1)  # [B, per]
         ids = jnp.where(first + jnp.arange(per) < n_pages, ids, 0)  # never past n_pages
-        k, v = read_pages(k_pages, ids), read_pages(v_pages, ids)  # [B, per, KV, ps, hd]
-        s = jnp.einsum("bkgd,bpkld->bkgpl", q, k, preferred_element_type=jnp.float32).reshape(b, kv, g, per * ps)
+        # [B, KV, per * ps, hd]: the keys of each (row, KV head) in a row, the layout a
+        # plain matmul reads; the keys are the left operand, so only q is repacked
+        keys = lambda pool: read_pages(pool, ids).transpose(0, 2, 1, 3, 4).reshape(b, kv, per * ps, hd)  # noqa: E731
+        k, v = keys(k_pages), keys(v_pages)
+        s = jnp.einsum("bkld,bkgd->bkgl", k, q, preferred_element_type=jnp.float32)
         key_pos = first * ps + jnp.arange(per * ps)
         s = jnp.where((key_pos[None, :] <= positions[:, None])[:, None, None, :], s, MASKED)
         m_new = jnp.maximum(m, s.max(-1))
         scale = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        pv = jnp.einsum("bkgpl,bpkld->bkgd", p.reshape(b, kv, g, per, ps), v, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkgl,bkld->bkgd", p, v, preferred_element_type=jnp.float32)
         return m_new, denom * scale + p.sum(-1), acc * scale[..., None] + pv
 
     init = (jnp.full((b, kv, g), MASKED, jnp.float32), jnp.zeros((b, kv, g), jnp.float32),
