@@ -332,6 +332,7 @@ class Ingest:
 
     async def answer_lost(self, entry: Entry) -> None:
         self.orphaned += 1
+        self.log.info("answered_for_lost_holder", rid=entry.rid, dp_rank=entry.group, holder=entry.owner)
         await self.answer_error(entry.reply, entry.encoding, ErrorCode.PUBLISHER_LOST,
                                 f"the publisher of group {entry.group} holding this request went silent for "
                                 f"{self.s.publisher_timeout}s", entry.rid)

@@ -325,7 +325,8 @@ class Publisher:
         for seq in seqs:
             seq.abandoned = True
         self.counts["abandoned"] += len(seqs)
-        self.log.error("lease_lost", reason=why, requests=len(seqs), instance=self.instance)
+        self.log.error("lease_lost", reason=why, requests=len(seqs), instance=self.instance,
+                       rids=[seq.rid for seq in seqs[:100]])
         self.instance = secrets.randbits(62) | 1
         self.lease = LeaseClock(self.s.publisher_timeout)
         self.drop_flight(GroupFailure(ErrorCode.UNAVAILABLE, why))
