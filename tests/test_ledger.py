@@ -382,7 +382,19 @@ class AnswersLost:
         return revision
 
 
-async def one_request_whose_publisher_loses(nats_server, method: str, rid: str) -> tuple[Publisher, list]:
+class WritesLost(AnswersLost):
+    """A bucket whose chosen writes time out *without* landing (the request never reached
+    JetStream), ``times`` times."""
+
+    async def update(self, key, value, last):
+        if self.method == "update" and self.left:
+            self.left -= 1
+            raise nats.errors.TimeoutError
+        return await self.kv.update(key, value, last=last)
+
+
+async def one_request_whose_publisher_loses(nats_server, method: str, rid: str, bucket=AnswersLost
+                                            ) -> tuple[Publisher, list]:
     """One group of one fake worker behind a real ingest and publisher, whose ledger loses
     the answer of its first ``method`` call; one request through it. The publisher and
     the answers the client got."""
@@ -394,7 +406,7 @@ async def one_request_whose_publisher_loses(nats_server, method: str, rid: str) 
     await fake_workers(nc, [0], run.stop)
     await until(lambda: pub.ready() and front.router.groups[0].report is not None
                 and front.router.available(0), 5)
-    pub.ledger.kv = AnswersLost(pub.ledger.kv, method)
+    pub.ledger.kv = bucket(pub.ledger.kv, method)
     inbox, answers = await answers_on(client)
     await request(client, inbox, rid)
     await answers.until_terminal(10)
@@ -423,6 +435,22 @@ async def test_a_settling_write_that_landed_unanswered_is_answered_once(nats_ser
     pub, got = await one_request_whose_publisher_loses(nats_server, "update", "settle-unanswered")
     assert isinstance(got[-1], Done), got
     assert pub.counts["done"] == 1 and pub.counts["taken"] == 0 and pub.ledger.kv.left == 0
+
+
+async def test_a_settling_write_in_doubt_that_did_not_land_is_made_again(nats_server, monkeypatch):
+    """Every try of the publisher's settling write timed out, and none had landed: the
+    entry was still held by the publisher, which gave the request up without a word while
+    renewing its lease, so ingest never answered for it either (a chaos run lost a request
+    this way, after a NATS restart). Now it settles again and answers."""
+    from functools import partial
+
+    from services import ownership
+
+    monkeypatch.setattr(ownership.settle, "__defaults__", (3,))  # three tries before the write is in doubt
+    pub, got = await one_request_whose_publisher_loses(nats_server, "update", "settle-not-landed",
+                                                       bucket=partial(WritesLost, times=3))
+    assert isinstance(got[-1], Done), got
+    assert pub.counts["done"] == 1 and pub.ledger.kv.left == 0
 
 
 async def test_a_sweep_whose_write_landed_unanswered_answers_once(nats_server):

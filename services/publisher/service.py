@@ -302,7 +302,13 @@ class Publisher:
         if await ownership.resolve(self.ledger, key, done, asyncio.sleep):
             self.log.info("settle_resolved", rid=seq.rid)
             await self.answered_with(seq, msg, count)
+        elif self.may_answer(seq):
+            # none of our writes landed and the request is still ours under a valid lease:
+            # nobody else will answer it (ingest answers only for a dead holder), so try again
+            self.log.warning("settle_not_landed", rid=seq.rid, trying="again")
+            await self.answer(seq, msg, count)
         else:
+            self.log.warning("settle_not_landed", rid=seq.rid)
             self.give_up(seq, "a settling write did not land")
 
     async def answered_with(self, seq: Sequence, msg: Done | Error, count: str) -> None:
