@@ -20,7 +20,7 @@ import pytest
 from schemas import FinishReason
 from schemas.internal import LAST_TOKEN
 from services.publisher.scheduler import Plan, Scheduler, Sequence
-from tests.test_scheduler import all_free, expected_output, mksched, mkseq, token_fn, varied_prompt
+from tests.test_scheduler import all_free, expected_output, maybe_arrive, mksched, mkseq, token_fn
 
 
 class HeldFake:
@@ -117,13 +117,8 @@ def overlapped_workload(seed: int, steps: int, *, depth: int = 2, max_running: i
 
     n = 0
     while n < steps or s.has_work() or flight:
-        if n < steps and rng.random() < 0.35:
-            q = mkseq(f"r{n}", n_prompt=rng.randint(1, max_len - 1), max_new_tokens=rng.randint(1, 20),
-                      stop_token_ids=[3])
-            if prefix_cache:
-                q.prompt = varied_prompt(rng, max_len, added)
-            if s.add(q):
-                added.append(q)
+        if n < steps:
+            maybe_arrive(rng, s, n, max_len, prefix_cache, added)
         live = [*s.waiting, *s.running]
         if n < steps and rng.random() < 0.04 and live:
             s.abort(rng.choice(live).rid)

@@ -730,6 +730,19 @@ def varied_prompt(rng: random.Random, max_len: int, earlier: list[Sequence]) -> 
     return [(i % 200) + 10 for i in range(rng.randint(1, max_len - 1))]
 
 
+def maybe_arrive(rng: random.Random, s: Scheduler, n: int, max_len: int, prefix_cache: bool,
+                 added: list[Sequence]) -> None:
+    """With probability 0.35, a new request of random length (stop id 3) joins the queue
+    (``added`` if the queue took it); with the prefix cache, its prompt shares prefixes."""
+    if rng.random() < 0.35:
+        q = mkseq(f"r{n}", n_prompt=rng.randint(1, max_len - 1), max_new_tokens=rng.randint(1, 20),
+                  stop_token_ids=[3])
+        if prefix_cache:
+            q.prompt = varied_prompt(rng, max_len, added)
+        if s.add(q):
+            added.append(q)
+
+
 def random_workload(seed: int, steps: int, *, max_running: int = 4, budget: int = 10, max_len: int = 40,
                     num_pages: int = 13, page_size: int = PAGE, aborts: bool = True,
                     prefix_cache: bool = False) -> dict:
@@ -752,13 +765,8 @@ def random_workload(seed: int, steps: int, *, max_running: int = 4, budget: int 
 
     n = 0
     while n < steps or s.has_work():
-        if n < steps and rng.random() < 0.35:
-            q = mkseq(f"r{n}", n_prompt=rng.randint(1, max_len - 1), max_new_tokens=rng.randint(1, 20),
-                      stop_token_ids=[3])
-            if prefix_cache:
-                q.prompt = varied_prompt(rng, max_len, added)
-            if s.add(q):
-                added.append(q)
+        if n < steps:
+            maybe_arrive(rng, s, n, max_len, prefix_cache, added)
         live = [*s.waiting, *s.running]
         if aborts and n < steps and rng.random() < 0.04 and live:
             assert s.abort(rng.choice(live).rid) is not None
