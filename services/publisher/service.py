@@ -1,11 +1,11 @@
 """The publisher service of one DP group.
 
 It takes submitted requests (``dpbus.dp.{g}.submit``, acknowledged at once, refused
-while the group is not whole), runs the scheduling loop (``Step``s on ``dpbus.dp.{g}.step``, carrying only what changed
-in the rows' page tables (``tables.py``), each settled when every member acknowledged it
-with the same digest; late steps are re-sent and missed ones replayed from a window),
-streams ``chunk``s and exactly
-one terminal message to each client, watches its workers' heartbeats, reports the
+while the group is not whole), runs the scheduling loop (``Step``s on
+``dpbus.dp.{g}.step``, carrying only what changed in the rows' page tables
+(``tables.py``), each settled when every member acknowledged it with the same digest;
+late steps are re-sent and missed ones replayed from a window), streams ``chunk``s and
+exactly one terminal message to each client, watches its workers' heartbeats, reports the
 group's load and tells ingest which requests it has answered.
 
 Steps overlap (``steps_in_flight``, default 2): step N+1 is planned and published before
@@ -26,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import deque
 from typing import Any
 
 import nats.micro
 from prometheus_client import CollectorRegistry
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
-from collections import deque
-
 from schemas.internal import (
     GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
