@@ -11,6 +11,7 @@ And the point of it all: a step's size follows what changed, not the context len
 from __future__ import annotations
 
 import random
+import types
 
 import msgspec
 import pytest
@@ -66,6 +67,10 @@ class Runner:
         rebuilt = Plan([(seq, item) for (seq, _), item in zip(self.plan.prefill, prefill)],
                        [(seq, item) for (seq, _), item in zip(self.plan.decode, decode)])
         return self.model.run(rebuilt)
+
+    def launch(self, prefill: list[PrefillItem], decode: list[DecodeItem]):
+        tokens = self.step(prefill, decode)
+        return types.SimpleNamespace(tokens=lambda: tokens)
 
 
 def rowless(items: list) -> list:

@@ -52,7 +52,18 @@ class StepOrder:
         return range(self.last_seq + 1, seq)
 
     def ran(self, seq: int, reply: bytes) -> None:
+        self.launched(seq)
+        self.answered(self.epoch, seq, reply)
+
+    def launched(self, seq: int) -> None:
+        """``seq`` is on its way through the model (its reply comes with ``answered``): the
+        next step may follow it at once. A repeat of it meanwhile gets no reply yet."""
         self.last_seq = seq
+
+    def answered(self, epoch: int, seq: int, reply: bytes) -> None:
+        """Keep the reply to step ``seq`` of ``epoch`` (nothing if a newer epoch began since)."""
+        if epoch != self.epoch:
+            return
         self.replies[seq] = reply
         self.replies.pop(seq - KEPT_REPLIES, None)
 

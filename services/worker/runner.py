@@ -14,10 +14,16 @@ per row of the group, ``max_running_requests``): every item with a row records i
 sample there, and a decode item whose token is ``LAST_TOKEN`` is fed the one kept for
 its row. So a step can be sent before the tokens of the step before it are known, and
 the tokens never make a round trip through the host to be fed back.
+
+``launch`` dispatches a step and returns before it is computed (JAX dispatches
+asynchronously); ``Launched.tokens`` waits for its tokens. A worker launches the next step
+before fetching the tokens of the one before, so the host's work for a step (tables,
+batch, transfer, the result's message) overlaps the device's forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -86,6 +92,25 @@ def _feed_held(tokens: jax.Array, last_tokens: jax.Array, held_rows: jax.Array) 
     d = held_rows.shape[0]
     decode = tokens[:d]
     return tokens.at[:d].set(jnp.where(decode == LAST_TOKEN, last_tokens[held_rows], decode))
+
+
+@dataclasses.dataclass
+class Launched:
+    """A step dispatched to the device: its sampled tokens, once computed."""
+    device_tokens: jax.Array | None
+    decode_slots: int  # where the chunks' rows start
+    chunk_samples: list[bool]  # per prefill chunk: does it sample
+    decode_rows: int
+
+    def tokens(self) -> tuple[list[int], list[int]]:
+        """Wait for the step: the token sampled after each chunk (-1 where the chunk does
+        not sample) and per decode row."""
+        if self.device_tokens is None:
+            return [], []
+        tokens = np.asarray(self.device_tokens).tolist()
+        d = self.decode_slots
+        return ([tokens[d + j] if sample else -1 for j, sample in enumerate(self.chunk_samples)],
+                tokens[:self.decode_rows])
 
 
 class ModelRunner:
@@ -213,9 +238,10 @@ class ModelRunner:
         return held, keep
 
     def _run(self, shape: Shape, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]
-             ) -> tuple[np.ndarray, jax.Array]:
-        """One jitted call: every row's sampled token (host) and logits (left on the device),
-        decode rows first (``shape.decode`` of them), then one row per chunk."""
+             ) -> tuple[jax.Array, jax.Array]:
+        """Dispatch one jitted call and return at once (JAX runs it asynchronously): every
+        row's sampled token and its logits, both left on the device, decode rows first
+        (``shape.decode`` of them), then one row per chunk."""
         batch = build_batch(shape, self.page_size, self.cfg.max_seq_len,
                             [(it.token, it.position, self._pages(it.pages)) for it in decode],
                             [(it.start, it.token_ids, self._pages(it.pages)) for it in prefill])
@@ -229,20 +255,24 @@ class ModelRunner:
         floats, float_shapes = _pack(samp[:2], np.float32)
         tokens, logits, self.cache, self.last_tokens = self._step(int_shapes, float_shapes, self.weights, self.cache,
                                                                   self.last_tokens, *self._put(ints, floats))
-        return np.asarray(tokens), logits
+        return tokens, logits
 
-    def step(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> tuple[list[int], list[int]]:
-        """Run one scheduling step, every prefill chunk and the decode batch in one forward.
-        Returns the token sampled after each chunk (-1 where the chunk does not sample) and
-        per decode row."""
+    def launch(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> Launched:
+        """Check and dispatch one scheduling step, every prefill chunk and the decode batch
+        in one forward, without waiting for it: the next step can be launched before this
+        one's tokens are fetched (``Launched.tokens``), and the device goes from one
+        forward straight to the next."""
         self._check(prefill, decode)
         if not prefill and not decode:
-            return [], []
+            return Launched(None, 0, [], 0)
         shape = self._shape_for(len(decode), len(prefill), sum(len(it.token_ids) for it in prefill))
         tokens, _ = self._run(shape, prefill, decode)
-        d = shape.decode
-        return ([int(tokens[d + j]) if it.sample else -1 for j, it in enumerate(prefill)],
-                [int(t) for t in tokens[:len(decode)]])
+        return Launched(tokens, shape.decode, [it.sample for it in prefill], len(decode))
+
+    def step(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> tuple[list[int], list[int]]:
+        """Run one scheduling step and wait for it: the token sampled after each chunk (-1
+        where the chunk does not sample) and per decode row."""
+        return self.launch(prefill, decode).tokens()
 
     def prefill(self, item: PrefillItem, logits: bool = True) -> tuple[int, jax.Array | None]:
         """A step of one prompt chunk alone: the token sampled after it and (if asked) its
@@ -250,14 +280,14 @@ class ModelRunner:
         self._check([item], [])
         shape = self._shape_for(0, 1, len(item.token_ids))
         tokens, out = self._run(shape, [item], [])
-        return int(tokens[shape.decode]), (out[shape.decode] if logits else None)
+        return int(np.asarray(tokens)[shape.decode]), (out[shape.decode] if logits else None)
 
     def decode(self, items: Sequence[DecodeItem], logits: bool = True) -> tuple[list[int], jax.Array | None]:
         """A step of decode rows alone: one token for each (and, if asked, their logits,
         left on the device)."""
         self._check([], items)
         tokens, out = self._run(self._shape_for(len(items), 0, 0), [], items)
-        return [int(t) for t in tokens[:len(items)]], (out[:len(items)] if logits else None)
+        return np.asarray(tokens)[:len(items)].tolist(), (out[:len(items)] if logits else None)
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> float:
         """Compile every shape now. Its writes land in the first pages, which nobody owns
@@ -274,7 +304,7 @@ class ModelRunner:
             if shape.prefill:
                 n = min(shape.prefill, len(pages) * self.page_size)
                 prefill = [PrefillItem(0, [0] * n, True, pages, greedy)]
-            self._run(shape, prefill, decode)
+            jax.block_until_ready(self._run(shape, prefill, decode))
         if progress:
             progress(len(shapes), len(shapes), "done")
         return time.perf_counter() - t0

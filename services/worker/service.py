@@ -33,6 +33,7 @@ from services.worker.ordering import GAP, REPEAT, STALE, StepOrder
 from services.worker.tables import PageTables
 
 VERSION = "0.1.0"
+LAUNCH_AHEAD = 2  # steps launched whose tokens are not fetched yet (as many as the publisher keeps in flight)
 STEPS_QUIET_S = 1.0  # stopping: no step for this long means the publisher has stopped sending
 # Leaving a JAX job is a barrier of all its members. When the whole group stops they meet
 # there at once; a member stopped alone waits LEAVE_WAIT_S, then exits without the barrier,
@@ -132,13 +133,21 @@ class Worker:
         self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "replayed": 0, "failures": 0, "unsent": 0}
         self._replay_reply = unpacker(ReplayReply)
         self.runner = None
-        self.step_started = 0.0
+        self.started: dict[tuple[int, int], float] = {}  # steps launched, not answered yet: since when
+        self.device_free_at = 0.0  # when the device finished the last step fetched
+        self.failed: tuple[int, int] | None = None  # the last step this worker reported failed (epoch, seq)
+        self.asked_again: set[tuple[int, int]] = set()  # repeats of steps that were still computing
         self.last_step_at = 0.0
         self.stopping = False
         self.compiled_at_warmup = 0
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._decode_step = unpacker(Step)
+        # launched steps in order, each with its launch or the error that stopped it; the
+        # finishing loop fetches their tokens and answers while the next one computes
+        self.launches: asyncio.Queue[tuple[Step, Any, BaseException | None]] = asyncio.Queue()
+        self.ahead = asyncio.Semaphore(LAUNCH_AHEAD)
         self.stepping: asyncio.Task | None = None
+        self.finishing: asyncio.Task | None = None
         self.exit = os._exit  # how the process leaves a broken JAX job (tests replace it)
 
     def stats(self, *_: Any) -> dict:
@@ -205,7 +214,8 @@ class Worker:
         self.ready = True
         self.log.info("worker_ready", subject=self.subjects.step(g))
         self.stepping = asyncio.create_task(self.step_loop())
-        tasks = [beating, self.stepping, asyncio.create_task(self.watchdog(stop))]
+        self.finishing = asyncio.create_task(self.finish_loop())
+        tasks = [beating, self.stepping, self.finishing, asyncio.create_task(self.watchdog(stop))]
         await stop.wait()
         self.stopping = True
         await self.serve_while_draining()
@@ -223,7 +233,7 @@ class Worker:
         its requests for ``drain_timeout``, with everyone stopping at once), and leave when
         they have stopped coming for STEPS_QUIET_S."""
         deadline = time.monotonic() + self.s.drain_timeout + STEPS_QUIET_S
-        while time.monotonic() < deadline and (self.step_started or not self.queue.empty()
+        while time.monotonic() < deadline and (self.started or not self.queue.empty()
                                                or time.monotonic() - self.last_step_at < STEPS_QUIET_S):
             await asyncio.sleep(0.05)
 
@@ -235,7 +245,8 @@ class Worker:
         await req.respond(pack(self.heartbeat()))
 
     def heartbeat(self) -> Heartbeat:
-        alive = self.stepping is None or not self.stepping.done()  # never "ready" without a step loop
+        # never "ready" without the loops that take and answer steps
+        alive = all(t is None or not t.done() for t in (self.stepping, self.finishing))
         return Heartbeat(self.s.node_rank, self.place.dp_rank, self.place.attn_tp_rank, self.ready and alive,
                          self.order.epoch, self.order.last_seq, time.time())
 
@@ -254,9 +265,10 @@ class Worker:
         supervisor (compose, systemd, `dpbus up`) sees it, instead of looking alive."""
         while not stop.is_set():
             await asyncio.sleep(1.0)
-            if self.step_started and time.monotonic() - self.step_started > self.s.stall_timeout:
-                self.log.error("step_stalled", seconds=round(time.monotonic() - self.step_started, 1),
-                               epoch=self.order.epoch, seq=self.order.last_seq + 1,
+            oldest = min(self.started.items(), key=lambda kv: kv[1], default=None)
+            if oldest and time.monotonic() - oldest[1] > self.s.stall_timeout:
+                self.log.error("step_stalled", seconds=round(time.monotonic() - oldest[1], 1),
+                               epoch=oldest[0][0], seq=oldest[0][1],
                                reason="a collective never completed; a peer of the group is probably gone")
                 os._exit(70)
 
@@ -310,6 +322,8 @@ class Worker:
             kept = self.order.reply_to_repeat(step.seq) if kind == REPEAT else None
             if kept is not None:
                 await bus.publish(self.nc, result_subject, kept)  # our answer may have been lost
+            elif (step.epoch, step.seq) in self.started:
+                self.asked_again.add((step.epoch, step.seq))  # still computing: answered twice when done
             return
         todo = [step]
         if kind == GAP:
@@ -328,23 +342,68 @@ class Worker:
             await self.run_in_order(s, result_subject)
 
     async def run_in_order(self, step: Step, result_subject: str) -> None:
+        """Launch ``step`` (at most LAUNCH_AHEAD steps unanswered) and hand it to the
+        finishing loop, which answers in launch order; the next step can be launched at
+        once, while this one computes."""
+        if not self.order.in_sync:
+            return  # an earlier step failed (reported): only the publisher's next epoch is taken
+        await self.ahead.acquire()
+        self.started[(step.epoch, step.seq)] = time.monotonic()
+        error = None
         try:
-            self.step_started = time.monotonic()
-            reply = await asyncio.to_thread(self.run_step, step)
-            self.step_started = 0.0
-            self.counts["steps"] += 1
-        except Exception as e:  # noqa: BLE001 - reported, the group resets
-            self.step_started = 0.0
-            self.counts["failures"] += 1
+            launched = await asyncio.to_thread(self.launch_step, step)
+            self.order.launched(step.seq)
+        except Exception as e:  # noqa: BLE001 - reported in order by the finishing loop, the group resets
+            launched, error = None, e
             self.order.lose_sync()
             self.log.exception("step_failed", epoch=step.epoch, seq=step.seq)
-            failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.INTERNAL, repr(e))
+        self.launches.put_nowait((step, launched, error))
+
+    async def finish_loop(self) -> None:
+        """Answer launched steps in order, forever: fetch each one's tokens (the device
+        meanwhile computes the next), report them or its failure."""
+        subject = self.subjects.result(self.place.dp_rank)
+        while True:
+            step, launched, error = await self.launches.get()
+            try:
+                await self.finish(step, launched, error, subject)
+            except SendDataError as e:
+                self.counts["unsent"] += 1
+                self.log.error("result_not_sent", error=e.message)
+            except Exception:  # noqa: BLE001 - a bug: say so, keep answering
+                self.counts["failures"] += 1
+                self.log.exception("finish_loop_error")
+            finally:
+                self.started.pop((step.epoch, step.seq), None)
+                self.asked_again.discard((step.epoch, step.seq))
+                self.ahead.release()
+
+    async def finish(self, step: Step, launched: Any, error: BaseException | None, subject: str) -> None:
+        if self.failed and self.failed[0] == step.epoch and step.seq > self.failed[1]:
+            return  # launched after a step that failed in its epoch: that failure was reported
+        if error is None:
+            try:
+                reply = await asyncio.to_thread(self.result_of, step, launched)
+            except Exception as e:  # noqa: BLE001 - reported, the group resets
+                error = e
+                self.log.exception("step_failed", epoch=step.epoch, seq=step.seq)
+        if error is not None:
+            self.counts["failures"] += 1
+            self.failed = (step.epoch, step.seq)
+            if step.epoch == self.order.epoch:
+                self.order.lose_sync()
+            failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.INTERNAL, repr(error))
             if self.place.nodes_per_group > 1 and not self.stopping:  # stopping: a peer left first
-                await self.leave_broken_job(failure, result_subject)
-            await bus.publish(self.nc, result_subject, pack(failure))
+                await self.leave_broken_job(failure, subject)
+            await bus.publish(self.nc, subject, pack(failure))
             return
-        self.order.ran(step.seq, pack(reply))
-        await bus.publish(self.nc, result_subject, self.order.last_reply)
+        self.counts["steps"] += 1
+        data = pack(reply)
+        self.order.answered(step.epoch, step.seq, data)
+        await bus.publish(self.nc, subject, data)
+        if (step.epoch, step.seq) in self.asked_again:
+            self.asked_again.discard((step.epoch, step.seq))
+            await bus.publish(self.nc, subject, data)
 
     async def leave_broken_job(self, failure: StepFailure, subject: str) -> None:
         """A step failing in a group of several processes means its JAX job is broken (most
@@ -361,12 +420,29 @@ class Worker:
             self.log.error("leaving_broken_group", reason=failure.message)
             self.exit(70)
 
-    def run_step(self, step: Step) -> StepResult:
-        t0 = time.perf_counter()
+    def launch_step(self, step: Step) -> Any:
+        """Apply the step's changes to the row tables and launch its forward."""
         prefill, decode = self.tables.apply(step)
-        prefill_tokens, decode_tokens = self.runner.step(prefill, decode)
+        return self.runner.launch(prefill, decode)
+
+    def result_of(self, step: Step, launched: Any) -> StepResult:
+        """Wait for a launched step's tokens: its result (the leader reports the tokens,
+        the others vouch for them with the digest). Its time is the device's: from its
+        launch, or the end of the step before it if that was later."""
+        prefill_tokens, decode_tokens = launched.tokens()
+        done = time.monotonic()
+        began = max(self.started.get((step.epoch, step.seq), done), self.device_free_at)
+        self.device_free_at = done
         digest = token_digest(prefill_tokens, decode_tokens)
-        if not self.place.is_leader:  # the leader reports the tokens, the others vouch for them
+        if not self.place.is_leader:
             prefill_tokens, decode_tokens = [], []
         return StepResult(step.epoch, step.seq, self.s.node_rank, prefill_tokens, decode_tokens,
-                          (time.perf_counter() - t0) * 1000, digest)
+                          (done - began) * 1000, digest)
+
+    def run_step(self, step: Step) -> StepResult:
+        """A step from start to finish, with nothing launched around it."""
+        self.started[(step.epoch, step.seq)] = time.monotonic()
+        try:
+            return self.result_of(step, self.launch_step(step))
+        finally:
+            self.started.pop((step.epoch, step.seq), None)
