@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import msgspec
@@ -16,7 +17,7 @@ import pytest
 from schemas import Done, Error, SamplingParams, Subjects
 from schemas.codec import Encoding
 from schemas.internal import (
-    DecodeRow, Heartbeat, PrefillChunk, Replay, ReplayReply, RowPages, RowSampling, RowStart, Step, StepFailure,
+    LAST_TOKEN, DecodeRow, Heartbeat, PrefillChunk, Replay, ReplayReply, RowPages, RowSampling, RowStart, Step, StepFailure,
     StepReply, StepResult, Submit, SubmitAck, pack, token_digest,
 )
 from services import logs
@@ -25,7 +26,7 @@ from services.publisher.service import Publisher
 from services.publisher.stepper import Stepper
 from services.settings import PublisherSettings, WorkerSettings
 from services.worker.ordering import NEXT, REPEAT, STALE, StepOrder
-from services.worker.service import Worker
+from services.worker.service import Worker, load_runner
 
 G = RowSampling(0.0, 1.0, 0, 0)
 LOG = logs.configure("warning", json=True)
@@ -133,6 +134,104 @@ async def test_a_worker_that_joins_midway_rebuilds_its_tables_from_the_first_ste
     assert replays == [Replay(3, 1, 2), Replay(3, 2, 2), Replay(3, 4, 4)]
     assert [r.seq for r in results] == [1, 2, 3, 4, 5] and all(isinstance(r, StepResult) for r in results)
     assert {row: r.pages for row, r in worker.tables.rows.items()} == {0: [1, 2]}
+
+
+def held_steps(epoch: int) -> list[Step]:
+    """``steps_for`` whose decode rows feed the token their row sampled last (LAST_TOKEN),
+    as overlapped steps do."""
+    return [msgspec.structs.replace(s, decode=[msgspec.structs.replace(r, token=LAST_TOKEN) for r in s.decode])
+            for s in steps_for(epoch)]
+
+
+def watch_launches(worker: Worker, hold: int | None = None, fail: int | None = None) -> list[tuple[str, int]]:
+    """Record, in order, when the worker launches each step and when that step's tokens
+    are fetched. Step ``hold``'s tokens (or step ``fail``'s error) wait until the step after
+    it has been launched (at most 10 s)."""
+    events: list[tuple[str, int]] = []
+    next_launched = threading.Event()
+    real_launch = worker.runner.launch
+
+    def launch(prefill, decode):
+        launched = real_launch(prefill, decode)
+        seq = sum(1 for kind, _ in events if kind == "launch") + 1
+        events.append(("launch", seq))
+        if seq - 1 in (hold, fail):
+            next_launched.set()
+        real_tokens = launched.tokens
+
+        def tokens():
+            if seq in (hold, fail):
+                next_launched.wait(10)
+            events.append(("fetched", seq))
+            if seq == fail:
+                raise RuntimeError("the device lost step (test)")
+            return real_tokens()
+
+        launched.tokens = tokens
+        return launched
+
+    worker.runner.launch = launch
+    return events
+
+
+async def send_steps(nc, subj: Subjects, steps: list[Step], results: list, want: int) -> None:
+    for step in steps:
+        await nc.publish(subj.step(0), pack(step))
+    await nc.flush()
+    for _ in range(300):
+        if len(results) >= want:
+            break
+        await asyncio.sleep(0.05)
+
+
+async def test_a_worker_launches_the_next_step_while_the_one_before_computes(nats_server):
+    """Step 4 is launched before step 3's tokens are fetched (the host's work for a step
+    overlaps the forward before it); the answers still come in order, with the tokens of
+    the same steps run one at a time."""
+    subj = Subjects("deliv")
+    worker, stop, task = await start_worker(nats_server, "deliv")
+    nc = await nats_server.connect("admin")
+    results = await collect_results(nc, subj)
+    events = watch_launches(worker, hold=3)
+    await send_steps(nc, subj, held_steps(epoch=4), results, 5)
+    stop.set()
+    await task
+    await nc.close()
+    assert [r.seq for r in results] == [1, 2, 3, 4, 5] and all(isinstance(r, StepResult) for r in results)
+    assert events.index(("launch", 4)) < events.index(("fetched", 3))
+    alone = Worker(worker.s, LOG)  # the same steps, one at a time, on a model of the same weights
+    alone.runner = load_runner(worker.s, LOG)
+    for step in held_steps(epoch=4):
+        alone.order.classify(step.epoch, step.seq)
+        want = alone.run_step(step)
+        got = results[step.seq - 1]
+        assert (got.prefill_tokens, got.decode_tokens, got.digest) == \
+            (want.prefill_tokens, want.decode_tokens, want.digest)
+
+
+async def test_steps_launched_after_one_that_fails_are_not_answered(nats_server):
+    """Step 3 fails when its tokens are fetched, after step 4 was launched on top of it:
+    the worker reports step 3's failure, says nothing of step 4 (its forward followed a
+    broken one), runs nothing more of the epoch and takes the next one."""
+    subj = Subjects("deliv")
+    worker, stop, task = await start_worker(nats_server, "deliv")
+    nc = await nats_server.connect("admin")
+    results = await collect_results(nc, subj)
+    events = watch_launches(worker, fail=3)
+    await send_steps(nc, subj, held_steps(epoch=4), results, 3)
+    await asyncio.sleep(0.5)  # step 4 (and 5) had time to be answered, wrongly
+    answered_in_epoch_4 = [(type(r).__name__, r.seq) for r in results]
+    seen_in_epoch_4 = list(events)
+    await send_steps(nc, subj, held_steps(epoch=5)[:1], results, 4)
+    stop.set()
+    await task
+    await nc.close()
+    assert answered_in_epoch_4 == [("StepResult", 1), ("StepResult", 2), ("StepFailure", 3)]
+    # 4 was launched on top of 3 and never fetched; 5 waited for room, then saw the failure
+    assert seen_in_epoch_4 == [("launch", 1), ("fetched", 1), ("launch", 2), ("fetched", 2), ("launch", 3),
+                               ("launch", 4), ("fetched", 3)]
+    assert isinstance(results[-1], StepResult) and (results[-1].epoch, results[-1].seq) == (5, 1)
+    assert worker.counts["failures"] == 1
 
 
 def test_replay_answers_hold_the_first_steps_that_fit():

@@ -345,9 +345,10 @@ class Worker:
         """Launch ``step`` (at most LAUNCH_AHEAD steps unanswered) and hand it to the
         finishing loop, which answers in launch order; the next step can be launched at
         once, while this one computes."""
-        if not self.order.in_sync:
-            return  # an earlier step failed (reported): only the publisher's next epoch is taken
         await self.ahead.acquire()
+        if not self.order.in_sync:  # an earlier step failed (reported): only the next epoch is taken
+            self.ahead.release()
+            return
         self.started[(step.epoch, step.seq)] = time.monotonic()
         error = None
         try:
