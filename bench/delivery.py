@@ -1,6 +1,8 @@
-"""What ordered step delivery costs: per step, the time from publishing a step to having
-every member's acknowledgement, against the leader's own compute time, measured by the
-publisher while the real system serves a steady load. Groups of 1 and of 2 processes."""
+"""What ordered step delivery costs while the real system serves a steady load, groups of 1
+and of 2 processes: the time the leader's device sits idle between the end of one forward
+and the dispatch of the next (the worker's ``idle_ms``: with overlapped steps the next
+step is usually there already), and the publisher's view (how often a step settles, and
+how much of that the leader spent computing)."""
 
 from __future__ import annotations
 
@@ -26,15 +28,38 @@ async def measure(nnodes: int, requests: int = 48) -> dict:
         nc = await nats.connect(cluster.nats_url, **cluster.auth("operator").kwargs(cluster.nats_url))
         msg = await nc.request("$SRV.STATS.dpbus-publisher", b"", timeout=5)
         stats = json.loads(msg.data)["endpoints"][0]["data"]
+        leader = {"node_rank": "0", "dp_rank": "0"}
+        workers = [json.loads(m.data) for m in await gather_replies(nc, "$SRV.STATS.dpbus-worker")]
+        device = next(w["endpoints"][0]["data"] for w in workers if all(w["metadata"].get(k) == v
+                                                                        for k, v in leader.items()))
         await nc.close()
     finally:
         cluster.stop()
     steps = stats["steps"]
     step_ms = stats["step_ms_total"] / steps
     compute_ms = stats["compute_ms_total"] / steps
+    busy = device["device_ms"] + device["idle_ms"]
     return {"nodes_per_group": nnodes, "steps": steps, "step_ms": step_ms, "compute_ms": compute_ms,
             "delivery_overhead_ms": step_ms - compute_ms, "overhead_fraction": (step_ms - compute_ms) / step_ms,
+            "worker_steps": device["steps"], "device_ms": device["device_ms"] / device["steps"],
+            "idle_between_forwards_ms": device["idle_ms"] / device["steps"],
+            "idle_fraction": device["idle_ms"] / busy if busy else None,
             "resent": stats["resent"], "replayed": stats["replayed"]}
+
+
+async def gather_replies(nc, subject: str, wait: float = 0.5) -> list:
+    """Every answer to one request on ``subject`` within ``wait`` seconds (micro stats of
+    every instance of a service)."""
+    inbox, got = nc.new_inbox(), []
+
+    async def on_reply(msg):
+        got.append(msg)
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    await nc.publish(subject, b"", reply=inbox)
+    await asyncio.sleep(wait)
+    await sub.unsubscribe()
+    return got
 
 
 def run() -> list[dict]:
@@ -42,9 +67,11 @@ def run() -> list[dict]:
     for nnodes in (1, 2):
         r = asyncio.run(measure(nnodes))
         out.append(r)
-        print(f"group of {nnodes} process(es): step {r['step_ms']:.2f} ms = compute {r['compute_ms']:.2f} ms + "
-              f"delivery {r['delivery_overhead_ms']:.2f} ms ({r['overhead_fraction'] * 100:.0f}%) over "
-              f"{r['steps']} steps; resent {r['resent']}, replayed {r['replayed']}")
+        print(f"group of {nnodes} process(es): the leader's device idle between two forwards "
+              f"{r['idle_between_forwards_ms']:.3f} ms a step ({r['idle_fraction']:.1%}) next to "
+              f"{r['device_ms']:.2f} ms computing; the publisher's view: a step settles every {r['step_ms']:.2f} ms, "
+              f"{r['compute_ms']:.2f} ms of it computing, over {r['steps']} steps; resent {r['resent']}, "
+              f"replayed {r['replayed']}")
     return out
 
 

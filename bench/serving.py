@@ -1,8 +1,9 @@
 """The whole system over NATS against the engine alone, on the same workload, side by side
 in one run: one group of one process (1 device), the default model, greedy, 64 new tokens
 per request, at concurrency 8 and 32 (`dpbus bench` and `dpbus bench --engine-only`).
-The system runs twice: with overlapped steps (the default, two in flight) and one step
-at a time (``--steps-in-flight 1``), to show what the overlap buys."""
+Each side runs twice: with overlapped steps (the default, two in flight) and one step at
+a time (``--steps-in-flight 1``), to show what the overlap buys; each is compared with the
+other side doing the same."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def run(concurrencies=(8, 32), requests: int = 64) -> dict:
 
     workloads = {c: b.Workload(requests=requests, input_len=128, output_len=64, range_ratio=0.0, concurrency=c,
                                seed=c) for c in concurrencies}
-    out: dict = {"system": {}, "system_one_step": {}, "engine": {}}
+    out: dict = {"system": {}, "system_one_step": {}, "engine": {}, "engine_one_step": {}}
     for key, in_flight in (("system", "2"), ("system_one_step", "1")):
         with tempfile.TemporaryDirectory(prefix="dpbus-bench-") as d:
             cluster = Cluster(dp_size=1, nnodes=1, local_devices=1, log_dir=Path(d), nats_port=0,
@@ -44,21 +45,18 @@ def run(concurrencies=(8, 32), requests: int = 64) -> dict:
     engine = b.load_engine(WorkerSettings(), devices=jax.devices()[:1])
     b.bench_engine(b.Workload(requests=8, concurrency=8, seed=99), engine)  # warm
     for c, w in workloads.items():
-        out["engine"][c] = b.bench_engine(w, engine)
+        out["engine"][c] = b.bench_engine(w, engine, steps_in_flight=2)
+        out["engine_one_step"][c] = b.bench_engine(w, engine, steps_in_flight=1)
     tps = {k: {c: out[k][c]["output_tokens_per_s"] for c in concurrencies} for k in out}
+    # each side against the engine alone doing the same: overlapped with overlapped, one step
+    # at a time with one step at a time
     out["ratio"] = {c: tps["system"][c] / tps["engine"][c] for c in concurrencies}
-    out["ratio_one_step"] = {c: tps["system_one_step"][c] / tps["engine"][c] for c in concurrencies}
+    out["ratio_one_step"] = {c: tps["system_one_step"][c] / tps["engine_one_step"][c] for c in concurrencies}
     return out
 
 
 def report(out: dict) -> None:
+    from bench import summary
+
     print("serving, 64 requests x 64 new tokens, prompt 128, one group of one process:")
-    print(f"{'concurrency':>11} | {'engine alone tok/s':>18} | {'system tok/s':>12} | {'ratio':>5} | "
-          f"{'one step at a time':>18} | {'ratio':>5} | "
-          f"{'ITL p50 engine/system ms':>24} | {'TTFT p50 engine/system ms':>25}")
-    for c, ratio in out["ratio"].items():
-        e, s, one = out["engine"][c], out["system"][c], out["system_one_step"][c]
-        print(f"{c:>11} | {e['output_tokens_per_s']:>18.0f} | {s['output_tokens_per_s']:>12.0f} | {ratio:>5.2f} | "
-              f"{one['output_tokens_per_s']:>18.0f} | {out['ratio_one_step'][c]:>5.2f} | "
-              f"{e['itl_ms']['p50']:>11.2f} / {s['itl_ms']['p50']:<10.2f} | "
-              f"{e['ttft_ms']['p50']:>11.1f} / {s['ttft_ms']['p50']:<11.1f}")
+    print("\n".join(summary.serving({"serving": out})))

@@ -110,29 +110,35 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
     subject = Subjects(prefix).generate
 
     async def run_one(i: int, ids: list[int], n: int, rec: Record) -> None:
+        ended = asyncio.get_running_loop().create_future()
+
+        async def on_answer(msg: Any) -> None:  # a callback, not a wait per message: a light client
+            if ended.done():
+                return
+            if not msg.data:
+                rec.error = "no_responders"
+                ended.set_result(None)
+                return
+            ans = decode_answer(msg.data)
+            now = time.perf_counter()
+            if isinstance(ans, Chunk):
+                rec.tokens.extend([now] * len(ans.token_ids))
+                return
+            rec.end = now
+            if isinstance(ans, Done):
+                rec.output_tokens = ans.completion_tokens
+            else:
+                rec.error = ans.code.value
+            ended.set_result(None)
+
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+        sub = await nc.subscribe(inbox, cb=on_answer)
         body = msgspec.msgpack.encode({"rid": f"bench-{w.seed}-{i}", "input_ids": ids, "stream": True, "sampling": {
             "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}})
         rec.sent = time.perf_counter()
         try:
             await nc.publish(subject, body, reply=inbox)
-            while True:
-                msg = await sub.next_msg(timeout=timeout)
-                if not msg.data:
-                    rec.error = "no_responders"
-                    break
-                ans = decode_answer(msg.data)
-                now = time.perf_counter()
-                if isinstance(ans, Chunk):
-                    rec.tokens.extend([now] * len(ans.token_ids))
-                    continue
-                rec.end = now
-                if isinstance(ans, Done):
-                    rec.output_tokens = ans.completion_tokens
-                else:
-                    rec.error = ans.code.value
-                break
+            await asyncio.wait_for(ended, timeout)
         except Exception as e:  # noqa: BLE001 - a time-out, a lost connection
             rec.error = type(e).__name__
         finally:
@@ -142,24 +148,32 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
     return summarize(records, elapsed, "system", w)
 
 
-def bench_engine(w: Workload, engine: Any, progress=lambda: None) -> dict[str, Any]:
+def bench_engine(w: Workload, engine: Any, progress=lambda: None, steps_in_flight: int = 2) -> dict[str, Any]:
     """The same workload through the scheduler and the model runner in this process (no bus):
-    requests join as they arrive (or as others finish, at a fixed concurrency), one step
-    after another, as a publisher and its worker would run them."""
+    requests join as they arrive (or as others finish, at a fixed concurrency). Steps go as
+    a publisher and its worker run them, with the same overlap: up to ``steps_in_flight``
+    launched before the oldest one's tokens are taken (1: one step after another). The
+    row tables of both sides turn each plan into the runner's items, as on the wire."""
+    from collections import deque
+
     from schemas.codec import Encoding
     from schemas.public import SamplingParams
     from services.publisher.scheduler import Scheduler, Sequence
+    from services.publisher.tables import RowTables
     from services.settings import total_pages
+    from services.worker.tables import PageTables
 
     s, runner = engine.settings, engine.runner
     sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, 1 << 30, runner.cfg.max_seq_len,
                       total_pages(s, runner.cfg.max_seq_len), s.page_size)
+    rows, tables = RowTables(s.max_running_requests), PageTables(s.max_running_requests)
     items, arrivals = w.items(), w.arrivals()
     records = [Record() for _ in items]
     by_rid: dict[str, int] = {}
+    flight: deque = deque()  # (plan, launched), oldest first
     start = time.perf_counter()
-    next_i, in_flight = 0, 0
-    while next_i < len(items) or sched.has_work():
+    next_i, in_flight, number = 0, 0, 0
+    while next_i < len(items) or sched.has_work() or flight:
         now = time.perf_counter() - start
         while next_i < len(items) and (in_flight < w.concurrency if not w.rate else arrivals[next_i] <= now):
             ids, n = items[next_i]
@@ -170,13 +184,17 @@ def bench_engine(w: Workload, engine: Any, progress=lambda: None) -> dict[str, A
             records[next_i].sent = time.perf_counter()
             next_i += 1
             in_flight += 1
-        if not sched.has_work():
+        while len(flight) < steps_in_flight and sched.has_work():
+            plan = sched.build_step(time.time())
+            if not plan:
+                break
+            number += 1
+            flight.append((plan, runner.launch(*tables.apply(rows.step(0, number, plan, sched.running)))))
+        if not flight:
             time.sleep(min(0.001, max(arrivals[next_i] - now, 0)) if next_i < len(items) else 0)
             continue
-        plan = sched.build_step(time.time())
-        if not plan:
-            continue
-        pre, dec = runner.step([item for _, item in plan.prefill], [item for _, item in plan.decode])
+        plan, launched = flight.popleft()
+        pre, dec = launched.tokens()
         now = time.perf_counter()
         for seq, _token, reason in sched.apply(plan, pre, dec):
             rec = records[by_rid[seq.rid]]

@@ -330,7 +330,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if a.engine_only:
             use_local_devices(a.local_devices)
             settings = st.build(st.WorkerSettings, a, seed=int(os.environ.get("DPBUS_SEED", 0)))
-            result = b.bench_engine(w, b.load_engine(settings), tick)
+            result = b.bench_engine(w, b.load_engine(settings), tick, a.steps_in_flight)
         else:
             async def main() -> dict:
                 nc = await bus.connect_client(*client_target(a))
@@ -455,6 +455,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--engine-only", action="store_true",
                    help="the same workload through the scheduler and model runner in this process, no bus")
     q.add_argument("--local-devices", type=int, default=1, help="--engine-only: virtual CPU devices")
+    q.add_argument("--steps-in-flight", type=int, default=2,
+                   help="--engine-only: steps launched before the oldest one's tokens are taken, as a publisher "
+                        "keeps them (1: one step after another)")
     st.add_settings_args(q, st.EngineSettings, skip={*st.UP_DECIDES, "max_waiting", "seed"})
     q.set_defaults(fn=cmd_bench)
     q = sub.add_parser("status", help="wait until every group is ready and ingest answers",

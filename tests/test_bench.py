@@ -53,14 +53,15 @@ def test_the_summary_renders_what_the_parts_return():
                 "runs": [run], "capacity_per_s": 100.0, "best_rate_p99_under_1ms": 0.0}
     out = {"when": "now", "cpus": 2,
            "transports": {"payload_bytes": 400, "rounds": 10, "nats": {1: p}, "zmq": {1: p}},
-           "delivery": [{"nodes_per_group": 1, "delivery_overhead_ms": 0.5, "overhead_fraction": 0.1, "step_ms": 5.0}],
+           "delivery": [{"nodes_per_group": 1, "delivery_overhead_ms": 0.5, "overhead_fraction": 0.1, "step_ms": 5.0,
+                         "idle_between_forwards_ms": 0.25, "idle_fraction": 0.05, "device_ms": 4.75}],
            "ingest": {"runs": [{**measured, "code": "abc1234"}, {**measured, "code": "this checkout"}]},
            "memory": {"model": {"weights_bytes": 1 << 20, "kv_cache_bytes": 2 << 20},
                       "processes": {"ingest": {"rss_bytes": 50 << 20, "peak_rss_bytes": 60 << 20}}}}
-    served = {"output_tokens_per_s": 100.0, "itl_ms": p}
+    served = {"output_tokens_per_s": 100.0, "itl_ms": p, "ttft_ms": p}
     out["serving"] = {"engine": {8: served}, "system": {8: served}, "system_one_step": {8: served},
-                      "ratio": {8: 1.0}, "ratio_one_step": {8: 1.0}}
+                      "engine_one_step": {8: served}, "ratio": {8: 1.0}, "ratio_one_step": {8: 1.0}}
     text = summary.render(out)
     for part in ("raw ZeroMQ", "raw nats-py", "dpbus ordered steps", "ingest routing", "abc1234 30 us -> this checkout",
-                 "raw JetStream KV create", "memory (MiB)", "one step at a time"):
+                 "raw JetStream KV create", "memory (MiB)", "one step at a time", "5.0% of its own 5.00 ms step"):
         assert part in text

@@ -11,6 +11,7 @@ And the point of it all: a step's size follows what changed, not the context len
 from __future__ import annotations
 
 import random
+import time
 import types
 
 import msgspec
@@ -70,7 +71,7 @@ class Runner:
 
     def launch(self, prefill: list[PrefillItem], decode: list[DecodeItem]):
         tokens = self.step(prefill, decode)
-        return types.SimpleNamespace(tokens=lambda: tokens)
+        return types.SimpleNamespace(tokens=lambda: tokens, at=time.monotonic())
 
 
 def rowless(items: list) -> list:

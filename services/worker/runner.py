@@ -101,6 +101,7 @@ class Launched:
     decode_slots: int  # where the chunks' rows start
     chunk_samples: list[bool]  # per prefill chunk: does it sample
     decode_rows: int
+    at: float = dataclasses.field(default_factory=time.monotonic)  # when it was dispatched
 
     def tokens(self) -> tuple[list[int], list[int]]:
         """Wait for the step: the token sampled after each chunk (-1 where the chunk does

@@ -131,6 +131,9 @@ class Worker:
         self.order = StepOrder(on_new_epoch=self.begin_epoch)
         self.ready = False
         self.counts = {"steps": 0, "repeated": 0, "gaps": 0, "replayed": 0, "failures": 0, "unsent": 0}
+        # the device's time: computing steps, and waiting between one step's end and the next
+        # one's dispatch while steps kept coming (gaps over STEPS_QUIET_S are periods without work)
+        self.timing = {"device_ms": 0.0, "idle_ms": 0.0}
         self._replay_reply = unpacker(ReplayReply)
         self.runner = None
         self.started: dict[tuple[int, int], float] = {}  # steps launched, not answered yet: since when
@@ -151,7 +154,7 @@ class Worker:
         self.exit = os._exit  # how the process leaves a broken JAX job (tests replace it)
 
     def stats(self, *_: Any) -> dict:
-        return {**self.counts, "epoch": self.order.epoch, "last_seq": self.order.last_seq, "rows": len(self.tables.rows),
+        return {**self.counts, **{k: round(v, 3) for k, v in self.timing.items()}, "epoch": self.order.epoch, "last_seq": self.order.last_seq, "rows": len(self.tables.rows),
                 "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes()}
 
     async def wait_for_members(self) -> None:
@@ -429,10 +432,14 @@ class Worker:
     def result_of(self, step: Step, launched: Any) -> StepResult:
         """Wait for a launched step's tokens: its result (the leader reports the tokens,
         the others vouch for them with the digest). Its time is the device's: from its
-        launch, or the end of the step before it if that was later."""
+        dispatch, or the end of the step before it if that was later."""
         prefill_tokens, decode_tokens = launched.tokens()
         done = time.monotonic()
-        began = max(self.started.get((step.epoch, step.seq), done), self.device_free_at)
+        began = max(launched.at, self.device_free_at)
+        idle = launched.at - self.device_free_at
+        if 0 < idle < STEPS_QUIET_S:
+            self.timing["idle_ms"] += idle * 1000
+        self.timing["device_ms"] += (done - began) * 1000
         self.device_free_at = done
         digest = token_digest(prefill_tokens, decode_tokens)
         if not self.place.is_leader:
