@@ -16,6 +16,7 @@ import asyncio
 import random
 import statistics
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,7 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
     from services.client import decode_answer
 
     subject = Subjects(prefix).generate
+    run = uuid.uuid4().hex[:8]  # rids unique to this run: a repeated rid is a duplicate, never answered twice
 
     async def run_one(i: int, ids: list[int], n: int, rec: Record) -> None:
         ended = asyncio.get_running_loop().create_future()
@@ -133,7 +135,7 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
 
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, cb=on_answer)
-        body = msgspec.msgpack.encode({"rid": f"bench-{w.seed}-{i}", "input_ids": ids, "stream": True, "sampling": {
+        body = msgspec.msgpack.encode({"rid": f"bench-{run}-{i}", "input_ids": ids, "stream": True, "sampling": {
             "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}})
         rec.sent = time.perf_counter()
         try:

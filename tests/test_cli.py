@@ -230,3 +230,32 @@ def test_ready_again_needs_a_not_ready_report_or_a_new_publisher():
     assert not watch.report(report(1, 14, True))  # said once
     watch.restarted({1})
     assert watch.report(report(1, 1, True))  # a restarted publisher: its reports start over
+
+
+def test_bench_runs_twice_against_the_same_deployment(tmp_path):
+    """`dpbus bench` as a user runs it against `dpbus up`, twice in a row with the same seed:
+    the second run's requests are new requests, not duplicates of the first's (a duplicate
+    is never answered twice, so its client used to wait out the time-out)."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    proc = subprocess.Popen([*DPBUS, "up", "--dp-size", "1", "--local-devices", "1", "--nats-port", "0",
+                             "--max-running-requests", "4", "--max-prefill-tokens", "32", "--max-seq-len", "128",
+                             "--log-dir", str(tmp_path / "logs")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines_until_ready(proc)
+        for run in (1, 2):
+            out = tmp_path / f"bench{run}.json"
+            bench = subprocess.run([*DPBUS, "bench", "--requests", "6", "--concurrency", "3", "--input-len", "8",
+                                    "--output-len", "4", "--seed", "1", "--json", str(out)],
+                                   capture_output=True, text=True, timeout=120, env=env)
+            assert bench.returncode == 0, bench.stderr
+            result = json.loads(out.read_text())
+            assert (result["completed"], result["errors"]) == (6, {}), result
+            assert result["output_tokens_per_s"] > 0 and "out tok/s" in bench.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
