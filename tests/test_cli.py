@@ -3,6 +3,7 @@ layout, SIGTERM), `dpbus schemas`, and refusal of bad layouts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -148,6 +149,21 @@ def test_up_restarts_a_spanning_group_as_a_whole(tmp_path):
 
 
 @pytest.mark.e2e
+@contextlib.contextmanager
+def up_process(args: list[str], env: dict[str, str]):
+    """`dpbus up` with one group of one device on a free NATS port, and ``args``; killed
+    with its process group at the end if it is still running."""
+    proc = subprocess.Popen([*DPBUS, "up", "--dp-size", "1", "--local-devices", "1", "--nats-port", "0", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_path):
     """`dpbus up --tls-*` with the dev CA of infra/tls: every service and `dpbus generate`
     (which learns the URL, the user and the CA from the state file) speak TLS."""
@@ -156,12 +172,8 @@ def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_pa
                           timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert made.returncode == 0, made.stderr
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-    proc = subprocess.Popen([*DPBUS, "up", "--dp-size", "1", "--local-devices", "1", "--nats-port", "0",
-                             "--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "server.pem"),
-                             "--tls-key", str(certs / "server-key.pem"), "--log-dir", str(tmp_path / "logs")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
+    with up_process(["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "server.pem"),
+                     "--tls-key", str(certs / "server-key.pem"), "--log-dir", str(tmp_path / "logs")], env) as proc:
         lines = lines_until_ready(proc)
         assert re.search(r"at tls://127\.0\.0\.1:\d+ as user 'client'", lines[-1]), lines[-1]
         gen = subprocess.run([*DPBUS, "generate", "--raw", "--max-new-tokens", "3", "hi"], capture_output=True,
@@ -174,10 +186,6 @@ def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_pa
         assert no_ca.returncode == 1 and "certificate verify failed" in no_ca.stderr.lower(), no_ca.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_the_prefix_cache_is_on_by_default_and_no_prefix_cache_turns_it_off():
@@ -237,12 +245,8 @@ def test_bench_runs_twice_against_the_same_deployment(tmp_path):
     the second run's requests are new requests, not duplicates of the first's (a duplicate
     is never answered twice, so its client used to wait out the time-out)."""
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-    proc = subprocess.Popen([*DPBUS, "up", "--dp-size", "1", "--local-devices", "1", "--nats-port", "0",
-                             "--max-running-requests", "4", "--max-prefill-tokens", "32", "--max-seq-len", "128",
-                             "--log-dir", str(tmp_path / "logs")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
+    with up_process(["--max-running-requests", "4", "--max-prefill-tokens", "32", "--max-seq-len", "128",
+                     "--log-dir", str(tmp_path / "logs")], env) as proc:
         lines_until_ready(proc)
         for run in (1, 2):
             out = tmp_path / f"bench{run}.json"
@@ -255,7 +259,3 @@ def test_bench_runs_twice_against_the_same_deployment(tmp_path):
             assert result["output_tokens_per_s"] > 0 and "out tok/s" in bench.stdout
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

@@ -174,6 +174,16 @@ def watch_launches(worker: Worker, hold: int | None = None, fail: int | None = N
     return events
 
 
+async def watched_worker(server, **watch) -> tuple:
+    """A real worker whose launches are watched (``watch_launches``), a connection playing
+    every other role and the results it collects."""
+    subj = Subjects("deliv")
+    worker, stop, task = await start_worker(server, "deliv")
+    nc = await server.connect("admin")
+    results = await collect_results(nc, subj)
+    return subj, worker, stop, task, nc, results, watch_launches(worker, **watch)
+
+
 async def send_steps(nc, subj: Subjects, steps: list[Step], results: list, want: int) -> None:
     for step in steps:
         await nc.publish(subj.step(0), pack(step))
@@ -188,11 +198,7 @@ async def test_a_worker_launches_the_next_step_while_the_one_before_computes(nat
     """Step 4 is launched before step 3's tokens are fetched (the host's work for a step
     overlaps the forward before it); the answers still come in order, with the tokens of
     the same steps run one at a time."""
-    subj = Subjects("deliv")
-    worker, stop, task = await start_worker(nats_server, "deliv")
-    nc = await nats_server.connect("admin")
-    results = await collect_results(nc, subj)
-    events = watch_launches(worker, hold=3)
+    subj, worker, stop, task, nc, results, events = await watched_worker(nats_server, hold=3)
     await send_steps(nc, subj, held_steps(epoch=4), results, 5)
     stop.set()
     await task
@@ -213,11 +219,7 @@ async def test_steps_launched_after_one_that_fails_are_not_answered(nats_server)
     """Step 3 fails when its tokens are fetched, after step 4 was launched on top of it:
     the worker reports step 3's failure, says nothing of step 4 (its forward followed a
     broken one), runs nothing more of the epoch and takes the next one."""
-    subj = Subjects("deliv")
-    worker, stop, task = await start_worker(nats_server, "deliv")
-    nc = await nats_server.connect("admin")
-    results = await collect_results(nc, subj)
-    events = watch_launches(worker, fail=3)
+    subj, worker, stop, task, nc, results, events = await watched_worker(nats_server, fail=3)
     await send_steps(nc, subj, held_steps(epoch=4), results, 3)
     await asyncio.sleep(0.5)  # step 4 (and 5) had time to be answered, wrongly
     answered_in_epoch_4 = [(type(r).__name__, r.seq) for r in results]
