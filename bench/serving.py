@@ -31,18 +31,18 @@ def run(concurrencies=(8, 32), requests: int = 64, rounds: int = 3) -> dict:
     modes = {"system": "2", "system_one_step": "1"}
     runs: dict = {k: {c: [] for c in concurrencies} for k in (*modes, "engine", "engine_one_step")}
     with contextlib.ExitStack() as stack:
-        clients = {}
+        clusters = {}
         for key, in_flight in modes.items():
             d = stack.enter_context(tempfile.TemporaryDirectory(prefix="dpbus-bench-"))
             cluster = Cluster(dp_size=1, nnodes=1, local_devices=1, log_dir=Path(d), nats_port=0,
                               say=lambda _: None, extra={"DPBUS_STEPS_IN_FLIGHT": in_flight})
             stack.callback(cluster.stop)
             asyncio.run(cluster.start(timeout=300))
-            clients[key] = cluster
+            clusters[key] = cluster
         engine = b.load_engine(WorkerSettings(), devices=jax.devices()[:1])
 
         async def measure() -> None:
-            ncs = {k: await bus.connect_client(c.nats_url, auth=c.auth("client")) for k, c in clients.items()}
+            ncs = {k: await bus.connect_client(c.nats_url, auth=c.auth("client")) for k, c in clusters.items()}
             try:
                 warm = b.Workload(requests=8, concurrency=8, seed=99)
                 for nc in ncs.values():

@@ -450,8 +450,4 @@ class Worker:
 
     def run_step(self, step: Step) -> StepResult:
         """A step from start to finish, with nothing launched around it."""
-        self.started[(step.epoch, step.seq)] = time.monotonic()
-        try:
-            return self.result_of(step, self.launch_step(step))
-        finally:
-            self.started.pop((step.epoch, step.seq), None)
+        return self.result_of(step, self.launch_step(step))
