@@ -282,6 +282,20 @@ class ClientOutbox:
         self.held.append((subject, data, still, terminal))
         self._start_flusher()
 
+    async def publish_now(self, subject: str, data: bytes, still: Any = None) -> bool:
+        """Publish a terminal answer at once, without holding it: True when it is in the
+        connection's buffer, False when it cannot go now (disconnected, or answers held
+        after a reconnection). Whatever the caller publishes next without suspending
+        reaches the server behind it, in the same write (see ``Publisher.answer``)."""
+        if self.held or not self._open():
+            return False
+        try:
+            await self._publish(subject, data, still, True)
+        except Exception as e:  # noqa: BLE001 - not in the buffer: the caller holds it
+            self.log.warning("answer_not_published", error=repr(e))
+            return False
+        return True
+
     async def _publish(self, subject: str, data: bytes, still: Any, terminal: bool) -> None:
         if terminal and not self._echo_subject:
             self._echo_subject = self.nc.new_inbox()

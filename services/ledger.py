@@ -8,9 +8,12 @@ One entry per accepted request, keyed by a digest of (client, rid):
   subject;
 * a group taking a moved request **takes it over** with compare-and-set from the instance
   that moved it;
-* the terminal answer is sent only by whoever wins the compare-and-set from ``held`` to
+* the terminal answer belongs to whoever wins the compare-and-set from ``held`` to
   ``answered``: the holder when it finishes, or an ingest instance when the holder's
-  lease expired;
+  lease expired. Ingest writes, then sends. The holder, under a valid lease, sends its
+  answer with the write right behind it on the same connection (one write to the
+  server, handled in order), so that its death leaves both or neither; a holder that
+  offered the request to another group writes first;
 * ingest records ``refused`` for a request whose submit it could not get acknowledged and
   nobody claimed (so a late copy of that submit never runs); a fresh attempt with the
   same name may take a ``refused`` entry over;

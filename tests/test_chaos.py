@@ -80,15 +80,20 @@ class Load:
             except Exception:  # noqa: BLE001 - reconnecting
                 pass
 
-    async def accepted(self, server: NatsServer, rids: list[str]) -> set[str]:
+    async def open_ledger(self, admin) -> Ledger:
+        return await Ledger.open(admin, "dpbus")
+
+    async def accepted(self, server: NatsServer, rids: list[str]) -> dict[str, str]:
         """Which of ``rids`` a publisher accepted or ingest refused in the ledger (entries stay
-        two minutes after their answer): a request without a terminal answer and
-        without an entry never reached a group (no ingest got it, or it died first)."""
+        two minutes after their answer), with what their entry says: a request without a
+        terminal answer and without an entry never reached a group (no ingest got it, or it
+        died first)."""
         admin = await server.connect("admin")
         try:
-            ledger = await Ledger.open(admin, "dpbus")
-            return {rid for rid in rids
-                    if await ledger.get(request_key(INBOX, rid)) is not None}
+            ledger = await self.open_ledger(admin)
+            found = {rid: await ledger.get(request_key(INBOX, rid)) for rid in rids}
+            return {rid: f"{got[1].state} by {got[1].owner} in group {got[1].group} (revision {got[0]})"
+                    for rid, got in found.items() if got is not None}
         finally:
             await admin.close()
 
@@ -110,7 +115,7 @@ class Load:
                     outcome["never_reached_a_group"] += 1
                 else:
                     outcome["lost"] += 1
-                    lost.append((rid, [a["type"] for a in got][-4:]))
+                    lost.append((rid, [a["type"] for a in got][-4:], self.silent_accepted[rid]))
                 continue
             if len(terminals) > 1:
                 bad.append((rid, [a["type"] for a in got][-4:]))

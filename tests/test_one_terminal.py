@@ -190,6 +190,48 @@ async def test_a_request_aborted_while_its_step_is_computed_gets_nothing_after_i
     assert done.completion_tokens == len(chunks) == 1, "the token sampled before the abort was seen goes out first"
 
 
+async def test_a_terminal_answer_reaches_the_server_ahead_of_its_settling_write(nats_server):
+    """A publisher killed between winning a request's terminal answer in the ledger and
+    sending it left the entry answered and the client with nothing (the chaos test caught
+    it once in about 15 runs). Now the answer goes first and the write right behind it,
+    on the same connection: the server handles them in that order, so it cannot take the
+    write without the answer. One subscription to every subject sees what the server
+    routes in the order it routes it: the ``done``, then the entry becoming answered."""
+    pub, stop = publisher(nats_server), asyncio.Event()
+    task = asyncio.create_task(pub.run(stop))
+    nc = await nats_server.connect("admin")
+    routed: list[tuple[str, str]] = []
+    ledger = f"$KV.{PREFIX}_requests.r."
+    inbox = nc.new_inbox()
+
+    async def on_any(msg) -> None:  # one subscription: one queue, in the server's order
+        if msg.subject == inbox:
+            routed.append(("answer", type(decode_answer(msg.data)).__name__))
+        elif msg.subject.startswith(ledger) and msg.data:
+            routed.append(("ledger", msgspec.msgpack.decode(msg.data)["state"]))
+
+    async def on_step(msg):
+        await nc.publish(SUBJ.result(0), pack(answer(msgspec.msgpack.decode(msg.data, type=Step), 0)))
+
+    await nc.subscribe(">", cb=on_any)
+    await nc.subscribe(SUBJ.step(0), cb=on_step)
+    beating = asyncio.create_task(beat(nc, 0, stop))
+    try:
+        await wait_ready(pub)
+        assert (await ack_of(nc, 0, submit("ahead", inbox, tokens=3))).accepted
+        deadline = time.monotonic() + 10
+        while ("ledger", "answered") not in routed and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+        beating.cancel()
+        await nc.close()
+    assert routed[0] == ("ledger", "held"), routed  # claimed before it was acknowledged
+    assert routed[-2:] == [("answer", "Done"), ("ledger", "answered")], routed
+    assert routed.count(("answer", "Chunk")) == 3, routed
+
+
 def queue_while_not_whole(pub: Publisher, sub: Submit) -> None:
     """A request queued in a group that then lost a node (accepted while it was whole)."""
     assert not pub.ready()

@@ -75,6 +75,7 @@ class Sequence:
     owner: int = 0  # the publisher instance that claimed it (see services/ledger.py)
     abandoned: bool = False  # its publisher lost the lease: someone else answers it
     settled: bool = False  # its publisher won its terminal answer in the ledger
+    offered: bool = False  # offered to another group once: that group may have taken its entry over
     ahead: int = 0  # positions after ``prefilled`` that steps in flight write
     pending: int = 0  # tokens that steps in flight sample for it (not known yet)
     finished: bool = False  # it left for good (finished, stopped, aborted): later tokens are dropped

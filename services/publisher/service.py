@@ -259,14 +259,13 @@ class Publisher:
                 "step_ms_total": round(self.timing["step_ms"], 3), "compute_ms_total": round(self.timing["compute_ms"], 3)}
 
     # ---- answers ---------------------------------------------------------------------
-    async def send(self, seq: Sequence, msg: Any) -> None:
-        """Answer a client, only while this instance holds its lease (after that, ingest
-        answers for it)."""
+    async def send(self, seq: Sequence, chunk: Chunk) -> None:
+        """Stream a chunk to a client, only while this instance holds its lease (after
+        that, ingest answers for it). Terminal answers go through ``answer``."""
         if not self.may_answer(seq):
             self.give_up(seq, "the lease expired")
             return
-        await self.outbox.send(seq.reply, encode_answer(msg, seq.encoding), still=lambda: self.may_answer(seq),
-                               terminal=isinstance(msg, (Done, Error)))
+        await self.outbox.send(seq.reply, encode_answer(chunk, seq.encoding), still=lambda: self.may_answer(seq))
 
     def may_answer(self, seq: Sequence) -> bool:
         """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is
@@ -276,44 +275,71 @@ class Publisher:
                                     self.lease.valid(time.monotonic()))
 
     async def answer(self, seq: Sequence, msg: Done | Error, count: str) -> None:
-        """Send ``seq``'s terminal answer if this instance wins it in the ledger. A settling
-        write whose outcome is unknown is resolved off the step path; the answer goes out
-        when it proves ours (late, but once)."""
+        """Send ``seq``'s terminal answer and make it this instance's in the ledger.
+
+        The answer goes first and the settling write (a compare-and-set from held to
+        answered) right behind it, with nothing that suspends in between: both reach the
+        NATS server in one write, and the server handles one connection's messages in
+        order. So a publisher killed at any moment leaves both done or neither: an entry
+        still held (ingest answers ``publisher_lost`` once the lease lapses, and the
+        client heard nothing) or an answered one whose answer the server took. Settling
+        first would leave a window where the entry says answered and the answer dies with
+        the process. When the answer cannot go at once (no connection, or answers held
+        after a reconnection), or when another group may have taken the request over, the
+        write comes first and the answer goes only if it won."""
         self.answered_now(seq.key)  # from now on a copy of it is a duplicate, whoever wins
+        if not self.may_answer(seq):
+            self.give_up(seq, "the lease expired")
+            return
+        data = encode_answer(msg, seq.encoding)
+        # a request offered to another group may be that group's now (its acknowledgement
+        # lost): only the ledger can say, so its answer waits for the write
+        sent = not seq.offered and await self.outbox.publish_now(seq.reply, data, still=lambda: self.may_answer(seq))
         key = request_key(seq.client, seq.rid)
-        done = ownership.answered_by(self.instance, self.g, seq.rid, seq.client)
-        won = await ownership.settle(self.ledger, key, done, seq.ledger_rev, lambda: self.may_answer(seq),
-                                     asyncio.sleep)
-        if won == ownership.WON:
-            await self.answered_with(seq, msg, count)
-        elif won == ownership.TAKEN:
-            self.counts["taken"] += 1
-            self.log.error("answer_taken", rid=seq.rid)
-        elif won == ownership.UNKNOWN:
+        await self.settle_answer(seq, key, ownership.answered_by(self.instance, self.g, seq.rid, seq.client), data,
+                                 sent, count)
+
+    async def settle_answer(self, seq: Sequence, key: str, done: Any, data: bytes, sent: bool, count: str) -> None:
+        """Win ``seq``'s entry for ``done``. An answer ``sent`` already is settled whatever
+        the lease says meanwhile (winning late still keeps ingest from answering too); one
+        not sent goes out only if this instance wins. A write whose outcome is unknown is
+        resolved off the step path."""
+        still = (lambda: True) if sent else (lambda: self.may_answer(seq))
+        how = await ownership.settle(self.ledger, key, done, seq.ledger_rev, still, asyncio.sleep)
+        if how == ownership.UNKNOWN:
             self.log.warning("settle_unknown", rid=seq.rid)
-            task = asyncio.create_task(self.answer_if_ours(seq, key, done, msg, count))
+            task = asyncio.create_task(self.answer_if_ours(seq, key, done, data, sent, count))
             self.resolving.add(task)
             task.add_done_callback(self.resolving.discard)
         else:
+            await self.settled(seq, how, data, sent, count)
+
+    async def settled(self, seq: Sequence, how: str, data: bytes, sent: bool, count: str) -> None:
+        if how == ownership.WON:
+            seq.settled = True
+            self.counts[count] += 1
+            if not sent:
+                await self.outbox.send(seq.reply, data, still=lambda: self.may_answer(seq), terminal=True)
+        elif how == ownership.TAKEN:
+            self.counts["taken"] += 1
+            # after an answer of ours went out, only a ledger out of reach for longer than
+            # the lease lets ingest answer too (the client then hears two terminal answers)
+            self.log.error("answer_taken", rid=seq.rid, ours_sent=sent)
+        else:
             self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
 
-    async def answer_if_ours(self, seq: Sequence, key: str, done: Any, msg: Done | Error, count: str) -> None:
+    async def answer_if_ours(self, seq: Sequence, key: str, done: Any, data: bytes, sent: bool, count: str) -> None:
         if await ownership.resolve(self.ledger, key, done, asyncio.sleep):
             self.log.info("settle_resolved", rid=seq.rid)
-            await self.answered_with(seq, msg, count)
+            await self.settled(seq, ownership.WON, data, sent, count)
         elif self.may_answer(seq):
             # none of our writes landed and the request is still ours under a valid lease:
             # nobody else will answer it (ingest answers only for a dead holder), so try again
             self.log.warning("settle_not_landed", rid=seq.rid, trying="again")
-            await self.answer(seq, msg, count)
+            await self.settle_answer(seq, key, done, data, sent, count)
         else:
             self.log.warning("settle_not_landed", rid=seq.rid)
             self.give_up(seq, "a settling write did not land")
-
-    async def answered_with(self, seq: Sequence, msg: Done | Error, count: str) -> None:
-        seq.settled = True
-        self.counts[count] += 1
-        await self.send(seq, msg)
 
     def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
         """``seq`` may not be answered from here: give up every request of its instance (once)."""
@@ -540,6 +566,7 @@ class Publisher:
                      client=seq.client, attempt=seq.attempt, moved_from=self.instance)
         for g in (x for x in range(self.groups) if x != self.g):
             sub.dp_rank = g
+            seq.offered = True
             try:
                 ack = self._ack.decode(await bus.request(self.nc, self.subjects.submit(g), pack(sub), timeout=2.0,
                                                          attempts=1))

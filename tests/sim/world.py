@@ -98,6 +98,7 @@ class Held:
     settled: bool = False
     abandoned: bool = False
     moving: int = 0  # the token of the move under way, 0: none
+    offered: bool = False  # offered to another group once: it may have taken the entry over
 
 
 class Service:
@@ -132,6 +133,12 @@ class Publisher(Service):
     def __init__(self, world: "World", g: int) -> None:
         super().__init__(world, f"publisher{g}")
         self.g = g
+        self.unsettled: set[str] = set()  # terminal answers sent, their settling write not known to have landed
+
+    def kill(self) -> None:
+        self.w.check.died_unsettled |= self.unsettled
+        self.unsettled = set()
+        super().kill()
 
     def start(self) -> None:
         super().start()
@@ -230,32 +237,55 @@ class Publisher(Service):
         self.w.check.record(self.w.t, self.name, seq.sub.rid, kind, index)
 
     def finish(self, seq: Held, kind: str) -> None:
-        """``Publisher.answer``: settle in the ledger, then send (or resolve, or give up)."""
+        """``Publisher.answer``: send, with the settling write right behind (one write: a
+        death takes both or neither), then settle (or resolve, or give up); a request
+        offered to another group settles first and is sent only if won."""
         self.held.pop(seq.sub.key, None)
         self.answered.add(seq.sub.key)  # from now on a copy of it is a duplicate, whoever wins
+        if not self.may_answer(seq):
+            return self.give_up(seq)
         sub = seq.sub
-        done = ownership.answered_by(self.instance, self.g, sub.rid, sub.client)
-        settling = ownership.settle(self.w.ledger, sub.key, done, seq.rev, lambda: self.may_answer(seq), sleep)
-        self.w.spawn(self, settling, lambda how: self.settled(seq, kind, done, how))
+        sent = not seq.offered
+        if sent:
+            self.w.check.record(self.w.t, self.name, sub.rid, kind)
+            self.unsettled.add(sub.rid)
+        self.settle(seq, kind, ownership.answered_by(self.instance, self.g, sub.rid, sub.client), sent)
 
-    def settled(self, seq: Held, kind: str, done, how: str) -> None:
+    def settle(self, seq: Held, kind: str, done, sent: bool) -> None:
+        still = (lambda: True) if sent else (lambda: self.may_answer(seq))
+        settling = ownership.settle(self.w.ledger, seq.sub.key, done, seq.rev, still, sleep)
+        self.w.spawn(self, settling, lambda how: self.settled(seq, kind, done, sent, how))
+
+    def settled(self, seq: Held, kind: str, done, sent: bool, how: str) -> None:
+        if how != ownership.UNKNOWN:
+            self.unsettled.discard(seq.sub.rid)
         if how == ownership.WON:
-            self.answered_with(seq, kind)
+            self.won(seq, kind, done, sent)
+        elif how == ownership.TAKEN:
+            self.w.paths["taken after sending" if sent else "taken"] += 1
         elif how == ownership.UNKNOWN:
             resolving = ownership.resolve(self.w.ledger, seq.sub.key, done, sleep)
-            self.w.spawn(self, resolving, lambda ours: self.settle_resolved(seq, kind, ours))
-        elif how == ownership.SILENCED:
+            self.w.spawn(self, resolving, lambda ours: self.settle_resolved(seq, kind, done, sent, ours))
+        else:
             self.give_up(seq, force=True)
 
-    def settle_resolved(self, seq: Held, kind: str, ours: bool) -> None:
+    def settle_resolved(self, seq: Held, kind: str, done, sent: bool, ours: bool) -> None:
+        if ours or not self.may_answer(seq):
+            self.unsettled.discard(seq.sub.rid)
         if ours:
             self.w.paths["settle resolved: ours"] += 1
-            return self.answered_with(seq, kind)
-        self.give_up(seq)
+            self.won(seq, kind, done, sent)
+        elif self.may_answer(seq):
+            self.settle(seq, kind, done, sent)
+        else:
+            self.give_up(seq)
 
-    def answered_with(self, seq: Held, kind: str) -> None:
+    def won(self, seq: Held, kind: str, done, sent: bool) -> None:
+        if seq.sub.rid in self.w.in_doubt.get(done.owner, ()):
+            self.w.paths["settle landed unanswered: ours"] += 1
         seq.settled = True
-        self.send(seq, kind)
+        if not sent:
+            self.send(seq, kind)
 
     def step(self, life: int) -> None:
         if not self.live(life):
@@ -286,6 +316,7 @@ class Publisher(Service):
     def move(self, seq: Held) -> None:
         self.move_token += 1
         seq.moving = token = self.move_token
+        seq.offered = True
         other = self.w.publishers[(self.g + 1) % len(self.w.publishers)]
         sub = Sub(seq.sub.rid, seq.sub.client, seq.sub.reply, seq.sub.attempt, seq.sub.tokens, self.instance)
         life = self.life
