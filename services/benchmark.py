@@ -102,6 +102,16 @@ async def _paced(w: Workload, run_one, progress) -> tuple[list[Record], float]:
     return records, time.perf_counter() - start
 
 
+def token_times(before: list[float], now: float, n: int) -> list[float]:
+    """Arrival times for the ``n`` tokens of a chunk that came at ``now``: spread evenly since
+    the chunk before (a publisher streaming several tokens per chunk sampled them one step
+    apart), all at ``now`` for the first chunk (its first token is the TTFT)."""
+    if not before or n == 1:
+        return [now] * n
+    last = before[-1]
+    return [last + (now - last) * (k + 1) / n for k in range(n)]
+
+
 async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lambda: None,
                        timeout: float = 600.0) -> dict[str, Any]:
     """The workload through a running dpbus (``nc``: a connected client)."""
@@ -124,7 +134,7 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
             ans = decode_answer(msg.data)
             now = time.perf_counter()
             if isinstance(ans, Chunk):
-                rec.tokens.extend([now] * len(ans.token_ids))
+                rec.tokens.extend(token_times(rec.tokens, now, len(ans.token_ids)))
                 return
             rec.end = now
             if isinstance(ans, Done):

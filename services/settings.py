@@ -99,6 +99,7 @@ class PublisherSettings(EngineSettings):
     resend_interval: Seconds = 1.0  # re-publish a step whose acknowledgements are late
     replay_window: Positive = 256  # recent steps kept for workers that missed some
     steps_in_flight: Positive = 2  # overlapped steps: the next is on the wire while the group computes (1: one at a time)
+    stream_interval: Positive = 1  # tokens per streamed chunk (the last may have fewer): fewer, larger messages
     heartbeat_timeout: Seconds = 10.0
     load_interval: Seconds = 0.5
     queue_timeout: Seconds = 300.0

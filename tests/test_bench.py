@@ -65,3 +65,13 @@ def test_the_summary_renders_what_the_parts_return():
     for part in ("raw ZeroMQ", "raw nats-py", "dpbus ordered steps", "ingest routing", "abc1234 30 us -> this checkout",
                  "raw JetStream KV create", "memory (MiB)", "one step at a time", "5.0% of its own 5.00 ms step"):
         assert part in text
+
+
+def test_tokens_of_a_several_token_chunk_are_spread_since_the_chunk_before():
+    """With ``--stream-interval N`` a chunk carries N tokens sampled a step apart: the bench
+    spreads them since the chunk before, so ITL is per token, not 0 inside a chunk."""
+    from services.benchmark import token_times
+
+    assert token_times([], 5.0, 3) == [5.0, 5.0, 5.0]  # the first chunk: its first token is the TTFT
+    assert token_times([1.0], 5.0, 4) == [2.0, 3.0, 4.0, 5.0]
+    assert token_times([1.0, 2.0], 2.5, 1) == [2.5]

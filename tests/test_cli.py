@@ -207,10 +207,11 @@ def test_up_takes_the_service_settings_and_passes_them_on():
 
     a = parser().parse_args(["up", "--model-path", "/models/llama", "--max-seq-len", "2048",
                              "--max-running-requests", "8", "--policy", "least_tokens", "--no-warmup",
-                             "--api-key", "k", "--dtype", "bfloat16"])
+                             "--api-key", "k", "--dtype", "bfloat16", "--stream-interval", "4"])
     assert st.service_env(a) == {"DPBUS_MODEL_PATH": "/models/llama", "DPBUS_MAX_SEQ_LEN": "2048",
                                  "DPBUS_MAX_RUNNING_REQUESTS": "8", "DPBUS_POLICY": "least_tokens",
-                                 "DPBUS_WARMUP": "false", "DPBUS_API_KEY": "k", "DPBUS_DTYPE": "bfloat16"}
+                                 "DPBUS_WARMUP": "false", "DPBUS_API_KEY": "k", "DPBUS_DTYPE": "bfloat16",
+                                 "DPBUS_STREAM_INTERVAL": "4"}
     for role in ("worker", "node"):  # the worker's weights and KV pages
         assert st.build(st.WorkerSettings, parser().parse_args([role]), env={}).dtype == "float32"
         bf16 = parser().parse_args([role, "--dtype", "bfloat16"])
@@ -243,11 +244,20 @@ def test_ready_again_needs_a_not_ready_report_or_a_new_publisher():
 def test_bench_runs_twice_against_the_same_deployment(tmp_path):
     """`dpbus bench` as a user runs it against `dpbus up`, twice in a row with the same seed:
     the second run's requests are new requests, not duplicates of the first's (a duplicate
-    is never answered twice, so its client used to wait out the time-out)."""
+    is never answered twice, so its client used to wait out the time-out). The deployment
+    streams 3 tokens per chunk (`--stream-interval 3`), as `dpbus generate` shows."""
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     with up_process(["--max-running-requests", "4", "--max-prefill-tokens", "32", "--max-seq-len", "128",
-                     "--log-dir", str(tmp_path / "logs")], env) as proc:
+                     "--stream-interval", "3", "--log-dir", str(tmp_path / "logs")], env) as proc:
         lines_until_ready(proc)
+        gen = subprocess.run([*DPBUS, "generate", "--raw", "--max-new-tokens", "4", "--temperature", "0", "hi"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert gen.returncode == 0, gen.stderr
+        answers = [json.loads(line) for line in gen.stdout.splitlines() if line.startswith("{")]
+        *chunks, done = answers
+        n = done["completion_tokens"]
+        assert done["type"] == "done" and n > 3, answers  # greedy: no end of sequence in the first 4 here
+        assert [(c["index"], len(c["token_ids"])) for c in chunks] == [(i, min(3, n - 3 * i)) for i in range(-(-n // 3))]
         for run in (1, 2):
             out = tmp_path / f"bench{run}.json"
             bench = subprocess.run([*DPBUS, "bench", "--requests", "6", "--concurrency", "3", "--input-len", "8",

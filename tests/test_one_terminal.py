@@ -232,6 +232,58 @@ async def test_a_terminal_answer_reaches_the_server_ahead_of_its_settling_write(
     assert routed.count(("answer", "Chunk")) == 3, routed
 
 
+async def streamed_with_interval(server, rid: str, tokens: int, abort_at_step: int = 0) -> Answers:
+    """One request of ``tokens`` new tokens through a publisher streaming 4 tokens per
+    chunk, with a stand-in worker; aborted once step ``abort_at_step`` is asked for (0: not)."""
+    pub, stop = publisher(server, stream_interval=4), asyncio.Event()
+    task = asyncio.create_task(pub.run(stop))
+    nc = await server.connect("admin")
+
+    async def on_step(msg):
+        step = msgspec.msgpack.decode(msg.data, type=Step)
+        if step.seq == abort_at_step:
+            [seq] = pub.sched.running
+            await nc.request(SUBJ.group_abort(0), pack(GroupAbort(seq.rid, seq.reply)), timeout=5)
+        await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
+
+    await nc.subscribe(SUBJ.step(0), cb=on_step)
+    beating = asyncio.create_task(beat(nc, 0, stop))
+    try:
+        await wait_ready(pub)
+        inbox, answers = await answers_on(nc)
+        assert (await ack_of(nc, 0, submit(rid, inbox, tokens=tokens))).accepted
+        await answers.until_terminal(10)
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await task
+        beating.cancel()
+        await nc.close()
+    answers.check_one_terminal_last()
+    return answers
+
+
+async def test_a_stream_interval_sends_several_tokens_per_chunk(nats_server):
+    """``--stream-interval 4``: chunks of 4 tokens numbered 0, 1, 2, the last one shorter,
+    and the ``done`` counting every token the chunks carried."""
+    answers = await streamed_with_interval(nats_server, "interval", tokens=10)
+    *chunks, done = answers.got
+    assert [len(c.token_ids) for c in chunks] == [4, 4, 2], answers.got
+    assert [c.index for c in chunks] == [0, 1, 2]
+    assert done.completion_tokens == 10 and done.finish_reason == "length"
+
+
+async def test_tokens_held_for_the_next_chunk_go_out_before_an_abort_s_done(nats_server):
+    """Tokens sampled but not streamed yet (fewer than the interval) are streamed before
+    the terminal answer of a request that ends otherwise than by its last token."""
+    answers = await streamed_with_interval(nats_server, "interval-abort", tokens=40, abort_at_step=4)
+    *chunks, done = answers.got
+    assert done.finish_reason == "abort", answers.got
+    sizes = [len(c.token_ids) for c in chunks]
+    assert sum(sizes) == done.completion_tokens > 0, answers.got
+    assert all(n == 4 for n in sizes[:-1]) and 0 < sizes[-1] <= 4, sizes
+
+
 def queue_while_not_whole(pub: Publisher, sub: Submit) -> None:
     """A request queued in a group that then lost a node (accepted while it was whole)."""
     assert not pub.ready()

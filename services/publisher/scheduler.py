@@ -76,6 +76,9 @@ class Sequence:
     abandoned: bool = False  # its publisher lost the lease: someone else answers it
     settled: bool = False  # its publisher won its terminal answer in the ledger
     offered: bool = False  # offered to another group once: that group may have taken its entry over
+    unsent: list[int] = field(default_factory=list)  # sampled, not streamed yet (see stream_interval)
+    unsent_text: str = ""  # their text
+    chunks: int = 0  # chunks streamed so far: the next one's index
     ahead: int = 0  # positions after ``prefilled`` that steps in flight write
     pending: int = 0  # tokens that steps in flight sample for it (not known yet)
     finished: bool = False  # it left for good (finished, stopped, aborted): later tokens are dropped

@@ -267,6 +267,15 @@ class Publisher:
             return
         await self.outbox.send(seq.reply, encode_answer(chunk, seq.encoding), still=lambda: self.may_answer(seq))
 
+    async def stream_unsent(self, seq: Sequence) -> None:
+        """Stream the tokens ``seq`` sampled since its last chunk, as its next chunk."""
+        if not seq.unsent:
+            return
+        chunk = Chunk(seq.rid, seq.chunks, seq.unsent, seq.unsent_text)
+        seq.chunks += 1
+        seq.unsent, seq.unsent_text = [], ""
+        await self.send(seq, chunk)
+
     def may_answer(self, seq: Sequence) -> bool:
         """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is
         settled here (this instance won its terminal answer), or this instance still holds
@@ -291,6 +300,7 @@ class Publisher:
         if not self.may_answer(seq):
             self.give_up(seq, "the lease expired")
             return
+        await self.stream_unsent(seq)  # what was sampled goes out before the end (an abort, a failure)
         data = encode_answer(msg, seq.encoding)
         # a request offered to another group may be that group's now (its acknowledgement
         # lost): only the ledger can say, so its answer waits for the write
@@ -492,7 +502,10 @@ class Publisher:
             elif reason is not None and not hit:
                 text += seq.stop_strings.flush()  # held as a possible stop string: it was not one
             if seq.stream:
-                await self.send(seq, Chunk(seq.rid, len(seq.output) - 1, [token], text))
+                seq.unsent.append(token)
+                seq.unsent_text += text
+                if len(seq.unsent) >= self.s.stream_interval or reason is not None:
+                    await self.stream_unsent(seq)
             else:
                 seq.text_parts.append(text)
             if reason is not None:
