@@ -103,15 +103,16 @@ async def wait_ready(pub: Publisher) -> None:
 
 
 async def one_request(nc, pub: Publisher, task: asyncio.Task, stop: asyncio.Event, on_step, rid: str,
-                      epoch: int = 0) -> "Answers":
+                      epoch: int = 0, tokens: int = 3) -> "Answers":
     """Group 0's publisher ``pub`` (running as ``task``) with one stand-in worker answering
-    steps with ``on_step`` and beating at ``epoch``: one request through it, listened to
-    for 0.5 s past its terminal answer; then everything stops. Its answers (one terminal)."""
+    steps with ``on_step`` and beating at ``epoch``: one request of ``tokens`` new tokens
+    through it, listened to for 0.5 s past its terminal answer; then everything stops. Its
+    answers (one terminal)."""
     await nc.subscribe(SUBJ.step(0), cb=on_step)
     beating = asyncio.create_task(beat(nc, 0, stop, epoch=epoch))
     await wait_ready(pub)
     inbox, answers = await answers_on(nc)
-    assert (await ack_of(nc, 0, submit(rid, inbox))).accepted
+    assert (await ack_of(nc, 0, submit(rid, inbox, tokens=tokens))).accepted
     await answers.until_terminal(10)
     await asyncio.sleep(0.5)
     stop.set()
@@ -246,21 +247,7 @@ async def streamed_with_interval(server, rid: str, tokens: int, abort_at_step: i
             await nc.request(SUBJ.group_abort(0), pack(GroupAbort(seq.rid, seq.reply)), timeout=5)
         await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
 
-    await nc.subscribe(SUBJ.step(0), cb=on_step)
-    beating = asyncio.create_task(beat(nc, 0, stop))
-    try:
-        await wait_ready(pub)
-        inbox, answers = await answers_on(nc)
-        assert (await ack_of(nc, 0, submit(rid, inbox, tokens=tokens))).accepted
-        await answers.until_terminal(10)
-        await asyncio.sleep(0.3)
-    finally:
-        stop.set()
-        await task
-        beating.cancel()
-        await nc.close()
-    answers.check_one_terminal_last()
-    return answers
+    return await one_request(nc, pub, task, stop, on_step, rid, tokens=tokens)
 
 
 async def test_a_stream_interval_sends_several_tokens_per_chunk(nats_server):
