@@ -30,6 +30,7 @@ from typing import Callable
 from schemas import Subjects
 from schemas.internal import LoadReport, unpacker
 from services import bus
+from services.lifecycle import EXIT_BROKEN_JOB
 from services.natsconf import Credentials, Peer, Tls, user_for, write_config
 from services.topology import group_nodes, place_node
 
@@ -268,6 +269,17 @@ class Cluster:
                  f"logs in {self.log_dir}")
         return await self.wait_ready(timeout)
 
+    def leads_a_spanning_group(self, name: str) -> bool:
+        """Whether process ``name`` is the leader of a group spanning several processes: it
+        hosts the group's JAX job. ``stop`` ends its members first: a member whose leader
+        went first is ended by JAX's coordination client itself (SIGABRT), not by dpbus.
+        (A leader whose members left may leave by itself first: exit 70, a broken job.)"""
+        kind, _, rank = name.rpartition("-")
+        if kind not in ("worker", "node") or self.nnodes == self.dp_size:
+            return False
+        g = place_node(int(rank), self.nnodes, self.dp_size).dp_rank
+        return group_nodes(g, self.nnodes, self.dp_size)[0] == int(rank)
+
     def _peers(self, name: str) -> list[str]:
         """Processes that must restart with ``name``: a group spanning several processes is
         one JAX job, which cannot take a single process back."""
@@ -309,13 +321,14 @@ class Cluster:
         return said
 
     def stop(self, grace: float = 15.0) -> list[str]:
-        """SIGTERM every process started here (services first, NATS last), then SIGKILL
-        stragglers. Returns what went wrong: processes killed or failing; when nothing did,
+        """SIGTERM every process started here (services first, the leaders of groups that
+        span processes after their members, NATS last), then SIGKILL stragglers. Returns what went wrong: processes killed or failing; when nothing did,
         the log (and JetStream store) directory is removed if it was made here."""
         services = [p for p in self.procs if not is_server(p.name)]
+        leaders = [p for p in services if self.leads_a_spanning_group(p.name)]
         servers = self.servers()
         killed = []
-        for group in (services, servers):
+        for group in ([p for p in services if p not in leaders], leaders, servers):
             for p in group:
                 if p.popen.poll() is None:
                     p.popen.send_signal(signal.SIGTERM)
@@ -327,8 +340,11 @@ class Cluster:
                     p.popen.kill()
                     p.popen.wait()
                     killed.append(f"{p.name} did not stop on SIGTERM: killed")
+        def clean(p: Proc) -> bool:
+            return p.popen.returncode in (0, -signal.SIGTERM) or (p in leaders and p.popen.returncode == EXIT_BROKEN_JOB)
+
         failed = [f"{p.name} exited with code {p.popen.returncode}" for p in (*services, *servers)
-                  if p.popen.returncode not in (0, -signal.SIGTERM) and not any(k.startswith(p.name + " ") for k in killed)]
+                  if not clean(p) and not any(k.startswith(p.name + " ") for k in killed)]
         self.procs.clear()
         problems = killed + failed
         if problems:

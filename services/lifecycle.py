@@ -26,6 +26,7 @@ from typing import Any, Awaitable, TypeVar
 T = TypeVar("T")
 
 EXIT_SECOND_SIGNAL = 1
+EXIT_BROKEN_JOB = 70  # a member of a group spanning processes left a JAX job that broke (a peer is gone)
 
 
 class Stopped(Exception):

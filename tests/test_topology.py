@@ -302,3 +302,14 @@ def test_seed_and_ours_agree_when_groups_have_one_node_or_dp_is_one(nnodes: int,
     # The bug only shows when a group spans several nodes; elsewhere the fix changes nothing.
     seed = [r for r in range(nnodes) if _seed_should_run_publisher(_args(r, nnodes, dp_size))]
     assert seed == _publishers(nnodes, dp_size) == PUBLISHERS[(nnodes, dp_size)]
+
+
+def test_dpbus_up_stops_a_spanning_group_s_leader_after_its_members():
+    """The leader hosts the group's JAX job: ``Cluster.stop`` signals it last (a member
+    whose leader went first is ended by JAX itself, with SIGABRT)."""
+    from services.launcher import Cluster
+
+    spanning = Cluster(dp_size=2, nnodes=4)
+    assert [n for n in ("worker-0", "worker-1", "worker-2", "worker-3", "node-2", "publisher-0", "ingest-0")
+            if spanning.leads_a_spanning_group(n)] == ["worker-0", "worker-2", "node-2"]
+    assert not any(Cluster(dp_size=2, nnodes=2).leads_a_spanning_group(f"worker-{r}") for r in (0, 1))

@@ -24,7 +24,7 @@ from schemas.internal import (
 )
 from services import bus
 from services.errors import ReceiveDataError, SendDataError
-from services.lifecycle import unless_stopped
+from services.lifecycle import EXIT_BROKEN_JOB, unless_stopped
 from services.model_config import model_config_for
 from services.natsconf import user_for
 from services.settings import WorkerSettings, total_pages
@@ -274,7 +274,7 @@ class Worker:
                 self.log.error("step_stalled", seconds=round(time.monotonic() - oldest[1], 1),
                                epoch=oldest[0][0], seq=oldest[0][1],
                                reason="a collective never completed; a peer of the group is probably gone")
-                os._exit(70)
+                os._exit(EXIT_BROKEN_JOB)
 
     def begin_epoch(self, epoch: int) -> None:
         """Taking ``epoch`` from its first step: no rows yet (its steps build them)."""
@@ -423,7 +423,7 @@ class Worker:
             self.log.error("failure_not_reported", error=repr(e))
         finally:
             self.log.error("leaving_broken_group", reason=failure.message)
-            self.exit(70)
+            self.exit(EXIT_BROKEN_JOB)
 
     def launch_step(self, step: Step) -> Any:
         """Apply the step's changes to the row tables and launch its forward."""
