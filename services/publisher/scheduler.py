@@ -76,6 +76,7 @@ class Sequence:
     abandoned: bool = False  # its publisher lost the lease: someone else answers it
     settled: bool = False  # its publisher won its terminal answer in the ledger
     offered: bool = False  # offered to another group once: that group may have taken its entry over
+    withdrawn: bool = False  # its terminal answer, sent before it was settled, was lost with a connection and not sent again
     unsent: list[int] = field(default_factory=list)  # sampled, not streamed yet (see stream_interval)
     unsent_text: str = ""  # their text
     chunks: int = 0  # chunks streamed so far: the next one's index

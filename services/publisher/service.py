@@ -304,7 +304,7 @@ class Publisher:
         data = encode_answer(msg, seq.encoding)
         # a request offered to another group may be that group's now (its acknowledgement
         # lost): only the ledger can say, so its answer waits for the write
-        sent = not seq.offered and await self.outbox.publish_now(seq.reply, data, still=lambda: self.may_answer(seq))
+        sent = not seq.offered and await self.outbox.publish_now(seq.reply, data, still=lambda: self.resend(seq))
         key = request_key(seq.client, seq.rid)
         await self.settle_answer(seq, key, ownership.answered_by(self.instance, self.g, seq.rid, seq.client), data,
                                  sent, count)
@@ -328,7 +328,7 @@ class Publisher:
         if how == ownership.WON:
             seq.settled = True
             self.counts[count] += 1
-            if not sent:
+            if not sent or seq.withdrawn:
                 await self.outbox.send(seq.reply, data, still=lambda: self.may_answer(seq), terminal=True)
         elif how == ownership.TAKEN:
             self.counts["taken"] += 1
@@ -337,6 +337,15 @@ class Publisher:
             self.log.error("answer_taken", rid=seq.rid, ours_sent=sent)
         else:
             self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
+
+    def resend(self, seq: Sequence) -> bool:
+        """May the outbox send ``seq``'s terminal answer again (its copy was lost with a
+        connection)? Not when this instance may no longer answer: then, if the settling
+        write proves ours after all, ``settled`` sends it once more."""
+        if self.may_answer(seq):
+            return True
+        seq.withdrawn = True
+        return False
 
     async def answer_if_ours(self, seq: Sequence, key: str, done: Any, data: bytes, sent: bool, count: str) -> None:
         if await ownership.resolve(self.ledger, key, done, asyncio.sleep):
