@@ -20,6 +20,23 @@ class Subjects:
     def abort(self) -> str:
         return f"{self.prefix}.abort"
 
+    # a client's own request subjects: the server lets only ``user`` publish on them, so a
+    # request that arrives on one was sent by ``user`` (see services/identity.py)
+    def generate_for(self, user: str) -> str:
+        return f"{self.prefix}.generate.{user}"
+
+    def abort_for(self, user: str) -> str:
+        return f"{self.prefix}.abort.{user}"
+
+    @property
+    def all_generate(self) -> str:
+        """Every client's own generate subject (ingest serves these and the plain one)."""
+        return f"{self.prefix}.generate.*"
+
+    @property
+    def all_abort(self) -> str:
+        return f"{self.prefix}.abort.*"
+
     # per DP group, all under {prefix}.dp.{g}.
     def group(self, g: int) -> str:
         return f"{self.prefix}.dp.{g}"
