@@ -116,9 +116,10 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
                        timeout: float = 600.0) -> dict[str, Any]:
     """The workload through a running dpbus (``nc``: a connected client)."""
     from schemas import Chunk, Done, Subjects
+    from services.bus import request_subjects
     from services.client import decode_answer
 
-    subject = Subjects(prefix).generate
+    subject, _ = request_subjects(nc, Subjects(prefix))
     run = uuid.uuid4().hex[:8]  # rids unique to this run: a repeated rid is a duplicate, never answered twice
 
     async def run_one(i: int, ids: list[int], n: int, rec: Record) -> None:

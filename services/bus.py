@@ -17,7 +17,8 @@ import nats.errors
 from nats.aio.client import Client
 
 from services.errors import ReceiveDataError, SendDataError
-from services.natsconf import inbox_prefix
+from services.identity import REPLY as CLIENT_INBOX
+from services.natsconf import INBOX_ROOT, NAME, inbox_prefix
 
 # nats-py drops messages silently past these; a step or a result must never be dropped
 PENDING_MSGS_LIMIT = 1_000_000
@@ -194,6 +195,21 @@ async def subscribe(nc: Client, subject: str, cb: Any, queue: str = "") -> Any:
                               pending_msgs_limit=PENDING_MSGS_LIMIT, pending_bytes_limit=PENDING_BYTES_LIMIT)
 
 
+def own_user(nc: Client) -> str:
+    """The user whose private inbox ``nc`` replies to (``_INBOX.<user>``; set by
+    ``NatsAuth.kwargs``), or "" for a connection with nats-py's shared default inbox."""
+    root, _, user = bytes(nc._inbox_prefix).decode().partition(".")  # noqa: SLF001 - set at connect
+    return user if root == INBOX_ROOT and NAME.match(user) else ""
+
+
+def request_subjects(nc: Client, subjects: Any) -> tuple[str, str]:
+    """Where ``nc`` publishes its requests and aborts: its user's own subjects (the only
+    ones a secured server lets it publish on, besides the default client's plain ones),
+    or the plain ones for a connection without a user (an open server)."""
+    user = own_user(nc)
+    return (subjects.generate_for(user), subjects.abort_for(user)) if user else (subjects.generate, subjects.abort)
+
+
 def reply_subject(request: Any) -> str:
     """The reply subject of a ``nats.micro`` request (its Request has no public accessor)."""
     return request._msg.reply or ""  # noqa: SLF001
@@ -237,7 +253,11 @@ class ClientOutbox:
     (it comes back after everything nats-py re-sent from its buffer) settles the rest: a
     terminal answer whose echo never came back was lost, and goes out again. It can arrive
     twice only if the server took it and died before its echo left (a window of one
-    server-side write), where without this it would have been lost far more often."""
+    server-side write), where without this it would have been lost far more often.
+
+    **Only client inboxes.** An answer to a subject outside ``_INBOX.`` is never sent
+    (counted in ``refused``): whatever a message names, this outbox writes nothing but
+    client inboxes (ingest and publishers check more closely before: ``services/identity.py``)."""
 
     def __init__(self, nc: Client, log: Any, hold: float = 2.5, limit: int = 200_000,
                  confirm_timeout: float = 5.0) -> None:
@@ -254,6 +274,15 @@ class ClientOutbox:
         self._echoes = 0
         self._probes: dict[int, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.refused = 0  # answers to a subject that is not a client inbox: never sent
+
+    def _foreign(self, subject: str) -> bool:
+        if CLIENT_INBOX.match(subject):
+            return False
+        self.refused += 1
+        if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood stays quiet
+            self.log.warning("answer_to_foreign_subject_refused", subject=subject[:80], refused=self.refused)
+        return True
 
     def on_reconnect(self) -> None:
         self.hold_until = asyncio.get_running_loop().time() + self.hold
@@ -267,6 +296,8 @@ class ClientOutbox:
 
     async def send(self, subject: str, data: bytes, still: Any = None, terminal: bool = False) -> None:
         """Send (or hold) one answer; ``terminal`` answers are confirmed (see the class)."""
+        if self._foreign(subject):
+            return
         if not self.held and self._open():
             try:
                 await self._publish(subject, data, still, terminal)
@@ -287,6 +318,8 @@ class ClientOutbox:
         connection's buffer, False when it cannot go now (disconnected, or answers held
         after a reconnection). Whatever the caller publishes next without suspending
         reaches the server behind it, in the same write (see ``Publisher.answer``)."""
+        if self._foreign(subject):
+            return True  # never sent, never to be: as good as out
         if self.held or not self._open():
             return False
         try:

@@ -11,6 +11,7 @@ import msgspec
 from nats.aio.client import Client
 
 from schemas import Answer, Chunk, Done, Error, Subjects
+from services.bus import request_subjects
 
 _json_answer = msgspec.json.Decoder(Answer)
 _mp_answer = msgspec.msgpack.Decoder(Answer)
@@ -22,19 +23,21 @@ def decode_answer(data: bytes) -> Any:
 
 async def stream(nc: Client, request: dict, *, msgpack: bool = False, timeout: float = 120.0,
                  subjects: Subjects = Subjects()) -> AsyncIterator[Any]:
-    """Publish ``request`` on ``dpbus.generate`` and yield its answers up to the terminal one.
+    """Publish ``request`` on the connection's user's own ``dpbus.generate.<user>`` (plain
+    ``dpbus.generate`` without a user) and yield its answers up to the terminal one.
 
     Raises ``TimeoutError`` when no answer comes within ``timeout`` seconds of the last.
     """
     body = msgspec.msgpack.encode(request) if msgpack else msgspec.json.encode(request)
+    subject, _ = request_subjects(nc, subjects)
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     try:
-        await nc.publish(subjects.generate, body, reply=inbox)
+        await nc.publish(subject, body, reply=inbox)
         while True:
             msg = await sub.next_msg(timeout=timeout)
             if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-                raise ConnectionError(f"nothing serves {subjects.generate} (is `dpbus up` running?)")
+                raise ConnectionError(f"nothing serves {subject} (is `dpbus up` running?)")
             answer = decode_answer(msg.data)
             yield answer
             if isinstance(answer, (Done, Error)):

@@ -127,6 +127,7 @@ class SweepView:
     holding: dict[int, set[str]] = field(default_factory=dict)  # holder -> the keys of held it holds
     owner_seen: dict[int, float] = field(default_factory=dict)  # holder -> first seen holding
     settled: dict[str, Seen] = field(default_factory=dict)  # in the order seen (oldest first)
+    per_client: dict[str, int] = field(default_factory=dict)  # client -> held requests (fair share)
 
     def update(self, key: str, revision: int, value: bytes | None, now: float) -> None:
         """Record a change of ``key`` (``value`` None: deleted)."""
@@ -145,6 +146,7 @@ class SweepView:
             keys.discard(key)
             if not keys:
                 del self.holding[was[1].owner]
+            self._count(was[1].client, -1)
         self.settled.pop(key, None)
         if value is None:
             return
@@ -152,9 +154,17 @@ class SweepView:
         if entry.state == HELD:
             self.held[key] = (revision, entry)
             self.holding.setdefault(entry.owner, set()).add(key)
+            self._count(entry.client, 1)
             self.owner_seen.setdefault(entry.owner, now)
         else:
             self.settled[key] = Seen(revision, now)
+
+    def _count(self, client: str, n: int) -> None:
+        left = self.per_client.get(client, 0) + n
+        if left > 0:
+            self.per_client[client] = left
+        else:
+            self.per_client.pop(client, None)
 
     def expired(self, owner: int, now: float) -> bool:
         if owner in self.leases:

@@ -8,8 +8,10 @@ writes the files, ``dpbus up`` writes a fresh set for each run, and the files sh
 Users, one per role (``g`` = a DP group):
 
 =================  ==========================================================================
-``client``, ...    client applications; each may publish requests and aborts and read only
-                   its own inbox ``_INBOX.<name>.>`` (so nobody reads another's answers)
+``client``, ...    client applications; each may publish requests and aborts only on its own
+                   subjects (``dpbus.generate.<name>``, ``dpbus.abort.<name>``; ``client``
+                   also on the plain ones) and read only its own inbox ``_INBOX.<name>.>``:
+                   the server vouches who sent a request and nobody reads another's answers
 ``gateway``        the HTTP front: a client of the bus like any other
 ``ingest``         routes requests to groups; answers clients; asks publishers what they hold
 ``publisher-g``    schedules group g, sends its steps, answers clients, moves requests
@@ -42,6 +44,7 @@ SERVICE_ROLES = ("ingest", "publisher", "worker", "node")
 RESERVED = re.compile(r"^(ingest|gateway|operator|admin|sys|publisher|worker|node)(-.*)?$")
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DISCOVERY = ["$SRV.PING", "$SRV.PING.>", "$SRV.INFO", "$SRV.INFO.>"]
+DEFAULT_CLIENT = "client"  # the client whose requests may come on the plain subjects
 
 
 def inbox_prefix(user: str) -> str:
@@ -109,12 +112,15 @@ def _ingest(s: Subjects, dp_size: int) -> Permissions:
     return Permissions(
         publish=[*(s.submit(g) for g in groups), *(s.group_abort(g) for g in groups),
                  *(s.inflight(g) for g in groups), f"{INBOX_ROOT}.>"],
-        subscribe=[s.generate, s.abort, s.all_loads],
+        subscribe=[s.generate, s.all_generate, s.abort, s.all_abort, s.all_loads],
     )
 
 
-def _client(s: Subjects) -> Permissions:
-    return Permissions(publish=[s.generate, s.abort])
+def _client(s: Subjects, user: str) -> Permissions:
+    """A client publishes requests only on its own subjects (so the subject a request comes
+    on says who sent it: ``services/identity.py``); the default client also on the plain ones."""
+    own = [s.generate_for(user), s.abort_for(user)]
+    return Permissions(publish=[s.generate, s.abort, *own] if user == DEFAULT_CLIENT else own)
 
 
 def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
@@ -137,7 +143,7 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
         elif user == "operator":
             out = out | Permissions(publish=["$SRV.>"], subscribe=[s.all_loads])
         else:  # a client application (the gateway is one)
-            out = out | _client(s)
+            out = out | _client(s, user)
     service = kind in SERVICE_ROLES and (g is not None or kind == "ingest")
     if service:
         out = out | Permissions(subscribe=["$SRV.>"], allow_responses=True)  # nats.micro discovery

@@ -59,6 +59,8 @@ class IngestSettings(Common):
     affinity_skew: Annotated[float, Meta(ge=1.0)] = 2.0  # prefix_affinity gives up past this load ratio
     affinity_prefix_tokens: Positive = 32  # prefix_affinity hashes this many leading prompt tokens
     load_stale_after: Seconds = 3.0  # a group without a load report for this long is unavailable
+    default_client: str = "client"  # the user whose requests come on the plain generate/abort subjects
+    max_inflight_per_client: NonNegative = 1024  # one client's requests held at once (0: no limit)
 
 
 class GatewaySettings(Common):

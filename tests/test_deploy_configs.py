@@ -191,7 +191,7 @@ MATRIX = {
         ["dpbus.dp.0.submit", "dpbus.dp.1.abort", "dpbus.dp.1.inflight", "_INBOX.alice.answer",
          "$KV.dpbus_requests.r.x", "$JS.API.STREAM.INFO.KV_dpbus_requests",  # the request ledger
          "$JS.API.CONSUMER.CREATE.KV_dpbus_requests.w.>"],
-        ["dpbus.generate", "dpbus.abort", "dpbus.dp.*.load", "$SRV.PING",
+        ["dpbus.generate", "dpbus.generate.*", "dpbus.abort", "dpbus.abort.*", "dpbus.dp.*.load", "$SRV.PING",
          "_INBOX.ingest.r"],
         ["dpbus.dp.0.step", "dpbus.generate", "$JS.API.STREAM.DELETE.KV_dpbus_requests", "$KV.other.x",
          "$JS.API.STREAM.PURGE.KV_dpbus_requests"],
@@ -213,16 +213,22 @@ MATRIX = {
         ["dpbus.dp.1.submit", "dpbus.dp.1.step", "dpbus.dp.1.result", "dpbus.dp.1.replay", "_INBOX.node-1.r"],
         ["dpbus.dp.0.step", "dpbus.generate"],
         ["dpbus.dp.0.step", "dpbus.dp.0.submit"]),
-    "alice": (  # a client application
-        ["dpbus.generate", "dpbus.abort", "$SRV.PING", "$SRV.PING.dpbus-ingest"],
+    "alice": (  # a client application: requests only on its own subjects (services/identity.py)
+        ["dpbus.generate.alice", "dpbus.abort.alice", "$SRV.PING", "$SRV.PING.dpbus-ingest"],
         ["_INBOX.alice.r"],
-        ["dpbus.dp.0.step", "dpbus.dp.0.submit", "_INBOX.bob.answer", "$SRV.STATS.dpbus-ingest",
+        ["dpbus.generate", "dpbus.abort", "dpbus.generate.bob", "dpbus.abort.client", "dpbus.generate.*",
+         "dpbus.dp.0.step", "dpbus.dp.0.submit", "_INBOX.bob.answer", "$SRV.STATS.dpbus-ingest",
          "$KV.dpbus_requests.r.x", "$JS.API.STREAM.INFO.KV_dpbus_requests"],
         ["_INBOX.bob.>", "_INBOX.>", "dpbus.generate", "dpbus.dp.0.step"]),
+    "client": (  # the default client: its own subjects and the plain ones
+        ["dpbus.generate", "dpbus.abort", "dpbus.generate.client", "dpbus.abort.client"],
+        ["_INBOX.client.r"],
+        ["dpbus.generate.alice", "dpbus.abort.gateway", "dpbus.dp.0.submit"],
+        ["_INBOX.alice.>"]),
     "gateway": (
-        ["dpbus.generate", "dpbus.abort"],
+        ["dpbus.generate.gateway", "dpbus.abort.gateway"],
         ["_INBOX.gateway.r"],
-        ["dpbus.dp.1.submit"],
+        ["dpbus.dp.1.submit", "dpbus.generate", "dpbus.generate.client"],
         ["_INBOX.alice.>"]),
     "operator": (
         ["$SRV.STATS.dpbus-ingest", "$SRV.PING"],

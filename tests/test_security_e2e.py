@@ -1,6 +1,8 @@
-"""Two client applications side by side on the secured server, through the real services:
+"""Client applications side by side on the secured server, through the real services:
 neither receives a single message of the other's (private inboxes), both may use the same
-``rid``, and neither can abort the other's request."""
+``rid``, and neither can abort the other's request. And the attacks of a hostile client:
+reply subjects that point into the request ledger or another client's inbox, requests
+published under another client's name (see services/identity.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import asyncio
 import json
 
 import msgspec
+import nats.js.errors
 import pytest
 
 from schemas import AbortAck, Chunk, Done, Error
 from services.client import decode_answer
+from services.ledger import decode_entry, request_key
 from tests.conftest import client_of
 
 pytestmark = pytest.mark.e2e
@@ -68,8 +72,8 @@ async def test_two_clients_side_by_side_see_only_their_own_answers_and_cannot_ab
         a_inbox, b_inbox = alice.new_inbox(), bob.new_inbox()
         long_req = {"rid": "1", "text": "alice asks", "sampling": {"max_new_tokens": 300, "ignore_eos": True}}
         short_req = {"rid": "1", "text": "bob asks", "sampling": {"max_new_tokens": 5, "ignore_eos": True}}
-        await alice.publish("dpbus.generate", json.dumps(long_req).encode(), reply=a_inbox)
-        await bob.publish("dpbus.generate", json.dumps(short_req).encode(), reply=b_inbox)
+        await alice.publish("dpbus.generate.alice", json.dumps(long_req).encode(), reply=a_inbox)
+        await bob.publish("dpbus.generate.bob", json.dumps(short_req).encode(), reply=b_inbox)
 
         def answers(listener: Listener, inbox: str) -> list:
             return [decode_answer(d) for s, d in listener.got if s == inbox]
@@ -78,17 +82,17 @@ async def test_two_clients_side_by_side_see_only_their_own_answers_and_cannot_ab
         assert await until(lambda: any(isinstance(a, Chunk) for a in answers(a_all, a_inbox)), 60)
 
         # bob aborts "1" naming his own reply subject: that is his own request, already done
-        ack = msgspec.json.decode((await bob.request("dpbus.abort", json.dumps(
+        ack = msgspec.json.decode((await bob.request("dpbus.abort.bob", json.dumps(
             {"rid": "1", "reply": b_inbox}).encode(), timeout=10)).data, type=AbortAck)
         assert ack.found is False
         # bob guesses at alice's reply subject: no proof, no abort
         for guess in ("_INBOX.alice", "_INBOX.alice.x", a_inbox[:-1] + "Z"):
-            ack = msgspec.json.decode((await bob.request("dpbus.abort", json.dumps(
+            ack = msgspec.json.decode((await bob.request("dpbus.abort.bob", json.dumps(
                 {"rid": "1", "reply": guess}).encode(), timeout=10)).data, type=AbortAck)
             assert ack.found is False, guess
         assert not any(isinstance(a, (Done, Error)) for a in answers(a_all, a_inbox)), "alice's request was cut"
         # alice, who knows her reply subject, may abort it
-        ack = msgspec.json.decode((await alice.request("dpbus.abort", json.dumps(
+        ack = msgspec.json.decode((await alice.request("dpbus.abort.alice", json.dumps(
             {"rid": "1", "reply": a_inbox}).encode(), timeout=10)).data, type=AbortAck)
         assert ack.found is True
         assert await until(lambda: any(isinstance(a, Done) for a in answers(a_all, a_inbox)), 30)
@@ -107,4 +111,105 @@ async def test_two_clients_side_by_side_see_only_their_own_answers_and_cannot_ab
         assert [c.index for c in a_chunks] == list(range(len(a_chunks)))
     finally:
         await alice.close()
+        await bob.close()
+
+
+# ---- a hostile client ------------------------------------------------------------------------
+
+async def ingest_errors(cluster) -> dict:
+    operator = await client_of(cluster, "operator")
+    try:
+        msg = await operator.request("$SRV.STATS.dpbus-ingest", b"", timeout=5)
+    finally:
+        await operator.close()
+    return next(e for e in json.loads(msg.data)["endpoints"] if e["name"] == "generate")["data"]["errors"]
+
+
+async def ledger_value(cluster, key: str) -> bytes | None:
+    admin = await client_of(cluster, "admin")
+    try:
+        kv = await admin.jetstream().key_value("dpbus_requests")
+        try:
+            return (await kv.get(key)).value
+        except nats.js.errors.KeyNotFoundError:
+            return None
+    finally:
+        await admin.close()
+
+
+async def test_a_reply_subject_outside_the_sender_s_inbox_gets_no_answer_anywhere(cluster):
+    """The reply subject a client names is never trusted: not the request ledger, not
+    another client's inbox, not a group's step subject. Nothing is written there; the
+    request is counted; the sender may still use its own inbox at once."""
+    alice = await client_of(cluster, "alice")
+    bob = await client_of(cluster, "bob")
+    admin = await client_of(cluster, "admin")
+    try:
+        b_all = Listener(bob)
+        await b_all.start()
+        seen: list[tuple[str, bytes]] = []
+
+        async def watch(msg) -> None:
+            seen.append((msg.subject, msg.data))
+
+        for root in ("$KV.>", "dpbus.dp.>", "_INBOX.bob.>"):
+            await admin.subscribe(root, cb=watch)
+        await admin.flush()
+        before = (await ingest_errors(cluster)).get("foreign_reply", 0)
+        # the poisoned key of alice's own next rid (request_key is public code)
+        poisoned = request_key("_INBOX.alice", "mine-1")
+        foreign = [f"$KV.dpbus_requests.{poisoned}", "$KV.dpbus_requests.r.x",
+                   "_INBOX.bob.stolen", "dpbus.dp.0.step", "_INBOX.alice", "_INBOX.alice.*", "_INBOX.alice.>"]
+        for reply in foreign:
+            for body in (b"{}", b"not json", json.dumps({"rid": "mine-1", "text": "hi"}).encode()):
+                await alice.publish("dpbus.generate.alice", body, reply=reply)
+            await alice.publish("dpbus.abort.alice", json.dumps({"rid": "mine-1", "reply": reply}).encode(),
+                                reply=reply)
+        await alice.flush()
+        want = before + 4 * len(foreign)
+        deadline = asyncio.get_running_loop().time() + 20
+        while (await ingest_errors(cluster)).get("foreign_reply", 0) < want:
+            assert asyncio.get_running_loop().time() < deadline, await ingest_errors(cluster)
+            await asyncio.sleep(0.1)
+        # the same rid, sent for real: answered once, as if nothing had happened
+        inbox = alice.new_inbox()
+        sub = await alice.subscribe(inbox)
+        await alice.publish("dpbus.generate.alice", json.dumps(
+            {"rid": "mine-1", "text": "for real", "sampling": {"max_new_tokens": 3, "ignore_eos": True}}).encode(),
+            reply=inbox)
+        answers = []
+        while not answers or not isinstance(answers[-1], (Done, Error)):
+            answers.append(decode_answer((await sub.next_msg(timeout=60)).data))
+        assert isinstance(answers[-1], Done) and answers[-1].completion_tokens == 3, answers
+        await asyncio.sleep(0.5)  # a second terminal would have come by now
+        assert sub.pending_msgs == 0
+        # nothing but the services' own ledger entries went to the ledger, nothing to bob
+        assert not [s for s, _ in seen if s == "$KV.dpbus_requests.r.x"]
+        for subject, data in seen:
+            if subject.startswith("$KV.dpbus_requests.r.") and data:
+                decode_entry(data)  # a ledger entry the services wrote, never an answer
+        assert decode_entry(await ledger_value(cluster, poisoned)).rid == "mine-1"
+        assert not [s for s, _ in seen if s.startswith("_INBOX.bob.")]
+        assert not b_all.got, b_all.got
+    finally:
+        for nc in (alice, bob, admin):
+            await nc.close()
+
+
+async def test_a_client_cannot_publish_under_another_client_s_name(cluster):
+    """Only alice may publish on dpbus.generate.alice, only the default client on the
+    plain subject: the server refuses the rest, so the subject vouches for the sender."""
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e).lower())
+
+    bob = await client_of(cluster, "bob", error_cb=on_error)
+    try:
+        for subject in ("dpbus.generate.alice", "dpbus.abort.alice", "dpbus.generate", "dpbus.abort",
+                        "dpbus.generate.client"):
+            await bob.publish(subject, b"{}", reply=bob.new_inbox())
+            assert await until(lambda: any("permissions violation" in e and subject in e for e in errors), 5), \
+                (subject, errors)
+    finally:
         await bob.close()

@@ -79,6 +79,7 @@ class BusClient:
     async def start(self) -> None:
         self.nc = await bus.connect(self.s.nats_url, "dpbus-gateway", self.log, auth=bus.auth_from(self.s, "gateway"))
         self.prefix = self.nc.new_inbox()  # _INBOX.gateway.<unique>: private to this gateway
+        self.generate_subject, self.abort_subject = bus.request_subjects(self.nc, self.subjects)
         await bus.subscribe(self.nc, self.prefix + ".*", self.on_answer)
 
     async def on_answer(self, msg: Any) -> None:
@@ -90,7 +91,7 @@ class BusClient:
         reply = f"{self.prefix}.{next(self.counter)}"
         call = self.calls[reply] = Call(self, request["rid"], reply)
         try:
-            await self.nc.publish(self.subjects.generate, msgspec.msgpack.encode(request), reply=reply)
+            await self.nc.publish(self.generate_subject, msgspec.msgpack.encode(request), reply=reply)
         except Exception as e:  # noqa: BLE001 - NATS is down or closing
             call.close()
             raise oa.ApiError(503, f"cannot reach NATS: {e!r}", "service_unavailable") from None
@@ -105,7 +106,7 @@ class BusClient:
 
         async def send() -> None:
             try:
-                ack = json.loads((await self.nc.request(self.subjects.abort, body, timeout=5)).data)
+                ack = json.loads((await self.nc.request(self.abort_subject, body, timeout=5)).data)
                 self.log.info("client_gone_aborted", rid=call.rid, found=ack.get("found"))
             except Exception as e:  # noqa: BLE001
                 self.log.warning("abort_failed", rid=call.rid, error=repr(e))

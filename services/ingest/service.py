@@ -26,7 +26,7 @@ from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects,
 from schemas.codec import encode_answer, sniff_encoding
 from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, client_of, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
-from services import bus, ownership
+from services import bus, identity, ownership
 from services.lifecycle import unless_stopped
 from services.errors import Rejected
 from services.ledger import Entry, Ledger, SweepView, request_key
@@ -38,6 +38,8 @@ from services.topology import dp_groups
 
 VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
+INLINE_TOKENIZE = 16_384  # characters: a longer text is tokenized in a thread
+TEXT_BYTES_PER_TOKEN = 8  # no tokenizer needs more characters per token than this
 
 
 class Handover:
@@ -74,6 +76,7 @@ class Ingest:
         self._unsaid: Counter[str] = Counter()  # refusals not logged since
         self.forwarded = 0
         self.handing: dict[tuple[str, str], Handover] = {}  # (client, rid) being handed to a group now
+        self.client_handing: dict[str, int] = {}  # client -> how many of handing are its
         self.orphaned = 0
         self.view = SweepView(fallback_ttl=settings.publisher_timeout)
         self.instance = secrets.randbits(62) | 1  # names this ingest in the entries it settles
@@ -88,16 +91,37 @@ class Ingest:
         # a random prefix per process and a counter, unique without the random source per request
         self._origin = secrets.token_hex(8)
         self._names = itertools.count()
+        self.max_text = self.model.max_seq_len * TEXT_BYTES_PER_TOKEN
 
     # ---- checks ------------------------------------------------------------------------
-    def admit(self, body: bytes, reply: str) -> tuple[Submit, list[int] | None]:
+    def sender(self, subject: str, base: str, reply: str) -> str | None:
+        """The client a message on ``subject`` comes from (``services/identity.py``), or None
+        when its reply subject is not that client's to read: then nothing is answered
+        anywhere (counted, and logged at most once a second)."""
+        try:
+            return identity.client_key(subject, base, reply, secured=bool(self.auth.user),
+                                       default_client=self.s.default_client)
+        except identity.ForeignReply as e:
+            self.errors["foreign_reply"] += 1
+            self.log_refusal("foreign_reply", f"{e} (on {subject[:80]})", None)
+            return None
+
+    async def admit(self, body: bytes, reply: str, client: str) -> tuple[Submit, list[int] | None]:
         """Turn a body into a Submit; raises DecodeError/Rejected. Also returns the groups to try."""
         req, enc = decode_request(body)
         if req.dp_rank is not None and req.dp_rank >= self.groups:
             raise Rejected(ErrorCode.UNKNOWN_DP_RANK, f"dp_rank {req.dp_rank} does not exist: this deployment has "
                            f"{self.groups} DP group(s) (0..{self.groups - 1})")
+        if req.text is not None and len(req.text) > self.max_text:  # before any tokenizing
+            raise Rejected(ErrorCode.PROMPT_TOO_LONG, f"the text has {len(req.text)} characters; the context holds "
+                           f"{self.model.max_seq_len} tokens, so no text above {self.max_text} characters can fit")
         try:
-            ids = self.tokenizer.encode(req.text) if req.text is not None else req.input_ids
+            if req.text is None:
+                ids = req.input_ids
+            elif len(req.text) > INLINE_TOKENIZE:  # a long text is tokenized off the event loop
+                ids = await asyncio.to_thread(self.tokenizer.encode, req.text)
+            else:
+                ids = self.tokenizer.encode(req.text)
         except ValueError as e:
             raise Rejected(ErrorCode.BAD_REQUEST, str(e)) from None
         if ids and max(ids) >= self.model.vocab_size:
@@ -110,7 +134,7 @@ class Ingest:
         name = f"{self._origin}{next(self._names):x}"
         rid = req.rid or name  # without a rid, every copy is a new request
         sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None,
-                     client=client_of(reply), attempt=name)
+                     client=client, attempt=name)
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------
@@ -135,11 +159,14 @@ class Ingest:
         reply = bus.reply_subject(req)
         if not reply:
             self.errors["no_reply_subject"] += 1
-            self.log.warning("request_without_reply_subject")
+            self.log_refusal("no_reply_subject", "a request without a reply subject", None)
+            return
+        client = self.sender(req.subject, self.subjects.generate, reply)
+        if client is None:
             return
         body = req.data
         try:
-            sub, pinned = self.admit(body, reply)
+            sub, pinned = await self.admit(body, reply, client)
         except DecodeError as e:
             await self.answer_error(reply, sniff_encoding(body), e.code, e.message)
             return
@@ -153,6 +180,10 @@ class Ingest:
             await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
                                     f"ingest has {len(self.handing)} requests being forwarded", sub.rid)
             return
+        why = self.over_share(sub)
+        if why:
+            await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED, why, sub.rid)
+            return
         groups, why = self.route(sub, pinned)
         if why:
             await self.answer_error(reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
@@ -161,6 +192,7 @@ class Ingest:
         # settles it in the reply's callback, anything else goes on in ``offer``
         h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None)
         self.handing[sub.key] = h
+        self.client_handing[sub.client] = self.client_handing.get(sub.client, 0) + 1
         g = sub.dp_rank = groups[0]
         self.router.sent(g, h.cost, sub.input_ids)  # counted before any await, so a concurrent burst sees it
         try:
@@ -189,6 +221,11 @@ class Ingest:
     def handed(self, h: "Handover") -> None:
         if self.handing.get(h.sub.key) is h:
             del self.handing[h.sub.key]
+            left = self.client_handing.get(h.sub.client, 0) - 1
+            if left > 0:
+                self.client_handing[h.sub.client] = left
+            else:
+                self.client_handing.pop(h.sub.client, None)
         if h.waiter is not None and not h.waiter.done():
             h.waiter.set_result(None)
 
@@ -198,6 +235,21 @@ class Ingest:
         self.forwarded += 1
         self.dispatched[g] += 1
         self.errors["duplicate_request"] += ack.duplicate
+
+    def over_share(self, sub: Submit) -> str:
+        """Why ``sub``'s client may not have one more request held now ("" when it may):
+        at most ``max_inflight_per_client`` requests of one client are held or being handed
+        over, so no client alone fills every group's queue."""
+        cap = self.s.max_inflight_per_client
+        if not cap:
+            return ""
+        handing = self.client_handing.get(sub.client, 0)
+        held = self.view.per_client.get(sub.client, 0)
+        if handing + held < cap:
+            return ""
+        self.errors["client_over_share"] += 1
+        return (f"this client has {handing + held} requests in flight, its share is {cap}: "
+                "retry when some have finished")
 
     def route(self, sub: Submit, pinned: list[int] | None) -> tuple[list[int], str]:
         """The groups to offer ``sub`` to, in turn, or why there are none.
@@ -338,14 +390,29 @@ class Ingest:
                                 f"{self.s.publisher_timeout}s", entry.rid)
 
     async def on_abort(self, req: Any) -> None:
+        """Each abort is handled in a task of its own: one waiting for its request's
+        hand-over never holds up the others."""
         reply = bus.reply_subject(req)
+        client = self.sender(req.subject, self.subjects.abort, reply) if reply else ""
+        if client is None:
+            return
+        task = asyncio.create_task(self.abort(req.data, reply, client))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def abort(self, body: bytes, reply: str, client: str) -> None:
         try:
-            abort, enc = decode_abort(req.data)
+            abort, enc = decode_abort(body)
         except DecodeError as e:
-            await self.answer_error(reply, sniff_encoding(req.data), e.code, e.message)
+            await self.answer_error(reply, sniff_encoding(body), e.code, e.message)
+            return
+        if not identity.answerable(abort.reply, client):  # not the sender's own request: not found
+            self.errors["abort_of_another"] += 1
+            if reply:
+                await self.outbox.send(reply, encode_answer(AbortAck(rid=abort.rid, found=False), enc))
             return
 
-        handing = self.handing.get((client_of(abort.reply), abort.rid))
+        handing = self.handing.get((client, abort.rid))
         if handing is not None:  # the request is on its way to a group: abort it once it is there
             await asyncio.wait({handing.wait()}, timeout=self.s.submit_timeout * 2)
 
@@ -391,9 +458,13 @@ class Ingest:
             queue_group=INGEST_QUEUE, metadata={"dp_size": str(self.s.dp_size), "prefix": self.s.prefix},
             stats_handler=self.stats,
         )
+        # the plain subjects (the default client's) and every client's own (see services/identity.py)
         await svc.add_endpoint(name="generate", subject=self.subjects.generate, handler=self.on_generate)
+        await svc.add_endpoint(name="generate-own", subject=self.subjects.all_generate, handler=self.on_generate)
         await svc.add_endpoint(name="abort", subject=self.subjects.abort, handler=self.on_abort)
-        self.log.info("ingest_ready", subjects=[self.subjects.generate, self.subjects.abort])
+        await svc.add_endpoint(name="abort-own", subject=self.subjects.all_abort, handler=self.on_abort)
+        self.log.info("ingest_ready", subjects=[self.subjects.generate, self.subjects.all_generate,
+                                                self.subjects.abort, self.subjects.all_abort])
         background = [asyncio.create_task(self.watch_ledger(stop)), asyncio.create_task(self.sweep_loop(stop))]
         await stop.wait()
         for task in background:

@@ -38,7 +38,7 @@ from schemas.internal import (
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
-from services import bus, ownership
+from services import bus, identity, ownership
 from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.ledger import Lease, LeaseClock, Ledger, request_key
@@ -123,6 +123,10 @@ class Publisher:
         except Exception as e:  # noqa: BLE001
             self.counts["rejected"] += 1
             await req.respond(pack(SubmitAck(False, ErrorCode.BAD_REQUEST, f"bad submit: {e}")))
+            return
+        if not identity.answerable(sub.reply, sub.client):  # ingest checks this; a publisher never trusts it
+            self.counts["foreign_reply"] += 1
+            await req.respond(pack(SubmitAck(False, ErrorCode.BAD_REQUEST, "the reply subject is not the client's inbox")))
             return
         if sub.key in self.doubtful:
             return  # its claim is being resolved: no answer until known (ingest asks again)
