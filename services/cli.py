@@ -85,12 +85,13 @@ def run_role(role: str, cfg: Any) -> int:
         worker_cfg = st.project(cfg, st.WorkerSettings) if role == "node" else cfg
         worker = Worker(worker_cfg, log)
         services.append(worker)
-        if role == "node":  # worker and publisher connect as the group's node user
-            from services.natsconf import user_for
+        if role == "node":  # the group's leader connects as its node user (worker and publisher),
+            from services.natsconf import user_for  # every other member as a plain worker
             from services.publisher.service import Publisher
             from services.topology import should_run_publisher
-            worker.auth = bus.auth_from(cfg, user_for("node", worker.place.dp_rank))
-            if should_run_publisher(cfg):
+            leader = should_run_publisher(cfg)
+            worker.auth = bus.auth_from(cfg, user_for("node" if leader else "worker", worker.place.dp_rank))
+            if leader:
                 services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log,
                                           auth=worker.auth))
     setup = (lambda: serve_metrics(services, cfg.metrics_port, cfg.metrics_host)) if cfg.metrics_port else None

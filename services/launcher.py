@@ -230,7 +230,9 @@ class Cluster:
 
         if self.node_processes:
             for r in range(self.nnodes):
-                self._spawn(f"node-{r}", [*cli, "node", *node_args(r)], self._service_env(user_for("node", group_of(r))))
+                leader = place_node(r, self.nnodes, self.dp_size).attn_tp_rank == 0
+                self._spawn(f"node-{r}", [*cli, "node", *node_args(r)],
+                            self._service_env(user_for("node" if leader else "worker", group_of(r))))
             return
         for g in range(self.dp_size):
             self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)],

@@ -42,7 +42,17 @@ from msgspec import Struct
 from schemas.codec import Encoding
 
 HELD, ANSWERED, REFUSED = "held", "answered", "refused"
+CORRUPT = "corrupt"  # a value that is no entry at all (not written by dpbus): taken over by the next claim
 KEEP_ANSWERED = 120.0  # seconds a settled name stays (duplicates are dropped until then)
+# The bucket's limits: a safety net, never the protocol. An entry lives from its claim to
+# KEEP_ANSWERED after its answer, so at ~3k accepted requests/s (one stream leader's rate)
+# the bucket holds ~400k entries of ~250 bytes: 100 MB. Past MAX_BYTES a claim is refused
+# (the client gets ``overloaded``); MAX_AGE only drops what no sweep deleted (no ingest for
+# hours), far beyond the longest request (65k tokens) and renewed leases.
+MAX_BYTES = 256 << 20
+MAX_AGE = 6 * 3600.0
+LEDGER_FULL = (10077, 10047, 10027)  # JetStream: maximum messages / bytes / storage exceeded
+CONFIG_DIFFERS = 10058  # JetStream: the stream exists with another configuration
 MARGIN = 0.5  # seconds between the holder going silent and anyone answering for it
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's error codes for a compare-and-set that lost
 
@@ -88,6 +98,21 @@ def encode(value: Struct) -> bytes:
 
 def decode_entry(data: bytes) -> Entry:
     return _entry.decode(data)
+
+
+def read_entry(data: bytes) -> Entry:
+    """The entry a value holds; one that does not decode is ``CORRUPT`` (a state of its own
+    that a claim takes over, never an error that stops whoever reads it)."""
+    try:
+        entry = _entry.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return Entry(CORRUPT)
+    return entry if entry.state in (HELD, ANSWERED, REFUSED) else Entry(CORRUPT)
+
+
+def ledger_full(e: BaseException) -> bool:
+    """A write refused because the bucket is full (nothing was written)."""
+    return getattr(e, "err_code", None) in LEDGER_FULL
 
 
 def decode_lease(data: bytes) -> Lease:
@@ -150,7 +175,7 @@ class SweepView:
         self.settled.pop(key, None)
         if value is None:
             return
-        entry = decode_entry(value)
+        entry = read_entry(value)
         if entry.state == HELD:
             self.held[key] = (revision, entry)
             self.holding.setdefault(entry.owner, set()).add(key)
@@ -212,11 +237,22 @@ class Ledger:
         from nats.js.api import KeyValueConfig, StorageType
 
         js = nc.jetstream(timeout=timeout)
+        from nats.js.errors import BadRequestError
+
         config = KeyValueConfig(bucket=bucket_name(prefix), history=1, storage=StorageType.FILE, replicas=replicas,
+                                max_bytes=MAX_BYTES, ttl=MAX_AGE,
                                 description="dpbus request ledger: who owns each request's terminal answer")
         for attempt in range(1, attempts + 1):
             try:
                 return cls(await js.create_key_value(config), js, config.bucket)
+            except BadRequestError as e:
+                if e.err_code != CONFIG_DIFFERS:
+                    raise
+                # made by an older dpbus (or by hand): use it as it is, and say so
+                if log is not None:
+                    log.warning("ledger_config_differs", bucket=config.bucket, want_max_bytes=MAX_BYTES,
+                                want_max_age_s=MAX_AGE)
+                return cls(await js.key_value(config.bucket), js, config.bucket)
             except NatsTimeout:
                 if attempt == attempts:
                     raise
@@ -241,7 +277,7 @@ class Ledger:
             got = await self.kv.get(key)
         except KeyNotFoundError:  # KeyDeletedError is one
             return None
-        return got.revision, decode_entry(got.value)
+        return got.revision, read_entry(got.value)
 
     async def swap(self, key: str, entry: Entry, last: int) -> int | None:
         """Compare-and-set: the new revision, or None when ``key`` changed since ``last``."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from services.ledger import ANSWERED, HELD, REFUSED, Entry, SweepView, lease_key
+from services.ledger import ANSWERED, CORRUPT, HELD, REFUSED, Entry, SweepView, lease_key, ledger_full
 
 Sleep = Callable[[float], Awaitable[None]]
 SETTLE_ATTEMPTS = 200  # x RETRY at most while the ledger is unreachable, then the lease is given up
@@ -30,7 +30,7 @@ def certainly_not_applied(e: Exception) -> bool:
     from nats.errors import NoRespondersError
     from nats.js.errors import ServiceUnavailableError
 
-    return isinstance(e, (NoRespondersError, ServiceUnavailableError))
+    return isinstance(e, (NoRespondersError, ServiceUnavailableError)) or ledger_full(e)
 
 
 def ours(got: tuple[int, Entry] | None, mine: Entry) -> bool:
@@ -67,10 +67,11 @@ async def claim(ledger, key: str, mine: Entry, moved_from: int, attempt: str) ->
 def may_take_over(theirs: Entry, moved_from: int, attempt: str) -> bool:
     """A name already in the ledger may be taken by a submit only when the request was
     moved here by the instance holding it, or when it is a fresh attempt after a refusal.
+    A ``CORRUPT`` value (not written by dpbus) is nobody's: taken over like a refusal.
     Anything else is a duplicate: acknowledged, never run."""
     moved_here = theirs.state == HELD and bool(moved_from) and theirs.owner == moved_from
     fresh_attempt = theirs.state == REFUSED and theirs.attempt != attempt
-    return moved_here or fresh_attempt
+    return moved_here or fresh_attempt or theirs.state == CORRUPT  # nobody's: whoever claims it takes it
 
 
 def answered_by(instance: int, group: int, rid: str, client: str) -> Entry:
@@ -161,7 +162,9 @@ async def refuse(ledger, key: str, mine: Entry, sleep: Sleep) -> bool:
     while True:
         try:
             rev, existing = await ledger.claim(key, mine)
-        except Exception:  # noqa: BLE001 - it may have landed: read it back next time
+        except Exception as e:  # noqa: BLE001 - it may have landed: read it back next time
+            if ledger_full(e):  # a full bucket checks a create's name first: nobody holds it
+                return True
             await sleep(RESOLVE_EVERY)
             continue
         if rev is not None:

@@ -9,14 +9,15 @@ import time
 
 import msgspec
 import nats.errors
+import pytest
 
 from schemas import Done, Error, Subjects
 from schemas.internal import Heartbeat, Step, Submit, SubmitAck, pack
-from services import bus, logs
+from services import bus, logs, ownership
 from services.ingest.service import Ingest
 from services.ledger import (
     ANSWERED, HELD, KEEP_ANSWERED, MARGIN, Entry, Lease, LeaseClock, Ledger, SweepView, encode, lease_key,
-    request_key, stream_sequence,
+    ledger_full, request_key, stream_sequence,
 )
 from services.publisher.service import Publisher
 from services.settings import IngestSettings, PublisherSettings
@@ -175,7 +176,7 @@ async def fake_workers(nc, groups, stop: asyncio.Event, slow: float = 0.0) -> No
 
 async def request(nc, inbox: str, rid: str, tokens: int = 3, **extra) -> None:
     body = {"rid": rid, "input_ids": [1, 2, 3], "sampling": {"max_new_tokens": tokens, "temperature": 0.0}, **extra}
-    await nc.publish(SUBJ.generate, json.dumps(body).encode(), reply=inbox)
+    await nc.publish(bus.request_subjects(nc, SUBJ)[0], json.dumps(body).encode(), reply=inbox)
 
 
 async def until(cond, within: float) -> None:
@@ -482,3 +483,55 @@ async def test_a_sweep_whose_write_landed_unanswered_answers_once(nats_server):
     answers.check_one_terminal_last()
     assert isinstance(answers.got[-1], Error) and answers.got[-1].code.value == "publisher_lost"
     assert entry.state == ANSWERED and entry.owner == ing.instance and ing.orphaned == 1
+
+
+async def test_a_value_that_is_no_entry_is_taken_over_and_its_request_answered_once(nats_server):
+    """Whatever lands at a request's key that dpbus did not write (a poisoned key) is a
+    state of its own, ``corrupt``: the claim takes it over by compare-and-set and the
+    request runs and is answered once (it used to be a claim retried for ever: silence).
+    Ingest's view reads it without an error."""
+    run, nc = Running(), await nats_server.connect("admin")
+    front, pub = ingest(nats_server, dp_size=1), publisher(nats_server, 0)
+    run.start(front)
+    run.start(pub)
+    await fake_workers(nc, [0], run.stop)
+    await until(lambda: pub.ready() and not front.router.unavailable_reason(0), 10)
+    kv = await nc.jetstream().key_value(f"{PREFIX}_requests")
+    inbox, answers = await answers_on(nc)
+    client = inbox.rsplit(".", 1)[0]  # _INBOX.admin
+    for rid, poison in (("poisoned-1", b'{"type":"error","code":"bad_request"}'), ("poisoned-2", b"\x81\xa5state\xa3bad")):
+        await kv.put(request_key(client, rid), poison)
+        await request(nc, inbox, rid)
+        await answers.until_terminal(10)
+        answers.check_one_terminal_last()
+        assert isinstance(answers.got[-1], Done) and answers.got[-1].rid == rid, answers.got
+        answers.got.clear()
+    await asyncio.sleep(0.5)  # a second terminal would have come
+    await run.close()
+    await nc.close()
+    assert not answers.got and pub.counts["accepted"] == 2
+    assert front.errors["unreadable_ledger_entry"] == 0
+
+
+async def test_a_full_ledger_refuses_with_overloaded_and_claims_nothing(nats_server):
+    """A bucket at its size limit refuses a claim: the client hears ``overloaded`` (not
+    ``unavailable``, not silence)."""
+    from services.ledger import Ledger as RealLedger
+
+    nc = await nats_server.connect("admin")
+    try:
+        js = nc.jetstream()
+        full = await js.create_key_value(bucket=f"{PREFIX}_full", max_bytes=1024, history=1)
+        for i in range(100):
+            try:
+                await full.create(f"r.filler{i}", b"x" * 64)
+            except Exception:  # noqa: BLE001 - full
+                break
+        ledger = RealLedger(full, js, f"{PREFIX}_full")
+        with pytest.raises(Exception) as refused:
+            await ledger.claim("r.one-more", Entry(HELD, 1, 0, "r", "c", "_INBOX.c.1"))
+        assert ledger_full(refused.value) and ownership.certainly_not_applied(refused.value)
+        # ingest recording a refusal into a full bucket answers the client at once
+        assert await ownership.refuse(ledger, "r.refused", Entry("refused", rid="q"), asyncio.sleep) is True
+    finally:
+        await nc.close()

@@ -470,7 +470,7 @@ def test_without_dp_attention_there_is_one_group_whatever_dp_size():
     ingest = Ingest(msgspec.convert(base, IngestSettings), LOG)
     assert ingest.groups == 1 and ingest.router.dp_size == 1
     with pytest.raises(Rejected) as refused:
-        ingest.admit(b'{"text": "hi", "dp_rank": 1}', "_INBOX.client.x")
+        asyncio.run(ingest.admit(b'{"text": "hi", "dp_rank": 1}', "_INBOX.client.x", "_INBOX.client"))
     assert refused.value.code.value == "unknown_dp_rank"
     assert Publisher(msgspec.convert({**base, "dp_rank": 0}, PublisherSettings), LOG).members == [0, 1]
     with pytest.raises(ValueError, match="1 DP group"):

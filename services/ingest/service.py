@@ -306,6 +306,7 @@ class Ingest:
         already, or None)."""
         sub, cost = h.sub, h.cost
         tried: list[str] = []
+        codes: set[ErrorCode | None] = set()
         for i, g in enumerate(h.groups):
             sub.dp_rank = g
             if i:
@@ -320,12 +321,13 @@ class Ingest:
                 return
             self.router.unsent(g, cost)
             tried.append(f"group {g}: {ack.message}")
+            codes.add(ack.code)
             if ack.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE) and not h.pinned:
                 continue
             await self.answer_error(sub.reply, sub.encoding, ack.code or ErrorCode.INTERNAL, f"group {g}: {ack.message}",
                                     sub.rid)
             return
-        overloaded = tried and all("waiting" in t for t in tried)
+        overloaded = codes == {ErrorCode.OVERLOADED}
         await self.answer_error(sub.reply, sub.encoding, ErrorCode.OVERLOADED if overloaded else ErrorCode.UNAVAILABLE,
                                 "no group could take the request: " + "; ".join(tried), sub.rid)
 

@@ -41,7 +41,7 @@ from schemas.public import AbortAck
 from services import bus, identity, ownership
 from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
-from services.ledger import Lease, LeaseClock, Ledger, request_key
+from services.ledger import Lease, LeaseClock, Ledger, ledger_full, request_key
 from services.publisher.scheduler import Plan, Scheduler, Sequence
 from services.publisher.stepper import Stepper
 from services.publisher.tables import RowTables
@@ -152,6 +152,10 @@ class Publisher:
         try:
             rev = await self.claim(sub)
         except Exception as e:  # noqa: BLE001 - no ledger, no acceptance
+            if ledger_full(e):  # every group shares the bucket: the system is full
+                self.counts["rejected"] += 1
+                await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED, "the request ledger is full")))
+                return
             if ownership.certainly_not_applied(e):
                 self.counts["rejected"] += 1
                 await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE,
