@@ -230,9 +230,8 @@ class Cluster:
 
         if self.node_processes:
             for r in range(self.nnodes):
-                leader = place_node(r, self.nnodes, self.dp_size).attn_tp_rank == 0
                 self._spawn(f"node-{r}", [*cli, "node", *node_args(r)],
-                            self._service_env(user_for("node" if leader else "worker", group_of(r))))
+                            self._service_env(node_user(r, self.nnodes, self.dp_size)))
             return
         for g in range(self.dp_size):
             self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)],
@@ -475,6 +474,14 @@ async def make_ledger(url: str, admin: bus.NatsAuth, prefix: str, replicas: int,
                 await asyncio.sleep(0.3)
     finally:
         await nc.close()
+
+
+def node_user(node_rank: int, nnodes: int, dp_size: int) -> str:
+    """The NATS user a `dpbus node` process connects as: its group's node user (publisher
+    and worker rights) for the group's leader, the plain worker user for every other
+    member (it never touches the ledger or a client's inbox)."""
+    place = place_node(node_rank, nnodes, dp_size)
+    return user_for("node" if place.is_leader else "worker", place.dp_rank)
 
 
 def _port_free(port: int) -> bool:

@@ -313,3 +313,14 @@ def test_dpbus_up_stops_a_spanning_group_s_leader_after_its_members():
     assert [n for n in ("worker-0", "worker-1", "worker-2", "worker-3", "node-2", "publisher-0", "ingest-0")
             if spanning.leads_a_spanning_group(n)] == ["worker-0", "worker-2", "node-2"]
     assert not any(Cluster(dp_size=2, nnodes=2).leads_a_spanning_group(f"worker-{r}") for r in (0, 1))
+
+
+def test_only_a_group_s_leader_connects_with_publisher_rights():
+    """`dpbus node` on a member that runs no publisher connects as worker-g: a compromised
+    member host cannot reach the ledger or any client's inbox (the permission matrix in
+    test_deploy_configs shows what worker-g is refused)."""
+    from services.launcher import node_user
+
+    assert [node_user(r, 4, 2) for r in range(4)] == ["node-0", "worker-0", "node-1", "worker-1"]
+    assert [node_user(r, 2, 2) for r in range(2)] == ["node-0", "node-1"]
+    assert [node_user(r, 8, 2) for r in range(8)] == ["node-0", *["worker-0"] * 3, "node-1", *["worker-1"] * 3]
