@@ -1029,3 +1029,38 @@ def test_broken_prefix_caches_fail_the_checks(monkeypatch, mutant, caught_by):
                             prefix_cache=True)
     monkeypatch.undo()
     random_workload(3, 200, prefix_cache=True)  # reverted: passes again
+
+
+def test_a_newcomer_is_admitted_before_a_flooding_client_s_backlog():
+    """One client queued far more than the group runs at once; another client's request,
+    which came last, gets the next free place (the client with fewest running goes
+    first: the flooder still runs f1), and the flooder's own requests keep their order."""
+    sched = mksched(max_running=2, max_waiting=16)
+    flood = [mkseq(f"f{i}", max_new_tokens=12 if i == 1 else 3, ignore_eos=True) for i in range(8)]
+    for seq in flood:
+        seq.client = "_INBOX.alice"
+        sched.add(seq)
+    step(sched)
+    assert rids(sched.running) == ["f0", "f1"]
+    newcomer = mkseq("b0", max_new_tokens=3, ignore_eos=True)
+    newcomer.client = "_INBOX.bob"
+    sched.add(newcomer)
+    admitted: list[str] = []
+    while sched.has_work():
+        before = {id(s) for s in sched.running}
+        step(sched)
+        admitted += [s.rid for s in sched.running if id(s) not in before]
+    assert admitted[0] == "b0", admitted
+    assert [r for r in admitted if r.startswith("f")] == [f"f{i}" for i in range(2, 8)]
+
+
+def test_with_one_client_the_queue_order_is_kept():
+    sched = mksched(max_running=2, max_waiting=16)
+    for i in range(6):
+        sched.add(mkseq(f"r{i}", max_new_tokens=2, ignore_eos=True))
+    admitted: list[str] = []
+    while sched.has_work():
+        before = {id(s) for s in sched.running}
+        step(sched)
+        admitted += [s.rid for s in sched.running if id(s) not in before]
+    assert admitted == [f"r{i}" for i in range(6)]

@@ -322,16 +322,39 @@ class Scheduler:
         started = 0  # pages of the requests admitted in this step
         while budget > 0 and self.waiting and len(self.running) < self.max_running \
                 and self.preemptions == preempted_before and started < self.max_start_pages:
-            seq = self.waiting[0]
+            seq = self.next_waiting()
             if seq.pending or not self._start(seq, budget):
-                break  # not enough free pages: it keeps its place at the head of the queue
+                break  # not enough free pages: it keeps its place in the queue
             started += len(seq.pages)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             seq.scheduled_at = seq.scheduled_at or now
             budget -= self._plan_chunk(plan, seq, budget)
         plan.lives = {id(seq): seq.preempted for seq, _ in (*plan.prefill, *plan.decode)}
         return plan
+
+    def next_waiting(self) -> Sequence:
+        """The waiting request to admit next: a preempted one first (it was admitted
+        already), else the oldest of the client with the fewest requests running, so a
+        client that queued a thousand requests does not keep a newcomer waiting behind
+        all of them (with one client: the queue's order)."""
+        head = self.waiting[0]
+        if head.scheduled_at or len(self.waiting) == 1:
+            return head
+        running: dict[str, int] = {}
+        for s in self.running:
+            running[s.client] = running.get(s.client, 0) + 1
+        best, fewest, seen = head, running.get(head.client, 0), {head.client}
+        for seq in self.waiting:
+            if fewest == 0:
+                break
+            if seq.client in seen:
+                continue
+            seen.add(seq.client)
+            n = running.get(seq.client, 0)
+            if n < fewest:
+                best, fewest = seq, n
+        return best
 
     def _plan_chunk(self, plan: Plan, seq: Sequence, budget: int) -> int:
         """Add the next prompt chunk of ``seq`` that fits the budget and free pages."""
