@@ -32,7 +32,7 @@ class SamplingParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     max_new_tokens: Annotated[int, Meta(ge=1, le=MAX_NEW_TOKENS_LIMIT)] = 32
     temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_p: Annotated[float, Meta(ge=1e-6, le=1.0)] = 1.0  # smaller is 0 in float32 (greedy by accident)
     top_k: Annotated[int, Meta(ge=0, le=1 << 20)] = 0  # 0: no top-k cut
     seed: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)] | None = None
     stop_token_ids: Annotated[list[TOKEN_ID], Meta(max_length=64)] = []

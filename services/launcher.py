@@ -79,6 +79,7 @@ class Cluster:
     extra: dict[str, str] = field(default_factory=dict)  # DPBUS_* settings for every service
     secure: bool = True  # embedded server: per-role users with this run's passwords
     credentials: Credentials | None = None  # per-role users on a given server (or made for the embedded one)
+    clients: list[str] = field(default_factory=lambda: ["client"])  # embedded secured server: client users
     nats_port: int | None = None  # embedded server: None = 4222 when free, else any; 0 = any
     nats_cluster: int = 0  # embedded: a cluster of this many servers (free ports) instead of one
     tls: Tls | None = None  # embedded secured server: serve TLS with these files
@@ -176,7 +177,7 @@ class Cluster:
             if self.tls:
                 self.nats_url = f"tls://127.0.0.1:{port}"
             conf_dir = self.log_dir / "nats"
-            self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=["client"], prefixes=[self.prefix],
+            self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=self.clients, prefixes=[self.prefix],
                                             listen=f"127.0.0.1:{port}", http=None, store_dir=str(store),
                                             url=self.nats_url, tls=self.tls)
             self._spawn("nats-server", [nats_server_binary(), "-c", str(conf_dir / "nats.conf"),
@@ -197,7 +198,7 @@ class Cluster:
                       str(self.log_dir / f"jetstream-{i}")) for i in range(self.nats_cluster)]
         self.nats_url = ",".join(f"{scheme}://{p.listen}" for p in peers)
         conf_dir = self.log_dir / "nats"
-        self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=["client"], prefixes=[self.prefix],
+        self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=self.clients, prefixes=[self.prefix],
                                         url=self.nats_url, tls=self.tls, peers=peers)
         for i, p in enumerate(peers):
             self._spawn(f"nats-server-{i}", [nats_server_binary(), "-c", str(conf_dir / p.conf)])

@@ -423,6 +423,8 @@ def test_other_validation_errors() -> None:
     assert "rid" in _decode_error(b'{"rid": "", "text": "a"}').message
     assert "rid" in _decode_error(b'{"rid": "' + b"x" * 129 + b'", "text": "a"}').message
     assert "top_p" in _decode_error(b'{"text": "a", "sampling": {"top_p": 0}}').message
+    # a top_p that float32 makes 0 (the sampler would keep nothing) is refused too
+    assert "top_p" in _decode_error(b'{"text": "a", "sampling": {"top_p": 1e-46}}').message
     assert "stream" in _decode_error(b'{"text": "a", "stream": "yes"}').message
     assert "sampling" in _decode_error(b'{"text": "a", "sampling": 3}').message
 

@@ -477,3 +477,19 @@ def test_without_dp_attention_there_is_one_group_whatever_dp_size():
         Publisher(msgspec.convert({**base, "dp_rank": 1}, PublisherSettings), LOG)
     worker = Worker(msgspec.convert({**base, "node_rank": 1, "coordinator": "127.0.0.1:1"}, WorkerSettings), LOG)
     assert worker.members == [0, 1]
+
+
+def test_a_text_too_long_for_any_tokenizer_is_refused_before_tokenizing():
+    """A 4 MiB text used to be tokenized (~125 ms of ingest's serial handler) before its
+    length was looked at; no tokenizer fits more than 8 characters in a token, so a text
+    above max_seq_len x 8 characters is refused at once."""
+    ingest = Ingest(msgspec.convert({"dp_size": 1, "nnodes": 1, "max_seq_len": 512}, IngestSettings), LOG)
+
+    def never(text: str) -> list[int]:
+        raise AssertionError("tokenized")
+
+    ingest.tokenizer.encode = never
+    body = msgspec.json.encode({"text": "x" * (512 * 8 + 1)})
+    with pytest.raises(Rejected) as refused:
+        asyncio.run(ingest.admit(body, "_INBOX.client.x", "_INBOX.client"))
+    assert refused.value.code.value == "prompt_too_long" and "4096 characters" in refused.value.message
