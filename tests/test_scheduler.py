@@ -1032,9 +1032,11 @@ def test_broken_prefix_caches_fail_the_checks(monkeypatch, mutant, caught_by):
 
 
 def test_a_newcomer_is_admitted_before_a_flooding_client_s_backlog():
-    """One client queued far more than the group runs at once; another client's request,
-    which came last, gets the next free place (the client with fewest running goes
-    first: the flooder still runs f1), and the flooder's own requests keep their order."""
+    """One client queued far more than the group runs at once and holds every place;
+    another client's request, which came last, is admitted at the next step: the
+    flooder's latest admitted request is preempted for it (the flooder held more than its
+    share), goes back to the head of the flooder's queue, and the flooder's own requests
+    keep their order. Everything still finishes with the tokens it would have had."""
     sched = mksched(max_running=2, max_waiting=16)
     flood = [mkseq(f"f{i}", max_new_tokens=12 if i == 1 else 3, ignore_eos=True) for i in range(8)]
     for seq in flood:
@@ -1045,13 +1047,47 @@ def test_a_newcomer_is_admitted_before_a_flooding_client_s_backlog():
     newcomer = mkseq("b0", max_new_tokens=3, ignore_eos=True)
     newcomer.client = "_INBOX.bob"
     sched.add(newcomer)
-    admitted: list[str] = []
+    step(sched)
+    assert rids(sched.running) == ["f0", "b0"] and sched.preemptions == 1  # f1 made room
+    admitted, finished = ["b0"], []
     while sched.has_work():
         before = {id(s) for s in sched.running}
-        step(sched)
+        _, events = step(sched)
         admitted += [s.rid for s in sched.running if id(s) not in before]
-    assert admitted[0] == "b0", admitted
-    assert [r for r in admitted if r.startswith("f")] == [f"f{i}" for i in range(2, 8)]
+        finished += [seq.rid for seq, _, reason in events if reason is not None]
+    assert [r for r in admitted if r.startswith("f")] == [f"f{i}" for i in range(1, 8)]
+    assert sorted(finished) == sorted(["f0", "b0", *[f"f{i}" for i in range(1, 8)]])
+    assert all(len(seq.output) == seq.sampling.max_new_tokens for seq in [*flood, newcomer])
+
+
+def test_only_a_client_above_its_share_is_preempted_for_another():
+    def group(clients: list[str], newcomer: str):
+        sched = mksched(max_running=4, max_waiting=16)
+        for i, c in enumerate(clients):
+            seq = mkseq(f"{c}{i}", max_new_tokens=6, ignore_eos=True)
+            seq.client = c
+            sched.add(seq)
+        step(sched)
+        seq = mkseq("new", max_new_tokens=2, ignore_eos=True)
+        seq.client = newcomer
+        sched.add(seq)
+        step(sched)
+        return sched
+
+    # alice and bob run 2 each; carol's share of 4 places among 3 clients is 1: one goes
+    sched = group(["alice", "alice", "bob", "bob"], "carol")
+    assert sched.preemptions == 1 and "new" in rids(sched.running)
+    # four clients run one each: nobody is above a share of one, nobody is preempted
+    # (else the preempted client would preempt the next in turn, for ever)
+    sched = group(["a", "b", "c", "d"], "e")
+    assert sched.preemptions == 0 and "new" not in rids(sched.running)
+    # a client alone keeps every place
+    alone = mksched(max_running=2, max_waiting=16)
+    for i in range(6):
+        alone.add(mkseq(f"r{i}", max_new_tokens=2, ignore_eos=True))
+    while alone.has_work():
+        step(alone)
+    assert alone.preemptions == 0
 
 
 def test_with_one_client_the_queue_order_is_kept():

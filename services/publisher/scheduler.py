@@ -299,6 +299,7 @@ class Scheduler:
     # ---- steps ------------------------------------------------------------------------------
     def build_step(self, now: float) -> Plan:
         plan = Plan([], [])
+        self._make_room_for_a_newcomer()
         preempted_before = self.preemptions
         for seq in list(self.running):
             if seq not in self.running or not seq.decoding or seq.at_limit(self.max_seq_len):
@@ -333,17 +334,21 @@ class Scheduler:
         plan.lives = {id(seq): seq.preempted for seq, _ in (*plan.prefill, *plan.decode)}
         return plan
 
-    def next_waiting(self) -> Sequence:
-        """The waiting request to admit next: a preempted one first (it was admitted
-        already), else the oldest of the client with the fewest requests running, so a
-        client that queued a thousand requests does not keep a newcomer waiting behind
-        all of them (with one client: the queue's order)."""
-        head = self.waiting[0]
-        if head.scheduled_at or len(self.waiting) == 1:
-            return head
+    def _running_per_client(self) -> dict[str, int]:
         running: dict[str, int] = {}
         for s in self.running:
             running[s.client] = running.get(s.client, 0) + 1
+        return running
+
+    def next_waiting(self) -> Sequence:
+        """The waiting request to admit next: the oldest of the client with the fewest
+        requests running (a preempted request is at the head of the queue, so it comes
+        first among its client's), so that a client that queued a thousand requests does
+        not keep a newcomer waiting behind all of them. With one client: queue order."""
+        head = self.waiting[0]
+        if len(self.waiting) == 1:
+            return head
+        running = self._running_per_client()
         best, fewest, seen = head, running.get(head.client, 0), {head.client}
         for seq in self.waiting:
             if fewest == 0:
@@ -355,6 +360,25 @@ class Scheduler:
             if n < fewest:
                 best, fewest = seq, n
         return best
+
+    def _make_room_for_a_newcomer(self) -> None:
+        """Every place is taken and a client with nothing running waits: preempt the
+        latest admitted request of the client running the most, if that is more than its
+        share (``max_running`` over the clients running and this one) and more than one.
+        One per step; the
+        preempted request waits with its pages offered to the prefix cache, so taking its
+        place back later costs little. A client alone keeps every place."""
+        if len(self.running) < self.max_running or not self.waiting:
+            return
+        newcomer = self.next_waiting()
+        running = self._running_per_client()
+        if running.get(newcomer.client, 0) or newcomer.pending:
+            return
+        most, count = max(running.items(), key=lambda kv: kv[1])
+        if count <= max(1, self.max_running // (len(running) + 1)):
+            return  # (a client keeps one at least: preempting never leaves it with none, so never cascades)
+        victim = next(s for s in reversed(self.running) if s.client == most)
+        self._preempt(victim)
 
     def _plan_chunk(self, plan: Plan, seq: Sequence, budget: int) -> int:
         """Add the next prompt chunk of ``seq`` that fits the budget and free pages."""

@@ -347,7 +347,8 @@ class Publisher:
         return True
 
     def abort(self, rid: str) -> None:
-        if self.sched.abort(rid) is not None and not self.flight:
+        seq = next((s for s in (*self.sched.waiting, *self.sched.running) if s.rid == rid), None)
+        if seq is not None and self.sched.abort(rid, seq.client) is not None and not self.flight:
             self.loop()
 
     # ---- the scheduling loop -----------------------------------------------------------
@@ -530,7 +531,10 @@ class StepWorld:
         prompt = self.prompt()
         sampling = SamplingParams(max_new_tokens=self.rng.randint(1, 10), temperature=0.0, seed=1,
                                   stop_token_ids=[STOP])
-        seq = Sequence(rid, prompt, sampling, True, f"_INBOX.{rid}", Encoding.JSON, self.t)
+        # three clients: the scheduler's fair share (admission order, preemption for a
+        # newcomer) runs under overlapped steps and faults too
+        client = f"_INBOX.c{self.rng.randrange(3)}"
+        seq = Sequence(rid, prompt, sampling, True, f"{client}.{rid}", Encoding.JSON, self.t, client=client)
         want, reason = alone(prompt, sampling.max_new_tokens)
         self.requests[rid] = Request(prompt, want, reason, pub.life, self.t)
         if not pub.add(seq):
