@@ -94,6 +94,7 @@ class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
     message: str
     rid: str | None = None
     dp_rank: int | None = None
+    retry_after_ms: int | None = None  # overloaded by this client's own share: try again after this long
 
 
 class AbortAck(Struct, tag="abort", tag_field="type", omit_defaults=True):

@@ -61,6 +61,8 @@ class IngestSettings(Common):
     load_stale_after: Seconds = 3.0  # a group without a load report for this long is unavailable
     default_client: str = "client"  # the user whose requests come on the plain generate/abort subjects
     max_inflight_per_client: NonNegative = 1024  # one client's requests held at once (0: no limit)
+    client_tokens_per_s: NonNegative = 0  # one client's prompt + max_new_tokens per second (0: no limit)
+    client_burst_s: Seconds = 10.0  # ... of which it may spend this many seconds' worth at once
 
 
 class GatewaySettings(Common):

@@ -40,6 +40,26 @@ VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
 INLINE_TOKENIZE = 16_384  # characters: a longer text is tokenized in a thread
 TEXT_BYTES_PER_TOKEN = 8  # no tokenizer needs more characters per token than this
+OVER_SHARE_RETRY_MS = 500  # what an over-share refusal suggests (requests take about that to finish)
+
+
+class TokenBuckets:
+    """One token bucket per client: ``take`` spends from it, or says how long until it
+    could (in seconds; 0 when spent). Buckets of clients quiet long enough to be full again
+    are forgotten, so the map holds only recently active clients."""
+
+    def __init__(self) -> None:
+        self.level: dict[str, tuple[float, float]] = {}  # client -> (tokens, when counted)
+
+    def take(self, client: str, cost: float, rate: float, burst: float, now: float) -> float:
+        tokens, then = self.level.get(client, (burst, now))
+        tokens = min(burst, tokens + (now - then) * rate)
+        if cost > tokens and tokens < burst:  # a cost above the whole burst passes when the bucket is full
+            return (min(cost, burst) - tokens) / rate
+        self.level[client] = (tokens - cost, now)
+        if len(self.level) > 4096:
+            self.level = {c: (t, w) for c, (t, w) in self.level.items() if t + (now - w) * rate < burst}
+        return 0.0
 
 
 class Handover:
@@ -77,6 +97,7 @@ class Ingest:
         self.forwarded = 0
         self.handing: dict[tuple[str, str], Handover] = {}  # (client, rid) being handed to a group now
         self.client_handing: dict[str, int] = {}  # client -> how many of handing are its
+        self.token_rate = TokenBuckets()  # client -> its tokens per second (client_tokens_per_s)
         self.orphaned = 0
         self.view = SweepView(fallback_ttl=settings.publisher_timeout)
         self.instance = secrets.randbits(62) | 1  # names this ingest in the entries it settles
@@ -138,11 +159,13 @@ class Ingest:
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------
-    async def answer_error(self, reply: str, enc: Encoding, code: ErrorCode, message: str, rid: str | None = None) -> None:
+    async def answer_error(self, reply: str, enc: Encoding, code: ErrorCode, message: str, rid: str | None = None,
+                           retry_after_ms: int | None = None) -> None:
         self.errors[code.value] += 1
         self.log_refusal(code.value, message, rid)
         if reply:
-            await self.outbox.send(reply, encode_answer(Error(code, message, rid=rid), enc), terminal=True)
+            await self.outbox.send(reply, encode_answer(Error(code, message, rid=rid, retry_after_ms=retry_after_ms),
+                                                        enc), terminal=True)
 
     def log_refusal(self, code: str, message: str, rid: str | None) -> None:
         """One line per error code per second at most: an overload refuses every request,
@@ -180,9 +203,9 @@ class Ingest:
             await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
                                     f"ingest has {len(self.handing)} requests being forwarded", sub.rid)
             return
-        why = self.over_share(sub)
+        why, wait_ms = self.over_share(sub)
         if why:
-            await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED, why, sub.rid)
+            await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED, why, sub.rid, wait_ms)
             return
         groups, why = self.route(sub, pinned)
         if why:
@@ -236,20 +259,28 @@ class Ingest:
         self.dispatched[g] += 1
         self.errors["duplicate_request"] += ack.duplicate
 
-    def over_share(self, sub: Submit) -> str:
-        """Why ``sub``'s client may not have one more request held now ("" when it may):
-        at most ``max_inflight_per_client`` requests of one client are held or being handed
-        over, so no client alone fills every group's queue."""
+    def over_share(self, sub: Submit) -> tuple[str, int]:
+        """Why ``sub``'s client may not have one more request now, and after how many
+        milliseconds to try again (("", 0) when it may). A client holds at most
+        ``max_inflight_per_client`` requests (held or being handed over) and spends at
+        most ``client_tokens_per_s`` tokens (prompt + max_new_tokens) a second, so no
+        client alone fills every group's queue; only that client is refused."""
         cap = self.s.max_inflight_per_client
-        if not cap:
-            return ""
-        handing = self.client_handing.get(sub.client, 0)
-        held = self.view.per_client.get(sub.client, 0)
-        if handing + held < cap:
-            return ""
-        self.errors["client_over_share"] += 1
-        return (f"this client has {handing + held} requests in flight, its share is {cap}: "
-                "retry when some have finished")
+        if cap:
+            n = self.client_handing.get(sub.client, 0) + self.view.per_client.get(sub.client, 0)
+            if n >= cap:
+                self.errors["client_over_share"] += 1
+                return (f"this client has {n} requests in flight, its share is {cap}: retry when some have "
+                        "finished"), OVER_SHARE_RETRY_MS
+        rate = self.s.client_tokens_per_s
+        if rate:
+            cost = len(sub.input_ids) + sub.sampling.max_new_tokens
+            wait = self.token_rate.take(sub.client, cost, rate, rate * self.s.client_burst_s, time.monotonic())
+            if wait:
+                self.errors["client_over_rate"] += 1
+                return (f"this client may send {rate} tokens (prompt + max_new_tokens) a second and has spent them: "
+                        f"this request costs {cost}"), max(1, round(wait * 1000))
+        return "", 0
 
     def route(self, sub: Submit, pinned: list[int] | None) -> tuple[list[int], str]:
         """The groups to offer ``sub`` to, in turn, or why there are none.
