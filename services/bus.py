@@ -18,7 +18,7 @@ from nats.aio.client import Client
 
 from services.errors import ReceiveDataError, SendDataError
 from services.identity import REPLY as CLIENT_INBOX
-from services.natsconf import INBOX_ROOT, NAME, inbox_prefix
+from services.natsconf import INBOX_ROOT, NAME, inbox_prefix, placeholder
 
 # nats-py drops messages silently past these; a step or a result must never be dropped
 PENDING_MSGS_LIMIT = 1_000_000
@@ -27,6 +27,10 @@ PENDING_BYTES_LIMIT = 1 << 30
 
 class FatalConnectError(ConnectionError):
     """NATS refused us (wrong credentials, TLS): retrying cannot help."""
+
+
+class PlaceholderPasswordError(FatalConnectError):
+    """A known placeholder password (natsconf.PLACEHOLDER_PASSWORDS): dpbus never sends one."""
 
 
 @dataclass
@@ -83,6 +87,24 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, f"{parts.username}:***@{host}{port}", parts.path, parts.query, parts.fragment))
 
 
+def refuse_placeholder(url: str, auth: NatsAuth) -> None:
+    """Raise PlaceholderPasswordError, naming the user, if ``auth`` or a server of ``url``
+    carries a known placeholder password: a server that takes it takes it from anyone who
+    has read the example it came from. (No password at all, for an nkey user or an open
+    server, is not a placeholder.)"""
+    given = [(auth.user or url_user(url), auth.password)] if auth.password else []
+    for u in servers(url):
+        parts = urlsplit(u)
+        if parts.password:
+            given.append((unquote(parts.username or ""), unquote(parts.password)))
+    for user, password in given:
+        if why := placeholder(password, user):
+            raise PlaceholderPasswordError(
+                f"NATS user {user or '(none)'} at {redact(url)} has {why}: refusing to connect with it. Give every "
+                "user its own secret: `dpbus nats-config --out DIR` writes random ones (DIR/credentials.json, "
+                "DIR/compose.env)")
+
+
 def auth_for(creds: Any, user: str) -> NatsAuth:
     """How ``user`` of a ``natsconf.Credentials`` connects (password or nkey seed)."""
     name, password = creds.user(user)
@@ -118,6 +140,7 @@ async def connect(url: str, name: str, log: Any, on_reconnect_hooks: list | None
     ``FatalConnectError`` at once (naming the user and server); an unreachable server is
     retried, with one log line every few seconds. Cancel the call to give up."""
     auth = auth or NatsAuth()
+    refuse_placeholder(url, auth)
     connected = False
     last_said = [0.0]
 
@@ -222,6 +245,7 @@ async def _ignore(_: Exception) -> None:
 async def connect_client(url: str, timeout: float = 5.0, auth: NatsAuth | None = None) -> Client:
     """A short-lived client connection (CLI, demo): fails fast with a clear message."""
     auth = auth or NatsAuth()
+    refuse_placeholder(url, auth)
     try:
         return await asyncio.wait_for(
             nats.connect(servers=servers(url), error_cb=_ignore, allow_reconnect=False, connect_timeout=3,

@@ -276,29 +276,39 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_nats_config(a: argparse.Namespace) -> int:
-    from services.natsconf import layout_users, read_hashes, write_config
+    from services.natsconf import Limits, layout_users, loopback, monitor_address, read_hashes, refuse_placeholders, \
+        size, write_config
     from services.topology import place_node
 
     for r in range(a.nnodes):  # refuse bad layouts, as every service does
         place_node(r, a.nnodes, a.dp_size)
     tls = tls_files(a)
+    limits = Limits(a.max_connections, a.max_subscriptions, size(a.max_payload))
     passwords = {}
-    if a.password:  # the same password for every user: only for shipped placeholders / throwaway setups
+    if a.password is not None:  # the same password for every user: only for throwaway setups
+        refuse_placeholders({"every user": a.password})
         passwords = {u: a.password for u in ("sys", *layout_users(a.dp_size, a.client or ["client"]))}
+    http = monitor_address(a.http)
+    if http and not loopback(http):
+        print(f"note: HTTP monitoring on {http} has no authentication; /connz and /subsz show every connection's "
+              "subjects and inbox to whoever reaches it", file=sys.stderr)
     old = os.path.join(a.out, "auth.conf")
     hashes = read_hashes(old) if os.path.exists(old) else {}
     scheme = "tls" if tls else "nats"
     host = a.listen.rsplit(":", 1)
     url = f"{scheme}://{'127.0.0.1' if host[0] in ('0.0.0.0', '') else host[0]}:{host[-1]}"
-    peers = config_peers(a.cluster, a.listen, a.http, a.route_port, a.store_dir)
+    peers = config_peers(a.cluster, a.listen, http, a.route_port, a.store_dir)
     if peers:  # clients list every server (hosts nats-0, nats-1, ...)
         url = ",".join(f"{scheme}://{p.name}:{host[-1]}" for p in peers)
-        passwords["route"] = a.password or ""
+        if a.password is not None:
+            passwords["route"] = a.password
     write_config(a.out, dp_size=a.dp_size, clients=a.client or ["client"], prefixes=a.prefix or ["dpbus"],
-                 passwords=passwords, listen=a.listen, http=a.http or None, store_dir=a.store_dir, tls=tls, url=url,
-                 existing_hashes=hashes, nkey_users=a.nkeys, peers=peers)
+                 passwords=passwords, listen=a.listen, http=http, store_dir=a.store_dir, tls=tls, url=url,
+                 existing_hashes=hashes, nkey_users=a.nkeys, peers=peers, limits=limits, sealed=a.sealed)
     confs = ", ".join(p.conf for p in peers) or "nats.conf"
-    print(f"wrote {confs}, auth.conf, credentials.json and compose.env to {a.out} "
+    secrets = " (sealed: no credentials written, nobody can log in)" if a.sealed else \
+        ", credentials.json and compose.env"
+    print(f"wrote {confs}, auth.conf{secrets} to {a.out} "
           f"(dp_size {a.dp_size}, clients {', '.join(a.client or ['client'])}); check it with: "
           f"nats-server -t -c {os.path.join(a.out, (peers[0].conf if peers else 'nats.conf'))}")
     return 0
@@ -476,11 +486,24 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--prefix", action="append", default=None, help="subject prefix (repeatable; default dpbus)")
     q.add_argument("--client", action="append", default=None,
                    help="a client application's user name, with its own private inbox (repeatable; default client)")
-    q.add_argument("--listen", default="0.0.0.0:4222")
-    q.add_argument("--http", default="0.0.0.0:8222", help="monitoring address ('' for none)")
+    q.add_argument("--listen", default="0.0.0.0:4222", help="where clients connect (default 0.0.0.0:4222)")
+    q.add_argument("--http", default="127.0.0.1:8222",
+                   help="HTTP monitoring address (default 127.0.0.1:8222; a bare port binds 127.0.0.1; '' for none). "
+                        "It has no authentication and /connz lists every inbox: 0.0.0.0:8222 only behind a firewall")
     q.add_argument("--store-dir", default="jetstream", help="JetStream store (relative: where the server starts)")
-    q.add_argument("--password", default="", help="one password for every user instead of random ones "
-                                                  "(placeholders only)")
+    q.add_argument("--password", default=None, help="one password for every user instead of random ones "
+                                                    "(throwaway setups; known placeholders are refused)")
+    q.add_argument("--sealed", action="store_true",
+                   help="write the server files with every password thrown away (no credentials.json, no "
+                        "compose.env): a config nobody can log in to, as infra/nats ships")
+    q.add_argument("--max-connections", type=int, default=4096,
+                   help="connections the server takes, every user together (default 4096; a server configured "
+                        "from files has no per-user connection limit)")
+    q.add_argument("--max-subscriptions", type=int, default=65536,
+                   help="subscriptions of one connection, whoever it is (default 65536; 0: no limit). A dpbus "
+                        "client holds one per request in flight")
+    q.add_argument("--max-payload", default="8MB", help="largest message, for every connection (default 8MB, "
+                                                        "at most 64MB)")
     q.add_argument("--tls-ca", default="")
     q.add_argument("--tls-cert", default="", help="server certificate: turns TLS on")
     q.add_argument("--tls-key", default="")

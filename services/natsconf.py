@@ -180,6 +180,46 @@ def check_password(password: str, hashed: str) -> bool:
     return bcrypt.checkpw(password.encode(), hashed.encode())
 
 
+# Passwords that examples, defaults and habit put in configs: whoever has read one can log
+# in with it. `dpbus nats-config` will not write them and services will not connect with
+# them (services/bus.py). Compared without case, spaces, '-', '_' or '.'.
+PLACEHOLDER_PASSWORDS = frozenset({
+    "changeme", "changeit", "changethis", "replaceme", "password", "passwd", "pass", "passw0rd", "pwd",
+    "secret", "s3cret", "s3cr3t", "admin", "administrator", "root", "toor", "guest", "user", "default",
+    "test", "testing", "example", "sample", "placeholder", "nats", "dpbus", "letmein", "welcome", "qwerty",
+    "123456", "12345678", "123456789", "0000", "1234", "xxx", "foo", "bar", "foobar", "none", "null",
+})
+
+
+def _folded(password: str) -> str:
+    return re.sub(r"[\s_.-]", "", password).lower()
+
+
+def placeholder(password: str, user: str = "") -> str:
+    """Why ``password`` is no secret ("" when it may be one): empty, a known placeholder,
+    or the user's own name. The reason never contains the password unless it is public."""
+    folded = _folded(password)
+    if not folded:
+        return "an empty password"
+    if folded in PLACEHOLDER_PASSWORDS:
+        return f"the placeholder password {password.strip()!r}"
+    if user and folded == _folded(user):
+        return "the user's own name as password"
+    return ""
+
+
+def refuse_placeholders(passwords: dict[str, str]) -> None:
+    """ValueError naming every user of ``passwords`` whose password is a placeholder."""
+    reasons: dict[str, list[str]] = {}
+    for user, password in sorted(passwords.items()):
+        if why := placeholder(password, user):
+            reasons.setdefault(why, []).append(user)
+    if reasons:
+        said = "; ".join(f"{why} for {', '.join(users)}" for why, users in reasons.items())
+        raise ValueError(f"refusing {said}: anyone who has read an example could log in as them. Leave --password "
+                         "out for random passwords (written to credentials.json and compose.env)")
+
+
 # ---- rendering ----------------------------------------------------------------------------
 def _list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(x) for x in items) + "]"
@@ -235,6 +275,77 @@ def render_auth(users: list[str], hashes: dict[str, str], prefixes: list[str], d
     return "\n".join(lines)
 
 
+KB = 1024
+MB = 1024 * KB
+MAX_PAYLOAD_CEILING = 64 * MB  # nats-server refuses a max_payload above its max_pending (64 MB)
+
+
+@dataclass
+class Limits:
+    """What the server lets connections hold. A server configured from files (no JWT
+    accounts) has no per-user limits: a user entry takes only a password or nkey,
+    permissions and connection types, and ``limits`` exist per account, where every
+    dpbus user shares one account. So these apply to every connection alike:
+
+    ``max_connections``   connections to the server, all users together (a new one past
+                          it is refused with "maximum connections exceeded")
+    ``max_subscriptions`` subscriptions of one connection (0: no limit); one past it is
+                          refused with "maximum subscriptions exceeded", the connection stays
+    ``max_payload``       bytes of one message; a bigger one closes the sender's connection
+
+    The defaults let a single client use the whole system: dpbus's own clients hold one
+    subscription per request in flight, services a handful each."""
+
+    max_connections: int = 4096
+    max_subscriptions: int = 65536
+    max_payload: int = 8 * MB
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {self.max_connections}")
+        if self.max_subscriptions < 0:
+            raise ValueError(f"max_subscriptions must be 0 (no limit) or more, not {self.max_subscriptions}")
+        if not 1 <= self.max_payload <= MAX_PAYLOAD_CEILING:
+            raise ValueError(f"max_payload must be between 1 byte and 64MB, not {self.max_payload} bytes")
+
+
+def size(text: str | int) -> int:
+    """Bytes from ``8MB``, ``512KB`` or a plain number (units of 1024, as nats-server reads them)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(B|KB|MB|)\s*", str(text), re.I)
+    if not m:
+        raise ValueError(f"size {text!r}: give bytes, or a number with KB or MB")
+    return int(m.group(1)) * {"": 1, "B": 1, "KB": KB, "MB": MB}[m.group(2).upper()]
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("MB", MB), ("KB", KB)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+MONITOR = "127.0.0.1:8222"  # the server's HTTP monitoring, unless asked otherwise
+
+
+def monitor_address(http: str | None) -> str | None:
+    """Where the HTTP monitoring listens (None: nowhere). ``host:port`` stays as given; a
+    bare port or ``:port`` gets 127.0.0.1, where nats-server would take the client listen
+    address (often 0.0.0.0)."""
+    if not http:
+        return None
+    host, sep, port = http.rpartition(":")
+    if not sep:
+        host, port = "", http
+    if not port.isdigit():
+        raise ValueError(f"monitoring address {http!r}: give host:port or a port")
+    return f"{host or '127.0.0.1'}:{port}"
+
+
+def loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 @dataclass
 class Tls:
     """Server-side TLS: files as the server will see them (paths relative to the config work)."""
@@ -264,24 +375,32 @@ class Peer:
 ROUTE_USER = "route"
 
 
-def render_cluster(me: Peer, peers: list[Peer], route_password: str, name: str = "dpbus") -> str:
+def render_cluster(me: Peer, peers: list[Peer], route_password: str, name: str = "dpbus",
+                   route_hash: str = "") -> str:
     """The ``cluster`` block of ``me``: routes to every other peer, each authenticated with
-    the route user's password (routes are never open)."""
+    the route user's password (routes are never open). ``route_hash``: what the server
+    checks instead of the clear password (a bcrypt hash); an empty ``route_password`` then
+    leaves the credentials out of the route URLs (a sealed config: no route can join)."""
     port = me.route.rsplit(":", 1)[-1]
     listen = me.route if me.route.startswith("127.") else f"0.0.0.0:{port}"
-    routes = [f"nats-route://{ROUTE_USER}:{route_password}@{p.route}" for p in peers if p.name != me.name]
+    who = f"{ROUTE_USER}:{route_password}@" if route_password else ""
+    routes = [f"nats-route://{who}{p.route}" for p in peers if p.name != me.name]
     return "\n".join([
         "cluster {",
         f"  name: {json.dumps(name)}",
         f"  listen: {json.dumps(listen)}",
-        f"  authorization {{ user: {json.dumps(ROUTE_USER)}, password: {json.dumps(route_password)}, timeout: 2 }}",
+        f"  authorization {{ user: {json.dumps(ROUTE_USER)}, password: {json.dumps(route_hash or route_password)}, "
+        "timeout: 2 }",
         f"  routes: {_list(routes)}",
         "}",
     ])
 
 
 def render_server(listen: str, http: str | None, store_dir: str, tls: Tls | None = None,
-                  cluster: str = "", server_name: str = "dpbus-nats", conf: str = "nats.conf") -> str:
+                  cluster: str = "", server_name: str = "dpbus-nats", conf: str = "nats.conf",
+                  limits: Limits | None = None) -> str:
+    limits = limits or Limits()
+    http = monitor_address(http)
     lines = [
         "# dpbus NATS server: written by `dpbus nats-config`. JetStream, per-role users (auth.conf).",
         f"# Check it with:  nats-server -t -c {conf}   (from this directory)",
@@ -290,10 +409,17 @@ def render_server(listen: str, http: str | None, store_dir: str, tls: Tls | None
         f"listen: {json.dumps(listen)}",
     ]
     if http:
-        lines.append(f"http: {json.dumps(http)}")
+        lines += [
+            "# HTTP monitoring has no authentication, and /connz and /subsz list every connection's",
+            "# user, subjects and inbox: keep it on loopback (the system account `sys` sees the same",
+            "# through $SYS.REQ.SERVER.PING.CONNZ, behind its password).",
+            f"http: {json.dumps(http)}",
+        ]
     lines += [
-        "max_payload: 8MB",
-        "max_connections: 4096",
+        "# limits of every connection alike: config-file users have no limits of their own",
+        f"max_payload: {_size_text(limits.max_payload)}",
+        f"max_connections: {limits.max_connections}  # all users together",
+        f"max_subscriptions: {limits.max_subscriptions}  # per connection{' (0: no limit)' if not limits.max_subscriptions else ''}",
         'ping_interval: "20s"',
         "ping_max: 3",
         'write_deadline: "10s"',
@@ -358,20 +484,33 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+SEALED_NOTE = ("# SEALED: every password of this config was thrown away when it was written, so nobody can\n"
+               "# log in. Write your own with `dpbus nats-config --out DIR` (random passwords).\n")
+
+
 def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[str],
                  passwords: dict[str, str] | None = None, listen: str = "0.0.0.0:4222",
-                 http: str | None = "0.0.0.0:8222", store_dir: str = "jetstream", tls: Tls | None = None,
+                 http: str | None = MONITOR, store_dir: str = "jetstream", tls: Tls | None = None,
                  url: str = "", existing_hashes: dict[str, str] | None = None, cluster: str = "",
-                 nkey_users: bool = False, peers: list[Peer] | None = None) -> Credentials:
+                 nkey_users: bool = False, peers: list[Peer] | None = None, limits: Limits | None = None,
+                 sealed: bool = False) -> Credentials:
     """Write ``nats.conf``, ``auth.conf``, ``credentials.json`` and ``compose.env`` into ``out``.
 
-    ``passwords`` fixes some users' passwords (the rest are random); ``existing_hashes``
-    are kept for users whose password still matches them (so regenerating with the same
-    passwords changes nothing). ``nkey_users``: every user but ``sys`` authenticates with
-    an nkey instead, its seed in ``out/nkeys/<user>.nk``.
+    ``passwords`` fixes some users' passwords (the rest are random; a known placeholder is
+    refused with ValueError); ``existing_hashes`` are kept for users whose password still
+    matches them (so regenerating with the same passwords changes nothing). ``nkey_users``:
+    every user but ``sys`` authenticates with an nkey instead, its seed in ``out/nkeys/<user>.nk``.
 
     ``peers``: a NATS cluster; one ``<peer>.conf`` each (instead of ``nats.conf``), sharing
-    ``auth.conf``; their routes authenticate with the password of ``route``."""
+    ``auth.conf``; their routes authenticate with the password of ``route``.
+
+    ``http``: the monitoring address (a bare port binds 127.0.0.1; None: no monitoring).
+    ``sealed``: write the server files only, every password random and thrown away (no
+    credentials.json, no compose.env, no password in route URLs): a config that checks but
+    that nobody can log in to until it is regenerated, as ``infra/nats/`` ships."""
+    refuse_placeholders({u: p for u, p in (passwords or {}).items() if p})
+    if sealed and (passwords or nkey_users):
+        raise ValueError("a sealed config throws every secret away: give it no passwords and no nkey users")
     users = layout_users(dp_size, clients)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -388,12 +527,20 @@ def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[
         old = (existing_hashes or {}).get(u)
         hashes[u] = old if old and check_password(p, old) else hash_password(p)
     route_password = (passwords or {}).get(ROUTE_USER) or new_password()
+    route_hash = hash_password(route_password)
+    note = SEALED_NOTE if sealed else ""
     for p in peers or ():
-        block = render_cluster(p, peers, route_password)
-        (out / p.conf).write_text(render_server(p.listen, p.http, p.store_dir, tls, block, p.name, p.conf))
+        block = render_cluster(p, peers, "" if sealed else route_password, route_hash=route_hash)
+        text = note + render_server(p.listen, p.http, p.store_dir, tls, block, p.name, p.conf, limits)
+        if sealed:
+            (out / p.conf).write_text(text)
+        else:  # its route URLs carry the route password
+            _write_private(out / p.conf, text)
     if not peers:
-        (out / "nats.conf").write_text(render_server(listen, http, store_dir, tls, cluster))
-    (out / "auth.conf").write_text(render_auth(users, hashes, prefixes, dp_size, hashes.pop("sys"), public))
+        (out / "nats.conf").write_text(note + render_server(listen, http, store_dir, tls, cluster, limits=limits))
+    (out / "auth.conf").write_text(note + render_auth(users, hashes, prefixes, dp_size, hashes.pop("sys"), public))
+    if sealed:
+        return Credentials(url, tls_ca=tls.ca if tls else "")
     creds = Credentials(url, pw, tls.ca if tls else "", seeds)
     creds.save(out / "credentials.json")
     env = ["# `docker compose --env-file THIS_FILE up`: the passwords of credentials.json, per role"]

@@ -28,7 +28,7 @@ from services.natsconf import Tls, check_password, new_nkey, read_hashes, write_
 ROOT = Path(__file__).resolve().parents[1]
 NATS_DIR = ROOT / "infra" / "nats"
 NATS_SERVER = Path(sys.prefix) / "bin" / "nats-server"
-SHIPPED_PASSWORD = "changeme"  # the documented placeholder of the shipped files
+BCRYPT = re.compile(r'"\$2[abxy]\$\d\d\$[./A-Za-z0-9]{53}"')
 
 
 def compose_binary() -> Path:
@@ -77,54 +77,71 @@ def test_the_shipped_cluster_is_three_servers_with_authenticated_routes():
         text = c.read_text()
         names.add(re.search(r"^server_name:\s*(\S+)", text, re.M).group(1))
         stores.add(re.search(r"store_dir:\s*(\S+)", text).group(1))
-        assert re.search(r"authorization \{ user: \"route\", password: \"\S+\"", text)
-        routes = re.findall(r"nats-route://route:[^@\s]+@(nats-\d):6222", text)
+        # routes need the route user's password, which the sealed example threw away
+        assert re.search(r'authorization \{ user: "route", password: ' + BCRYPT.pattern, text), text
+        routes = re.findall(r"nats-route://(nats-\d):6222", text)
         assert sorted(routes) == sorted({"nats-0", "nats-1", "nats-2"} - {c.stem}), text
     assert len(names) == 3 and len(stores) == 3  # JetStream clustered: distinct names and stores
 
 
+def sealed(text: str) -> str:
+    """``text`` with its bcrypt hashes blanked: a sealed config's passwords are random."""
+    return BCRYPT.sub('"<bcrypt>"', text)
+
+
 def test_shipped_cluster_files_are_the_generator_s_output(tmp_path):
-    """infra/nats/cluster is `dpbus nats-config --cluster 3 --dp-size 2 --password changeme`."""
-    shipped = NATS_DIR / "cluster"
-    (tmp_path / "auth.conf").write_text((shipped / "auth.conf").read_text())  # keep its bcrypt hashes
+    """infra/nats/cluster is `dpbus nats-config --cluster 3 --dp-size 2 --nnodes 2 --sealed`
+    (regenerate it with `--out infra/nats/cluster`): the same files but for the hashes."""
     r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--cluster", "3",
-                        "--dp-size", "2", "--nnodes", "2", "--password", SHIPPED_PASSWORD], capture_output=True,
-                       text=True, timeout=60, env=clean_env())
+                        "--dp-size", "2", "--nnodes", "2", "--sealed"], capture_output=True, text=True, timeout=60,
+                       env=clean_env())
     assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auth.conf", "nats-0.conf", "nats-1.conf", "nats-2.conf"]
+    shipped = NATS_DIR / "cluster"
     for name in ("auth.conf", "nats-0.conf", "nats-1.conf", "nats-2.conf"):
-        assert (tmp_path / name).read_text() == (shipped / name).read_text(), \
-            f"infra/nats/cluster/{name} drifted from `dpbus nats-config --cluster 3`: regenerate it"
+        assert sealed((tmp_path / name).read_text()) == sealed((shipped / name).read_text()), \
+            f"infra/nats/cluster/{name} drifted from `dpbus nats-config --cluster 3 --sealed`: regenerate it"
 
 
 def test_shipped_files_are_the_generator_s_output(tmp_path):
-    """infra/nats is `dpbus nats-config --dp-size 2 --password changeme` (compose's layout):
-    regenerating it (keeping the shipped hashes, which must verify) changes nothing."""
-    hashes = read_hashes(NATS_DIR / "auth.conf")
-    assert hashes and all(check_password(SHIPPED_PASSWORD, h) for h in hashes.values())
+    """infra/nats is `dpbus nats-config --dp-size 2 --nnodes 2 --sealed` (compose's layout;
+    regenerate it with `--out infra/nats`): the same files but for the hashes, and no
+    credentials beside them."""
     r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "2",
-                        "--nnodes", "2", "--password", SHIPPED_PASSWORD], capture_output=True, text=True, timeout=60,
-                       env=clean_env())
+                        "--nnodes", "2", "--sealed"], capture_output=True, text=True, timeout=60, env=clean_env())
     assert r.returncode == 0, r.stderr
-    # reuse the shipped hashes (bcrypt salts are random): write again over a copy of them
-    (tmp_path / "auth.conf").write_text((NATS_DIR / "auth.conf").read_text())
-    write_config(tmp_path, dp_size=2, clients=["client"], prefixes=["dpbus"],
-                 passwords={u: SHIPPED_PASSWORD for u in [*hashes, "sys"]}, url="nats://127.0.0.1:4222",
-                 existing_hashes=read_hashes(tmp_path / "auth.conf"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auth.conf", "nats.conf"]
     for name in ("nats.conf", "auth.conf"):
-        assert (tmp_path / name).read_text() == (NATS_DIR / name).read_text(), \
-            f"infra/nats/{name} drifted from `dpbus nats-config`: regenerate it"
+        assert sealed((tmp_path / name).read_text()) == sealed((NATS_DIR / name).read_text()), \
+            f"infra/nats/{name} drifted from `dpbus nats-config --sealed`: regenerate it"
+
+
+def test_no_shipped_config_lets_anyone_in():
+    """Every password in infra/ is a bcrypt hash, none of the old placeholder nor of its
+    user's name, and no route URL carries a password."""
+    for conf in CONFS:
+        text = conf.read_text()
+        assert "changeme" not in text.lower(), conf
+        assert not re.search(r"nats-route://[^@\s\"]*@", text), f"{conf}: a route URL with credentials"
+        for value in re.findall(r'password:\s*("[^"]*"|\S+)', text):
+            assert BCRYPT.fullmatch(value.rstrip(",")), f"{conf}: a clear password {value}"
+    for user, hashed in read_hashes(NATS_DIR / "auth.conf").items():
+        assert not check_password("changeme", hashed) and not check_password(user, hashed), user
 
 
 # --- a real server from a generated config: the permission matrix, observed
 
 class Server:
-    def __init__(self, d: Path, tls: Tls | None = None) -> None:
+    """A nats-server from ``write_config`` (``config``: more of its arguments, e.g. limits)."""
+
+    def __init__(self, d: Path, tls: Tls | None = None, **config) -> None:
         self.port = free_port()
         scheme = "tls" if tls else "nats"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
+        config.setdefault("http", None)
         self.creds = write_config(d, dp_size=2, clients=["client", "alice", "bob"], prefixes=["dpbus"],
-                                  listen=f"127.0.0.1:{self.port}", http=None, store_dir=str(d / "js"), tls=tls,
-                                  url=self.url)
+                                  listen=f"127.0.0.1:{self.port}", store_dir=str(d / "js"), tls=tls,
+                                  url=self.url, **config)
         self.log = open(d / "server.log", "wb")
         self.proc = subprocess.Popen([str(NATS_SERVER), "-c", str(d / "nats.conf")], stdout=self.log,
                                      stderr=subprocess.STDOUT, env=clean_env())
@@ -398,45 +415,72 @@ def compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
-def test_compose_config_is_valid():
-    r = compose("config", "-q")
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory) -> Path:
+    """What the README has you run before compose: `dpbus nats-config --out secrets ...`."""
+    out = tmp_path_factory.mktemp("secrets")
+    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(out), "--dp-size", "2",
+                        "--nnodes", "2"], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_compose_config_is_valid(secrets):
+    r = compose("--env-file", str(secrets / "compose.env"), "config", "-q")
     assert r.returncode == 0, r.stderr
 
 
+def test_compose_without_nats_config_stops_and_says_what_to_run():
+    """No fallback password: without compose.env every password and the config directory
+    are missing, and compose names the step that makes them."""
+    r = compose("config", "-q")
+    assert r.returncode != 0
+    assert re.search(r"required variable DPBUS_\w+ is missing a value: run `dpbus nats-config --out DIR`", r.stderr), \
+        r.stderr
+    assert "changeme" not in (ROOT / "compose.yaml").read_text().lower()
+    assert not re.search(r"\$\{DPBUS_\w*(PASSWORD|CONF_DIR)[^}]*:-", (ROOT / "compose.yaml").read_text())
+
+
 @pytest.fixture(scope="module")
-def compose_model() -> dict:
-    r = compose("config", "--format", "json")
+def compose_model(secrets) -> dict:
+    r = compose("--env-file", str(secrets / "compose.env"), "config", "--format", "json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
 
-def test_compose_services():
-    r = compose("config", "--services")
+def test_compose_services(secrets):
+    r = compose("--env-file", str(secrets / "compose.env"), "config", "--services")
     assert r.returncode == 0, r.stderr
     assert {"nats", "ingest", "node-0", "node-1"} <= set(r.stdout.split())
 
 
-def test_compose_nats_service(compose_model):
+def test_compose_nats_service(compose_model, secrets):
     svc = compose_model["services"]["nats"]
     assert re.fullmatch(r"nats:[\w.]+-alpine", svc["image"]), svc["image"]
-    assert svc.get("healthcheck", {}).get("test"), "nats has no health check"
+    probe = svc.get("healthcheck", {}).get("test") or []
+    assert "http://127.0.0.1:8222/healthz" in probe, "nats has no health check on its loopback monitoring"
     cmd = svc.get("command") or []
-    assert "-c" in cmd and "8222" in cmd, cmd  # a command replaces the default config
+    assert "-c" in cmd, cmd  # a command replaces the default config
+    # -m PORT would bind monitoring to the client address; the config says where it goes
+    assert not {"-m", "--http_port", "-ms", "--https_port"} & set(cmd), cmd
+    assert re.search(r'^http: "127\.0\.0\.1:8222"$', (secrets / "nats.conf").read_text(), re.M)
+    assert [p["target"] for p in svc.get("ports", [])] == [4222], "monitoring is not published"
     targets = {v["target"] for v in svc.get("volumes", [])}
     assert {"/etc/nats/dpbus/nats.conf", "/etc/nats/dpbus/auth.conf"} <= targets, targets
     assert any(v.get("type") == "volume" and v["target"] == svc["working_dir"] for v in svc["volumes"]), \
         "the relative JetStream store must land in the named volume"
 
 
-def test_compose_services_connect_as_their_own_users(compose_model):
+def test_compose_services_connect_as_their_own_users(compose_model, secrets):
     services = {k: v for k, v in compose_model["services"].items() if k != "nats"}
-    users = read_hashes(NATS_DIR / "auth.conf")
+    users = read_hashes(secrets / "auth.conf")
+    passwords = json.loads((secrets / "credentials.json").read_text())["passwords"]
     for name, svc in services.items():
         assert svc.get("depends_on", {}).get("nats", {}).get("condition") == "service_healthy", name
         env = svc.get("environment", {})
         assert env["DPBUS_NATS_URL"] == "nats://nats:4222", name
         assert env["DPBUS_NATS_USER"] in users, f"{name} connects as a user the server does not know"
-        assert env["DPBUS_NATS_PASSWORD"] == SHIPPED_PASSWORD, name
+        assert env["DPBUS_NATS_PASSWORD"] == passwords[env["DPBUS_NATS_USER"]], name
         assert svc["build"]["dockerfile"] == "infra/docker/Dockerfile", name
     assert services["ingest"]["environment"]["DPBUS_NATS_USER"] == "ingest"
     for rank in (0, 1):
@@ -461,7 +505,7 @@ def test_compose_with_your_own_secrets(tmp_path):
     assert str(tmp_path / "auth.conf") in sources
     for name, user in (("ingest", "ingest"), ("node-0", "node-0"), ("node-1", "node-1")):
         env = model["services"][name]["environment"]
-        assert env["DPBUS_NATS_PASSWORD"] == creds[user] != SHIPPED_PASSWORD
+        assert env["DPBUS_NATS_PASSWORD"] == creds[user]
 
 
 # --- nkey users: `dpbus nats-config --nkeys`

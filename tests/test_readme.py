@@ -208,7 +208,8 @@ def test_quick_start_as_written(user_env, tmp_path):
 
 
 def on_localhost(cmd: str, ports: dict[tuple[str, int], int]) -> str:
-    """Hosts become 127.0.0.1; each (host, port) a free port (one server port for all hosts)."""
+    """Hosts become 127.0.0.1; each (host, port) a free port (one server port for all hosts;
+    the server's own loopback too, so that its monitoring port is free)."""
     def swap(m: re.Match) -> str:
         host, port = m.group(1), int(m.group(2))
         key = (host if host in "abcd" else "*", port)
@@ -216,7 +217,7 @@ def on_localhost(cmd: str, ports: dict[tuple[str, int], int]) -> str:
             ports[key] = free_port()
         return f"127.0.0.1:{ports[key]}"
 
-    return re.sub(r"(?<![\w.])(0\.0\.0\.0|[abcdn]):(\d+)", swap, cmd)
+    return re.sub(r"(?<![\w.])(0\.0\.0\.0|127\.0\.0\.1|[abcdn]):(\d+)", swap, cmd)
 
 
 @pytest.mark.e2e
