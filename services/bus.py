@@ -90,8 +90,13 @@ def redact(url: str) -> str:
 def refuse_placeholder(url: str, auth: NatsAuth) -> None:
     """Raise PlaceholderPasswordError, naming the user, if ``auth`` or a server of ``url``
     carries a known placeholder password: a server that takes it takes it from anyone who
-    has read the example it came from. (No password at all, for an nkey user or an open
-    server, is not a placeholder.)"""
+    has read the example it came from. A user named with no password nor nkey is refused
+    too (what compose gives a service run without its env file). (No user at all, on an
+    open server, is not refused.)"""
+    if auth.user and not auth.password and not auth.nkey_seed and not any(urlsplit(u).password for u in servers(url)):
+        raise PlaceholderPasswordError(
+            f"NATS user {auth.user} at {redact(url)} has no password: `dpbus nats-config --out DIR` writes every "
+            "user's (DIR/credentials.json for --nats-credentials; under compose, pass --env-file DIR/compose.env)")
     given = [(auth.user or url_user(url), auth.password)] if auth.password else []
     for u in servers(url):
         parts = urlsplit(u)

@@ -430,15 +430,24 @@ def test_compose_config_is_valid(secrets):
     assert r.returncode == 0, r.stderr
 
 
-def test_compose_without_nats_config_stops_and_says_what_to_run():
-    """No fallback password: without compose.env every password and the config directory
-    are missing, and compose names the step that makes them."""
-    r = compose("config", "-q")
-    assert r.returncode != 0
-    assert re.search(r"required variable DPBUS_\w+ is missing a value: run `dpbus nats-config --out DIR`", r.stderr), \
-        r.stderr
+def test_compose_without_nats_config_has_no_password_and_its_services_refuse_to_start():
+    """No fallback password: compose's file is valid as it is (what a reader of it checks
+    first), but without compose.env every password is empty, and a service given a user
+    with an empty password refuses to start, naming the step that makes them."""
+    r = compose("config", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    model = json.loads(r.stdout)
+    passwords = {name: svc["environment"]["DPBUS_NATS_PASSWORD"] for name, svc in model["services"].items()
+                 if "DPBUS_NATS_PASSWORD" in svc.get("environment", {})}
+    assert passwords and set(passwords.values()) == {""}, passwords
     assert "changeme" not in (ROOT / "compose.yaml").read_text().lower()
-    assert not re.search(r"\$\{DPBUS_\w*(PASSWORD|CONF_DIR)[^}]*:-", (ROOT / "compose.yaml").read_text())
+    assert not re.search(r"\$\{DPBUS_\w*PASSWORD:-[^}]", (ROOT / "compose.yaml").read_text())
+    ingest = model["services"]["ingest"]["environment"]
+    r = subprocess.run([sys.executable, "-m", "services.cli", "ingest"], capture_output=True, text=True, timeout=120,
+                       env={**clean_env(), **{k: v for k, v in ingest.items() if k.startswith("DPBUS_")},
+                            "DPBUS_NATS_URL": "nats://127.0.0.1:1"})
+    assert r.returncode != 0 and "NATS user ingest" in r.stderr and "has no password" in r.stderr, r.stderr[-2000:]
+    assert "dpbus nats-config --out DIR" in r.stderr
 
 
 @pytest.fixture(scope="module")
