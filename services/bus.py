@@ -130,6 +130,30 @@ def auth_from(settings: Any, default_user: str = "") -> NatsAuth:
                     settings.tls_cert, settings.tls_key)
 
 
+def answer_auth(settings: Any, main: NatsAuth) -> NatsAuth | None:
+    """How a service connects to answer clients (``answer_nats_user``), when it does so
+    apart from its main connection: given a password, or found in ``nats_credentials``.
+    None on an open server (one connection does everything); a secured service without
+    it is refused at start-up (its main user may not publish to client inboxes)."""
+    user = settings.answer_nats_user
+    if settings.answer_nats_password:
+        return NatsAuth(user, settings.answer_nats_password, "", main.tls_ca, main.tls_cert, main.tls_key)
+    if settings.nats_credentials:
+        from services.natsconf import Credentials
+
+        creds = Credentials.load(settings.nats_credentials)
+        if user in creds.passwords or user in creds.nkey_seeds:
+            auth = auth_for(creds, user)
+            auth.tls_ca, auth.tls_cert, auth.tls_key = main.tls_ca or auth.tls_ca, main.tls_cert, main.tls_key
+            return auth
+    if main.user or main.nkey_seed:
+        raise FatalConnectError(
+            f"{main.user or 'this service'} answers clients over a connection of its own as NATS user {user}, and "
+            f"has no credentials for it: give --answer-nats-password (DPBUS_ANSWER_NATS_PASSWORD) or "
+            "--nats-credentials with that user (`dpbus nats-config` writes it)")
+    return None
+
+
 def _fatal(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, ssl.SSLError) or "authorization" in text or "authentication" in text \

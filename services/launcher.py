@@ -139,6 +139,9 @@ class Cluster:
             auth = bus.auth_for(self.credentials, user)
             env.update({"DPBUS_NATS_USER": auth.user, "DPBUS_NATS_PASSWORD": auth.password,
                         "DPBUS_NATS_NKEY_SEED": auth.nkey_seed, "DPBUS_TLS_CA": auth.tls_ca})
+            if user == "ingest":  # and the user it answers clients as
+                answers = bus.auth_for(self.credentials, "ingest-answers")
+                env.update({"DPBUS_ANSWER_NATS_USER": answers.user, "DPBUS_ANSWER_NATS_PASSWORD": answers.password})
         return {**env, **self.extra}
 
     def _write_targets(self) -> None:

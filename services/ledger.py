@@ -46,10 +46,11 @@ CORRUPT = "corrupt"  # a value that is no entry at all (not written by dpbus): t
 KEEP_ANSWERED = 120.0  # seconds a settled name stays (duplicates are dropped until then)
 # The bucket's limits: a safety net, never the protocol. An entry lives from its claim to
 # KEEP_ANSWERED after its answer, so at ~3k accepted requests/s (one stream leader's rate)
-# the bucket holds ~400k entries of ~250 bytes: 100 MB. Past MAX_BYTES a claim is refused
+# the bucket holds ~350k entries of ~250 bytes: 90 MB. Past MAX_BYTES a claim is refused
 # (the client gets ``overloaded``); MAX_AGE only drops what no sweep deleted (no ingest for
-# hours), far beyond the longest request (65k tokens) and renewed leases.
-MAX_BYTES = 256 << 20
+# hours), far beyond the longest request (65k tokens) and renewed leases. JetStream sets
+# MAX_BYTES aside in its store when the bucket is made (a deployment's server has 4 GB).
+MAX_BYTES = 128 << 20
 MAX_AGE = 6 * 3600.0
 LEDGER_FULL = (10077, 10047, 10027)  # JetStream: maximum messages / bytes / storage exceeded
 CONFIG_DIFFERS = 10058  # JetStream: the stream exists with another configuration

@@ -13,7 +13,8 @@ Users, one per role (``g`` = a DP group):
                    also on the plain ones) and read only its own inbox ``_INBOX.<name>.>``:
                    the server vouches who sent a request and nobody reads another's answers
 ``gateway``        the HTTP front: a client of the bus like any other
-``ingest``         routes requests to groups; answers clients; asks publishers what they hold
+``ingest``         routes requests to groups; asks publishers what they hold; the ledger
+``ingest-answers`` ingest's second connection: answers clients, may publish nothing else
 ``publisher-g``    schedules group g, sends its steps, answers clients, moves requests
                    to other groups' ``submit``
 ``worker-g``       runs group g's steps; touches no other group's subjects
@@ -108,12 +109,16 @@ def ledger_access(prefix: str) -> Permissions:
 
 
 def _ingest(s: Subjects, dp_size: int) -> Permissions:
+    """Ingest's main connection: no client inbox (its answers go as ``ingest-answers``)."""
     groups = range(dp_size)
     return Permissions(
         publish=[*(s.submit(g) for g in groups), *(s.group_abort(g) for g in groups),
-                 *(s.inflight(g) for g in groups), f"{INBOX_ROOT}.>"],
+                 *(s.inflight(g) for g in groups)],
         subscribe=[s.generate, s.all_generate, s.abort, s.all_abort, s.all_loads],
     )
+
+
+ANSWERS = Permissions(publish=[f"{INBOX_ROOT}.>"])  # answering clients, and nothing else
 
 
 def _client(s: Subjects, user: str) -> Permissions:
@@ -134,6 +139,8 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
         s = Subjects(prefix)
         if kind == "ingest" and not rank:
             out = out | _ingest(s, dp_size) | ledger_access(prefix)
+        elif user == "ingest-answers":
+            out = out | ANSWERS
         elif kind == "publisher" and g is not None:
             out = out | _publisher(s, g, dp_size) | ledger_access(prefix)
         elif kind == "worker" and g is not None:
@@ -144,10 +151,10 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
             out = out | Permissions(publish=["$SRV.>"], subscribe=[s.all_loads])
         else:  # a client application (the gateway is one)
             out = out | _client(s, user)
-    service = kind in SERVICE_ROLES and (g is not None or kind == "ingest")
+    service = kind in SERVICE_ROLES and (g is not None or user == "ingest")
     if service:
         out = out | Permissions(subscribe=["$SRV.>"], allow_responses=True)  # nats.micro discovery
-    elif user != "operator":
+    elif user not in ("operator", "ingest-answers"):
         out = out | Permissions(publish=list(DISCOVERY))
     # everyone's own inbox: replies to its requests (and a client's answers)
     return out | Permissions(subscribe=[inbox_prefix(user) + ".>"])
@@ -160,7 +167,7 @@ def layout_users(dp_size: int, clients: list[str]) -> list[str]:
             raise ValueError(f"client name {c!r}: use letters, digits, '-' or '_', and not a role's name "
                              "(ingest, gateway, operator, admin, sys, publisher-N, worker-N, node-N)")
     groups = range(dp_size)
-    return ["ingest", *(f"publisher-{g}" for g in groups), *(f"worker-{g}" for g in groups),
+    return ["ingest", "ingest-answers", *(f"publisher-{g}" for g in groups), *(f"worker-{g}" for g in groups),
             *(f"node-{g}" for g in groups), "gateway", "operator", "admin", *clients]
 
 

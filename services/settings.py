@@ -52,6 +52,10 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class IngestSettings(Common):
+    # ingest answers clients over a connection of its own, as a user that may publish
+    # nothing but client inboxes (its main user may not): see services/natsconf.py
+    answer_nats_user: str = "ingest-answers"
+    answer_nats_password: str = ""  # empty: the user's entry in --nats-credentials
     submit_timeout: Seconds = 5.0
     max_inflight: Positive = 4096  # requests being handed to a group at once
     reconcile_interval: Seconds = 1.0  # how often ingest sweeps the ledger for lapsed leases
@@ -137,7 +141,7 @@ NodeSettings = _merged("NodeSettings", WorkerSettings, PublisherSettings)
 
 # Every service setting `dpbus up` and `dpbus demo` pass on to the services they start
 # (as DPBUS_* variables; each service reads its own): all of them but those `up` decides.
-UP_DECIDES = {"nats_url", "nats_user", "nats_password", "nats_credentials", "nats_nkey_seed", "tls_ca", "tls_cert",
+UP_DECIDES = {"nats_url", "nats_user", "nats_password", "nats_credentials", "answer_nats_user", "answer_nats_password", "nats_nkey_seed", "tls_ca", "tls_cert",
               "tls_key", "prefix", "dp_size", "nnodes", "node_rank", "dp_rank", "local_devices", "coordinator",
               "http_port", "log_json", "metrics_port"}
 ServiceFlags = _merged("ServiceFlags", IngestSettings, PublisherSettings, WorkerSettings, GatewaySettings)

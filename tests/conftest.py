@@ -74,9 +74,13 @@ class NatsServer:
         return NatsAuth(name, password)
 
     def settings(self, user: str) -> dict:
-        """The connection part of a service's settings, as ``user``."""
+        """The connection part of a service's settings, as ``user`` (ingest: and the user
+        it answers clients as)."""
         auth = self.auth(user)
-        return {"nats_url": self.url, "nats_user": auth.user, "nats_password": auth.password}
+        out = {"nats_url": self.url, "nats_user": auth.user, "nats_password": auth.password}
+        if user == "ingest" and self.credentials is not None:
+            out["answer_nats_password"] = self.auth("ingest-answers").password
+        return out
 
     async def connect(self, user: str = "client", **kw):
         """A nats-py connection as ``user`` (quiet about its errors unless given error_cb)."""

@@ -60,11 +60,11 @@ class Proxy:
 
 
 async def outbox_behind(proxy: Proxy, server) -> tuple[bus.Client, bus.ClientOutbox, list]:
-    """A service's connection (as ``ingest``) through ``proxy``, its outbox, and its list
-    of reconnection hooks."""
+    """A service's answering connection (as ``ingest-answers``) through ``proxy``, its
+    outbox, and its list of reconnection hooks."""
     hooks: list = []
     nc = await bus.connect(await proxy.start(), "confirm-test", LOG, on_reconnect_hooks=hooks,
-                           auth=server.auth("ingest"))
+                           auth=server.auth("ingest-answers"))
     outbox = bus.ClientOutbox(nc, LOG, hold=0.2)
     hooks.append(outbox.on_reconnect)
     return nc, outbox, hooks

@@ -205,14 +205,21 @@ def violation(errors: list[str], kind: str, subject: str) -> bool:
 # Written from what each service does (see the modules named), not from the generator.
 MATRIX = {
     "ingest": (  # services/ingest/service.py
-        ["dpbus.dp.0.submit", "dpbus.dp.1.abort", "dpbus.dp.1.inflight", "_INBOX.alice.answer",
+        ["dpbus.dp.0.submit", "dpbus.dp.1.abort", "dpbus.dp.1.inflight",
          "$KV.dpbus_requests.r.x", "$JS.API.STREAM.INFO.KV_dpbus_requests",  # the request ledger
          "$JS.API.CONSUMER.CREATE.KV_dpbus_requests.w.>"],
         ["dpbus.generate", "dpbus.generate.*", "dpbus.abort", "dpbus.abort.*", "dpbus.dp.*.load", "$SRV.PING",
          "_INBOX.ingest.r"],
-        ["dpbus.dp.0.step", "dpbus.generate", "$JS.API.STREAM.DELETE.KV_dpbus_requests", "$KV.other.x",
+        ["dpbus.dp.0.step", "dpbus.generate", "_INBOX.alice.answer", "$JS.API.STREAM.DELETE.KV_dpbus_requests",
+         "$KV.other.x",
          "$JS.API.STREAM.PURGE.KV_dpbus_requests"],
         ["dpbus.dp.0.step", "_INBOX.alice.>"]),
+    "ingest-answers": (  # ingest's answers to clients: client inboxes and nothing else
+        ["_INBOX.alice.answer", "_INBOX.bob.x.y"],
+        ["_INBOX.ingest-answers.r"],
+        ["$KV.dpbus_requests.r.x", "dpbus.dp.0.submit", "dpbus.dp.0.step", "dpbus.generate", "$SRV.PING",
+         "$JS.API.STREAM.INFO.KV_dpbus_requests"],
+        ["dpbus.generate", "_INBOX.alice.>", "dpbus.dp.*.load"]),
     "publisher-0": (  # services/publisher/service.py
         ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.1.submit", "dpbus.dp.1.abort",
          "_INBOX.bob.answer", "$KV.dpbus_requests.lease.7", "$JS.API.DIRECT.GET.KV_dpbus_requests.$KV.x"],
@@ -515,6 +522,9 @@ def test_compose_with_your_own_secrets(tmp_path):
     for name, user in (("ingest", "ingest"), ("node-0", "node-0"), ("node-1", "node-1")):
         env = model["services"][name]["environment"]
         assert env["DPBUS_NATS_PASSWORD"] == creds[user]
+    ingest = model["services"]["ingest"]["environment"]
+    assert ingest["DPBUS_ANSWER_NATS_USER"] == "ingest-answers"
+    assert ingest["DPBUS_ANSWER_NATS_PASSWORD"] == creds["ingest-answers"]
 
 
 # --- nkey users: `dpbus nats-config --nkeys`

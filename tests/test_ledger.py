@@ -496,6 +496,13 @@ async def test_a_value_that_is_no_entry_is_taken_over_and_its_request_answered_o
     run.start(pub)
     await fake_workers(nc, [0], run.stop)
     await until(lambda: pub.ready() and not front.router.unavailable_reason(0), 10)
+    # ingest hears load reports before its endpoints are up: a refused body proves they are
+    probe, refused = await answers_on(nc)
+    for _ in range(40):
+        await nc.publish(bus.request_subjects(nc, SUBJ)[0], b"{}", reply=probe)
+        await until(lambda: refused.terminals(), 0.5)
+        if refused.terminals():
+            break
     kv = await nc.jetstream().key_value(f"{PREFIX}_requests")
     inbox, answers = await answers_on(nc)
     client = inbox.rsplit(".", 1)[0]  # _INBOX.admin

@@ -350,6 +350,7 @@ class RunningIngest:
     def __init__(self, server: Server) -> None:
         name, password = server.creds.user("ingest")
         settings = msgspec.convert({"nats_url": server.url, "nats_user": name, "nats_password": password,
+                                    "answer_nats_password": server.creds.user("ingest-answers")[1],
                                     "prefix": "dpbus", "dp_size": 2, "nnodes": 2, "submit_timeout": 0.3,
                                     "reconcile_interval": 0.2}, IngestSettings)
         self.ingest = Ingest(settings, LOG)

@@ -478,10 +478,17 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event) -> None:
         hooks: list = []
+        bus.refuse_placeholder(self.s.nats_url, self.auth)  # the main user's own trouble is told first
+        answering = bus.answer_auth(self.s, self.auth)  # before connecting: a missing one stops start-up
         self.nc = await unless_stopped(stop, bus.connect(self.s.nats_url, "dpbus-ingest", self.log,
                                                          on_reconnect_hooks=hooks, auth=self.auth))
-        self.outbox = bus.ClientOutbox(self.nc, self.log)
-        hooks.append(self.outbox.on_reconnect)
+        # answers go over a connection that may publish nothing but client inboxes: whatever
+        # a request names, ingest's answers cannot reach the ledger, a group or a service
+        answer_hooks: list = []
+        self.answer_nc = self.nc if answering is None else await unless_stopped(stop, bus.connect(
+            self.s.nats_url, "dpbus-ingest-answers", self.log, on_reconnect_hooks=answer_hooks, auth=answering))
+        self.outbox = bus.ClientOutbox(self.answer_nc, self.log)
+        (hooks if answering is None else answer_hooks).append(self.outbox.on_reconnect)
         self.replies = bus.Replies(self.nc)
         await self.replies.start()
         self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas, log=self.log)
@@ -508,4 +515,6 @@ class Ingest:
             await asyncio.sleep(0.05)
         await self.outbox.drain(timeout=2)
         self.replies.stop()
+        if self.answer_nc is not self.nc:
+            await bus.close(self.answer_nc)
         await bus.close(self.nc)
