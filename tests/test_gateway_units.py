@@ -1,14 +1,25 @@
-"""The gateway's pieces without a server: chat templates, OpenAI request mapping."""
+"""The gateway's pieces: chat templates and OpenAI request mapping without a server; then
+the gateway itself, served from the test's event loop on a real nats-server, with the test
+standing in for dpbus (what a hostile party could send it, and what it sends the bus)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 
+import httpx
+import msgspec
 import pytest
 
+from schemas import Chunk, Done, Error, FinishReason
 from schemas.errors import ErrorCode
 from services.gateway import openai as oa
+from services.gateway.app import Gateway
 from services.gateway.chat import TemplateError, load_chat_template
+from services.launcher import free_port
+from services.settings import GatewaySettings
 
 LLAMA_LIKE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -91,3 +102,160 @@ def test_every_dpbus_error_code_has_an_http_status():
         assert 400 <= err.status < 600 and err.body()["error"]["code"] == code.value
     assert oa.from_dpbus_error(ErrorCode.OVERLOADED, "").status == 429
     assert oa.from_dpbus_error(ErrorCode.UNAVAILABLE, "").status == 503
+
+
+# ---- the gateway in this process, on a real nats-server, with the test playing dpbus -----
+#
+# The stand-in connects as `admin` and listens on every subject of its prefix: it sees the
+# gateway's requests and aborts as ingest would, and answers (or forges answers) on the
+# reply subjects as the services would. Nothing runs a model.
+
+STAND_IN_PREFIX = "gwnone"  # a prefix of the test server's config that no real ingest serves
+KEY = "sk-units"
+
+
+class Log:
+    """A structlog stand-in that keeps every line; `ready` is set when the gateway listens."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict]] = []
+        self.ready = asyncio.Event()
+
+    def __getattr__(self, level: str):
+        def log(event: str, **kw) -> None:
+            self.lines.append((level, event, kw))
+            if event == "gateway_ready":
+                self.ready.set()
+        return log
+
+
+class StandIn:
+    def __init__(self, nc) -> None:
+        self.nc = nc
+        self.requests: asyncio.Queue = asyncio.Queue()  # (request, reply subject)
+        self.aborts: asyncio.Queue = asyncio.Queue()  # abort bodies
+
+    async def on_msg(self, msg) -> None:
+        kind = msg.subject.split(".")[1]
+        if kind == "generate":
+            self.requests.put_nowait((msgspec.msgpack.decode(msg.data), msg.reply))
+        elif kind == "abort":
+            doc = json.loads(msg.data)
+            self.aborts.put_nowait(doc)
+            await self.nc.publish(msg.reply, json.dumps({"type": "abort", "rid": doc["rid"], "found": True}).encode())
+
+    async def request(self) -> tuple[dict, str]:
+        return await asyncio.wait_for(self.requests.get(), 30)
+
+    async def send(self, reply: str, *answers) -> None:
+        for a in answers:
+            await self.nc.publish(reply, a if isinstance(a, bytes) else msgspec.msgpack.encode(a))
+        await self.nc.flush()
+
+
+@pytest.fixture
+async def stand_in(nats_server):
+    nc = await nats_server.connect("admin")
+    s = StandIn(nc)
+    await nc.subscribe(f"{STAND_IN_PREFIX}.>", cb=s.on_msg)
+    await nc.flush()
+    yield s
+    await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway(nats_server, **settings):
+    """A Gateway served from this event loop; ``.url`` is its root."""
+    log = Log()
+    cfg = GatewaySettings(**nats_server.settings("gateway"), prefix=STAND_IN_PREFIX, http_port=free_port(), **settings)
+    gw = Gateway(cfg, log)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(gw.run(stop))
+    ready = asyncio.create_task(log.ready.wait())
+    await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        ready.cancel()
+        serving.result()
+    gw.url, gw.log_lines = f"http://127.0.0.1:{cfg.http_port}", log.lines
+    try:
+        yield gw
+    finally:
+        stop.set()
+        await serving
+
+
+def done(rid: str, tokens: int = 1) -> Done:
+    return Done(rid=rid, dp_rank=0, finish_reason=FinishReason.LENGTH, prompt_tokens=2, completion_tokens=tokens)
+
+
+async def scrape(http: httpx.AsyncClient, url: str, **headers) -> dict[str, float]:
+    text = (await http.get(f"{url}/metrics", headers=headers)).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dpbus_gateway_\S+) (\S+)$", text, re.M)}
+
+
+def sse_texts(body: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+
+
+async def test_each_call_answers_on_its_own_unguessable_subject(nats_server, stand_in):
+    async with gateway(nats_server) as gw, httpx.AsyncClient(timeout=30) as http:
+        posts = [asyncio.create_task(http.post(f"{gw.url}/v1/completions", json={"prompt": p, "max_tokens": 1}))
+                 for p in ("one", "two")]
+        seen = [await stand_in.request() for _ in posts]
+        for req, reply in seen:
+            await stand_in.send(reply, done(req["rid"]))
+        assert [(await p).status_code for p in posts] == [200, 200]
+    replies = [reply for _, reply in seen]
+    prefixes = {r.rsplit(".", 1)[0] for r in replies}
+    tokens = [r.rsplit(".", 1)[1] for r in replies]
+    assert len(prefixes) == 1 and prefixes.pop().startswith("_INBOX.gateway.")  # its private inbox
+    assert len(set(tokens)) == 2 and all(re.fullmatch(r"[0-9a-f]{32}", t) for t in tokens), tokens  # 128 random bits
+
+
+async def test_answers_with_another_rid_are_dropped_and_counted(nats_server, stand_in):
+    """Whoever learns a call's subject and publishes there (a forged chunk, a forged end, an
+    error without rid once answers have come, bytes that decode to nothing) reaches no HTTP
+    user: the stream is the call's own answers, and each forgery is counted."""
+    async with gateway(nats_server) as gw, httpx.AsyncClient(timeout=30) as http:
+        before = await scrape(http, gw.url)
+        post = asyncio.create_task(http.post(f"{gw.url}/v1/completions",
+                                             json={"prompt": "hi", "max_tokens": 2, "stream": True}))
+        req, reply = await stand_in.request()
+        rid = req["rid"]
+        await stand_in.send(
+            reply,
+            Chunk(rid="cmpl-forged", index=0, token_ids=[70], text="FORGED"),
+            Done(rid="cmpl-forged", dp_rank=1, finish_reason=FinishReason.STOP, prompt_tokens=1, completion_tokens=1),
+            Chunk(rid=rid, index=0, token_ids=[104], text="h"),
+            Error(code=ErrorCode.INTERNAL, message="FORGED"),  # no rid, after the call's first answer
+            b"\x93not an answer",
+            Chunk(rid=rid, index=1, token_ids=[105], text="i"),
+        )
+        await stand_in.send(reply.rsplit(".", 1)[0] + ".0", Chunk(rid=rid, index=2, token_ids=[1], text="x"))
+        await stand_in.send(reply, done(rid, 2))
+        r = await post
+        after = await scrape(http, gw.url)
+    assert r.status_code == 200 and "FORGED" not in r.text, r.text
+    events = sse_texts(r.text)
+    assert "".join(e["choices"][0]["text"] for e in events) == "hi"
+    assert {e["id"] for e in events} == {rid} and events[-1]["choices"][0]["finish_reason"] == "length"
+
+    def grew(reason: str) -> float:
+        name = f'dpbus_gateway_dropped_answers_total{{reason="{reason}"}}'
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert (grew("wrong_rid"), grew("undecodable"), grew("no_call")) == (3, 1, 1)
+    assert any(event == "answer_dropped" and kw["reason"] == "wrong_rid" for _, event, kw in gw.log_lines)
+
+
+async def test_a_refusal_without_rid_is_still_a_call_s_first_answer(nats_server, stand_in):
+    """Ingest refuses some requests before it reads their rid (an unknown dp_rank): that
+    error is the call's answer, not a forgery."""
+    async with gateway(nats_server) as gw, httpx.AsyncClient(timeout=30) as http:
+        post = asyncio.create_task(http.post(f"{gw.url}/v1/completions", json={"prompt": "x", "dp_rank": 9}))
+        _, reply = await stand_in.request()
+        await stand_in.send(reply, Error(code=ErrorCode.UNKNOWN_DP_RANK, message="no group 9"))
+        r = await post
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_dp_rank", r.text
+
+

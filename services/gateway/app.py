@@ -7,14 +7,19 @@ Run as many replicas as you like; they share nothing.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /health``, ``GET /metrics`` (Prometheus). A client that goes away aborts its request.
+
+What reaches an HTTP user comes only from its own call: each call answers on its own reply
+subject, the gateway's private inbox plus a random token nobody can guess, and an answer
+there whose ``rid`` is not the call's is dropped and counted
+(``dpbus_gateway_dropped_answers_total``), never passed on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,6 +41,8 @@ from services.settings import GatewaySettings
 from services.tokenizer import load_tokenizer
 
 _answer = msgspec.msgpack.Decoder(Answer)
+REPLY_TOKEN_BYTES = 16  # 128 random bits after the inbox prefix: a call's subject cannot be guessed
+NO_RESPONDERS = object()  # queued for a call when NATS says nobody serves the generate subject
 
 
 class Call:
@@ -45,17 +52,17 @@ class Call:
         self.client, self.rid, self.reply = client, rid, reply
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self.answered = False  # an answer of this call came (the first one may lack the rid, see on_answer)
 
     async def next(self) -> Chunk | Done | Error:
         try:
-            msg = await asyncio.wait_for(self.queue.get(), self.client.timeout)
+            answer = await asyncio.wait_for(self.queue.get(), self.client.timeout)
         except asyncio.TimeoutError:
             self.close()
             raise oa.ApiError(504, f"no answer from dpbus within {self.client.timeout:.0f}s", "timeout") from None
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+        if answer is NO_RESPONDERS:
             self.close()
             raise oa.ApiError(503, "no dpbus ingest is running", "service_unavailable", ErrorCode.UNAVAILABLE.value)
-        answer = _answer.decode(msg.data)
         if isinstance(answer, (Done, Error)):
             self.close()
         return answer
@@ -68,13 +75,13 @@ class Call:
 class BusClient:
     """The gateway's NATS side: one connection and one subscription for every call."""
 
-    def __init__(self, s: GatewaySettings, log: Any) -> None:
-        self.s, self.log = s, log
+    def __init__(self, s: GatewaySettings, log: Any, metrics: GatewayMetrics) -> None:
+        self.s, self.log, self.metrics = s, log, metrics
         self.subjects = Subjects(s.prefix)
         self.timeout = s.request_timeout
         self.calls: dict[str, Call] = {}
-        self.counter = itertools.count()
         self.tasks: set[asyncio.Task] = set()
+        self.warned: dict[str, float] = {}  # reason -> when a dropped answer was last logged
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.s.nats_url, "dpbus-gateway", self.log, auth=bus.auth_from(self.s, "gateway"))
@@ -83,11 +90,42 @@ class BusClient:
 
     async def on_answer(self, msg: Any) -> None:
         call = self.calls.get(msg.subject)
-        if call is not None:
-            call.queue.put_nowait(msg)
+        if call is None:  # late answers of a call that ended or was aborted (or a guess)
+            self.drop("no_call", msg.subject)
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            if call.answered:  # NATS says this before any answer, or never
+                self.drop("unexpected_status", msg.subject, call.rid)
+                return
+            call.answered = True
+            call.queue.put_nowait(NO_RESPONDERS)
+            return
+        try:
+            answer = _answer.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.drop("undecodable", msg.subject, call.rid)
+            return
+        # ingest refuses some requests (unknown dp_rank, ...) with an error that has no rid:
+        # taken only as a call's first answer
+        rid_less_refusal = isinstance(answer, Error) and answer.rid is None and not call.answered
+        if answer.rid != call.rid and not rid_less_refusal:
+            self.drop("wrong_rid", msg.subject, call.rid, got=answer.rid)
+            return
+        call.answered = True
+        call.queue.put_nowait(answer)
+
+    def drop(self, reason: str, subject: str, rid: str | None = None, **kw: Any) -> None:
+        """Count an answer no HTTP client gets; log it at most once a second per reason."""
+        self.metrics.dropped.labels(reason).inc()
+        if reason == "no_call":
+            return  # expected after aborts and time-outs: counted only
+        now = time.monotonic()
+        if now - self.warned.get(reason, -1.0) >= 1.0:
+            self.warned[reason] = now
+            self.log.warning("answer_dropped", reason=reason, subject=subject, rid=rid, **kw)
 
     async def call(self, request: dict) -> Call:
-        reply = f"{self.prefix}.{next(self.counter)}"
+        reply = f"{self.prefix}.{secrets.token_hex(REPLY_TOKEN_BYTES)}"
         call = self.calls[reply] = Call(self, request["rid"], reply)
         try:
             await self.nc.publish(self.subjects.generate, msgspec.msgpack.encode(request), reply=reply)
@@ -146,8 +184,8 @@ class Gateway:
         self.template = load_chat_template(settings.model_path)
         self.name = settings.served_model_name or (Path(settings.model_path).name if settings.model_path
                                                    else "dpbus-builtin")
-        self.bus = BusClient(settings, log)
         self.metrics = GatewayMetrics()
+        self.bus = BusClient(settings, log, self.metrics)
         self.app = self.make_app()
 
     # ---- requests -----------------------------------------------------------------------
