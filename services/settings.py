@@ -68,7 +68,7 @@ class GatewaySettings(Common):
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 8000
     api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>"
     served_model_name: str = ""  # default: the model directory's name, or dpbus-builtin
-    request_timeout: Seconds = 600.0  # longest wait for the next answer of a request
+    request_timeout: Seconds = 600.0  # longest wait for the next answer of a request (then 504, and it is aborted)
 
 
 class EngineSettings(Common):

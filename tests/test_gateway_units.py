@@ -259,3 +259,51 @@ async def test_a_refusal_without_rid_is_still_a_call_s_first_answer(nats_server,
     assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_dp_rank", r.text
 
 
+async def aborts_counted(gw, http: httpx.AsyncClient) -> dict[tuple[str, str], float]:
+    """The gateway's abort counters, once every abort it sent has its answer."""
+    if gw.bus.tasks:
+        await asyncio.wait(gw.bus.tasks)
+    found = re.findall(r'^dpbus_gateway_aborts_total\{reason="(\w+)",result="(\w+)"\} (\S+)$',
+                       (await http.get(f"{gw.url}/metrics")).text, re.M)
+    return {(reason, result): float(n) for reason, result, n in found}
+
+
+async def test_no_answer_in_time_is_504_and_aborts_the_request(nats_server, stand_in):
+    async with gateway(nats_server, request_timeout=0.2) as gw, httpx.AsyncClient(timeout=30) as http:
+        post = asyncio.create_task(http.post(f"{gw.url}/v1/completions", json={"prompt": "slow", "max_tokens": 9}))
+        req, reply = await stand_in.request()  # ...and nothing answers
+        r = await post
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout", r.text
+        assert await asyncio.wait_for(stand_in.aborts.get(), 30) == {"rid": req["rid"], "reply": reply}
+        assert await aborts_counted(gw, http) == {("timeout", "found"): 1}
+
+
+async def test_a_client_gone_before_the_first_answer_aborts_the_request(nats_server, stand_in):
+    async with gateway(nats_server) as gw, httpx.AsyncClient(timeout=30) as http:
+        post = asyncio.create_task(http.post(f"{gw.url}/v1/completions", json={"prompt": "bye", "max_tokens": 9}))
+        req, reply = await stand_in.request()
+        post.cancel()  # closes the connection
+        with contextlib.suppress(asyncio.CancelledError):
+            await post
+        assert await asyncio.wait_for(stand_in.aborts.get(), 30) == {"rid": req["rid"], "reply": reply}
+        assert await aborts_counted(gw, http) == {("client_gone", "found"): 1}
+
+
+async def test_a_client_gone_mid_stream_aborts_the_request(nats_server, stand_in):
+    async with gateway(nats_server) as gw, httpx.AsyncClient(timeout=30) as http:
+        async def first_chunk() -> tuple[dict, str]:
+            req, reply = await stand_in.request()
+            await stand_in.send(reply, Chunk(rid=req["rid"], index=0, token_ids=[104], text="h"))
+            return req, reply
+
+        answering = asyncio.create_task(first_chunk())  # the response starts with the first answer
+        body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 9, "stream": True}
+        async with http.stream("POST", f"{gw.url}/v1/chat/completions", json=body) as r:
+            req, reply = await answering
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and '"h"' in line:
+                    break
+        assert await asyncio.wait_for(stand_in.aborts.get(), 30) == {"rid": req["rid"], "reply": reply}
+        assert await aborts_counted(gw, http) == {("client_gone", "found"): 1}
+
+

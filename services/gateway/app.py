@@ -6,7 +6,8 @@ are turned into OpenAI's responses, streamed as server-sent events or returned w
 Run as many replicas as you like; they share nothing.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /health``, ``GET /metrics`` (Prometheus). A client that goes away aborts its request.
+``GET /health``, ``GET /metrics`` (Prometheus). A client that goes away, or a request
+with no answer in time (504), aborts the request on the bus.
 
 What reaches an HTTP user comes only from its own call: each call answers on its own reply
 subject, the gateway's private inbox plus a random token nobody can guess, and an answer
@@ -58,8 +59,8 @@ class Call:
         try:
             answer = await asyncio.wait_for(self.queue.get(), self.client.timeout)
         except asyncio.TimeoutError:
-            self.close()
-            raise oa.ApiError(504, f"no answer from dpbus within {self.client.timeout:.0f}s", "timeout") from None
+            self.client.abort(self, "timeout")  # nobody will read its answers: free its slot in the group
+            raise oa.ApiError(504, f"no answer from dpbus within {self.client.timeout:g}s", "timeout") from None
         if answer is NO_RESPONDERS:
             self.close()
             raise oa.ApiError(503, "no dpbus ingest is running", "service_unavailable", ErrorCode.UNAVAILABLE.value)
@@ -134,8 +135,9 @@ class BusClient:
             raise oa.ApiError(503, f"cannot reach NATS: {e!r}", "service_unavailable") from None
         return call
 
-    def abort(self, call: Call) -> None:
-        """Cancel ``call`` (its client went away); runs on its own, whatever happens to the caller."""
+    def abort(self, call: Call, reason: str) -> None:
+        """Cancel ``call`` on the bus (``reason``: its client went away, or it timed out);
+        runs on its own, whatever happens to the caller."""
         if call.finished:
             return
         call.close()
@@ -144,9 +146,12 @@ class BusClient:
         async def send() -> None:
             try:
                 ack = json.loads((await self.nc.request(self.subjects.abort, body, timeout=5)).data)
-                self.log.info("client_gone_aborted", rid=call.rid, found=ack.get("found"))
+                found = ack.get("found") is True
+                self.metrics.aborts.labels(reason, "found" if found else "not_found").inc()
+                self.log.info("request_aborted", rid=call.rid, reason=reason, found=found)
             except Exception as e:  # noqa: BLE001
-                self.log.warning("abort_failed", rid=call.rid, error=repr(e))
+                self.metrics.aborts.labels(reason, "failed").inc()
+                self.log.warning("abort_failed", rid=call.rid, reason=reason, error=repr(e))
 
         task = asyncio.create_task(send())
         self.tasks.add(task)
@@ -253,7 +258,7 @@ class Gateway:
         if waiting.done():
             return waiting.result()
         waiting.cancel()
-        self.bus.abort(call)
+        self.bus.abort(call, "client_gone")
         return None
 
     async def whole(self, request: Request, call: Call, answer: Any, chat: bool, t0: float, endpoint: str) -> Response:
@@ -266,7 +271,7 @@ class Gateway:
                 await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():
                     nxt.cancel()
-                    self.bus.abort(call)
+                    self.bus.abort(call, "client_gone")
                     self.metrics.requests.labels(endpoint, "client_gone").inc()
                     return Response(status_code=499)
                 answer = nxt.result()
@@ -318,7 +323,7 @@ class Gateway:
         finally:
             if not call.finished:  # the client went away mid-stream
                 self.metrics.requests.labels(endpoint, "client_gone").inc()
-                self.bus.abort(call)
+                self.bus.abort(call, "client_gone")
 
     def observe_done(self, done: Done, t0: float, endpoint: str) -> None:
         self.metrics.requests.labels(endpoint, "200").inc()
