@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import re
 
@@ -305,5 +306,28 @@ async def test_a_client_gone_mid_stream_aborts_the_request(nats_server, stand_in
                     break
         assert await asyncio.wait_for(stand_in.aborts.get(), 30) == {"rid": req["rid"], "reply": reply}
         assert await aborts_counted(gw, http) == {("client_gone", "found"): 1}
+
+
+async def test_the_api_key_is_compared_in_constant_time(nats_server, stand_in, monkeypatch):
+    compared = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    async with gateway(nats_server, api_key=KEY) as gw, httpx.AsyncClient(timeout=30) as http:
+        for headers in ({}, {"Authorization": f"Bearer {KEY}x"}, {"Authorization": "Bearer sk-\u00e9".encode()},
+                        {"Authorization": KEY}):
+            r = await http.post(f"{gw.url}/v1/completions", json={"prompt": "x"}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, r.text)
+        assert (await http.get(f"{gw.url}/v1/models")).status_code == 401
+        assert len(compared) == 5  # every check went through compare_digest
+        post = asyncio.create_task(http.post(f"{gw.url}/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                                             headers={"Authorization": f"Bearer {KEY}"}))
+        req, reply = await stand_in.request()
+        await stand_in.send(reply, done(req["rid"]))
+        assert (await post).status_code == 200
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import secrets
 import time
@@ -176,6 +177,16 @@ class BusClient:
             await sub.unsubscribe()
 
 
+def bearer_matches(header: str, keys: list[str]) -> bool:
+    """Whether ``header`` is ``Bearer K`` for one of ``keys``, compared in constant time
+    (a key is not found out byte by byte from how long a wrong one takes)."""
+    given = header.encode("latin-1", "replace")  # HTTP headers arrive as latin-1
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, f"Bearer {key}".encode())
+    return ok
+
+
 async def until_disconnected(request: Request) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.2)
@@ -194,8 +205,10 @@ class Gateway:
         self.app = self.make_app()
 
     # ---- requests -----------------------------------------------------------------------
-    def check_key(self, request: Request) -> None:
-        if self.s.api_key and request.headers.get("authorization", "") != f"Bearer {self.s.api_key}":
+    def check_key(self, request: Request, keys: list[str] | None = None) -> None:
+        """401 unless ``Authorization: Bearer K`` names one of ``keys`` (default: the API key, if set)."""
+        keys = [self.s.api_key] if keys is None and self.s.api_key else keys
+        if keys and not bearer_matches(request.headers.get("authorization", ""), keys):
             raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
                               "invalid_api_key")
 
