@@ -331,3 +331,41 @@ async def test_the_api_key_is_compared_in_constant_time(nats_server, stand_in, m
         assert (await post).status_code == 200
 
 
+async def raw_post(url: str, head: list[str], body: list[bytes]) -> tuple[int, dict]:
+    """POST over a bare socket: send ``head`` and ``body`` (maybe unfinished), read the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write("\r\n".join(["POST /v1/completions HTTP/1.1", f"Host: {host}", *head, "", ""]).encode())
+        for part in body:
+            writer.write(part)
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        return status, json.loads(await reader.readexactly(int(headers["content-length"])))
+    finally:
+        writer.close()
+
+
+async def test_bodies_over_the_limit_get_413_before_they_are_read(nats_server, stand_in):
+    async with gateway(nats_server, max_body_bytes=4096) as gw, httpx.AsyncClient(timeout=30) as http:
+        # a Content-Length over the limit: refused before any of the body is sent
+        status, doc = await raw_post(gw.url, ["Content-Type: application/json", "Content-Length: 100000000"], [])
+        assert status == 413 and doc["error"]["code"] == "request_too_large", doc
+        # no length given: counted as it comes, refused once past the limit (the body never ends here)
+        chunk = b"{" + b" " * 1023
+        status, doc = await raw_post(gw.url, ["Content-Type: application/json", "Transfer-Encoding: chunked"],
+                                     [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 5)
+        assert status == 413 and doc["error"]["type"] == "invalid_request_error", doc
+        # a body within the limit is served
+        post = asyncio.create_task(http.post(f"{gw.url}/v1/completions",
+                                             json={"prompt": "x", "max_tokens": 1, "user": "u" * 3900}))
+        req, reply = await stand_in.request()
+        await stand_in.send(reply, done(req["rid"]))
+        assert (await post).status_code == 200
+    assert stand_in.requests.empty()  # the refused ones never reached the bus
+
+

@@ -212,6 +212,24 @@ class Gateway:
             raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
                               "invalid_api_key")
 
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused with 413 once it is known to pass ``max_body_bytes``:
+        from its Content-Length before reading any of it, or while it arrives."""
+        limit = self.s.max_body_bytes
+        too_large = oa.ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise oa.ApiError(400, "bad Content-Length header")
+            if int(length) > limit:
+                raise too_large
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
     def prompt_ids(self, req: oa.Common) -> list[int]:
         try:
             if isinstance(req, oa.ChatRequest):
@@ -232,7 +250,7 @@ class Gateway:
         t0 = time.perf_counter()
         try:
             self.check_key(request)
-            req = oa.decode(await request.body(), oa.ChatRequest if chat else oa.CompletionRequest)
+            req = oa.decode(await self.read_body(request), oa.ChatRequest if chat else oa.CompletionRequest)
             oa.refuse_unsupported(req)
             if req.model and req.model != self.name:
                 raise oa.ApiError(404, f"the model `{req.model}` does not exist (this server has `{self.name}`)",
