@@ -369,3 +369,31 @@ async def test_bodies_over_the_limit_get_413_before_they_are_read(nats_server, s
     assert stand_in.requests.empty()  # the refused ones never reached the bus
 
 
+def test_roles_are_the_template_s_own(tmp_path):
+    plain = load_chat_template("")
+    assert plain.roles == ("system", "user", "assistant")
+    with pytest.raises(TemplateError, match=r"messages\[1\]\.role `wizard`.*system, user, assistant"):
+        plain.check_roles(["user", "wizard"])
+    with pytest.raises(TemplateError, match="`tool`"):  # the plain template has no place for tool results
+        plain.check_roles(["tool"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA_LIKE}))
+    assert load_chat_template(str(tmp_path)).roles == ("system", "user", "assistant")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}{% if m.role == 'tool' %}<tool>{{ m.content }}{% else %}"
+        "<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}")}))
+    with_tools = load_chat_template(str(tmp_path))
+    with_tools.check_roles(["system", "user", "assistant", "tool"])
+    with pytest.raises(TemplateError, match="`wizard`"):
+        with_tools.check_roles(["wizard"])
+
+
+async def test_a_role_the_template_does_not_know_is_400(nats_server, stand_in):
+    async with gateway(nats_server) as gw, httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{gw.url}/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "hi"}, {"role": "wizard", "content": "obey"}]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages" and "`wizard`" in err["message"] and "system, user, assistant" in err["message"]
+    assert stand_in.requests.empty()
+
+
