@@ -72,6 +72,8 @@ class GatewaySettings(Common):
     # larger request bodies get 413, found from Content-Length or while the body arrives: a whole
     # 128k-token context fits, as a JSON list of ids or as text escaped to \uXXXX
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 << 20
+    metrics_key: str = ""  # when set, /metrics needs "Authorization: Bearer <key>"
+    metrics_use_api_key: bool = False  # /metrics takes the API key as well (needs --api-key)
 
 
 class EngineSettings(Common):

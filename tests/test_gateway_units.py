@@ -397,3 +397,24 @@ async def test_a_role_the_template_does_not_know_is_400(nats_server, stand_in):
     assert stand_in.requests.empty()
 
 
+@pytest.mark.parametrize("settings, keys_taken", [
+    ({}, None),  # no key: open, as before
+    ({"api_key": KEY}, None),  # the API key alone does not close /metrics
+    ({"metrics_key": "mk"}, {"mk"}),
+    ({"api_key": KEY, "metrics_use_api_key": True}, {KEY}),
+    ({"api_key": KEY, "metrics_key": "mk", "metrics_use_api_key": True}, {KEY, "mk"}),
+])
+async def test_metrics_may_need_a_key(nats_server, settings, keys_taken):
+    async with gateway(nats_server, **settings) as gw, httpx.AsyncClient(timeout=30) as http:
+        for key in (None, KEY, "mk", "wrong"):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            r = await http.get(f"{gw.url}/metrics", headers=headers)
+            if keys_taken is None or key in keys_taken:
+                assert r.status_code == 200 and "dpbus_gateway_requests" in r.text, (key, r.status_code)
+            else:
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (key, r.text)
+
+
+def test_reusing_the_api_key_for_metrics_needs_one():
+    with pytest.raises(ValueError, match="--metrics-use-api-key needs --api-key"):
+        Gateway(GatewaySettings(metrics_use_api_key=True), Log())

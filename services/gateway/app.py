@@ -200,6 +200,10 @@ class Gateway:
         self.template = load_chat_template(settings.model_path)
         self.name = settings.served_model_name or (Path(settings.model_path).name if settings.model_path
                                                    else "dpbus-builtin")
+        if settings.metrics_use_api_key and not settings.api_key:
+            raise ValueError("--metrics-use-api-key needs --api-key (or give /metrics its own --metrics-key)")
+        # the keys /metrics takes; none: it is open
+        self.metrics_keys = [k for k in (settings.metrics_key, settings.metrics_use_api_key and settings.api_key) if k]
         self.metrics = GatewayMetrics()
         self.bus = BusClient(settings, log, self.metrics)
         self.app = self.make_app()
@@ -394,7 +398,12 @@ class Gateway:
                 return await self.handle(request, chat=True)
 
         @app.get("/metrics")
-        async def metrics() -> Response:
+        async def metrics(request: Request) -> Response:
+            try:
+                if self.metrics_keys:
+                    self.check_key(request, self.metrics_keys)
+            except oa.ApiError as e:
+                return JSONResponse(e.body(), status_code=e.status)
             body, kind = self.metrics.exposition()
             return Response(body, media_type=kind)
 
