@@ -122,7 +122,7 @@ class BusClient:
         if reason == "no_call":
             return  # expected after aborts and time-outs: counted only
         now = time.monotonic()
-        if now - self.warned.get(reason, -1.0) >= 1.0:
+        if now - self.warned.get(reason, float("-inf")) >= 1.0:
             self.warned[reason] = now
             self.log.warning("answer_dropped", reason=reason, subject=subject, rid=rid, **kw)
 
