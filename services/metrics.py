@@ -24,6 +24,13 @@ class GatewayMetrics:
         self.e2e = Histogram("dpbus_gateway_request_seconds", "request received -> terminal answer",
                              buckets=LATENCY, registry=r)
         self.tokens = Counter("dpbus_gateway_tokens", "prompt and completion tokens served", ["kind"], registry=r)
+        self.dropped = Counter("dpbus_gateway_dropped_answers",
+                               "answers on the gateway's inbox passed to no HTTP client, by reason (wrong_rid: "
+                               "not the rid of the call its subject belongs to; no_call: the call had ended)",
+                               ["reason"], registry=r)
+        self.aborts = Counter("dpbus_gateway_aborts", "requests the gateway aborted on the bus, by reason "
+                              "(client_gone, timeout) and result (found, not_found, failed)",
+                              ["reason", "result"], registry=r)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

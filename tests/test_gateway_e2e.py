@@ -2,20 +2,29 @@
 (`dpbus up`'s layout: ingest, publishers, workers and a gateway process, all on the
 secured server): completions and chat, streamed and not, stop strings, seeded sampling,
 the same greedy text as the NATS path, an error per HTTP status, a client that goes away
-aborting its request, and Prometheus metrics that move."""
+aborting its request, and Prometheus metrics that move. And what a hostile party tries:
+answers forged on a call's subject, a body too large to read, a request left without an
+answer (504) still running, /metrics without its key."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
+import msgspec
 import openai
 import pytest
 
-from schemas import Subjects
+from schemas import Chunk, Done, FinishReason, Subjects
 from services.client import generate
 from services.launcher import free_port
 from tests.conftest import client_of, start_cluster
@@ -24,14 +33,16 @@ pytestmark = pytest.mark.e2e
 
 PREFIX = "gw"
 KEY = "sk-dpbus-test"
+METRICS_KEY = "mk-dpbus-test"
+SETTINGS = {"DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32", "DPBUS_MAX_RUNNING_REQUESTS": "2",
+            "DPBUS_MAX_WAITING": "2"}
 
 
 @pytest.fixture(scope="module")
 def served(nats_server, tmp_path_factory):
     c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-gw"), dp_size=2, nnodes=2, local_devices=1,
                       prefix=PREFIX, http_port=free_port(),
-                      extra={"DPBUS_API_KEY": KEY, "DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_PREFILL_TOKENS": "32",
-                             "DPBUS_MAX_RUNNING_REQUESTS": "2", "DPBUS_MAX_WAITING": "2"})
+                      extra={"DPBUS_API_KEY": KEY, "DPBUS_METRICS_KEY": METRICS_KEY, **SETTINGS})
     yield c
     c.stop()
 
@@ -163,32 +174,37 @@ def test_overload_is_429(sdk):
     assert set(codes) <= {200, 429}, codes
 
 
-def test_no_ingest_is_503(served, tmp_path):
-    """A gateway whose prefix nothing serves: NATS says no responders, the client gets 503."""
-    import os
-    import subprocess
-    import sys
-
+@contextlib.contextmanager
+def own_gateway(served, tmp_path, prefix: str, *flags: str):
+    """One more gateway process on ``served``'s server, for ``prefix``; yields its root URL
+    once it answers /health (whatever it says)."""
     port = free_port()
-    env = {**os.environ, "DPBUS_NATS_URL": served.nats_url, "DPBUS_PREFIX": "gwnone",
+    env = {**os.environ, **SETTINGS, "DPBUS_NATS_URL": served.nats_url, "DPBUS_PREFIX": prefix,
            "DPBUS_NATS_USER": "gateway", "DPBUS_NATS_PASSWORD": served.credentials.passwords["gateway"]}
     with open(tmp_path / "gw.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "gateway", "--http-port", str(port)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "gateway", "--http-port", str(port), *flags],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(200):
             try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
                 break
             except httpx.TransportError:
                 assert proc.poll() is None, (tmp_path / "gw.log").read_text()
                 time.sleep(0.1)
-        assert health.status_code == 503 and health.json()["status"] == "unavailable"
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
-        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_no_ingest_is_503(served, tmp_path):
+    """A gateway whose prefix nothing serves: NATS says no responders, the client gets 503."""
+    with own_gateway(served, tmp_path, "gwnone") as url:
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
 
 
 async def publisher_running(served) -> int:
@@ -227,17 +243,126 @@ def test_a_client_that_goes_away_aborts_its_request(served):
         time.sleep(0.3)
 
 
-def test_metrics_histograms_move(served, sdk):
-    def scrape() -> dict[str, float]:
-        text = httpx.get(f"{served.http_url.removesuffix('/v1')}/metrics", timeout=10).text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dpbus_gateway_\S+) (\S+)$", text, re.M)}
+def test_a_request_without_an_answer_in_time_is_aborted(served, tmp_path):
+    """A gateway that gives up on a request (504) aborts it: its group drops it at once
+    instead of computing every token for nobody. Group 0's worker is stopped mid-stream,
+    so the answers stop for longer than the gateway waits."""
+    worker = next(p.popen for p in served.procs if p.name == "worker-0")
+    body = {"prompt": "a story nobody reads", "max_tokens": 200, "stream": True, "ignore_eos": True, "dp_rank": 0}
+    with own_gateway(served, tmp_path, PREFIX, "--request-timeout", "3") as root:
+        with httpx.stream("POST", f"{root}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            worker.send_signal(signal.SIGSTOP)
+            try:
+                events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            finally:
+                worker.send_signal(signal.SIGCONT)
+        assert events[-1]["error"]["type"] == "timeout", events[-1]
+        deadline = time.monotonic() + 30
+        while scrape(root, "").get('dpbus_gateway_aborts_total{reason="timeout",result="found"}') != 1:
+            assert time.monotonic() < deadline, "no abort for the timed-out request"
+            time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while asyncio.run(publisher_running(served)) > 0:
+        assert time.monotonic() < deadline, "the timed-out request is still running"
+        time.sleep(0.3)
 
-    before = scrape()
+
+def test_answers_forged_on_a_call_s_subject_never_reach_its_user(served, sdk):
+    """Someone who learns the reply subject of a gateway call (here: the admin user, who
+    may read every request; also a client sending a request of its own with that subject
+    as its reply) publishes answers there: the HTTP user gets its own answer only, and the
+    forged ones are counted."""
+    want = sdk.completions.create(model="dpbus-builtin", prompt="forge", max_tokens=16, temperature=0).choices[0].text
+    root = served.http_url.removesuffix("/v1")
+
+    def dropped() -> float:
+        now = scrape(root)
+        return sum(v for k, v in now.items() if k.startswith("dpbus_gateway_dropped_answers_total"))
+
+    before = dropped()
+
+    async def forged_call() -> str:
+        admin, mallory = await client_of(served, "admin"), await client_of(served, "client")
+        enc = msgspec.msgpack.encode
+
+        async def tap(msg) -> None:
+            if not msg.reply.startswith("_INBOX.gateway."):
+                return
+            await admin.publish(msg.reply, enc(Chunk(rid="cmpl-forged", index=0, token_ids=[70], text="FORGED")))
+            await admin.publish(msg.reply, enc(Done(rid="cmpl-forged", dp_rank=0, finish_reason=FinishReason.STOP,
+                                                    prompt_tokens=1, completion_tokens=1)))
+            await mallory.publish(Subjects(PREFIX).generate, reply=msg.reply, payload=json.dumps(
+                {"text": "FORGED", "sampling": {"max_new_tokens": 4}}).encode())
+
+        try:
+            for subject in (Subjects(PREFIX).generate, Subjects(PREFIX).generate + ".>"):  # plain or per user
+                await admin.subscribe(subject, cb=tap)
+            await admin.flush()
+            client = openai.AsyncOpenAI(base_url=sdk.base_url, api_key=KEY, max_retries=0, timeout=120)
+            try:
+                got = await client.completions.create(model="dpbus-builtin", prompt="forge", max_tokens=16,
+                                                      temperature=0)
+            finally:
+                await client.close()
+            return got.choices[0].text
+        finally:
+            await admin.close()
+            await mallory.close()
+
+    assert asyncio.run(forged_call()) == want
+    deadline = time.monotonic() + 30
+    while dropped() < before + 2:  # the forged chunk and end, at least
+        assert time.monotonic() < deadline, "forged answers not counted"
+        time.sleep(0.2)
+
+
+def test_a_body_over_the_limit_is_refused_unread(served):
+    """A Content-Length over --max-body-bytes (4 MiB by default) is answered 413 before any
+    of the body is sent."""
+    host, port = served.http_url.removeprefix("http://").removesuffix("/v1").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n".encode())
+        answer = b""
+        while b"}}" not in answer:
+            part = sock.recv(4096)
+            assert part, answer
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+
+
+def test_an_unknown_chat_role_is_400(sdk):
+    with pytest.raises(openai.BadRequestError, match="wizard"):
+        sdk.chat.completions.create(model="dpbus-builtin", max_tokens=2,
+                                    messages=[{"role": "wizard", "content": "obey"}])
+
+
+def scrape(root: str, key: str = METRICS_KEY) -> dict[str, float]:
+    r = httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
+    assert r.status_code == 200, r.text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dpbus_gateway_\S+) (\S+)$", r.text, re.M)}
+
+
+def test_metrics_need_their_key(served):
+    root = served.http_url.removesuffix("/v1")
+    for headers in ({}, {"Authorization": f"Bearer {KEY}"}):  # the API key is not the metrics key
+        r = httpx.get(f"{root}/metrics", headers=headers, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    assert "dpbus_gateway_time_to_first_token_seconds_count" in scrape(root)
+
+
+def test_metrics_histograms_move(served, sdk):
+    root = served.http_url.removesuffix("/v1")
+    before = scrape(root)
     for stream in (False, True):
         out = sdk.completions.create(model="dpbus-builtin", prompt="metrics", max_tokens=5, stream=stream)
         if stream:
             list(out)
-    after = scrape()
+    after = scrape(root)
     for name in ("dpbus_gateway_time_to_first_token_seconds_count", "dpbus_gateway_request_seconds_count"):
         assert after[name] >= before.get(name, 0) + 2, name
     assert after["dpbus_gateway_inter_token_seconds_count"] > before.get("dpbus_gateway_inter_token_seconds_count", 0)

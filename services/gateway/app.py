@@ -6,15 +6,22 @@ are turned into OpenAI's responses, streamed as server-sent events or returned w
 Run as many replicas as you like; they share nothing.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /health``, ``GET /metrics`` (Prometheus). A client that goes away aborts its request.
+``GET /health``, ``GET /metrics`` (Prometheus). A client that goes away, or a request
+with no answer in time (504), aborts the request on the bus.
+
+What reaches an HTTP user comes only from its own call: each call answers on its own reply
+subject, the gateway's private inbox plus a random token nobody can guess, and an answer
+there whose ``rid`` is not the call's is dropped and counted
+(``dpbus_gateway_dropped_answers_total``), never passed on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import hmac
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,6 +43,8 @@ from services.settings import GatewaySettings
 from services.tokenizer import load_tokenizer
 
 _answer = msgspec.msgpack.Decoder(Answer)
+REPLY_TOKEN_BYTES = 16  # 128 random bits after the inbox prefix: a call's subject cannot be guessed
+NO_RESPONDERS = object()  # queued for a call when NATS says nobody serves the generate subject
 
 
 class Call:
@@ -45,17 +54,17 @@ class Call:
         self.client, self.rid, self.reply = client, rid, reply
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self.answered = False  # an answer of this call came (the first one may lack the rid, see on_answer)
 
     async def next(self) -> Chunk | Done | Error:
         try:
-            msg = await asyncio.wait_for(self.queue.get(), self.client.timeout)
+            answer = await asyncio.wait_for(self.queue.get(), self.client.timeout)
         except asyncio.TimeoutError:
-            self.close()
-            raise oa.ApiError(504, f"no answer from dpbus within {self.client.timeout:.0f}s", "timeout") from None
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            self.client.abort(self, "timeout")  # nobody will read its answers: free its slot in the group
+            raise oa.ApiError(504, f"no answer from dpbus within {self.client.timeout:g}s", "timeout") from None
+        if answer is NO_RESPONDERS:
             self.close()
             raise oa.ApiError(503, "no dpbus ingest is running", "service_unavailable", ErrorCode.UNAVAILABLE.value)
-        answer = _answer.decode(msg.data)
         if isinstance(answer, (Done, Error)):
             self.close()
         return answer
@@ -68,13 +77,13 @@ class Call:
 class BusClient:
     """The gateway's NATS side: one connection and one subscription for every call."""
 
-    def __init__(self, s: GatewaySettings, log: Any) -> None:
-        self.s, self.log = s, log
+    def __init__(self, s: GatewaySettings, log: Any, metrics: GatewayMetrics) -> None:
+        self.s, self.log, self.metrics = s, log, metrics
         self.subjects = Subjects(s.prefix)
         self.timeout = s.request_timeout
         self.calls: dict[str, Call] = {}
-        self.counter = itertools.count()
         self.tasks: set[asyncio.Task] = set()
+        self.warned: dict[str, float] = {}  # reason -> when a dropped answer was last logged
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.s.nats_url, "dpbus-gateway", self.log, auth=bus.auth_from(self.s, "gateway"))
@@ -84,11 +93,42 @@ class BusClient:
 
     async def on_answer(self, msg: Any) -> None:
         call = self.calls.get(msg.subject)
-        if call is not None:
-            call.queue.put_nowait(msg)
+        if call is None:  # late answers of a call that ended or was aborted (or a guess)
+            self.drop("no_call", msg.subject)
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            if call.answered:  # NATS says this before any answer, or never
+                self.drop("unexpected_status", msg.subject, call.rid)
+                return
+            call.answered = True
+            call.queue.put_nowait(NO_RESPONDERS)
+            return
+        try:
+            answer = _answer.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.drop("undecodable", msg.subject, call.rid)
+            return
+        # ingest refuses some requests (unknown dp_rank, ...) with an error that has no rid:
+        # taken only as a call's first answer
+        rid_less_refusal = isinstance(answer, Error) and answer.rid is None and not call.answered
+        if answer.rid != call.rid and not rid_less_refusal:
+            self.drop("wrong_rid", msg.subject, call.rid, got=answer.rid)
+            return
+        call.answered = True
+        call.queue.put_nowait(answer)
+
+    def drop(self, reason: str, subject: str, rid: str | None = None, **kw: Any) -> None:
+        """Count an answer no HTTP client gets; log it at most once a second per reason."""
+        self.metrics.dropped.labels(reason).inc()
+        if reason == "no_call":
+            return  # expected after aborts and time-outs: counted only
+        now = time.monotonic()
+        if now - self.warned.get(reason, float("-inf")) >= 1.0:
+            self.warned[reason] = now
+            self.log.warning("answer_dropped", reason=reason, subject=subject, rid=rid, **kw)
 
     async def call(self, request: dict) -> Call:
-        reply = f"{self.prefix}.{next(self.counter)}"
+        reply = f"{self.prefix}.{secrets.token_hex(REPLY_TOKEN_BYTES)}"
         call = self.calls[reply] = Call(self, request["rid"], reply)
         try:
             await self.nc.publish(self.generate_subject, msgspec.msgpack.encode(request), reply=reply)
@@ -97,8 +137,9 @@ class BusClient:
             raise oa.ApiError(503, f"cannot reach NATS: {e!r}", "service_unavailable") from None
         return call
 
-    def abort(self, call: Call) -> None:
-        """Cancel ``call`` (its client went away); runs on its own, whatever happens to the caller."""
+    def abort(self, call: Call, reason: str) -> None:
+        """Cancel ``call`` on the bus (``reason``: its client went away, or it timed out);
+        runs on its own, whatever happens to the caller."""
         if call.finished:
             return
         call.close()
@@ -107,9 +148,12 @@ class BusClient:
         async def send() -> None:
             try:
                 ack = json.loads((await self.nc.request(self.abort_subject, body, timeout=5)).data)
-                self.log.info("client_gone_aborted", rid=call.rid, found=ack.get("found"))
+                found = ack.get("found") is True
+                self.metrics.aborts.labels(reason, "found" if found else "not_found").inc()
+                self.log.info("request_aborted", rid=call.rid, reason=reason, found=found)
             except Exception as e:  # noqa: BLE001
-                self.log.warning("abort_failed", rid=call.rid, error=repr(e))
+                self.metrics.aborts.labels(reason, "failed").inc()
+                self.log.warning("abort_failed", rid=call.rid, reason=reason, error=repr(e))
 
         task = asyncio.create_task(send())
         self.tasks.add(task)
@@ -134,6 +178,16 @@ class BusClient:
             await sub.unsubscribe()
 
 
+def bearer_matches(header: str, keys: list[str]) -> bool:
+    """Whether ``header`` is ``Bearer K`` for one of ``keys``, compared in constant time
+    (a key is not found out byte by byte from how long a wrong one takes)."""
+    given = header.encode("latin-1", "replace")  # HTTP headers arrive as latin-1
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, f"Bearer {key}".encode())
+    return ok
+
+
 async def until_disconnected(request: Request) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.2)
@@ -147,21 +201,46 @@ class Gateway:
         self.template = load_chat_template(settings.model_path)
         self.name = settings.served_model_name or (Path(settings.model_path).name if settings.model_path
                                                    else "dpbus-builtin")
-        self.bus = BusClient(settings, log)
+        if settings.metrics_use_api_key and not settings.api_key:
+            raise ValueError("--metrics-use-api-key needs --api-key (or give /metrics its own --metrics-key)")
+        # the keys /metrics takes; none: it is open
+        self.metrics_keys = [k for k in (settings.metrics_key, settings.metrics_use_api_key and settings.api_key) if k]
         self.metrics = GatewayMetrics()
+        self.bus = BusClient(settings, log, self.metrics)
         self.app = self.make_app()
 
     # ---- requests -----------------------------------------------------------------------
-    def check_key(self, request: Request) -> None:
-        if self.s.api_key and request.headers.get("authorization", "") != f"Bearer {self.s.api_key}":
+    def check_key(self, request: Request, keys: list[str] | None = None) -> None:
+        """401 unless ``Authorization: Bearer K`` names one of ``keys`` (default: the API key, if set)."""
+        keys = [self.s.api_key] if keys is None and self.s.api_key else keys
+        if keys and not bearer_matches(request.headers.get("authorization", ""), keys):
             raise oa.ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
                               "invalid_api_key")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused with 413 once it is known to pass ``max_body_bytes``:
+        from its Content-Length before reading any of it, or while it arrives."""
+        limit = self.s.max_body_bytes
+        too_large = oa.ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise oa.ApiError(400, "bad Content-Length header")
+            if int(length) > limit:
+                raise too_large
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
 
     def prompt_ids(self, req: oa.Common) -> list[int]:
         try:
             if isinstance(req, oa.ChatRequest):
                 if not req.messages:
                     raise oa.ApiError(400, "messages must not be empty", param="messages")
+                self.template.check_roles([m.role for m in req.messages])
                 messages = [{"role": m.role, "content": oa.message_text(m.content)} for m in req.messages]
                 text = self.template.render(messages)
                 return self.tokenizer.encode(text, special=not self.template.adds_bos)
@@ -177,7 +256,7 @@ class Gateway:
         t0 = time.perf_counter()
         try:
             self.check_key(request)
-            req = oa.decode(await request.body(), oa.ChatRequest if chat else oa.CompletionRequest)
+            req = oa.decode(await self.read_body(request), oa.ChatRequest if chat else oa.CompletionRequest)
             oa.refuse_unsupported(req)
             if req.model and req.model != self.name:
                 raise oa.ApiError(404, f"the model `{req.model}` does not exist (this server has `{self.name}`)",
@@ -216,7 +295,7 @@ class Gateway:
         if waiting.done():
             return waiting.result()
         waiting.cancel()
-        self.bus.abort(call)
+        self.bus.abort(call, "client_gone")
         return None
 
     async def whole(self, request: Request, call: Call, answer: Any, chat: bool, t0: float, endpoint: str) -> Response:
@@ -229,7 +308,7 @@ class Gateway:
                 await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():
                     nxt.cancel()
-                    self.bus.abort(call)
+                    self.bus.abort(call, "client_gone")
                     self.metrics.requests.labels(endpoint, "client_gone").inc()
                     return Response(status_code=499)
                 answer = nxt.result()
@@ -281,7 +360,7 @@ class Gateway:
         finally:
             if not call.finished:  # the client went away mid-stream
                 self.metrics.requests.labels(endpoint, "client_gone").inc()
-                self.bus.abort(call)
+                self.bus.abort(call, "client_gone")
 
     def observe_done(self, done: Done, t0: float, endpoint: str) -> None:
         self.metrics.requests.labels(endpoint, "200").inc()
@@ -320,7 +399,12 @@ class Gateway:
                 return await self.handle(request, chat=True)
 
         @app.get("/metrics")
-        async def metrics() -> Response:
+        async def metrics(request: Request) -> Response:
+            try:
+                if self.metrics_keys:
+                    self.check_key(request, self.metrics_keys)
+            except oa.ApiError as e:
+                return JSONResponse(e.body(), status_code=e.status)
             body, kind = self.metrics.exposition()
             return Response(body, media_type=kind)
 

@@ -5,6 +5,7 @@ built-in model."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,11 @@ PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+# the roles every chat template knows; ``tool`` as well when the template names it
+ROLES = ("system", "user", "assistant")
+_NAMES_TOOL = re.compile(r"""["']tool["']""")
 
 
 class TemplateError(ValueError):
@@ -37,6 +43,17 @@ class ChatTemplate:
         self.bos, self.eos = bos, eos
         # a checkpoint's template writes BOS itself; the plain one leaves it to the tokenizer
         self.adds_bos = not builtin
+        # a template that compares a role with "tool" renders tool results; the plain one knows none
+        self.roles = ROLES + (("tool",) if not builtin and _NAMES_TOOL.search(source) else ())
+
+    def check_roles(self, roles: list[str]) -> None:
+        """Refuse a role the template does not know (many templates would drop or mangle it
+        without a word)."""
+        for i, role in enumerate(roles):
+            if role not in self.roles:
+                shown = role if len(role) <= 40 else role[:40] + "..."
+                raise TemplateError(f"messages[{i}].role `{shown}` is not one this model's chat template knows "
+                                    f"({', '.join(self.roles)})")
 
     def render(self, messages: list[dict[str, str]]) -> str:
         try:
