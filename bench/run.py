@@ -18,7 +18,9 @@
   (``bench/serving.py``);
 * memory: resident memory of every process of a running dpbus (``bench/memory.py``);
 * multiturn: the prefix cache on multi-turn chat, on vs off, and ``prefix_affinity`` vs
-  ``least_tokens`` on four groups (``bench/multiturn.py``).
+  ``least_tokens`` on four groups (``bench/multiturn.py``);
+* fairness: one client flooding a group, another client's time to first token and queue
+  wait, alone and flooded (``bench/fairness.py``).
 
 Run on a quiet machine; compare ratios within one run, not absolute numbers across runs.
 """
@@ -225,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-PARTS = ("model", "transports", "delivery", "ingest", "serving", "memory", "multiturn")
+PARTS = ("model", "transports", "delivery", "ingest", "serving", "memory", "multiturn", "fairness")
 # ingest before issue 10's work on its hot path: measured next to this checkout's
 INGEST_BASELINE = "b8a66f6"
 
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         out[name] = fn()
         (RESULTS / f"{name}.json").write_text(json.dumps(out[name], indent=2))
 
-    from bench import delivery, memory, multiturn, serving, transports
+    from bench import delivery, fairness, memory, multiturn, serving, transports
 
     part("model", model_part)
     part("transports", transports.run)
@@ -330,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     part("serving", lambda: report_serving(serving))
     part("memory", memory.run)
     part("multiturn", multiturn.run)
+    part("fairness", fairness.run)
     out["seconds"] = time.monotonic() - started
     print()
     print(summary.render(out))

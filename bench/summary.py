@@ -10,7 +10,7 @@ def render(out: dict) -> str:
     lines = [f"dpbus bench summary ({out.get('when', '?')}, {out.get('cpus', '?')} CPUs"
              + (f", {out['seconds'] / 60:.1f} min" if "seconds" in out else "") + ")"]
     for name, fn in (("model", model), ("delivery", delivery), ("ingest", ingest), ("serving", serving),
-                     ("memory", memory), ("multiturn", multiturn)):
+                     ("memory", memory), ("multiturn", multiturn), ("fairness", fairness)):
         if name in out or (name == "delivery" and "transports" in out):
             lines += ["", *fn(out)]
     return "\n".join(lines)
@@ -132,3 +132,15 @@ def multiturn(out: dict) -> list[str]:
     m = out["multiturn"]
     return [f"multi-turn chat: prefix cache on vs off, {m['prefill_tokens_off_over_on']:.1f}x fewer prefill "
             f"tokens, {m['ttft_p50_off_over_on']:.1f}x lower TTFT p50"]
+
+
+def fairness(out: dict) -> list[str]:
+    rows = ["fair share: one client flooding, another's time to first token (p50) and queue wait (p50)"]
+    for name, r in out["fairness"].items():
+        if name == "workload":
+            continue
+        refused = r["alice"].get("overloaded", 0)
+        rows.append(f"  {name:13} | alone {r['alone']['ttft_p50_ms']:6.1f} ms (queued {r['alone']['queue_p50_ms']:.1f}) "
+                    f"| flooded {r['flooded']['ttft_p50_ms']:6.1f} ms (queued {r['flooded']['queue_p50_ms']:.1f}) "
+                    f"| {r['ttft_p50_ratio']:.1f}x | flooder: {r['alice'].get('done', 0)} done, {refused} overloaded")
+    return rows
