@@ -491,7 +491,8 @@ def ingest(policy: str = "least_tokens", dead: set[int] = frozenset(), **kw):
 
 
 def submit(rid: str = "r") -> Submit:
-    return Submit(rid, [256, 1, 2, 3], SamplingParams(max_new_tokens=4), True, "inbox.1", Encoding.JSON, 0.0, -1)
+    return Submit(rid, [256, 1, 2, 3], SamplingParams(max_new_tokens=4), True, "_INBOX.client.1", Encoding.JSON, 0.0, -1,
+                  client="_INBOX.client")
 
 
 def answer(ing) -> dict:

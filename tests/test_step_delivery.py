@@ -18,7 +18,7 @@ from schemas import Done, Error, SamplingParams, Subjects
 from schemas.codec import Encoding
 from schemas.internal import (
     LAST_TOKEN, DecodeRow, Heartbeat, PrefillChunk, Replay, ReplayReply, RowPages, RowSampling, RowStart, Step, StepFailure,
-    StepReply, StepResult, Submit, SubmitAck, pack, token_digest,
+    StepReply, StepResult, Submit, SubmitAck, client_of, pack, token_digest,
 )
 from services import logs
 from services.client import decode_answer
@@ -357,7 +357,7 @@ async def run_publisher_with(server, behaviour: str, prefix: str) -> tuple[list,
             break
         await asyncio.sleep(0.1)
     sub = Submit("r1", [1, 2, 3], SamplingParams(max_new_tokens=3, temperature=0.0), True, inbox, Encoding.JSON,
-                 time.time(), 0)
+                 time.time(), 0, client=client_of(inbox))
     ack = msgspec.msgpack.decode((await nc.request(subj.submit(0), pack(sub), timeout=5)).data, type=SubmitAck)
     assert ack.accepted
     got = []
@@ -397,7 +397,8 @@ async def test_publisher_detects_a_silent_worker(nats_server, silent_after):
         await asyncio.sleep(0.1)
     inbox = nc.new_inbox()
     answers = await nc.subscribe(inbox)
-    sub = Submit("r2", [1, 2, 3], SamplingParams(max_new_tokens=3), True, inbox, Encoding.JSON, time.time(), 0)
+    sub = Submit("r2", [1, 2, 3], SamplingParams(max_new_tokens=3), True, inbox, Encoding.JSON, time.time(), 0,
+                 client=client_of(inbox))
     await nc.request(subj.submit(0), pack(sub), timeout=5)
     t0 = time.monotonic()
     err = decode_answer((await answers.next_msg(timeout=10)).data)
@@ -454,7 +455,7 @@ async def test_a_request_that_streamed_nothing_moves_to_another_group_when_its_g
         inbox = nc.new_inbox()
         answers = await nc.subscribe(inbox)
         sub = Submit(rid, [1, 2, 3], SamplingParams(max_new_tokens=2, temperature=0.0), True, inbox, Encoding.JSON,
-                     time.time(), 0, pinned=pinned)
+                     time.time(), 0, pinned=pinned, client=client_of(inbox))
         ack = msgspec.msgpack.decode((await nc.request(subj.submit(0), pack(sub), timeout=5)).data, type=SubmitAck)
         assert ack.accepted
         got = []

@@ -89,7 +89,8 @@ class Publisher:
         self.tables = RowTables(s.max_running_requests)  # the rows the workers know, this epoch
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
-                       "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0}
+                       "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0,
+                       "foreign_reply": 0}
         self._unpack = {k: unpacker(t) for k, t in
                         (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
                          ("replay", Replay))}
