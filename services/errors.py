@@ -16,7 +16,10 @@ class DpbusError(Exception):
 
 
 class Rejected(DpbusError):
-    """Ingest refuses a request (answered with an ``error`` at once)."""
+    """Ingest refuses a request (answered with an ``error`` at once, naming the request's
+    ``rid`` when it gave one)."""
+
+    rid: str | None = None
 
 
 class GroupFailure(DpbusError):

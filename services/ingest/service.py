@@ -130,6 +130,13 @@ class Ingest:
     async def admit(self, body: bytes, reply: str, client: str) -> tuple[Submit, list[int] | None]:
         """Turn a body into a Submit; raises DecodeError/Rejected. Also returns the groups to try."""
         req, enc = decode_request(body)
+        try:
+            return await self.check(req, enc, reply, client)
+        except Rejected as e:
+            e.rid = req.rid  # the client can tell which of its requests was refused
+            raise
+
+    async def check(self, req: Any, enc: Encoding, reply: str, client: str) -> tuple[Submit, list[int] | None]:
         if req.dp_rank is not None and req.dp_rank >= self.groups:
             raise Rejected(ErrorCode.UNKNOWN_DP_RANK, f"dp_rank {req.dp_rank} does not exist: this deployment has "
                            f"{self.groups} DP group(s) (0..{self.groups - 1})")
@@ -194,7 +201,7 @@ class Ingest:
             await self.answer_error(reply, sniff_encoding(body), e.code, e.message)
             return
         except Rejected as e:
-            await self.answer_error(reply, sniff_encoding(body), e.code, e.message)
+            await self.answer_error(reply, sniff_encoding(body), e.code, e.message, e.rid)
             return
         if sub.key in self.handing:  # a copy of a request being handed over right now
             self.errors["duplicate_delivery"] += 1
