@@ -53,9 +53,14 @@ class Subjects:
         """publisher g -> every worker of g: the ordered steps."""
         return f"{self.group(g)}.step"
 
-    def result(self, g: int) -> str:
-        """leader worker of g -> publisher g: sampled tokens of a step."""
-        return f"{self.group(g)}.result"
+    def result(self, g: int, node_rank: int | str) -> str:
+        """worker ``node_rank`` of g -> publisher g: its result of a step (the leader's carries
+        the sampled tokens, every member's the digest). One subject per member, which only
+        that member's NATS user may publish on: no member answers in another's name."""
+        return f"{self.group(g)}.result.{node_rank}"
+
+    def results(self, g: int) -> str:
+        return self.result(g, "*")
 
     def replay(self, g: int) -> str:
         """worker of g -> publisher g: resend steps I missed (request/reply)."""
@@ -69,9 +74,19 @@ class Subjects:
         """ingest -> publisher g: which requests do you hold? (request/reply)"""
         return f"{self.group(g)}.inflight"
 
-    def heartbeat(self, g: int) -> str:
-        """each worker of g -> publisher g: alive, ready, last step applied."""
-        return f"{self.group(g)}.heartbeat"
+    def heartbeat(self, g: int, node_rank: int | str) -> str:
+        """worker ``node_rank`` of g -> publisher g (and its peers): alive, ready, last step
+        applied. One subject per member, as ``result``."""
+        return f"{self.group(g)}.heartbeat.{node_rank}"
+
+    def heartbeats(self, g: int) -> str:
+        return self.heartbeat(g, "*")
+
+    @staticmethod
+    def member_of(subject: str) -> int | None:
+        """The node rank a member's ``result``/``heartbeat`` subject names (None: not one)."""
+        tail = subject.rsplit(".", 1)[-1]
+        return int(tail) if tail.isdigit() else None
 
     def load(self, g: int) -> str:
         """publisher g -> ingest: queue lengths and readiness of the group."""

@@ -86,11 +86,12 @@ def run_role(role: str, cfg: Any) -> int:
         worker = Worker(worker_cfg, log)
         services.append(worker)
         if role == "node":  # the group's leader connects as its node user (worker and publisher),
-            from services.natsconf import user_for  # every other member as a plain worker
+            from services.natsconf import member_user, user_for  # every other member as its own worker user
             from services.publisher.service import Publisher
             from services.topology import should_run_publisher
             leader = should_run_publisher(cfg)
-            worker.auth = bus.auth_from(cfg, user_for("node" if leader else "worker", worker.place.dp_rank))
+            g = worker.place.dp_rank
+            worker.auth = bus.auth_from(cfg, user_for("node", g) if leader else member_user(g, cfg.node_rank))
             if leader:
                 services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log,
                                           auth=worker.auth))
@@ -276,7 +277,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_nats_config(a: argparse.Namespace) -> int:
-    from services.natsconf import Limits, layout_users, loopback, monitor_address, read_hashes, refuse_placeholders, \
+    from services.natsconf import Limits, layout_members, layout_users, loopback, monitor_address, read_hashes, refuse_placeholders, \
         size, write_config
     from services.topology import place_node
 
@@ -287,7 +288,8 @@ def cmd_nats_config(a: argparse.Namespace) -> int:
     passwords = {}
     if a.password is not None:  # the same password for every user: only for throwaway setups
         refuse_placeholders({"every user": a.password})
-        passwords = {u: a.password for u in ("sys", *layout_users(a.dp_size, a.client or ["client"]))}
+        passwords = {u: a.password for u in ("sys", *layout_users(a.dp_size, a.client or ["client"],
+                                                                   layout_members(a.dp_size, a.nnodes)))}
     http = monitor_address(a.http)
     if http and not loopback(http):
         print(f"note: HTTP monitoring on {http} has no authentication; /connz and /subsz show every connection's "
@@ -304,7 +306,8 @@ def cmd_nats_config(a: argparse.Namespace) -> int:
             passwords["route"] = a.password
     write_config(a.out, dp_size=a.dp_size, clients=a.client or ["client"], prefixes=a.prefix or ["dpbus"],
                  passwords=passwords, listen=a.listen, http=http, store_dir=a.store_dir, tls=tls, url=url,
-                 existing_hashes=hashes, nkey_users=a.nkeys, peers=peers, limits=limits, sealed=a.sealed)
+                 existing_hashes=hashes, nkey_users=a.nkeys, peers=peers, limits=limits, sealed=a.sealed,
+                 nnodes=a.nnodes)
     confs = ", ".join(p.conf for p in peers) or "nats.conf"
     secrets = " (sealed: no credentials written, nobody can log in)" if a.sealed else \
         ", credentials.json and compose.env"

@@ -31,7 +31,7 @@ from schemas import Subjects
 from schemas.internal import LoadReport, unpacker
 from services import bus
 from services.lifecycle import EXIT_BROKEN_JOB
-from services.natsconf import Credentials, Peer, Tls, user_for, write_config
+from services.natsconf import Credentials, Peer, Tls, member_user, user_for, write_config
 from services.topology import group_nodes, place_node
 
 DEFAULT_NATS_PORT = 4222
@@ -180,7 +180,8 @@ class Cluster:
             if self.tls:
                 self.nats_url = f"tls://127.0.0.1:{port}"
             conf_dir = self.log_dir / "nats"
-            self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=self.clients, prefixes=[self.prefix],
+            self.credentials = write_config(conf_dir, dp_size=self.dp_size, nnodes=self.nnodes, clients=self.clients,
+                                            prefixes=[self.prefix],
                                             listen=f"127.0.0.1:{port}", http=None, store_dir=str(store),
                                             url=self.nats_url, tls=self.tls)
             self._spawn("nats-server", [nats_server_binary(), "-c", str(conf_dir / "nats.conf"),
@@ -201,7 +202,8 @@ class Cluster:
                       str(self.log_dir / f"jetstream-{i}")) for i in range(self.nats_cluster)]
         self.nats_url = ",".join(f"{scheme}://{p.listen}" for p in peers)
         conf_dir = self.log_dir / "nats"
-        self.credentials = write_config(conf_dir, dp_size=self.dp_size, clients=self.clients, prefixes=[self.prefix],
+        self.credentials = write_config(conf_dir, dp_size=self.dp_size, nnodes=self.nnodes, clients=self.clients,
+                                            prefixes=[self.prefix],
                                         url=self.nats_url, tls=self.tls, peers=peers)
         for i, p in enumerate(peers):
             self._spawn(f"nats-server-{i}", [nats_server_binary(), "-c", str(conf_dir / p.conf)])
@@ -241,7 +243,7 @@ class Cluster:
             self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)],
                         self._service_env(user_for("publisher", g)))
         for r in range(self.nnodes):
-            self._spawn(f"worker-{r}", [*cli, "worker", *node_args(r)], self._service_env(user_for("worker", group_of(r))))
+            self._spawn(f"worker-{r}", [*cli, "worker", *node_args(r)], self._service_env(member_user(group_of(r), r)))
 
     async def wait_ready(self, timeout: float = 600.0) -> float:
         """Wait until every group reports ready and ingest answers; returns the seconds it took."""
@@ -483,9 +485,10 @@ async def make_ledger(url: str, admin: bus.NatsAuth, prefix: str, replicas: int,
 def node_user(node_rank: int, nnodes: int, dp_size: int) -> str:
     """The NATS user a `dpbus node` process connects as: its group's node user (publisher
     and worker rights) for the group's leader, the plain worker user for every other
-    member (it never touches the ledger or a client's inbox)."""
+    member, ``worker-<g>-<r>`` (it never touches the ledger or a client's inbox, and speaks
+    only for itself)."""
     place = place_node(node_rank, nnodes, dp_size)
-    return user_for("node" if place.is_leader else "worker", place.dp_rank)
+    return user_for("node", place.dp_rank) if place.is_leader else member_user(place.dp_rank, node_rank)
 
 
 def _port_free(port: int) -> bool:

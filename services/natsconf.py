@@ -17,7 +17,8 @@ Users, one per role (``g`` = a DP group):
 ``ingest-answers`` ingest's second connection: answers clients, may publish nothing else
 ``publisher-g``    schedules group g, sends its steps, answers clients, moves requests
                    to other groups' ``submit``
-``worker-g``       runs group g's steps; touches no other group's subjects
+``worker-g-r``     worker r (a member of group g): runs group g's steps, answers them and
+                   beats on its own subjects only (no member speaks for another)
 ``node-g``         ``worker-g`` + ``publisher-g`` in one process (``dpbus node``)
 ``operator``       watches: load reports, ``$SRV`` discovery and stats (``dpbus up`` uses it)
 ``admin``          everything
@@ -78,16 +79,23 @@ def _publisher(s: Subjects, g: int, dp_size: int) -> Permissions:
                  *(s.submit(x) for x in range(dp_size) if x != g),  # moving a request elsewhere
                  *(s.group_abort(x) for x in range(dp_size) if x != g),  # and an abort after it
                  f"{INBOX_ROOT}.>"],  # chunks and terminal answers to every client
-        subscribe=[s.submit(g), s.group_abort(g), s.inflight(g), s.result(g), s.heartbeat(g), s.replay(g)],
+        subscribe=[s.submit(g), s.group_abort(g), s.inflight(g), s.results(g), s.heartbeats(g), s.replay(g)],
     )
 
 
-def _worker(s: Subjects, g: int) -> Permissions:
+def _worker(s: Subjects, g: int, r: int | str) -> Permissions:
+    """Member ``r`` of group ``g`` (``r`` "*": any member, for the group's leader host,
+    which runs the group's publisher and so decides everything about the group anyway)."""
     return Permissions(
-        publish=[s.result(g), s.heartbeat(g), s.replay(g)],
-        subscribe=[s.step(g), s.heartbeat(g), s.worker_status(g, "*")],
+        publish=[s.result(g, r), s.heartbeat(g, r), s.replay(g)],
+        subscribe=[s.step(g), s.heartbeats(g), s.worker_status(g, "*")],
         allow_responses=True,
     )
+
+
+def member_user(group: int, node_rank: int) -> str:
+    """The NATS user of worker ``node_rank`` (a member of ``group``): ``worker-<g>-<r>``."""
+    return f"worker-{group}-{node_rank}"
 
 
 def ledger_access(prefix: str) -> Permissions:
@@ -133,7 +141,10 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
     if user == "admin":
         return Permissions([">"], [">"])
     kind, _, rank = user.partition("-")
-    g = int(rank) if rank.isdigit() and kind in ("publisher", "worker", "node") else None
+    g = int(rank) if rank.isdigit() and kind in ("publisher", "node") else None
+    member = re.fullmatch(r"(\d+)-(\d+)", rank) if kind == "worker" else None
+    if member:
+        g = int(member.group(1))
     out = Permissions()
     for prefix in prefixes:
         s = Subjects(prefix)
@@ -143,10 +154,10 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
             out = out | ANSWERS
         elif kind == "publisher" and g is not None:
             out = out | _publisher(s, g, dp_size) | ledger_access(prefix)
-        elif kind == "worker" and g is not None:
-            out = out | _worker(s, g)
+        elif member:
+            out = out | _worker(s, g, int(member.group(2)))
         elif kind == "node" and g is not None:
-            out = out | _publisher(s, g, dp_size) | ledger_access(prefix) | _worker(s, g)
+            out = out | _publisher(s, g, dp_size) | ledger_access(prefix) | _worker(s, g, "*")
         elif user == "operator":
             out = out | Permissions(publish=["$SRV.>"], subscribe=[s.all_loads])
         else:  # a client application (the gateway is one)
@@ -160,14 +171,24 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
     return out | Permissions(subscribe=[inbox_prefix(user) + ".>"])
 
 
-def layout_users(dp_size: int, clients: list[str]) -> list[str]:
-    """Every user a deployment of ``dp_size`` groups needs, clients last."""
+def layout_members(dp_size: int, nnodes: int | None = None) -> list[tuple[int, int]]:
+    """(group, node rank) of every worker of a layout (``nnodes`` defaults to ``dp_size``)."""
+    from services.topology import place_node
+
+    nnodes = nnodes or dp_size
+    return [(place_node(r, nnodes, dp_size).dp_rank, r) for r in range(nnodes)]
+
+
+def layout_users(dp_size: int, clients: list[str], members: list[tuple[int, int]] | None = None) -> list[str]:
+    """Every user a deployment of ``dp_size`` groups needs, clients last: ``members`` are
+    the (group, node rank) of its workers (default: one per group), each its own user."""
     for c in clients:
         if not NAME.match(c) or RESERVED.match(c):
             raise ValueError(f"client name {c!r}: use letters, digits, '-' or '_', and not a role's name "
                              "(ingest, gateway, operator, admin, sys, publisher-N, worker-N, node-N)")
     groups = range(dp_size)
-    return ["ingest", "ingest-answers", *(f"publisher-{g}" for g in groups), *(f"worker-{g}" for g in groups),
+    members = members if members is not None else layout_members(dp_size)
+    return ["ingest", "ingest-answers", *(f"publisher-{g}" for g in groups), *(member_user(g, r) for g, r in members),
             *(f"node-{g}" for g in groups), "gateway", "operator", "admin", *clients]
 
 
@@ -500,7 +521,7 @@ def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[
                  http: str | None = MONITOR, store_dir: str = "jetstream", tls: Tls | None = None,
                  url: str = "", existing_hashes: dict[str, str] | None = None, cluster: str = "",
                  nkey_users: bool = False, peers: list[Peer] | None = None, limits: Limits | None = None,
-                 sealed: bool = False) -> Credentials:
+                 sealed: bool = False, nnodes: int | None = None, members: list[tuple[int, int]] | None = None) -> Credentials:
     """Write ``nats.conf``, ``auth.conf``, ``credentials.json`` and ``compose.env`` into ``out``.
 
     ``passwords`` fixes some users' passwords (the rest are random; a known placeholder is
@@ -518,7 +539,7 @@ def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[
     refuse_placeholders({u: p for u, p in (passwords or {}).items() if p})
     if sealed and (passwords or nkey_users):
         raise ValueError("a sealed config throws every secret away: give it no passwords and no nkey users")
-    users = layout_users(dp_size, clients)
+    users = layout_users(dp_size, clients, members if members is not None else layout_members(dp_size, nnodes))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seeds: dict[str, str] = {}

@@ -49,7 +49,10 @@ class NatsServer:
         self.argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
         if secure:
             conf = self.store / "conf"
+            # a worker user for every (group, node rank) the tests' layouts use (up to 8 nodes)
+            members = [(g, r) for g in range(dp_size) for r in range(8)]
             self.credentials = write_config(conf, dp_size=dp_size, clients=CLIENTS, prefixes=TEST_PREFIXES,
+                                            members=members,
                                             listen=f"127.0.0.1:{self.port}", http=None,
                                             store_dir=str(self.store / "js"), url=self.url)
             self.argv = [nats_server_binary(), "-c", str(conf / "nats.conf")]

@@ -139,6 +139,7 @@ class Server:
         scheme = "tls" if tls else "nats"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         config.setdefault("http", None)
+        config.setdefault("nnodes", 4)  # two members a group
         self.creds = write_config(d, dp_size=2, clients=["client", "alice", "bob"], prefixes=["dpbus"],
                                   listen=f"127.0.0.1:{self.port}", store_dir=str(d / "js"), tls=tls,
                                   url=self.url, **config)
@@ -223,18 +224,23 @@ MATRIX = {
     "publisher-0": (  # services/publisher/service.py
         ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.1.submit", "dpbus.dp.1.abort",
          "_INBOX.bob.answer", "$KV.dpbus_requests.lease.7", "$JS.API.DIRECT.GET.KV_dpbus_requests.$KV.x"],
-        ["dpbus.dp.0.submit", "dpbus.dp.0.abort", "dpbus.dp.0.inflight", "dpbus.dp.0.result", "dpbus.dp.0.heartbeat",
+        ["dpbus.dp.0.submit", "dpbus.dp.0.abort", "dpbus.dp.0.inflight", "dpbus.dp.0.result.*", "dpbus.dp.0.heartbeat.*",
          "dpbus.dp.0.replay", "$SRV.PING", "_INBOX.publisher-0.r"],
-        ["dpbus.dp.1.step", "dpbus.generate", "dpbus.dp.0.result", "$JS.API.STREAM.DELETE.KV_dpbus_requests"],
-        ["dpbus.dp.1.result", "dpbus.generate", "_INBOX.alice.>"]),
-    "worker-1": (  # services/worker/service.py
-        ["dpbus.dp.1.result", "dpbus.dp.1.heartbeat", "dpbus.dp.1.replay"],
-        ["dpbus.dp.1.step", "dpbus.dp.1.heartbeat", "dpbus.dp.1.worker.3.status", "$SRV.PING", "_INBOX.worker-1.r"],
-        ["dpbus.generate", "dpbus.dp.0.result", "dpbus.dp.1.step", "_INBOX.alice.answer", "$KV.dpbus_requests.r.x"],
-        ["dpbus.dp.0.step", "dpbus.dp.1.submit", "_INBOX.alice.>"]),
-    "node-1": (  # a worker and its group's publisher in one process
-        ["dpbus.dp.1.step", "dpbus.dp.1.result", "dpbus.dp.1.heartbeat", "dpbus.dp.0.submit", "_INBOX.alice.answer"],
-        ["dpbus.dp.1.submit", "dpbus.dp.1.step", "dpbus.dp.1.result", "dpbus.dp.1.replay", "_INBOX.node-1.r"],
+        ["dpbus.dp.1.step", "dpbus.generate", "dpbus.dp.0.result.0", "dpbus.dp.0.heartbeat.0",
+         "$JS.API.STREAM.DELETE.KV_dpbus_requests"],
+        ["dpbus.dp.1.result.*", "dpbus.generate", "_INBOX.alice.>"]),
+    "worker-1-3": (  # services/worker/service.py: member 3 of group 1 (4 nodes, 2 groups)
+        ["dpbus.dp.1.result.3", "dpbus.dp.1.heartbeat.3", "dpbus.dp.1.replay"],
+        ["dpbus.dp.1.step", "dpbus.dp.1.heartbeat.*", "dpbus.dp.1.worker.3.status", "$SRV.PING",
+         "_INBOX.worker-1-3.r"],
+        # another member's result or heartbeat (its leader's above all), another group's, the ledger
+        ["dpbus.dp.1.result.2", "dpbus.dp.1.heartbeat.2", "dpbus.dp.1.result.*", "dpbus.dp.0.result.3",
+         "dpbus.generate", "dpbus.dp.1.step", "_INBOX.alice.answer", "$KV.dpbus_requests.r.x",
+         "$KV.dpbus_requests.lease.1"],
+        ["dpbus.dp.0.step", "dpbus.dp.1.submit", "dpbus.dp.1.result.*", "_INBOX.alice.>"]),
+    "node-1": (  # a worker and its group's publisher in one process (the group's leader host)
+        ["dpbus.dp.1.step", "dpbus.dp.1.result.2", "dpbus.dp.1.heartbeat.2", "dpbus.dp.0.submit", "_INBOX.alice.answer"],
+        ["dpbus.dp.1.submit", "dpbus.dp.1.step", "dpbus.dp.1.result.*", "dpbus.dp.1.replay", "_INBOX.node-1.r"],
         ["dpbus.dp.0.step", "dpbus.generate"],
         ["dpbus.dp.0.step", "dpbus.dp.0.submit"]),
     "alice": (  # a client application: requests only on its own subjects (services/identity.py)
@@ -564,7 +570,7 @@ async def test_nkey_users_connect_with_their_seed_and_keep_their_permissions(tmp
         await nc.flush()
         assert await until(lambda: violation(errors, "publish", "dpbus.dp.0.step")), errors
         await nc.close()
-        other = bus.NatsAuth("ingest", nkey_seed=str(tmp_path / "nkeys" / "worker-0.nk"))
+        other = bus.NatsAuth("ingest", nkey_seed=str(tmp_path / "nkeys" / "worker-0-0.nk"))
         nc = await bus.connect_client(url, auth=other)  # a worker's seed is a worker, whatever name it claims
         await nc.close()
         with pytest.raises(bus.FatalConnectError):  # an nkey the server does not know

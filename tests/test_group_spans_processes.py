@@ -70,7 +70,7 @@ def test_a_node_whose_group_never_forms_names_the_missing_member(nats_server):
     out = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--node-rank", "0", "--nnodes", "3",
                           "--dp-size", "1", "--coordinator", f"127.0.0.1:{free_port()}", "--join-timeout", "2",
                           "--nats-url", nats_server.url, "--prefix", "lonely"],
-                         env={**os.environ, **{f"DPBUS_{k.upper()}": v for k, v in nats_server.settings("worker-0").items()}},
+                         env={**os.environ, **{f"DPBUS_{k.upper()}": v for k, v in nats_server.settings("worker-0-0").items()}},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "node(s) [1, 2] did not join within 2s" in out.stderr, out.stderr[-500:]

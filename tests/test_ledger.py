@@ -159,7 +159,7 @@ async def fake_workers(nc, groups, stop: asyncio.Event, slow: float = 0.0) -> No
         async def on_step(msg):
             step = msgspec.msgpack.decode(msg.data, type=Step)
             await asyncio.sleep(slow)
-            await nc.publish(SUBJ.result(g), pack(answer(step, g)))
+            await nc.publish(SUBJ.result(g, g), pack(answer(step, g)))
         return on_step
 
     for g in groups:
@@ -168,7 +168,7 @@ async def fake_workers(nc, groups, stop: asyncio.Event, slow: float = 0.0) -> No
     async def beat():
         while not stop.is_set():
             for g in groups:
-                await nc.publish(SUBJ.heartbeat(g), pack(Heartbeat(g, g, 0, True, 0, 0, time.time())))
+                await nc.publish(SUBJ.heartbeat(g, g), pack(Heartbeat(g, g, 0, True, 0, 0, time.time())))
             await asyncio.sleep(0.1)
 
     asyncio.ensure_future(beat())

@@ -84,7 +84,7 @@ async def answers_on(nc) -> tuple[str, Answers]:
 async def beat(nc, g: int, stop: asyncio.Event, epoch: int = 0, node: int | None = None) -> None:
     node = g if node is None else node
     while not stop.is_set():
-        await nc.publish(SUBJ.heartbeat(g), pack(Heartbeat(node, g, 0, True, epoch, 0, time.time())))
+        await nc.publish(SUBJ.heartbeat(g, node), pack(Heartbeat(node, g, 0, True, epoch, 0, time.time())))
         await asyncio.sleep(0.1)
 
 
@@ -134,8 +134,8 @@ async def test_a_failure_reported_for_an_earlier_step_does_not_fail_the_current_
         step = msgspec.msgpack.decode(msg.data, type=Step)
         if step.seq > 1:
             late = StepFailure(step.epoch, step.seq - 1, 0, "diverged", "a late complaint about the previous step")
-            await nc.publish(SUBJ.result(0), pack(late))
-        await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
+            await nc.publish(SUBJ.result(0, 0), pack(late))
+        await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
 
     answers = await one_request(nc, pub, task, stop, on_step, "late-failure")
     assert isinstance(answers.got[-1], Done), answers.got[-1]
@@ -157,7 +157,7 @@ async def test_a_new_publisher_numbers_its_epoch_above_its_workers_even_when_its
     async def on_step(msg):  # drops stale epochs as the real worker does
         step = msgspec.msgpack.decode(msg.data, type=Step)
         if step.epoch > worker_epoch:
-            await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
+            await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
 
     answers = await one_request(nc, pub, task, stop, on_step, "clock", epoch=worker_epoch)
     assert isinstance(answers.got[-1], Done), answers.got[-1]
@@ -182,8 +182,8 @@ async def test_a_request_aborted_while_its_step_is_computed_gets_nothing_after_i
         if step.seq == 2:
             [seq] = pub.sched.running
             await nc.request(SUBJ.group_abort(0), pack(GroupAbort(seq.rid, seq.reply)), timeout=5)
-            await nc.publish(SUBJ.result(0), pack(answer(first[0], 0)))
-        await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
+            await nc.publish(SUBJ.result(0, 0), pack(answer(first[0], 0)))
+        await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
 
     answers = await one_request(nc, pub, task, stop, on_step, "aborted-in-flight")
     *chunks, done = answers.got
@@ -212,7 +212,7 @@ async def test_a_terminal_answer_reaches_the_server_ahead_of_its_settling_write(
             routed.append(("ledger", msgspec.msgpack.decode(msg.data)["state"]))
 
     async def on_step(msg):
-        await nc.publish(SUBJ.result(0), pack(answer(msgspec.msgpack.decode(msg.data, type=Step), 0)))
+        await nc.publish(SUBJ.result(0, 0), pack(answer(msgspec.msgpack.decode(msg.data, type=Step), 0)))
 
     await nc.subscribe(">", cb=on_any)
     await nc.subscribe(SUBJ.step(0), cb=on_step)
@@ -245,7 +245,7 @@ async def streamed_with_interval(server, rid: str, tokens: int, abort_at_step: i
         if step.seq == abort_at_step:
             [seq] = pub.sched.running
             await nc.request(SUBJ.group_abort(0), pack(GroupAbort(seq.rid, seq.reply)), timeout=5)
-        await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
+        await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
 
     return await one_request(nc, pub, task, stop, on_step, rid, tokens=tokens)
 
@@ -294,7 +294,7 @@ async def test_a_queued_request_offered_to_another_group_cannot_also_start_here(
     async def on_step(msg):
         step = msgspec.msgpack.decode(msg.data, type=Step)
         stepped.extend(item.token_ids for item in step.prefill)
-        await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
+        await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
 
     async def other_group_takes_it_slowly(msg):
         offered.append(msgspec.msgpack.decode(msg.data, type=Submit))
@@ -371,7 +371,7 @@ async def test_copies_and_retries_of_a_request_run_once(nats_server):
     async def on_step(msg):
         step = msgspec.msgpack.decode(msg.data, type=Step)
         runs.extend(item.token_ids for item in step.prefill)
-        await nc.publish(SUBJ.result(0), pack(answer(step, 0)))
+        await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
 
     await nc.subscribe(SUBJ.step(0), cb=on_step)
     beating = asyncio.create_task(beat(nc, 0, stop))
@@ -430,13 +430,13 @@ async def test_a_worker_whose_result_cannot_be_sent_keeps_taking_steps(nats_serv
 
 
 async def test_a_worker_leaves_a_broken_job_even_when_it_cannot_say_so(nats_server):
-    s = msgspec.convert({**nats_server.settings("worker-0"), "prefix": PREFIX}, WorkerSettings)
+    s = msgspec.convert({**nats_server.settings("worker-0-0"), "prefix": PREFIX}, WorkerSettings)
     worker = Worker(s, LOG)
-    worker.nc = await nats_server.connect("worker-0")
+    worker.nc = await nats_server.connect("worker-0-0")
     await worker.nc.close()  # publish and flush now raise
     exits: list[int] = []
     worker.exit = exits.append
-    await worker.leave_broken_job(StepFailure(1, 1, 0, "internal", "boom"), SUBJ.result(0))
+    await worker.leave_broken_job(StepFailure(1, 1, 0, "internal", "boom"), SUBJ.result(0, 0))
     assert exits == [70]
 
 

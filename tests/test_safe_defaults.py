@@ -65,9 +65,9 @@ def test_nats_config_refuses_a_placeholder_password(tmp_path, password):
 def test_nats_config_refuses_a_placeholder_route_password_and_a_user_s_own_name(tmp_path):
     r = nats_config(tmp_path / "cluster", "--cluster", "3", "--dp-size", "1", "--password", "changeme")
     assert r.returncode == 2 and "placeholder password 'changeme'" in r.stderr, r.stderr
-    with pytest.raises(ValueError, match=r"the user's own name as password for ingest, worker-0"):
+    with pytest.raises(ValueError, match=r"the user's own name as password for ingest, worker-0-0"):
         write_config(tmp_path / "own", dp_size=1, clients=["client"], prefixes=["dpbus"],
-                     passwords={"ingest": "ingest", "worker-0": "Worker-0", "node-0": "a-real-secret-3x9"})
+                     passwords={"ingest": "ingest", "worker-0-0": "Worker-0-0", "node-0": "a-real-secret-3x9"})
     with pytest.raises(ValueError, match=r"placeholder password 'secret' for route"):
         write_config(tmp_path / "route", dp_size=1, clients=["client"], prefixes=["dpbus"],
                      passwords={"route": "secret"}, peers=[])
@@ -108,7 +108,7 @@ def varz(http: int, host: str = "127.0.0.1", page: str = "varz") -> dict:
 REFUSALS = [
     (["ingest"], "ingest", "env"),
     (["publisher", "--dp-rank", "0"], "publisher-0", "env"),
-    (["worker"], "worker-0", "env"),
+    (["worker"], "worker-0-0", "env"),
     (["node"], "node-0", "env"),
     (["gateway", "--http-port", "0"], "gateway", "env"),
     (["ingest"], "ingest", "url"),
@@ -128,7 +128,7 @@ def test_every_role_refuses_to_connect_with_a_placeholder_password(open_server, 
     elif how == "url":
         argv = [*argv, "--nats-url", url.replace("nats://", f"nats://{user}:changeme@")]
     else:
-        every = ["ingest", "publisher-0", "worker-0", "node-0", "gateway", "client"]  # as nats-config writes it
+        every = ["ingest", "publisher-0", "worker-0-0", "node-0", "gateway", "client"]  # as nats-config writes it
         Credentials(url, {u: "changeme" for u in every}).save(tmp_path / "credentials.json")
         argv = [*argv, "--nats-url", url, "--nats-credentials", str(tmp_path / "credentials.json")]
     r = subprocess.run([sys.executable, "-m", "services.cli", *argv], capture_output=True, text=True, timeout=120,

@@ -46,7 +46,7 @@ def steps_for(epoch: int) -> list[Step]:
 
 
 async def start_worker(server, prefix: str) -> tuple[Worker, asyncio.Event, asyncio.Task]:
-    s = msgspec.convert({**server.settings("worker-0"), "prefix": prefix, "max_seq_len": 64, "max_prefill_tokens": 16,
+    s = msgspec.convert({**server.settings("worker-0-0"), "prefix": prefix, "max_seq_len": 64, "max_prefill_tokens": 16,
                          "max_running_requests": 2, "warmup": False, "heartbeat_interval": 0.2}, WorkerSettings)
     worker, stop = Worker(s, LOG), asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
@@ -65,7 +65,7 @@ async def collect_results(nc, subj: Subjects) -> list:
     async def on_result(m):
         results.append(decode.decode(m.data))
 
-    await nc.subscribe(subj.result(0), cb=on_result)
+    await nc.subscribe(subj.results(0), cb=on_result)
     return results
 
 
@@ -326,7 +326,7 @@ class FakeWorker:
 
     async def beat(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.nc.publish(self.subj.heartbeat(0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
+            await self.nc.publish(self.subj.heartbeat(0, 0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
             await asyncio.sleep(0.2)
 
     async def on_step(self, msg) -> None:
@@ -337,7 +337,7 @@ class FakeWorker:
         pre = [7 if item.sample else -1 for item in step.prefill]
         dec = [7] * len(step.decode)
         digest = "not-the-same" if self.behaviour == "diverge" else token_digest(pre, dec)
-        await self.nc.publish(self.subj.result(0), pack(StepResult(step.epoch, step.seq, 0, pre, dec, 1.0, digest)))
+        await self.nc.publish(self.subj.result(0, 0), pack(StepResult(step.epoch, step.seq, 0, pre, dec, 1.0, digest)))
 
 
 async def run_publisher_with(server, behaviour: str, prefix: str) -> tuple[list, Publisher, FakeWorker]:
@@ -393,7 +393,7 @@ async def test_publisher_detects_a_silent_worker(nats_server, silent_after):
     task = asyncio.create_task(pub.run(stop))
     nc = await nats_server.connect("admin")  # plays every other role
     for _ in range(3):  # three beats, then silence; steps are never answered
-        await nc.publish(subj.heartbeat(0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
+        await nc.publish(subj.heartbeat(0, 0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
         await asyncio.sleep(0.1)
     inbox = nc.new_inbox()
     answers = await nc.subscribe(inbox)
@@ -431,7 +431,7 @@ async def test_a_request_that_streamed_nothing_moves_to_another_group_when_its_g
     async def beat_both():
         while not stop.is_set():
             for g in (0, 1):
-                await nc.publish(subj.heartbeat(g), pack(Heartbeat(g, g, 0, True, 0, 0, time.time())))
+                await nc.publish(subj.heartbeat(g, g), pack(Heartbeat(g, g, 0, True, 0, 0, time.time())))
             await asyncio.sleep(0.2)
 
     def on_step_for(g: int, fake: FakeWorker):
@@ -440,7 +440,7 @@ async def test_a_request_that_streamed_nothing_moves_to_another_group_when_its_g
             pre = [7 if item.sample else -1 for item in step.prefill]
             dec = [7] * len(step.decode)
             digest = "bad" if fake.behaviour == "diverge" else token_digest(pre, dec)
-            await nc.publish(subj.result(g), pack(StepResult(step.epoch, step.seq, g, pre, dec, 1.0, digest)))
+            await nc.publish(subj.result(g, g), pack(StepResult(step.epoch, step.seq, g, pre, dec, 1.0, digest)))
         return on_step
 
     for g, fake in enumerate(fakes):
@@ -474,3 +474,40 @@ async def test_a_request_that_streamed_nothing_moves_to_another_group_when_its_g
         assert [isinstance(a, (Done, Error)) for a in got].count(True) == 1 and isinstance(got[-1], (Done, Error))
     assert isinstance(outcomes["pinned"][-1], Error) and outcomes["pinned"][-1].code.value == "diverged"
     assert pubs[0].counts["requeued"] == 1
+
+
+async def test_a_member_s_heartbeat_or_result_in_another_s_name_is_dropped_and_counted(nats_server):
+    """Members publish on their own subjects (``heartbeat.<rank>``, ``result.<rank>``), each
+    its own NATS user's: a member host is refused another's subject by the server, and a
+    message whose body names another member than its subject is dropped by the publisher.
+    Here the admin user plays a member that forges: group 0 of 2 members stays not whole."""
+    subj = Subjects("silent")
+    s = msgspec.convert({**nats_server.settings("publisher-0"), "prefix": "silent", "max_seq_len": 64, "nnodes": 2,
+                         "heartbeat_timeout": 1.0}, PublisherSettings)
+    pub, stop = Publisher(s, LOG), asyncio.Event()
+    task = asyncio.create_task(pub.run(stop))
+    nc = await nats_server.connect("admin")
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e).lower())
+
+    forger = await nats_server.connect("worker-0-1", error_cb=on_error)
+    try:
+        for _ in range(30):
+            await nc.publish(subj.heartbeat(0, 0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))  # member 0
+            # member 1 beats in member 0's name on its own subject, and for itself on member 0's
+            await nc.publish(subj.heartbeat(0, 1), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
+            await forger.publish(subj.heartbeat(0, 0), pack(Heartbeat(1, 0, 1, True, 0, 0, time.time())))
+            await nc.publish(subj.result(0, 1), pack(StepResult(0, 1, 0, [1], [], 1.0, "x")))
+            await asyncio.sleep(0.05)
+            if pub.counts["forged"] >= 20 and any("permissions violation" in e for e in errors):
+                break
+        assert pub.counts["forged"] >= 20  # every heartbeat and result in another's name
+        assert any("permissions violation" in e and "heartbeat.0" in e for e in errors), errors
+        assert not pub.ready() and 1 not in pub.beats  # member 1 never counted as beating
+    finally:
+        stop.set()
+        await task
+        for c in (nc, forger):
+            await c.close()

@@ -316,11 +316,12 @@ def test_dpbus_up_stops_a_spanning_group_s_leader_after_its_members():
 
 
 def test_only_a_group_s_leader_connects_with_publisher_rights():
-    """`dpbus node` on a member that runs no publisher connects as worker-g: a compromised
-    member host cannot reach the ledger or any client's inbox (the permission matrix in
-    test_deploy_configs shows what worker-g is refused)."""
+    """`dpbus node` on a member that runs no publisher connects as its own worker-g-r: a
+    compromised member host cannot reach the ledger or any client's inbox, nor speak for
+    another member (the permission matrix in test_deploy_configs shows what it is refused)."""
     from services.launcher import node_user
 
-    assert [node_user(r, 4, 2) for r in range(4)] == ["node-0", "worker-0", "node-1", "worker-1"]
+    assert [node_user(r, 4, 2) for r in range(4)] == ["node-0", "worker-0-1", "node-1", "worker-1-3"]
     assert [node_user(r, 2, 2) for r in range(2)] == ["node-0", "node-1"]
-    assert [node_user(r, 8, 2) for r in range(8)] == ["node-0", *["worker-0"] * 3, "node-1", *["worker-1"] * 3]
+    assert [node_user(r, 8, 2) for r in range(8)] == ["node-0", *[f"worker-0-{r}" for r in (1, 2, 3)],
+                                                      "node-1", *[f"worker-1-{r}" for r in (5, 6, 7)]]

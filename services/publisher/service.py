@@ -90,7 +90,7 @@ class Publisher:
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
                        "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0,
-                       "foreign_reply": 0}
+                       "foreign_reply": 0, "forged": 0}
         self._unpack = {k: unpacker(t) for k, t in
                         (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
                          ("replay", Replay))}
@@ -224,12 +224,23 @@ class Publisher:
         """The request (client, rid) if this publisher holds it: queued, running or moving."""
         return self.sched.find(rid, client) or self.moving.get((client, rid))
 
+    def speaks_for_itself(self, node_rank: int, subject: str) -> bool:
+        """Does a member's message name the member whose subject it came on? Only that
+        member's NATS user may publish there (services/natsconf.py): a heartbeat or result
+        in another member's name is dropped and counted."""
+        if node_rank == Subjects.member_of(subject):
+            return True
+        self.counts["forged"] += 1
+        if self.counts["forged"] & (self.counts["forged"] - 1) == 0:  # 1st, 2nd, 4th...: a flood stays quiet
+            self.log.warning("message_in_another_member_s_name", subject=subject, says=node_rank)
+        return False
+
     async def on_heartbeat(self, msg: Any) -> None:
         try:
             beat = self._unpack["beat"].decode(msg.data)
         except Exception:  # noqa: BLE001
             return
-        if beat.node_rank in self.members:
+        if beat.node_rank in self.members and self.speaks_for_itself(beat.node_rank, msg.subject):
             was_ready = self.ready()
             self.beats[beat.node_rank] = (time.monotonic(), beat)
             if not was_ready and self.ready():
@@ -241,6 +252,8 @@ class Publisher:
             reply = self._unpack["result"].decode(msg.data)
         except Exception as e:  # noqa: BLE001
             self.log.error("bad_result", error=str(e))
+            return
+        if not self.speaks_for_itself(reply.node_rank, msg.subject):
             return
         n = self.stepper.on_reply(reply)
         settling = self.settling.get(n) if n is not None else None
@@ -719,8 +732,8 @@ class Publisher:
         hooks.append(self.outbox.on_reconnect)
         self.ledger = await Ledger.open(self.nc, self.s.prefix, self.s.ledger_replicas, log=self.log)
         leasing = asyncio.create_task(self.lease_loop())
-        await bus.subscribe(self.nc, subj.heartbeat(g), self.on_heartbeat)
-        await bus.subscribe(self.nc, subj.result(g), self.on_result)
+        await bus.subscribe(self.nc, subj.heartbeats(g), self.on_heartbeat)
+        await bus.subscribe(self.nc, subj.results(g), self.on_result)
         await bus.subscribe(self.nc, subj.replay(g), self.on_replay)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-publisher", version=VERSION, description=f"dpbus publisher of DP group {g}",

@@ -26,7 +26,7 @@ from services import bus
 from services.errors import ReceiveDataError, SendDataError
 from services.lifecycle import EXIT_BROKEN_JOB, unless_stopped
 from services.model_config import model_config_for
-from services.natsconf import user_for
+from services.natsconf import member_user
 from services.settings import WorkerSettings, total_pages
 from services.topology import dp_groups, group_nodes, place_node
 from services.worker.ordering import GAP, REPEAT, STALE, StepOrder
@@ -124,7 +124,7 @@ class Worker:
             )
         self.members = group_nodes(self.place.dp_rank, settings.nnodes,
                                    dp_groups(settings.dp_size, settings.enable_dp_attention))
-        self.auth = auth or bus.auth_from(settings, user_for("worker", self.place.dp_rank))
+        self.auth = auth or bus.auth_from(settings, member_user(self.place.dp_rank, settings.node_rank))
         self.subjects = Subjects(settings.prefix)
         self.log = log.bind(dp_rank=self.place.dp_rank, node_rank=settings.node_rank)
         self.tables = PageTables(settings.max_running_requests)  # the rows of this epoch, built by its steps
@@ -164,9 +164,10 @@ class Worker:
         decode = unpacker(Heartbeat)
 
         async def on_beat(msg: Any) -> None:
-            seen.add(decode.decode(msg.data).node_rank)
+            if decode.decode(msg.data).node_rank == Subjects.member_of(msg.subject):  # each speaks for itself
+                seen.add(Subjects.member_of(msg.subject))
 
-        sub = await self.nc.subscribe(self.subjects.heartbeat(self.place.dp_rank), cb=on_beat)
+        sub = await self.nc.subscribe(self.subjects.heartbeats(self.place.dp_rank), cb=on_beat)
         deadline = time.monotonic() + self.s.join_timeout
         try:
             while not seen.issuperset(self.members):
@@ -255,7 +256,7 @@ class Worker:
                          self.order.epoch, self.order.last_seq, time.time())
 
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
-        subject = self.subjects.heartbeat(self.place.dp_rank)
+        subject = self.subjects.heartbeat(self.place.dp_rank, self.s.node_rank)
         while not stop.is_set():
             try:
                 await self.nc.publish(subject, pack(self.heartbeat()))
@@ -301,7 +302,7 @@ class Worker:
         """Take steps in arrival order, forever: a step that cannot be answered (NATS would
         not take the result) is logged and counted, and the loop goes on; the publisher
         re-sends the step and gets the kept result then."""
-        result_subject = self.subjects.result(self.place.dp_rank)
+        result_subject = self.subjects.result(self.place.dp_rank, self.s.node_rank)
         while True:
             data = await self.queue.get()
             try:
@@ -367,7 +368,7 @@ class Worker:
     async def finish_loop(self) -> None:
         """Answer launched steps in order, forever: fetch each one's tokens (the device
         meanwhile computes the next), report them or its failure."""
-        subject = self.subjects.result(self.place.dp_rank)
+        subject = self.subjects.result(self.place.dp_rank, self.s.node_rank)
         while True:
             step, launched, error = await self.launches.get()
             try:
