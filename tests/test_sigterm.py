@@ -120,7 +120,7 @@ def test_ctrl_c_while_connecting(tmp_path):
 @pytest.mark.parametrize("role", ["worker", "node"])
 def test_sigterm_while_warming_up(role, nats_server, tmp_path):
     log = tmp_path / f"{role}.log"
-    proc = spawn([role, *NODE_ARGS], log, server_env(nats_server, f"{role}-0"))
+    proc = spawn([role, *NODE_ARGS], log, server_env(nats_server, {"worker": "worker-0-0", "node": "node-0"}[role]))
     try:
         wait_for_event(log, proc, "warmup")  # compiling its first shape
         seconds, code = sigterm(proc, role, "warming up", log)
