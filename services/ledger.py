@@ -20,7 +20,8 @@ One entry per accepted request, keyed by a digest of (client, rid):
 * ``answered`` and ``refused`` entries are deleted ``KEEP_ANSWERED`` seconds later (copies
   and retries of the same name are duplicates until then).
 
-Each publisher instance keeps a **lease** (``lease.<instance>``), renewed every quarter of
+Each publisher instance keeps a **lease** (``lease.<group>.<instance>``: a publisher's NATS
+user may write only its own group's leases), renewed every quarter of
 its ``ttl``. It sends nothing to a client once ``ttl - MARGIN`` has passed since it *sent*
 the last renewal that was acknowledged; an ingest declares the lease expired ``ttl +
 MARGIN`` after it first *saw* the latest renewal. A renewal is seen after it was sent, so
@@ -89,8 +90,14 @@ def request_key(client: str, rid: str) -> str:
     return "r." + hashlib.blake2b(f"{client}\0{rid}".encode(), digest_size=16).hexdigest()
 
 
-def lease_key(instance: int) -> str:
-    return f"lease.{instance}"
+def lease_key(instance: int, group: int) -> str:
+    return f"lease.{group}.{instance}"
+
+
+def lease_of(key: str) -> tuple[int, int]:
+    """(instance, group) of a lease key."""
+    _, group, instance = key.split(".")
+    return int(instance), int(group)
 
 
 def encode(value: Struct) -> bytes:
@@ -149,6 +156,7 @@ class SweepView:
 
     fallback_ttl: float  # for a holder whose lease this view never saw
     leases: dict[int, tuple[Seen, float]] = field(default_factory=dict)  # instance -> (seen, ttl)
+    lease_groups: dict[int, int] = field(default_factory=dict)  # instance -> its group (names its key)
     held: dict[str, tuple[int, Entry]] = field(default_factory=dict)  # key -> (revision, entry)
     holding: dict[int, set[str]] = field(default_factory=dict)  # holder -> the keys of held it holds
     owner_seen: dict[int, float] = field(default_factory=dict)  # holder -> first seen holding
@@ -158,13 +166,15 @@ class SweepView:
     def update(self, key: str, revision: int, value: bytes | None, now: float) -> None:
         """Record a change of ``key`` (``value`` None: deleted)."""
         if key.startswith("lease."):
-            instance = int(key.split(".", 1)[1])
+            instance, group = lease_of(key)
             if value is None:
                 self.leases.pop(instance, None)
+                self.lease_groups.pop(instance, None)
                 return
             old = self.leases.get(instance)
             if old is None or old[0].revision != revision:
                 self.leases[instance] = (Seen(revision, now), decode_lease(value).ttl)
+                self.lease_groups[instance] = group
             return
         was = self.held.pop(key, None)
         if was is not None:
@@ -216,7 +226,7 @@ class SweepView:
         return out
 
     def dead_leases(self, now: float) -> list[tuple[str, int]]:
-        return [(lease_key(i), seen.revision) for i, (seen, ttl) in self.leases.items()
+        return [(lease_key(i, self.lease_groups[i]), seen.revision) for i, (seen, ttl) in self.leases.items()
                 if i not in self.holding and now - seen.since > ttl + MARGIN]
 
 
@@ -304,9 +314,9 @@ class Ledger:
             return False
         return True
 
-    async def lease(self, instance: int) -> tuple[int, bytes] | None:
+    async def lease(self, instance: int, group: int) -> tuple[int, bytes] | None:
         """The current (revision, value) of ``instance``'s lease, read from the bucket itself."""
-        return await self.read(lease_key(instance))
+        return await self.read(lease_key(instance, group))
 
     async def read(self, key: str) -> tuple[int, bytes] | None:
         """The current (revision, raw value) of ``key``, read from the bucket itself; None
@@ -320,7 +330,7 @@ class Ledger:
         return got.revision, got.value
 
     async def renew(self, lease: Lease) -> None:
-        await self.kv.put(lease_key(lease.instance), encode(lease))
+        await self.kv.put(lease_key(lease.instance, lease.group), encode(lease))
 
     async def watch(self):
         return await self.kv.watchall()

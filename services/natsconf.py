@@ -98,16 +98,19 @@ def member_user(group: int, node_rank: int) -> str:
     return f"worker-{group}-{node_rank}"
 
 
-def ledger_access(prefix: str) -> Permissions:
+def ledger_access(prefix: str, group: int | None = None) -> Permissions:
     """What a user of the request ledger (``services/ledger.py``, a JetStream KV bucket)
     needs, for that bucket only: create/look up its stream, read, write and watch keys.
+    ``group``: a publisher of that group writes request entries and its own group's leases
+    only (no publisher renews or forges another group's lease); ingest (None) any key.
     Replies come to the user's own inbox (granted to everyone)."""
     from services.ledger import bucket_name
 
     bucket = bucket_name(prefix)
     stream = f"KV_{bucket}"
+    writes = [f"$KV.{bucket}.>"] if group is None else [f"$KV.{bucket}.r.>", f"$KV.{bucket}.lease.{group}.>"]
     return Permissions(publish=[
-        f"$KV.{bucket}.>",
+        *writes,
         f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
         f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
@@ -153,11 +156,11 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
         elif user == "ingest-answers":
             out = out | ANSWERS
         elif kind == "publisher" and g is not None:
-            out = out | _publisher(s, g, dp_size) | ledger_access(prefix)
+            out = out | _publisher(s, g, dp_size) | ledger_access(prefix, g)
         elif member:
             out = out | _worker(s, g, int(member.group(2)))
         elif kind == "node" and g is not None:
-            out = out | _publisher(s, g, dp_size) | ledger_access(prefix) | _worker(s, g, "*")
+            out = out | _publisher(s, g, dp_size) | ledger_access(prefix, g) | _worker(s, g, "*")
         elif user == "operator":
             out = out | Permissions(publish=["$SRV.>"], subscribe=[s.all_loads])
         else:  # a client application (the gateway is one)

@@ -185,12 +185,12 @@ async def sweep(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]],
         if landed(await ledger.get(key), mine):
             await answer_lost(entry)
         del unsure[key]
-    for owner in {e.owner for _, _, e in view.orphans(now)}:
+    for owner, group in {(e.owner, e.group) for _, _, e in view.orphans(now)}:
         # the watch may lag (a NATS cluster electing the bucket's leader) while the holder
         # renews and streams on: read its lease itself before answering for it
-        got = await ledger.lease(owner)
+        got = await ledger.lease(owner, group)
         if got is not None:
-            view.update(lease_key(owner), got[0], got[1], now)
+            view.update(lease_key(owner, group), got[0], got[1], now)
     for key, rev, entry in view.orphans(now):
         mine = answered_by(instance, entry.group, entry.rid, entry.client)
         try:

@@ -223,11 +223,12 @@ MATRIX = {
         ["dpbus.generate", "_INBOX.alice.>", "dpbus.dp.*.load"]),
     "publisher-0": (  # services/publisher/service.py
         ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.1.submit", "dpbus.dp.1.abort",
-         "_INBOX.bob.answer", "$KV.dpbus_requests.lease.7", "$JS.API.DIRECT.GET.KV_dpbus_requests.$KV.x"],
+         "_INBOX.bob.answer", "$KV.dpbus_requests.lease.0.7", "$KV.dpbus_requests.r.abc",
+         "$JS.API.DIRECT.GET.KV_dpbus_requests.$KV.x"],
         ["dpbus.dp.0.submit", "dpbus.dp.0.abort", "dpbus.dp.0.inflight", "dpbus.dp.0.result.*", "dpbus.dp.0.heartbeat.*",
          "dpbus.dp.0.replay", "$SRV.PING", "_INBOX.publisher-0.r"],
         ["dpbus.dp.1.step", "dpbus.generate", "dpbus.dp.0.result.0", "dpbus.dp.0.heartbeat.0",
-         "$JS.API.STREAM.DELETE.KV_dpbus_requests"],
+         "$JS.API.STREAM.DELETE.KV_dpbus_requests", "$KV.dpbus_requests.lease.1.7", "$KV.dpbus_requests.other"],
         ["dpbus.dp.1.result.*", "dpbus.generate", "_INBOX.alice.>"]),
     "worker-1-3": (  # services/worker/service.py: member 3 of group 1 (4 nodes, 2 groups)
         ["dpbus.dp.1.result.3", "dpbus.dp.1.heartbeat.3", "dpbus.dp.1.replay"],

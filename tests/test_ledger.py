@@ -71,13 +71,13 @@ def test_a_holder_is_silent_before_anyone_answers_for_it():
     assert not clock.valid(0.0)  # no lease before the first acknowledged renewal
     clock.renewed(sent_at=10.0)
     view = SweepView(fallback_ttl=4.0)
-    view.update(lease_key(7), 1, encode(Lease(7, 0, 4.0)), now=10.2)  # seen after it was sent
+    view.update(lease_key(7, 0), 1, encode(Lease(7, 0, 4.0)), now=10.2)  # seen after it was sent
     view.update("r.a", 2, encode(Entry(HELD, 7, 0, "a", "c", "_INBOX.c.1")), now=10.3)
     last_send = 10.0 + 4.0 - MARGIN
     assert clock.valid(last_send - 0.01) and not clock.valid(last_send)
     assert view.orphans(10.2 + 4.0 + MARGIN) == []
     assert [k for k, _, _ in view.orphans(10.2 + 4.0 + MARGIN + 0.01)] == ["r.a"]
-    view.update(lease_key(7), 3, encode(Lease(7, 0, 4.0)), now=13.0)  # renewed in time: not an orphan
+    view.update(lease_key(7, 0), 3, encode(Lease(7, 0, 4.0)), now=13.0)  # renewed in time: not an orphan
     assert view.orphans(15.0) == []
 
 
@@ -91,10 +91,10 @@ def test_settled_entries_are_kept_for_duplicates_then_deleted_and_dead_leases_go
     view = SweepView(fallback_ttl=2.0)
     view.update("r.a", 5, encode(Entry(HELD, 9, 1, "a", "c")), now=0.0)
     view.update("r.a", 6, encode(Entry(ANSWERED, 9, 1, "a", "c")), now=1.0)
-    view.update(lease_key(9), 7, encode(Lease(9, 1, 2.0)), now=1.0)
+    view.update(lease_key(9, 1), 7, encode(Lease(9, 1, 2.0)), now=1.0)
     assert view.held == {} and view.stale_settled(1.0 + KEEP_ANSWERED) == []
     assert view.stale_settled(1.0 + KEEP_ANSWERED + 0.1) == [("r.a", 6)]
-    assert view.dead_leases(3.0) == [] and view.dead_leases(3.6) == [(lease_key(9), 7)]
+    assert view.dead_leases(3.0) == [] and view.dead_leases(3.6) == [(lease_key(9, 1), 7)]
     view.update("r.a", 8, None, now=200.0)
     assert view.settled == {}
 
@@ -103,7 +103,7 @@ def test_a_sweep_goes_by_holder_and_expires_settled_entries_oldest_first():
     view = SweepView(fallback_ttl=2.0)
     for i, owner in enumerate((1, 2, 1, 3)):
         view.update(f"r.{i}", i + 1, encode(Entry(HELD, owner, 0, str(i), "c")), now=0.0)
-    view.update(lease_key(2), 9, encode(Lease(2, 0, 2.0)), now=5.0)  # only holder 2 still renews
+    view.update(lease_key(2, 0), 9, encode(Lease(2, 0, 2.0)), now=5.0)  # only holder 2 still renews
     assert sorted(k for k, _, _ in view.orphans(5.0)) == ["r.0", "r.2", "r.3"]
     view.update("r.0", 10, encode(Entry(ANSWERED, 1, 0, "0", "c")), now=6.0)
     view.update("r.2", 11, None, now=6.0)
@@ -346,11 +346,11 @@ async def test_a_lagging_watch_does_not_answer_for_a_holder_that_renews(nats_ser
     ing.nc, ing.outbox = nc, bus.ClientOutbox(nc, LOG)
     ing.ledger = ledger = await Ledger.open(nc, PREFIX)
     lease = Lease(4242, 0, 2.0)
-    old = await ledger.kv.put(lease_key(4242), encode(lease))
+    old = await ledger.kv.put(lease_key(4242, 0), encode(lease))
     key = request_key("_INBOX.client", "lagging")
     held = Entry(HELD, 4242, 0, "lagging", "_INBOX.client", "_INBOX.client.lagging")
     rev, _ = await ledger.claim(key, held)
-    ing.view.update(lease_key(4242), old, encode(lease), now=0.0)  # the last renewal the watch showed
+    ing.view.update(lease_key(4242, 0), old, encode(lease), now=0.0)  # the last renewal the watch showed
     ing.view.update(key, rev, encode(held), now=0.0)
     await ledger.renew(lease)  # acknowledged, but the watch has not shown it
     await ing.sweep(now=100.0)
