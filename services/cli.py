@@ -83,15 +83,17 @@ def run_role(role: str, cfg: Any) -> int:
     else:
         from services.worker.service import Worker
         worker_cfg = st.project(cfg, st.WorkerSettings) if role == "node" else cfg
-        worker = Worker(worker_cfg, log)
-        services.append(worker)
+        auth = None
         if role == "node":  # the group's leader connects as its node user (worker and publisher),
-            from services.natsconf import member_user, user_for  # every other member as its own worker user
-            from services.publisher.service import Publisher
+            from services.launcher import node_user  # every other member as its own worker user
             from services.topology import should_run_publisher
             leader = should_run_publisher(cfg)
-            g = worker.place.dp_rank
-            worker.auth = bus.auth_from(cfg, user_for("node", g) if leader else member_user(g, cfg.node_rank))
+            groups = cfg.dp_size if cfg.enable_dp_attention else 1
+            auth = bus.auth_from(cfg, node_user(cfg.node_rank, cfg.nnodes, groups))
+        worker = Worker(worker_cfg, log, auth=auth)
+        services.append(worker)
+        if role == "node":
+            from services.publisher.service import Publisher
             if leader:
                 services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log,
                                           auth=worker.auth))

@@ -525,7 +525,9 @@ def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[
                  url: str = "", existing_hashes: dict[str, str] | None = None, cluster: str = "",
                  nkey_users: bool = False, peers: list[Peer] | None = None, limits: Limits | None = None,
                  sealed: bool = False, nnodes: int | None = None, members: list[tuple[int, int]] | None = None) -> Credentials:
-    """Write ``nats.conf``, ``auth.conf``, ``credentials.json`` and ``compose.env`` into ``out``.
+    """Write ``nats.conf``, ``auth.conf``, ``credentials.json`` and ``compose.env`` into ``out``,
+    and ``hosts/<user>.json``: one credentials file per user, holding only what the process
+    connecting as that user needs (copy each host only its own).
 
     ``passwords`` fixes some users' passwords (the rest are random; a known placeholder is
     refused with ValueError); ``existing_hashes`` are kept for users whose password still
@@ -574,11 +576,19 @@ def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[
         return Credentials(url, tls_ca=tls.ca if tls else "")
     creds = Credentials(url, pw, tls.ca if tls else "", seeds)
     creds.save(out / "credentials.json")
+    for user in users:  # one file a host: only the users the process it runs connects as
+        mine = [user, *COMPANIONS.get(user, ())]
+        Credentials(url, {u: pw[u] for u in mine if u in pw}, creds.tls_ca,
+                    {u: seeds[u] for u in mine if u in seeds}).save(out / "hosts" / f"{user}.json")
     env = ["# `docker compose --env-file THIS_FILE up`: the passwords of credentials.json, per role"]
     env += [f"DPBUS_{u.upper().replace('-', '_')}_PASSWORD={p}" for u, p in pw.items() if u != "sys"]
     env.append(f"DPBUS_NATS_CONF_DIR={out.resolve()}")
     _write_private(out / "compose.env", "\n".join(env) + "\n")
     return creds
+
+
+# users a process connects as besides its own (ingest answers clients as ingest-answers)
+COMPANIONS = {"ingest": ("ingest-answers",)}
 
 
 def read_hashes(auth_conf: Path) -> dict[str, str]:

@@ -582,3 +582,21 @@ async def test_nkey_users_connect_with_their_seed_and_keep_their_permissions(tmp
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+def test_each_host_gets_a_credentials_file_with_only_its_own_users(tmp_path):
+    """credentials.json holds every password, admin's too: a member host given it could do
+    anything. nats-config also writes hosts/<user>.json, with that user's password only
+    (ingest's with the user it answers clients as), each readable by its owner alone."""
+    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "2",
+                        "--nnodes", "4"], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    every = json.loads((tmp_path / "credentials.json").read_text())["passwords"]
+    hosts = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "hosts").glob("*.json")}
+    assert set(hosts) == set(every) - {"sys"}
+    for user, creds in hosts.items():
+        want = {user, "ingest-answers"} if user == "ingest" else {user}
+        assert set(creds["passwords"]) == want, (user, creds["passwords"].keys())
+        assert all(creds["passwords"][u] == every[u] for u in want)
+        assert (tmp_path / "hosts" / f"{user}.json").stat().st_mode & 0o077 == 0
+    assert {"node-0", "worker-0-1", "node-1", "worker-1-3"} <= set(hosts)
