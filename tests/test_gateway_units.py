@@ -385,6 +385,10 @@ def test_roles_are_the_template_s_own(tmp_path):
     with_tools.check_roles(["system", "user", "assistant", "tool"])
     with pytest.raises(TemplateError, match="`wizard`"):
         with_tools.check_roles(["wizard"])
+    # OpenAI's newer name for system: rendered as system where the template does not name it
+    plain.check_roles(["developer", "user"])
+    assert plain.role_of("developer") == "system" and plain.role_of("user") == "user"
+    assert "system: be brief" in plain.render([{"role": plain.role_of("developer"), "content": "be brief"}])
 
 
 async def test_a_role_the_template_does_not_know_is_400(nats_server, stand_in):

@@ -241,7 +241,8 @@ class Gateway:
                 if not req.messages:
                     raise oa.ApiError(400, "messages must not be empty", param="messages")
                 self.template.check_roles([m.role for m in req.messages])
-                messages = [{"role": m.role, "content": oa.message_text(m.content)} for m in req.messages]
+                messages = [{"role": self.template.role_of(m.role), "content": oa.message_text(m.content)}
+                            for m in req.messages]
                 text = self.template.render(messages)
                 return self.tokenizer.encode(text, special=not self.template.adds_bos)
             prompt = oa.prompt_of(req)

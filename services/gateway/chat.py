@@ -46,11 +46,16 @@ class ChatTemplate:
         # a template that compares a role with "tool" renders tool results; the plain one knows none
         self.roles = ROLES + (("tool",) if not builtin and _NAMES_TOOL.search(source) else ())
 
+    def role_of(self, role: str) -> str:
+        """The role a message is rendered as: OpenAI's ``developer`` (its newer name for
+        ``system``) is ``system`` to a template that does not name it."""
+        return "system" if role == "developer" and "developer" not in self.roles else role
+
     def check_roles(self, roles: list[str]) -> None:
         """Refuse a role the template does not know (many templates would drop or mangle it
         without a word)."""
         for i, role in enumerate(roles):
-            if role not in self.roles:
+            if self.role_of(role) not in self.roles:
                 shown = role if len(role) <= 40 else role[:40] + "..."
                 raise TemplateError(f"messages[{i}].role `{shown}` is not one this model's chat template knows "
                                     f"({', '.join(self.roles)})")
