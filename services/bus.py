@@ -17,7 +17,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from services.errors import ReceiveDataError, SendDataError
-from services.identity import REPLY as CLIENT_INBOX
+from services.identity import is_client_inbox
 from services.natsconf import INBOX_ROOT, NAME, inbox_prefix, placeholder
 
 # nats-py drops messages silently past these; a step or a result must never be dropped
@@ -330,7 +330,7 @@ class ClientOutbox:
         self.refused = 0  # answers to a subject that is not a client inbox: never sent
 
     def _foreign(self, subject: str) -> bool:
-        if CLIENT_INBOX.match(subject):
+        if is_client_inbox(subject):
             return False
         self.refused += 1
         if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood stays quiet

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 
+from schemas.internal import client_of
 from services.natsconf import INBOX_ROOT, NAME
 
 # a reply subject dpbus will publish to: _INBOX.<token>(.<token>)*, plain tokens only
@@ -26,6 +27,11 @@ from services.natsconf import INBOX_ROOT, NAME
 _TOKEN = r"[A-Za-z0-9_\-]+"
 REPLY = re.compile(rf"^{INBOX_ROOT}\.{_TOKEN}(\.{_TOKEN})*$")
 MAX_REPLY = 512
+
+
+def is_client_inbox(subject: str) -> bool:
+    """Is ``subject`` one a service may answer at all: some client's inbox, plain tokens only?"""
+    return len(subject) <= MAX_REPLY and bool(REPLY.match(subject))
 
 
 class ForeignReply(ValueError):
@@ -53,7 +59,7 @@ def client_key(subject: str, base: str, reply: str, *, secured: bool, default_cl
 
     ``base``: the plain subject (``dpbus.generate``); ``secured``: the server checks who
     publishes (only ``default_client`` may publish on ``base``)."""
-    if len(reply) > MAX_REPLY or not REPLY.match(reply):
+    if not is_client_inbox(reply):
         raise ForeignReply(f"reply subject {reply[:80]!r} is not a client inbox ({INBOX_ROOT}.<user>.<...>)")
     user = sender_of(subject, base)
     if user is None:
@@ -65,12 +71,10 @@ def client_key(subject: str, base: str, reply: str, *, secured: bool, default_cl
         if not reply.startswith(own + "."):
             raise ForeignReply(f"reply subject {reply[:80]!r} is outside the sender's inbox {own}.>")
         return own
-    # an open server: the reply names the client, as far as anyone can tell
-    tokens = reply.split(".")
-    return ".".join(tokens[:2]) if len(tokens) >= 3 else reply
+    return client_of(reply)  # an open server: the reply names the client, as far as anyone can tell
 
 
 def answerable(reply: str, client: str) -> bool:
     """May a service send an answer for ``client`` (a ``client_key``) to ``reply``?
     The check a publisher makes again on every request handed to it."""
-    return bool(REPLY.match(reply)) and len(reply) <= MAX_REPLY and (reply == client or reply.startswith(client + "."))
+    return is_client_inbox(reply) and (reply == client or reply.startswith(client + "."))

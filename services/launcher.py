@@ -484,9 +484,9 @@ async def make_ledger(url: str, admin: bus.NatsAuth, prefix: str, replicas: int,
 
 def node_user(node_rank: int, nnodes: int, dp_size: int) -> str:
     """The NATS user a `dpbus node` process connects as: its group's node user (publisher
-    and worker rights) for the group's leader, the plain worker user for every other
-    member, ``worker-<g>-<r>`` (it never touches the ledger or a client's inbox, and speaks
-    only for itself)."""
+    and worker rights) for the group's leader, its own worker user ``worker-<g>-<r>`` for
+    every other member (it never touches the ledger or a client's inbox, and speaks only
+    for itself)."""
     place = place_node(node_rank, nnodes, dp_size)
     return user_for("node", place.dp_rank) if place.is_leader else member_user(place.dp_rank, node_rank)
 

@@ -19,7 +19,7 @@ Users, one per role (``g`` = a DP group):
                    to other groups' ``submit``
 ``worker-g-r``     worker r (a member of group g): runs group g's steps, answers them and
                    beats on its own subjects only (no member speaks for another)
-``node-g``         ``worker-g`` + ``publisher-g`` in one process (``dpbus node``)
+``node-g``         ``publisher-g`` + a worker of group g in one process (``dpbus node`` on the leader)
 ``operator``       watches: load reports, ``$SRV`` discovery and stats (``dpbus up`` uses it)
 ``admin``          everything
 ``sys``            the server's system account (monitoring of the server itself)

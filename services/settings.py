@@ -78,7 +78,8 @@ class GatewaySettings(Common):
     served_model_name: str = ""  # default: the model directory's name, or dpbus-builtin
     request_timeout: Seconds = 600.0  # longest wait for the next answer of a request (then 504, and it is aborted)
     # larger request bodies get 413, found from Content-Length or while the body arrives: a whole
-    # 128k-token context fits, as a JSON list of ids or as text escaped to \uXXXX
+    # 128k-token context fits, as a JSON list of ids or as text with every character JSON-escaped
+    # (six bytes each)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 << 20
     metrics_key: str = ""  # when set, /metrics needs "Authorization: Bearer <key>"
     metrics_use_api_key: bool = False  # /metrics takes the API key as well (needs --api-key)

@@ -16,6 +16,7 @@ import pytest
 from schemas import AbortAck, Chunk, Done, Error
 from services.client import decode_answer
 from services.ledger import decode_entry, request_key
+from services.settings import PublisherSettings
 from tests.conftest import client_of
 
 pytestmark = pytest.mark.e2e
@@ -181,7 +182,8 @@ async def test_a_reply_subject_outside_the_sender_s_inbox_gets_no_answer_anywher
         while not answers or not isinstance(answers[-1], (Done, Error)):
             answers.append(decode_answer((await sub.next_msg(timeout=60)).data))
         assert isinstance(answers[-1], Done) and answers[-1].completion_tokens == 3, answers
-        await asyncio.sleep(0.5)  # a second terminal would have come by now
+        # past the publisher timeout (5 s): a second terminal (publisher_lost) would have come by now
+        await asyncio.sleep(PublisherSettings().publisher_timeout + 1.5)
         assert sub.pending_msgs == 0
         # nothing but the services' own ledger entries went to the ledger, nothing to bob
         assert not [s for s, _ in seen if s == "$KV.dpbus_requests.r.x"]

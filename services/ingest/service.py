@@ -24,7 +24,7 @@ import nats.micro
 
 from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects, decode_abort, decode_request
 from schemas.codec import encode_answer, sniff_encoding
-from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, client_of, pack, unpacker
+from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
 from services import bus, identity, ownership
 from services.lifecycle import unless_stopped
