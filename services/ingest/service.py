@@ -38,6 +38,7 @@ from services.topology import dp_groups
 
 VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
+REFUSE_ROUNDS = 4  # x ownership.REFUSE_ATTEMPTS tries to record a refusal, each round ending by asking the group
 INLINE_TOKENIZE = 16_384  # characters: a longer text is tokenized in a thread
 TEXT_BYTES_PER_TOKEN = 8  # no tokenizer needs more characters per token than this
 OVER_SHARE_RETRY_MS = 500  # what an over-share refusal suggests (requests take about that to finish)
@@ -103,6 +104,7 @@ class Ingest:
         self.instance = secrets.randbits(62) | 1  # names this ingest in the entries it settles
         self.unsure: dict[str, tuple[Entry, Entry]] = {}  # key -> (our unanswered settling write, the entry)
         self.ledger: Ledger | None = None
+        self.listening = asyncio.Event()  # its endpoints are subscribed at the server
         self.dispatched: Counter[int] = Counter()  # accepted requests per group
         self.tasks: set[asyncio.Task] = set()  # hand-overs past their first answer (see offer)
         self._ack = unpacker(SubmitAck)
@@ -374,13 +376,42 @@ class Ingest:
         """No acknowledgement came: the publisher may hold the request or never have seen
         it. Marking it ``refused`` in the ledger settles which: if that works, nobody holds
         it (and a late copy of the submit will not run), so ingest answers ``unavailable``;
-        if the name is taken, its holder answers."""
+        if the name is taken, its holder answers. While the ledger does not answer, the
+        group is asked to abort the request every ``REFUSE_ATTEMPTS`` tries: a group that
+        holds it (or is still claiming it) ends it with its own terminal answer; one that
+        does not, or after ``REFUSE_ROUNDS`` rounds, ingest answers ``unavailable``."""
         key = request_key(sub.client, sub.rid)
         why = f"group {g} did not acknowledge the request within {SUBMIT_ATTEMPTS} x {self.s.submit_timeout}s"
-        if await ownership.refuse(self.ledger, key, ownership.refused(sub, g), asyncio.sleep):
+        for _ in range(REFUSE_ROUNDS):
+            recorded = await ownership.refuse(self.ledger, key, ownership.refused(sub, g), asyncio.sleep)
+            if recorded is not None:
+                break
+            self.errors["refusal_unrecorded"] += 1
+            ack = await self.ask_abort(g, sub.rid, sub.reply)
+            if ack is not None and ack.found:
+                self.log.warning("unacknowledged_request_aborted_by_its_holder", rid=sub.rid, dp_rank=g)
+                return
+            if ack is not None:
+                why += "; the request ledger did not answer and the group does not hold the request"
+                recorded = True
+                break
+        else:
+            why += "; neither the request ledger nor the group answered"
+            recorded = True
+        if recorded:
             await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
         else:
-            self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, group=g)
+            self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, dp_rank=g)
+
+    async def ask_abort(self, g: int, rid: str, reply: str) -> AbortAck | None:
+        """Ask group ``g`` to abort the request ``rid`` answered on ``reply``: its answer,
+        or None when none came (a group that cannot answer is not running it)."""
+        try:
+            msg = await self.nc.request(self.subjects.group_abort(g), pack(GroupAbort(rid, reply)),
+                                        timeout=self.s.submit_timeout)
+            return self._ack_abort.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            return None
 
     async def watch_ledger(self, stop: asyncio.Event) -> None:
         """Keep ``view`` up to date with every change of the ledger (following it again
@@ -456,15 +487,7 @@ class Ingest:
         if handing is not None:  # the request is on its way to a group: abort it once it is there
             await asyncio.wait({handing.wait()}, timeout=self.s.submit_timeout * 2)
 
-        async def ask(g: int) -> AbortAck | None:
-            try:
-                msg = await self.nc.request(self.subjects.group_abort(g), pack(GroupAbort(abort.rid, abort.reply)),
-                                            timeout=self.s.submit_timeout)
-                return self._ack_abort.decode(msg.data)
-            except Exception:  # noqa: BLE001 - a group that cannot answer does not have it running
-                return None
-
-        acks = await asyncio.gather(*(ask(g) for g in range(self.groups)))
+        acks = await asyncio.gather(*(self.ask_abort(g, abort.rid, abort.reply) for g in range(self.groups)))
         hit = next((a for a in acks if a is not None and a.found), None)
         answer = hit or AbortAck(rid=abort.rid, found=False)
         if reply:
@@ -510,6 +533,8 @@ class Ingest:
         await svc.add_endpoint(name="generate-own", subject=self.subjects.all_generate, handler=self.on_generate)
         await svc.add_endpoint(name="abort", subject=self.subjects.abort, handler=self.on_abort)
         await svc.add_endpoint(name="abort-own", subject=self.subjects.all_abort, handler=self.on_abort)
+        await self.nc.flush()  # the endpoints' subscriptions are at the server, not only in our buffer
+        self.listening.set()
         self.log.info("ingest_ready", subjects=[self.subjects.generate, self.subjects.all_generate,
                                                 self.subjects.abort, self.subjects.all_abort])
         background = [asyncio.create_task(self.watch_ledger(stop)), asyncio.create_task(self.sweep_loop(stop))]
