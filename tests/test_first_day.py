@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.demo import curl_command
 from services.launcher import free_port
 
 DPBUS = [sys.executable, "-m", "services.cli"]
@@ -173,6 +175,11 @@ def test_while_up_warms_up_clients_are_told_and_status_waits(up, tmp_path):
         assert gateway.wait(timeout=30) == 0, log.read_text()[-3000:]
 
     wait_for("up.json says ready", lambda: up.state()["ready"], 60)
+    # the curl line `dpbus demo` prints runs as printed
+    body = {"messages": [{"role": "user", "content": "it's [me]"}], "max_tokens": 3, "stream": True}
+    sent = subprocess.run(shlex.split(curl_command(f"http://127.0.0.1:{up.http_port}/v1/chat/completions", body)),
+                          capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0 and sent.stdout.rstrip().endswith("data: [DONE]"), sent.stdout + sent.stderr
     gen = up.run("generate", "--raw", "--max-new-tokens", "3", "hi")
     assert gen.returncode == 0 and json.loads(gen.stdout.splitlines()[-1])["type"] == "done", gen.stderr
 
