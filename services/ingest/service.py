@@ -89,6 +89,8 @@ class Ingest:
         self.tokenizer = load_tokenizer(settings.model_path)
         # raises ValueError (start-up fails with the list of valid policies) on an unknown --policy
         self.groups = dp_groups(settings.dp_size, settings.enable_dp_attention)
+        # discovery metadata; groups_ready is kept current (see tell_readiness)
+        self.metadata = {"dp_size": str(settings.dp_size), "prefix": settings.prefix, "groups_ready": "0"}
         self.router = Router(self.groups, settings.policy, stale_after=settings.load_stale_after,
                              affinity_skew=settings.affinity_skew,
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
@@ -445,6 +447,7 @@ class Ingest:
         settled requests ``KEEP_ANSWERED`` seconds after their answer."""
         while not stop.is_set():
             await asyncio.sleep(self.s.reconcile_interval)
+            self.tell_readiness()  # a group that went silent is no longer counted
             try:
                 await self.sweep(time.monotonic())
             except Exception as e:  # noqa: BLE001 - NATS away: the next sweep retries
@@ -498,6 +501,13 @@ class Ingest:
             self.router.on_load(self._load.decode(msg.data))
         except Exception:  # noqa: BLE001
             self.errors["bad_load_report"] += 1
+        self.tell_readiness()
+
+    def tell_readiness(self) -> None:
+        """Groups with a fresh ready report, in the service's discovery metadata: what any
+        client (the gateway's /ready) learns from a $SRV.PING, with no more permissions."""
+        ready = sum(st.report is not None and self.router.available(g) for g, st in enumerate(self.router.groups))
+        self.metadata["groups_ready"] = str(ready)
 
     def stats(self, *_: Any) -> dict:
         return {"forwarded": self.forwarded, "inflight": len(self.handing), "errors": dict(self.errors),
@@ -525,7 +535,7 @@ class Ingest:
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-ingest", version=VERSION, description="dpbus front door: validate and route",
-            queue_group=INGEST_QUEUE, metadata={"dp_size": str(self.s.dp_size), "prefix": self.s.prefix},
+            queue_group=INGEST_QUEUE, metadata=self.metadata,
             stats_handler=self.stats,
         )
         # the plain subjects (the default client's) and every client's own (see services/identity.py)
