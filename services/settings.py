@@ -131,6 +131,7 @@ class WorkerSettings(EngineSettings):
     join_timeout: Seconds = 120.0  # wait this long for every node of the group at start-up
     stall_timeout: Seconds = 120.0  # a step running longer means a peer died mid-collective: exit
     replay_timeout: Seconds = 2.0  # per attempt, when fetching missed steps from the publisher
+    compile_cache: str = "~/.cache/dpbus/jax"  # XLA's compiled shapes kept here: a second start skips compiling ("": off)
 
 
 def _merged(name: str, *parts: type[Struct]) -> type[Struct]:

@@ -11,6 +11,11 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# every service the tests start keeps what XLA compiled here: deployments of the same shapes
+# after the first skip compiling (the suite runs ~30 of them)
+os.environ.setdefault("DPBUS_COMPILE_CACHE",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                                   "dpbus-jax"))
 
 import asyncio  # noqa: E402
 import shutil  # noqa: E402

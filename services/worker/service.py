@@ -48,6 +48,7 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
     from services.worker.model import dummy_weights
     from services.worker.runner import ModelRunner, make_group_mesh
 
+    use_compile_cache(s.compile_cache, log)
     cfg = model_config_for(s.model_path, s.max_seq_len)
     mesh = make_group_mesh(devices)
     log.info("model_loading", devices=mesh.devices.size, config=str(cfg), path=s.model_path or "(dummy)")
@@ -68,6 +69,21 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
         log.info("warmup_done", seconds=round(seconds, 2), compiled_shapes=runner.compiled_shapes())
     show.close()
     return runner
+
+
+def use_compile_cache(path: str, log: Any) -> None:
+    """Keep what XLA compiles under ``path`` (a directory, or a bucket URL JAX can write):
+    the next start with the same model, shapes and devices loads each executable instead
+    of compiling it, so warm-up takes seconds, not minutes. Every shape is kept, however
+    quick its compile: warm-up compiles many small ones."""
+    if not path:
+        return
+    import jax
+
+    where = os.path.expanduser(path)
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    log.info("compile_cache", path=where)
 
 
 class Progress:
