@@ -64,13 +64,6 @@ class SubmitAck(Struct, omit_defaults=True):
     duplicate: bool = False    # it held or answered this (client, rid) already: not run again
 
 
-class Inflight(Struct):
-    """publisher g -> ingest: the requests it holds now (the answer to an inflight query)."""
-
-    instance: int
-    keys: list[Key]
-
-
 class GroupAbort(Struct):
     """ingest -> publisher g: cancel ``rid``, honoured only if ``reply`` is the request's own
     reply subject (the proof that the sender owns it)."""

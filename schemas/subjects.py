@@ -70,10 +70,6 @@ class Subjects:
         """anyone -> worker ``node_rank`` of g: its heartbeat, on request (a nats.micro endpoint)."""
         return f"{self.group(g)}.worker.{node_rank}.status"
 
-    def inflight(self, g: int) -> str:
-        """ingest -> publisher g: which requests do you hold? (request/reply)"""
-        return f"{self.group(g)}.inflight"
-
     def heartbeat(self, g: int, node_rank: int | str) -> str:
         """worker ``node_rank`` of g -> publisher g (and its peers): alive, ready, last step
         applied. One subject per member, as ``result``."""

@@ -332,13 +332,10 @@ class Ledger:
     async def renew(self, lease: Lease) -> None:
         await self.kv.put(lease_key(lease.instance, lease.group), encode(lease))
 
-    async def watch(self):
-        return await self.kv.watchall()
-
     async def follow(self, on_change: Callable[[str, int, bytes | None], None]) -> Any:
         """Call ``on_change(key, revision, value)`` with the latest value of every key, then
-        with every change (``value`` None: deleted), as the changes are delivered. What
-        ``watch`` gives, for a reader of every change of every request: no entry object,
+        with every change (``value`` None: deleted), as the changes are delivered. One
+        subscription for a reader of every change of every request: no entry object,
         queue or iterator per change. Returns the subscription (``unsubscribe`` ends it)."""
         from nats.js.api import DeliverPolicy
 

@@ -95,7 +95,7 @@ class StatsCollector:
 
 
 # stats that are levels (gauges); every other number is a running count (counter)
-LEVELS = {"waiting", "running", "free_pages", "cached_pages", "epoch", "inflight", "tracked", "held", "compiled_now", "compiled_at_warmup",
+LEVELS = {"waiting", "running", "free_pages", "cached_pages", "epoch", "inflight", "held", "compiled_now", "compiled_at_warmup",
           "last_seq"}
 
 

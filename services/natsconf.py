@@ -79,7 +79,7 @@ def _publisher(s: Subjects, g: int, dp_size: int) -> Permissions:
                  *(s.submit(x) for x in range(dp_size) if x != g),  # moving a request elsewhere
                  *(s.group_abort(x) for x in range(dp_size) if x != g),  # and an abort after it
                  f"{INBOX_ROOT}.>"],  # chunks and terminal answers to every client
-        subscribe=[s.submit(g), s.group_abort(g), s.inflight(g), s.results(g), s.heartbeats(g), s.replay(g)],
+        subscribe=[s.submit(g), s.group_abort(g), s.results(g), s.heartbeats(g), s.replay(g)],
     )
 
 
@@ -123,8 +123,7 @@ def _ingest(s: Subjects, dp_size: int) -> Permissions:
     """Ingest's main connection: no client inbox (its answers go as ``ingest-answers``)."""
     groups = range(dp_size)
     return Permissions(
-        publish=[*(s.submit(g) for g in groups), *(s.group_abort(g) for g in groups),
-                 *(s.inflight(g) for g in groups)],
+        publish=[*(s.submit(g) for g in groups), *(s.group_abort(g) for g in groups)],
         subscribe=[s.generate, s.all_generate, s.abort, s.all_abort, s.all_loads],
     )
 

@@ -206,7 +206,7 @@ def violation(errors: list[str], kind: str, subject: str) -> bool:
 # Written from what each service does (see the modules named), not from the generator.
 MATRIX = {
     "ingest": (  # services/ingest/service.py
-        ["dpbus.dp.0.submit", "dpbus.dp.1.abort", "dpbus.dp.1.inflight",
+        ["dpbus.dp.0.submit", "dpbus.dp.1.abort",
          "$KV.dpbus_requests.r.x", "$JS.API.STREAM.INFO.KV_dpbus_requests",  # the request ledger
          "$JS.API.CONSUMER.CREATE.KV_dpbus_requests.w.>"],
         ["dpbus.generate", "dpbus.generate.*", "dpbus.abort", "dpbus.abort.*", "dpbus.dp.*.load", "$SRV.PING",
@@ -225,7 +225,7 @@ MATRIX = {
         ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.1.submit", "dpbus.dp.1.abort",
          "_INBOX.bob.answer", "$KV.dpbus_requests.lease.0.7", "$KV.dpbus_requests.r.abc",
          "$JS.API.DIRECT.GET.KV_dpbus_requests.$KV.x"],
-        ["dpbus.dp.0.submit", "dpbus.dp.0.abort", "dpbus.dp.0.inflight", "dpbus.dp.0.result.*", "dpbus.dp.0.heartbeat.*",
+        ["dpbus.dp.0.submit", "dpbus.dp.0.abort", "dpbus.dp.0.result.*", "dpbus.dp.0.heartbeat.*",
          "dpbus.dp.0.replay", "$SRV.PING", "_INBOX.publisher-0.r"],
         ["dpbus.dp.1.step", "dpbus.generate", "dpbus.dp.0.result.0", "dpbus.dp.0.heartbeat.0",
          "$JS.API.STREAM.DELETE.KV_dpbus_requests", "$KV.dpbus_requests.lease.1.7", "$KV.dpbus_requests.other"],

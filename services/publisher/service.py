@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from schemas.internal import (
-    GroupAbort, client_of, Heartbeat, Inflight, LoadReport, Replay, ReplayReply, StepReply, StepResult, Submit, SubmitAck,
+    GroupAbort, client_of, Heartbeat, LoadReport, Replay, ReplayReply, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
 from schemas.public import AbortAck
@@ -549,10 +549,6 @@ class Publisher:
                 finished.append((seq, reason))
         await asyncio.gather(*(self.finish(seq, reason) for seq, reason in finished))
 
-    async def on_inflight(self, req: Any) -> None:
-        keys = [s.key for s in (*self.sched.waiting, *self.sched.running, *self.moving.values())]
-        await req.respond(pack(Inflight(self.instance, keys)))
-
     async def reset_group(self, failure: GroupFailure) -> None:
         """Fail what was running (or move it, if it streamed nothing yet), start a new epoch."""
         self.counts["group_failures"] += 1
@@ -570,8 +566,8 @@ class Publisher:
 
     async def move(self, seq: Sequence) -> int | None:
         """Offer ``seq`` (already out of the scheduler) to the other groups; the group that
-        took it, or None. While it is offered it stays listed in ``moving``, so that an
-        inflight query or an abort still finds it here; an abort that came meanwhile is
+        took it, or None. While it is offered it stays listed in ``moving``, so that a
+        duplicate or an abort still finds it here; an abort that came meanwhile is
         passed on to the group that took it."""
         if not self.movable(seq):
             return None
@@ -748,7 +744,6 @@ class Publisher:
         )
         await svc.add_endpoint(name="submit", subject=subj.submit(g), handler=self.on_submit)
         await svc.add_endpoint(name="abort", subject=subj.group_abort(g), handler=self.on_abort)
-        await svc.add_endpoint(name="inflight", subject=subj.inflight(g), handler=self.on_inflight)
         self.log.info("publisher_started", members=self.members)
         tasks = [asyncio.create_task(self.schedule_loop(stop)), asyncio.create_task(self.housekeeping_loop(stop))]
         await stop.wait()
