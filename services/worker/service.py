@@ -48,9 +48,14 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
     from services.worker.model import dummy_weights
     from services.worker.runner import ModelRunner, make_group_mesh
 
+    from services.devices import resolve_dtype
+
     cfg = model_config_for(s.model_path, s.max_seq_len)
     mesh = make_group_mesh(devices)
-    log.info("model_loading", devices=mesh.devices.size, config=str(cfg), path=s.model_path or "(dummy)")
+    platform = mesh.devices.flat[0].platform
+    dtype = resolve_dtype(s.dtype, platform)
+    log.info("model_loading", devices=mesh.devices.size, platform=platform, dtype=dtype, config=str(cfg),
+             path=s.model_path or "(dummy)")
     show = Progress(log)
     if s.model_path:
         from services.worker.checkpoint import load_hf_weights
@@ -61,7 +66,7 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
         raise ValueError(f"load_format={s.load_format!r} needs --model-path; without one use 'dummy'")
     runner = ModelRunner(cfg, mesh, num_pages=total_pages(s, cfg.max_seq_len), page_size=s.page_size,
                          max_running_requests=s.max_running_requests, max_prefill_tokens=s.max_prefill_tokens,
-                         host_weights=weights, dtype=s.dtype)
+                         host_weights=weights, dtype=dtype)
     if s.warmup:
         seconds = runner.warmup(show.step("compiling", "warmup"))
         show.close()
