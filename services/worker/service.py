@@ -200,6 +200,23 @@ class Worker:
                                    shutdown_timeout_seconds=JOB_SHUTDOWN_TIMEOUT)
         self.log.info("joined_jax_job", devices=len(jax.devices()), local_devices=len(jax.local_devices()))
 
+    async def load(self, stop: asyncio.Event) -> Any:
+        """The warmed-up model runner. In a group spanning processes, the warm-up runs the
+        group's collectives: when a member leaves meanwhile (stopped, or dead), the next one
+        fails here, and the JAX job is broken as when it fails serving; leave it the same way
+        (exit 70) rather than end in JAX's exit handler, which waits for the member gone."""
+        import jax
+
+        try:
+            return await unless_stopped(stop, asyncio.to_thread(load_runner, self.s, self.log))
+        except jax.errors.JaxRuntimeError as e:
+            if self.place.nodes_per_group == 1:
+                raise
+            self.log.error("leaving_broken_group", reason=f"group {self.place.dp_rank}'s JAX job broke while "
+                                                          f"warming up ({e}); a member is gone")
+            self.exit(EXIT_BROKEN_JOB)
+            raise  # (only where a test replaced self.exit)
+
     async def run(self, stop: asyncio.Event) -> None:
         g = self.place.dp_rank
         # until serving, a stop ends the start-up at once (the thread loading the model runs on
@@ -210,7 +227,7 @@ class Worker:
         if self.place.nodes_per_group > 1:
             await unless_stopped(stop, self.wait_for_members())
             await unless_stopped(stop, asyncio.to_thread(self.join_jax_job))
-        self.runner = await unless_stopped(stop, asyncio.to_thread(load_runner, self.s, self.log))
+        self.runner = await self.load(stop)
         self.compiled_at_warmup = self.runner.compiled_shapes()
         steps = await bus.subscribe(self.nc, self.subjects.step(g), self.on_step)
         svc = await nats.micro.add_service(
