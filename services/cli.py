@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import sys
 from typing import Any
@@ -30,13 +29,22 @@ ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
                  "worker": st.WorkerSettings, "node": st.NodeSettings, "gateway": st.GatewaySettings}
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("dpbus")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def use_local_devices(n: int) -> None:
-    """Ask XLA for ``n`` virtual CPU devices. Must run before JAX is imported."""
-    if n <= 0:
-        return
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    """Ask XLA for ``n`` virtual CPU devices (0: the devices JAX finds). Must run before JAX is imported."""
+    from services.devices import xla_env
+
+    os.environ.update(xla_env(n, os.environ))
 
 
 def serve_metrics(services: list, port: int, host: str) -> None:
@@ -509,12 +517,18 @@ def cmd_schemas(a: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpbus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"dpbus {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def layout(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--dp-size", type=int, default=2, help="attention data-parallel groups (default 2)")
+        q.add_argument("--dp-size", type=int, default=2,
+                       help="attention data-parallel groups (default 2 here, to show routing between groups on "
+                            "one machine; a service started alone defaults to 1)")
         q.add_argument("--nnodes", type=int, default=None, help="worker processes (default: dp-size)")
-        q.add_argument("--local-devices", type=int, default=2, help="virtual CPU devices per worker (default 2)")
+        q.add_argument("--local-devices", type=int, default=0,
+                       help="devices per worker: 0 (default) the devices JAX finds (on a TPU VM, its chips: "
+                            "one worker per host, --dp-size 1); N: N virtual CPU devices each (`make demo` "
+                            "uses 2)")
         q.add_argument("--nats-url", default=None, help="use this NATS server instead of the embedded one")
         q.add_argument("--prefix", default="dpbus", help="subject prefix (default dpbus)")
         q.add_argument("--log-dir", default=None, help="where service logs go (default: a new temp dir)")
@@ -534,8 +548,8 @@ def parser() -> argparse.ArgumentParser:
                        help="the OpenAI-compatible gateway's port on 127.0.0.1 (default 8000, or a free one if "
                             "taken; 0: no gateway)")
         q.add_argument("--tls-ca", default="", help="embedded server: serve TLS (with --tls-cert, --tls-key)")
-        q.add_argument("--tls-cert", default="")
-        q.add_argument("--tls-key", default="")
+        q.add_argument("--tls-cert", default="", help="embedded server: its TLS certificate")
+        q.add_argument("--tls-key", default="", help="embedded server: the private key of --tls-cert")
         q.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
                        help="every service serves Prometheus metrics on its own port (listed in "
                             "LOG_DIR/prometheus-targets.json); default on")
@@ -559,15 +573,15 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_up)
     q = sub.add_parser("demo", help="up + concurrent requests + summary table + shutdown")
     layout(q)
-    q.add_argument("--requests", type=int, default=8)
-    q.add_argument("--max-new-tokens", type=int, default=24)
+    q.add_argument("--requests", type=int, default=8, help="concurrent requests to send (default 8)")
+    q.add_argument("--max-new-tokens", type=int, default=24, help="tokens per answer (default 24)")
     q.set_defaults(fn=cmd_demo)
     q = sub.add_parser("generate", help="send one request and print the streamed answer",
                        description="Send one request and print the streamed answer. Only the sampling fields "
                                    "given as flags are sent: the others take the wire's defaults "
                                    "(README, 'Request fields and their defaults': max_new_tokens 32, "
                                    "temperature 1.0, a random seed).")
-    q.add_argument("text")
+    q.add_argument("text", help="the prompt")
     client_flags(q)
     q.add_argument("--max-new-tokens", type=int, default=None, help="default: the wire's (32)")
     q.add_argument("--temperature", type=float, default=None, help="0: greedy; default: the wire's (1.0)")
@@ -576,22 +590,24 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--no-stream", action="store_true", help="only the final answer")
     q.add_argument("--msgpack", action="store_true", help="send the request as msgpack")
     q.add_argument("--raw", action="store_true", help="print every answer message as JSON")
-    q.add_argument("--timeout", type=float, default=120.0)
+    q.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the next answer (default 120)")
     q.set_defaults(fn=cmd_generate)
     q = sub.add_parser("bench", help="a serving benchmark: a running deployment, or --engine-only")
     client_flags(q)
-    q.add_argument("--prefix", default="dpbus")
-    q.add_argument("--requests", type=int, default=64)
-    q.add_argument("--input-len", type=int, default=128)
-    q.add_argument("--output-len", type=int, default=64)
+    q.add_argument("--prefix", default="dpbus", help="the deployment's subject prefix (default dpbus)")
+    q.add_argument("--requests", type=int, default=64, help="requests in the workload (default 64)")
+    q.add_argument("--input-len", type=int, default=128, help="longest prompt, in tokens (default 128)")
+    q.add_argument("--output-len", type=int, default=64, help="longest answer, in tokens (default 64)")
     q.add_argument("--range-ratio", type=float, default=0.5, help="lengths vary down to len * (1 - ratio)")
     q.add_argument("--concurrency", type=int, default=8, help="requests in flight (unless --rate)")
     q.add_argument("--rate", type=float, default=0.0, help="requests/s, Poisson arrivals (0: use --concurrency)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="the workload's seed: lengths and prompts (default 0)")
     q.add_argument("--json", default=None, help="also write the results here")
     q.add_argument("--engine-only", action="store_true",
                    help="the same workload through the scheduler and model runner in this process, no bus")
-    q.add_argument("--local-devices", type=int, default=1, help="--engine-only: virtual CPU devices")
+    q.add_argument("--local-devices", type=int, default=0,
+                   help="--engine-only: 0 (default) the devices JAX finds; N: N virtual CPU devices")
     q.add_argument("--steps-in-flight", type=int, default=2,
                    help="--engine-only: steps launched before the oldest one's tokens are taken, as a publisher "
                         "keeps them (1: one step after another)")
@@ -609,7 +625,7 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_status)
     q = sub.add_parser("nats-config", help="write a NATS server config with one user per role for a layout")
     q.add_argument("--out", required=True, help="directory for nats.conf, auth.conf, credentials.json, compose.env")
-    q.add_argument("--dp-size", type=int, default=2)
+    q.add_argument("--dp-size", type=int, default=2, help="attention data-parallel groups (default 2)")
     q.add_argument("--nnodes", type=int, default=None, help="worker processes (default: dp-size)")
     q.add_argument("--prefix", action="append", default=None, help="subject prefix (repeatable; default dpbus)")
     q.add_argument("--client", action="append", default=None,
@@ -632,9 +648,10 @@ def parser() -> argparse.ArgumentParser:
                         "client holds one per request in flight")
     q.add_argument("--max-payload", default="8MB", help="largest message, for every connection (default 8MB, "
                                                         "at most 64MB)")
-    q.add_argument("--tls-ca", default="")
+    q.add_argument("--tls-ca", default="", help="the CA that signed --tls-cert (and, with --tls-verify, "
+                                                "the clients' certificates)")
     q.add_argument("--tls-cert", default="", help="server certificate: turns TLS on")
-    q.add_argument("--tls-key", default="")
+    q.add_argument("--tls-key", default="", help="the private key of --tls-cert")
     q.add_argument("--tls-verify", action="store_true", help="also require client certificates")
     q.add_argument("--nkeys", action="store_true", help="users authenticate with nkeys (seeds in OUT/nkeys/) "
                                                         "instead of passwords")

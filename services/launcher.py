@@ -92,7 +92,7 @@ class Proc:
 class Cluster:
     dp_size: int = 2
     nnodes: int = 2
-    local_devices: int = 2
+    local_devices: int = 0  # per worker: 0 = the devices JAX finds, N = N virtual CPU devices
     nats_url: str | None = None
     prefix: str = "dpbus"
     log_dir: Path | None = None

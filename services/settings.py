@@ -22,76 +22,113 @@ NonNegative = Annotated[int, Meta(ge=0)]
 Seconds = Annotated[float, Meta(gt=0)]
 
 
+def Help(text: str) -> Meta:
+    """A setting's one-line description: its flag's help (``dpbus <command> --help``)."""
+    return Meta(description=text)
+
+
 class Common(Struct, kw_only=True, forbid_unknown_fields=True):
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: Annotated[str, Help("the NATS server (several: comma-separated, tried in that order)")] = \
+        "nats://127.0.0.1:4222"
     # who this service is on NATS (see services/natsconf.py); the password is never logged
-    nats_user: str = ""  # empty: from the URL, or this role's user in --nats-credentials
-    nats_password: str = ""
-    nats_credentials: str = ""  # a credentials.json written by `dpbus nats-config` or `dpbus up`
-    nats_nkey_seed: str = ""  # a file holding the user's nkey seed (instead of a password)
-    tls_ca: str = ""  # CA file that signed the server's certificate (turns TLS on)
-    tls_cert: str = ""  # this service's client certificate, when the server verifies clients
-    tls_key: str = ""
-    prefix: str = "dpbus"
-    dp_size: Positive = 1
-    nnodes: Positive = 1
-    enable_dp_attention: bool = True
-    log_level: str = "info"
-    log_json: bool = True
+    nats_user: Annotated[str, Help("this service's NATS user (empty: from the URL, or its role's user in "
+                                   "--nats-credentials)")] = ""
+    nats_password: Annotated[str, Help("that user's password (empty: from the URL or --nats-credentials)")] = ""
+    nats_credentials: Annotated[str, Help("a credentials.json written by `dpbus nats-config` or `dpbus up`: "
+                                          "the service takes its role's user from it")] = ""
+    nats_nkey_seed: Annotated[str, Help("a file holding the user's nkey seed (instead of a password)")] = ""
+    tls_ca: Annotated[str, Help("the CA file that signed the server's certificate (turns TLS on)")] = ""
+    tls_cert: Annotated[str, Help("this service's client certificate, when the server verifies clients")] = ""
+    tls_key: Annotated[str, Help("the private key of --tls-cert")] = ""
+    prefix: Annotated[str, Help("the first token of every subject: deployments with different prefixes share "
+                                "a server")] = "dpbus"
+    dp_size: Annotated[Positive, Help("attention data-parallel groups in the deployment: give every service "
+                                      "the same number")] = 1
+    nnodes: Annotated[Positive, Help("worker processes (nodes) in the deployment, split into dp-size groups of "
+                                     "consecutive node ranks")] = 1
+    enable_dp_attention: Annotated[bool, Help("dp-size groups, each with its own scheduler and KV cache "
+                                              "(off: one group of every node)")] = True
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], Help("the least severe log lines "
+                                                                             "written")] = "info"
+    log_json: Annotated[bool, Help("log JSON lines (off: lines for people)")] = True
     # the model every role agrees on (ingest checks prompts against its vocabulary and context)
-    model_path: str = ""  # a Hugging Face Llama directory; empty: the built-in model
-    max_seq_len: Annotated[int, Meta(ge=32)] = 1024
-    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 0  # Prometheus metrics on this port; 0: off
-    metrics_host: str = "127.0.0.1"
-    # on SIGTERM / Ctrl-C: how long work in flight may finish before it is answered `unavailable`
-    drain_timeout: Seconds = 3.0
-    # a publisher silent this long (its lease in the request ledger lapsed): ingest answers its
-    # requests; the publisher stops answering before that (see services/ledger.py)
-    publisher_timeout: Annotated[float, Meta(gt=1.0)] = 5.0
-    ledger_replicas: Annotated[int, Meta(ge=1, le=5)] = 1  # copies of the request ledger (NATS cluster size)
+    model_path: Annotated[str, Help("a Hugging Face Llama directory, the same for every role; empty: the "
+                                    "built-in model")] = ""
+    max_seq_len: Annotated[int, Meta(ge=32), Help("context length, prompt + output (a checkpoint's own caps "
+                                                  "it)")] = 1024
+    metrics_port: Annotated[int, Meta(ge=0, le=65535), Help("serve Prometheus metrics on this port (0: "
+                                                            "off)")] = 0
+    metrics_host: Annotated[str, Help("the address --metrics-port listens on")] = "127.0.0.1"
+    drain_timeout: Annotated[Seconds, Help("on SIGTERM / Ctrl-C, seconds work in flight may go on before it "
+                                           "is answered `unavailable`")] = 3.0
+    # the publisher stops answering before ingest takes over (see services/ledger.py)
+    publisher_timeout: Annotated[float, Meta(gt=1.0), Help("seconds a publisher may be silent (its lease in "
+                                                           "the request ledger lapses) before ingest answers "
+                                                           "its requests")] = 5.0
+    ledger_replicas: Annotated[int, Meta(ge=1, le=5), Help("copies of the request ledger (the NATS cluster's "
+                                                           "size)")] = 1
 
 
 class IngestSettings(Common):
     # ingest answers clients over a connection of its own, as a user that may publish
     # nothing but client inboxes (its main user may not): see services/natsconf.py
-    answer_nats_user: str = "ingest-answers"
-    answer_nats_password: str = ""  # empty: the user's entry in --nats-credentials
-    submit_timeout: Seconds = 5.0
-    max_inflight: Positive = 4096  # requests being handed to a group at once
-    reconcile_interval: Seconds = 1.0  # how often ingest sweeps the ledger for lapsed leases
-    policy: Literal["round_robin", "shortest_queue", "least_tokens", "prefix_affinity"] = "round_robin"
-    affinity_skew: Annotated[float, Meta(ge=1.0)] = 2.0  # prefix_affinity gives up past this load ratio
-    affinity_prefix_tokens: Positive = 32  # prefix_affinity hashes this many leading prompt tokens
-    load_stale_after: Seconds = 3.0  # a group without a load report for this long is unavailable
-    default_client: str = "client"  # the user whose requests come on the plain generate/abort subjects
-    max_inflight_per_client: NonNegative = 1024  # one client's requests held at once (0: no limit)
-    client_tokens_per_s: NonNegative = 0  # one client's prompt + max_new_tokens per second (0: no limit)
-    client_burst_s: Seconds = 10.0  # ... of which it may spend this many seconds' worth at once
+    answer_nats_user: Annotated[str, Help("the NATS user ingest answers clients as (it may publish only "
+                                          "into client inboxes)")] = "ingest-answers"
+    answer_nats_password: Annotated[str, Help("that user's password (empty: its entry in "
+                                              "--nats-credentials)")] = ""
+    submit_timeout: Annotated[Seconds, Help("seconds a group has to acknowledge a request handed to "
+                                            "it")] = 5.0
+    max_inflight: Annotated[Positive, Help("requests being handed to groups at once")] = 4096
+    reconcile_interval: Annotated[Seconds, Help("seconds between ingest's sweeps of the ledger for lapsed "
+                                                "leases")] = 1.0
+    policy: Annotated[Literal["round_robin", "shortest_queue", "least_tokens", "prefix_affinity"],
+                      Help("how ingest picks the group of a request that names none (README, "
+                           "'Routing policies')")] = "round_robin"
+    affinity_skew: Annotated[float, Meta(ge=1.0), Help("prefix_affinity gives up on a group past this "
+                                                       "multiple of the others' mean load")] = 2.0
+    affinity_prefix_tokens: Annotated[Positive, Help("prefix_affinity hashes this many leading prompt "
+                                                     "tokens")] = 32
+    load_stale_after: Annotated[Seconds, Help("a group without a load report for this many seconds gets no "
+                                              "requests")] = 3.0
+    default_client: Annotated[str, Help("the user whose requests come on the plain generate and abort "
+                                        "subjects")] = "client"
+    max_inflight_per_client: Annotated[NonNegative, Help("requests one client may hold at once (0: no "
+                                                         "limit)")] = 1024
+    client_tokens_per_s: Annotated[NonNegative, Help("prompt + max_new_tokens one client may send a second "
+                                                     "(0: no limit)")] = 0
+    client_burst_s: Annotated[Seconds, Help("... of which it may spend this many seconds' worth at "
+                                            "once")] = 10.0
 
 
 class GatewaySettings(Common):
     """The OpenAI-compatible HTTP gateway (a client of the bus: NATS user ``gateway``)."""
 
-    http_host: str = "127.0.0.1"  # 0.0.0.0 to serve other hosts
-    http_port: Annotated[int, Meta(ge=0, le=65535)] = 8000
-    api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>"
-    served_model_name: str = ""  # default: the model directory's name, or dpbus-builtin
-    request_timeout: Seconds = 600.0  # longest wait for the next answer of a request (then 504, and it is aborted)
-    # larger request bodies get 413, found from Content-Length or while the body arrives: a whole
-    # 128k-token context fits, as a JSON list of ids or as text with every character JSON-escaped
-    # (six bytes each)
-    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 << 20
-    metrics_key: str = ""  # when set, /metrics needs "Authorization: Bearer <key>"
-    metrics_use_api_key: bool = False  # /metrics takes the API key as well (needs --api-key)
+    http_host: Annotated[str, Help("the address the HTTP API listens on (0.0.0.0: every interface)")] = \
+        "127.0.0.1"
+    http_port: Annotated[int, Meta(ge=0, le=65535), Help("the HTTP API's port")] = 8000
+    api_key: Annotated[str, Help("when set, /v1/* needs \"Authorization: Bearer <key>\"")] = ""
+    served_model_name: Annotated[str, Help("the model's name in the API (empty: the model directory's name, "
+                                           "or dpbus-builtin)")] = ""
+    request_timeout: Annotated[Seconds, Help("longest wait in seconds for a request's next answer (then 504, "
+                                             "and it is aborted)")] = 600.0
+    # a whole 128k-token context fits, as a JSON list of ids or as text with every character
+    # JSON-escaped (six bytes each)
+    max_body_bytes: Annotated[int, Meta(ge=1024), Help("larger request bodies get 413")] = 4 << 20
+    metrics_key: Annotated[str, Help("when set, /metrics needs \"Authorization: Bearer <key>\"")] = ""
+    metrics_use_api_key: Annotated[bool, Help("/metrics takes the API key as well (needs "
+                                              "--api-key)")] = False
 
 
 class EngineSettings(Common):
     """How a group runs its requests; the publisher and the workers must agree on these."""
 
-    max_running_requests: Positive = 16
-    max_prefill_tokens: Annotated[int, Meta(ge=16)] = 256
-    page_size: Annotated[int, Meta(ge=1, le=4096)] = 16
-    num_pages: NonNegative = 0  # 0: enough for every running request at full context
+    max_running_requests: Annotated[Positive, Help("requests decoding together in a group (the "
+                                                   "batch)")] = 16
+    max_prefill_tokens: Annotated[int, Meta(ge=16), Help("prompt tokens prefilled per step, in "
+                                                         "all")] = 256
+    page_size: Annotated[int, Meta(ge=1, le=4096), Help("positions per KV page")] = 16
+    num_pages: Annotated[NonNegative, Help("KV pages per group, page 0 included (0: enough for every running "
+                                           "request at full context)")] = 0
 
 
 def pages_needed(tokens: int, page_size: int) -> int:
@@ -106,32 +143,47 @@ def total_pages(s: EngineSettings, max_seq_len: int) -> int:
 
 
 class PublisherSettings(EngineSettings):
-    dp_rank: NonNegative = 0
-    prefix_cache: bool = True  # keep filled KV pages after requests end and reuse shared prompt prefixes
-    max_waiting: Positive = 1024
-    step_timeout: Seconds = 60.0
-    resend_interval: Seconds = 1.0  # re-publish a step whose acknowledgements are late
-    replay_window: Positive = 256  # recent steps kept for workers that missed some
-    steps_in_flight: Positive = 2  # overlapped steps: the next is on the wire while the group computes (1: one at a time)
-    stream_interval: Positive = 1  # tokens per streamed chunk (the last may have fewer): fewer, larger messages
-    heartbeat_timeout: Seconds = 10.0
-    load_interval: Seconds = 0.5
-    queue_timeout: Seconds = 300.0
+    dp_rank: Annotated[NonNegative, Help("the group this publisher schedules")] = 0
+    prefix_cache: Annotated[bool, Help("keep filled KV pages after requests end and reuse shared prompt "
+                                       "prefixes")] = True
+    max_waiting: Annotated[Positive, Help("requests queued per group; past it, `overloaded`")] = 1024
+    step_timeout: Annotated[Seconds, Help("a step without a result in this many seconds fails the group's "
+                                          "running requests")] = 60.0
+    resend_interval: Annotated[Seconds, Help("seconds before a step whose acknowledgements are late is "
+                                             "published again")] = 1.0
+    replay_window: Annotated[Positive, Help("recent steps kept for workers that missed some")] = 256
+    steps_in_flight: Annotated[Positive, Help("overlapped steps: the next is on the wire while the group "
+                                              "computes (1: one at a time)")] = 2
+    stream_interval: Annotated[Positive, Help("tokens per streamed chunk (the last may have fewer): fewer, "
+                                              "larger messages")] = 1
+    heartbeat_timeout: Annotated[Seconds, Help("a worker silent this many seconds makes its group not "
+                                               "ready")] = 10.0
+    load_interval: Annotated[Seconds, Help("seconds between the group's load reports to ingest")] = 0.5
+    queue_timeout: Annotated[Seconds, Help("a request waiting longer than this many seconds gets an "
+                                           "error")] = 300.0
 
 
 class WorkerSettings(EngineSettings):
-    node_rank: NonNegative = 0
-    local_devices: NonNegative = 0  # 0: use the devices JAX finds; N: N virtual CPU devices
-    load_format: str = "dummy"
-    dtype: Literal["float32", "bfloat16"] = "float32"  # weights and KV pages (bfloat16 halves what a step reads)
-    seed: NonNegative = 0
-    heartbeat_interval: Seconds = 0.5
-    warmup: bool = True
-    coordinator: str = ""  # HOST:PORT of the group's JAX job (its leader node), when a group spans nodes
-    join_timeout: Seconds = 120.0  # wait this long for every node of the group at start-up
-    stall_timeout: Seconds = 120.0  # a step running longer means a peer died mid-collective: exit
-    replay_timeout: Seconds = 2.0  # per attempt, when fetching missed steps from the publisher
-    compile_cache: str = "~/.cache/dpbus/jax"  # XLA's compiled shapes kept here: a second start skips compiling ("": off)
+    node_rank: Annotated[NonNegative, Help("this node's rank, 0 .. nnodes-1 (its group: node_rank // (nnodes "
+                                           "/ dp_size))")] = 0
+    local_devices: Annotated[NonNegative, Help("0: the devices JAX finds (a TPU VM's chips; one on a CPU); "
+                                               "N: N virtual CPU devices")] = 0
+    load_format: Annotated[str, Help("without --model-path: dummy, weights drawn from --seed")] = "dummy"
+    dtype: Annotated[Literal["auto", "float32", "bfloat16"], Help("weights and KV pages (bfloat16 halves what "
+                                                                  "a step reads); auto: bfloat16 on TPU, "
+                                                                  "float32 elsewhere")] = "auto"
+    seed: Annotated[NonNegative, Help("the seed of the dummy weights")] = 0
+    heartbeat_interval: Annotated[Seconds, Help("seconds between this worker's heartbeats")] = 0.5
+    warmup: Annotated[bool, Help("compile every step shape at start-up")] = True
+    coordinator: Annotated[str, Help("HOST:PORT of the group's JAX job (its leader node), when a group spans "
+                                     "nodes")] = ""
+    join_timeout: Annotated[Seconds, Help("seconds to wait at start-up for every node of the group")] = 120.0
+    stall_timeout: Annotated[Seconds, Help("a step running longer than this many seconds means a peer died "
+                                           "mid-collective: exit")] = 120.0
+    replay_timeout: Annotated[Seconds, Help("seconds per attempt when fetching missed steps from the "
+                                            "publisher")] = 2.0
+    compile_cache: Annotated[str, Help("keep XLA's compiled step shapes in this directory: a second start skips "
+                                       "compiling (\"\": off)")] = "~/.cache/dpbus/jax"
 
 
 def _merged(name: str, *parts: type[Struct]) -> type[Struct]:
@@ -178,17 +230,47 @@ def env_name(name: str) -> str:
     return "DPBUS_" + name.upper()
 
 
+def help_of(cls: type[Struct], name: str) -> str:
+    """The description of setting ``name`` of ``cls`` (``Help`` in its type)."""
+    f = next(f for f in msgspec.structs.fields(cls) if f.name == name)
+    return _description(f.type)
+
+
+def _description(t: Any) -> str:
+    metas = getattr(t, "__metadata__", ()) if typing.get_origin(t) is Annotated else ()
+    return next((m.description for m in metas if isinstance(m, Meta) and m.description), "")
+
+
+def _base(t: Any) -> Any:
+    """The type under ``Annotated``: ``bool``, ``int``, a ``Literal[...]``, ..."""
+    return typing.get_args(t)[0] if typing.get_origin(t) is Annotated else t
+
+
+def choices(t: Any) -> tuple[str, ...]:
+    """The values a ``Literal`` setting takes (empty for any other)."""
+    base = _base(t)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else ()
+
+
+def flag_help(f: msgspec.structs.FieldInfo) -> str:
+    """One line for ``--help``: what the setting is, its default and its variable (a
+    ``Literal``'s values are the flag's metavar)."""
+    default = "empty" if f.default == "" else f.default
+    return f"{_description(f.type)} (default {default}; env {env_name(f.name)})".replace("%", "%%")
+
+
 def add_settings_args(parser: argparse.ArgumentParser, cls: type[Struct], skip: set[str] = frozenset()) -> None:
     """Add one flag per field of ``cls``; defaults are resolved later, in ``build``."""
     for f in msgspec.structs.fields(cls):
         if f.name in skip:
             continue
-        if f.type is bool:
+        if _base(f.type) is bool:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=f"(env {env_name(f.name)}, default {f.default})")
+                                help=flag_help(f))
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
-                                help=f"(env {env_name(f.name)}, default {f.default})")
+            values = choices(f.type)
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, help=flag_help(f),
+                                metavar="{" + ",".join(values) + "}" if values else f.name.upper())
 
 
 def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str] | None = None, **overrides: Any) -> S:
@@ -211,6 +293,6 @@ def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str
     except msgspec.ValidationError as e:
         hint = ""
         for f in msgspec.structs.fields(cls):
-            if f"$.{f.name}`" in str(e) and typing.get_origin(f.type) is Literal:
-                hint = f"; valid values: {', '.join(typing.get_args(f.type))}"
+            if f"$.{f.name}`" in str(e) and choices(f.type):
+                hint = f"; valid values: {', '.join(choices(f.type))}"
         raise ValueError(f"bad setting: {e}{hint} (flags or DPBUS_* variables)") from None

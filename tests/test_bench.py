@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from bench import ingest, memory, summary, transports
 from bench import run as bench_run
 
@@ -75,3 +77,22 @@ def test_tokens_of_a_several_token_chunk_are_spread_since_the_chunk_before():
     assert token_times([], 5.0, 3) == [5.0, 5.0, 5.0]  # the first chunk: its first token is the TTFT
     assert token_times([1.0], 5.0, 4) == [2.0, 3.0, 4.0, 5.0]
     assert token_times([1.0, 2.0], 2.5, 1) == [2.5]
+
+
+def test_tokens_answered_in_pairs_show_in_itl_and_tpot_gives_the_decode_speed():
+    """One-token chunks that reach the client two at a time (as a CPU group answers its
+    overlapped steps): the ITL of arrivals is bimodal, its p50 near 0, while TPOT is each
+    request's decode time per token. A first chunk of three tokens adds no 0 ms interval."""
+    from services.benchmark import Record, Workload, summarize
+
+    paired = Record(sent=0.0, end=0.0131, output_tokens=8)
+    paired.tokens = [t + d for t in (0.010, 0.011, 0.012, 0.013) for d in (0.0, 0.0000001)]  # 2 a millisecond
+    r = summarize([paired], 1.0, "system", Workload())
+    assert r["itl_ms"]["p50"] < 0.01 and r["itl_ms"]["p90"] > 0.9
+    assert r["tpot_ms"]["p50"] == pytest.approx(3.0001 / 7)
+
+    chunked = Record(sent=0.0, end=0.0201, output_tokens=6, first_chunk=3)
+    chunked.tokens = [0.010, 0.010, 0.010, 0.012, 0.014, 0.016]  # the first chunk, then one token each 2 ms
+    r = summarize([chunked], 1.0, "system", Workload())
+    assert r["itl_ms"]["p50"] == pytest.approx(2.0) and min(r["itl_ms"].values()) == pytest.approx(2.0)
+    assert r["ttft_ms"]["p50"] == pytest.approx(10.0)

@@ -218,10 +218,10 @@ def test_up_takes_the_service_settings_and_passes_them_on():
                                  "DPBUS_WARMUP": "false", "DPBUS_API_KEY": "k", "DPBUS_DTYPE": "bfloat16",
                                  "DPBUS_STREAM_INTERVAL": "4"}
     for role in ("worker", "node"):  # the worker's weights and KV pages
-        assert st.build(st.WorkerSettings, parser().parse_args([role]), env={}).dtype == "float32"
+        assert st.build(st.WorkerSettings, parser().parse_args([role]), env={}).dtype == "auto"  # bfloat16 on TPU
         bf16 = parser().parse_args([role, "--dtype", "bfloat16"])
         assert st.build(st.WorkerSettings, bf16, env={}).dtype == "bfloat16"
-    with pytest.raises(ValueError, match="valid values: float32, bfloat16"):
+    with pytest.raises(ValueError, match="valid values: auto, float32, bfloat16"):
         st.build(st.WorkerSettings, env={"DPBUS_DTYPE": "float16"})
     bad = subprocess.run([*DPBUS, "up", "--policy", "fastest"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "valid values: round_robin" in bad.stderr, bad.stderr

@@ -223,7 +223,9 @@ def test_sigterm_to_a_spanning_member_while_it_warms_up(nats_server, tmp_path):
     """Members first, then the leader, as ``dpbus up`` stops them: the leader hosts the JAX
     job's coordination service, and a member whose leader went first is ended by JAX's
     coordination client itself (SIGABRT, code -6: seen once in CI when this test stopped
-    the leader first)."""
+    the leader first). The leader does not know a stop is coming: when its warm-up's next
+    collective runs after the member left and before its own SIGTERM arrives, it finds its
+    JAX job broken and leaves it by itself, with code 70 (the next test forces that case)."""
     logs = [tmp_path / "node-0.log", tmp_path / "node-1.log"]
     coordinator = f"127.0.0.1:{free_port()}"
     args = ["--nnodes", "2", "--dp-size", "1", "--local-devices", "1", "--coordinator", coordinator]
@@ -234,7 +236,47 @@ def test_sigterm_to_a_spanning_member_while_it_warms_up(nats_server, tmp_path):
             wait_for_event(log, p, "joined_jax_job")
         for r in (1, 0):
             seconds, code = sigterm(procs[r], f"node-{r}", "spanning group, warming up", logs[r])
-            assert code == 0, logs[r].read_text()[-2000:]
+            left_broken_job = r == 0 and code == 70 and left_its_broken_job(logs[0])
+            assert code == 0 or left_broken_job, logs[r].read_text()[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def left_its_broken_job(log: Path) -> bool:
+    return any(e.get("event") == "leaving_broken_group" and "while warming up" in e.get("reason", "")
+               for e in events(log))
+
+
+def warmed_up_one_shape(log: Path) -> bool:
+    """The node has run its warm-up's first shape: with a peer, its collectives included."""
+    return any(e.get("event") == "warmup" and e.get("done", 0) >= 1 for e in events(log))
+
+
+@pytest.mark.e2e
+def test_a_leader_whose_member_left_mid_warm_up_leaves_the_broken_job(nats_server, tmp_path):
+    """Both nodes have run a collective of the warm-up (the gloo connection between them is
+    up) when the member is stopped: the leader's next collective fails, and it leaves the
+    broken JAX job at once with code 70, without a signal (it used to end with code 1 and
+    then hang in JAX's exit handler, waiting for the member, until SIGTERM or SIGABRT)."""
+    logs = [tmp_path / "node-0.log", tmp_path / "node-1.log"]
+    args = ["--nnodes", "2", "--dp-size", "1", "--local-devices", "1", "--coordinator", f"127.0.0.1:{free_port()}"]
+    procs = [spawn(["node", "--node-rank", str(r), *args], logs[r], server_env(nats_server, "node-0") | SMALL)
+             for r in (0, 1)]
+    try:
+        while not all(warmed_up_one_shape(log) for log in logs):
+            assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.02)
+        _, code = sigterm(procs[1], "node-1", "spanning group, warming up, leader left running", logs[1])
+        assert code == 0, logs[1].read_text()[-2000:]
+        try:
+            code = procs[0].wait(timeout=BOUND_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the leader stayed in its broken job:\n{logs[0].read_text()[-3000:]}") from None
+        TIMINGS.append(("node-0", "spanning group, its member left mid-warm-up: left by itself", 0.0, code))
+        assert code == 70 and left_its_broken_job(logs[0]), logs[0].read_text()[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:

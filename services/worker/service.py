@@ -45,13 +45,17 @@ JOB_SHUTDOWN_TIMEOUT = 10
 def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
     """Build the group's mesh (over ``devices``, default all) and model (imports JAX: call
     after XLA_FLAGS is set)."""
+    from services.devices import resolve_dtype
     from services.worker.model import dummy_weights
     from services.worker.runner import ModelRunner, make_group_mesh
 
     use_compile_cache(s.compile_cache, log)
     cfg = model_config_for(s.model_path, s.max_seq_len)
     mesh = make_group_mesh(devices)
-    log.info("model_loading", devices=mesh.devices.size, config=str(cfg), path=s.model_path or "(dummy)")
+    platform = mesh.devices.flat[0].platform
+    dtype = resolve_dtype(s.dtype, platform)
+    log.info("model_loading", devices=mesh.devices.size, platform=platform, dtype=dtype, config=str(cfg),
+             path=s.model_path or "(dummy)")
     show = Progress(log)
     if s.model_path:
         from services.worker.checkpoint import load_hf_weights
@@ -62,7 +66,7 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
         raise ValueError(f"load_format={s.load_format!r} needs --model-path; without one use 'dummy'")
     runner = ModelRunner(cfg, mesh, num_pages=total_pages(s, cfg.max_seq_len), page_size=s.page_size,
                          max_running_requests=s.max_running_requests, max_prefill_tokens=s.max_prefill_tokens,
-                         host_weights=weights, dtype=s.dtype)
+                         host_weights=weights, dtype=dtype)
     if s.warmup:
         seconds = runner.warmup(show.step("compiling", "warmup"))
         show.close()
@@ -211,6 +215,23 @@ class Worker:
                                    shutdown_timeout_seconds=JOB_SHUTDOWN_TIMEOUT)
         self.log.info("joined_jax_job", devices=len(jax.devices()), local_devices=len(jax.local_devices()))
 
+    async def load(self, stop: asyncio.Event) -> Any:
+        """The warmed-up model runner. In a group spanning processes, the warm-up runs the
+        group's collectives: when a member leaves meanwhile (stopped, or dead), the next one
+        fails here, and the JAX job is broken as when it fails serving; leave it the same way
+        (exit 70) rather than end in JAX's exit handler, which waits for the member gone."""
+        import jax
+
+        try:
+            return await unless_stopped(stop, asyncio.to_thread(load_runner, self.s, self.log))
+        except jax.errors.JaxRuntimeError as e:
+            if self.place.nodes_per_group == 1:
+                raise
+            self.log.error("leaving_broken_group", reason=f"group {self.place.dp_rank}'s JAX job broke while "
+                                                          f"warming up ({e}); a member is gone")
+            self.exit(EXIT_BROKEN_JOB)
+            raise  # (only where a test replaced self.exit)
+
     async def run(self, stop: asyncio.Event) -> None:
         g = self.place.dp_rank
         # until serving, a stop ends the start-up at once (the thread loading the model runs on
@@ -221,7 +242,7 @@ class Worker:
         if self.place.nodes_per_group > 1:
             await unless_stopped(stop, self.wait_for_members())
             await unless_stopped(stop, asyncio.to_thread(self.join_jax_job))
-        self.runner = await unless_stopped(stop, asyncio.to_thread(load_runner, self.s, self.log))
+        self.runner = await self.load(stop)
         self.compiled_at_warmup = self.runner.compiled_shapes()
         steps = await bus.subscribe(self.nc, self.subjects.step(g), self.on_step)
         svc = await nats.micro.add_service(
