@@ -25,6 +25,7 @@ from typing import Any
 
 from services import bus
 from services import settings as st
+from services.model_path import resolve_model_path
 
 ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
                  "worker": st.WorkerSettings, "node": st.NodeSettings, "gateway": st.GatewaySettings}
@@ -111,8 +112,18 @@ def cluster_from(a: argparse.Namespace, **kw: Any):
     url = a.nats_url or os.environ.get("NATS_URL") or (creds.url if creds else None) or None
     return Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=url, prefix=a.prefix, log_dir=a.log_dir,
                    node_processes=a.node_processes, ingests=a.ingests, secure=not a.insecure, credentials=creds,
-                   nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, extra=st.service_env(a),
+                   nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, extra=local_model(st.service_env(a)),
                    metrics=a.metrics, nats_cluster=a.nats_cluster, **kw)
+
+
+def local_model(env: dict[str, str]) -> dict[str, str]:
+    """The services' variables with a hub id in --model-path fetched once, here, before any
+    service starts: each is given the local directory (and the gateway the id as its name)."""
+    given = env.get("DPBUS_MODEL_PATH", "")
+    local = resolve_model_path(given)
+    if local == given:
+        return env
+    return {"DPBUS_SERVED_MODEL_NAME": given, **env, "DPBUS_MODEL_PATH": local}
 
 
 def tls_files(a: argparse.Namespace):

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
+from services.model_path import resolve_model_path
+
 S = TypeVar("S", bound=Struct)
 Positive = Annotated[int, Meta(ge=1)]
 NonNegative = Annotated[int, Meta(ge=0)]
@@ -39,7 +41,9 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: str = "info"
     log_json: bool = True
     # the model every role agrees on (ingest checks prompts against its vocabulary and context)
-    model_path: str = ""  # a Hugging Face Llama directory; empty: the built-in model
+    # a Hugging Face model directory, or a hub id (org/name, fetched once into the HF cache);
+    # empty: the built-in model
+    model_path: str = ""
     max_seq_len: Annotated[int, Meta(ge=32)] = 1024
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 0  # Prometheus metrics on this port; 0: off
     metrics_host: str = "127.0.0.1"
@@ -75,7 +79,7 @@ class GatewaySettings(Common):
     http_host: str = "127.0.0.1"  # 0.0.0.0 to serve other hosts
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 8000
     api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>"
-    served_model_name: str = ""  # default: the model directory's name, or dpbus-builtin
+    served_model_name: str = ""  # default: the hub id or the model directory's name, or dpbus-builtin
     request_timeout: Seconds = 600.0  # longest wait for the next answer of a request (then 504, and it is aborted)
     # larger request bodies get 413, found from Content-Length or while the body arrives: a whole
     # 128k-token context fits, as a JSON list of ids or as text with every character JSON-escaped
@@ -158,7 +162,7 @@ def service_env(ns: argparse.Namespace) -> dict[str, str]:
     is refused before anything starts, naming the setting)."""
     given = {f.name: getattr(ns, f.name) for f in msgspec.structs.fields(ServiceFlags)
              if f.name not in UP_DECIDES and getattr(ns, f.name, None) is not None}
-    build(ServiceFlags, env={}, **given)  # raises ValueError naming a bad one
+    build(ServiceFlags, env={}, resolve_model=False, **given)  # raises ValueError naming a bad one
     return {env_name(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in given.items()}
 
 
@@ -190,8 +194,11 @@ def add_settings_args(parser: argparse.ArgumentParser, cls: type[Struct], skip: 
                                 help=f"(env {env_name(f.name)}, default {f.default})")
 
 
-def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str] | None = None, **overrides: Any) -> S:
-    """Flags beat ``DPBUS_*`` variables beat defaults (``NATS_URL`` is honoured too). Raises ValueError naming the bad setting."""
+def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str] | None = None,
+          resolve_model: bool = True, **overrides: Any) -> S:
+    """Flags beat ``DPBUS_*`` variables beat defaults (``NATS_URL`` is honoured too). Raises ValueError naming the bad setting.
+    ``model_path`` comes back as a local directory (a hub id is fetched: ``services/model_path.py``)
+    unless ``resolve_model`` is false."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     for f in msgspec.structs.fields(cls):
@@ -206,10 +213,24 @@ def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str
     if "nats_url" not in raw and env.get("NATS_URL"):
         raw["nats_url"] = env["NATS_URL"]
     try:
-        return msgspec.convert(raw, cls, strict=False)
+        settings = msgspec.convert(raw, cls, strict=False)
     except msgspec.ValidationError as e:
         hint = ""
         for f in msgspec.structs.fields(cls):
             if f"$.{f.name}`" in str(e) and typing.get_origin(f.type) is Literal:
                 hint = f"; valid values: {', '.join(typing.get_args(f.type))}"
         raise ValueError(f"bad setting: {e}{hint} (flags or DPBUS_* variables)") from None
+    return with_local_model(settings) if resolve_model else settings
+
+
+def with_local_model(settings: S) -> S:
+    """``settings`` with ``model_path`` a local directory (a hub id fetched once, here); a
+    gateway without ``served_model_name`` serves the model under its hub id."""
+    given = getattr(settings, "model_path", "")
+    local = resolve_model_path(given)
+    if local == given:
+        return settings
+    changes: dict[str, Any] = {"model_path": local}
+    if getattr(settings, "served_model_name", None) == "":
+        changes["served_model_name"] = given
+    return msgspec.structs.replace(settings, **changes)
