@@ -196,3 +196,52 @@ def test_windows_not_in_force_are_accepted(families, tmp_path):
         c = json.loads((families[family].path / "config.json").read_text())
         (tmp_path / "config.json").write_text(json.dumps({**c, **change}))
         assert config_from_hf(tmp_path) == config_from_hf(families[family].path)
+
+
+# ---- the whole system, the model named by a hub id ----------------------------------------------
+
+@pytest.mark.e2e
+def test_qwen3_by_hub_id_end_to_end(families, nats_server, tmp_path):
+    """Qwen3 (q/k norms, tied, head_dim 24) through ingest, publisher and worker over NATS,
+    every role given ``--model-path org/qwen3-tiny`` and resolving it offline from a hub cache."""
+    import asyncio
+    import shutil
+
+    from schemas import Done
+    from services.client import generate
+    from services.launcher import Cluster
+    from tests.test_checkpoint import word_tokenizer
+    from tests.test_model_path import fake_hub_cache
+
+    ck = families["qwen3_tied"]
+    snapshot = fake_hub_cache(tmp_path / "hub", "org/qwen3-tiny", {})
+    for f in ck.path.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    tok = word_tokenizer(SHAPE["vocab_size"])
+    tok.save(str(snapshot / "tokenizer.json"))
+    text = "w17 w250 w3 w99 w42 " * 3
+    cases = [{"input_ids": p} for p in prompts()] + [{"text": text}]
+    want = [ck.hf_greedy(p) for p in prompts()] + [ck.hf_greedy(tok.encode(text).ids)]
+
+    c = Cluster(dp_size=1, nnodes=1, local_devices=2, nats_url=nats_server.url, credentials=nats_server.credentials,
+                log_dir=tmp_path, say=lambda _: None,
+                extra={"DPBUS_MODEL_PATH": "org/qwen3-tiny", "HF_HUB_CACHE": str(tmp_path / "hub"),
+                       "HF_HUB_OFFLINE": "1", "DPBUS_MAX_PREFILL_TOKENS": "16", "DPBUS_MAX_SEQ_LEN": "128",
+                       "DPBUS_MAX_RUNNING_REQUESTS": "4"})
+
+    async def run() -> list:
+        nc = await nats_server.connect("client")
+        try:
+            sampling = {"max_new_tokens": N_NEW, "temperature": 0, "ignore_eos": True}
+            return await asyncio.gather(*(generate(nc, {**case, "sampling": sampling}) for case in cases))
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(c.start(timeout=300))
+        outcomes = asyncio.run(run())
+    finally:
+        c.stop()
+    for case, want_ids, out in zip(cases, want, outcomes):
+        assert isinstance(out.terminal, Done), out.terminal
+        assert out.token_ids == want_ids, f"prompt {case}"
