@@ -1,5 +1,5 @@
 """The families people serve, against ``transformers`` itself: Llama 3 RoPE scaling
-(``llama3``, ``linear``), Qwen2 (q/k/v biases; with YaRN RoPE), Qwen3 (per-head q/k norms,
+(``llama3``; ``linear`` with attention biases), Qwen2 (q/k/v biases; with YaRN RoPE), Qwen3 (per-head q/k norms,
 a head_dim that is not hidden/heads, tied embeddings), Mistral without a window.
 
 Each family is a tiny random model that transformers makes and saves; dpbus reads it with
@@ -61,8 +61,10 @@ def old_style_rope(path, rope_scaling: dict) -> None:
 # name -> (config class, model class, extra config, how config.json is rewritten)
 FAMILIES = {
     "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"rope_parameters": LLAMA3}, None),
+    # with attention_bias: biases on q, k, v and o
     "llama_linear": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-                     {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
+                     {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+                      "attention_bias": True},
                      lambda p: old_style_rope(p, {"type": "linear", "factor": 4.0})),
     "qwen2_yarn": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"rope_parameters": YARN}, None),
     "qwen3_tied": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
@@ -95,6 +97,8 @@ def test_configs_say_what_each_family_adds(families):
     c = {name: config_from_hf(ck.path) for name, ck in families.items()}
     assert c["llama3"].rope_scaling == rope.RopeScaling("llama3", 8.0, 1.0, 4.0, ORIGINAL)
     assert c["llama_linear"].rope_scaling == rope.RopeScaling("linear", 4.0)
+    assert (c["llama_linear"].qkv_bias, c["llama_linear"].o_bias) == (True, True)
+    assert not (c["llama3"].qkv_bias or c["llama3"].o_bias or c["llama3"].qk_norm)
     assert c["qwen2_yarn"].rope_scaling.kind == "yarn"
     assert c["qwen2_yarn"].rope_scaling.attention_factor == pytest.approx(0.1 * math.log(4.0) + 1)
     assert (c["qwen2_yarn"].qkv_bias, c["qwen2_yarn"].o_bias, c["qwen2_yarn"].qk_norm) == (True, False, False)
@@ -102,7 +106,7 @@ def test_configs_say_what_each_family_adds(families):
     assert (q3.qk_norm, q3.qkv_bias, q3.tie_embeddings) == (True, False, True)
     assert (q3.head_dim, q3.dim // q3.n_heads) == (24, 16)
     assert c["mistral"] == config_from_hf(families["llama_linear"].path).replace(
-        rope_scaling=rope.RopeScaling(), eos_token_ids=c["mistral"].eos_token_ids)
+        rope_scaling=rope.RopeScaling(), qkv_bias=False, o_bias=False)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
