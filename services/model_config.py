@@ -41,8 +41,8 @@ class ModelConfig:
 
 def model_config_for(model_path: str, max_seq_len: int) -> ModelConfig:
     """The model every role of a deployment agrees on: the built-in one, or the shape in
-    ``model_path/config.json`` (a Hugging Face Llama, Qwen2/Qwen3 or Mistral checkpoint), its context capped at
-    ``max_seq_len``."""
+    ``model_path/config.json`` (a Hugging Face Llama, Mistral, Qwen2 or Qwen3 checkpoint),
+    its context capped at ``max_seq_len``."""
     if not model_path:
         return ModelConfig(max_seq_len=max_seq_len)
     from services.worker.checkpoint import config_from_hf  # reads JSON only, no JAX
