@@ -142,58 +142,148 @@ def tls_files(a: argparse.Namespace):
     return Tls(*(os.path.abspath(f) for f in given), verify=getattr(a, "tls_verify", False))
 
 
-def cmd_up(a: argparse.Namespace) -> int:
-    from services.lifecycle import Stopped, unless_stopped
-    from services.userstate import clear_state, write_state
+def say(line: str = "", err: bool = False) -> None:
+    """Print a line and flush it; once the reader is gone (``| tee`` ended by the same
+    Ctrl-C), go on silently: the output goes to /dev/null, never a BrokenPipeError."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(line, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
-    cluster = cluster_from(a)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            seconds = await unless_stopped(stop, cluster.start())
-        except Stopped:
-            return
-        client = cluster.auth("client") if cluster.credentials else None
-        where = write_state(cluster.nats_url, client or bus.NatsAuth(), os.getpid())
-        who = f" as user {client.user!r} (password in {where})" if client else ""
-        print(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at "
-              f"{bus.redact(cluster.nats_url)}{who}; "
-              f"try: dpbus generate 'hello'. Ctrl-C stops everything", flush=True)
-        if cluster.http_url:
-            print(f"OpenAI-compatible API at {cluster.http_url} (try: curl {cluster.http_url}/models)", flush=True)
-        watch, nc = await watch_ready_again(cluster, a.prefix)
-        while not stop.is_set():
-            if a.restart:
-                for line in cluster.supervise():
-                    print(f"warning: {line}", flush=True)
-                watch.restarted(cluster.recovering)
-                cluster.recovering.clear()
-            else:
-                for p in [p for p in cluster.procs if p.popen.poll() is not None]:
-                    print(f"warning: {p.name} exited with code {p.popen.returncode}; log {p.log_path}", flush=True)
-                    cluster.procs.remove(p)
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
-        await nc.close()
+def check_model_path(a: argparse.Namespace) -> None:
+    """Refuse a --model-path the services could not load, before anything starts (the
+    same loader every role uses, so what it accepts is accepted here)."""
+    path = getattr(a, "model_path", None) or os.environ.get("DPBUS_MODEL_PATH", "")
+    if not path:
+        return
+    from services.model_config import model_config_for
 
     try:
-        asyncio.run(main())
+        model_config_for(path, int(getattr(a, "max_seq_len", None) or 1 << 30))
+    except Exception as e:  # noqa: BLE001 - whatever the loader says, in one line
+        raise ValueError(f"--model-path {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def claim_state(note: bool = True) -> None:
+    """Refuse to start next to a running `dpbus up` (its state file would be overwritten);
+    a state file whose `up` is gone is replaced, with a note."""
+    from services.userstate import describe, is_up_process, read_raw, state_path
+
+    old = read_raw()
+    if old is None:
+        return
+    if is_up_process(int(old.get("pid", 0) or 0)) and old.get("pid") != os.getpid():
+        raise RuntimeError(f"another dpbus up is running ({describe(old)}); stop it first (Ctrl-C in its "
+                           f"terminal, or kill {old.get('pid')}), or give this one its own state with "
+                           "XDG_STATE_HOME=DIR (client commands then need the same)")
+    if note:
+        say(f"note: replacing {state_path()}, left by a dpbus up that is gone (pid {old.get('pid')})")
+
+
+class UpState:
+    """The state file of this `up` (services/userstate.py): written when NATS listens,
+    updated while the groups warm up and once they are ready."""
+
+    def __init__(self, cluster: Any, a: argparse.Namespace) -> None:
+        self.cluster, self.a, self.doc = cluster, a, {}
+        cluster.on_listening, cluster.on_progress = self.listening, self.progress
+
+    def users(self) -> dict[str, bus.NatsAuth]:
+        from services.userstate import STATE_USERS
+
+        creds = self.cluster.credentials
+        return {u: bus.auth_for(creds, u) for u in STATE_USERS if creds and u in creds.passwords}
+
+    def listening(self) -> None:
+        from services.userstate import new_state
+
+        claim_state(note=False)  # again: another `up` may have started meanwhile
+        self.doc = new_state(self.cluster.nats_url, self.users(), os.getpid(), log_dir=str(self.cluster.log_dir),
+                             dp_size=self.cluster.dp_size, prefix=self.a.prefix, http_url="")
+        self.write()
+        say(f"state (URL, passwords of client, operator and gateway) in {self.path}")
+
+    def progress(self, said: str) -> None:
+        self.write(progress=said, http_url=self.cluster.http_url)
+
+    def write(self, **changes: Any) -> None:
+        from services.userstate import write_state
+
+        if self.doc:
+            self.doc.update(changes)
+            self.path = write_state(self.doc)
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    check_model_path(a)
+    claim_state()
+    cluster = cluster_from(a, say=say)
+    state = UpState(cluster, a)
+    try:
+        asyncio.run(serve_up(cluster, state, a))
     except (RuntimeError, TimeoutError) as e:
-        print(f"dpbus up failed: {e}", file=sys.stderr)
+        say(f"dpbus up failed: {e}", err=True)
         return 1
     finally:
-        print("stopping every process dpbus started ...", flush=True)
-        clear_state(os.getpid())
-        for problem in cluster.stop():
-            print(f"warning: {problem}", flush=True)
-    print("stopped", flush=True)
+        stop_up(cluster)
+    say("stopped")
     return 0
+
+
+def stop_up(cluster: Any) -> None:
+    """Stop every process `up` started, once (a second Ctrl-C or SIGTERM kills them at once)."""
+    from services.userstate import clear_state
+
+    def hurry(*_: Any) -> None:
+        say("second signal: killing every process now")
+        cluster.hurry()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, hurry)
+    say("stopping every process dpbus started ...")
+    clear_state(os.getpid())
+    for problem in cluster.stop():
+        say(f"warning: {problem}")
+
+
+async def serve_up(cluster: Any, state: UpState, a: argparse.Namespace) -> None:
+    from services.lifecycle import Stopped, unless_stopped
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        seconds = await unless_stopped(stop, cluster.start())
+    except Stopped:
+        return
+    state.write(ready=True, progress="ready", http_url=cluster.http_url)
+    client = cluster.auth("client") if cluster.credentials else None
+    who = f" as user {client.user!r} (password in {state.path})" if client else ""
+    say(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at "
+        f"{bus.redact(cluster.nats_url)}{who}; try: dpbus generate 'hello'. Ctrl-C stops everything")
+    if cluster.http_url:
+        say(f"OpenAI-compatible API at {cluster.http_url} (try: curl {cluster.http_url}/models)")
+    watch, nc = await watch_ready_again(cluster, a.prefix)
+    while not stop.is_set():
+        if a.restart:
+            for line in cluster.supervise():
+                say(f"warning: {line}")
+            watch.restarted(cluster.recovering)
+            cluster.recovering.clear()
+        else:
+            for p in [p for p in cluster.procs if p.popen.poll() is not None]:
+                say(f"warning: {p.name} exited with code {p.popen.returncode}; log {p.log_path}")
+                cluster.procs.remove(p)
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+    await nc.close()
 
 
 async def watch_ready_again(cluster: Any, prefix: str) -> Any:
@@ -208,7 +298,7 @@ async def watch_ready_again(cluster: Any, prefix: str) -> Any:
     async def on_load(msg: Any) -> None:
         report = decode.decode(msg.data)
         if watch.report(report):
-            print(f"group {report.dp_rank} ready again", flush=True)
+            say(f"group {report.dp_rank} ready again")
 
     await nc.subscribe(Subjects(prefix).all_loads, cb=on_load)
     return watch, nc
@@ -263,10 +353,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def client_target(a: argparse.Namespace) -> tuple[str, float, Any]:
-    """(url, timeout, auth) of a client command's connection (see services/userstate.py)."""
+    """(url, timeout, auth) of a client command's connection (see services/userstate.py);
+    refused while the `dpbus up` it found is still warming up."""
     from services.userstate import client_target as target
+    from services.userstate import ready_or_warn
 
-    url, auth = target(a.nats_url, a.nats_user, "", a.nats_credentials, a.tls_ca)
+    url, auth, state = target(a.nats_url, a.nats_user, "", a.nats_credentials, a.tls_ca)
+    if state is not None:
+        ready_or_warn(state, a.command)
     return url, 5.0, auth
 
 
@@ -274,19 +368,45 @@ def cmd_status(a: argparse.Namespace) -> int:
     """Wait until every group is ready and an ingest answers (what `up` waits for)."""
     from services.launcher import wait_groups_ready
     from services.userstate import client_target as target
+    from services.userstate import describe
 
-    url, auth = target(a.nats_url, a.nats_user or "operator", "", a.nats_credentials, a.tls_ca)
+    url, auth, state = target(a.nats_url, a.nats_user, "", a.nats_credentials, a.tls_ca, default_user="operator")
+    dp_size = a.dp_size or (state or {}).get("dp_size") or 2
+    prefix = a.prefix or (state or {}).get("prefix") or "dpbus"
+    if state is not None:
+        say(f"dpbus up found ({describe(state)}); {state.get('progress')}")
 
     async def main() -> int:
         nc = await bus.connect_client(url, auth=auth)
         try:
-            seconds = await wait_groups_ready(nc, a.prefix, a.dp_size, a.wait, print)
+            seconds = await wait_groups_ready(nc, prefix, dp_size, a.wait, say)
         finally:
             await nc.close()
-        print(f"ready: {a.dp_size} group(s) and ingest at {bus.redact(url)} (waited {seconds:.1f}s)")
+        say(f"ready: {dp_size} group(s) and ingest at {bus.redact(url)} (waited {seconds:.1f}s)")
         return 0
 
     return asyncio.run(main())
+
+
+def gateway_from_state(a: argparse.Namespace) -> dict[str, str]:
+    """`dpbus gateway` given no NATS server or user: the running `dpbus up`'s, as user
+    ``gateway`` (from its state file), as `generate` finds it."""
+    from services.userstate import describe, read_state, state_auth, state_path
+
+    given = [a.nats_url, a.nats_user, a.nats_password, a.nats_credentials, a.nats_nkey_seed]
+    named = ("NATS_URL", "DPBUS_NATS_URL", "DPBUS_NATS_USER", "DPBUS_NATS_PASSWORD", "DPBUS_NATS_CREDENTIALS")
+    state = None if any(given) or any(os.environ.get(v) for v in named) else read_state()
+    if state is None:
+        return {}
+    auth = state_auth(state, "gateway")
+    say(f"dpbus gateway: using the running dpbus up ({describe(state)}) as user {auth.user or '(none)'!r}, "
+        f"from {state_path()}", err=True)
+    out = {"nats_url": state["url"], "nats_user": auth.user, "nats_password": auth.password}
+    if auth.tls_ca and not a.tls_ca:
+        out["tls_ca"] = auth.tls_ca
+    if a.prefix is None and not os.environ.get("DPBUS_PREFIX") and state.get("prefix"):
+        out["prefix"] = state["prefix"]
+    return out
 
 
 def cmd_nats_config(a: argparse.Namespace) -> int:
@@ -377,6 +497,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from services.demo import run_demo
 
+    check_model_path(a)
     return run_demo(a)
 
 
@@ -488,11 +609,13 @@ def parser() -> argparse.ArgumentParser:
     st.add_settings_args(q, st.EngineSettings, skip={*st.UP_DECIDES, "max_waiting", "seed"})
     q.set_defaults(fn=cmd_bench)
     q = sub.add_parser("status", help="wait until every group is ready and ingest answers",
-                       description="Connects as the operator user (from --nats-credentials, or the URL) and "
-                                   "waits until every group reports ready and an ingest answers.")
+                       description="Connects as the operator user (from --nats-credentials, the URL, or the "
+                                   "running dpbus up's state file) and waits until every group reports ready and "
+                                   "an ingest answers; against a dpbus up still warming up, it waits for it.")
     client_flags(q)
-    q.add_argument("--dp-size", type=int, default=2, help="groups to wait for (default 2)")
-    q.add_argument("--prefix", default="dpbus")
+    q.add_argument("--dp-size", type=int, default=None,
+                   help="groups to wait for (default: the running dpbus up's, else 2)")
+    q.add_argument("--prefix", default=None, help="subject prefix (default: the running dpbus up's, else dpbus)")
     q.add_argument("--wait", type=float, default=300.0, help="give up after this many seconds (default 300)")
     q.set_defaults(fn=cmd_status)
     q = sub.add_parser("nats-config", help="write a NATS server config with one user per role for a layout")
@@ -550,7 +673,10 @@ def main(argv: list[str] | None = None) -> int:
         a.nnodes = a.dp_size
     try:
         if a.fn is None:
-            return run_role(a.role, st.build(ROLE_SETTINGS[a.role], a))
+            if a.role in ("node", "worker"):
+                check_model_path(a)
+            found = gateway_from_state(a) if a.role == "gateway" else {}
+            return run_role(a.role, st.build(ROLE_SETTINGS[a.role], a, **found))
         return a.fn(a)
     except ValueError as e:
         print(f"dpbus {a.command}: {e}", file=sys.stderr)

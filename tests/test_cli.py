@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -58,6 +59,10 @@ def test_demo_prints_a_table_and_exits_zero():
     for i in range(4):  # no TTY: 80 columns, and still every cell whole (folded, not cut)
         assert f"demo-{i}" in out.stdout
     assert "\u2026" not in out.stdout, out.stdout
+    curl = next(line for line in out.stdout.splitlines() if line.startswith("curl "))  # whole, one line
+    argv = shlex.split(curl)
+    assert argv[argv.index("-H") + 1] == "Content-Type: application/json", curl
+    assert json.loads(argv[argv.index("-d") + 1])["stream"] is True, curl
     logs = Path(re.search(r"logs in (\S+)", out.stdout).group(1))
     assert not logs.exists(), "a clean stop leaves no temp directory behind"
 

@@ -474,7 +474,7 @@ def compose_model(secrets) -> dict:
 def test_compose_services(secrets):
     r = compose("--env-file", str(secrets / "compose.env"), "config", "--services")
     assert r.returncode == 0, r.stderr
-    assert {"nats", "ingest", "node-0", "node-1"} <= set(r.stdout.split())
+    assert {"nats", "ingest", "node-0", "node-1", "gateway"} <= set(r.stdout.split())
 
 
 def test_compose_nats_service(compose_model, secrets):
@@ -506,6 +506,10 @@ def test_compose_services_connect_as_their_own_users(compose_model, secrets):
         assert env["DPBUS_NATS_PASSWORD"] == passwords[env["DPBUS_NATS_USER"]], name
         assert svc["build"]["dockerfile"] == "infra/docker/Dockerfile", name
     assert services["ingest"]["environment"]["DPBUS_NATS_USER"] == "ingest"
+    gateway = services["gateway"]
+    assert gateway["environment"]["DPBUS_NATS_USER"] == "gateway" and gateway["command"][0] == "gateway"
+    assert [(p["host_ip"], p["target"]) for p in gateway["ports"]] == [("127.0.0.1", 8000)], gateway["ports"]
+    assert "/ready" in " ".join(gateway["healthcheck"]["test"])
     for rank in (0, 1):
         svc = services[f"node-{rank}"]
         assert svc["command"][:3] == ["node", "--node-rank", str(rank)]
@@ -526,7 +530,7 @@ def test_compose_with_your_own_secrets(tmp_path):
     model = json.loads(r.stdout)
     sources = {v["source"] for v in model["services"]["nats"]["volumes"] if v["type"] == "bind"}
     assert str(tmp_path / "auth.conf") in sources
-    for name, user in (("ingest", "ingest"), ("node-0", "node-0"), ("node-1", "node-1")):
+    for name, user in (("ingest", "ingest"), ("node-0", "node-0"), ("node-1", "node-1"), ("gateway", "gateway")):
         env = model["services"][name]["environment"]
         assert env["DPBUS_NATS_PASSWORD"] == creds[user]
     ingest = model["services"]["ingest"]["environment"]

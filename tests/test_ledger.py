@@ -11,8 +11,8 @@ import msgspec
 import nats.errors
 import pytest
 
-from schemas import Done, Error, Subjects
-from schemas.internal import Heartbeat, Step, Submit, SubmitAck, pack
+from schemas import AbortAck, Done, Error, Subjects
+from schemas.internal import GroupAbort, Heartbeat, Step, Submit, SubmitAck, pack
 from services import bus, logs, ownership
 from services.ingest.service import Ingest
 from services.ledger import (
@@ -204,7 +204,7 @@ async def test_no_acknowledgement_from_a_publisher_that_holds_the_request_is_not
 
     await nc.subscribe(SUBJ.submit(0), cb=holds_without_acknowledging)
     inbox, answers = await answers_on(nc)
-    await asyncio.sleep(0.5)
+    await until(front.listening.is_set, 5)
     await request(nc, inbox, "unacked")
     await answers.until_terminal(5)
     await asyncio.sleep(1.5)  # past every retry and time-out of ingest
@@ -225,7 +225,7 @@ async def test_no_acknowledgement_and_nobody_holds_it_is_answered_once_and_a_lat
 
     await nc.subscribe(SUBJ.submit(0), cb=deaf)
     inbox, answers = await answers_on(nc)
-    await asyncio.sleep(0.5)
+    await until(front.listening.is_set, 5)
     await request(nc, inbox, "unheard")
     await answers.until_terminal(5)
     pub = publisher(nats_server, 0)  # the publisher comes up and gets the late copy
@@ -245,7 +245,8 @@ async def test_a_retry_after_overloaded_on_the_same_inbox_is_a_new_attempt(nats_
     """The same bytes on the same reply subject were dropped for 120 s as a redelivered
     copy: a client retrying after ``overloaded`` heard nothing more."""
     run, nc = Running(), await nats_server.connect("admin")
-    run.start(ingest(nats_server, dp_size=1))
+    front = ingest(nats_server, dp_size=1)
+    run.start(front)
     offers = []
 
     async def full_then_free(msg):
@@ -259,7 +260,7 @@ async def test_a_retry_after_overloaded_on_the_same_inbox_is_a_new_attempt(nats_
 
     await nc.subscribe(SUBJ.submit(0), cb=full_then_free)
     inbox, answers = await answers_on(nc)
-    await asyncio.sleep(0.5)
+    await until(front.listening.is_set, 5)
     for _ in range(2):
         await request(nc, inbox, "retry")
         await until(lambda: len(answers.terminals()) == len(offers), 3)
@@ -281,7 +282,8 @@ async def test_copies_and_retries_through_other_ingests_and_groups_run_once(nats
         run.start(service)
     await fake_workers(nc, [0, 1], run.stop)
     await until(lambda: all(p.ready() for p in pubs), 5)
-    await until(lambda: all(not f.router.unavailable_reason(g) for f in fronts for g in (0, 1)), 5)
+    await until(lambda: all(not f.router.unavailable_reason(g) and f.listening.is_set() for f in fronts
+                            for g in (0, 1)), 5)
     inbox, answers = await answers_on(client)
     retry_inbox, retried = await answers_on(client)
     for copy in range(6):  # round robin spreads the copies over both groups
@@ -294,7 +296,7 @@ async def test_copies_and_retries_through_other_ingests_and_groups_run_once(nats
     answers.check_one_terminal_last()
     assert retried.got == []
     assert sum(p.counts["accepted"] for p in pubs) == 1
-    assert sum(p.counts["duplicates"] for p in pubs) == 5
+    assert sum(p.counts["duplicates"] for p in pubs) == 5, ([f.errors for f in fronts], [f.forwarded for f in fronts], [p.counts for p in pubs])
 
 
 async def test_a_moved_request_whose_second_publisher_goes_silent_is_answered_once(nats_server):
@@ -405,7 +407,7 @@ async def one_request_whose_publisher_loses(nats_server, method: str, rid: str, 
     run.start(pub)
     run.start(front)
     await fake_workers(nc, [0], run.stop)
-    await until(lambda: pub.ready() and front.router.groups[0].report is not None
+    await until(lambda: pub.ready() and front.listening.is_set() and front.router.groups[0].report is not None
                 and front.router.available(0), 5)
     pub.ledger.kv = bucket(pub.ledger.kv, method)
     inbox, answers = await answers_on(client)
@@ -496,13 +498,7 @@ async def test_a_value_that_is_no_entry_is_taken_over_and_its_request_answered_o
     run.start(pub)
     await fake_workers(nc, [0], run.stop)
     await until(lambda: pub.ready() and not front.router.unavailable_reason(0), 10)
-    # ingest hears load reports before its endpoints are up: a refused body proves they are
-    probe, refused = await answers_on(nc)
-    for _ in range(40):
-        await nc.publish(bus.request_subjects(nc, SUBJ)[0], b"{}", reply=probe)
-        await until(lambda: refused.terminals(), 0.5)
-        if refused.terminals():
-            break
+    await until(front.listening.is_set, 10)  # ingest hears load reports before its endpoints are up
     kv = await nc.jetstream().key_value(f"{PREFIX}_requests")
     inbox, answers = await answers_on(nc)
     client = inbox.rsplit(".", 1)[0]  # _INBOX.admin
@@ -542,3 +538,96 @@ async def test_a_full_ledger_refuses_with_overloaded_and_claims_nothing(nats_ser
         assert await ownership.refuse(ledger, "r.refused", Entry("refused", rid="q"), asyncio.sleep) is True
     finally:
         await nc.close()
+
+
+class Unreachable:
+    """A bucket that does not answer (every call times out, nothing lands) while ``down``."""
+
+    def __init__(self, kv) -> None:
+        self.kv, self.down = kv, True
+
+    def __getattr__(self, name):
+        attr = getattr(self.kv, name)
+        if not callable(attr):
+            return attr
+
+        async def call(*args, **kw):
+            if self.down:
+                raise nats.errors.TimeoutError
+            return await attr(*args, **kw)
+        return call
+
+
+@pytest.mark.parametrize("group_says", ["not held", "held", "nothing"])
+async def test_a_refusal_the_ledger_never_records_ends_with_an_answer(nats_server, monkeypatch, group_says):
+    """No acknowledgement came and the ledger did not answer either: ingest retried the
+    refusal for ever, holding one of its ``max_inflight`` slots, and the client heard
+    nothing. Now, after a bounded number of tries, it asks the group: a group that does
+    not hold the request (or no group at all, after ``REFUSE_ROUNDS`` rounds) gets the
+    client ``unavailable``; a group that holds it ends it with its own terminal answer,
+    so ingest says nothing."""
+    from services.ingest import service as ingest_service
+
+    monkeypatch.setattr(ownership.refuse, "__defaults__", (3,))  # three tries a round
+    run, nc = Running(), await nats_server.connect("admin")
+    front = ingest(nats_server, dp_size=1)
+    run.start(front)
+    asks: list[GroupAbort] = []
+
+    async def deaf(msg):  # the submit reaches a group that never acknowledges it
+        pass
+
+    async def on_group_abort(msg):
+        asks.append(msgspec.msgpack.decode(msg.data, type=GroupAbort))
+        if group_says != "nothing":
+            found = group_says == "held"
+            await msg.respond(pack(AbortAck(rid=asks[-1].rid, found=found, dp_rank=0 if found else None)))
+
+    await nc.subscribe(SUBJ.submit(0), cb=deaf)
+    await nc.subscribe(SUBJ.group_abort(0), cb=on_group_abort)
+    await until(front.listening.is_set, 5)
+    front.ledger.kv = Unreachable(front.ledger.kv)
+    inbox, answers = await answers_on(nc)
+    await request(nc, inbox, "unrecorded")
+    await until(lambda: asks and not front.handing, 20)
+    await asyncio.sleep(1.0)  # a second answer would come by now
+    await run.close()
+    await nc.close()
+    assert not front.handing  # the slot is free again
+    rounds = ingest_service.REFUSE_ROUNDS if group_says == "nothing" else 1
+    assert [a.rid for a in asks] == ["unrecorded"] * rounds and asks[0].reply == inbox
+    assert front.errors["refusal_unrecorded"] == rounds
+    if group_says == "held":
+        assert answers.got == []  # its holder answers
+    else:
+        answers.check_one_terminal_last()
+        assert isinstance(answers.got[-1], Error) and answers.got[-1].code.value == "unavailable"
+
+
+async def test_an_abort_of_a_request_whose_claim_is_in_doubt_ends_it_once_the_claim_proves_ours(nats_server):
+    """A submit whose claim did not answer is not acknowledged until the claim is known;
+    an abort meanwhile (ingest giving up on recording a refusal) used to find nothing, and
+    the request then ran when the ledger came back although ingest had answered. Now the
+    abort finds it: once the claim proves ours, the request ends at once with one terminal
+    answer and runs no step."""
+    run, nc = Running(), await nats_server.connect("admin")
+    pub = publisher(nats_server, 0, dp_size=1, nnodes=1)
+    run.start(pub)
+    await fake_workers(nc, [0], run.stop)
+    await until(pub.ready, 10)
+    pub.ledger.kv = bucket = Unreachable(pub.ledger.kv)
+    inbox, answers = await answers_on(nc)
+    sub = submit("in-doubt", inbox)
+    with pytest.raises(nats.errors.TimeoutError):  # no acknowledgement while the claim is in doubt
+        await nc.request(SUBJ.submit(0), pack(sub), timeout=0.5)
+    assert sub.key in pub.doubtful
+    got = await nc.request(SUBJ.group_abort(0), pack(GroupAbort(sub.rid, inbox)), timeout=5)
+    assert msgspec.msgpack.decode(got.data, type=AbortAck).found
+    bucket.down = False  # the ledger is back: the claim lands and proves ours
+    await answers.until_terminal(10)
+    await asyncio.sleep(1.0)
+    await run.close()
+    await nc.close()
+    answers.check_one_terminal_last()
+    assert isinstance(answers.got[-1], Done) and answers.got[-1].finish_reason == "abort", answers.got
+    assert pub.counts["steps"] == 0 and not pub.doubtful

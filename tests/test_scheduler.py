@@ -1081,6 +1081,16 @@ def test_only_a_client_above_its_share_is_preempted_for_another():
     # (else the preempted client would preempt the next in turn, for ever)
     sched = group(["a", "b", "c", "d"], "e")
     assert sched.preemptions == 0 and "new" not in rids(sched.running)
+    # bob already runs one, below his share of two: alice (above it) gives up one place
+    # for his second; his third waits, as he then holds his share
+    sched = group(["alice", "alice", "alice", "bob"], "bob")
+    assert sched.preemptions == 1 and "new" in rids(sched.running)
+    for i in range(2):
+        seq = mkseq(f"bob-more{i}", max_new_tokens=2, ignore_eos=True)
+        seq.client = "bob"
+        sched.add(seq)
+    step(sched)
+    assert sched.preemptions == 1 and not {"bob-more0", "bob-more1"} & set(rids(sched.running))
     # a client alone keeps every place
     alone = mksched(max_running=2, max_waiting=16)
     for i in range(6):

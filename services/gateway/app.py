@@ -6,7 +6,8 @@ are turned into OpenAI's responses, streamed as server-sent events or returned w
 Run as many replicas as you like; they share nothing.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /health``, ``GET /metrics`` (Prometheus). A client that goes away, or a request
+``GET /health`` (liveness), ``GET /ready`` (``/health/ready``: 200 once a group can serve),
+``GET /metrics`` (Prometheus). A client that goes away, or a request
 with no answer in time (504), aborts the request on the bus.
 
 What reaches an HTTP user comes only from its own call: each call answers on its own reply
@@ -159,8 +160,9 @@ class BusClient:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def ingest_alive(self, wait: float = 0.5) -> bool:
-        """Whether an ingest of this gateway's prefix answers discovery now."""
+    async def ingest_ping(self, wait: float = 0.5) -> dict | None:
+        """The discovery answer of an ingest of this gateway's prefix (its metadata says
+        how many groups are ready), or None when none answers in ``wait`` seconds."""
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         try:
@@ -170,10 +172,10 @@ class BusClient:
                 try:
                     doc = json.loads((await sub.next_msg(timeout=left)).data or b"{}")
                 except Exception:  # noqa: BLE001 - time is up, or a stray message
-                    return False
+                    return None
                 if doc.get("metadata", {}).get("prefix") == self.s.prefix:
-                    return True
-            return False
+                    return doc
+            return None
         finally:
             await sub.unsubscribe()
 
@@ -375,9 +377,21 @@ class Gateway:
 
         @app.get("/health")
         async def health() -> Response:
-            ok = self.bus.nc.is_connected and await self.bus.ingest_alive()
+            """Liveness: connected to NATS, and an ingest answers."""
+            ok = self.bus.nc.is_connected and await self.bus.ingest_ping() is not None
             return JSONResponse({"status": "ok" if ok else "unavailable", "nats": self.bus.nc.is_connected},
                                 status_code=200 if ok else 503)
+
+        @app.get("/ready")
+        @app.get("/health/ready")
+        async def ready() -> Response:
+            """Readiness: at least one group can take a request now (503 during warm-up)."""
+            doc = await self.bus.ingest_ping() if self.bus.nc.is_connected else None
+            meta = (doc or {}).get("metadata", {})
+            groups = int(meta.get("groups_ready", 0))
+            body = {"status": "ready" if groups else "unavailable", "nats": self.bus.nc.is_connected,
+                    "ingest": doc is not None, "groups_ready": groups, "dp_size": int(meta.get("dp_size", 0))}
+            return JSONResponse(body, status_code=200 if groups else 503)
 
         @app.get("/v1/models")
         async def models(request: Request) -> Response:

@@ -38,6 +38,7 @@ from services.topology import dp_groups
 
 VERSION = "0.1.0"
 SUBMIT_ATTEMPTS = 3
+REFUSE_ROUNDS = 4  # x ownership.REFUSE_ATTEMPTS tries to record a refusal, each round ending by asking the group
 INLINE_TOKENIZE = 16_384  # characters: a longer text is tokenized in a thread
 TEXT_BYTES_PER_TOKEN = 8  # no tokenizer needs more characters per token than this
 OVER_SHARE_RETRY_MS = 500  # what an over-share refusal suggests (requests take about that to finish)
@@ -88,6 +89,8 @@ class Ingest:
         self.tokenizer = load_tokenizer(settings.model_path)
         # raises ValueError (start-up fails with the list of valid policies) on an unknown --policy
         self.groups = dp_groups(settings.dp_size, settings.enable_dp_attention)
+        # discovery metadata; groups_ready is kept current (see tell_readiness)
+        self.metadata = {"dp_size": str(settings.dp_size), "prefix": settings.prefix, "groups_ready": "0"}
         self.router = Router(self.groups, settings.policy, stale_after=settings.load_stale_after,
                              affinity_skew=settings.affinity_skew,
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
@@ -103,6 +106,7 @@ class Ingest:
         self.instance = secrets.randbits(62) | 1  # names this ingest in the entries it settles
         self.unsure: dict[str, tuple[Entry, Entry]] = {}  # key -> (our unanswered settling write, the entry)
         self.ledger: Ledger | None = None
+        self.listening = asyncio.Event()  # its endpoints are subscribed at the server
         self.dispatched: Counter[int] = Counter()  # accepted requests per group
         self.tasks: set[asyncio.Task] = set()  # hand-overs past their first answer (see offer)
         self._ack = unpacker(SubmitAck)
@@ -374,13 +378,42 @@ class Ingest:
         """No acknowledgement came: the publisher may hold the request or never have seen
         it. Marking it ``refused`` in the ledger settles which: if that works, nobody holds
         it (and a late copy of the submit will not run), so ingest answers ``unavailable``;
-        if the name is taken, its holder answers."""
+        if the name is taken, its holder answers. While the ledger does not answer, the
+        group is asked to abort the request every ``REFUSE_ATTEMPTS`` tries: a group that
+        holds it (or is still claiming it) ends it with its own terminal answer; one that
+        does not, or after ``REFUSE_ROUNDS`` rounds, ingest answers ``unavailable``."""
         key = request_key(sub.client, sub.rid)
         why = f"group {g} did not acknowledge the request within {SUBMIT_ATTEMPTS} x {self.s.submit_timeout}s"
-        if await ownership.refuse(self.ledger, key, ownership.refused(sub, g), asyncio.sleep):
+        for _ in range(REFUSE_ROUNDS):
+            recorded = await ownership.refuse(self.ledger, key, ownership.refused(sub, g), asyncio.sleep)
+            if recorded is not None:
+                break
+            self.errors["refusal_unrecorded"] += 1
+            ack = await self.ask_abort(g, sub.rid, sub.reply)
+            if ack is not None and ack.found:
+                self.log.warning("unacknowledged_request_aborted_by_its_holder", rid=sub.rid, dp_rank=g)
+                return
+            if ack is not None:
+                why += "; the request ledger did not answer and the group does not hold the request"
+                recorded = True
+                break
+        else:
+            why += "; neither the request ledger nor the group answered"
+            recorded = True
+        if recorded:
             await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
         else:
-            self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, group=g)
+            self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, dp_rank=g)
+
+    async def ask_abort(self, g: int, rid: str, reply: str) -> AbortAck | None:
+        """Ask group ``g`` to abort the request ``rid`` answered on ``reply``: its answer,
+        or None when none came (a group that cannot answer is not running it)."""
+        try:
+            msg = await self.nc.request(self.subjects.group_abort(g), pack(GroupAbort(rid, reply)),
+                                        timeout=self.s.submit_timeout)
+            return self._ack_abort.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            return None
 
     async def watch_ledger(self, stop: asyncio.Event) -> None:
         """Keep ``view`` up to date with every change of the ledger (following it again
@@ -414,6 +447,7 @@ class Ingest:
         settled requests ``KEEP_ANSWERED`` seconds after their answer."""
         while not stop.is_set():
             await asyncio.sleep(self.s.reconcile_interval)
+            self.tell_readiness()  # a group that went silent is no longer counted
             try:
                 await self.sweep(time.monotonic())
             except Exception as e:  # noqa: BLE001 - NATS away: the next sweep retries
@@ -456,15 +490,7 @@ class Ingest:
         if handing is not None:  # the request is on its way to a group: abort it once it is there
             await asyncio.wait({handing.wait()}, timeout=self.s.submit_timeout * 2)
 
-        async def ask(g: int) -> AbortAck | None:
-            try:
-                msg = await self.nc.request(self.subjects.group_abort(g), pack(GroupAbort(abort.rid, abort.reply)),
-                                            timeout=self.s.submit_timeout)
-                return self._ack_abort.decode(msg.data)
-            except Exception:  # noqa: BLE001 - a group that cannot answer does not have it running
-                return None
-
-        acks = await asyncio.gather(*(ask(g) for g in range(self.groups)))
+        acks = await asyncio.gather(*(self.ask_abort(g, abort.rid, abort.reply) for g in range(self.groups)))
         hit = next((a for a in acks if a is not None and a.found), None)
         answer = hit or AbortAck(rid=abort.rid, found=False)
         if reply:
@@ -475,6 +501,13 @@ class Ingest:
             self.router.on_load(self._load.decode(msg.data))
         except Exception:  # noqa: BLE001
             self.errors["bad_load_report"] += 1
+        self.tell_readiness()
+
+    def tell_readiness(self) -> None:
+        """Groups with a fresh ready report, in the service's discovery metadata: what any
+        client (the gateway's /ready) learns from a $SRV.PING, with no more permissions."""
+        ready = sum(st.report is not None and self.router.available(g) for g, st in enumerate(self.router.groups))
+        self.metadata["groups_ready"] = str(ready)
 
     def stats(self, *_: Any) -> dict:
         return {"forwarded": self.forwarded, "inflight": len(self.handing), "errors": dict(self.errors),
@@ -502,7 +535,7 @@ class Ingest:
         await bus.subscribe(self.nc, self.subjects.all_loads, self.on_load)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-ingest", version=VERSION, description="dpbus front door: validate and route",
-            queue_group=INGEST_QUEUE, metadata={"dp_size": str(self.s.dp_size), "prefix": self.s.prefix},
+            queue_group=INGEST_QUEUE, metadata=self.metadata,
             stats_handler=self.stats,
         )
         # the plain subjects (the default client's) and every client's own (see services/identity.py)
@@ -510,6 +543,8 @@ class Ingest:
         await svc.add_endpoint(name="generate-own", subject=self.subjects.all_generate, handler=self.on_generate)
         await svc.add_endpoint(name="abort", subject=self.subjects.abort, handler=self.on_abort)
         await svc.add_endpoint(name="abort-own", subject=self.subjects.all_abort, handler=self.on_abort)
+        await self.nc.flush()  # the endpoints' subscriptions are at the server, not only in our buffer
+        self.listening.set()
         self.log.info("ingest_ready", subjects=[self.subjects.generate, self.subjects.all_generate,
                                                 self.subjects.abort, self.subjects.all_abort])
         background = [asyncio.create_task(self.watch_ledger(stop)), asyncio.create_task(self.sweep_loop(stop))]

@@ -362,21 +362,23 @@ class Scheduler:
         return best
 
     def _make_room_for_a_newcomer(self) -> None:
-        """Every place is taken and a client with nothing running waits: preempt the
-        latest admitted request of the client running the most, if that is more than its
-        share (``max_running`` over the clients running and this one) and more than one.
-        One per step; the
-        preempted request waits with its pages offered to the prefix cache, so taking its
-        place back later costs little. A client alone keeps every place."""
+        """Every place is taken and a client below its share waits (the share:
+        ``max_running`` over the clients running and this one): preempt the latest
+        admitted request of the client running the most, if that is above the share. One
+        per step; each preemption brings the two closer to the share and never past it, so
+        it never cascades. The preempted request waits with its pages offered to the prefix
+        cache, so taking its place back later costs little. A client alone keeps every
+        place."""
         if len(self.running) < self.max_running or not self.waiting:
             return
         newcomer = self.next_waiting()
-        running = self._running_per_client()
-        if running.get(newcomer.client, 0) or newcomer.pending:
+        if newcomer.pending:
             return
+        running = self._running_per_client()
+        share = max(1, self.max_running // len(running.keys() | {newcomer.client}))
         most, count = max(running.items(), key=lambda kv: kv[1])
-        if count <= max(1, self.max_running // (len(running) + 1)):
-            return  # (a client keeps one at least: preempting never leaves it with none, so never cascades)
+        if running.get(newcomer.client, 0) >= share or count <= share:
+            return  # (a client keeps its share at least: no preemption takes it below)
         victim = next(s for s in reversed(self.running) if s.client == most)
         self._preempt(victim)
 

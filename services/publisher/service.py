@@ -79,7 +79,8 @@ class Publisher:
         self.ledger: Ledger | None = None
         self.answered: dict[tuple[str, str], float] = {}  # key -> when answered (monotonic), oldest first
         self.moving: dict[tuple[str, str], Sequence] = {}  # out of the scheduler, being offered elsewhere
-        self.doubtful: dict[tuple[str, str], asyncio.Task] = {}  # claims whose outcome is being resolved
+        self.doubtful: dict[tuple[str, str], Sequence] = {}  # claims whose outcome is being resolved
+        self.resolving_claims: set[asyncio.Task] = set()
         self.resolving: set[asyncio.Task] = set()  # terminal answers whose settling write is being resolved
         self.flight: deque[tuple[int, Plan]] = deque()  # steps sent, not yet applied: (number, plan), oldest first
         self.settling: dict[int, asyncio.Future] = {}  # step number -> done when it settles
@@ -165,7 +166,10 @@ class Publisher:
             # the claim may have landed: refusing would leave a request nobody runs. No
             # answer now; ingest asks again, or records a refusal that the ledger arbitrates
             self.log.warning("claim_unknown", rid=sub.rid, error=repr(e))
-            self.doubtful[sub.key] = asyncio.create_task(self.resolve_claim(sub, seq, instance))
+            self.doubtful[sub.key] = seq
+            task = asyncio.create_task(self.resolve_claim(sub, seq, instance))
+            self.resolving_claims.add(task)
+            task.add_done_callback(self.resolving_claims.discard)
             return
         if rev is None:  # the name is someone else's (held elsewhere, or answered): never run it twice
             self.counts["duplicates"] += 1
@@ -204,7 +208,9 @@ class Publisher:
             self.log.warning("bad_abort", error=str(e))
             return
         rid = ask.rid
-        seq = self.held(client_of(ask.reply), rid)
+        # a request whose claim is still in doubt is aborted too: if the claim proves ours,
+        # it ends at once with its terminal answer
+        seq = self.held(client_of(ask.reply), rid) or self.doubtful.get((client_of(ask.reply), rid))
         found = seq is not None and seq.reply == ask.reply  # only the owner knows its reply subject
         if found:
             seq.aborted = True
