@@ -156,14 +156,16 @@ def say(line: str = "", err: bool = False) -> None:
 
 def check_model_path(a: argparse.Namespace) -> None:
     """Refuse a --model-path the services could not load, before anything starts (the
-    same loader every role uses, so what it accepts is accepted here)."""
+    same loader every role uses, so what it accepts is accepted here). A hub id is
+    fetched now (``resolve_model_path`` raises its own one-line error)."""
     path = getattr(a, "model_path", None) or os.environ.get("DPBUS_MODEL_PATH", "")
     if not path:
         return
     from services.model_config import model_config_for
 
+    local = resolve_model_path(path)
     try:
-        model_config_for(path, int(getattr(a, "max_seq_len", None) or 1 << 30))
+        model_config_for(local, int(getattr(a, "max_seq_len", None) or 1 << 30))
     except Exception as e:  # noqa: BLE001 - whatever the loader says, in one line
         raise ValueError(f"--model-path {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 

@@ -8,6 +8,7 @@ tokenizer, the chat template and the worker's weight loader all see a local dire
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -21,9 +22,11 @@ def looks_like_hub_id(value: str) -> bool:
     return bool(_HUB_ID.match(value)) and ".." not in value and not value.endswith((".", "-"))
 
 
+@functools.lru_cache(maxsize=8)
 def resolve_model_path(value: str) -> str:
     """A local directory for ``value`` (returned as given when it is one); a hub id is
-    downloaded (or found in the cache). Raises ValueError, one line, when it is neither."""
+    downloaded (or found in the cache), once per process. Raises ValueError, one line, when
+    it is neither."""
     if not value or Path(value).expanduser().is_dir():
         return value
     if not looks_like_hub_id(value):

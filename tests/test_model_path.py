@@ -37,16 +37,20 @@ def run_offline(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           env={**clean, "HF_HUB_OFFLINE": "1", **env})
 
 
+TINY_LLAMA = json.dumps({"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128})
+
 CHECK = """
-import json, sys
+import argparse, json, sys
 from services import settings as st
-from services.cli import local_model
+from services.cli import check_model_path, local_model
 from services.model_path import resolve_model_path
 out = {"resolved": resolve_model_path("org/tiny-model")}
 for cls in (st.IngestSettings, st.PublisherSettings, st.WorkerSettings, st.GatewaySettings, st.NodeSettings):
     s = st.build(cls, env={"DPBUS_MODEL_PATH": "org/tiny-model"})
     out[cls.__name__] = [s.model_path, getattr(s, "served_model_name", None)]
 out["up"] = local_model({"DPBUS_MODEL_PATH": "org/tiny-model", "DPBUS_MAX_SEQ_LEN": "64"})
+check_model_path(argparse.Namespace(model_path="org/tiny-model", max_seq_len=None))  # up's check before start
 print(json.dumps(out))
 """
 
@@ -54,7 +58,7 @@ print(json.dumps(out))
 @pytest.mark.parametrize("where", ["HF_HUB_CACHE", "HF_HOME"])
 def test_a_hub_id_resolves_to_its_cached_snapshot_for_every_role(tmp_path, where):
     cache = tmp_path / "hf" / ("hub" if where == "HF_HOME" else "")
-    snapshot = fake_hub_cache(cache, "org/tiny-model", {"config.json": "{}", "tokenizer.json": "{}"})
+    snapshot = fake_hub_cache(cache, "org/tiny-model", {"config.json": TINY_LLAMA, "tokenizer.json": "{}"})
     done = run_offline(CHECK, {where: str(tmp_path / "hf")})
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
@@ -68,13 +72,14 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_for_every_role(tmp_path, where
                          "DPBUS_SERVED_MODEL_NAME": "org/tiny-model"}
 
 
-def test_an_id_that_cannot_be_fetched_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize("role", ["ingest", "worker"])  # the worker checks the model before its settings
+def test_an_id_that_cannot_be_fetched_is_one_clear_line(tmp_path, role):
     fake_hub_cache(tmp_path, "org/other", {"config.json": "{}"})
-    done = run_offline("from services.cli import main; import sys; sys.exit(main(['ingest', '--model-path', "
+    done = run_offline(f"from services.cli import main; import sys; sys.exit(main(['{role}', '--model-path', "
                        "'org/not-cached']))", {"HF_HUB_CACHE": str(tmp_path)})
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dpbus ingest: --model-path org/not-cached: "), done.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"dpbus {role}: --model-path org/not-cached: "), done.stderr
     assert "could not be fetched" in lines[0] and "LocalEntryNotFoundError" in lines[0]
 
 
