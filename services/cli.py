@@ -24,6 +24,7 @@ from typing import Any
 
 from services import bus
 from services import settings as st
+from services.model_path import resolve_model_path
 
 ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
                  "worker": st.WorkerSettings, "node": st.NodeSettings, "gateway": st.GatewaySettings}
@@ -119,8 +120,18 @@ def cluster_from(a: argparse.Namespace, **kw: Any):
     url = a.nats_url or os.environ.get("NATS_URL") or (creds.url if creds else None) or None
     return Cluster(a.dp_size, a.nnodes, a.local_devices, nats_url=url, prefix=a.prefix, log_dir=a.log_dir,
                    node_processes=a.node_processes, ingests=a.ingests, secure=not a.insecure, credentials=creds,
-                   nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, extra=st.service_env(a),
+                   nats_port=a.nats_port, tls=tls_files(a), http_port=a.http_port, extra=local_model(st.service_env(a)),
                    metrics=a.metrics, nats_cluster=a.nats_cluster, **kw)
+
+
+def local_model(env: dict[str, str]) -> dict[str, str]:
+    """The services' variables with a hub id in --model-path fetched once, here, before any
+    service starts: each is given the local directory (and the gateway the id as its name)."""
+    given = env.get("DPBUS_MODEL_PATH", "")
+    local = resolve_model_path(given)
+    if local == given:
+        return env
+    return {"DPBUS_SERVED_MODEL_NAME": given, **env, "DPBUS_MODEL_PATH": local}
 
 
 def tls_files(a: argparse.Namespace):
@@ -153,14 +164,16 @@ def say(line: str = "", err: bool = False) -> None:
 
 def check_model_path(a: argparse.Namespace) -> None:
     """Refuse a --model-path the services could not load, before anything starts (the
-    same loader every role uses, so what it accepts is accepted here)."""
+    same loader every role uses, so what it accepts is accepted here). A hub id is
+    fetched now (``resolve_model_path`` raises its own one-line error)."""
     path = getattr(a, "model_path", None) or os.environ.get("DPBUS_MODEL_PATH", "")
     if not path:
         return
     from services.model_config import model_config_for
 
+    local = resolve_model_path(path)
     try:
-        model_config_for(path, int(getattr(a, "max_seq_len", None) or 1 << 30))
+        model_config_for(local, int(getattr(a, "max_seq_len", None) or 1 << 30))
     except Exception as e:  # noqa: BLE001 - whatever the loader says, in one line
         raise ValueError(f"--model-path {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from services.rope import RopeScaling
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -17,11 +19,16 @@ class ModelConfig:
     head_dim: int = 32
     ffn_dim: int = 768
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()  # services/rope.py: default, linear, llama3, yarn
     norm_eps: float = 1e-5
     max_seq_len: int = 1024
     tie_embeddings: bool = False
     bos_token_id: int = 256  # the byte tokenizer's specials (services/tokenizer.py)
     eos_token_ids: tuple[int, ...] = (257,)
+    # what the families differ in (services/worker/checkpoint.py reads them from config.json)
+    qkv_bias: bool = False  # q/k/v projections have a bias (Qwen2, attention_bias)
+    o_bias: bool = False  # the output projection has one (attention_bias in Llama and Qwen3)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
 
     def check_tensor_size(self, tensor: int) -> None:
         for name in ("n_heads", "n_kv_heads", "ffn_dim"):
@@ -34,8 +41,8 @@ class ModelConfig:
 
 def model_config_for(model_path: str, max_seq_len: int) -> ModelConfig:
     """The model every role of a deployment agrees on: the built-in one, or the shape in
-    ``model_path/config.json`` (a Hugging Face Llama checkpoint), its context capped at
-    ``max_seq_len``."""
+    ``model_path/config.json`` (a Hugging Face Llama, Mistral, Qwen2 or Qwen3 checkpoint),
+    its context capped at ``max_seq_len``."""
     if not model_path:
         return ModelConfig(max_seq_len=max_seq_len)
     from services.worker.checkpoint import config_from_hf  # reads JSON only, no JAX

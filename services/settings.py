@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
+from services.model_path import resolve_model_path
+
 S = TypeVar("S", bound=Struct)
 Positive = Annotated[int, Meta(ge=1)]
 NonNegative = Annotated[int, Meta(ge=0)]
@@ -52,8 +54,8 @@ class Common(Struct, kw_only=True, forbid_unknown_fields=True):
                                                                              "written")] = "info"
     log_json: Annotated[bool, Help("log JSON lines (off: lines for people)")] = True
     # the model every role agrees on (ingest checks prompts against its vocabulary and context)
-    model_path: Annotated[str, Help("a Hugging Face Llama directory, the same for every role; empty: the "
-                                    "built-in model")] = ""
+    model_path: Annotated[str, Help("a Hugging Face model directory or hub id (org/name, fetched once "
+                                    "into the HF cache), the same for every role; empty: the built-in model")] = ""
     max_seq_len: Annotated[int, Meta(ge=32), Help("context length, prompt + output (a checkpoint's own caps "
                                                   "it)")] = 1024
     metrics_port: Annotated[int, Meta(ge=0, le=65535), Help("serve Prometheus metrics on this port (0: "
@@ -107,8 +109,8 @@ class GatewaySettings(Common):
         "127.0.0.1"
     http_port: Annotated[int, Meta(ge=0, le=65535), Help("the HTTP API's port")] = 8000
     api_key: Annotated[str, Help("when set, /v1/* needs \"Authorization: Bearer <key>\"")] = ""
-    served_model_name: Annotated[str, Help("the model's name in the API (empty: the model directory's name, "
-                                           "or dpbus-builtin)")] = ""
+    served_model_name: Annotated[str, Help("the model's name in the API (empty: the hub id or the model "
+                                           "directory's name, or dpbus-builtin)")] = ""
     request_timeout: Annotated[Seconds, Help("longest wait in seconds for a request's next answer (then 504, "
                                              "and it is aborted)")] = 600.0
     # a whole 128k-token context fits, as a JSON list of ids or as text with every character
@@ -211,7 +213,7 @@ def service_env(ns: argparse.Namespace) -> dict[str, str]:
     is refused before anything starts, naming the setting)."""
     given = {f.name: getattr(ns, f.name) for f in msgspec.structs.fields(ServiceFlags)
              if f.name not in UP_DECIDES and getattr(ns, f.name, None) is not None}
-    build(ServiceFlags, env={}, **given)  # raises ValueError naming a bad one
+    build(ServiceFlags, env={}, resolve_model=False, **given)  # raises ValueError naming a bad one
     return {env_name(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in given.items()}
 
 
@@ -273,8 +275,11 @@ def add_settings_args(parser: argparse.ArgumentParser, cls: type[Struct], skip: 
                                 metavar="{" + ",".join(values) + "}" if values else f.name.upper())
 
 
-def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str] | None = None, **overrides: Any) -> S:
-    """Flags beat ``DPBUS_*`` variables beat defaults (``NATS_URL`` is honoured too). Raises ValueError naming the bad setting."""
+def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str] | None = None,
+          resolve_model: bool = True, **overrides: Any) -> S:
+    """Flags beat ``DPBUS_*`` variables beat defaults (``NATS_URL`` is honoured too). Raises ValueError naming the bad setting.
+    ``model_path`` comes back as a local directory (a hub id is fetched: ``services/model_path.py``)
+    unless ``resolve_model`` is false."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     for f in msgspec.structs.fields(cls):
@@ -289,10 +294,24 @@ def build(cls: type[S], ns: argparse.Namespace | None = None, env: dict[str, str
     if "nats_url" not in raw and env.get("NATS_URL"):
         raw["nats_url"] = env["NATS_URL"]
     try:
-        return msgspec.convert(raw, cls, strict=False)
+        settings = msgspec.convert(raw, cls, strict=False)
     except msgspec.ValidationError as e:
         hint = ""
         for f in msgspec.structs.fields(cls):
             if f"$.{f.name}`" in str(e) and choices(f.type):
                 hint = f"; valid values: {', '.join(choices(f.type))}"
         raise ValueError(f"bad setting: {e}{hint} (flags or DPBUS_* variables)") from None
+    return with_local_model(settings) if resolve_model else settings
+
+
+def with_local_model(settings: S) -> S:
+    """``settings`` with ``model_path`` a local directory (a hub id fetched once, here); a
+    gateway without ``served_model_name`` serves the model under its hub id."""
+    given = getattr(settings, "model_path", "")
+    local = resolve_model_path(given)
+    if local == given:
+        return settings
+    changes: dict[str, Any] = {"model_path": local}
+    if getattr(settings, "served_model_name", None) == "":
+        changes["served_model_name"] = given
+    return msgspec.structs.replace(settings, **changes)

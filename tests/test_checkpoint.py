@@ -259,9 +259,8 @@ def test_model_path_end_to_end(ckpts, nats_server, tmp_path):
 
 @pytest.mark.parametrize("field,value", [
     ("model_type", "gpt2"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}),
-    ("attention_bias", True),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),  # without low/high_freq_factor
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0}),
     ("mlp_bias", True),
     ("hidden_act", "gelu"),
     ("sliding_window", 64),  # with model_type mistral

@@ -422,3 +422,48 @@ async def test_metrics_may_need_a_key(nats_server, settings, keys_taken):
 def test_reusing_the_api_key_for_metrics_needs_one():
     with pytest.raises(ValueError, match="--metrics-use-api-key needs --api-key"):
         Gateway(GatewaySettings(metrics_use_api_key=True), Log())
+
+
+def test_template_files_are_read_in_transformers_order(tmp_path):
+    """chat_template.jinja, then chat_template.json, then tokenizer_config.json's chat_template."""
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "config:{{ messages[0].content }}",
+                                                                "bos_token": "<s>"}))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "json:{{ messages[0].content }}"}))
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}jinja:{{ messages[0].content }}")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert load_chat_template(str(tmp_path)).render(msgs) == "<s>jinja:hi"
+    (tmp_path / "chat_template.jinja").unlink()
+    assert load_chat_template(str(tmp_path)).render(msgs) == "json:hi"
+    (tmp_path / "chat_template.json").unlink()
+    assert load_chat_template(str(tmp_path)).render(msgs) == "config:hi"
+
+
+def test_a_checkpoint_without_template_gets_the_plain_one_with_a_warning(tmp_path):
+    from structlog.testing import capture_logs
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    with capture_logs() as logs:
+        t = load_chat_template(str(tmp_path))
+        load_chat_template("")  # the built-in model: plain by design, no warning
+    assert t.render([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
+    assert [e["event"] for e in logs] == ["no_chat_template"]
+    assert logs[0]["log_level"] == "warning" and logs[0]["path"] == str(tmp_path)
+
+
+def test_template_saved_by_transformers_renders_as_transformers_does(tmp_path):
+    """transformers 5 saves a tokenizer's template as chat_template.jinja; we render it as
+    its apply_chat_template does."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    raw = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "x": 2}, unk_token="x"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = LLAMA_LIKE
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").exists()
+    assert "chat_template" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hi"}, {"role": "user", "content": "bye"}]
+    want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert load_chat_template(str(tmp_path)).render(msgs) == want

@@ -200,7 +200,7 @@ class Gateway:
         self.s, self.log = settings, log
         self.model = model_config_for(settings.model_path, settings.max_seq_len)
         self.tokenizer = load_tokenizer(settings.model_path)
-        self.template = load_chat_template(settings.model_path)
+        self.template = load_chat_template(settings.model_path, log)
         self.name = settings.served_model_name or (Path(settings.model_path).name if settings.model_path
                                                    else "dpbus-builtin")
         if settings.metrics_use_api_key and not settings.api_key:

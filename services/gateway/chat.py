@@ -1,6 +1,6 @@
-"""Chat messages to a prompt: the checkpoint's own chat template (``chat_template`` in its
-``tokenizer_config.json``, a Jinja template, rendered in a sandbox), or a plain one for the
-built-in model."""
+"""Chat messages to a prompt: the checkpoint's own chat template (a Jinja template, from
+``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``, rendered in a
+sandbox), or a plain one for the built-in model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -70,15 +72,42 @@ class ChatTemplate:
             raise TemplateError(f"the chat template failed: {e}") from None
 
 
-def load_chat_template(model_path: str) -> ChatTemplate:
-    """The checkpoint's template when it has one, else the plain template."""
-    if model_path:
-        path = Path(model_path) / "tokenizer_config.json"
-        if path.exists():
-            cfg = json.loads(path.read_text())
-            source = cfg.get("chat_template")
-            if isinstance(source, list):  # named templates: take the default one
-                source = next((t["template"] for t in source if t.get("name") == "default"), source[0]["template"])
+def _named_default(source: Any) -> Any:
+    """A list of named templates (``[{"name", "template"}]``) gives its ``default`` one."""
+    if isinstance(source, list):
+        return next((t["template"] for t in source if t.get("name") == "default"), source[0]["template"])
+    return source
+
+
+def template_source(path: Path) -> tuple[str, str] | None:
+    """The checkpoint's chat template and the file it came from, looked for as transformers 5
+    does: ``chat_template.jinja`` (what it saves now), then the older ``chat_template.json``,
+    then ``chat_template`` in ``tokenizer_config.json``. None when there is none."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8"), jinja.name
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file():
+            source = _named_default(json.loads(f.read_text(encoding="utf-8")).get("chat_template"))
             if source:
-                return ChatTemplate(source, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
-    return ChatTemplate(PLAIN_TEMPLATE, builtin=True)
+                return source, name
+    return None
+
+
+def load_chat_template(model_path: str, log: Any = None) -> ChatTemplate:
+    """The checkpoint's template when it has one, else the plain template (with a warning
+    for a checkpoint: its model was likely trained on another format)."""
+    if not model_path:
+        return ChatTemplate(PLAIN_TEMPLATE, builtin=True)
+    path = Path(model_path)
+    found = template_source(path)
+    if found is None:
+        (log or structlog.get_logger()).warning(
+            "no_chat_template", path=model_path,
+            looked_for="chat_template.jinja, chat_template.json, tokenizer_config.json:chat_template",
+            using="the plain 'role: content' template")
+        return ChatTemplate(PLAIN_TEMPLATE, builtin=True)
+    tok_cfg = path / "tokenizer_config.json"
+    tokens = json.loads(tok_cfg.read_text(encoding="utf-8")) if tok_cfg.is_file() else {}
+    return ChatTemplate(found[0], _token_text(tokens.get("bos_token")), _token_text(tokens.get("eos_token")))

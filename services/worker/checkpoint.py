@@ -1,5 +1,6 @@
-"""Hugging Face Llama checkpoints: the shape from ``config.json`` and the weights from
-``*.safetensors`` (one file, or shards listed in ``model.safetensors.index.json``).
+"""Hugging Face checkpoints of the Llama family (Llama, Mistral, Qwen2, Qwen3 dense): the
+shape from ``config.json`` and the weights from ``*.safetensors`` (one file, or shards listed
+in ``model.safetensors.index.json``).
 
 ``config_from_hf`` reads JSON only, so ingest and the publisher can call it without JAX or
 the weights. ``load_hf_weights`` reads one tensor at a time into host numpy float32 in our
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from services.model_config import ModelConfig
+from services.rope import RopeScaling, yarn_attention_factor
 
 INDEX_FILE = "model.safetensors.index.json"
-_DEFAULT_ROPE = (None, "default")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -45,43 +47,119 @@ def _refuse(path: Path, field: str, value: Any, why: str) -> ValueError:
     return ValueError(f"{path}: {field}={value!r} is not supported ({why})")
 
 
-def config_from_hf(path: str | Path) -> ModelConfig:
-    """The ``ModelConfig`` of a Hugging Face Llama directory (its ``config.json``; the EOS
-    ids of ``generation_config.json`` are added when that file exists)."""
-    path = Path(path)
-    cfg_path = path / "config.json"
-    c = _read_json(cfg_path)
+def _check_window(cfg_path: Path, c: dict[str, Any]) -> None:
+    """Refuse a sliding window that is actually in force (we attend to the whole context).
+    Mistral sets ``sliding_window``; Qwen2/Qwen3 also need ``use_sliding_window`` and
+    apply it from layer ``max_window_layers`` on (``layer_types`` says so in transformers 5)."""
+    window, max_pos = c.get("sliding_window"), c.get("max_position_embeddings")
+    if window is None or (max_pos is not None and window >= max_pos):
+        return
+    if c.get("model_type") == "mistral":
+        raise _refuse(cfg_path, "sliding_window", window, "sliding-window attention is not implemented")
+    if not c.get("use_sliding_window"):
+        return
+    layer_types = c.get("layer_types")
+    if layer_types is not None:
+        active = "sliding_attention" in layer_types
+    else:
+        active = c.get("max_window_layers", 0) < c.get("num_hidden_layers", 0)
+    if active:
+        raise _refuse(cfg_path, "use_sliding_window", True, f"sliding_window={window} would apply to some layers; "
+                      "sliding-window attention is not implemented")
 
+
+def _attention_flags(cfg_path: Path, c: dict[str, Any]) -> dict[str, bool]:
+    """What the family adds to Llama's attention: biases and per-head q/k norms."""
     model_type = c.get("model_type")
-    if model_type == "mistral":
-        # Mistral is Llama's layout plus a sliding window; without a window it is the same model
-        window, max_pos = c.get("sliding_window"), c.get("max_position_embeddings")
-        if window is not None and (max_pos is None or window < max_pos):
-            raise _refuse(cfg_path, "sliding_window", window, "sliding-window attention is not implemented")
-    elif model_type != "llama":
-        raise _refuse(cfg_path, "model_type", model_type, "only 'llama' (and 'mistral' without a sliding window)")
-    if c.get("hidden_act", "silu") != "silu":
-        raise _refuse(cfg_path, "hidden_act", c["hidden_act"], "only 'silu' (SwiGLU)")
-    for field in ("attention_bias", "mlp_bias"):
-        if c.get(field):
-            raise _refuse(cfg_path, field, c[field], "projections without bias only")
-    if c.get("quantization_config"):
-        raise _refuse(cfg_path, "quantization_config", c["quantization_config"], "unquantized weights only")
-    # RoPE: older configs say rope_theta + rope_scaling, transformers 5 says rope_parameters
-    rope_theta = c.get("rope_theta")
+    if model_type not in FAMILIES:
+        raise _refuse(cfg_path, "model_type", model_type, f"one of {', '.join(FAMILIES)}")
+    _check_window(cfg_path, c)
+    bias = bool(c.get("attention_bias", False))
+    if model_type == "qwen2":  # q/k/v always have a bias, the output projection none
+        return {"qkv_bias": True, "o_bias": False, "qk_norm": False}
+    if model_type == "mistral" and bias:
+        raise _refuse(cfg_path, "attention_bias", bias, "Mistral has no attention biases")
+    return {"qkv_bias": bias, "o_bias": bias, "qk_norm": model_type == "qwen3"}
+
+
+def _rope(cfg_path: Path, c: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """``rope_theta`` and the scaling, from ``rope_theta`` + ``rope_scaling`` (older configs)
+    or ``rope_parameters`` (transformers 5)."""
+    theta = c.get("rope_theta")
+    scaling = RopeScaling()
     for field in ("rope_scaling", "rope_parameters"):
         rope = c.get(field)
         if rope is None:
             continue
         if not isinstance(rope, dict):
             raise _refuse(cfg_path, field, rope, "expected an object")
-        kind = rope.get("rope_type", rope.get("type"))
-        if kind not in _DEFAULT_ROPE:
-            raise _refuse(cfg_path, field, rope, "plain RoPE only (rope_type 'default'); no RoPE scaling")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise _refuse(cfg_path, f"{field}.partial_rotary_factor", rope["partial_rotary_factor"],
+        if "rope_type" not in rope and "type" not in rope and any(isinstance(v, dict) for v in rope.values()):
+            raise _refuse(cfg_path, field, rope, "one RoPE for every layer only")
+        if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise _refuse(cfg_path, f"{field}.partial_rotary_factor", rope.get("partial_rotary_factor"),
                           "RoPE over the whole head only")
-        rope_theta = rope.get("rope_theta", rope_theta)
+        theta = rope.get("rope_theta", theta)
+        scaling = _rope_scaling(cfg_path, field, rope, c)
+    return float(theta if theta is not None else 10000.0), scaling
+
+
+def _rope_scaling(cfg_path: Path, field: str, rope: dict[str, Any], c: dict[str, Any]) -> RopeScaling:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return RopeScaling()
+    if kind == "dynamic":
+        # dynamic NTK changes the frequencies only past max_position_embeddings, which also caps
+        # the context we serve: within it, it is plain RoPE
+        return RopeScaling()
+
+    def need(key: str) -> float:
+        if rope.get(key) is None:
+            raise ValueError(f"{cfg_path}: {field}.{key} is missing (rope_type {kind!r} needs it)")
+        return float(rope[key])
+
+    # the pretraining context: a top-level original_max_position_embeddings wins (as in
+    # transformers), else the one in the RoPE object, else max_position_embeddings
+    original = c.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
+        or c.get("max_position_embeddings")
+    if kind == "linear":
+        return RopeScaling("linear", factor=need("factor"))
+    if kind == "llama3":
+        if rope.get("original_max_position_embeddings") is None and c.get("original_max_position_embeddings") is None:
+            need("original_max_position_embeddings")
+        low, high = need("low_freq_factor"), need("high_freq_factor")
+        if high <= low:
+            raise _refuse(cfg_path, f"{field}.high_freq_factor", high, f"must exceed low_freq_factor={low}")
+        return RopeScaling("llama3", factor=need("factor"), low_freq_factor=low, high_freq_factor=high,
+                           original_max_position_embeddings=int(original))
+    if kind == "yarn":
+        if original is None:
+            raise ValueError(f"{cfg_path}: {field}.original_max_position_embeddings is missing (rope_type 'yarn')")
+        factor = rope.get("factor")
+        factor = float(factor) if factor is not None else c["max_position_embeddings"] / original
+        attention = rope.get("attention_factor")
+        if attention is None:
+            attention = yarn_attention_factor(factor, rope.get("mscale"), rope.get("mscale_all_dim"))
+        return RopeScaling("yarn", factor=factor, original_max_position_embeddings=int(original),
+                           beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                           truncate=bool(rope.get("truncate", True)), attention_factor=float(attention))
+    raise _refuse(cfg_path, f"{field}.rope_type", kind, "RoPE scaling: default, linear, llama3, yarn or dynamic")
+
+
+def config_from_hf(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of a Hugging Face Llama, Mistral, Qwen2 or Qwen3 directory (its
+    ``config.json``; the EOS ids of ``generation_config.json`` are added when that file exists)."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    c = _read_json(cfg_path)
+
+    flags = _attention_flags(cfg_path, c)
+    if c.get("hidden_act", "silu") != "silu":
+        raise _refuse(cfg_path, "hidden_act", c["hidden_act"], "only 'silu' (SwiGLU)")
+    if c.get("mlp_bias"):
+        raise _refuse(cfg_path, "mlp_bias", c["mlp_bias"], "MLP projections without bias only")
+    if c.get("quantization_config"):
+        raise _refuse(cfg_path, "quantization_config", c["quantization_config"], "unquantized weights only")
+    rope_theta, rope_scaling = _rope(cfg_path, c)
 
     def need(field: str) -> Any:
         if c.get(field) is None:
@@ -115,12 +193,14 @@ def config_from_hf(path: str | Path) -> ModelConfig:
         n_kv_heads=n_kv,
         head_dim=int(head_dim),
         ffn_dim=int(need("intermediate_size")),
-        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         max_seq_len=int(c.get("max_position_embeddings") or 2048),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         bos_token_id=-1 if bos is None else int(bos),  # -1: the checkpoint names none
         eos_token_ids=tuple(eos),
+        **flags,
     )
 
 
@@ -197,6 +277,15 @@ def _hf_tensors(cfg: ModelConfig, prefix: str) -> Iterator[tuple[tuple[str | int
         yield ("layers", i, "wk"), p + "self_attn.k_proj.weight", (kv * hd, d)
         yield ("layers", i, "wv"), p + "self_attn.v_proj.weight", (kv * hd, d)
         yield ("layers", i, "wo"), p + "self_attn.o_proj.weight", (d, h * hd)
+        if cfg.qkv_bias:
+            yield ("layers", i, "bq"), p + "self_attn.q_proj.bias", (h * hd,)
+            yield ("layers", i, "bk"), p + "self_attn.k_proj.bias", (kv * hd,)
+            yield ("layers", i, "bv"), p + "self_attn.v_proj.bias", (kv * hd,)
+        if cfg.o_bias:
+            yield ("layers", i, "bo"), p + "self_attn.o_proj.bias", (d,)
+        if cfg.qk_norm:
+            yield ("layers", i, "q_norm"), p + "self_attn.q_norm.weight", (hd,)
+            yield ("layers", i, "k_norm"), p + "self_attn.k_norm.weight", (hd,)
         yield ("layers", i, "mlp_norm"), p + "post_attention_layernorm.weight", (d,)
         yield ("layers", i, "w_gate"), p + "mlp.gate_proj.weight", (f, d)
         yield ("layers", i, "w_up"), p + "mlp.up_proj.weight", (f, d)
@@ -217,6 +306,10 @@ def _to_our_layout(key: str, w, cfg: ModelConfig):
         w = w.T.reshape(d, kv, hd)
     elif key == "wo":
         w = w.T.reshape(h, hd, d)
+    elif key == "bq":
+        w = w.reshape(h, hd)
+    elif key in ("bk", "bv"):
+        w = w.reshape(kv, hd)
     elif key in ("w_gate", "w_up", "w_down", "lm_head"):
         w = w.T
     return np.ascontiguousarray(w, dtype=np.float32)

@@ -1,5 +1,11 @@
 """A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) in JAX.
 
+One model for the families dpbus serves; the config's flags say where they differ:
+``qkv_bias`` / ``o_bias`` (Qwen2's q/k/v biases, ``attention_bias``), ``qk_norm`` (Qwen3's
+RMSNorm over each query and key head before RoPE) and ``rope_scaling`` (Llama 3's
+``llama3``, ``linear``, Qwen's ``yarn``: inverse frequencies computed once on the host,
+``services/rope.py``).
+
 Sharding is stated where arrays are made: every weight and cache array has a tuple
 of *logical* axes, and ``AXIS_RULES`` maps logical axes to mesh axes. Attention heads,
 KV heads and the MLP hidden dimension live on the mesh axis ``"tensor"``; XLA inserts
@@ -25,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from services import rope as rope_freqs
 from services.model_config import ModelConfig
 from services.worker.attention import BF16_BITS, StepBatch, ragged_attention, write_slots
 
@@ -61,17 +68,39 @@ LAYER_AXES = {
     "w_gate": ("embed", "ffn"),
     "w_up": ("embed", "ffn"),
     "w_down": ("ffn", "embed"),
+    # only in some families (see ``layer_names``): biases split like their heads, the
+    # output bias and the per-head norms replicated
+    "bq": ("q_heads", "head_dim"),
+    "bk": ("kv_heads", "head_dim"),
+    "bv": ("kv_heads", "head_dim"),
+    "bo": ("embed",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
 }
 TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
 CACHE_AXES = ("pages", "kv_heads", "page_slot", "head_dim")
 
 
+def layer_names(cfg: Config) -> list[str]:
+    """The weights of one layer of this model."""
+    names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
+    if cfg.qkv_bias:
+        names += ["bq", "bk", "bv"]
+    if cfg.o_bias:
+        names.append("bo")
+    if cfg.qk_norm:
+        names += ["q_norm", "k_norm"]
+    return names
+
+
 def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     d, h, kv, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    return {
+    every = {
         "attn_norm": (d,), "wq": (d, h, hd), "wk": (d, kv, hd), "wv": (d, kv, hd), "wo": (h, hd, d),
         "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d),
+        "bq": (h, hd), "bk": (kv, hd), "bv": (kv, hd), "bo": (d,), "q_norm": (hd,), "k_norm": (hd,),
     }
+    return {name: every[name] for name in layer_names(cfg)}
 
 
 def dummy_weights(cfg: Config, seed: int = 0) -> dict[str, Any]:
@@ -87,6 +116,8 @@ def dummy_weights(cfg: Config, seed: int = 0) -> dict[str, Any]:
         for name, shape in layer_shapes(cfg).items():
             if name.endswith("norm"):
                 w[name] = np.ones(shape, np.float32)
+            elif name.startswith("b"):
+                w[name] = np.zeros(shape, np.float32)
             else:
                 fan_in = shape[0] if name != "wo" else shape[0] * shape[1]
                 w[name] = draw(shape, fan_in)
@@ -104,7 +135,7 @@ def weight_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     named = lambda axes: NamedSharding(mesh, spec(*axes))  # noqa: E731
     return {
         **{k: named(v) for k, v in TOP_AXES.items()},
-        "layers": [{k: named(v) for k, v in LAYER_AXES.items()} for _ in range(cfg.n_layers)],
+        "layers": [{k: named(LAYER_AXES[k]) for k in layer_names(cfg)} for _ in range(cfg.n_layers)],
     }
 
 
@@ -152,16 +183,30 @@ def mm(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
     """Rotate pairs (first half, second half) of the head dim, as Hugging Face Llama does.
-    ``x [T, H, hd]`` at ``positions [T]``."""
+    ``x [T, H, hd]`` at ``positions [T]``; ``inv_freq [hd/2]`` from ``services/rope.py``,
+    ``scale`` multiplies cos and sin (YaRN's attention factor; 1 otherwise)."""
     hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    angles = positions[:, None].astype(jnp.float32) * inv_freq  # [T, hd/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    angles = positions[:, None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [T, hd/2]
+    cos = (jnp.cos(angles) * scale)[:, None, :]
+    sin = (jnp.sin(angles) * scale)[:, None, :]
     x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_inputs(cfg: Config, w: dict[str, Any], h: jax.Array, positions: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v ``[T, heads, head_dim]`` of the normed residual ``h``: projections, the
+    biases and per-head norms of the families that have them, then RoPE on q and k."""
+    q, k, v = (mm("td,dhk->thk", h, w[name]) for name in ("wq", "wk", "wv"))
+    if cfg.qkv_bias:
+        q, k, v = (a + w[b].astype(jnp.float32) for a, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    if cfg.qk_norm:
+        q, k = rms_norm(q, w["q_norm"], cfg.norm_eps), rms_norm(k, w["k_norm"], cfg.norm_eps)
+    inv_freq = rope_freqs.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    scale = cfg.rope_scaling.attention_factor
+    return rope(q, positions, inv_freq, scale), rope(k, positions, inv_freq, scale), v
 
 
 def forward(
@@ -188,14 +233,14 @@ def forward(
     new_cache = []
     for w, (k_pages, v_pages) in zip(weights["layers"], cache):
         h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
-        q = rope(mm("td,dhk->thk", h, w["wq"]), positions, cfg.rope_theta)
-        k = rope(mm("td,dhk->thk", h, w["wk"]), positions, cfg.rope_theta)
-        v = mm("td,dhk->thk", h, w["wv"])
+        q, k, v = attention_inputs(cfg, w, h, positions)
         k_pages = write_slots(k_pages, write_page, write_off, k)
         v_pages = write_slots(v_pages, write_page, write_off, v)
         new_cache.append((k_pages, v_pages))
         attn = ragged_attention(q, k_pages, v_pages, batch, mesh)
         x = x + mm("thk,hkd->td", attn, w["wo"])
+        if cfg.o_bias:
+            x = x + w["bo"].astype(jnp.float32)
         h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
         x = x + mm("tf,fd->td", jax.nn.silu(mm("td,df->tf", h, w["w_gate"])) * mm("td,df->tf", h, w["w_up"]),
                    w["w_down"])
