@@ -234,3 +234,56 @@ def test_ctrl_c_drains_an_open_stream_and_stops_every_service_cleanly(up):
     assert up.tee.wait(timeout=10) == -signal.SIGINT  # the reader went with the same Ctrl-C
     assert not up.state_file.exists(), "the state file outlived up"
     assert not log_dir.exists(), "a service did not stop cleanly (its logs were kept)"
+
+
+def services_of(pid: int) -> list[int]:
+    """The processes ``pid`` started and that are still there (Linux: /proc)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids if Path(f"/proc/{k}").exists()]
+
+
+def argv_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie left (its parent has not waited for it yet)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return True
+    return fields[0] == "Z"
+
+
+def test_a_second_ctrl_c_kills_what_the_first_is_still_stopping(tmp_path):
+    """A service that does not stop on SIGTERM (frozen here with SIGSTOP, as a hung one
+    would be) keeps the first Ctrl-C waiting out its grace period; a second Ctrl-C kills
+    every process `up` started at once and `up` exits, leaving no state file."""
+    up = Up(tmp_path)
+    try:
+        wait_for("up's state file", up.state, 60)
+        # nats-server, ingest, two publishers, two workers, the gateway
+        def started() -> list[int] | None:
+            kids = services_of(up.proc.pid)
+            workers = [p for p in kids if " worker" in argv_of(p)]
+            return kids if len(kids) >= 7 and len(workers) == 2 else None
+
+        kids = wait_for("every service started", started, 60)
+        worker, other = [p for p in kids if " worker" in argv_of(p)]
+        os.kill(worker, signal.SIGSTOP)
+        up.ctrl_c()  # (tee goes with it, and what up prints from now on with tee)
+        wait_for("up stopping (its state file cleared first)", lambda: not up.state_file.exists(), 30)
+        wait_for("the other worker stopped", lambda: gone(other), 30)
+        # up waits out the frozen worker's grace period (15 s) before it stops NATS
+        assert up.proc.poll() is None and not gone(worker)
+        os.killpg(up.proc.pid, signal.SIGINT)  # the second Ctrl-C
+        up.proc.wait(timeout=10)
+        assert gone(worker) and all(gone(p) for p in kids), [argv_of(p) for p in kids if not gone(p)]
+    finally:
+        up.kill()
