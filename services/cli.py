@@ -23,22 +23,12 @@ import sys
 from typing import Any
 
 from services import bus
+from services import version as package_version
 from services import settings as st
 from services.model_path import resolve_model_path
 
 ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
                  "worker": st.WorkerSettings, "node": st.NodeSettings, "gateway": st.GatewaySettings}
-
-
-def version() -> str:
-    """The installed package's version (pyproject.toml's)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("dpbus")
-    except PackageNotFoundError:
-        return "unknown (not installed: pip install -e .)"
 
 
 def use_local_devices(n: int) -> None:
@@ -530,7 +520,7 @@ def cmd_schemas(a: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpbus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"dpbus {version()}")
+    p.add_argument("--version", action="version", version=f"dpbus {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def layout(q: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from schemas.codec import encode_answer, sniff_encoding
 from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
 from schemas.subjects import INGEST_QUEUE
 from services import bus, identity, ownership
+from services import version as package_version
 from services.lifecycle import unless_stopped
 from services.errors import Rejected
 from services.ledger import Entry, Ledger, SweepView, request_key
@@ -36,7 +37,7 @@ from services.settings import IngestSettings
 from services.tokenizer import load_tokenizer
 from services.topology import dp_groups
 
-VERSION = "0.1.0"
+VERSION = package_version()  # announced in NATS discovery
 SUBMIT_ATTEMPTS = 3
 REFUSE_ROUNDS = 4  # x ownership.REFUSE_ATTEMPTS tries to record a refusal, each round ending by asking the group
 INLINE_TOKENIZE = 16_384  # characters: a longer text is tokenized in a thread

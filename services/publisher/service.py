@@ -39,6 +39,7 @@ from schemas.internal import (
 )
 from schemas.public import AbortAck
 from services import bus, identity, ownership
+from services import version as package_version
 from services.lifecycle import unless_stopped
 from services.errors import GroupFailure, ReceiveDataError, SendDataError
 from services.ledger import Lease, LeaseClock, Ledger, ledger_full, request_key
@@ -52,7 +53,7 @@ from services.settings import PublisherSettings, total_pages
 from services.tokenizer import load_tokenizer
 from services.topology import dp_groups, group_nodes
 
-VERSION = "0.1.0"
+VERSION = package_version()  # announced in NATS discovery
 ANSWERED_WINDOW = 120.0  # seconds a terminal answer is remembered against copies and retries
 
 

@@ -23,6 +23,7 @@ from schemas.internal import (
     Heartbeat, Replay, ReplayReply, Step, StepFailure, StepResult, pack, token_digest, unpacker,
 )
 from services import bus
+from services import version as package_version
 from services.errors import ReceiveDataError, SendDataError
 from services.lifecycle import EXIT_BROKEN_JOB, unless_stopped
 from services.model_config import model_config_for
@@ -32,7 +33,7 @@ from services.topology import dp_groups, group_nodes, place_node
 from services.worker.ordering import GAP, REPEAT, STALE, StepOrder
 from services.worker.tables import PageTables
 
-VERSION = "0.1.0"
+VERSION = package_version()  # announced in NATS discovery
 LAUNCH_AHEAD = 2  # steps launched whose tokens are not fetched yet (as many as the publisher keeps in flight)
 STEPS_QUIET_S = 1.0  # stopping: no step for this long means the publisher has stopped sending
 # Leaving a JAX job is a barrier of all its members. When the whole group stops they meet
