@@ -11,8 +11,8 @@ import json
 
 import nats
 
-from services.client import generate
-from services.launcher import Cluster
+from dpbus.services.client import generate
+from dpbus.services.launcher import Cluster
 
 
 async def measure(nnodes: int, requests: int = 48) -> dict:

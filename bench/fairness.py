@@ -30,9 +30,9 @@ from pathlib import Path
 
 import nats
 
-from schemas import Done, Error
-from services.client import generate
-from services.launcher import Cluster
+from dpbus.schemas import Done, Error
+from dpbus.services.client import generate
+from dpbus.services.launcher import Cluster
 
 RESULTS = Path(__file__).parent / "results"
 BOB_REQUESTS, BOB_CONCURRENCY, BOB_PROMPT, BOB_NEW = 24, 2, 32, 16

@@ -63,11 +63,11 @@ class Standins:
                 "seconds": self.last - self.first, "in_progress": len(self.tasks)}
 
     async def serve(self, url: str, credentials: str, prefix: str) -> None:
-        from schemas import ErrorCode, Subjects
-        from schemas.internal import Submit, SubmitAck, pack, unpacker
-        from services import bus, ownership
-        from services.ledger import Lease, Ledger, request_key
-        from services.natsconf import Credentials, user_for
+        from dpbus.schemas import ErrorCode, Subjects
+        from dpbus.schemas.internal import Submit, SubmitAck, pack, unpacker
+        from dpbus.services import bus, ownership
+        from dpbus.services.ledger import Lease, Ledger, request_key
+        from dpbus.services.natsconf import Credentials, user_for
 
         creds = Credentials.load(credentials)
         subjects = Subjects(prefix)
@@ -295,7 +295,7 @@ async def raw_kv_create(admin, n: int, server_pid: int) -> dict:
 
 async def measure(cluster, pids: dict[str, int], rates: list[float], seconds: float, kind: str,
                   rtt_samples: int, window: int) -> dict:
-    from services import bus
+    from dpbus.services import bus
 
     client = await bus.connect_client(cluster.nats_url, auth=cluster.auth("client"))
     admin = await bus.connect_client(cluster.nats_url, auth=cluster.auth("admin"))
@@ -342,7 +342,7 @@ def say(run: dict) -> None:
 def start(groups: int, ingest_from: str | None, mode: str, log_dir: Path, profile: str = ""):
     """nats-server (secured, as ``dpbus up``), ingest and the stand-ins; returns the cluster
     and the pids to watch."""
-    from services.launcher import Cluster
+    from dpbus.services.launcher import Cluster
 
     cluster = Cluster(dp_size=groups, nnodes=groups, local_devices=1, log_dir=log_dir, nats_port=0,
                       say=lambda _: None, extra={"DPBUS_LOG_LEVEL": "warning"})
@@ -351,7 +351,7 @@ def start(groups: int, ingest_from: str | None, mode: str, log_dir: Path, profil
     here = str(Path(__file__).resolve().parent.parent)
     # python -m puts the working directory first on the path: ingest runs the code found there
     profiler = ["-m", "cProfile", "-o", profile] if profile else []
-    ingest = spawn_in(cluster, "ingest", [sys.executable, *profiler, "-m", "services.cli", "ingest"], env,
+    ingest = spawn_in(cluster, "ingest", [sys.executable, *profiler, "-m", "dpbus.services.cli", "ingest"], env,
                       ingest_from or here)
     standin = spawn_in(cluster, "standins", [sys.executable, "-m", "bench.ingest", "--standins", str(groups),
                                              "--url", cluster.nats_url, "--credentials",
@@ -364,7 +364,7 @@ def start(groups: int, ingest_from: str | None, mode: str, log_dir: Path, profil
 
 
 def spawn_in(cluster, name: str, argv: list[str], env: dict, cwd: str):
-    from services.launcher import Proc
+    from dpbus.services.launcher import Proc
 
     log_path = cluster.log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
@@ -387,7 +387,7 @@ def wait_line(proc, line: str, timeout: float) -> None:
 
 
 async def wait_ingest(cluster, timeout: float = 60) -> None:
-    from services import bus
+    from dpbus.services import bus
 
     nc = await bus.connect_client(cluster.nats_url, auth=cluster.auth("admin"))
     deadline = time.monotonic() + timeout

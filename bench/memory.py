@@ -29,12 +29,12 @@ def status_kib(pid: int, field: str) -> int:
 
 def model_bytes(max_seq_len: int) -> dict:
     """The default model's weights (f32) and one group's KV cache pool (f32, K and V)."""
-    from services.model_config import ModelConfig
-    from services.settings import WorkerSettings, total_pages
+    from dpbus.services.model_config import ModelConfig
+    from dpbus.services.settings import WorkerSettings, total_pages
 
     import jax
 
-    from services.worker.model import dummy_weights
+    from dpbus.services.worker.model import dummy_weights
 
     cfg = ModelConfig(max_seq_len=max_seq_len)
     s = WorkerSettings()
@@ -47,9 +47,9 @@ def model_bytes(max_seq_len: int) -> dict:
 
 
 def run(requests: int = 16) -> dict:
-    from services import bus
-    from services.client import generate
-    from services.launcher import Cluster, free_port
+    from dpbus.services import bus
+    from dpbus.services.client import generate
+    from dpbus.services.launcher import Cluster, free_port
 
     out: dict = {"processes": {}}
     with tempfile.TemporaryDirectory(prefix="dpbus-bench-memory-") as d:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import nats
 
-from schemas import Done
-from services.client import generate
-from services.launcher import Cluster
+from dpbus.schemas import Done
+from dpbus.services.client import generate
+from dpbus.services.launcher import Cluster
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEM, USER, ANSWER, CHATS, TURNS, MAX_SEQ_LEN = 512, 64, 48, 8, 6, 2048

@@ -100,8 +100,8 @@ def bench_pages_per_visit(read_bw: float) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from services.model_config import ModelConfig
-    from services.worker.attention import paged_decode_attention
+    from dpbus.services.model_config import ModelConfig
+    from dpbus.services.worker.attention import paged_decode_attention
 
     cfg = ModelConfig()
     b, ps, length = 16, 16, 1000
@@ -130,10 +130,10 @@ def bench_model(tensor: int, bandwidth: float, peak_gflop_s: float = 0.0, dtype:
     step's fixed cost."""
     import jax
 
-    from schemas.internal import DecodeItem, PrefillItem, RowSampling
-    from services.model_config import ModelConfig
-    from services.worker.model import dummy_weights
-    from services.worker.runner import ModelRunner, make_group_mesh
+    from dpbus.schemas.internal import DecodeItem, PrefillItem, RowSampling
+    from dpbus.services.model_config import ModelConfig
+    from dpbus.services.worker.model import dummy_weights
+    from dpbus.services.worker.runner import ModelRunner, make_group_mesh
 
     cfg = ModelConfig()
     slots, page_size, context = 16, 16, 1000
@@ -183,7 +183,7 @@ def bench_attention(bandwidth: float) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from services.worker.attention import dense_attention, paged_decode_attention
+    from dpbus.services.worker.attention import dense_attention, paged_decode_attention
 
     b, h, kv, hd, length, ps = 8, 32, 8, 128, 2048, 64
     n = length // ps

@@ -21,10 +21,10 @@ def run(concurrencies=(8, 32), requests: int = 64, rounds: int = 3) -> dict:
 
     import jax
 
-    from services import benchmark as b
-    from services import bus
-    from services.launcher import Cluster
-    from services.settings import WorkerSettings
+    from dpbus.services import benchmark as b
+    from dpbus.services import bus
+    from dpbus.services.launcher import Cluster
+    from dpbus.services.settings import WorkerSettings
 
     workloads = {c: b.Workload(requests=requests, input_len=128, output_len=64, range_ratio=0.0, concurrency=c,
                                seed=c) for c in concurrencies}

@@ -20,10 +20,10 @@ import time  # noqa: E402
 def main() -> None:
     import jax
 
-    from schemas.internal import DecodeItem, PrefillItem, RowSampling
-    from services.model_config import ModelConfig
-    from services.worker.model import dummy_weights
-    from services.worker.runner import ModelRunner, make_group_mesh
+    from dpbus.schemas.internal import DecodeItem, PrefillItem, RowSampling
+    from dpbus.services.model_config import ModelConfig
+    from dpbus.services.worker.model import dummy_weights
+    from dpbus.services.worker.runner import ModelRunner, make_group_mesh
 
     tensor = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     kw = {"dtype": sys.argv[2]} if len(sys.argv) > 2 else {}

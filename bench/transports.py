@@ -206,7 +206,7 @@ async def wait_subscribed(log_dir: Path, workers: int, timeout: float = 30.0) ->
 
 
 def start_nats(log_dir: Path) -> tuple[subprocess.Popen, str]:
-    from services.launcher import Proc, free_port, nats_server_binary, wait_listening
+    from dpbus.services.launcher import Proc, free_port, nats_server_binary, wait_listening
 
     port = free_port()
     with open(log_dir / "nats-server.log", "ab") as out:

@@ -1,8 +1,8 @@
 """dpbus wire contracts: msgspec Structs, codecs and subject names. No I/O here."""
 
-from schemas.codec import DecodeError, Encoding, decode_abort, decode_request, encode_answer, sniff_encoding
-from schemas.errors import ErrorCode
-from schemas.public import (
+from dpbus.schemas.codec import DecodeError, Encoding, decode_abort, decode_request, encode_answer, sniff_encoding
+from dpbus.schemas.errors import ErrorCode
+from dpbus.schemas.public import (
     AbortAck,
     AbortRequest,
     Answer,
@@ -14,7 +14,7 @@ from schemas.public import (
     SamplingParams,
     Timings,
 )
-from schemas.subjects import Subjects
+from dpbus.schemas.subjects import Subjects
 
 __all__ = [
     "AbortAck", "AbortRequest", "Answer", "Chunk", "DecodeError", "Done", "Encoding", "Error",

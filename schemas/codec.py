@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from schemas.errors import ErrorCode
-from schemas.public import AbortRequest, GenerateRequest
+from dpbus.schemas.errors import ErrorCode
+from dpbus.schemas.public import AbortRequest, GenerateRequest
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 4 << 20

@@ -17,9 +17,9 @@ from typing import Union
 import msgspec
 from msgspec import Struct
 
-from schemas.codec import Encoding
-from schemas.errors import ErrorCode
-from schemas.public import SamplingParams
+from dpbus.schemas.codec import Encoding
+from dpbus.schemas.errors import ErrorCode
+from dpbus.schemas.public import SamplingParams
 
 
 class Submit(Struct):

@@ -13,7 +13,7 @@ from typing import Annotated, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from schemas.errors import ErrorCode
+from dpbus.schemas.errors import ErrorCode
 
 MAX_NEW_TOKENS_LIMIT = 1 << 16
 MAX_PROMPT_TOKENS_LIMIT = 1 << 20

@@ -127,9 +127,9 @@ def token_times(before: list[float], now: float, n: int) -> list[float]:
 async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lambda: None,
                        timeout: float = 600.0) -> dict[str, Any]:
     """The workload through a running dpbus (``nc``: a connected client)."""
-    from schemas import Chunk, Done, Subjects
-    from services.bus import request_subjects
-    from services.client import decode_answer
+    from dpbus.schemas import Chunk, Done, Subjects
+    from dpbus.services.bus import request_subjects
+    from dpbus.services.client import decode_answer
 
     subject, _ = request_subjects(nc, Subjects(prefix))
     run = uuid.uuid4().hex[:8]  # rids unique to this run: a repeated rid is a duplicate, never answered twice
@@ -183,12 +183,12 @@ def bench_engine(w: Workload, engine: Any, progress=lambda: None, steps_in_fligh
     row tables of both sides turn each plan into the runner's items, as on the wire."""
     from collections import deque
 
-    from schemas.codec import Encoding
-    from schemas.public import SamplingParams
-    from services.publisher.scheduler import Scheduler, Sequence
-    from services.publisher.tables import RowTables
-    from services.settings import total_pages
-    from services.worker.tables import PageTables
+    from dpbus.schemas.codec import Encoding
+    from dpbus.schemas.public import SamplingParams
+    from dpbus.services.publisher.scheduler import Scheduler, Sequence
+    from dpbus.services.publisher.tables import RowTables
+    from dpbus.services.settings import total_pages
+    from dpbus.services.worker.tables import PageTables
 
     s, runner = engine.settings, engine.runner
     sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, 1 << 30, runner.cfg.max_seq_len,
@@ -242,8 +242,8 @@ class Engine:
 def load_engine(settings: Any, devices: list | None = None) -> Engine:
     """A model runner as a one-process group's worker builds it (dummy weights unless a
     model path is set), warmed up, over ``devices`` (default: all of this process's)."""
-    from services import logs
-    from services.worker.service import load_runner
+    from dpbus.services import logs
+    from dpbus.services.worker.service import load_runner
 
     log = logs.configure("warning", True)
     return Engine(settings, load_runner(settings, log, devices))

@@ -16,9 +16,9 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
-from services.errors import ReceiveDataError, SendDataError
-from services.identity import is_client_inbox
-from services.natsconf import INBOX_ROOT, NAME, inbox_prefix, placeholder
+from dpbus.services.errors import ReceiveDataError, SendDataError
+from dpbus.services.identity import is_client_inbox
+from dpbus.services.natsconf import INBOX_ROOT, NAME, inbox_prefix, placeholder
 
 # nats-py drops messages silently past these; a step or a result must never be dropped
 PENDING_MSGS_LIMIT = 1_000_000
@@ -120,7 +120,7 @@ def auth_from(settings: Any, default_user: str = "") -> NatsAuth:
     """The NatsAuth of a service's settings: explicit user/password, else the role's entry
     in ``nats_credentials`` (a file from `dpbus nats-config` / `dpbus up`)."""
     if settings.nats_credentials and not settings.nats_password and not settings.nats_nkey_seed:
-        from services.natsconf import Credentials
+        from dpbus.services.natsconf import Credentials
 
         auth = auth_for(Credentials.load(settings.nats_credentials), settings.nats_user or default_user)
         auth.tls_ca = settings.tls_ca or auth.tls_ca
@@ -139,7 +139,7 @@ def answer_auth(settings: Any, main: NatsAuth) -> NatsAuth | None:
     if settings.answer_nats_password:
         return NatsAuth(user, settings.answer_nats_password, "", main.tls_ca, main.tls_cert, main.tls_key)
     if settings.nats_credentials:
-        from services.natsconf import Credentials
+        from dpbus.services.natsconf import Credentials
 
         creds = Credentials.load(settings.nats_credentials)
         if user in creds.passwords or user in creds.nkey_seeds:

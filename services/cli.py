@@ -22,10 +22,10 @@ import signal
 import sys
 from typing import Any
 
-from services import bus
-from services import version as package_version
-from services import settings as st
-from services.model_path import resolve_model_path
+from dpbus.services import bus
+from dpbus.services import version as package_version
+from dpbus.services import settings as st
+from dpbus.services.model_path import resolve_model_path
 
 ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
                  "worker": st.WorkerSettings, "node": st.NodeSettings, "gateway": st.GatewaySettings}
@@ -33,7 +33,7 @@ ROLE_SETTINGS = {"ingest": st.IngestSettings, "publisher": st.PublisherSettings,
 
 def use_local_devices(n: int) -> None:
     """Ask XLA for ``n`` virtual CPU devices (0: the devices JAX finds). Must run before JAX is imported."""
-    from services.devices import xla_env
+    from dpbus.services.devices import xla_env
 
     os.environ.update(xla_env(n, os.environ))
 
@@ -43,7 +43,7 @@ def serve_metrics(services: list, port: int, host: str) -> None:
     (read on the event loop at scrape time) and the publisher's latency histograms."""
     from prometheus_client import CollectorRegistry
 
-    from services import metrics as m
+    from dpbus.services import metrics as m
 
     registry = CollectorRegistry()
     loop = asyncio.get_running_loop()
@@ -60,8 +60,8 @@ def serve_metrics(services: list, port: int, host: str) -> None:
 
 
 def run_role(role: str, cfg: Any) -> int:
-    from services import logs
-    from services.lifecycle import run_services
+    from dpbus.services import logs
+    from dpbus.services.lifecycle import run_services
 
     if role in ("worker", "node"):
         use_local_devices(cfg.local_devices)
@@ -71,28 +71,28 @@ def run_role(role: str, cfg: Any) -> int:
     log = logs.configure(cfg.log_level, cfg.log_json, **context)
     services: list[Any] = []
     if role == "ingest":
-        from services.ingest.service import Ingest
+        from dpbus.services.ingest.service import Ingest
         services.append(Ingest(cfg, log))
     elif role == "publisher":
-        from services.publisher.service import Publisher
+        from dpbus.services.publisher.service import Publisher
         services.append(Publisher(cfg, log))
     elif role == "gateway":
-        from services.gateway.app import Gateway
+        from dpbus.services.gateway.app import Gateway
         services.append(Gateway(cfg, log))
     else:
-        from services.worker.service import Worker
+        from dpbus.services.worker.service import Worker
         worker_cfg = st.project(cfg, st.WorkerSettings) if role == "node" else cfg
         auth = None
         if role == "node":  # the group's leader connects as its node user (worker and publisher),
-            from services.launcher import node_user  # every other member as its own worker user
-            from services.topology import should_run_publisher
+            from dpbus.services.launcher import node_user  # every other member as its own worker user
+            from dpbus.services.topology import should_run_publisher
             leader = should_run_publisher(cfg)
             groups = cfg.dp_size if cfg.enable_dp_attention else 1
             auth = bus.auth_from(cfg, node_user(cfg.node_rank, cfg.nnodes, groups))
         worker = Worker(worker_cfg, log, auth=auth)
         services.append(worker)
         if role == "node":
-            from services.publisher.service import Publisher
+            from dpbus.services.publisher.service import Publisher
             if leader:
                 services.append(Publisher(st.project(cfg, st.PublisherSettings, dp_rank=worker.place.dp_rank), log,
                                           auth=worker.auth))
@@ -103,8 +103,8 @@ def run_role(role: str, cfg: Any) -> int:
 # ---- user commands ----------------------------------------------------------------------
 def cluster_from(a: argparse.Namespace, **kw: Any):
     """The Cluster `up` and `demo` run, from their shared flags."""
-    from services.launcher import Cluster
-    from services.natsconf import Credentials
+    from dpbus.services.launcher import Cluster
+    from dpbus.services.natsconf import Credentials
 
     creds = Credentials.load(a.nats_credentials) if a.nats_credentials else None
     url = a.nats_url or os.environ.get("NATS_URL") or (creds.url if creds else None) or None
@@ -126,7 +126,7 @@ def local_model(env: dict[str, str]) -> dict[str, str]:
 
 def tls_files(a: argparse.Namespace):
     """The server's TLS files from --tls-ca/--tls-cert/--tls-key (all or none); checked here."""
-    from services.natsconf import Tls
+    from dpbus.services.natsconf import Tls
 
     given = [a.tls_ca, a.tls_cert, a.tls_key]
     if not any(given):
@@ -159,7 +159,7 @@ def check_model_path(a: argparse.Namespace) -> None:
     path = getattr(a, "model_path", None) or os.environ.get("DPBUS_MODEL_PATH", "")
     if not path:
         return
-    from services.model_config import model_config_for
+    from dpbus.services.model_config import model_config_for
 
     local = resolve_model_path(path)
     try:
@@ -171,7 +171,7 @@ def check_model_path(a: argparse.Namespace) -> None:
 def claim_state(note: bool = True) -> None:
     """Refuse to start next to a running `dpbus up` (its state file would be overwritten);
     a state file whose `up` is gone is replaced, with a note."""
-    from services.userstate import describe, is_up_process, read_raw, state_path
+    from dpbus.services.userstate import describe, is_up_process, read_raw, state_path
 
     old = read_raw()
     if old is None:
@@ -193,13 +193,13 @@ class UpState:
         cluster.on_listening, cluster.on_progress = self.listening, self.progress
 
     def users(self) -> dict[str, bus.NatsAuth]:
-        from services.userstate import STATE_USERS
+        from dpbus.services.userstate import STATE_USERS
 
         creds = self.cluster.credentials
         return {u: bus.auth_for(creds, u) for u in STATE_USERS if creds and u in creds.passwords}
 
     def listening(self) -> None:
-        from services.userstate import new_state
+        from dpbus.services.userstate import new_state
 
         claim_state(note=False)  # again: another `up` may have started meanwhile
         self.doc = new_state(self.cluster.nats_url, self.users(), os.getpid(), log_dir=str(self.cluster.log_dir),
@@ -211,7 +211,7 @@ class UpState:
         self.write(progress=said, http_url=self.cluster.http_url)
 
     def write(self, **changes: Any) -> None:
-        from services.userstate import write_state
+        from dpbus.services.userstate import write_state
 
         if self.doc:
             self.doc.update(changes)
@@ -236,7 +236,7 @@ def cmd_up(a: argparse.Namespace) -> int:
 
 def stop_up(cluster: Any) -> None:
     """Stop every process `up` started, once (a second Ctrl-C or SIGTERM kills them at once)."""
-    from services.userstate import clear_state
+    from dpbus.services.userstate import clear_state
 
     def hurry(*_: Any) -> None:
         say("second signal: killing every process now")
@@ -251,7 +251,7 @@ def stop_up(cluster: Any) -> None:
 
 
 async def serve_up(cluster: Any, state: UpState, a: argparse.Namespace) -> None:
-    from services.lifecycle import Stopped, unless_stopped
+    from dpbus.services.lifecycle import Stopped, unless_stopped
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -288,9 +288,9 @@ async def serve_up(cluster: Any, state: UpState, a: argparse.Namespace) -> None:
 
 async def watch_ready_again(cluster: Any, prefix: str) -> Any:
     """Print "group g ready again" when a group that `up` restarted serves again."""
-    from schemas import Subjects
-    from schemas.internal import LoadReport, unpacker
-    from services.launcher import ReadyAgain
+    from dpbus.schemas import Subjects
+    from dpbus.schemas.internal import LoadReport, unpacker
+    from dpbus.services.launcher import ReadyAgain
 
     watch, decode = ReadyAgain(), unpacker(LoadReport)
     nc = await bus.connect_client(cluster.nats_url, auth=cluster.auth("operator"))
@@ -308,8 +308,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import msgspec
     import nats.errors
 
-    from schemas import Chunk, Done
-    from services.client import stream
+    from dpbus.schemas import Chunk, Done
+    from dpbus.services.client import stream
 
     req: dict[str, Any] = {"text": a.text, "stream": not a.no_stream}
     sampling = {k: v for k, v in (("max_new_tokens", a.max_new_tokens), ("temperature", a.temperature),
@@ -355,8 +355,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def client_target(a: argparse.Namespace) -> tuple[str, float, Any]:
     """(url, timeout, auth) of a client command's connection (see services/userstate.py);
     refused while the `dpbus up` it found is still warming up."""
-    from services.userstate import client_target as target
-    from services.userstate import ready_or_warn
+    from dpbus.services.userstate import client_target as target
+    from dpbus.services.userstate import ready_or_warn
 
     url, auth, state = target(a.nats_url, a.nats_user, "", a.nats_credentials, a.tls_ca)
     if state is not None:
@@ -366,9 +366,9 @@ def client_target(a: argparse.Namespace) -> tuple[str, float, Any]:
 
 def cmd_status(a: argparse.Namespace) -> int:
     """Wait until every group is ready and an ingest answers (what `up` waits for)."""
-    from services.launcher import wait_groups_ready
-    from services.userstate import client_target as target
-    from services.userstate import describe
+    from dpbus.services.launcher import wait_groups_ready
+    from dpbus.services.userstate import client_target as target
+    from dpbus.services.userstate import describe
 
     url, auth, state = target(a.nats_url, a.nats_user, "", a.nats_credentials, a.tls_ca, default_user="operator")
     dp_size = a.dp_size or (state or {}).get("dp_size") or 2
@@ -391,7 +391,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 def gateway_from_state(a: argparse.Namespace) -> dict[str, str]:
     """`dpbus gateway` given no NATS server or user: the running `dpbus up`'s, as user
     ``gateway`` (from its state file), as `generate` finds it."""
-    from services.userstate import describe, read_state, state_auth, state_path
+    from dpbus.services.userstate import describe, read_state, state_auth, state_path
 
     given = [a.nats_url, a.nats_user, a.nats_password, a.nats_credentials, a.nats_nkey_seed]
     named = ("NATS_URL", "DPBUS_NATS_URL", "DPBUS_NATS_USER", "DPBUS_NATS_PASSWORD", "DPBUS_NATS_CREDENTIALS")
@@ -410,9 +410,9 @@ def gateway_from_state(a: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_nats_config(a: argparse.Namespace) -> int:
-    from services.natsconf import Limits, layout_members, layout_users, loopback, monitor_address, read_hashes, refuse_placeholders, \
+    from dpbus.services.natsconf import Limits, layout_members, layout_users, loopback, monitor_address, read_hashes, refuse_placeholders, \
         size, write_config
-    from services.topology import place_node
+    from dpbus.services.topology import place_node
 
     for r in range(a.nnodes):  # refuse bad layouts, as every service does
         place_node(r, a.nnodes, a.dp_size)
@@ -452,7 +452,7 @@ def cmd_nats_config(a: argparse.Namespace) -> int:
 
 def config_peers(n: int, listen: str, http: str, route_port: int, store_dir: str) -> list:
     """A cluster of ``n`` servers on hosts ``nats-0`` ... (one each), for `nats-config --cluster`."""
-    from services.natsconf import Peer
+    from dpbus.services.natsconf import Peer
 
     if n < 2:
         return []
@@ -467,7 +467,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from services import benchmark as b
+    from dpbus.services import benchmark as b
 
     w = b.Workload(a.requests, a.input_len, a.output_len, a.range_ratio, a.concurrency, a.rate, a.seed)
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -495,7 +495,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from services.demo import run_demo
+    from dpbus.services.demo import run_demo
 
     check_model_path(a)
     return run_demo(a)
@@ -504,7 +504,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_schemas(a: argparse.Namespace) -> int:
     import msgspec
 
-    from schemas.public import PUBLIC_MESSAGES
+    from dpbus.schemas.public import PUBLIC_MESSAGES
 
     doc = {name: msgspec.json.schema(typ) for name, typ in PUBLIC_MESSAGES.items()}
     if a.out:

@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 
-from schemas import Answer, Chunk, Done, Error, Subjects
-from services.bus import request_subjects
+from dpbus.schemas import Answer, Chunk, Done, Error, Subjects
+from dpbus.services.bus import request_subjects
 
 _json_answer = msgspec.json.Decoder(Answer)
 _mp_answer = msgspec.msgpack.Decoder(Answer)

@@ -10,9 +10,9 @@ import asyncio
 from rich.console import Console
 from rich.table import Table
 
-from schemas import Done
-from services import bus
-from services.client import generate
+from dpbus.schemas import Done
+from dpbus.services import bus
+from dpbus.services.client import generate
 
 PROMPTS = [
     "The quick brown fox", "Once upon a time", "NATS subjects are", "Data parallel attention",
@@ -58,7 +58,7 @@ def curl_command(url: str, body: dict) -> str:
 
 
 def run_demo(a: argparse.Namespace) -> int:
-    from services.cli import cluster_from
+    from dpbus.services.cli import cluster_from
 
     # soft_wrap: lines (log paths, URLs) are never cut; the table folds its cells to fit
     # whatever width the console has (80 columns without a terminal)

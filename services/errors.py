@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.errors import ErrorCode
+from dpbus.schemas.errors import ErrorCode
 
 
 class DpbusError(Exception):

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import re
 
-from schemas.internal import client_of
-from services.natsconf import INBOX_ROOT, NAME
+from dpbus.schemas.internal import client_of
+from dpbus.services.natsconf import INBOX_ROOT, NAME
 
 # a reply subject dpbus will publish to: _INBOX.<token>(.<token>)*, plain tokens only
 # (no wildcards, no empty tokens, no spaces or control characters)

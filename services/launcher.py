@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from schemas import Subjects
-from schemas.internal import LoadReport, unpacker
-from services import bus
-from services.lifecycle import EXIT_BROKEN_JOB
-from services.natsconf import Credentials, Peer, Tls, member_user, user_for, write_config
-from services.topology import group_nodes, place_node
+from dpbus.schemas import Subjects
+from dpbus.schemas.internal import LoadReport, unpacker
+from dpbus.services import bus
+from dpbus.services.lifecycle import EXIT_BROKEN_JOB
+from dpbus.services.natsconf import Credentials, Peer, Tls, member_user, user_for, write_config
+from dpbus.services.topology import group_nodes, place_node
 
 DEFAULT_NATS_PORT = 4222
 
@@ -243,7 +243,7 @@ class Cluster:
         return [p for p in self.procs if is_server(p.name)]
 
     def start_services(self) -> None:
-        cli = [sys.executable, "-m", "services.cli"]
+        cli = [sys.executable, "-m", "dpbus.services.cli"]
 
         def group_of(r: int) -> int:
             return place_node(r, self.nnodes, self.dp_size).dp_rank
@@ -504,7 +504,7 @@ async def make_ledger(url: str, admin: bus.NatsAuth, prefix: str, replicas: int,
     """Create the replicated request ledger before any service needs it: right after a
     cluster forms, its JetStream leader may not yet count every peer as online ("no
     suitable peers for placement"), and a service that cannot open the ledger exits."""
-    from services.ledger import Ledger
+    from dpbus.services.ledger import Ledger
 
     nc = await bus.connect_client(url, auth=admin)
     try:

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import msgspec
 from msgspec import Struct
 
-from schemas.codec import Encoding
+from dpbus.schemas.codec import Encoding
 
 HELD, ANSWERED, REFUSED = "held", "answered", "refused"
 CORRUPT = "corrupt"  # a value that is no entry at all (not written by dpbus): taken over by the next claim

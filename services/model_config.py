@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from services.rope import RopeScaling
+from dpbus.services.rope import RopeScaling
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def model_config_for(model_path: str, max_seq_len: int) -> ModelConfig:
     its context capped at ``max_seq_len``."""
     if not model_path:
         return ModelConfig(max_seq_len=max_seq_len)
-    from services.worker.checkpoint import config_from_hf  # reads JSON only, no JAX
+    from dpbus.services.worker.checkpoint import config_from_hf  # reads JSON only, no JAX
 
     cfg = config_from_hf(model_path)
     return cfg.replace(max_seq_len=min(cfg.max_seq_len, max_seq_len))

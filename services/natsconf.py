@@ -1,6 +1,6 @@
 """The NATS server configuration and its per-role users, derived from the subjects.
 
-Every permission below is built from ``schemas.subjects.Subjects`` for the configured
+Every permission below is built from ``dpbus.schemas.subjects.Subjects`` for the configured
 prefix(es) and the deployment's layout, never copied by hand: ``dpbus nats-config``
 writes the files, ``dpbus up`` writes a fresh set for each run, and the files shipped in
 ``infra/nats/`` are this module's output for compose's layout (a test compares).
@@ -39,7 +39,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.subjects import Subjects
+from dpbus.schemas.subjects import Subjects
 
 INBOX_ROOT = "_INBOX"
 SERVICE_ROLES = ("ingest", "publisher", "worker", "node")
@@ -104,7 +104,7 @@ def ledger_access(prefix: str, group: int | None = None) -> Permissions:
     ``group``: a publisher of that group writes request entries and its own group's leases
     only (no publisher renews or forges another group's lease); ingest (None) any key.
     Replies come to the user's own inbox (granted to everyone)."""
-    from services.ledger import bucket_name
+    from dpbus.services.ledger import bucket_name
 
     bucket = bucket_name(prefix)
     stream = f"KV_{bucket}"
@@ -175,7 +175,7 @@ def permissions(user: str, prefixes: list[str], dp_size: int) -> Permissions:
 
 def layout_members(dp_size: int, nnodes: int | None = None) -> list[tuple[int, int]]:
     """(group, node rank) of every worker of a layout (``nnodes`` defaults to ``dp_size``)."""
-    from services.topology import place_node
+    from dpbus.services.topology import place_node
 
     nnodes = nnodes or dp_size
     return [(place_node(r, nnodes, dp_size).dp_rank, r) for r in range(nnodes)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from services.ledger import ANSWERED, CORRUPT, HELD, REFUSED, Entry, SweepView, lease_key, ledger_full
+from dpbus.services.ledger import ANSWERED, CORRUPT, HELD, REFUSED, Entry, SweepView, lease_key, ledger_full
 
 Sleep = Callable[[float], Awaitable[None]]
 SETTLE_ATTEMPTS = 200  # x RETRY at most while the ledger is unreachable, then the lease is given up

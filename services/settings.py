@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
-from services.model_path import resolve_model_path
+from dpbus.services.model_path import resolve_model_path
 
 S = TypeVar("S", bound=Struct)
 Positive = Annotated[int, Meta(ge=1)]

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from services.bus import NatsAuth
+from dpbus.services.bus import NatsAuth
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 STATE_USERS = ("client", "operator", "gateway")  # what a local user runs next to `up`
@@ -64,7 +64,7 @@ def is_up_process(pid: int) -> bool:
     except OSError:
         return True  # no /proc here: alive is all we can tell
     names = [os.path.basename(a.decode(errors="replace")) for a in args]
-    return "up" in names and any(n in ("dpbus", "services.cli") for n in names)
+    return "up" in names and any(n in ("dpbus", "dpbus.services.cli") for n in names)
 
 
 def read_raw() -> dict | None:
@@ -133,9 +133,9 @@ def client_target(url: str | None = None, user: str = "", password: str = "", cr
     credentials = credentials or os.environ.get("DPBUS_NATS_CREDENTIALS", "")
     tls_ca = tls_ca or os.environ.get("DPBUS_TLS_CA", "")
     if credentials and not password:
-        from services.natsconf import Credentials
+        from dpbus.services.natsconf import Credentials
 
-        from services.bus import auth_for
+        from dpbus.services.bus import auth_for
 
         creds = Credentials.load(credentials)
         auth = auth_for(creds, user or default_user)

@@ -28,9 +28,9 @@ from pathlib import Path  # noqa: E402
 import nats  # noqa: E402
 import pytest  # noqa: E402
 
-from services.bus import NatsAuth  # noqa: E402
-from services.launcher import Cluster, free_port, nats_server_binary  # noqa: E402
-from services.natsconf import Credentials, write_config  # noqa: E402
+from dpbus.services.bus import NatsAuth  # noqa: E402
+from dpbus.services.launcher import Cluster, free_port, nats_server_binary  # noqa: E402
+from dpbus.services.natsconf import Credentials, write_config  # noqa: E402
 
 
 # every prefix a test cluster or stand-in uses on a shared server (permissions are per prefix)

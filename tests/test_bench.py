@@ -72,7 +72,7 @@ def test_the_summary_renders_what_the_parts_return():
 def test_tokens_of_a_several_token_chunk_are_spread_since_the_chunk_before():
     """With ``--stream-interval N`` a chunk carries N tokens sampled a step apart: the bench
     spreads them since the chunk before, so ITL is per token, not 0 inside a chunk."""
-    from services.benchmark import token_times
+    from dpbus.services.benchmark import token_times
 
     assert token_times([], 5.0, 3) == [5.0, 5.0, 5.0]  # the first chunk: its first token is the TTFT
     assert token_times([1.0], 5.0, 4) == [2.0, 3.0, 4.0, 5.0]
@@ -83,7 +83,7 @@ def test_tokens_answered_in_pairs_show_in_itl_and_tpot_gives_the_decode_speed():
     """One-token chunks that reach the client two at a time (as a CPU group answers its
     overlapped steps): the ITL of arrivals is bimodal, its p50 near 0, while TPOT is each
     request's decode time per token. A first chunk of three tokens adds no 0 ms interval."""
-    from services.benchmark import Record, Workload, summarize
+    from dpbus.services.benchmark import Record, Workload, summarize
 
     paired = Record(sent=0.0, end=0.0131, output_tokens=8)
     paired.tokens = [t + d for t in (0.010, 0.011, 0.012, 0.013) for d in (0.0, 0.0000001)]  # 2 a millisecond

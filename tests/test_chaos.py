@@ -15,7 +15,7 @@ import time
 import nats
 import pytest
 
-from services.ledger import Ledger, request_key
+from dpbus.services.ledger import Ledger, request_key
 from tests.conftest import NatsServer, start_cluster
 from tests.test_robustness_e2e import TERMINAL, decode_any
 

@@ -2,7 +2,7 @@
 
 Small random ``LlamaForCausalLM`` models (GQA; tied and untied embeddings; one file,
 sharded with an index, and bfloat16) are saved with ``save_pretrained`` and loaded by
-``services.worker.checkpoint``. Our model must give transformers' logits for a whole
+``dpbus.services.worker.checkpoint``. Our model must give transformers' logits for a whole
 prompt (tensor axis 1 and 2), the same 32 greedy tokens as ``generate`` with chunked
 prefill, and the same tokens through the whole system (ingest, publisher, worker over
 NATS), for ``input_ids`` and, with a ``tokenizer.json``, for ``text``.
@@ -24,11 +24,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from schemas.internal import DecodeItem, PrefillItem, RowSampling  # noqa: E402
-from services.model_config import ModelConfig  # noqa: E402
-from services.worker import attention, model  # noqa: E402
-from services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
-from services.worker.runner import ModelRunner, make_group_mesh  # noqa: E402
+from dpbus.schemas.internal import DecodeItem, PrefillItem, RowSampling  # noqa: E402
+from dpbus.services.model_config import ModelConfig  # noqa: E402
+from dpbus.services.worker import attention, model  # noqa: E402
+from dpbus.services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
+from dpbus.services.worker.runner import ModelRunner, make_group_mesh  # noqa: E402
 
 HF_SHAPE = dict(vocab_size=300, hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=2, intermediate_size=256, max_position_embeddings=256,
@@ -218,9 +218,9 @@ def test_greedy_tokens_match_generate(ckpts, name, tensor):
 
 @pytest.mark.e2e
 def test_model_path_end_to_end(ckpts, nats_server, tmp_path):
-    from schemas import Done
-    from services.client import generate
-    from services.launcher import Cluster
+    from dpbus.schemas import Done
+    from dpbus.services.client import generate
+    from dpbus.services.launcher import Cluster
 
     ck = ckpts["tied_sharded"]
     tok = word_tokenizer(HF_SHAPE["vocab_size"])

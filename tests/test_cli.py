@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import lines_until_ready
 
-DPBUS = [sys.executable, "-m", "services.cli"]
+DPBUS = [sys.executable, "-m", "dpbus.services.cli"]
 
 
 def processes_using(nats_url: str) -> list[int]:
@@ -143,7 +143,7 @@ def test_bad_layouts_are_refused_with_the_numbers(args, numbers):
 
 
 def test_up_restarts_a_spanning_group_as_a_whole(tmp_path):
-    from services.launcher import Cluster
+    from dpbus.services.launcher import Cluster
 
     c = Cluster(dp_size=2, nnodes=4, local_devices=1, log_dir=tmp_path, say=lambda _: None)
     assert c._peers("worker-3") == ["worker-2", "worker-3"]
@@ -194,8 +194,8 @@ def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_pa
 
 
 def test_the_prefix_cache_is_on_by_default_and_no_prefix_cache_turns_it_off():
-    from services import settings as st
-    from services.cli import parser
+    from dpbus.services import settings as st
+    from dpbus.services.cli import parser
 
     for role in ("publisher", "node"):
         assert st.build(st.PublisherSettings, parser().parse_args([role]), env={}).prefix_cache is True
@@ -207,8 +207,8 @@ def test_the_prefix_cache_is_on_by_default_and_no_prefix_cache_turns_it_off():
 
 def test_up_takes_the_service_settings_and_passes_them_on():
     """`dpbus up --model-path DIR --max-seq-len N ...` (every engine's flags) reach the services."""
-    from services import settings as st
-    from services.cli import parser
+    from dpbus.services import settings as st
+    from dpbus.services.cli import parser
 
     a = parser().parse_args(["up", "--model-path", "/models/llama", "--max-seq-len", "2048",
                              "--max-running-requests", "8", "--policy", "least_tokens", "--no-warmup",
@@ -228,8 +228,8 @@ def test_up_takes_the_service_settings_and_passes_them_on():
 
 
 def test_ready_again_needs_a_not_ready_report_or_a_new_publisher():
-    from schemas.internal import LoadReport
-    from services.launcher import ReadyAgain
+    from dpbus.schemas.internal import LoadReport
+    from dpbus.services.launcher import ReadyAgain
 
     def report(g: int, seq: int, ready: bool) -> LoadReport:
         return LoadReport(g, seq, 0.0, ready, 0, 0, 1, 0)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import (
+from dpbus.schemas import (
     AbortAck,
     AbortRequest,
     Answer,
@@ -29,7 +29,7 @@ from schemas import (
     encode_answer,
     sniff_encoding,
 )
-from schemas.codec import MAX_BODY_BYTES
+from dpbus.schemas.codec import MAX_BODY_BYTES
 
 ENCODINGS = [Encoding.JSON, Encoding.MSGPACK]
 

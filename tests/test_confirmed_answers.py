@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from schemas import Done, Error, ErrorCode
-from schemas.codec import Encoding, encode_answer
-from services import bus, logs
+from dpbus.schemas import Done, Error, ErrorCode
+from dpbus.schemas.codec import Encoding, encode_answer
+from dpbus.services import bus, logs
 from tests.test_one_terminal import answers_on
 
 LOG = logs.configure("warning", json=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from services import bus
-from services.launcher import free_port
-from services.natsconf import Tls, check_password, new_nkey, read_hashes, write_config
+from dpbus.services import bus
+from dpbus.services.launcher import free_port
+from dpbus.services.natsconf import Tls, check_password, new_nkey, read_hashes, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NATS_DIR = ROOT / "infra" / "nats"
@@ -92,7 +92,7 @@ def sealed(text: str) -> str:
 def test_shipped_cluster_files_are_the_generator_s_output(tmp_path):
     """infra/nats/cluster is `dpbus nats-config --cluster 3 --dp-size 2 --nnodes 2 --sealed`
     (regenerate it with `--out infra/nats/cluster`): the same files but for the hashes."""
-    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--cluster", "3",
+    r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "nats-config", "--out", str(tmp_path), "--cluster", "3",
                         "--dp-size", "2", "--nnodes", "2", "--sealed"], capture_output=True, text=True, timeout=60,
                        env=clean_env())
     assert r.returncode == 0, r.stderr
@@ -107,7 +107,7 @@ def test_shipped_files_are_the_generator_s_output(tmp_path):
     """infra/nats is `dpbus nats-config --dp-size 2 --nnodes 2 --sealed` (compose's layout;
     regenerate it with `--out infra/nats`): the same files but for the hashes, and no
     credentials beside them."""
-    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "2",
+    r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "2",
                         "--nnodes", "2", "--sealed"], capture_output=True, text=True, timeout=60, env=clean_env())
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auth.conf", "nats.conf"]
@@ -433,7 +433,7 @@ def compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def secrets(tmp_path_factory) -> Path:
     """What the README has you run before compose: `dpbus nats-config --out secrets ...`."""
     out = tmp_path_factory.mktemp("secrets")
-    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(out), "--dp-size", "2",
+    r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "nats-config", "--out", str(out), "--dp-size", "2",
                         "--nnodes", "2"], capture_output=True, text=True, timeout=60, env=clean_env())
     assert r.returncode == 0, r.stderr
     return out
@@ -457,7 +457,7 @@ def test_compose_without_nats_config_has_no_password_and_its_services_refuse_to_
     assert "changeme" not in (ROOT / "compose.yaml").read_text().lower()
     assert not re.search(r"\$\{DPBUS_\w*PASSWORD:-[^}]", (ROOT / "compose.yaml").read_text())
     ingest = model["services"]["ingest"]["environment"]
-    r = subprocess.run([sys.executable, "-m", "services.cli", "ingest"], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "ingest"], capture_output=True, text=True, timeout=120,
                        env={**clean_env(), **{k: v for k, v in ingest.items() if k.startswith("DPBUS_")},
                             "DPBUS_NATS_URL": "nats://127.0.0.1:1"})
     assert r.returncode != 0 and "NATS user ingest" in r.stderr and "has no password" in r.stderr, r.stderr[-2000:]
@@ -520,7 +520,7 @@ def test_compose_services_connect_as_their_own_users(compose_model, secrets):
 def test_compose_with_your_own_secrets(tmp_path):
     """`dpbus nats-config --out DIR` + `--env-file DIR/compose.env`: the server mounts DIR's
     config and every service gets its own generated password."""
-    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "2"],
+    r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "2"],
                        capture_output=True, text=True, timeout=60, env=clean_env())
     assert r.returncode == 0, r.stderr
     creds = json.loads((tmp_path / "credentials.json").read_text())["passwords"]
@@ -541,7 +541,7 @@ def test_compose_with_your_own_secrets(tmp_path):
 # --- nkey users: `dpbus nats-config --nkeys`
 
 async def test_nkey_users_connect_with_their_seed_and_keep_their_permissions(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "1",
+    r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "1",
                         "--nkeys", "--listen", "127.0.0.1:4222", "--http", ""], capture_output=True, text=True,
                        timeout=60, env=clean_env())
     assert r.returncode == 0, r.stderr
@@ -592,7 +592,7 @@ def test_each_host_gets_a_credentials_file_with_only_its_own_users(tmp_path):
     """credentials.json holds every password, admin's too: a member host given it could do
     anything. nats-config also writes hosts/<user>.json, with that user's password only
     (ingest's with the user it answers clients as), each readable by its owner alone."""
-    r = subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "2",
+    r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "nats-config", "--out", str(tmp_path), "--dp-size", "2",
                         "--nnodes", "4"], capture_output=True, text=True, timeout=60, env=clean_env())
     assert r.returncode == 0, r.stderr
     every = json.loads((tmp_path / "credentials.json").read_text())["passwords"]

@@ -13,9 +13,9 @@ import msgspec
 import nats
 import pytest
 
-from schemas import AbortAck, Chunk, Done, Error
+from dpbus.schemas import AbortAck, Chunk, Done, Error
 from tests.conftest import CLUSTER_SETTINGS, client_of
-from services.client import decode_answer
+from dpbus.services.client import decode_answer
 
 pytestmark = pytest.mark.e2e
 
@@ -144,7 +144,7 @@ async def test_max_new_tokens_past_the_context_is_clamped_and_done_says_so(clust
 def test_generate_sends_only_the_sampling_fields_its_flags_set(cluster):
     """No flags: the wire's defaults apply (temperature 1.0, a random seed, 32 tokens)."""
     env = {**os.environ, "DPBUS_NATS_USER": "client", "DPBUS_NATS_PASSWORD": cluster.credentials.passwords["client"]}
-    outs = [subprocess.run([sys.executable, "-m", "services.cli", "generate", "--nats-url", cluster.nats_url, "--raw",
+    outs = [subprocess.run([sys.executable, "-m", "dpbus.services.cli", "generate", "--nats-url", cluster.nats_url, "--raw",
                             "--no-stream", "defaults"] + extra, env=env, capture_output=True, text=True, timeout=120)
             for extra in ([], [], ["--temperature", "0"], ["--temperature", "0"])]
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
@@ -218,7 +218,7 @@ async def test_every_service_answers_micro_discovery(cluster):
 
 
 def test_generate_command_streams_an_answer(cluster):
-    out = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--nats-url", cluster.nats_url,
+    out = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "generate", "--nats-url", cluster.nats_url,
                           "--max-new-tokens", "6", "--raw", "hello there"],
                          env={**os.environ, "DPBUS_NATS_USER": "client",
                               "DPBUS_NATS_PASSWORD": cluster.credentials.passwords["client"]},
@@ -232,7 +232,7 @@ def test_generate_command_streams_an_answer(cluster):
 async def test_stop_strings_end_the_answer_before_the_stop(cluster, stream):
     """Greedy output once without stop strings, then again with a piece of its middle as a
     stop string: the answer is the text before it, finish_reason stop, never the stop itself."""
-    from services.client import generate
+    from dpbus.services.client import generate
 
     nc = await connect(cluster)
     try:

@@ -11,13 +11,13 @@ import msgspec
 import nats
 import pytest
 
-from schemas import Chunk, Done
-from schemas.internal import DecodeItem, PrefillItem, RowSampling
-from services import tokenizer
-from services.client import decode_answer, generate
-from services.model_config import ModelConfig
-from services.worker.model import dummy_weights
-from services.worker.runner import ModelRunner, make_group_mesh
+from dpbus.schemas import Chunk, Done
+from dpbus.schemas.internal import DecodeItem, PrefillItem, RowSampling
+from dpbus.services import tokenizer
+from dpbus.services.client import decode_answer, generate
+from dpbus.services.model_config import ModelConfig
+from dpbus.services.worker.model import dummy_weights
+from dpbus.services.worker.runner import ModelRunner, make_group_mesh
 from tests.conftest import CLUSTER_SETTINGS, client_of, start_cluster
 
 pytestmark = pytest.mark.e2e
@@ -99,7 +99,7 @@ async def publisher_stats(cluster, prefix: str = "small") -> dict:
 
 
 async def test_running_out_of_pages_queues_and_preempts_but_every_answer_is_exact(small_pool):
-    from schemas import Subjects
+    from dpbus.schemas import Subjects
 
     subjects = Subjects("small")
     prompts = [tokenizer.ByteTokenizer().encode(f"request {i} " + "abc" * (10 + i)) for i in range(8)]
@@ -121,7 +121,7 @@ async def test_running_out_of_pages_queues_and_preempts_but_every_answer_is_exac
 
 
 async def test_abort_reaches_queued_and_running_requests_and_frees_their_pages(small_pool):
-    from schemas import Subjects
+    from dpbus.schemas import Subjects
 
     subjects = Subjects("small")
     nc = await client_of(small_pool)
@@ -158,7 +158,7 @@ async def test_shared_prefixes_come_from_the_prefix_cache_and_answers_stay_exact
     """The prefix cache is on by default: requests that share an 80-token prefix (five
     whole pages) compute it once, and every answer equals the reference (one-piece
     prefill, no cache)."""
-    from schemas import Subjects
+    from dpbus.schemas import Subjects
 
     subjects = Subjects("small")
     prefix = tokenizer.ByteTokenizer().encode("You are a terse assistant. " * 3)[:80]
@@ -182,7 +182,7 @@ async def test_shared_prefixes_come_from_the_prefix_cache_and_answers_stay_exact
 async def test_no_compilation_after_warmup_whatever_the_workload(cluster, small_pool):
     """A varied workload of its own (prompt lengths across every prefill bucket, batches
     of every size), after whatever the other tests ran, then the compile counts."""
-    from schemas import Subjects
+    from dpbus.schemas import Subjects
 
     for c, prefix in ((cluster, "dpbus"), (small_pool, "small")):
         nc = await client_of(c)

@@ -9,10 +9,10 @@ import asyncio
 
 import msgspec
 
-from schemas import Error
-from services import logs
-from services.ingest.service import Ingest, TokenBuckets
-from services.settings import IngestSettings
+from dpbus.schemas import Error
+from dpbus.services import logs
+from dpbus.services.ingest.service import Ingest, TokenBuckets
+from dpbus.services.settings import IngestSettings
 
 LOG = logs.configure("warning", json=True)
 

@@ -20,8 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from services import rope  # noqa: E402
-from services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
+from dpbus.services import rope  # noqa: E402
+from dpbus.services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
 from tests.test_checkpoint import Ckpt, _no_eos, runner_greedy  # noqa: E402
 
 SHAPE = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -211,9 +211,9 @@ def test_qwen3_by_hub_id_end_to_end(families, nats_server, tmp_path):
     import asyncio
     import shutil
 
-    from schemas import Done
-    from services.client import generate
-    from services.launcher import Cluster
+    from dpbus.schemas import Done
+    from dpbus.services.client import generate
+    from dpbus.services.launcher import Cluster
     from tests.test_checkpoint import word_tokenizer
     from tests.test_model_path import fake_hub_cache
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.demo import curl_command
-from services.launcher import free_port
+from dpbus.services.demo import curl_command
+from dpbus.services.launcher import free_port
 
-DPBUS = [sys.executable, "-m", "services.cli"]
+DPBUS = [sys.executable, "-m", "dpbus.services.cli"]
 SMALL = {"DPBUS_MAX_PREFILL_TOKENS": "16", "DPBUS_MAX_RUNNING_REQUESTS": "2", "DPBUS_MAX_SEQ_LEN": "512"}
 START_S = 400.0  # bound on warm-up (a small shared machine)
 

@@ -24,9 +24,9 @@ import msgspec
 import openai
 import pytest
 
-from schemas import Chunk, Done, FinishReason, Subjects
-from services.client import generate
-from services.launcher import free_port
+from dpbus.schemas import Chunk, Done, FinishReason, Subjects
+from dpbus.services.client import generate
+from dpbus.services.launcher import free_port
 from tests.conftest import client_of, start_cluster
 
 pytestmark = pytest.mark.e2e
@@ -182,7 +182,7 @@ def own_gateway(served, tmp_path, prefix: str, *flags: str):
     env = {**os.environ, **SETTINGS, "DPBUS_NATS_URL": served.nats_url, "DPBUS_PREFIX": prefix,
            "DPBUS_NATS_USER": "gateway", "DPBUS_NATS_PASSWORD": served.credentials.passwords["gateway"]}
     with open(tmp_path / "gw.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "gateway", "--http-port", str(port), *flags],
+        proc = subprocess.Popen([sys.executable, "-m", "dpbus.services.cli", "gateway", "--http-port", str(port), *flags],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(200):
@@ -412,7 +412,7 @@ def check_dashboard(scraped: str) -> None:
     """Every dpbus metric infra/grafana/dpbus.json queries is one a service really serves."""
     from pathlib import Path
 
-    from services.metrics import GatewayMetrics
+    from dpbus.services.metrics import GatewayMetrics
 
     served = scraped + GatewayMetrics().exposition()[0].decode()
     exposed = {re.sub(r"_total$", "", m) for m in re.findall(r"^# TYPE (dpbus_\w+) ", served, re.M)}

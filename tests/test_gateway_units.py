@@ -14,13 +14,13 @@ import httpx
 import msgspec
 import pytest
 
-from schemas import Chunk, Done, Error, FinishReason
-from schemas.errors import ErrorCode
-from services.gateway import openai as oa
-from services.gateway.app import Gateway
-from services.gateway.chat import TemplateError, load_chat_template
-from services.launcher import free_port
-from services.settings import GatewaySettings
+from dpbus.schemas import Chunk, Done, Error, FinishReason
+from dpbus.schemas.errors import ErrorCode
+from dpbus.services.gateway import openai as oa
+from dpbus.services.gateway.app import Gateway
+from dpbus.services.gateway.chat import TemplateError, load_chat_template
+from dpbus.services.launcher import free_port
+from dpbus.services.settings import GatewaySettings
 
 LLAMA_LIKE = (
     "{{ bos_token }}{% for m in messages %}"

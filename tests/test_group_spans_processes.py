@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from schemas import Done, Error, Subjects
-from services import tokenizer
-from services.client import generate
+from dpbus.schemas import Done, Error, Subjects
+from dpbus.services import tokenizer
+from dpbus.services.client import generate
 from tests.conftest import client_of, start_cluster
 from tests.test_engine_e2e import reference_tokens
 
@@ -65,9 +65,9 @@ def test_a_node_whose_group_never_forms_names_the_missing_member(nats_server):
     import subprocess
     import sys
 
-    from services.launcher import free_port
+    from dpbus.services.launcher import free_port
 
-    out = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--node-rank", "0", "--nnodes", "3",
+    out = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "worker", "--node-rank", "0", "--nnodes", "3",
                           "--dp-size", "1", "--coordinator", f"127.0.0.1:{free_port()}", "--join-timeout", "2",
                           "--nats-url", nats_server.url, "--prefix", "lonely"],
                          env={**os.environ, **{f"DPBUS_{k.upper()}": v for k, v in nats_server.settings("worker-0-0").items()}},

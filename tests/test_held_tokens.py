@@ -20,13 +20,13 @@ import jax
 import numpy as np
 import pytest
 
-from schemas.internal import (
+from dpbus.schemas.internal import (
     LAST_TOKEN, DecodeItem, DecodeRow, PrefillChunk, PrefillItem, RowPages, RowSampling, RowStart, Step, pack, unpacker,
 )
-from services.model_config import ModelConfig
-from services.worker.model import dummy_weights
-from services.worker.runner import ModelRunner, make_group_mesh
-from services.worker.tables import PageTables
+from dpbus.services.model_config import ModelConfig
+from dpbus.services.worker.model import dummy_weights
+from dpbus.services.worker.runner import ModelRunner, make_group_mesh
+from dpbus.services.worker.tables import PageTables
 
 CFG = ModelConfig(vocab_size=384, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
                   max_seq_len=96)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.identity import ForeignReply, answerable, client_key, sender_of
+from dpbus.services.identity import ForeignReply, answerable, client_key, sender_of
 
 
 def key(subject: str, reply: str, secured: bool = True) -> str:

@@ -11,16 +11,16 @@ import msgspec
 import nats.errors
 import pytest
 
-from schemas import AbortAck, Done, Error, Subjects
-from schemas.internal import GroupAbort, Heartbeat, Step, Submit, SubmitAck, pack
-from services import bus, logs, ownership
-from services.ingest.service import Ingest
-from services.ledger import (
+from dpbus.schemas import AbortAck, Done, Error, Subjects
+from dpbus.schemas.internal import GroupAbort, Heartbeat, Step, Submit, SubmitAck, pack
+from dpbus.services import bus, logs, ownership
+from dpbus.services.ingest.service import Ingest
+from dpbus.services.ledger import (
     ANSWERED, HELD, KEEP_ANSWERED, MARGIN, Entry, Lease, LeaseClock, Ledger, SweepView, encode, lease_key,
     ledger_full, request_key, stream_sequence,
 )
-from services.publisher.service import Publisher
-from services.settings import IngestSettings, PublisherSettings
+from dpbus.services.publisher.service import Publisher
+from dpbus.services.settings import IngestSettings, PublisherSettings
 from tests.test_one_terminal import answer, answers_on, submit
 
 LOG = logs.configure("warning", json=True)
@@ -35,7 +35,7 @@ async def test_a_sweep_whose_view_missed_a_change_looks_again_and_answers(nats_s
     and a delete on a stale revision raised (nats-py does not name that error for a
     delete), ending every sweep there. Now the sweep reads such a key again and answers
     it at the next sweep."""
-    from services import ownership
+    from dpbus.services import ownership
 
     nc = await nats_server.connect("admin")
     try:
@@ -447,7 +447,7 @@ async def test_a_settling_write_in_doubt_that_did_not_land_is_made_again(nats_se
     this way, after a NATS restart). Now it settles again and answers."""
     from functools import partial
 
-    from services import ownership
+    from dpbus.services import ownership
 
     monkeypatch.setattr(ownership.settle, "__defaults__", (3,))  # three tries before the write is in doubt
     pub, got = await one_request_whose_publisher_loses(nats_server, "update", "settle-not-landed",
@@ -519,7 +519,7 @@ async def test_a_value_that_is_no_entry_is_taken_over_and_its_request_answered_o
 async def test_a_full_ledger_refuses_with_overloaded_and_claims_nothing(nats_server):
     """A bucket at its size limit refuses a claim: the client hears ``overloaded`` (not
     ``unavailable``, not silence)."""
-    from services.ledger import Ledger as RealLedger
+    from dpbus.services.ledger import Ledger as RealLedger
 
     nc = await nats_server.connect("admin")
     try:
@@ -566,7 +566,7 @@ async def test_a_refusal_the_ledger_never_records_ends_with_an_answer(nats_serve
     not hold the request (or no group at all, after ``REFUSE_ROUNDS`` rounds) gets the
     client ``unavailable``; a group that holds it ends it with its own terminal answer,
     so ingest says nothing."""
-    from services.ingest import service as ingest_service
+    from dpbus.services.ingest import service as ingest_service
 
     monkeypatch.setattr(ownership.refuse, "__defaults__", (3,))  # three tries a round
     run, nc = Running(), await nats_server.connect("admin")

@@ -27,11 +27,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from schemas.internal import DecodeItem, PrefillItem, RowSampling  # noqa: E402
-from services.worker import attention, model  # noqa: E402
-from services.worker.model import Config  # noqa: E402
-from services.worker.runner import ModelRunner, make_group_mesh, prefill_buckets  # noqa: E402
-from services.worker.sampling import sample  # noqa: E402
+from dpbus.schemas.internal import DecodeItem, PrefillItem, RowSampling  # noqa: E402
+from dpbus.services.worker import attention, model  # noqa: E402
+from dpbus.services.worker.model import Config  # noqa: E402
+from dpbus.services.worker.runner import ModelRunner, make_group_mesh, prefill_buckets  # noqa: E402
+from dpbus.services.worker.sampling import sample  # noqa: E402
 
 CFG = Config(vocab_size=384, dim=128, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=16, ffn_dim=256,
              max_seq_len=96)

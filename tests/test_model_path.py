@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import main
-from services.model_path import looks_like_hub_id, resolve_model_path
+from dpbus.services.cli import main
+from dpbus.services.model_path import looks_like_hub_id, resolve_model_path
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -42,9 +42,9 @@ TINY_LLAMA = json.dumps({"model_type": "llama", "vocab_size": 300, "hidden_size"
 
 CHECK = """
 import argparse, json, sys
-from services import settings as st
-from services.cli import check_model_path, local_model
-from services.model_path import resolve_model_path
+from dpbus.services import settings as st
+from dpbus.services.cli import check_model_path, local_model
+from dpbus.services.model_path import resolve_model_path
 out = {"resolved": resolve_model_path("org/tiny-model")}
 for cls in (st.IngestSettings, st.PublisherSettings, st.WorkerSettings, st.GatewaySettings, st.NodeSettings):
     s = st.build(cls, env={"DPBUS_MODEL_PATH": "org/tiny-model"})
@@ -75,7 +75,7 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_for_every_role(tmp_path, where
 @pytest.mark.parametrize("role", ["ingest", "worker"])  # the worker checks the model before its settings
 def test_an_id_that_cannot_be_fetched_is_one_clear_line(tmp_path, role):
     fake_hub_cache(tmp_path, "org/other", {"config.json": "{}"})
-    done = run_offline(f"from services.cli import main; import sys; sys.exit(main(['{role}', '--model-path', "
+    done = run_offline(f"from dpbus.services.cli import main; import sys; sys.exit(main(['{role}', '--model-path', "
                        "'org/not-cached']))", {"HF_HUB_CACHE": str(tmp_path)})
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

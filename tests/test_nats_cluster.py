@@ -11,7 +11,7 @@ one terminal and nothing after it, and no client on a surviving server missed an
 Core NATS delivers at most once: what a service wrote to the killed server and the server
 had not yet handled is gone. Terminal answers are therefore confirmed and, if lost with
 the connection, sent again (``bus.ClientOutbox``); ledger writes whose answers are lost
-while the bucket elects a new leader are read back (``services.ownership``)."""
+while the bucket elects a new leader are read back (``dpbus.services.ownership``)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import signal
 import nats
 import pytest
 
-from services import bus
-from services.launcher import Cluster, wait_nats_cluster
-from services.ledger import Ledger, bucket_name
+from dpbus.services import bus
+from dpbus.services.launcher import Cluster, wait_nats_cluster
+from dpbus.services.ledger import Ledger, bucket_name
 from tests.test_chaos import SETTINGS, Load, assert_nothing_lost, serving
 
 VICTIM = 1  # the server killed: publisher-0 and worker-1 prefer it, ingest does not
@@ -70,7 +70,7 @@ def start(cluster: Cluster) -> None:
 
 
 def test_up_and_demo_take_nats_cluster():
-    from services.cli import cluster_from, parser
+    from dpbus.services.cli import cluster_from, parser
 
     for command in ("up", "demo"):
         c = cluster_from(parser().parse_args([command, "--nats-cluster", "3", "--nnodes", "2"]))

@@ -12,11 +12,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services import settings as st
-from services.cli import parser
-from services.devices import resolve_dtype, xla_env
+from dpbus.services import settings as st
+from dpbus.services.cli import parser
+from dpbus.services.devices import resolve_dtype, xla_env
 
-DPBUS = [sys.executable, "-m", "services.cli"]
+DPBUS = [sys.executable, "-m", "dpbus.services.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,8 +80,8 @@ def test_dtype_auto_is_bfloat16_on_tpu_only(asked, platform, dtype):
 
 
 def test_auto_dtype_runs_float32_on_this_cpu():
-    from services import logs
-    from services.worker.service import load_runner
+    from dpbus.services import logs
+    from dpbus.services.worker.service import load_runner
 
     s = st.build(st.WorkerSettings, env={}, max_seq_len=64, max_running_requests=2, max_prefill_tokens=16,
                  warmup=False)
@@ -97,7 +97,7 @@ def test_the_services_import_without_torch_or_transformers():
 import importlib, pkgutil, sys
 sys.modules["torch"] = None
 sys.modules["transformers"] = None
-import schemas, services
+from dpbus import schemas, services
 names = [m.name for pkg in (schemas, services) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
 for name in names:
     importlib.import_module(name)
@@ -105,7 +105,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
 tok.pre_tokenizer = pre_tokenizers.Whitespace()
 tok.save(sys.argv[1] + "/tokenizer.json")
-from services.tokenizer import HFTokenizer, load_tokenizer
+from dpbus.services.tokenizer import HFTokenizer, load_tokenizer
 t = load_tokenizer(sys.argv[1])
 assert isinstance(t, HFTokenizer) and t.encode("hello world") == [1, 2], t
 assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
@@ -149,3 +149,17 @@ def test_make_test_installs_dev_even_after_make_demo(tmp_path):
     assert "pip install --quiet -e .\n" not in test
     (venv / ".dev-installed").touch()
     assert "pip install" not in plan("test") and "pip install" not in plan("demo")
+
+
+def test_the_wheel_installs_one_top_level_package(tmp_path):
+    """Everything installs under ``dpbus.``: nothing called ``services`` or ``schemas`` lands
+    in site-packages beside other projects' packages."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("dpbus-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"dpbus"}, tops
+    assert any(name.startswith("dpbus/services/publisher/") for name in zipfile.ZipFile(wheel).namelist())

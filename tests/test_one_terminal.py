@@ -10,20 +10,20 @@ import time
 import msgspec
 import pytest
 
-from schemas import Chunk, Done, Error, SamplingParams, Subjects
-from schemas.codec import Encoding
-from schemas.internal import (
+from dpbus.schemas import Chunk, Done, Error, SamplingParams, Subjects
+from dpbus.schemas.codec import Encoding
+from dpbus.schemas.internal import (
     GroupAbort, Heartbeat, LoadReport, Step, StepFailure, StepResult, Submit, SubmitAck, pack, token_digest,
 )
-from services import bus, logs
-from services.client import decode_answer
-from services.errors import Rejected, SendDataError
-from services.ingest.service import Ingest
-from services.publisher.scheduler import Sequence
-from services.publisher.service import Publisher
-from services.publisher.stepper import EPOCH_GAP
-from services.settings import IngestSettings, PublisherSettings, WorkerSettings
-from services.worker.service import Worker
+from dpbus.services import bus, logs
+from dpbus.services.client import decode_answer
+from dpbus.services.errors import Rejected, SendDataError
+from dpbus.services.ingest.service import Ingest
+from dpbus.services.publisher.scheduler import Sequence
+from dpbus.services.publisher.service import Publisher
+from dpbus.services.publisher.stepper import EPOCH_GAP
+from dpbus.services.settings import IngestSettings, PublisherSettings, WorkerSettings
+from dpbus.services.worker.service import Worker
 
 LOG = logs.configure("warning", json=True)
 PREFIX = "once"

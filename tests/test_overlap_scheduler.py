@@ -17,9 +17,9 @@ from collections import Counter
 
 import pytest
 
-from schemas import FinishReason
-from schemas.internal import LAST_TOKEN
-from services.publisher.scheduler import Plan, Scheduler, Sequence
+from dpbus.schemas import FinishReason
+from dpbus.schemas.internal import LAST_TOKEN
+from dpbus.services.publisher.scheduler import Plan, Scheduler, Sequence
 from tests.test_scheduler import all_free, expected_output, maybe_arrive, mksched, mkseq, token_fn
 
 

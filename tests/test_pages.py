@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from schemas.internal import PAGE_HASH_BYTES, page_hashes
-from services.publisher.pages import PagePool
+from dpbus.schemas.internal import PAGE_HASH_BYTES, page_hashes
+from dpbus.services.publisher.pages import PagePool
 from tests.test_scheduler import random_workload
 
 

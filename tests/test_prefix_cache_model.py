@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import jax
 import pytest
 
-from schemas import Encoding, SamplingParams
-from services.model_config import ModelConfig
-from services.publisher.scheduler import Scheduler, Sequence
-from services.worker.model import dummy_weights
-from services.worker.runner import ModelRunner, make_group_mesh
+from dpbus.schemas import Encoding, SamplingParams
+from dpbus.services.model_config import ModelConfig
+from dpbus.services.publisher.scheduler import Scheduler, Sequence
+from dpbus.services.worker.model import dummy_weights
+from dpbus.services.worker.runner import ModelRunner, make_group_mesh
 
 PAGE, MAX_LEN, MAX_RUNNING, MAX_PREFILL = 16, 256, 4, 64
 NUM_PAGES = MAX_LEN // PAGE + 1  # one context: four requests of ~100 tokens preempt each other

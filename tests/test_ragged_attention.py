@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from services.worker import attention
+from dpbus.services.worker import attention
 
 ragged_mod = pytest.importorskip("jax.experimental.pallas.ops.tpu.ragged_paged_attention")
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.public import wire_defaults_table
-from services.launcher import free_port, nats_server_binary
+from dpbus.schemas.public import wire_defaults_table
+from dpbus.services.launcher import free_port, nats_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -69,7 +69,7 @@ def test_wire_defaults_table_is_the_one_generated_from_schemas():
 
 
 def test_readme_names_every_error_code():
-    from schemas.errors import ErrorCode
+    from dpbus.schemas.errors import ErrorCode
 
     errors = section("The wire contract")
     for code in ErrorCode:
@@ -88,7 +88,7 @@ def user_env(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     dpbus = bin_dir / "dpbus"
-    dpbus.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m services.cli "$@"\n')
+    dpbus.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m dpbus.services.cli "$@"\n')
     dpbus.chmod(0o755)
     (bin_dir / "nats-server").symlink_to(nats_server_binary())
     home = tmp_path / "home"

@@ -7,7 +7,7 @@ import asyncio
 import nats.errors
 import pytest
 
-from services.bus import Replies
+from dpbus.services.bus import Replies
 
 
 async def test_replies_answer_refuse_and_time_out(nats_server):

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import Subjects
+from dpbus.schemas import Subjects
 from tests.conftest import client_of, start_cluster
 from tests.test_engine_e2e import service_stats
 

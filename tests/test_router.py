@@ -20,11 +20,11 @@ from types import SimpleNamespace
 import nats.errors
 import pytest
 
-from schemas import ErrorCode
-from schemas.codec import Encoding
-from schemas.internal import LoadReport, Submit, SubmitAck, pack, page_hashes
-from schemas.public import SamplingParams
-from services.ingest.router import POLICIES, Router
+from dpbus.schemas import ErrorCode
+from dpbus.schemas.codec import Encoding
+from dpbus.schemas.internal import LoadReport, Submit, SubmitAck, pack, page_hashes
+from dpbus.schemas.public import SamplingParams
+from dpbus.services.ingest.router import POLICIES, Router
 
 DT = 0.05          # simulated seconds per tick
 REPORT_EVERY = 10  # ticks: a load report every 0.5 s, as the publishers do by default
@@ -478,11 +478,11 @@ class NoLog:
 
 
 def ingest(policy: str = "least_tokens", dead: set[int] = frozenset(), **kw):
-    from services.ingest.service import Ingest
-    from services.settings import IngestSettings
+    from dpbus.services.ingest.service import Ingest
+    from dpbus.services.settings import IngestSettings
 
     ing = Ingest(IngestSettings(dp_size=2, policy=policy, **kw), NoLog())
-    from services.bus import ClientOutbox
+    from dpbus.services.bus import ClientOutbox
 
     ing.nc = FakeBus(dead)
     ing.replies = FakeReplies(ing.nc)
@@ -503,7 +503,7 @@ def answer(ing) -> dict:
 
 
 def test_ingest_refuses_an_unknown_policy_at_start_up(capsys):
-    from services.cli import main
+    from dpbus.services.cli import main
 
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
         ingest("fastest")

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from schemas import Done, Error, Subjects
-from services.client import generate
-from services.launcher import Cluster
+from dpbus.schemas import Done, Error, Subjects
+from dpbus.services.client import generate
+from dpbus.services.launcher import Cluster
 from tests.conftest import client_of
 
 pytestmark = pytest.mark.e2e

@@ -24,20 +24,20 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from schemas import Done, Error
-from services import bus, logs
-from services.client import stream
-from services.ingest.service import Ingest
-from services.launcher import free_port
-from services.natsconf import PLACEHOLDER_PASSWORDS, Credentials, Limits, placeholder, write_config
-from services.settings import IngestSettings
+from dpbus.schemas import Done, Error
+from dpbus.services import bus, logs
+from dpbus.services.client import stream
+from dpbus.services.ingest.service import Ingest
+from dpbus.services.launcher import free_port
+from dpbus.services.natsconf import PLACEHOLDER_PASSWORDS, Credentials, Limits, placeholder, write_config
+from dpbus.services.settings import IngestSettings
 from tests.test_deploy_configs import NATS_SERVER, Server, clean_env, connect, until, violation
 
 LOG = logs.configure("warning", json=True)
 
 
 def nats_config(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", "nats-config", "--out", str(out), *args],
+    return subprocess.run([sys.executable, "-m", "dpbus.services.cli", "nats-config", "--out", str(out), *args],
                           capture_output=True, text=True, timeout=60, env=clean_env())
 
 
@@ -131,7 +131,7 @@ def test_every_role_refuses_to_connect_with_a_placeholder_password(open_server, 
         every = ["ingest", "publisher-0", "worker-0-0", "node-0", "gateway", "client"]  # as nats-config writes it
         Credentials(url, {u: "changeme" for u in every}).save(tmp_path / "credentials.json")
         argv = [*argv, "--nats-url", url, "--nats-credentials", str(tmp_path / "credentials.json")]
-    r = subprocess.run([sys.executable, "-m", "services.cli", *argv], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", *argv], capture_output=True, text=True, timeout=120,
                        env=env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"NATS user {user} at " in r.stderr and "placeholder password 'changeme'" in r.stderr, r.stderr

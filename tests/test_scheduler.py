@@ -18,10 +18,10 @@ from collections import Counter
 
 import pytest
 
-from schemas import Encoding, FinishReason, SamplingParams
-from services.publisher import scheduler as scheduler_module
-from services.publisher.scheduler import Plan, Scheduler, Sequence
-from services.tokenizer import EOS_ID
+from dpbus.schemas import Encoding, FinishReason, SamplingParams
+from dpbus.services.publisher import scheduler as scheduler_module
+from dpbus.services.publisher.scheduler import Plan, Scheduler, Sequence
+from dpbus.services.tokenizer import EOS_ID
 
 TOKEN = 7  # what the constant fake model always answers (not EOS)
 PAGE = 4
@@ -986,7 +986,7 @@ def test_a_group_failure_forgets_the_cache():
     ("the whole prompt is reused", "work is pending but the step is empty"),
 ])
 def test_broken_prefix_caches_fail_the_checks(monkeypatch, mutant, caught_by):
-    from services.publisher.pages import PagePool
+    from dpbus.services.publisher.pages import PagePool
 
     if mutant == "a partly written page is published":
         original = Scheduler._publish

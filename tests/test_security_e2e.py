@@ -13,10 +13,10 @@ import msgspec
 import nats.js.errors
 import pytest
 
-from schemas import AbortAck, Chunk, Done, Error
-from services.client import decode_answer
-from services.ledger import decode_entry, request_key
-from services.settings import PublisherSettings
+from dpbus.schemas import AbortAck, Chunk, Done, Error
+from dpbus.services.client import decode_answer
+from dpbus.services.ledger import decode_entry, request_key
+from dpbus.services.settings import PublisherSettings
 from tests.conftest import client_of
 
 pytestmark = pytest.mark.e2e

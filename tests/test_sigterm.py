@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from schemas import Done, Error, Subjects
-from services.launcher import free_port
+from dpbus.schemas import Done, Error, Subjects
+from dpbus.services.launcher import free_port
 from tests.conftest import client_of, lines_until_ready, start_cluster
 
-DPBUS = [sys.executable, "-m", "services.cli"]
+DPBUS = [sys.executable, "-m", "dpbus.services.cli"]
 PREFIX = "stop"
 BOUND_S = 10.0
 # few shapes to compile, so that clusters start quickly on a small machine
@@ -138,7 +138,7 @@ async def streaming_requests(cluster, n: int = 2) -> tuple[object, list[asyncio.
     started = [asyncio.Event() for _ in range(n)]
 
     async def one(i: int):
-        from services.client import stream
+        from dpbus.services.client import stream
 
         chunks, terminal = 0, None
         async for ans in stream(nc, {"text": f"stop {i}", "sampling": {"max_new_tokens": 400, "ignore_eos": True}},

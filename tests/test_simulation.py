@@ -1,7 +1,7 @@
 """The deterministic protocol simulation (tests/sim): thousands of seeded worlds of
 ingests, publishers and a ledger, with a faulty network, kills, restarts, group failures,
 lease outages and clock jumps, checked after every event. Production decides
-(``services.ownership``, ``LeaseClock``, ``SweepView``); the simulation sequences.
+(``dpbus.services.ownership``, ``LeaseClock``, ``SweepView``); the simulation sequences.
 
 A failing seed replays exactly: ``DPBUS_SIM_SEED=<seed> pytest tests/test_simulation.py -k replay``.
 ``DPBUS_SIM_SEEDS`` sets how many seeds the sweep runs (``DPBUS_SIM_FIRST`` the first)."""
@@ -13,8 +13,8 @@ from collections import Counter
 
 import pytest
 
-import services.ledger
-from services import ownership
+from dpbus.services import ledger as ledger_module
+from dpbus.services import ownership
 from tests.sim.checker import Violation
 from tests.sim.world import Faults, World
 
@@ -117,7 +117,7 @@ LEDGER_FAULTS = Faults(ledger=0.05)
 @pytest.mark.parametrize("target, name, broken, faults", [
     (ownership, "own_write_landed", careless_settle, None),
     (ownership, "may_take_over", takes_any_name, None),
-    (services.ledger, "MARGIN", -0.5, None),  # the holder speaks on after ingest answers for it
+    (ledger_module, "MARGIN", -0.5, None),  # the holder speaks on after ingest answers for it
     (ownership, "landed", never_ours, LEDGER_FAULTS),
     (ownership, "landed", always_ours, LEDGER_FAULTS),
 ], ids=["answer-without-winning-the-cas", "take-over-any-name", "no-lease-margin", "unknown-write-taken-for-failed",

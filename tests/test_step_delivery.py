@@ -14,19 +14,19 @@ import time
 import msgspec
 import pytest
 
-from schemas import Done, Error, SamplingParams, Subjects
-from schemas.codec import Encoding
-from schemas.internal import (
+from dpbus.schemas import Done, Error, SamplingParams, Subjects
+from dpbus.schemas.codec import Encoding
+from dpbus.schemas.internal import (
     LAST_TOKEN, DecodeRow, Heartbeat, PrefillChunk, Replay, ReplayReply, RowPages, RowSampling, RowStart, Step, StepFailure,
     StepReply, StepResult, Submit, SubmitAck, client_of, pack, token_digest,
 )
-from services import logs
-from services.client import decode_answer
-from services.publisher.service import Publisher
-from services.publisher.stepper import Stepper
-from services.settings import PublisherSettings, WorkerSettings
-from services.worker.ordering import NEXT, REPEAT, STALE, StepOrder
-from services.worker.service import Worker, load_runner
+from dpbus.services import logs
+from dpbus.services.client import decode_answer
+from dpbus.services.publisher.service import Publisher
+from dpbus.services.publisher.stepper import Stepper
+from dpbus.services.settings import PublisherSettings, WorkerSettings
+from dpbus.services.worker.ordering import NEXT, REPEAT, STALE, StepOrder
+from dpbus.services.worker.service import Worker, load_runner
 
 G = RowSampling(0.0, 1.0, 0, 0)
 LOG = logs.configure("warning", json=True)

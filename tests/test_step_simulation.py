@@ -15,8 +15,8 @@ from collections import Counter
 import msgspec
 import pytest
 
-from services.publisher import scheduler, stepper, tables
-from services.worker import ordering
+from dpbus.services.publisher import scheduler, stepper, tables
+from dpbus.services.worker import ordering
 from tests.sim import steps as steps_world
 from tests.sim.checker import Violation
 from tests.sim.steps import StepWorld

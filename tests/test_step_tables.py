@@ -17,18 +17,18 @@ import types
 import msgspec
 import pytest
 
-from schemas import FinishReason
-from schemas.internal import (
+from dpbus.schemas import FinishReason
+from dpbus.schemas.internal import (
     DecodeItem, DecodeRow, PrefillChunk, PrefillItem, RowPages, RowSampling, RowStart, Step, pack, unpacker,
 )
-from services import logs
-from services.publisher.scheduler import Plan, Scheduler
-from services.publisher.tables import RowTables
-from services.publisher.service import Publisher
-from services.settings import PublisherSettings, WorkerSettings
-from services.worker.ordering import GAP, REPEAT, STALE
-from services.worker.service import Worker
-from services.worker.tables import PageTables
+from dpbus.services import logs
+from dpbus.services.publisher.scheduler import Plan, Scheduler
+from dpbus.services.publisher.tables import RowTables
+from dpbus.services.publisher.service import Publisher
+from dpbus.services.settings import PublisherSettings, WorkerSettings
+from dpbus.services.worker.ordering import GAP, REPEAT, STALE
+from dpbus.services.worker.service import Worker
+from dpbus.services.worker.tables import PageTables
 from tests.test_scheduler import PagedFake, check_pages, expected_output, mkseq, mksched, varied_prompt
 
 LOG = logs.configure("warning", json=True)

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from services.publisher.stops import StopMatcher
-from services.tokenizer import ByteStream, ByteTokenizer
+from dpbus.services.publisher.stops import StopMatcher
+from dpbus.services.tokenizer import ByteStream, ByteTokenizer
 
 
 def feed_all(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
@@ -82,7 +82,7 @@ class Wrapped:
 
 
 def test_hf_stream_decodes_multibyte_text_whole_and_in_linear_work():
-    from services.tokenizer import HFStream
+    from dpbus.services.tokenizer import HFStream
 
     tok = bpe_tokenizer()
     text = ("Grüße aus 東京 🚀 — the quick brown fox; naïve café. " * 60)[:4000]

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.topology import (
+from dpbus.services.topology import (
     NodePlace,
     compute_dp_attention_world_info,
     group_leader,
@@ -307,7 +307,7 @@ def test_seed_and_ours_agree_when_groups_have_one_node_or_dp_is_one(nnodes: int,
 def test_dpbus_up_stops_a_spanning_group_s_leader_after_its_members():
     """The leader hosts the group's JAX job: ``Cluster.stop`` signals it last (a member
     whose leader went first is ended by JAX itself, with SIGABRT)."""
-    from services.launcher import Cluster
+    from dpbus.services.launcher import Cluster
 
     spanning = Cluster(dp_size=2, nnodes=4)
     assert [n for n in ("worker-0", "worker-1", "worker-2", "worker-3", "node-2", "publisher-0", "ingest-0")
@@ -319,7 +319,7 @@ def test_only_a_group_s_leader_connects_with_publisher_rights():
     """`dpbus node` on a member that runs no publisher connects as its own worker-g-r: a
     compromised member host cannot reach the ledger or any client's inbox, nor speak for
     another member (the permission matrix in test_deploy_configs shows what it is refused)."""
-    from services.launcher import node_user
+    from dpbus.services.launcher import node_user
 
     assert [node_user(r, 4, 2) for r in range(4)] == ["node-0", "worker-0-1", "node-1", "worker-1-3"]
     assert [node_user(r, 2, 2) for r in range(2)] == ["node-0", "node-1"]

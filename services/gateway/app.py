@@ -33,15 +33,15 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from schemas import Chunk, Done, Error, ErrorCode, Subjects
-from schemas.public import Answer
-from services import bus
-from services.gateway import openai as oa
-from services.gateway.chat import TemplateError, load_chat_template
-from services.metrics import GatewayMetrics
-from services.model_config import model_config_for
-from services.settings import GatewaySettings
-from services.tokenizer import load_tokenizer
+from dpbus.schemas import Chunk, Done, Error, ErrorCode, Subjects
+from dpbus.schemas.public import Answer
+from dpbus.services import bus
+from dpbus.services.gateway import openai as oa
+from dpbus.services.gateway.chat import TemplateError, load_chat_template
+from dpbus.services.metrics import GatewayMetrics
+from dpbus.services.model_config import model_config_for
+from dpbus.services.settings import GatewaySettings
+from dpbus.services.tokenizer import load_tokenizer
 
 _answer = msgspec.msgpack.Decoder(Answer)
 REPLY_TOKEN_BYTES = 16  # 128 random bits after the inbox prefix: a call's subject cannot be guessed

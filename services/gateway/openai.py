@@ -15,8 +15,8 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from schemas.errors import ErrorCode
-from schemas.public import MAX_NEW_TOKENS_LIMIT
+from dpbus.schemas.errors import ErrorCode
+from dpbus.schemas.public import MAX_NEW_TOKENS_LIMIT
 
 Text = Union[str, list[Any]]
 

@@ -9,7 +9,7 @@ Policies (``--policy``):
   to generate).
 * ``prefix_affinity``: a request goes to the group whose prefix cache holds the longest
   prefix of its prompt, by the page hashes each group lists in its load report (see
-  ``schemas.internal.page_hashes``) plus those of the prompts this router sent it since
+  ``dpbus.schemas.internal.page_hashes``) plus those of the prompts this router sent it since
   (ties: the less loaded). When no group holds any of it, requests whose first
   ``prefix_tokens`` tokens are equal go to the same group (rendezvous hashing over the
   available groups, so a group that leaves or comes back moves only its own prefixes).
@@ -37,7 +37,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from schemas.internal import PAGE_HASH_BYTES, LoadReport, page_hashes
+from dpbus.schemas.internal import PAGE_HASH_BYTES, LoadReport, page_hashes
 
 POLICIES = ("round_robin", "shortest_queue", "least_tokens", "prefix_affinity")
 DEFAULT_PREFIX_TOKENS = 32

@@ -22,20 +22,20 @@ from typing import Any
 import nats.errors
 import nats.micro
 
-from schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects, decode_abort, decode_request
-from schemas.codec import encode_answer, sniff_encoding
-from schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
-from schemas.subjects import INGEST_QUEUE
-from services import bus, identity, ownership
-from services import version as package_version
-from services.lifecycle import unless_stopped
-from services.errors import Rejected
-from services.ledger import Entry, Ledger, SweepView, request_key
-from services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
-from services.model_config import model_config_for
-from services.settings import IngestSettings
-from services.tokenizer import load_tokenizer
-from services.topology import dp_groups
+from dpbus.schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects, decode_abort, decode_request
+from dpbus.schemas.codec import encode_answer, sniff_encoding
+from dpbus.schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
+from dpbus.schemas.subjects import INGEST_QUEUE
+from dpbus.services import bus, identity, ownership
+from dpbus.services import version as package_version
+from dpbus.services.lifecycle import unless_stopped
+from dpbus.services.errors import Rejected
+from dpbus.services.ledger import Entry, Ledger, SweepView, request_key
+from dpbus.services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
+from dpbus.services.model_config import model_config_for
+from dpbus.services.settings import IngestSettings
+from dpbus.services.tokenizer import load_tokenizer
+from dpbus.services.topology import dp_groups
 
 VERSION = package_version()  # announced in NATS discovery
 SUBMIT_ATTEMPTS = 3

@@ -17,7 +17,7 @@ completely written page can be shared: a partly filled last page would be writte
 request that owns it, under the readers. A radix tree earns its keep by matching prefixes
 token by token, which would buy nothing here but more code. With a chain hash per page
 (page i's hash covers every token up to the end of page i, see
-``schemas.internal.page_hashes``) the index is one dict, a lookup walks a request's page
+``dpbus.schemas.internal.page_hashes``) the index is one dict, a lookup walks a request's page
 hashes until the first miss, and the same hashes, sent in the load report, tell the
 router which group holds a prompt's prefix.
 

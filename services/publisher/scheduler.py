@@ -38,12 +38,12 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from schemas import FinishReason, SamplingParams
-from schemas.codec import Encoding
-from schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling, page_hashes
-from services.publisher.pages import PagePool
-from services.publisher.stops import StopMatcher
-from services.tokenizer import EOS_ID, ByteStream, StreamDecoder
+from dpbus.schemas import FinishReason, SamplingParams
+from dpbus.schemas.codec import Encoding
+from dpbus.schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling, page_hashes
+from dpbus.services.publisher.pages import PagePool
+from dpbus.services.publisher.stops import StopMatcher
+from dpbus.services.tokenizer import EOS_ID, ByteStream, StreamDecoder
 
 
 @dataclass(eq=False)  # one request's life: compared (and found in lists) by identity, in O(1)

@@ -32,26 +32,26 @@ from typing import Any
 import nats.micro
 from prometheus_client import CollectorRegistry
 
-from schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
-from schemas.internal import (
+from dpbus.schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
+from dpbus.schemas.internal import (
     GroupAbort, client_of, Heartbeat, LoadReport, Replay, ReplayReply, StepReply, StepResult, Submit, SubmitAck,
     pack, token_digest, unpacker,
 )
-from schemas.public import AbortAck
-from services import bus, identity, ownership
-from services import version as package_version
-from services.lifecycle import unless_stopped
-from services.errors import GroupFailure, ReceiveDataError, SendDataError
-from services.ledger import Lease, LeaseClock, Ledger, ledger_full, request_key
-from services.publisher.scheduler import Plan, Scheduler, Sequence
-from services.publisher.stepper import Stepper
-from services.publisher.tables import RowTables
-from services.metrics import PublisherMetrics
-from services.model_config import model_config_for
-from services.natsconf import user_for
-from services.settings import PublisherSettings, total_pages
-from services.tokenizer import load_tokenizer
-from services.topology import dp_groups, group_nodes
+from dpbus.schemas.public import AbortAck
+from dpbus.services import bus, identity, ownership
+from dpbus.services import version as package_version
+from dpbus.services.lifecycle import unless_stopped
+from dpbus.services.errors import GroupFailure, ReceiveDataError, SendDataError
+from dpbus.services.ledger import Lease, LeaseClock, Ledger, ledger_full, request_key
+from dpbus.services.publisher.scheduler import Plan, Scheduler, Sequence
+from dpbus.services.publisher.stepper import Stepper
+from dpbus.services.publisher.tables import RowTables
+from dpbus.services.metrics import PublisherMetrics
+from dpbus.services.model_config import model_config_for
+from dpbus.services.natsconf import user_for
+from dpbus.services.settings import PublisherSettings, total_pages
+from dpbus.services.tokenizer import load_tokenizer
+from dpbus.services.topology import dp_groups, group_nodes
 
 VERSION = package_version()  # announced in NATS discovery
 ANSWERED_WINDOW = 120.0  # seconds a terminal answer is remembered against copies and retries

@@ -27,9 +27,9 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from schemas.errors import ErrorCode
-from schemas.internal import Replay, StepFailure, StepResult
-from services.errors import GroupFailure
+from dpbus.schemas.errors import ErrorCode
+from dpbus.schemas.internal import Replay, StepFailure, StepResult
+from dpbus.services.errors import GroupFailure
 
 REPLAY_BYTES = 512 * 1024  # a replay answer holds steps up to this size (always one at least)
 

@@ -26,7 +26,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.internal import DecodeRow, PrefillChunk, RowPages, RowSampling, RowStart, Step
+from dpbus.schemas.internal import DecodeRow, PrefillChunk, RowPages, RowSampling, RowStart, Step
 
 
 @dataclass

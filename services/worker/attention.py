@@ -316,7 +316,7 @@ def tpu_ragged_attention(mesh: jax.sharding.Mesh, q: jax.Array, kv_pages: jax.Ar
     heads that read them come along). Not run where no TPU is."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
-    from services.worker.model import TENSOR
+    from dpbus.services.worker.model import TENSOR
 
     def local(q, kv, kv_lens, pages, cu, n):
         return ragged_paged_attention(q, kv, kv_lens, pages, cu, n, sm_scale=sm_scale)

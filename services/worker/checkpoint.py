@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from services.model_config import ModelConfig
-from services.rope import RopeScaling, yarn_attention_factor
+from dpbus.services.model_config import ModelConfig
+from dpbus.services.rope import RopeScaling, yarn_attention_factor
 
 INDEX_FILE = "model.safetensors.index.json"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from services import rope as rope_freqs
-from services.model_config import ModelConfig
-from services.worker.attention import BF16_BITS, StepBatch, ragged_attention, write_slots
+from dpbus.services import rope as rope_freqs
+from dpbus.services.model_config import ModelConfig
+from dpbus.services.worker.attention import BF16_BITS, StepBatch, ragged_attention, write_slots
 
 TENSOR = "tensor"
 

@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling
-from services.worker import model
-from services.worker.attention import Shape, StepBatch, build_batch
-from services.worker.model import TENSOR, Config
-from services.worker.sampling import sample
+from dpbus.schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling
+from dpbus.services.worker import model
+from dpbus.services.worker.attention import Shape, StepBatch, build_batch
+from dpbus.services.worker.model import TENSOR, Config
+from dpbus.services.worker.sampling import sample
 
 MIN_PREFILL_BUCKET = 16
 

@@ -18,20 +18,20 @@ from typing import Any
 
 import nats.micro
 
-from schemas import ErrorCode, Subjects
-from schemas.internal import (
+from dpbus.schemas import ErrorCode, Subjects
+from dpbus.schemas.internal import (
     Heartbeat, Replay, ReplayReply, Step, StepFailure, StepResult, pack, token_digest, unpacker,
 )
-from services import bus
-from services import version as package_version
-from services.errors import ReceiveDataError, SendDataError
-from services.lifecycle import EXIT_BROKEN_JOB, unless_stopped
-from services.model_config import model_config_for
-from services.natsconf import member_user
-from services.settings import WorkerSettings, total_pages
-from services.topology import dp_groups, group_nodes, place_node
-from services.worker.ordering import GAP, REPEAT, STALE, StepOrder
-from services.worker.tables import PageTables
+from dpbus.services import bus
+from dpbus.services import version as package_version
+from dpbus.services.errors import ReceiveDataError, SendDataError
+from dpbus.services.lifecycle import EXIT_BROKEN_JOB, unless_stopped
+from dpbus.services.model_config import model_config_for
+from dpbus.services.natsconf import member_user
+from dpbus.services.settings import WorkerSettings, total_pages
+from dpbus.services.topology import dp_groups, group_nodes, place_node
+from dpbus.services.worker.ordering import GAP, REPEAT, STALE, StepOrder
+from dpbus.services.worker.tables import PageTables
 
 VERSION = package_version()  # announced in NATS discovery
 LAUNCH_AHEAD = 2  # steps launched whose tokens are not fetched yet (as many as the publisher keeps in flight)
@@ -46,9 +46,9 @@ JOB_SHUTDOWN_TIMEOUT = 10
 def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
     """Build the group's mesh (over ``devices``, default all) and model (imports JAX: call
     after XLA_FLAGS is set)."""
-    from services.devices import resolve_dtype
-    from services.worker.model import dummy_weights
-    from services.worker.runner import ModelRunner, make_group_mesh
+    from dpbus.services.devices import resolve_dtype
+    from dpbus.services.worker.model import dummy_weights
+    from dpbus.services.worker.runner import ModelRunner, make_group_mesh
 
     use_compile_cache(s.compile_cache, log)
     cfg = model_config_for(s.model_path, s.max_seq_len)
@@ -59,7 +59,7 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
              path=s.model_path or "(dummy)")
     show = Progress(log)
     if s.model_path:
-        from services.worker.checkpoint import load_hf_weights
+        from dpbus.services.worker.checkpoint import load_hf_weights
         weights = load_hf_weights(s.model_path, cfg, show.step("loading", "load_tensor"))
     elif s.load_format == "dummy":
         weights = dummy_weights(cfg, s.seed)

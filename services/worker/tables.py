@@ -1,6 +1,6 @@
 """A worker's page tables: every live row's KV pages and sampling, kept from step to step.
 
-Steps name rows and carry only changes (see ``schemas.internal.Step``); ``apply`` makes
+Steps name rows and carry only changes (see ``dpbus.schemas.internal.Step``); ``apply`` makes
 the changes in the step's order and rebuilds the runner's inputs (``PrefillItem`` and
 ``DecodeItem`` with whole page lists), exactly the items the publisher's plan held.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling, Step
+from dpbus.schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling, Step
 
 
 @dataclass

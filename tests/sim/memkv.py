@@ -1,4 +1,4 @@
-"""An in-memory stand-in for the JetStream key-value bucket behind ``services.ledger.Ledger``:
+"""An in-memory stand-in for the JetStream key-value bucket behind ``dpbus.services.ledger.Ledger``:
 the same compare-and-set semantics (create only if absent or deleted, update only at the
 last revision, delete only at the last revision), one revision counter for the bucket,
 and watchers told of every change. Its coroutines never suspend, so ``run`` completes

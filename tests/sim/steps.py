@@ -42,15 +42,15 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from schemas import Encoding, FinishReason, SamplingParams
-from schemas.errors import ErrorCode
-from schemas.internal import LAST_TOKEN, Replay, Step, StepFailure, StepResult, pack, token_digest, unpacker
-from services.errors import GroupFailure
-from services.publisher.scheduler import Scheduler, Sequence
-from services.publisher.stepper import Stepper
-from services.publisher.tables import RowTables
-from services.worker.ordering import GAP, NEXT, REPEAT, StepOrder
-from services.worker.tables import PageTables
+from dpbus.schemas import Encoding, FinishReason, SamplingParams
+from dpbus.schemas.errors import ErrorCode
+from dpbus.schemas.internal import LAST_TOKEN, Replay, Step, StepFailure, StepResult, pack, token_digest, unpacker
+from dpbus.services.errors import GroupFailure
+from dpbus.services.publisher.scheduler import Scheduler, Sequence
+from dpbus.services.publisher.stepper import Stepper
+from dpbus.services.publisher.tables import RowTables
+from dpbus.services.worker.ordering import GAP, NEXT, REPEAT, StepOrder
+from dpbus.services.worker.tables import PageTables
 from tests.sim.checker import Violation
 
 RESEND = 0.05  # the publisher re-sends the step it waits for while acknowledgements are late

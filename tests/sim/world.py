@@ -4,9 +4,9 @@ Time is virtual; every service reads its own monotonic clock (the world's time p
 offset drawn at each start, so clocks restart with the process; a publisher's clock can
 also jump forward). The network delays, reorders, duplicates and drops messages while
 faults are on; services are killed and restarted, and groups fail. The ledger is a
-``services.ledger.Ledger`` on a ``MemoryKV``; every ledger call is atomic within one event.
+``dpbus.services.ledger.Ledger`` on a ``MemoryKV``; every ledger call is atomic within one event.
 
-What the services decide is decided by the production code: ``services.ownership``
+What the services decide is decided by the production code: ``dpbus.services.ownership``
 (take over, settle, may answer, refuse), ``LeaseClock`` (a publisher's lease) and
 ``SweepView`` (ingest's view of leases and held requests, and which are orphans). This
 module only sequences the calls the services make, and records what they send. A ledger
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from nats.errors import TimeoutError as NatsTimeout
 
-from schemas import Encoding
-from services import ownership
-from services.ledger import ANSWERED, HELD, Lease, LeaseClock, Ledger, SweepView, decode_entry, request_key
+from dpbus.schemas import Encoding
+from dpbus.services import ownership
+from dpbus.services.ledger import ANSWERED, HELD, Lease, LeaseClock, Ledger, SweepView, decode_entry, request_key
 from tests.sim.checker import Checker
 from tests.sim.memkv import MemoryKV, run
 
@@ -455,7 +455,7 @@ class World:
 
     # ---- scheduling and the network ---------------------------------------------------
     def spawn(self, service: Service, coro, then) -> None:
-        """Run a coroutine of the production code (``services.ownership``) for ``service``:
+        """Run a coroutine of the production code (``dpbus.services.ownership``) for ``service``:
         its ledger calls complete at once, each ``await sleep(d)`` resumes it ``d`` later,
         and it dies with the service. ``then`` gets its result."""
         life = service.life
