@@ -216,23 +216,15 @@ def test_greedy_tokens_match_generate(ckpts, name, tensor):
 
 # ---- (d) the whole system --------------------------------------------------------------------------
 
-@pytest.mark.e2e
-def test_model_path_end_to_end(ckpts, nats_server, tmp_path):
-    from dpbus.schemas import Done
+
+def greedy_through_services(nats_server, tmp_path: Path, cases: list[dict], env: dict[str, str]) -> list:
+    """Each case (``input_ids`` or ``text``) generated greedily for N_NEW tokens by one
+    group (ingest, publisher, a worker on two devices) started with ``env``; the outcomes."""
     from dpbus.services.client import generate
     from dpbus.services.launcher import Cluster
 
-    ck = ckpts["tied_sharded"]
-    tok = word_tokenizer(HF_SHAPE["vocab_size"])
-    text = "w17 w250 w3 w99 w42 " * 4
-    text_ids = tok.encode(text).ids
-    cases = [{"input_ids": p} for p in prompts()] + [{"text": text}]
-    want = [ck.hf_greedy(p) for p in prompts()] + [ck.hf_greedy(text_ids)]
-
     c = Cluster(dp_size=1, nnodes=1, local_devices=2, nats_url=nats_server.url, credentials=nats_server.credentials,
-                log_dir=tmp_path, say=lambda _: None,
-                extra={"DPBUS_MODEL_PATH": str(ck.path), "DPBUS_MAX_PREFILL_TOKENS": str(MAX_PREFILL),
-                       "DPBUS_MAX_SEQ_LEN": "256", "DPBUS_MAX_RUNNING_REQUESTS": "4"})
+                log_dir=tmp_path, say=lambda _: None, extra={"DPBUS_MAX_RUNNING_REQUESTS": "4", **env})
 
     async def run() -> list:
         nc = await nats_server.connect("client")
@@ -244,9 +236,24 @@ def test_model_path_end_to_end(ckpts, nats_server, tmp_path):
 
     try:
         asyncio.run(c.start(timeout=300))
-        outcomes = asyncio.run(run())
+        return asyncio.run(run())
     finally:
         c.stop()
+
+
+@pytest.mark.e2e
+def test_model_path_end_to_end(ckpts, nats_server, tmp_path):
+    from dpbus.schemas import Done
+
+    ck = ckpts["tied_sharded"]
+    tok = word_tokenizer(HF_SHAPE["vocab_size"])
+    text = "w17 w250 w3 w99 w42 " * 4
+    text_ids = tok.encode(text).ids
+    cases = [{"input_ids": p} for p in prompts()] + [{"text": text}]
+    want = [ck.hf_greedy(p) for p in prompts()] + [ck.hf_greedy(text_ids)]
+
+    outcomes = greedy_through_services(nats_server, tmp_path, cases, {
+        "DPBUS_MODEL_PATH": str(ck.path), "DPBUS_MAX_PREFILL_TOKENS": str(MAX_PREFILL), "DPBUS_MAX_SEQ_LEN": "256"})
     for case, want_ids, out in zip(cases, want, outcomes):
         assert isinstance(out.terminal, Done), out.terminal
         assert out.token_ids == want_ids, f"prompt {case}"

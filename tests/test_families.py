@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from dpbus.services import rope  # noqa: E402
 from dpbus.services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
-from tests.test_checkpoint import Ckpt, _no_eos, runner_greedy  # noqa: E402
+from tests.test_checkpoint import Ckpt, _no_eos, greedy_through_services, runner_greedy  # noqa: E402
 
 SHAPE = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -208,12 +208,9 @@ def test_windows_not_in_force_are_accepted(families, tmp_path):
 def test_qwen3_by_hub_id_end_to_end(families, nats_server, tmp_path):
     """Qwen3 (q/k norms, tied, head_dim 24) through ingest, publisher and worker over NATS,
     every role given ``--model-path org/qwen3-tiny`` and resolving it offline from a hub cache."""
-    import asyncio
     import shutil
 
     from dpbus.schemas import Done
-    from dpbus.services.client import generate
-    from dpbus.services.launcher import Cluster
     from tests.test_checkpoint import word_tokenizer
     from tests.test_model_path import fake_hub_cache
 
@@ -227,25 +224,9 @@ def test_qwen3_by_hub_id_end_to_end(families, nats_server, tmp_path):
     cases = [{"input_ids": p} for p in prompts()] + [{"text": text}]
     want = [ck.hf_greedy(p) for p in prompts()] + [ck.hf_greedy(tok.encode(text).ids)]
 
-    c = Cluster(dp_size=1, nnodes=1, local_devices=2, nats_url=nats_server.url, credentials=nats_server.credentials,
-                log_dir=tmp_path, say=lambda _: None,
-                extra={"DPBUS_MODEL_PATH": "org/qwen3-tiny", "HF_HUB_CACHE": str(tmp_path / "hub"),
-                       "HF_HUB_OFFLINE": "1", "DPBUS_MAX_PREFILL_TOKENS": "16", "DPBUS_MAX_SEQ_LEN": "128",
-                       "DPBUS_MAX_RUNNING_REQUESTS": "4"})
-
-    async def run() -> list:
-        nc = await nats_server.connect("client")
-        try:
-            sampling = {"max_new_tokens": N_NEW, "temperature": 0, "ignore_eos": True}
-            return await asyncio.gather(*(generate(nc, {**case, "sampling": sampling}) for case in cases))
-        finally:
-            await nc.close()
-
-    try:
-        asyncio.run(c.start(timeout=300))
-        outcomes = asyncio.run(run())
-    finally:
-        c.stop()
+    outcomes = greedy_through_services(nats_server, tmp_path, cases, {
+        "DPBUS_MODEL_PATH": "org/qwen3-tiny", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+        "DPBUS_MAX_PREFILL_TOKENS": "16", "DPBUS_MAX_SEQ_LEN": "128"})
     for case, want_ids, out in zip(cases, want, outcomes):
         assert isinstance(out.terminal, Done), out.terminal
         assert out.token_ids == want_ids, f"prompt {case}"
