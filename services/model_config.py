@@ -29,9 +29,24 @@ class ModelConfig:
     qkv_bias: bool = False  # q/k/v projections have a bias (Qwen2, attention_bias)
     o_bias: bool = False  # the output projection has one (attention_bias in Llama and Qwen3)
     qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
+    # mixture of experts (Qwen3-MoE, Qwen2-MoE); n_experts=0: every layer has the dense MLP
+    n_experts: int = 0  # routed experts in each sparse layer
+    n_experts_per_tok: int = 0  # top-k of the router
+    moe_ffn_dim: int = 0  # each expert's SwiGLU hidden size
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to one
+    shared_expert_ffn_dim: int = 0  # Qwen2-MoE: an always-on expert, gated by sigmoid(x . w); 0: none
+    sparse_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts (others: the dense MLP)
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer in self.sparse_layers
 
     def check_tensor_size(self, tensor: int) -> None:
-        for name in ("n_heads", "n_kv_heads", "ffn_dim"):
+        names = ["n_heads", "n_kv_heads"]
+        if len(self.sparse_layers) < self.n_layers:
+            names.append("ffn_dim")
+        if self.sparse_layers:
+            names += ["moe_ffn_dim"] + (["shared_expert_ffn_dim"] if self.shared_expert_ffn_dim else [])
+        for name in names:
             if getattr(self, name) % tensor:
                 raise ValueError(f"{name}={getattr(self, name)} is not divisible by the tensor axis size {tensor}")
 
@@ -41,7 +56,8 @@ class ModelConfig:
 
 def model_config_for(model_path: str, max_seq_len: int) -> ModelConfig:
     """The model every role of a deployment agrees on: the built-in one, or the shape in
-    ``model_path/config.json`` (a Hugging Face Llama, Mistral, Qwen2 or Qwen3 checkpoint),
+    ``model_path/config.json`` (a Hugging Face Llama, Mistral, Qwen2, Qwen3,
+    Qwen2-MoE or Qwen3-MoE checkpoint),
     its context capped at ``max_seq_len``."""
     if not model_path:
         return ModelConfig(max_seq_len=max_seq_len)

@@ -1,11 +1,13 @@
-"""Hugging Face checkpoints of the Llama family (Llama, Mistral, Qwen2, Qwen3 dense): the
-shape from ``config.json`` and the weights from ``*.safetensors`` (one file, or shards listed
+"""Hugging Face checkpoints of the Llama family (Llama, Mistral, Qwen2, Qwen3 dense) and of
+the Qwen mixture-of-experts families (Qwen2-MoE, Qwen3-MoE): the shape from ``config.json`` and the weights from ``*.safetensors`` (one file, or shards listed
 in ``model.safetensors.index.json``).
 
 ``config_from_hf`` reads JSON only, so ingest and the publisher can call it without JAX or
 the weights. ``load_hf_weights`` reads one tensor at a time into host numpy float32 in our
 layout (see ``services/worker/model.py``); the runner then puts each on the mesh with its
-sharding, so host memory peaks near one float32 copy of the model.
+sharding, so host memory peaks near one float32 copy of the model. A MoE checkpoint stores
+each expert's projections as separate tensors (``mlp.experts.{e}.gate_proj.weight``, as
+transformers saves them); they are read one at a time into one stacked array per layer.
 
 What we do not implement is refused by name (a ValueError naming the config field)
 rather than served wrong.
@@ -23,7 +25,8 @@ from dpbus.services.model_config import ModelConfig
 from dpbus.services.rope import RopeScaling, yarn_attention_factor
 
 INDEX_FILE = "model.safetensors.index.json"
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -77,9 +80,45 @@ def _attention_flags(cfg_path: Path, c: dict[str, Any]) -> dict[str, bool]:
     bias = bool(c.get("attention_bias", False))
     if model_type == "qwen2":  # q/k/v always have a bias, the output projection none
         return {"qkv_bias": True, "o_bias": False, "qk_norm": False}
+    if model_type == "qwen2_moe":  # Qwen2's attention; transformers 5 names the bias switch qkv_bias
+        return {"qkv_bias": bool(c.get("qkv_bias", True)), "o_bias": False, "qk_norm": False}
     if model_type == "mistral" and bias:
         raise _refuse(cfg_path, "attention_bias", bias, "Mistral has no attention biases")
-    return {"qkv_bias": bias, "o_bias": bias, "qk_norm": model_type == "qwen3"}
+    return {"qkv_bias": bias, "o_bias": bias, "qk_norm": model_type in ("qwen3", "qwen3_moe")}
+
+
+def _moe(cfg_path: Path, c: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """The experts of a Qwen2-MoE / Qwen3-MoE config: which layers are sparse (every
+    ``decoder_sparse_step``-th, counting from one, except ``mlp_only_layers``; none if
+    ``num_experts`` is 0), the router's top-k and the experts' sizes."""
+    if c.get("model_type") not in MOE_FAMILIES:
+        return {}
+
+    def need(field: str) -> int:
+        if c.get(field) is None:
+            raise ValueError(f"{cfg_path}: {field} is missing (a {c['model_type']} config needs it)")
+        return int(c[field])
+
+    if c.get("num_experts") is None and c.get("num_local_experts") is not None:
+        c = {**c, "num_experts": c["num_local_experts"]}  # transformers 5 saves it by this name
+    n_experts = need("num_experts")
+    if n_experts <= 0:
+        return {}
+    step = c.get("decoder_sparse_step")
+    step = 1 if step is None else int(step)
+    if step < 1:
+        raise _refuse(cfg_path, "decoder_sparse_step", c["decoder_sparse_step"], "must be at least 1")
+    dense_only = {int(i) for i in c.get("mlp_only_layers") or ()}
+    sparse = tuple(i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0)
+    if not sparse:
+        return {}
+    top_k = need("num_experts_per_tok")
+    if not 1 <= top_k <= n_experts:
+        raise _refuse(cfg_path, "num_experts_per_tok", top_k, f"between 1 and num_experts={n_experts}")
+    shared = need("shared_expert_intermediate_size") if c["model_type"] == "qwen2_moe" else 0
+    return {"n_experts": n_experts, "n_experts_per_tok": top_k, "moe_ffn_dim": need("moe_intermediate_size"),
+            "norm_topk_prob": bool(c.get("norm_topk_prob", False)), "shared_expert_ffn_dim": shared,
+            "sparse_layers": sparse}
 
 
 def _rope(cfg_path: Path, c: dict[str, Any]) -> tuple[float, RopeScaling]:
@@ -146,7 +185,8 @@ def _rope_scaling(cfg_path: Path, field: str, rope: dict[str, Any], c: dict[str,
 
 
 def config_from_hf(path: str | Path) -> ModelConfig:
-    """The ``ModelConfig`` of a Hugging Face Llama, Mistral, Qwen2 or Qwen3 directory (its
+    """The ``ModelConfig`` of a Hugging Face Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE or
+    Qwen3-MoE directory (its
     ``config.json``; the EOS ids of ``generation_config.json`` are added when that file exists)."""
     path = Path(path)
     cfg_path = path / "config.json"
@@ -166,6 +206,8 @@ def config_from_hf(path: str | Path) -> ModelConfig:
             raise ValueError(f"{cfg_path}: {field} is missing")
         return c[field]
 
+    n_layers = int(need("num_hidden_layers"))
+    moe = _moe(cfg_path, c, n_layers)
     dim, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
     n_kv = int(c.get("num_key_value_heads") or n_heads)
     if n_heads % n_kv:
@@ -188,7 +230,7 @@ def config_from_hf(path: str | Path) -> ModelConfig:
     return ModelConfig(
         vocab_size=int(need("vocab_size")),
         dim=dim,
-        n_layers=int(need("num_hidden_layers")),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=int(head_dim),
@@ -201,6 +243,7 @@ def config_from_hf(path: str | Path) -> ModelConfig:
         bos_token_id=-1 if bos is None else int(bos),  # -1: the checkpoint names none
         eos_token_ids=tuple(eos),
         **flags,
+        **moe,
     )
 
 
@@ -267,8 +310,10 @@ def _checkpoint_files(path: Path) -> dict[str, _SafetensorsFile]:
 
 
 def _hf_tensors(cfg: ModelConfig, prefix: str) -> Iterator[tuple[tuple[str | int, ...], str, tuple[int, ...]]]:
-    """(where in our dict, HF name, HF shape) for every tensor we need."""
+    """(where in our dict, HF name, HF shape) for every tensor we need; an expert's tensor
+    has its expert index last in the destination (it is one slice of the stacked weight)."""
     d, h, kv, hd, f, v = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    fe, fs = cfg.moe_ffn_dim, cfg.shared_expert_ffn_dim
     yield ("embed",), f"{prefix}embed_tokens.weight", (v, d)
     for i in range(cfg.n_layers):
         p = f"{prefix}layers.{i}."
@@ -287,9 +332,21 @@ def _hf_tensors(cfg: ModelConfig, prefix: str) -> Iterator[tuple[tuple[str | int
             yield ("layers", i, "q_norm"), p + "self_attn.q_norm.weight", (hd,)
             yield ("layers", i, "k_norm"), p + "self_attn.k_norm.weight", (hd,)
         yield ("layers", i, "mlp_norm"), p + "post_attention_layernorm.weight", (d,)
-        yield ("layers", i, "w_gate"), p + "mlp.gate_proj.weight", (f, d)
-        yield ("layers", i, "w_up"), p + "mlp.up_proj.weight", (f, d)
-        yield ("layers", i, "w_down"), p + "mlp.down_proj.weight", (d, f)
+        if not cfg.is_sparse(i):
+            yield ("layers", i, "w_gate"), p + "mlp.gate_proj.weight", (f, d)
+            yield ("layers", i, "w_up"), p + "mlp.up_proj.weight", (f, d)
+            yield ("layers", i, "w_down"), p + "mlp.down_proj.weight", (d, f)
+            continue
+        yield ("layers", i, "router"), p + "mlp.gate.weight", (cfg.n_experts, d)
+        for e in range(cfg.n_experts):
+            yield ("layers", i, "moe_gate", e), p + f"mlp.experts.{e}.gate_proj.weight", (fe, d)
+            yield ("layers", i, "moe_up", e), p + f"mlp.experts.{e}.up_proj.weight", (fe, d)
+            yield ("layers", i, "moe_down", e), p + f"mlp.experts.{e}.down_proj.weight", (d, fe)
+        if fs:
+            yield ("layers", i, "shared_gate"), p + "mlp.shared_expert.gate_proj.weight", (fs, d)
+            yield ("layers", i, "shared_up"), p + "mlp.shared_expert.up_proj.weight", (fs, d)
+            yield ("layers", i, "shared_down"), p + "mlp.shared_expert.down_proj.weight", (d, fs)
+            yield ("layers", i, "shared_router"), p + "mlp.shared_expert_gate.weight", (1, d)
     yield ("final_norm",), f"{prefix}norm.weight", (d,)
     if not cfg.tie_embeddings:
         yield ("lm_head",), "lm_head.weight", (v, d)
@@ -310,7 +367,10 @@ def _to_our_layout(key: str, w, cfg: ModelConfig):
         w = w.reshape(h, hd)
     elif key in ("bk", "bv"):
         w = w.reshape(kv, hd)
-    elif key in ("w_gate", "w_up", "w_down", "lm_head"):
+    elif key == "shared_router":
+        w = w.reshape(d)
+    elif key in ("w_gate", "w_up", "w_down", "lm_head", "router", "moe_gate", "moe_up", "moe_down",
+                 "shared_gate", "shared_up", "shared_down"):
         w = w.T
     return np.ascontiguousarray(w, dtype=np.float32)
 
@@ -318,6 +378,8 @@ def _to_our_layout(key: str, w, cfg: ModelConfig):
 def load_hf_weights(path: str | Path, cfg: ModelConfig, progress=None) -> dict[str, Any]:
     """Host float32 weights in our layout, read tensor by tensor from ``path``'s safetensors;
     ``progress(done, total, name)`` is told after each tensor."""
+    import numpy as np
+
     path = Path(path)
     where = _checkpoint_files(path)
     prefix = "model." if "model.embed_tokens.weight" in where or "embed_tokens.weight" not in where else ""
@@ -336,6 +398,12 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig, progress=None) -> dict[s
         got = f.shape(name)
         if got != shape:
             raise ValueError(f"{f.path}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}")
+        if dest[0] == "layers" and len(dest) == 4:  # one expert: a slice of the stacked weight
+            _, layer, key, e = dest
+            w = _to_our_layout(str(key), f.read(name), cfg)
+            stacked = out["layers"][layer].setdefault(key, np.empty((cfg.n_experts, *w.shape), np.float32))
+            stacked[e] = w
+            continue
         w = _to_our_layout(str(dest[-1]), f.read(name), cfg)
         if dest[0] == "layers":
             out["layers"][dest[1]][dest[2]] = w

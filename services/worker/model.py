@@ -6,10 +6,19 @@ RMSNorm over each query and key head before RoPE) and ``rope_scaling`` (Llama 3'
 ``llama3``, ``linear``, Qwen's ``yarn``: inverse frequencies computed once on the host,
 ``services/rope.py``).
 
+Mixture-of-experts families (Qwen3-MoE, Qwen2-MoE) replace the MLP of their *sparse* layers
+(``cfg.sparse_layers``) by routed experts: a router picks the top-k of ``n_experts`` SwiGLU
+experts per token (softmax, then top-k, renormalised if ``norm_topk_prob``), and Qwen2-MoE
+adds a shared expert scaled by a sigmoid gate. Each sparse layer holds its experts as one
+stacked weight per projection, ``[expert, ...]`` (see ``moe_mlp``).
+
 Sharding is stated where arrays are made: every weight and cache array has a tuple
 of *logical* axes, and ``AXIS_RULES`` maps logical axes to mesh axes. Attention heads,
 KV heads and the MLP hidden dimension live on the mesh axis ``"tensor"``; XLA inserts
-the all-reduces after the attention output and MLP down projections.
+the all-reduces after the attention output and MLP down projections. In a sparse layer
+every expert's hidden dimension (and the shared expert's) is split over ``"tensor"`` the
+same way; the expert axis and the router are replicated, so each device holds a slice of
+every expert and the routing needs no communication.
 
 The KV cache is a pool of pages per layer, ``[page, kv_head, page_slot, head_dim]`` for K and
 for V; a sequence's positions live in the pages its page table lists, in order.
@@ -45,6 +54,8 @@ AXIS_RULES: dict[str, str | None] = {
     "kv_heads": TENSOR,
     "head_dim": None,
     "ffn": TENSOR,
+    "experts": None,
+    "moe_ffn": TENSOR,
     "pages": None,
     "page_slot": None,
 }
@@ -76,14 +87,30 @@ LAYER_AXES = {
     "bo": ("embed",),
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
+    # sparse (MoE) layers, instead of w_gate/w_up/w_down: the router, every expert's
+    # projections stacked on a leading expert axis, and Qwen2-MoE's shared expert
+    "router": ("embed", "experts"),
+    "moe_gate": ("experts", "embed", "moe_ffn"),
+    "moe_up": ("experts", "embed", "moe_ffn"),
+    "moe_down": ("experts", "moe_ffn", "embed"),
+    "shared_gate": ("embed", "ffn"),
+    "shared_up": ("embed", "ffn"),
+    "shared_down": ("ffn", "embed"),
+    "shared_router": ("embed",),  # the shared expert's scale is sigmoid(h . shared_router)
 }
 TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
 CACHE_AXES = ("pages", "kv_heads", "page_slot", "head_dim")
 
 
-def layer_names(cfg: Config) -> list[str]:
-    """The weights of one layer of this model."""
-    names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
+def layer_names(cfg: Config, layer: int = 0) -> list[str]:
+    """The weights of layer ``layer`` of this model."""
+    names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm"]
+    if not cfg.is_sparse(layer):
+        names += ["w_gate", "w_up", "w_down"]
+    else:
+        names += ["router", "moe_gate", "moe_up", "moe_down"]
+        if cfg.shared_expert_ffn_dim:
+            names += ["shared_gate", "shared_up", "shared_down", "shared_router"]
     if cfg.qkv_bias:
         names += ["bq", "bk", "bv"]
     if cfg.o_bias:
@@ -93,14 +120,17 @@ def layer_names(cfg: Config) -> list[str]:
     return names
 
 
-def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+def layer_shapes(cfg: Config, layer: int = 0) -> dict[str, tuple[int, ...]]:
     d, h, kv, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    e, fe, fs = cfg.n_experts, cfg.moe_ffn_dim, cfg.shared_expert_ffn_dim
     every = {
         "attn_norm": (d,), "wq": (d, h, hd), "wk": (d, kv, hd), "wv": (d, kv, hd), "wo": (h, hd, d),
         "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d),
         "bq": (h, hd), "bk": (kv, hd), "bv": (kv, hd), "bo": (d,), "q_norm": (hd,), "k_norm": (hd,),
+        "router": (d, e), "moe_gate": (e, d, fe), "moe_up": (e, d, fe), "moe_down": (e, fe, d),
+        "shared_gate": (d, fs), "shared_up": (d, fs), "shared_down": (fs, d), "shared_router": (d,),
     }
-    return {name: every[name] for name in layer_names(cfg)}
+    return {name: every[name] for name in layer_names(cfg, layer)}
 
 
 def dummy_weights(cfg: Config, seed: int = 0) -> dict[str, Any]:
@@ -111,15 +141,15 @@ def dummy_weights(cfg: Config, seed: int = 0) -> dict[str, Any]:
         return (rng.standard_normal(shape, dtype=np.float32) / math.sqrt(fan_in)).astype(np.float32)
 
     layers = []
-    for _ in range(cfg.n_layers):
+    for i in range(cfg.n_layers):
         w = {}
-        for name, shape in layer_shapes(cfg).items():
+        for name, shape in layer_shapes(cfg, i).items():
             if name.endswith("norm"):
                 w[name] = np.ones(shape, np.float32)
             elif name.startswith("b"):
                 w[name] = np.zeros(shape, np.float32)
             else:
-                fan_in = shape[0] if name != "wo" else shape[0] * shape[1]
+                fan_in = {"wo": shape[0] * shape[1]}.get(name, shape[1] if name.startswith("moe_") else shape[0])
                 w[name] = draw(shape, fan_in)
         layers.append(w)
     weights = {
@@ -135,7 +165,7 @@ def weight_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     named = lambda axes: NamedSharding(mesh, spec(*axes))  # noqa: E731
     return {
         **{k: named(v) for k, v in TOP_AXES.items()},
-        "layers": [{k: named(LAYER_AXES[k]) for k in layer_names(cfg)} for _ in range(cfg.n_layers)],
+        "layers": [{k: named(LAYER_AXES[k]) for k in layer_names(cfg, i)} for i in range(cfg.n_layers)],
     }
 
 
@@ -209,6 +239,38 @@ def attention_inputs(cfg: Config, w: dict[str, Any], h: jax.Array, positions: ja
     return rope(q, positions, inv_freq, scale), rope(k, positions, inv_freq, scale), v
 
 
+def swiglu(h: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """The dense MLP: ``down(silu(h gate) * (h up))``, ``h [T, dim]``."""
+    return mm("tf,fd->td", jax.nn.silu(mm("td,df->tf", h, gate)) * mm("td,df->tf", h, up), down)
+
+
+def moe_mlp(cfg: Config, w: dict[str, Any], h: jax.Array) -> jax.Array:
+    """A sparse layer's MLP on ``h [T, dim]``: the routed experts, plus the shared expert
+    where the family has one.
+
+    The router gives each token a softmax over the experts; its top ``n_experts_per_tok``
+    keep their probability (renormalised to sum to one if ``norm_topk_prob``), every other
+    expert gets weight 0. The experts are then computed *densely*: every token through
+    every expert in one einsum over the stacked weights, each expert's activation scaled by
+    that token's (mostly zero) routing weight before the down projection, which sums over
+    the experts and the hidden dimension at once. That is ``n_experts / top_k`` times the
+    FLOPs a dispatch to the chosen experts would need, and no Python loop or data-dependent
+    shape: correct and simple for small models and CPU tests, not the way to serve a large
+    expert count (that wants a gather or ragged dispatch of tokens to their experts).
+    """
+    probs = jax.nn.softmax(mm("td,de->te", h, w["router"]), axis=-1)  # [T, E], float32
+    top_p, top_e = jax.lax.top_k(probs, cfg.n_experts_per_tok)  # [T, k]
+    if cfg.norm_topk_prob:
+        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    route = jnp.einsum("tk,tke->te", top_p, jax.nn.one_hot(top_e, cfg.n_experts, dtype=jnp.float32))
+    act = jax.nn.silu(mm("td,edf->tef", h, w["moe_gate"])) * mm("td,edf->tef", h, w["moe_up"])
+    out = mm("tef,efd->td", act * route[:, :, None], w["moe_down"])
+    if cfg.shared_expert_ffn_dim:
+        scale = jax.nn.sigmoid(mm("td,d->t", h, w["shared_router"]))[:, None]
+        out = out + scale * swiglu(h, w["shared_gate"], w["shared_up"], w["shared_down"])
+    return out
+
+
 def forward(
     cfg: Config,
     weights: dict[str, Any],
@@ -231,7 +293,7 @@ def forward(
     write_off = jnp.where(valid, positions % ps, 0)
     x = weights["embed"][batch.tokens].astype(jnp.float32)  # [T, dim]
     new_cache = []
-    for w, (k_pages, v_pages) in zip(weights["layers"], cache):
+    for i, (w, (k_pages, v_pages)) in enumerate(zip(weights["layers"], cache)):
         h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
         q, k, v = attention_inputs(cfg, w, h, positions)
         k_pages = write_slots(k_pages, write_page, write_off, k)
@@ -242,7 +304,9 @@ def forward(
         if cfg.o_bias:
             x = x + w["bo"].astype(jnp.float32)
         h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
-        x = x + mm("tf,fd->td", jax.nn.silu(mm("td,df->tf", h, w["w_gate"])) * mm("td,df->tf", h, w["w_up"]),
-                   w["w_down"])
+        if cfg.is_sparse(i):
+            x = x + moe_mlp(cfg, w, h)
+        else:
+            x = x + swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
     x = rms_norm(x[batch.sample], weights["final_norm"], cfg.norm_eps)
     return mm("td,dv->tv", x, weights["lm_head"]), new_cache
