@@ -178,20 +178,23 @@ def test_config_older_style_and_defaults(tmp_path):
 
 # ---- (b) logits ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["untied", "tied_sharded", "bf16"])
-def test_full_prompt_logits_match_transformers(ckpts, name):
-    ck = ckpts[name]
+def assert_logits_match(ck: Ckpt, prompt: list[int], tensors: tuple[int, ...], name: str) -> None:
+    """Our logits for the whole ``prompt`` are transformers' on each number of devices."""
     cfg = config_from_hf(ck.path)
     host = load_hf_weights(ck.path, cfg)
-    prompt = prompts()[2]
     with torch.no_grad():
         ref = ck.hf(torch.tensor([prompt])).logits[0].numpy()
     scale = np.abs(ref).max()
     assert scale > 1.0  # logits of order one: the comparison means something
-    for tensor in (1, 2):
+    for tensor in tensors:
         ours = full_logits(cfg, host, tensor, prompt)
         err = np.abs(ours - ref).max() / scale
         assert err < RTOL_LOGITS, f"{name}, tensor={tensor}: max error {err:.2e} of the logit scale {scale:.2f}"
+
+
+@pytest.mark.parametrize("name", ["untied", "tied_sharded", "bf16"])
+def test_full_prompt_logits_match_transformers(ckpts, name):
+    assert_logits_match(ckpts[name], prompts()[2], (1, 2), name)
 
 
 def test_bf16_decodes_exactly(ckpts):

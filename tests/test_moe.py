@@ -25,14 +25,14 @@ transformers = pytest.importorskip("transformers")
 from dpbus.services.worker import model  # noqa: E402
 from dpbus.services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
 from dpbus.services.worker.runner import make_group_mesh  # noqa: E402
-from tests.test_checkpoint import Ckpt, _no_eos, full_logits, greedy_through_services, runner_greedy  # noqa: E402
+from tests.test_checkpoint import (Ckpt, _no_eos, assert_logits_match, greedy_through_services,  # noqa: E402
+                                   runner_greedy)
 from tests.test_families import randomize  # noqa: E402
 
 SHAPE = dict(vocab_size=300, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
              moe_intermediate_size=32, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1,
              eos_token_id=2)
 PROMPT_LENS = (5, 23, 41)
-RTOL_LOGITS = 1e-4  # max |ours - HF| over max |HF|
 
 # name -> (config class, model class, what the family sets, the sparse layers that must follow)
 FAMILIES = {
@@ -111,17 +111,7 @@ def test_expert_weights_are_split_over_the_tensor_axis(moes):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_full_prompt_logits_match_transformers(moes, name):
-    ck = moes[name]
-    cfg = config_from_hf(ck.path)
-    host = load_hf_weights(ck.path, cfg)
-    prompt = prompts()[2]
-    with torch.no_grad():
-        ref = ck.hf(torch.tensor([prompt])).logits[0].numpy()
-    scale = np.abs(ref).max()
-    assert scale > 1.0  # logits of order one: the comparison means something
-    ours = full_logits(cfg, host, 2, prompt)
-    err = np.abs(ours - ref).max() / scale
-    assert err < RTOL_LOGITS, f"{name}: max error {err:.2e} of the logit scale {scale:.2f}"
+    assert_logits_match(moes[name], prompts()[2], (2,), name)
 
 
 @pytest.mark.parametrize("tensor", [1, 2])
