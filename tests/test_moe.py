@@ -109,6 +109,34 @@ def test_expert_weights_are_split_over_the_tensor_axis(moes):
     assert {s.data.shape for s in w["moe_up"].addressable_shards} == {(4, cfg.dim, cfg.moe_ffn_dim // 2)}
 
 
+def test_dummy_weights_and_tensor_checks_know_the_experts(moes):
+    """``--load-format dummy`` draws a MoE model's stacked experts in the shapes the shardings
+    expect; an expert hidden size the tensor axis does not divide is refused by name."""
+    cfg = config_from_hf(moes["qwen2_moe"].path)
+    mesh = make_group_mesh(jax.devices()[:2])
+    host = model.dummy_weights(cfg, seed=0)
+    assert jax.tree.structure(host) == jax.tree.structure(model.weight_shardings(cfg, mesh))
+    assert host["layers"][3]["moe_down"].shape == (4, 32, cfg.dim) and "w_up" in host["layers"][2]
+    cfg.check_tensor_size(2)
+    for field, value in (("moe_ffn_dim", 33), ("shared_expert_ffn_dim", 47)):
+        with pytest.raises(ValueError, match=field):
+            cfg.replace(**{field: value}).check_tensor_size(2)
+
+
+def test_fused_expert_tensors_are_refused_by_name(moes, tmp_path):
+    """transformers holds experts fused in memory (``gate_up_proj``); a checkpoint saved that
+    way is named in the error rather than half read."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ck = moes["qwen3_moe"]
+    shutil.copy(ck.path / "config.json", tmp_path / "config.json")
+    save_file({k: v.contiguous() for k, v in ck.hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"experts\.0\.gate_proj.*fused, mlp\.experts\.gate_up_proj"):
+        load_hf_weights(tmp_path, config_from_hf(tmp_path))
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_full_prompt_logits_match_transformers(moes, name):
     assert_logits_match(moes[name], prompts()[2], (2,), name)

@@ -388,6 +388,9 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig, progress=None) -> dict[s
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         hint = " (config.json says tie_word_embeddings=false)" if missing == ["lm_head.weight"] else ""
+        if any(name.endswith("mlp.experts.gate_up_proj") for name in where):
+            hint = (" (this checkpoint holds each layer's experts fused, mlp.experts.gate_up_proj: not supported; "
+                    "dpbus reads one tensor per expert, as save_pretrained writes them)")
         raise ValueError(f"{path}: missing tensor(s) {shown}{hint}")
 
     out: dict[str, Any] = {"layers": [{} for _ in range(cfg.n_layers)]}

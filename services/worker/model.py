@@ -149,7 +149,10 @@ def dummy_weights(cfg: Config, seed: int = 0) -> dict[str, Any]:
             elif name.startswith("b"):
                 w[name] = np.zeros(shape, np.float32)
             else:
-                fan_in = {"wo": shape[0] * shape[1]}.get(name, shape[1] if name.startswith("moe_") else shape[0])
+                if name == "wo":
+                    fan_in = shape[0] * shape[1]
+                else:  # an expert's input is after its expert axis
+                    fan_in = shape[1] if name.startswith("moe_") else shape[0]
                 w[name] = draw(shape, fan_in)
         layers.append(w)
     weights = {
