@@ -10,7 +10,8 @@ Mixture-of-experts families (Qwen3-MoE, Qwen2-MoE) replace the MLP of their *spa
 (``cfg.sparse_layers``) by routed experts: a router picks the top-k of ``n_experts`` SwiGLU
 experts per token (softmax, then top-k, renormalised if ``norm_topk_prob``), and Qwen2-MoE
 adds a shared expert scaled by a sigmoid gate. Each sparse layer holds its experts as one
-stacked weight per projection, ``[expert, ...]`` (see ``moe_mlp``).
+stacked weight per projection, ``[expert, ...]``; tokens are grouped by expert and each
+group multiplied by its expert's weights (``moe_mlp``).
 
 Sharding is stated where arrays are made: every weight and cache array has a tuple
 of *logical* axes, and ``AXIS_RULES`` maps logical axes to mesh axes. Attention heads,
@@ -252,22 +253,31 @@ def moe_mlp(cfg: Config, w: dict[str, Any], h: jax.Array) -> jax.Array:
     where the family has one.
 
     The router gives each token a softmax over the experts; its top ``n_experts_per_tok``
-    keep their probability (renormalised to sum to one if ``norm_topk_prob``), every other
-    expert gets weight 0. The experts are then computed *densely*: every token through
-    every expert in one einsum over the stacked weights, each expert's activation scaled by
-    that token's (mostly zero) routing weight before the down projection, which sums over
-    the experts and the hidden dimension at once. That is ``n_experts / top_k`` times the
-    FLOPs a dispatch to the chosen experts would need, and no Python loop or data-dependent
-    shape: correct and simple for small models and CPU tests, not the way to serve a large
-    expert count (that wants a gather or ragged dispatch of tokens to their experts).
+    keep their probability (renormalised to sum to one if ``norm_topk_prob``). Each token is
+    then copied once per chosen expert, the ``T * k`` copies sorted by expert, and every
+    expert's SwiGLU runs on its own contiguous run of rows with ``jax.lax.ragged_dot``
+    against the stacked weights (group sizes counted per step): the FLOPs of the chosen
+    experts only, static shapes, no Python loop over experts. The rows are scaled by their
+    routing weight and summed back onto their tokens. With the experts' hidden dimension on
+    ``"tensor"``, each device computes its slice for every row and the down projection's
+    partial sums are all-reduced, as in the dense MLP.
     """
     probs = jax.nn.softmax(mm("td,de->te", h, w["router"]), axis=-1)  # [T, E], float32
-    top_p, top_e = jax.lax.top_k(probs, cfg.n_experts_per_tok)  # [T, k]
+    k = cfg.n_experts_per_tok
+    top_p, top_e = jax.lax.top_k(probs, k)  # [T, k]
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-    route = jnp.einsum("tk,tke->te", top_p, jax.nn.one_hot(top_e, cfg.n_experts, dtype=jnp.float32))
-    act = jax.nn.silu(mm("td,edf->tef", h, w["moe_gate"])) * mm("td,edf->tef", h, w["moe_up"])
-    out = mm("tef,efd->td", act * route[:, :, None], w["moe_down"])
+    order = jnp.argsort(top_e.reshape(-1))  # the T*k (token, expert) pairs, grouped by expert
+    token = order // k
+    sizes = jnp.bincount(top_e.reshape(-1), length=cfg.n_experts).astype(jnp.int32)
+    x = h[token]  # [T*k, dim]
+
+    def grouped(a: jax.Array, w_stacked: jax.Array) -> jax.Array:  # row r times its expert's matrix
+        return jax.lax.ragged_dot(a.astype(w_stacked.dtype), w_stacked, sizes, preferred_element_type=jnp.float32)
+
+    act = jax.nn.silu(grouped(x, w["moe_gate"])) * grouped(x, w["moe_up"])  # [T*k, moe_ffn]
+    rows = grouped(act, w["moe_down"]) * top_p.reshape(-1)[order][:, None]  # [T*k, dim]
+    out = jnp.zeros_like(h).at[token].add(rows)
     if cfg.shared_expert_ffn_dim:
         scale = jax.nn.sigmoid(mm("td,d->t", h, w["shared_router"]))[:, None]
         out = out + scale * swiglu(h, w["shared_gate"], w["shared_up"], w["shared_down"])
