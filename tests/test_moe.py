@@ -78,6 +78,21 @@ def test_configs_name_the_experts(moes):
         assert sparse == config_from_hf(ck.path).sparse_layers, name
 
 
+def test_tokens_spread_over_every_expert(moes):
+    """The parity tests exercise the routing: in transformers' own forward of the longest
+    prompt, the tokens of every sparse layer do not all pick the same experts (more than
+    top-k of them are chosen, at least half of all)."""
+    for name, ck in moes.items():
+        cfg = config_from_hf(ck.path)
+        with torch.no_grad():
+            router = ck.hf(torch.tensor([prompts()[2]]), output_router_logits=True).router_logits
+        assert len(router) == len(cfg.sparse_layers)
+        for logits in router:
+            chosen = torch.topk(logits, cfg.n_experts_per_tok, dim=-1).indices
+            used = set(chosen.flatten().tolist())
+            assert len(used) > cfg.n_experts_per_tok and 2 * len(used) >= cfg.n_experts, (name, used)
+
+
 def test_experts_are_stacked_per_layer(moes):
     """One ``[expert, dim, moe_ffn]`` weight per projection per sparse layer, equal to
     transformers' own experts (which it holds fused: gate and up in one ``gate_up_proj``)."""
