@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
 from typing import Any
 
 import nats.micro
@@ -43,8 +42,9 @@ from dpbus.services import version as package_version
 from dpbus.services.lifecycle import unless_stopped
 from dpbus.services.errors import GroupFailure, ReceiveDataError, SendDataError
 from dpbus.services.ledger import Lease, LeaseClock, Ledger, ledger_full, request_key
-from dpbus.services.publisher.scheduler import Plan, Scheduler, Sequence
-from dpbus.services.publisher.stepper import Stepper
+from dpbus.services.publisher.engine import GroupEngine
+from dpbus.services.publisher.scheduler import Scheduler, Sequence
+from dpbus.services.publisher.stepper import InFlight, Stepper
 from dpbus.services.publisher.tables import RowTables
 from dpbus.services.metrics import PublisherMetrics
 from dpbus.services.model_config import model_config_for
@@ -71,10 +71,12 @@ class Publisher:
         self.log = log.bind(dp_rank=self.g)
         self.model = model_config_for(s.model_path, s.max_seq_len)
         self.tokenizer = load_tokenizer(s.model_path)
-        self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
-                               total_pages(s, self.model.max_seq_len), s.page_size, s.prefix_cache)
+        sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
+                          total_pages(s, self.model.max_seq_len), s.page_size, s.prefix_cache)
+        self.engine = GroupEngine(sched, RowTables(s.max_running_requests),  # the rows the workers know
+                                  Stepper(self.g, self.members, s.replay_window), s.steps_in_flight)
+        self.replied = asyncio.Event()  # set when a step settles or is dropped
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
-        self.stepper = Stepper(self.g, self.members, s.replay_window)  # numbering, acknowledgements, replay
         self.instance = secrets.randbits(62) | 1  # identifies this run of the publisher (and its lease)
         self.lease = LeaseClock(s.publisher_timeout)
         self.ledger: Ledger | None = None
@@ -83,12 +85,8 @@ class Publisher:
         self.doubtful: dict[tuple[str, str], Sequence] = {}  # claims whose outcome is being resolved
         self.resolving_claims: set[asyncio.Task] = set()
         self.resolving: set[asyncio.Task] = set()  # terminal answers whose settling write is being resolved
-        self.flight: deque[tuple[int, Plan]] = deque()  # steps sent, not yet applied: (number, plan), oldest first
-        self.settling: dict[int, asyncio.Future] = {}  # step number -> done when it settles
-        self.sent_at: dict[int, float] = {}  # step number -> when it was first sent (monotonic)
         self.last_settled = 0.0  # when the last step settled (monotonic)
         self.timing = {"step_ms": 0.0, "compute_ms": 0.0}  # settle to settle, and the leader's compute
-        self.tables = RowTables(s.max_running_requests)  # the rows the workers know, this epoch
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
                        "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0,
@@ -98,6 +96,18 @@ class Publisher:
                          ("replay", Replay))}
         self._ack = unpacker(SubmitAck)
         self.metrics = PublisherMetrics(CollectorRegistry(), self.g)  # served when --metrics-port is set
+
+    @property
+    def sched(self) -> Scheduler:
+        return self.engine.sched
+
+    @property
+    def stepper(self) -> Stepper:
+        return self.engine.stepper
+
+    @property
+    def tables(self) -> RowTables:
+        return self.engine.tables
 
     # ---- readiness -------------------------------------------------------------------
     def missing_members(self, now: float) -> list[int]:
@@ -214,7 +224,7 @@ class Publisher:
         seq = self.held(client_of(ask.reply), rid) or self.doubtful.get((client_of(ask.reply), rid))
         found = seq is not None and seq.reply == ask.reply  # only the owner knows its reply subject
         if found:
-            seq.aborted = True
+            self.engine.abort(seq)
         await req.respond(pack(AbortAck(rid=rid, found=found, dp_rank=self.g if found else None)))
         if found:
             self.wake.set()
@@ -262,10 +272,8 @@ class Publisher:
             return
         if not self.speaks_for_itself(reply.node_rank, msg.subject):
             return
-        n = self.stepper.on_reply(reply)
-        settling = self.settling.get(n) if n is not None else None
-        if settling is not None and not settling.done():
-            settling.set_result(None)
+        if self.engine.on_reply(reply) is not None:
+            self.replied.set()
 
     async def on_replay(self, req: Any) -> None:
         """Resend steps a worker missed, from the window of recent ones: the first of them
@@ -408,18 +416,8 @@ class Publisher:
                        rids=[seq.rid for seq in seqs[:100]])
         self.instance = secrets.randbits(62) | 1
         self.lease = LeaseClock(self.s.publisher_timeout)
-        self.drop_flight(GroupFailure(ErrorCode.UNAVAILABLE, why))
-
-    def drop_flight(self, failure: GroupFailure) -> None:
-        """Forget the steps in flight (the epoch ends): a wait for one of them fails."""
-        self.stepper.reset()
-        self.flight.clear()
-        for settling in self.settling.values():
-            if not settling.done():
-                settling.set_exception(failure)
-                settling.exception()  # retrieved here: the step loop may not be waiting for it
-        self.settling.clear()
-        self.sent_at.clear()
+        self.engine.drop(GroupFailure(ErrorCode.UNAVAILABLE, why))  # a wait for one of them fails
+        self.replied.set()
 
     async def lease_loop(self) -> None:
         """Renew the lease every quarter of its length; give everything up when it lapses.
@@ -471,30 +469,24 @@ class Publisher:
         return key in self.answered
 
     # ---- the scheduling loop -----------------------------------------------------------
-    async def send_step(self, plan: Plan) -> int:
-        """Number and publish the step of ``plan``; its number."""
-        data = self.stepper.next_step(self.pack_step(plan), (beat.epoch for _, beat in self.beats.values()))
-        n = self.stepper.seq
-        self.settling[n] = asyncio.get_running_loop().create_future()
-        self.sent_at[n] = time.monotonic()
-        self.flight.append((n, plan))
+    async def send_step(self, out: InFlight) -> None:
+        """Publish a step the engine planned."""
+        out.sent_at = time.monotonic()
         try:
-            await bus.publish(self.nc, self.subjects.step(self.g), data)
+            await bus.publish(self.nc, self.subjects.step(self.g), out.data)
         except SendDataError as e:
             raise GroupFailure(ErrorCode.UNAVAILABLE, str(e)) from None
-        return n
 
-    async def settle(self, n: int) -> StepResult:
-        """Wait until every member acknowledged step ``n`` with the same digest;
+    async def settle(self, out: InFlight) -> None:
+        """Wait until every member acknowledged step ``out`` with the same digest;
         re-publish it while acknowledgements are late (workers drop repeats)."""
-        settling = self.settling.get(n)
-        if settling is None:
-            raise GroupFailure(ErrorCode.UNAVAILABLE, f"step {n} of group {self.g} was given up")
+        n = out.number
         start = time.monotonic()
         next_send = start + self.s.resend_interval
-        while not settling.done():
+        while not out.settled and out.dropped is None:
+            self.replied.clear()
             try:
-                await asyncio.wait_for(asyncio.shield(settling), 0.05)
+                await asyncio.wait_for(self.replied.wait(), 0.05)
             except asyncio.TimeoutError:
                 now = time.monotonic()
                 missing = self.missing_members(now)
@@ -505,22 +497,12 @@ class Publisher:
                     raise GroupFailure(ErrorCode.TIMEOUT, f"step {n} of group {self.g}: node(s) "
                                                           f"{self.stepper.silent(n)} did "
                                                           f"not answer within {self.s.step_timeout}s") from None
-                if now >= next_send and n in self.stepper.sent:
+                if now >= next_send:
                     self.counts["resent"] += 1
                     next_send = now + self.s.resend_interval
-                    await bus.publish(self.nc, self.subjects.step(self.g), self.stepper.sent[n])
-        settling.result()  # raises if the step was given up meanwhile
-        del self.settling[n]
-        return self.stepper.outcome(n, lambda leader: token_digest(leader.prefill_tokens, leader.decode_tokens))
-
-    def pack_step(self, plan: Plan):
-        """How to pack ``plan`` as step (epoch, seq): only what changed in the rows' tables
-        (an epoch's first step starts with no rows)."""
-        def pack_as(epoch: int, seq: int) -> bytes:
-            if seq == 1:
-                self.tables.reset()
-            return pack(self.tables.step(epoch, seq, plan, self.sched.running))
-        return pack_as
+                    await bus.publish(self.nc, self.subjects.step(self.g), out.data)
+        if out.dropped is not None:  # given up meanwhile (the lease was lost)
+            raise out.dropped
 
     async def emit(self, events: list) -> None:
         """Chunks in order, then the terminal answers of the requests that finished (their
@@ -553,8 +535,8 @@ class Publisher:
     async def reset_group(self, failure: GroupFailure) -> None:
         """Fail what was running (or move it, if it streamed nothing yet), start a new epoch."""
         self.counts["group_failures"] += 1
-        self.drop_flight(failure)  # what the steps in flight would have sampled is lost with the epoch
-        victims = self.sched.take_all()
+        victims = self.engine.on_failure(failure)  # what the steps in flight would have sampled is lost
+        self.replied.set()
         self.log.error("group_failed", code=failure.code.value, reason=failure.message, running=len(victims))
         for seq in victims:
             if await self.move(seq) is None:
@@ -629,8 +611,8 @@ class Publisher:
         """Keep ``steps_in_flight`` steps on the wire; take each one's tokens when it
         settles, then send the next and only then stream what the settled one sampled."""
         events: list = []
-        while not stop.is_set() or self.sched.running or self.flight:
-            aborted = self.sched.take_aborted()  # out of the batch before the next step is planned
+        while not stop.is_set() or self.sched.running or self.stepper.flight:
+            aborted = self.engine.take_aborted()  # out of the batch before the next step is planned
             failure = None
             try:
                 await self.fill_flight()
@@ -644,7 +626,7 @@ class Publisher:
                 events = []
             for seq in aborted:  # ...then the aborted requests' answers: nothing after them
                 await self.finish(seq, FinishReason.ABORT)
-            if failure is None and self.flight:
+            if failure is None and self.stepper.flight:
                 try:
                     events = await self.take_oldest_step()
                     continue
@@ -668,27 +650,28 @@ class Publisher:
     async def fill_flight(self) -> None:
         """Plan and send steps until ``steps_in_flight`` are on the wire (or nothing is
         left to plan, or the group is not ready)."""
-        while len(self.flight) < self.s.steps_in_flight and self.sched.has_work() and self.ready():
-            plan = self.sched.build_step(time.time())
-            if not plan:
-                return
-            await self.send_step(plan)
+        while self.ready() and (out := self.engine.plan(time.time(), self.epochs_seen())):
+            await self.send_step(out)
+
+    def epochs_seen(self):
+        """The epochs the members report (a new epoch is numbered above them)."""
+        return (beat.epoch for _, beat in self.beats.values())
 
     async def take_oldest_step(self) -> list:
         """Wait for the oldest step in flight to settle and apply its tokens; the events
         to stream."""
-        n, plan = self.flight[0]
-        result = await self.settle(n)
-        self.flight.popleft()
+        out = self.engine.oldest
+        await self.settle(out)
+        result, events = self.engine.take_settled()
         now = time.monotonic()
-        wall = now - max(self.last_settled, self.sent_at.pop(n, now))
+        wall = now - max(self.last_settled, out.sent_at)
         self.last_settled = now
         self.timing["step_ms"] += wall * 1000
         self.timing["compute_ms"] += result.elapsed_ms
         self.metrics.step.observe(wall)
         self.metrics.delivery.observe(max(wall - result.elapsed_ms / 1000, 0.0))
         self.counts["steps"] += 1
-        return self.sched.apply(plan, result.prefill_tokens, result.decode_tokens)
+        return events
 
     async def _wait_wake(self, stop: asyncio.Event, timeout: float = 1.0) -> None:
         try:
