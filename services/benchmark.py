@@ -184,7 +184,6 @@ def bench_engine(w: Workload, engine: Any, progress=lambda: None, steps_in_fligh
     each step into the runner's items, as off the wire."""
     from collections import deque
 
-    from dpbus.schemas.codec import Encoding
     from dpbus.schemas.internal import StepResult, token_digest
     from dpbus.schemas.public import SamplingParams
     from dpbus.services.publisher.engine import GroupEngine
@@ -210,8 +209,8 @@ def bench_engine(w: Workload, engine: Any, progress=lambda: None, steps_in_fligh
         while next_i < len(items) and (in_flight < w.concurrency if not w.rate else arrivals[next_i] <= now):
             ids, n = items[next_i]
             rid = f"e{next_i}"
-            group.add(Sequence(rid, ids, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True), True,
-                               "", Encoding.MSGPACK, time.time()))
+            group.add(Sequence(rid, ids, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True),
+                               time.time()))
             by_rid[rid] = next_i
             records[next_i].sent = time.perf_counter()
             next_i += 1

@@ -28,7 +28,7 @@ from dpbus.services.publisher.scheduler import Scheduler, Sequence
 from dpbus.services.publisher.stepper import InFlight, Stepper
 from dpbus.services.publisher.tables import RowTables
 
-Event = tuple[Sequence, int, "FinishReason | None"]  # a token sampled for a sequence, and whether it ended it
+Event = tuple[Sequence, int, FinishReason | None]  # a token sampled for a sequence, and whether it ended it
 
 
 def leader_digest(leader: StepResult) -> str:
@@ -48,7 +48,7 @@ class GroupEngine:
     @staticmethod
     def abort(seq: Sequence) -> None:
         """Mark ``seq`` aborted: it leaves the batch at the next ``take_aborted``."""
-        seq.aborted = True
+        seq.abort()
 
     def take_aborted(self) -> list[Sequence]:
         return self.sched.take_aborted()

@@ -33,8 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from dpbus.schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from dpbus.schemas.internal import (
-    GroupAbort, client_of, Heartbeat, LoadReport, Replay, ReplayReply, StepReply, StepResult, Submit, SubmitAck,
-    pack, token_digest, unpacker,
+    GroupAbort, client_of, Heartbeat, LoadReport, Replay, ReplayReply, StepReply, Submit, SubmitAck, pack, unpacker,
 )
 from dpbus.schemas.public import AbortAck
 from dpbus.services import bus, identity, ownership
@@ -42,6 +41,7 @@ from dpbus.services import version as package_version
 from dpbus.services.lifecycle import unless_stopped
 from dpbus.services.errors import GroupFailure, ReceiveDataError, SendDataError
 from dpbus.services.ledger import Lease, LeaseClock, Ledger, ledger_full, request_key
+from dpbus.services.publisher.answers import Delivery
 from dpbus.services.publisher.engine import GroupEngine
 from dpbus.services.publisher.scheduler import Scheduler, Sequence
 from dpbus.services.publisher.stepper import InFlight, Stepper
@@ -158,9 +158,7 @@ class Publisher:
             await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED,
                                              f"group {self.g} has {len(self.sched.waiting)} requests waiting")))
             return
-        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
-                       detok=self.tokenizer.stream(sub.input_ids), eos_ids=self.model.eos_token_ids,
-                       pinned=sub.pinned, client=sub.client, attempt=sub.attempt)
+        seq = self.new_sequence(sub)
         instance = self.instance
         try:
             rev = await self.claim(sub)
@@ -189,9 +187,16 @@ class Publisher:
         self.adopt(seq, rev, instance)
         await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
 
+    def new_sequence(self, sub: Submit) -> Sequence:
+        """The scheduler's sequence for a submitted request, with its delivery record."""
+        delivery = Delivery(sub.reply, sub.encoding, sub.stream, sub.sampling.stop,
+                            self.tokenizer.stream(sub.input_ids), pinned=sub.pinned, attempt=sub.attempt)
+        return Sequence(sub.rid, sub.input_ids, sub.sampling, sub.accepted_at, eos_ids=self.model.eos_token_ids,
+                        client=sub.client, delivery=delivery)
+
     def adopt(self, seq: Sequence, rev: int, instance: int) -> None:
         """``seq`` is claimed in the ledger by ``instance`` (this one): queue it."""
-        seq.ledger_rev, seq.owner = rev, instance
+        seq.delivery.ledger_rev, seq.delivery.owner = rev, instance
         self.sched.waiting.append(seq)  # room was checked when it came; the claim is made
         self.counts["accepted"] += 1
         self.wake.set()
@@ -222,7 +227,7 @@ class Publisher:
         # a request whose claim is still in doubt is aborted too: if the claim proves ours,
         # it ends at once with its terminal answer
         seq = self.held(client_of(ask.reply), rid) or self.doubtful.get((client_of(ask.reply), rid))
-        found = seq is not None and seq.reply == ask.reply  # only the owner knows its reply subject
+        found = seq is not None and seq.delivery.reply == ask.reply  # only the owner knows its reply subject
         if found:
             self.engine.abort(seq)
         await req.respond(pack(AbortAck(rid=rid, found=found, dp_rank=self.g if found else None)))
@@ -302,23 +307,21 @@ class Publisher:
         if not self.may_answer(seq):
             self.give_up(seq, "the lease expired")
             return
-        await self.outbox.send(seq.reply, encode_answer(chunk, seq.encoding), still=lambda: self.may_answer(seq))
+        d = seq.delivery
+        await self.outbox.send(d.reply, encode_answer(chunk, d.encoding), still=lambda: self.may_answer(seq))
 
     async def stream_unsent(self, seq: Sequence) -> None:
         """Stream the tokens ``seq`` sampled since its last chunk, as its next chunk."""
-        if not seq.unsent:
-            return
-        chunk = Chunk(seq.rid, seq.chunks, seq.unsent, seq.unsent_text)
-        seq.chunks += 1
-        seq.unsent, seq.unsent_text = [], ""
-        await self.send(seq, chunk)
+        chunk = seq.delivery.next_chunk(seq.rid)
+        if chunk is not None:
+            await self.send(seq, chunk)
 
     def may_answer(self, seq: Sequence) -> bool:
         """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is
         settled here (this instance won its terminal answer), or this instance still holds
         its lease and has not given ``seq`` up."""
-        return ownership.may_answer(seq.settled, seq.abandoned, seq.owner, self.instance,
-                                    self.lease.valid(time.monotonic()))
+        d = seq.delivery
+        return ownership.may_answer(d.settled, d.abandoned, d.owner, self.instance, self.lease.valid(time.monotonic()))
 
     async def answer(self, seq: Sequence, msg: Done | Error, count: str) -> None:
         """Send ``seq``'s terminal answer and make it this instance's in the ledger.
@@ -338,10 +341,11 @@ class Publisher:
             self.give_up(seq, "the lease expired")
             return
         await self.stream_unsent(seq)  # what was sampled goes out before the end (an abort, a failure)
-        data = encode_answer(msg, seq.encoding)
+        d = seq.delivery
+        data = encode_answer(msg, d.encoding)
         # a request offered to another group may be that group's now (its acknowledgement
         # lost): only the ledger can say, so its answer waits for the write
-        sent = not seq.offered and await self.outbox.publish_now(seq.reply, data, still=lambda: self.resend(seq))
+        sent = not d.offered and await self.outbox.publish_now(d.reply, data, still=lambda: self.resend(seq))
         key = request_key(seq.client, seq.rid)
         await self.settle_answer(seq, key, ownership.answered_by(self.instance, self.g, seq.rid, seq.client), data,
                                  sent, count)
@@ -352,7 +356,7 @@ class Publisher:
         not sent goes out only if this instance wins. A write whose outcome is unknown is
         resolved off the step path."""
         still = (lambda: True) if sent else (lambda: self.may_answer(seq))
-        how = await ownership.settle(self.ledger, key, done, seq.ledger_rev, still, asyncio.sleep)
+        how = await ownership.settle(self.ledger, key, done, seq.delivery.ledger_rev, still, asyncio.sleep)
         if how == ownership.UNKNOWN:
             self.log.warning("settle_unknown", rid=seq.rid)
             task = asyncio.create_task(self.answer_if_ours(seq, key, done, data, sent, count))
@@ -363,10 +367,10 @@ class Publisher:
 
     async def settled(self, seq: Sequence, how: str, data: bytes, sent: bool, count: str) -> None:
         if how == ownership.WON:
-            seq.settled = True
+            seq.delivery.settled = True
             self.counts[count] += 1
-            if not sent or seq.withdrawn:
-                await self.outbox.send(seq.reply, data, still=lambda: self.may_answer(seq), terminal=True)
+            if not sent or seq.delivery.withdrawn:
+                await self.outbox.send(seq.delivery.reply, data, still=lambda: self.may_answer(seq), terminal=True)
         elif how == ownership.TAKEN:
             self.counts["taken"] += 1
             # after an answer of ours went out, only a ledger out of reach for longer than
@@ -381,7 +385,7 @@ class Publisher:
         write proves ours after all, ``settled`` sends it once more."""
         if self.may_answer(seq):
             return True
-        seq.withdrawn = True
+        seq.delivery.withdrawn = True
         return False
 
     async def answer_if_ours(self, seq: Sequence, key: str, done: Any, data: bytes, sent: bool, count: str) -> None:
@@ -399,9 +403,10 @@ class Publisher:
 
     def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
         """``seq`` may not be answered from here: give up every request of its instance (once)."""
-        if not seq.abandoned and seq.owner == self.instance and (force or not self.lease.valid(time.monotonic())):
+        d = seq.delivery
+        if not d.abandoned and d.owner == self.instance and (force or not self.lease.valid(time.monotonic())):
             self.abandon(why)
-        seq.abandoned = True
+        seq.delivery.abandoned = True
 
     def abandon(self, why: str) -> None:
         """This instance lost (or may have lost) its lease: ingest may be answering its
@@ -410,7 +415,7 @@ class Publisher:
         seqs = [*self.sched.take_all(), *self.sched.waiting, *self.moving.values()]
         self.sched.waiting.clear()
         for seq in seqs:
-            seq.abandoned = True
+            seq.delivery.abandoned = True
         self.counts["abandoned"] += len(seqs)
         self.log.error("lease_lost", reason=why, requests=len(seqs), instance=self.instance,
                        rids=[seq.rid for seq in seqs[:100]])
@@ -435,23 +440,23 @@ class Publisher:
             await asyncio.sleep(self.s.publisher_timeout / 4)
 
     async def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        now = time.time()
+        now, d = time.time(), seq.delivery
         timings = Timings(
             queue_ms=round(max(seq.scheduled_at - seq.accepted_at, 0) * 1000, 3) if seq.scheduled_at else 0.0,
-            ttft_ms=round(max(seq.first_token_at - seq.accepted_at, 0) * 1000, 3) if seq.first_token_at else 0.0,
+            ttft_ms=round(max(d.first_token_at - seq.accepted_at, 0) * 1000, 3) if d.first_token_at else 0.0,
             total_ms=round((now - seq.accepted_at) * 1000, 3),
         )
         done = Done(seq.rid, self.g, reason, len(seq.prompt), len(seq.output), timings)
         if seq.scheduled_at:
             self.metrics.queue.observe(timings.queue_ms / 1000)
-        if seq.first_token_at:
+        if d.first_token_at:
             self.metrics.ttft.observe(timings.ttft_ms / 1000)
         room = self.model.max_seq_len - len(seq.prompt)
         if seq.sampling.max_new_tokens > room:  # the context ends the output first: say so
             done.clamped_max_new_tokens = room
-        if not seq.stream:
+        if not d.stream:
             done.token_ids = list(seq.output)
-            done.text = "".join(seq.text_parts)
+            done.text = "".join(d.text_parts)
         await self.answer(seq, done, "done")
 
     async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
@@ -510,24 +515,15 @@ class Publisher:
         now = time.time()
         finished = []
         for seq, token, reason in events:
-            if not seq.first_token_at:
-                seq.first_token_at = now
-            elif seq.last_token_at:
-                self.metrics.itl.observe(now - seq.last_token_at)
-            seq.last_token_at = now
-            text, hit = seq.stop_strings.feed(seq.detok.feed([token], final=reason is not None))
-            if hit and reason is None:
+            gap = seq.delivery.stamp(now)
+            if gap is not None:
+                self.metrics.itl.observe(gap)
+            ended = seq.delivery.take(token, reason)
+            if ended is not None and reason is None:  # a stop string: it leaves now
                 self.sched.stop_early(seq)
-                reason = FinishReason.STOP
-            elif reason is not None and not hit:
-                text += seq.stop_strings.flush()  # held as a possible stop string: it was not one
-            if seq.stream:
-                seq.unsent.append(token)
-                seq.unsent_text += text
-                if len(seq.unsent) >= self.s.stream_interval or reason is not None:
-                    await self.stream_unsent(seq)
-            else:
-                seq.text_parts.append(text)
+            reason = ended
+            if seq.delivery.chunk_due(self.s.stream_interval, reason is not None):
+                await self.stream_unsent(seq)
             if reason is not None:
                 finished.append((seq, reason))
         await asyncio.gather(*(self.finish(seq, reason) for seq, reason in finished))
@@ -545,7 +541,7 @@ class Publisher:
     def movable(self, seq: Sequence) -> bool:
         """Only a request that has sent nothing to its client, and was not pinned, moves
         (nor one a step in flight still samples for: its token would come here)."""
-        return not seq.output and not seq.pending and not seq.pinned and self.groups > 1
+        return not seq.output and not seq.pending and not seq.delivery.pinned and self.groups > 1
 
     async def move(self, seq: Sequence) -> int | None:
         """Offer ``seq`` (already out of the scheduler) to the other groups; the group that
@@ -559,13 +555,14 @@ class Publisher:
             target = await self.requeue(seq)
         finally:
             self.moving.pop(seq.key, None)
-        if target is not None and seq.aborted and not seq.abandoned:
+        if target is not None and seq.aborted and not seq.delivery.abandoned:
             await self.forward_abort(target, seq)
         return target
 
     async def forward_abort(self, g: int, seq: Sequence) -> None:
         try:
-            await bus.request(self.nc, self.subjects.group_abort(g), pack(GroupAbort(seq.rid, seq.reply)), timeout=2.0)
+            await bus.request(self.nc, self.subjects.group_abort(g), pack(GroupAbort(seq.rid, seq.delivery.reply)),
+                              timeout=2.0)
         except ReceiveDataError as e:
             self.log.warning("abort_not_forwarded", rid=seq.rid, to_group=g, error=e.message)
 
@@ -579,7 +576,7 @@ class Publisher:
             if seq not in self.sched.waiting or not self.movable(seq):
                 continue
             self.sched.waiting.remove(seq)
-            if await self.move(seq) is None and not seq.abandoned:
+            if await self.move(seq) is None and not seq.delivery.abandoned:
                 if seq.aborted:
                     await self.finish(seq, FinishReason.ABORT)
                 else:
@@ -591,11 +588,12 @@ class Publisher:
         answers the client."""
         if not self.movable(seq):
             return None
-        sub = Submit(seq.rid, seq.prompt, seq.sampling, seq.stream, seq.reply, seq.encoding, seq.accepted_at, -1,
-                     client=seq.client, attempt=seq.attempt, moved_from=self.instance)
+        d = seq.delivery
+        sub = Submit(seq.rid, seq.prompt, seq.sampling, d.stream, d.reply, d.encoding, seq.accepted_at, -1,
+                     client=seq.client, attempt=d.attempt, moved_from=self.instance)
         for g in (x for x in range(self.groups) if x != self.g):
             sub.dp_rank = g
-            seq.offered = True
+            d.offered = True
             try:
                 ack = self._ack.decode(await bus.request(self.nc, self.subjects.submit(g), pack(sub), timeout=2.0,
                                                          attempts=1))

@@ -41,7 +41,7 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from dpbus.schemas import Encoding, FinishReason, SamplingParams
+from dpbus.schemas import FinishReason, SamplingParams
 from dpbus.schemas.errors import ErrorCode
 from dpbus.schemas.internal import LAST_TOKEN, Replay, Step, StepFailure, StepResult, token_digest, unpacker
 from dpbus.services.errors import GroupFailure
@@ -515,7 +515,7 @@ class StepWorld:
         # three clients: the scheduler's fair share (admission order, preemption for a
         # newcomer) runs under overlapped steps and faults too
         client = f"_INBOX.c{self.rng.randrange(3)}"
-        seq = Sequence(rid, prompt, sampling, True, f"{client}.{rid}", Encoding.JSON, self.t, client=client)
+        seq = Sequence(rid, prompt, sampling, self.t, client=client)
         want, reason = alone(prompt, sampling.max_new_tokens)
         self.requests[rid] = Request(prompt, want, reason, pub.life, self.t)
         if not pub.add(seq):
