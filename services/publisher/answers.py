@@ -1,18 +1,36 @@
 """The publisher's side of each request, without I/O: where its answers go and how
 (``Delivery``: reply subject, encoding, the text decoded so far and what is not streamed
-yet), and its standing in the request ledger (the entry's revision, the instance that
-holds it, whether its terminal answer was won, given up or lost with a connection).
+yet), its standing in the request ledger (the entry's revision, the instance that holds
+it, whether its terminal answer was won, given up or lost with a connection), and the
+decisions of the answer protocol. The scheduler knows none of this: a ``Sequence``
+carries its ``Delivery`` for the publisher (``seq.delivery``).
 
-The scheduler knows none of this: a ``Sequence`` carries its ``Delivery`` for the
-publisher (``seq.delivery``).
+The answer protocol (the publisher service does the I/O; the protocol simulation,
+``tests/sim/world.py``, calls the same functions on virtual time):
+
+* a request's answers go out only while ``may_answer``: it won its terminal answer, or
+  this instance holds it under a valid lease and has not given it up;
+* a request that may not be answered from here is given up (``give_up``); the first one
+  of an instance whose lease lapsed (or ``force``: the ledger stayed out of reach) gives
+  up every request of the instance;
+* the terminal answer goes first and its settling write right behind it
+  (``answer_first``), unless the request was offered to another group (that group may
+  hold its entry now): then the write goes first and the answer only if it won;
+* the settling write is retried while ``settle_guard`` holds: always for an answer sent
+  already, else while the request may be answered;
+* ``after_settle``/``after_resolve`` say what a settling write's outcome leads to; a won
+  answer (``won``) is sent (again) when it did not go first or was withdrawn (lost with a
+  connection while this instance could no longer answer: ``may_resend``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dpbus.schemas import Chunk, FinishReason
 from dpbus.schemas.codec import Encoding
+from dpbus.services import ownership
 from dpbus.services.publisher.stops import StopMatcher
 from dpbus.services.tokenizer import ByteStream, StreamDecoder
 
@@ -76,3 +94,64 @@ class Delivery:
         self.chunks += 1
         self.unsent, self.unsent_text = [], ""
         return chunk
+
+
+# what comes after a settling write (``after_settle``) or a write in doubt (``after_resolve``)
+SEND, DONE, TAKEN, RESOLVE, AGAIN, GIVE_UP = "send", "done", "taken", "resolve", "again", "give up"
+
+
+def may_answer(d: Delivery, instance: int, lease_valid: bool) -> bool:
+    return ownership.may_answer(d.settled, d.abandoned, d.owner, instance, lease_valid)
+
+
+def give_up(d: Delivery, instance: int, lease_valid: bool, force: bool = False) -> bool:
+    """``d`` may not be answered from here: mark it given up. True when the instance must
+    give up every request it holds (once: the first of its requests to find out)."""
+    everything = not d.abandoned and d.owner == instance and (force or not lease_valid)
+    d.abandoned = True
+    return everything
+
+
+def answer_first(d: Delivery) -> bool:
+    """Does the terminal answer go before its settling write? Not for a request offered
+    to another group: only the ledger can say whose it is now."""
+    return not d.offered
+
+
+def settle_guard(sent: bool, may: Callable[[], bool]) -> Callable[[], bool]:
+    """While a settling write is tried: an answer sent already is settled whatever the
+    lease says meanwhile (winning late still keeps ingest from answering too)."""
+    return (lambda: True) if sent else may
+
+
+def after_settle(d: Delivery, how: str, sent: bool) -> str:
+    """What a settling write that ended ``how`` (``ownership.settle``) leads to."""
+    if how == ownership.WON:
+        return won(d, sent)
+    if how == ownership.TAKEN:
+        return TAKEN
+    return RESOLVE if how == ownership.UNKNOWN else GIVE_UP
+
+
+def after_resolve(d: Delivery, ours: bool, sent: bool, may: bool) -> str:
+    """A settling write in doubt was resolved: ``ours`` if it landed; ``may``: the request
+    may still be answered. Then none of our writes landed and nobody else answers it
+    (ingest answers only for a dead holder): settle again."""
+    if ours:
+        return won(d, sent)
+    return AGAIN if may else GIVE_UP
+
+
+def won(d: Delivery, sent: bool) -> str:
+    """The terminal answer is ours: send it now unless it went first and stayed out."""
+    d.settled = True
+    return SEND if not sent or d.withdrawn else DONE
+
+
+def may_resend(d: Delivery, may: bool) -> bool:
+    """May the outbox send a terminal answer lost with a connection again? Not when this
+    instance may no longer answer: the answer is withdrawn, and sent once more if the
+    settling write proves ours after all (``won``)."""
+    if not may:
+        d.withdrawn = True
+    return may

@@ -41,6 +41,7 @@ from dpbus.services import version as package_version
 from dpbus.services.lifecycle import unless_stopped
 from dpbus.services.errors import GroupFailure, ReceiveDataError, SendDataError
 from dpbus.services.ledger import Lease, LeaseClock, Ledger, ledger_full, request_key
+from dpbus.services.publisher import answers
 from dpbus.services.publisher.answers import Delivery
 from dpbus.services.publisher.engine import GroupEngine
 from dpbus.services.publisher.scheduler import Scheduler, Sequence
@@ -320,8 +321,7 @@ class Publisher:
         """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is
         settled here (this instance won its terminal answer), or this instance still holds
         its lease and has not given ``seq`` up."""
-        d = seq.delivery
-        return ownership.may_answer(d.settled, d.abandoned, d.owner, self.instance, self.lease.valid(time.monotonic()))
+        return answers.may_answer(seq.delivery, self.instance, self.lease.valid(time.monotonic()))
 
     async def answer(self, seq: Sequence, msg: Done | Error, count: str) -> None:
         """Send ``seq``'s terminal answer and make it this instance's in the ledger.
@@ -345,7 +345,7 @@ class Publisher:
         data = encode_answer(msg, d.encoding)
         # a request offered to another group may be that group's now (its acknowledgement
         # lost): only the ledger can say, so its answer waits for the write
-        sent = not d.offered and await self.outbox.publish_now(d.reply, data, still=lambda: self.resend(seq))
+        sent = answers.answer_first(d) and await self.outbox.publish_now(d.reply, data, still=lambda: self.resend(seq))
         key = request_key(seq.client, seq.rid)
         await self.settle_answer(seq, key, ownership.answered_by(self.instance, self.g, seq.rid, seq.client), data,
                                  sent, count)
@@ -355,58 +355,54 @@ class Publisher:
         the lease says meanwhile (winning late still keeps ingest from answering too); one
         not sent goes out only if this instance wins. A write whose outcome is unknown is
         resolved off the step path."""
-        still = (lambda: True) if sent else (lambda: self.may_answer(seq))
+        still = answers.settle_guard(sent, lambda: self.may_answer(seq))
         how = await ownership.settle(self.ledger, key, done, seq.delivery.ledger_rev, still, asyncio.sleep)
-        if how == ownership.UNKNOWN:
+        then = answers.after_settle(seq.delivery, how, sent)
+        if then == answers.RESOLVE:
             self.log.warning("settle_unknown", rid=seq.rid)
             task = asyncio.create_task(self.answer_if_ours(seq, key, done, data, sent, count))
             self.resolving.add(task)
             task.add_done_callback(self.resolving.discard)
+        elif then == answers.GIVE_UP:
+            self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
         else:
-            await self.settled(seq, how, data, sent, count)
+            await self.settled(seq, then, data, sent, count)
 
-    async def settled(self, seq: Sequence, how: str, data: bytes, sent: bool, count: str) -> None:
-        if how == ownership.WON:
-            seq.delivery.settled = True
-            self.counts[count] += 1
-            if not sent or seq.delivery.withdrawn:
-                await self.outbox.send(seq.delivery.reply, data, still=lambda: self.may_answer(seq), terminal=True)
-        elif how == ownership.TAKEN:
+    async def settled(self, seq: Sequence, then: str, data: bytes, sent: bool, count: str) -> None:
+        """The settling write ended: won (``answers.SEND``: the answer goes now, or ``DONE``)
+        or taken by someone else."""
+        if then == answers.TAKEN:
             self.counts["taken"] += 1
             # after an answer of ours went out, only a ledger out of reach for longer than
             # the lease lets ingest answer too (the client then hears two terminal answers)
             self.log.error("answer_taken", rid=seq.rid, ours_sent=sent)
-        else:
-            self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
+            return
+        self.counts[count] += 1
+        if then == answers.SEND:
+            await self.outbox.send(seq.delivery.reply, data, still=lambda: self.may_answer(seq), terminal=True)
 
     def resend(self, seq: Sequence) -> bool:
         """May the outbox send ``seq``'s terminal answer again (its copy was lost with a
-        connection)? Not when this instance may no longer answer: then, if the settling
-        write proves ours after all, ``settled`` sends it once more."""
-        if self.may_answer(seq):
-            return True
-        seq.delivery.withdrawn = True
-        return False
+        connection)?"""
+        return answers.may_resend(seq.delivery, self.may_answer(seq))
 
     async def answer_if_ours(self, seq: Sequence, key: str, done: Any, data: bytes, sent: bool, count: str) -> None:
-        if await ownership.resolve(self.ledger, key, done, asyncio.sleep):
-            self.log.info("settle_resolved", rid=seq.rid)
-            await self.settled(seq, ownership.WON, data, sent, count)
-        elif self.may_answer(seq):
-            # none of our writes landed and the request is still ours under a valid lease:
-            # nobody else will answer it (ingest answers only for a dead holder), so try again
+        ours = await ownership.resolve(self.ledger, key, done, asyncio.sleep)
+        then = answers.after_resolve(seq.delivery, ours, sent, self.may_answer(seq))
+        if then == answers.AGAIN:
             self.log.warning("settle_not_landed", rid=seq.rid, trying="again")
             await self.settle_answer(seq, key, done, data, sent, count)
-        else:
+        elif then == answers.GIVE_UP:
             self.log.warning("settle_not_landed", rid=seq.rid)
             self.give_up(seq, "a settling write did not land")
+        else:
+            self.log.info("settle_resolved", rid=seq.rid)
+            await self.settled(seq, then, data, sent, count)
 
     def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
         """``seq`` may not be answered from here: give up every request of its instance (once)."""
-        d = seq.delivery
-        if not d.abandoned and d.owner == self.instance and (force or not self.lease.valid(time.monotonic())):
+        if answers.give_up(seq.delivery, self.instance, self.lease.valid(time.monotonic()), force):
             self.abandon(why)
-        seq.delivery.abandoned = True
 
     def abandon(self, why: str) -> None:
         """This instance lost (or may have lost) its lease: ingest may be answering its
