@@ -58,9 +58,9 @@ class GroupEngine:
 
     # ---- steps ----------------------------------------------------------------------------
     @property
-    def flight(self) -> list[InFlight]:
-        """The steps out and not taken yet, oldest first."""
-        return list(self.stepper.flight.values())
+    def in_flight(self) -> int:
+        """Steps out and not taken yet."""
+        return len(self.stepper.flight)
 
     @property
     def oldest(self) -> InFlight | None:
@@ -69,7 +69,7 @@ class GroupEngine:
     def plan(self, now: float, epochs_seen: Iterable[int] = ()) -> InFlight | None:
         """The next step to send, numbered and packed, if one may go (fewer than
         ``steps_in_flight`` out) and the scheduler has something for it."""
-        if len(self.stepper.flight) >= self.steps_in_flight or not self.sched.has_work():
+        if self.in_flight >= self.steps_in_flight or not self.sched.has_work():
             return None
         plan = self.sched.build_step(now)
         if not plan:

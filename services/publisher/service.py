@@ -19,6 +19,11 @@ When the group fails (a step fails, times out or diverges, a worker stops beatin
 running requests that streamed nothing move to another group, the others get an
 ``error`` answer, and the group starts a new epoch; queued requests move too while the
 group is not whole, or wait for it up to ``queue_timeout``.
+
+What is decided without I/O lives beside it: the group's step core (``engine.py``:
+scheduler, row tables, step numbering and acknowledgements, one record per step out),
+and each request's delivery and the answer protocol's decisions (``answers.py``). This
+module receives, sends, waits and keeps time.
 """
 
 from __future__ import annotations
@@ -605,7 +610,7 @@ class Publisher:
         """Keep ``steps_in_flight`` steps on the wire; take each one's tokens when it
         settles, then send the next and only then stream what the settled one sampled."""
         events: list = []
-        while not stop.is_set() or self.sched.running or self.stepper.flight:
+        while not stop.is_set() or self.sched.running or self.engine.in_flight:
             aborted = self.engine.take_aborted()  # out of the batch before the next step is planned
             failure = None
             try:
@@ -620,7 +625,7 @@ class Publisher:
                 events = []
             for seq in aborted:  # ...then the aborted requests' answers: nothing after them
                 await self.finish(seq, FinishReason.ABORT)
-            if failure is None and self.stepper.flight:
+            if failure is None and self.engine.in_flight:
                 try:
                     events = await self.take_oldest_step()
                     continue

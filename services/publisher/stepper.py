@@ -63,10 +63,6 @@ class Stepper:
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
         self.flight: dict[int, InFlight] = {}  # steps sent and not yet taken by ``outcome``, by number
 
-    @property
-    def in_flight(self) -> bool:
-        return any(not f.settled for f in self.flight.values())
-
     def next_step(self, pack_step: Callable[[int, int], bytes], epochs_seen: Iterable[int]) -> bytes:
         """Number the next step (starting an epoch when due) and keep it for replay:
         ``pack_step(epoch, seq)`` makes its bytes."""

@@ -323,7 +323,7 @@ class Publisher:
             return
         was_whole = not self.missing()
         self.beats[node] = (self.w.t, epoch)
-        if not was_whole and not self.missing() and not self.stepper.flight:
+        if not was_whole and not self.missing() and not self.engine.in_flight:
             self.loop()
 
     def on_replay(self, ask: Replay, life: int, node: int, data: bytes) -> None:
@@ -335,14 +335,14 @@ class Publisher:
         """The idle loop: look for work now and then (the service waits for a wake-up, or
         a short while when the group is not whole)."""
         if self.alive and self.life == life:
-            if not self.stepper.flight:
+            if not self.engine.in_flight:
                 self.loop()
             self.w.at(POLL, self.poll, life)
 
     def add(self, seq: Sequence) -> bool:
         if not self.engine.add(seq):
             return False
-        if not self.stepper.flight:  # the loop is idle: wake it
+        if not self.engine.in_flight:  # the loop is idle: wake it
             self.loop()
         return True
 
@@ -350,7 +350,7 @@ class Publisher:
         seq = next((s for s in (*self.sched.waiting, *self.sched.running) if s.rid == rid), None)
         if seq is not None:
             self.engine.abort(seq)
-            if not self.stepper.flight:
+            if not self.engine.in_flight:
                 self.loop()
 
     # ---- the scheduling loop -----------------------------------------------------------
@@ -360,8 +360,8 @@ class Publisher:
             self.w.ended(seq.rid, FinishReason.ABORT.value)
         while not self.missing() and (out := self.plan()):
             self.w.sent[(self.stepper.epoch, out.number)] = out.data
-            self.w.overlapped += len(self.stepper.flight) > 1
-            self.w.deepest = max(self.w.deepest, len(self.stepper.flight))
+            self.w.overlapped += self.engine.in_flight > 1
+            self.w.deepest = max(self.w.deepest, self.engine.in_flight)
             self.broadcast(out.data)
             self.watch_oldest()
 
@@ -379,7 +379,7 @@ class Publisher:
     def watch_oldest(self) -> None:
         """Wait for the oldest step in flight (``settle``): from now on it is re-sent while
         its acknowledgements are late, and given up after ``STEP_TIMEOUT``."""
-        oldest = self.engine.oldest.number if self.stepper.flight else None
+        oldest = self.engine.oldest.number if self.engine.in_flight else None
         if oldest == self.watched:
             return
         self.watched, self.waiting_since = oldest, self.w.t
@@ -405,7 +405,7 @@ class Publisher:
     def take_settled(self) -> None:
         """Take the oldest steps while they are settled (a later step may settle first: it
         waits), each applied before the next step goes out and its answers are sent."""
-        while self.stepper.flight and self.engine.oldest.settled:
+        while self.engine.in_flight and self.engine.oldest.settled:
             n, epoch = self.engine.oldest.number, self.stepper.epoch
             try:
                 result, events = self.engine.take_settled()
