@@ -149,8 +149,8 @@ FIELD_NOTES = {
 
 
 def wire_defaults_table() -> str:
-    """The README's table of request fields, their defaults and bounds, made from the Structs
-    above (what a field omitted from a request means)."""
+    """docs/wire-contract.md's table of request fields, their defaults and bounds, made from
+    the Structs above (what a field omitted from a request means)."""
     rows = ["| field | default | allowed | meaning |", "|---|---|---|---|"]
     for prefix, typ in (("", GenerateRequest), ("sampling.", SamplingParams)):
         for f in msgspec.inspect.type_info(typ).fields:

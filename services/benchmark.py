@@ -176,54 +176,55 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
 
 
 def bench_engine(w: Workload, engine: Any, progress=lambda: None, steps_in_flight: int = 2) -> dict[str, Any]:
-    """The same workload through the scheduler and the model runner in this process (no bus):
-    requests join as they arrive (or as others finish, at a fixed concurrency). Steps go as
-    a publisher and its worker run them, with the same overlap: up to ``steps_in_flight``
-    launched before the oldest one's tokens are taken (1: one step after another). The
-    row tables of both sides turn each plan into the runner's items, as on the wire."""
+    """The same workload through a group's step core (``GroupEngine``: the publisher's
+    scheduler, row tables and stepper) and the model runner in this process, no bus:
+    requests join as they arrive (or as others finish, at a fixed concurrency). Up to
+    ``steps_in_flight`` steps are launched before the oldest one's tokens are taken (1:
+    one step after another), as a publisher keeps them; the worker's page tables turn
+    each step into the runner's items, as off the wire."""
     from collections import deque
 
-    from dpbus.schemas.codec import Encoding
+    from dpbus.schemas.internal import StepResult, token_digest
     from dpbus.schemas.public import SamplingParams
+    from dpbus.services.publisher.engine import GroupEngine
     from dpbus.services.publisher.scheduler import Scheduler, Sequence
+    from dpbus.services.publisher.stepper import Stepper
     from dpbus.services.publisher.tables import RowTables
     from dpbus.services.settings import total_pages
     from dpbus.services.worker.tables import PageTables
 
     s, runner = engine.settings, engine.runner
-    sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, 1 << 30, runner.cfg.max_seq_len,
-                      total_pages(s, runner.cfg.max_seq_len), s.page_size)
-    rows, tables = RowTables(s.max_running_requests), PageTables(s.max_running_requests)
+    group = GroupEngine(Scheduler(s.max_running_requests, s.max_prefill_tokens, 1 << 30, runner.cfg.max_seq_len,
+                                  total_pages(s, runner.cfg.max_seq_len), s.page_size),
+                        RowTables(s.max_running_requests), Stepper(0, [0], steps_in_flight), steps_in_flight)
+    tables = PageTables(s.max_running_requests)
     items, arrivals = w.items(), w.arrivals()
     records = [Record() for _ in items]
     by_rid: dict[str, int] = {}
-    flight: deque = deque()  # (plan, launched), oldest first
+    launched: deque = deque()  # (step, its launch on the device), oldest first
     start = time.perf_counter()
-    next_i, in_flight, number = 0, 0, 0
-    while next_i < len(items) or sched.has_work() or flight:
+    next_i, in_flight = 0, 0
+    while next_i < len(items) or group.has_work() or launched:
         now = time.perf_counter() - start
         while next_i < len(items) and (in_flight < w.concurrency if not w.rate else arrivals[next_i] <= now):
             ids, n = items[next_i]
             rid = f"e{next_i}"
-            sched.add(Sequence(rid, ids, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True), True,
-                               "", Encoding.MSGPACK, time.time()))
+            group.add(Sequence(rid, ids, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True),
+                               time.time()))
             by_rid[rid] = next_i
             records[next_i].sent = time.perf_counter()
             next_i += 1
             in_flight += 1
-        while len(flight) < steps_in_flight and sched.has_work():
-            plan = sched.build_step(time.time())
-            if not plan:
-                break
-            number += 1
-            flight.append((plan, runner.launch(*tables.apply(rows.step(0, number, plan, sched.running)))))
-        if not flight:
+        while out := group.plan(time.time()):
+            launched.append((out, runner.launch(*tables.apply(out.step))))
+        if not launched:
             time.sleep(min(0.001, max(arrivals[next_i] - now, 0)) if next_i < len(items) else 0)
             continue
-        plan, launched = flight.popleft()
-        pre, dec = launched.tokens()
+        out, running = launched.popleft()
+        pre, dec = running.tokens()
+        group.on_reply(StepResult(out.step.epoch, out.number, 0, pre, dec, 0.0, token_digest(pre, dec)))
         now = time.perf_counter()
-        for seq, _token, reason in sched.apply(plan, pre, dec):
+        for seq, _token, reason in group.take_settled()[1]:
             rec = records[by_rid[seq.rid]]
             rec.tokens.append(now)
             if reason is not None:

@@ -582,7 +582,7 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("generate", help="send one request and print the streamed answer",
                        description="Send one request and print the streamed answer. Only the sampling fields "
                                    "given as flags are sent: the others take the wire's defaults "
-                                   "(README, 'Request fields and their defaults': max_new_tokens 32, "
+                                   "(docs/wire-contract.md, 'Request fields and their defaults': max_new_tokens 32, "
                                    "temperature 1.0, a random seed).")
     q.add_argument("text", help="the prompt")
     client_flags(q)

@@ -84,7 +84,7 @@ class IngestSettings(Common):
     reconcile_interval: Annotated[Seconds, Help("seconds between ingest's sweeps of the ledger for lapsed "
                                                 "leases")] = 1.0
     policy: Annotated[Literal["round_robin", "shortest_queue", "least_tokens", "prefix_affinity"],
-                      Help("how ingest picks the group of a request that names none (README, "
+                      Help("how ingest picks the group of a request that names none (docs/engine.md, "
                            "'Routing policies')")] = "round_robin"
     affinity_skew: Annotated[float, Meta(ge=1.0), Help("prefix_affinity gives up on a group past this "
                                                        "multiple of the others' mean load")] = 2.0

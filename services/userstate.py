@@ -47,7 +47,7 @@ def write_state(state: dict[str, Any]) -> Path:
 
 def new_state(url: str, users: dict[str, NatsAuth], pid: int, **more: Any) -> dict[str, Any]:
     """The state of an `up` whose server listens at ``url``; the top-level ``user`` and
-    ``password`` are the client's (what the README's plain nats-py snippet reads)."""
+    ``password`` are the client's (what the plain nats-py client in docs/wire-contract.md reads)."""
     client = users.get("client", NatsAuth())
     return {"url": url, "user": client.user, "password": client.password, "tls_ca": client.tls_ca, "pid": pid,
             "ready": False, "progress": "starting", "users": {u: a.password for u, a in users.items()}, **more}

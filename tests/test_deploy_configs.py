@@ -431,7 +431,7 @@ def compose(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def secrets(tmp_path_factory) -> Path:
-    """What the README has you run before compose: `dpbus nats-config --out secrets ...`."""
+    """What docs/operations.md has you run before compose: `dpbus nats-config --out secrets ...`."""
     out = tmp_path_factory.mktemp("secrets")
     r = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "nats-config", "--out", str(out), "--dp-size", "2",
                         "--nnodes", "2"], capture_output=True, text=True, timeout=60, env=clean_env())

@@ -19,7 +19,6 @@ from dpbus.services import bus, logs
 from dpbus.services.client import decode_answer
 from dpbus.services.errors import Rejected, SendDataError
 from dpbus.services.ingest.service import Ingest
-from dpbus.services.publisher.scheduler import Sequence
 from dpbus.services.publisher.service import Publisher
 from dpbus.services.publisher.stepper import EPOCH_GAP
 from dpbus.services.settings import IngestSettings, PublisherSettings, WorkerSettings
@@ -181,7 +180,7 @@ async def test_a_request_aborted_while_its_step_is_computed_gets_nothing_after_i
             return
         if step.seq == 2:
             [seq] = pub.sched.running
-            await nc.request(SUBJ.group_abort(0), pack(GroupAbort(seq.rid, seq.reply)), timeout=5)
+            await nc.request(SUBJ.group_abort(0), pack(GroupAbort(seq.rid, seq.delivery.reply)), timeout=5)
             await nc.publish(SUBJ.result(0, 0), pack(answer(first[0], 0)))
         await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
 
@@ -244,7 +243,7 @@ async def streamed_with_interval(server, rid: str, tokens: int, abort_at_step: i
         step = msgspec.msgpack.decode(msg.data, type=Step)
         if step.seq == abort_at_step:
             [seq] = pub.sched.running
-            await nc.request(SUBJ.group_abort(0), pack(GroupAbort(seq.rid, seq.reply)), timeout=5)
+            await nc.request(SUBJ.group_abort(0), pack(GroupAbort(seq.rid, seq.delivery.reply)), timeout=5)
         await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
 
     return await one_request(nc, pub, task, stop, on_step, rid, tokens=tokens)
@@ -274,8 +273,7 @@ async def test_tokens_held_for_the_next_chunk_go_out_before_an_abort_s_done(nats
 def queue_while_not_whole(pub: Publisher, sub: Submit) -> None:
     """A request queued in a group that then lost a node (accepted while it was whole)."""
     assert not pub.ready()
-    assert pub.sched.add(Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding,
-                                  sub.accepted_at, client=sub.client))
+    assert pub.sched.add(pub.new_sequence(sub))
 
 
 async def test_a_queued_request_offered_to_another_group_cannot_also_start_here(nats_server):

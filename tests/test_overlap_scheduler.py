@@ -19,7 +19,7 @@ import pytest
 
 from dpbus.schemas import FinishReason
 from dpbus.schemas.internal import LAST_TOKEN
-from dpbus.services.publisher.scheduler import Plan, Scheduler, Sequence
+from dpbus.services.publisher.scheduler import Plan, Scheduler, Sequence, Status
 from tests.test_scheduler import all_free, expected_output, maybe_arrive, mksched, mkseq, token_fn
 
 
@@ -128,7 +128,7 @@ def overlapped_workload(seed: int, steps: int, *, depth: int = 2, max_running: i
         if failures and n < steps and flight and rng.random() < 0.01:  # the group fails: the steps in flight are lost
             counts["failures"] += 1
             for q in s.take_all():  # as the publisher does: answer (here: abort) what was running
-                q.finished = True
+                q.status = Status.FINISHED
                 done[q.rid] = FinishReason.ABORT
             flight.clear()
             model = HeldFake(page_size)  # a new epoch: the workers start from nothing

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import jax
 import pytest
 
-from dpbus.schemas import Encoding, SamplingParams
+from dpbus.schemas import SamplingParams
 from dpbus.services.model_config import ModelConfig
 from dpbus.services.publisher.scheduler import Scheduler, Sequence
 from dpbus.services.worker.model import dummy_weights
@@ -76,7 +76,7 @@ def run(runner: ModelRunner, prefix_cache: bool) -> tuple[dict[str, list[int]], 
                 a = asks[rid]
                 prompt = seqs[a.after].prompt + seqs[a.after].output + a.prompt if a.after and a.continues else a.prompt
                 sp = SamplingParams(max_new_tokens=a.new, temperature=a.temperature, seed=a.seed, ignore_eos=True)
-                seqs[rid] = Sequence(rid, prompt, sp, True, "_INBOX.t", Encoding.JSON, 0.0)
+                seqs[rid] = Sequence(rid, prompt, sp, 0.0)
                 assert s.add(seqs[rid])
                 del ready_at[rid]
         for rid, seq in seqs.items():

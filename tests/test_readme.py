@@ -1,7 +1,8 @@
-"""The README as a new user follows it.
+"""The README and the docs/ pages as a new user follows them.
 
-Every shell command in the fenced blocks of "Quick start" and "Several hosts", and the
-Python client snippet, is run as written, in order:
+Every shell command in the fenced blocks of the README's "Quick start" and of "Several
+hosts" (docs/operations.md), and the plain nats-py client (docs/wire-contract.md), is run
+as written, in order:
 
 * ``dpbus`` and ``nats-server`` are on PATH (what ``source .venv/bin/activate`` gives; the
   ``dpbus`` found there runs this checkout's code with the test's interpreter);
@@ -10,13 +11,17 @@ Python client snippet, is run as written, in order:
   skipped (it is this suite);
 * a command whose comment says "leave it running" runs in the background (``dpbus up``
   until it prints that it is ready, ``nats-server`` until it listens);
+* ``curl`` lines go to the gateway that ``dpbus up`` started, at the address it printed
+  (``127.0.0.1:8000`` unless that port was taken);
 * "Several hosts" runs on one machine: every host is 127.0.0.1 and every ``host:port``
   gets a free port of its own (the two groups' coordinators both use 7070 on different
   hosts);
 * HOME is a fresh directory (the state file of ``dpbus up`` goes there), and the services
   compile fewer shapes (``DPBUS_MAX_*`` variables, which any user may set).
 
-Every background process must stop on a signal within 10 s with exit code 0.
+Every background process must stop on a signal within 10 s with exit code 0. Every
+relative link in the README and docs/ names a file that exists and, after ``#``, one of its
+headings.
 """
 
 from __future__ import annotations
@@ -38,14 +43,17 @@ from dpbus.services.launcher import free_port, nats_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+WIRE = (DOCS / "wire-contract.md").read_text()
+OPERATIONS = (DOCS / "operations.md").read_text()
 SMALL = {"DPBUS_MAX_PREFILL_TOKENS": "16", "DPBUS_MAX_RUNNING_REQUESTS": "2", "DPBUS_MAX_SEQ_LEN": "512"}
 SKIPPED = {"make test"}
 STOP_BOUND_S = 10.0
 
 
-def section(title: str, level: str = "##") -> str:
-    start = README.index(f"\n{level} {title}\n")
-    rest = README[start + 1:]
+def section(title: str, level: str = "##", text: str = README) -> str:
+    start = text.index(f"\n{level} {title}\n")
+    rest = text[start + 1:]
     ends = [m.start() for m in re.finditer(r"^#{2,3} |^\* \*\*", rest, re.M) if m.start() > 0]
     return rest[:min(ends)] if ends else rest
 
@@ -55,7 +63,9 @@ def blocks(text: str, lang: str) -> list[str]:
 
 
 def commands(text: str) -> list[str]:
-    return [line.strip() for block in blocks(text, "sh") for line in block.splitlines() if line.strip()]
+    """Each command of the ``sh`` blocks, a line ending in a backslash joined with the next."""
+    return [line.strip() for block in blocks(text, "sh") for line in re.sub(r"\\\n\s*", "", block).splitlines()
+            if line.strip()]
 
 
 def without_comment(cmd: str) -> str:
@@ -63,22 +73,22 @@ def without_comment(cmd: str) -> str:
 
 
 def test_wire_defaults_table_is_the_one_generated_from_schemas():
-    table = re.search(r"<!-- wire-defaults: begin -->\n(.*?)<!-- wire-defaults: end -->", README, re.S)
-    assert table, "the README lost its wire defaults table"
+    table = re.search(r"<!-- wire-defaults: begin -->\n(.*?)<!-- wire-defaults: end -->", WIRE, re.S)
+    assert table, "docs/wire-contract.md lost its wire defaults table"
     assert table.group(1) == wire_defaults_table(), "regenerate it from schemas.public.wire_defaults_table()"
 
 
-def test_readme_names_every_error_code():
+def test_wire_contract_names_every_error_code():
     from dpbus.schemas.errors import ErrorCode
 
-    errors = section("The wire contract")
+    errors = section("Answers", text=WIRE)
     for code in ErrorCode:
         assert f"`{code.value}`" in errors, code
 
 
 def test_the_runbook_sections_have_commands():
     assert "dpbus up" in map(without_comment, commands(section("Quick start")))
-    hosts = commands(section("Several hosts", "###"))
+    hosts = commands(section("Several hosts", text=OPERATIONS))
     assert sum(without_comment(c).startswith("dpbus node") for c in hosts) == 4
 
 
@@ -170,7 +180,7 @@ def test_quick_start_as_written(user_env, tmp_path):
     stamp = tmp_path / "installed"  # the environment running this test is installed already
     stamp.touch()
     runner = Runner(env, ROOT, tmp_path)
-    up = None
+    up, http, curls = None, None, []
     try:
         for cmd in commands(section("Quick start")):
             plain = without_comment(cmd)
@@ -188,12 +198,21 @@ def test_quick_start_as_written(user_env, tmp_path):
                 up, log = runner.start(cmd)
                 runner.wait_for_line(up, log, r"dpbus ready.*at nats://127\.0\.0\.1:\d+")
                 assert (Path(env["HOME"]) / ".local/state/dpbus/up.json").exists()
+                api = runner.wait_for_line(up, log, r"OpenAI-compatible API at http://127\.0\.0\.1:\d+/v1", timeout=30)
+                http = re.search(r"127\.0\.0\.1:\d+", api).group(0)
+                continue
+            if plain.startswith("curl "):
+                assert http, "a curl line before `dpbus up` started the gateway"
+                out = runner.run(cmd.replace("127.0.0.1:8000", http), timeout=120)
+                assert out.stdout.strip() and '"error"' not in out.stdout, out.stdout[-2000:]
+                curls.append(out.stdout)
                 continue
             out = runner.run(cmd, timeout=300)
             if plain.startswith("dpbus generate"):
                 assert re.search(r"\[(length|stop): group \d", out.stderr), out.stderr
         assert up is not None, "the quick start never started `dpbus up`"
-        (snippet,) = blocks(section("The wire contract"), "python")
+        assert len(curls) == 3 and '"choices"' in curls[1] and "data: [DONE]" in curls[2], curls
+        (snippet,) = blocks(section("A plain nats-py client", text=WIRE), "python")
         script = tmp_path / "client.py"
         script.write_text(snippet)
         out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
@@ -229,7 +248,7 @@ def test_several_hosts_runbook_on_localhost(user_env, tmp_path):
     ports: dict[tuple[str, int], int] = {}
     ran = []
     try:
-        for cmd in commands(section("Several hosts", "###")):
+        for cmd in commands(section("Several hosts", text=OPERATIONS)):
             cmd = on_localhost(cmd, ports)
             ran.append(without_comment(cmd))
             if "leave it running" in cmd:
@@ -256,3 +275,36 @@ def test_several_hosts_runbook_on_localhost(user_env, tmp_path):
     finally:
         runner.kill_all()
     assert any(c.startswith("dpbus status") for c in ran) and any(c.startswith("dpbus generate") for c in ran)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file (outside code blocks)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    anchors = set()
+    for title in re.findall(r"^#{1,6} (.+)$", text, re.M):
+        anchor = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        anchors.add(anchor)
+    return anchors
+
+
+def test_links_between_readme_and_docs_resolve():
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    assert len(pages) > 1, "docs/ is empty"
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and anchor not in heading_anchors(file.read_text()):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_readme_links_every_doc():
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)", README))
+    assert linked == {p.name for p in DOCS.glob("*.md")}, linked

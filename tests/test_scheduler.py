@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 
-from dpbus.schemas import Encoding, FinishReason, SamplingParams
+from dpbus.schemas import FinishReason, SamplingParams
 from dpbus.services.publisher import scheduler as scheduler_module
 from dpbus.services.publisher.scheduler import Plan, Scheduler, Sequence
 from dpbus.services.tokenizer import EOS_ID
@@ -34,7 +34,7 @@ def pages_for(tokens: int, page_size: int = PAGE) -> int:
 def mkseq(rid: str, n_prompt: int = 4, accepted_at: float = 0.0, **sampling) -> Sequence:
     sp = SamplingParams(**{"temperature": 0.0, "seed": 1, **sampling})
     prompt = [(i % 200) + 10 for i in range(n_prompt)]
-    return Sequence(rid, prompt, sp, True, f"_INBOX.{rid}", Encoding.JSON, accepted_at)
+    return Sequence(rid, prompt, sp, accepted_at, eos_ids=(EOS_ID,))
 
 
 def mksched(max_running: int = 4, max_prefill: int = 64, max_waiting: int = 16, max_seq_len: int = 128,

@@ -1,7 +1,8 @@
 """The deterministic protocol simulation (tests/sim): thousands of seeded worlds of
 ingests, publishers and a ledger, with a faulty network, kills, restarts, group failures,
 lease outages and clock jumps, checked after every event. Production decides
-(``dpbus.services.ownership``, ``LeaseClock``, ``SweepView``); the simulation sequences.
+(``dpbus.services.ownership``, the publisher's ``answers``, ``LeaseClock``, ``SweepView``);
+the simulation sequences.
 
 A failing seed replays exactly: ``DPBUS_SIM_SEED=<seed> pytest tests/test_simulation.py -k replay``.
 ``DPBUS_SIM_SEEDS`` sets how many seeds the sweep runs (``DPBUS_SIM_FIRST`` the first)."""
@@ -15,6 +16,7 @@ import pytest
 
 from dpbus.services import ledger as ledger_module
 from dpbus.services import ownership
+from dpbus.services.publisher import answers
 from tests.sim.checker import Violation
 from tests.sim.world import Faults, World
 
@@ -111,6 +113,10 @@ def always_ours(got, mine):
     return got is not None  # whatever is read back is taken for our own write
 
 
+def answers_first_even_if_offered(d):
+    return True  # a request offered to another group (which may hold it now) is answered before the ledger says
+
+
 LEDGER_FAULTS = Faults(ledger=0.05)
 
 
@@ -120,8 +126,9 @@ LEDGER_FAULTS = Faults(ledger=0.05)
     (ledger_module, "MARGIN", -0.5, None),  # the holder speaks on after ingest answers for it
     (ownership, "landed", never_ours, LEDGER_FAULTS),
     (ownership, "landed", always_ours, LEDGER_FAULTS),
+    (answers, "answer_first", answers_first_even_if_offered, None),
 ], ids=["answer-without-winning-the-cas", "take-over-any-name", "no-lease-margin", "unknown-write-taken-for-failed",
-        "anything-read-back-taken-for-ours"])
+        "anything-read-back-taken-for-ours", "an-offered-request-answered-before-settling"])
 def test_a_broken_rule_is_caught_by_some_seed(monkeypatch, target, name, broken, faults):
     assert first_violation(range(200), faults) is None
     monkeypatch.setattr(target, name, broken)

@@ -242,13 +242,13 @@ def test_the_publisher_starts_every_epoch_with_no_rows():
     s = pub.sched
     s.add(mkseq("a"))
     plan = s.build_step(0.0)
-    first = decode_step.decode(pub.stepper.next_step(pub.pack_step(plan), []))
+    first = decode_step.decode(pub.stepper.next_step(pub.engine.pack_step(plan), []))
     [a] = s.running
     assert first.epoch > 0 and first.seq == 1
     assert [r.row for r in first.started] == [0] and pub.tables.row(a) == 0
     s.take_all()  # the group fails (or the lease is lost): the next step starts a new epoch
     pub.stepper.reset()
-    again = decode_step.decode(pub.stepper.next_step(pub.pack_step(s.build_step(0.0)), []))
+    again = decode_step.decode(pub.stepper.next_step(pub.engine.pack_step(s.build_step(0.0)), []))
     assert (again.epoch, again.seq) == (first.epoch + 1, 1) and not pub.tables.rows and pub.tables.row(a) is None
 
 

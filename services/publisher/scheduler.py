@@ -34,26 +34,35 @@ fails (``take_all``) the whole cache is forgotten: a restarted worker has none o
 
 from __future__ import annotations
 
+import enum
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from dpbus.schemas import FinishReason, SamplingParams
-from dpbus.schemas.codec import Encoding
 from dpbus.schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling, page_hashes
 from dpbus.services.publisher.pages import PagePool
-from dpbus.services.publisher.stops import StopMatcher
-from dpbus.services.tokenizer import EOS_ID, ByteStream, StreamDecoder
+
+
+class Status(enum.Enum):
+    """Where a sequence is in its life, as the scheduler sees it."""
+
+    LIVE = "live"  # queued or running
+    ABORTING = "aborting"  # an abort came: it leaves the batch at the next ``take_aborted``
+    ABORTED = "aborted"  # it left after an abort: later tokens are dropped
+    FINISHED = "finished"  # it left by a stop token, its length limit or a stop string
 
 
 @dataclass(eq=False)  # one request's life: compared (and found in lists) by identity, in O(1)
 class Sequence:
+    """A request as the scheduler sees it. Where its answers go (and everything about
+    sending them) is the service's business: ``delivery`` (the publisher's
+    ``answers.Delivery``)."""
+
     rid: str
     prompt: list[int]
     sampling: SamplingParams
-    stream: bool
-    reply: str
-    encoding: Encoding
     accepted_at: float
     seed: int = 0
     prefilled: int = 0
@@ -61,40 +70,41 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of its first whole pages (page_hashes)
     published: int = 0  # its first pages already offered to the prefix cache
-    aborted: bool = False
     preempted: int = 0
     scheduled_at: float = 0.0
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
-    detok: StreamDecoder = field(default_factory=ByteStream)
-    eos_ids: tuple[int, ...] = (EOS_ID,)
-    pinned: bool = False
+    eos_ids: tuple[int, ...] = ()  # the model's end-of-sequence tokens (stops unless ignore_eos)
     client: str = ""  # who sent it (see schemas.internal.client_of): (client, rid) names a request
-    attempt: str = ""  # the admission it came from (see services/ledger.py)
-    ledger_rev: int = 0  # the revision of its ledger entry held by this publisher
-    owner: int = 0  # the publisher instance that claimed it (see services/ledger.py)
-    abandoned: bool = False  # its publisher lost the lease: someone else answers it
-    settled: bool = False  # its publisher won its terminal answer in the ledger
-    offered: bool = False  # offered to another group once: that group may have taken its entry over
-    withdrawn: bool = False  # its terminal answer, sent before it was settled, was lost with a connection and not sent again
-    unsent: list[int] = field(default_factory=list)  # sampled, not streamed yet (see stream_interval)
-    unsent_text: str = ""  # their text
-    chunks: int = 0  # chunks streamed so far: the next one's index
     ahead: int = 0  # positions after ``prefilled`` that steps in flight write
     pending: int = 0  # tokens that steps in flight sample for it (not known yet)
-    finished: bool = False  # it left for good (finished, stopped, aborted): later tokens are dropped
+    status: Status = Status.LIVE
+    delivery: Any = None  # the service's record of its answers
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.client, self.rid)
+
+    @property
+    def aborted(self) -> bool:
+        """An abort came for it (it may have left since)."""
+        return self.status in (Status.ABORTING, Status.ABORTED)
+
+    @property
+    def finished(self) -> bool:
+        """It left for good (finished, stopped, aborted): later tokens are dropped."""
+        return self.status in (Status.ABORTED, Status.FINISHED)
+
+    def abort(self) -> None:
+        if self.status is Status.LIVE:
+            self.status = Status.ABORTING
+
+    def leave(self) -> None:
+        self.status = Status.ABORTED if self.aborted else Status.FINISHED
 
     def __post_init__(self) -> None:
         self.seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(1 << 31)
         self.stops = set(self.sampling.stop_token_ids)
         if not self.sampling.ignore_eos:
             self.stops.update(self.eos_ids)
-        self.stop_strings = StopMatcher(self.sampling.stop)
-        self.text_parts: list[str] = []  # the answer's text so far, when it is not streamed
 
     @property
     def fill_target(self) -> int:
@@ -200,7 +210,7 @@ class Scheduler:
         """Mark the request aborted; it leaves at the next ``take_aborted``."""
         seq = self.find(rid, client)
         if seq is not None:
-            seq.aborted = True
+            seq.abort()
         return seq
 
     def take_aborted(self) -> list[Sequence]:
@@ -209,7 +219,7 @@ class Scheduler:
         for seq in [s for s in self.running if s.aborted]:
             gone.append(self.release(seq))
         for seq in gone:
-            seq.finished = True
+            seq.leave()
         return gone
 
     def release(self, seq: Sequence) -> Sequence:
@@ -223,7 +233,7 @@ class Scheduler:
         self._leave(seq)
 
     def _leave(self, seq: Sequence) -> None:
-        seq.finished = True
+        seq.leave()
         if seq in self.running:
             self.release(seq)
         elif seq in self.waiting:  # preempted while a step in flight sampled for it

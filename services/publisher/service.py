@@ -19,6 +19,11 @@ When the group fails (a step fails, times out or diverges, a worker stops beatin
 running requests that streamed nothing move to another group, the others get an
 ``error`` answer, and the group starts a new epoch; queued requests move too while the
 group is not whole, or wait for it up to ``queue_timeout``.
+
+What is decided without I/O lives beside it: the group's step core (``engine.py``:
+scheduler, row tables, step numbering and acknowledgements, one record per step out),
+and each request's delivery and the answer protocol's decisions (``answers.py``). This
+module receives, sends, waits and keeps time.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
 from typing import Any
 
 import nats.micro
@@ -34,8 +38,7 @@ from prometheus_client import CollectorRegistry
 
 from dpbus.schemas import Chunk, Done, Error, ErrorCode, FinishReason, Subjects, Timings, encode_answer
 from dpbus.schemas.internal import (
-    GroupAbort, client_of, Heartbeat, LoadReport, Replay, ReplayReply, StepReply, StepResult, Submit, SubmitAck,
-    pack, token_digest, unpacker,
+    GroupAbort, client_of, Heartbeat, LoadReport, Replay, ReplayReply, StepReply, Submit, SubmitAck, pack, unpacker,
 )
 from dpbus.schemas.public import AbortAck
 from dpbus.services import bus, identity, ownership
@@ -43,8 +46,11 @@ from dpbus.services import version as package_version
 from dpbus.services.lifecycle import unless_stopped
 from dpbus.services.errors import GroupFailure, ReceiveDataError, SendDataError
 from dpbus.services.ledger import Lease, LeaseClock, Ledger, ledger_full, request_key
-from dpbus.services.publisher.scheduler import Plan, Scheduler, Sequence
-from dpbus.services.publisher.stepper import Stepper
+from dpbus.services.publisher import answers
+from dpbus.services.publisher.answers import Delivery
+from dpbus.services.publisher.engine import GroupEngine
+from dpbus.services.publisher.scheduler import Scheduler, Sequence
+from dpbus.services.publisher.stepper import InFlight, Stepper
 from dpbus.services.publisher.tables import RowTables
 from dpbus.services.metrics import PublisherMetrics
 from dpbus.services.model_config import model_config_for
@@ -71,10 +77,12 @@ class Publisher:
         self.log = log.bind(dp_rank=self.g)
         self.model = model_config_for(s.model_path, s.max_seq_len)
         self.tokenizer = load_tokenizer(s.model_path)
-        self.sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
-                               total_pages(s, self.model.max_seq_len), s.page_size, s.prefix_cache)
+        sched = Scheduler(s.max_running_requests, s.max_prefill_tokens, s.max_waiting, self.model.max_seq_len,
+                          total_pages(s, self.model.max_seq_len), s.page_size, s.prefix_cache)
+        self.engine = GroupEngine(sched, RowTables(s.max_running_requests),  # the rows the workers know
+                                  Stepper(self.g, self.members, s.replay_window), s.steps_in_flight)
+        self.replied = asyncio.Event()  # set when a step settles or is dropped
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
-        self.stepper = Stepper(self.g, self.members, s.replay_window)  # numbering, acknowledgements, replay
         self.instance = secrets.randbits(62) | 1  # identifies this run of the publisher (and its lease)
         self.lease = LeaseClock(s.publisher_timeout)
         self.ledger: Ledger | None = None
@@ -83,12 +91,8 @@ class Publisher:
         self.doubtful: dict[tuple[str, str], Sequence] = {}  # claims whose outcome is being resolved
         self.resolving_claims: set[asyncio.Task] = set()
         self.resolving: set[asyncio.Task] = set()  # terminal answers whose settling write is being resolved
-        self.flight: deque[tuple[int, Plan]] = deque()  # steps sent, not yet applied: (number, plan), oldest first
-        self.settling: dict[int, asyncio.Future] = {}  # step number -> done when it settles
-        self.sent_at: dict[int, float] = {}  # step number -> when it was first sent (monotonic)
         self.last_settled = 0.0  # when the last step settled (monotonic)
         self.timing = {"step_ms": 0.0, "compute_ms": 0.0}  # settle to settle, and the leader's compute
-        self.tables = RowTables(s.max_running_requests)  # the rows the workers know, this epoch
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
                        "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0,
@@ -98,6 +102,18 @@ class Publisher:
                          ("replay", Replay))}
         self._ack = unpacker(SubmitAck)
         self.metrics = PublisherMetrics(CollectorRegistry(), self.g)  # served when --metrics-port is set
+
+    @property
+    def sched(self) -> Scheduler:
+        return self.engine.sched
+
+    @property
+    def stepper(self) -> Stepper:
+        return self.engine.stepper
+
+    @property
+    def tables(self) -> RowTables:
+        return self.engine.tables
 
     # ---- readiness -------------------------------------------------------------------
     def missing_members(self, now: float) -> list[int]:
@@ -148,9 +164,7 @@ class Publisher:
             await req.respond(pack(SubmitAck(False, ErrorCode.OVERLOADED,
                                              f"group {self.g} has {len(self.sched.waiting)} requests waiting")))
             return
-        seq = Sequence(sub.rid, sub.input_ids, sub.sampling, sub.stream, sub.reply, sub.encoding, sub.accepted_at,
-                       detok=self.tokenizer.stream(sub.input_ids), eos_ids=self.model.eos_token_ids,
-                       pinned=sub.pinned, client=sub.client, attempt=sub.attempt)
+        seq = self.new_sequence(sub)
         instance = self.instance
         try:
             rev = await self.claim(sub)
@@ -179,9 +193,16 @@ class Publisher:
         self.adopt(seq, rev, instance)
         await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
 
+    def new_sequence(self, sub: Submit) -> Sequence:
+        """The scheduler's sequence for a submitted request, with its delivery record."""
+        delivery = Delivery(sub.reply, sub.encoding, sub.stream, sub.sampling.stop,
+                            self.tokenizer.stream(sub.input_ids), pinned=sub.pinned, attempt=sub.attempt)
+        return Sequence(sub.rid, sub.input_ids, sub.sampling, sub.accepted_at, eos_ids=self.model.eos_token_ids,
+                        client=sub.client, delivery=delivery)
+
     def adopt(self, seq: Sequence, rev: int, instance: int) -> None:
         """``seq`` is claimed in the ledger by ``instance`` (this one): queue it."""
-        seq.ledger_rev, seq.owner = rev, instance
+        seq.delivery.ledger_rev, seq.delivery.owner = rev, instance
         self.sched.waiting.append(seq)  # room was checked when it came; the claim is made
         self.counts["accepted"] += 1
         self.wake.set()
@@ -212,9 +233,9 @@ class Publisher:
         # a request whose claim is still in doubt is aborted too: if the claim proves ours,
         # it ends at once with its terminal answer
         seq = self.held(client_of(ask.reply), rid) or self.doubtful.get((client_of(ask.reply), rid))
-        found = seq is not None and seq.reply == ask.reply  # only the owner knows its reply subject
+        found = seq is not None and seq.delivery.reply == ask.reply  # only the owner knows its reply subject
         if found:
-            seq.aborted = True
+            self.engine.abort(seq)
         await req.respond(pack(AbortAck(rid=rid, found=found, dp_rank=self.g if found else None)))
         if found:
             self.wake.set()
@@ -262,10 +283,8 @@ class Publisher:
             return
         if not self.speaks_for_itself(reply.node_rank, msg.subject):
             return
-        n = self.stepper.on_reply(reply)
-        settling = self.settling.get(n) if n is not None else None
-        if settling is not None and not settling.done():
-            settling.set_result(None)
+        if self.engine.on_reply(reply) is not None:
+            self.replied.set()
 
     async def on_replay(self, req: Any) -> None:
         """Resend steps a worker missed, from the window of recent ones: the first of them
@@ -294,23 +313,20 @@ class Publisher:
         if not self.may_answer(seq):
             self.give_up(seq, "the lease expired")
             return
-        await self.outbox.send(seq.reply, encode_answer(chunk, seq.encoding), still=lambda: self.may_answer(seq))
+        d = seq.delivery
+        await self.outbox.send(d.reply, encode_answer(chunk, d.encoding), still=lambda: self.may_answer(seq))
 
     async def stream_unsent(self, seq: Sequence) -> None:
         """Stream the tokens ``seq`` sampled since its last chunk, as its next chunk."""
-        if not seq.unsent:
-            return
-        chunk = Chunk(seq.rid, seq.chunks, seq.unsent, seq.unsent_text)
-        seq.chunks += 1
-        seq.unsent, seq.unsent_text = [], ""
-        await self.send(seq, chunk)
+        chunk = seq.delivery.next_chunk(seq.rid)
+        if chunk is not None:
+            await self.send(seq, chunk)
 
     def may_answer(self, seq: Sequence) -> bool:
         """Answers of ``seq`` may go out (now, or when the outbox sends them later): it is
         settled here (this instance won its terminal answer), or this instance still holds
         its lease and has not given ``seq`` up."""
-        return ownership.may_answer(seq.settled, seq.abandoned, seq.owner, self.instance,
-                                    self.lease.valid(time.monotonic()))
+        return answers.may_answer(seq.delivery, self.instance, self.lease.valid(time.monotonic()))
 
     async def answer(self, seq: Sequence, msg: Done | Error, count: str) -> None:
         """Send ``seq``'s terminal answer and make it this instance's in the ledger.
@@ -330,10 +346,11 @@ class Publisher:
             self.give_up(seq, "the lease expired")
             return
         await self.stream_unsent(seq)  # what was sampled goes out before the end (an abort, a failure)
-        data = encode_answer(msg, seq.encoding)
+        d = seq.delivery
+        data = encode_answer(msg, d.encoding)
         # a request offered to another group may be that group's now (its acknowledgement
         # lost): only the ledger can say, so its answer waits for the write
-        sent = not seq.offered and await self.outbox.publish_now(seq.reply, data, still=lambda: self.resend(seq))
+        sent = answers.answer_first(d) and await self.outbox.publish_now(d.reply, data, still=lambda: self.resend(seq))
         key = request_key(seq.client, seq.rid)
         await self.settle_answer(seq, key, ownership.answered_by(self.instance, self.g, seq.rid, seq.client), data,
                                  sent, count)
@@ -343,57 +360,54 @@ class Publisher:
         the lease says meanwhile (winning late still keeps ingest from answering too); one
         not sent goes out only if this instance wins. A write whose outcome is unknown is
         resolved off the step path."""
-        still = (lambda: True) if sent else (lambda: self.may_answer(seq))
-        how = await ownership.settle(self.ledger, key, done, seq.ledger_rev, still, asyncio.sleep)
-        if how == ownership.UNKNOWN:
+        still = answers.settle_guard(sent, lambda: self.may_answer(seq))
+        how = await ownership.settle(self.ledger, key, done, seq.delivery.ledger_rev, still, asyncio.sleep)
+        then = answers.after_settle(seq.delivery, how, sent)
+        if then == answers.RESOLVE:
             self.log.warning("settle_unknown", rid=seq.rid)
             task = asyncio.create_task(self.answer_if_ours(seq, key, done, data, sent, count))
             self.resolving.add(task)
             task.add_done_callback(self.resolving.discard)
+        elif then == answers.GIVE_UP:
+            self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
         else:
-            await self.settled(seq, how, data, sent, count)
+            await self.settled(seq, then, data, sent, count)
 
-    async def settled(self, seq: Sequence, how: str, data: bytes, sent: bool, count: str) -> None:
-        if how == ownership.WON:
-            seq.settled = True
-            self.counts[count] += 1
-            if not sent or seq.withdrawn:
-                await self.outbox.send(seq.reply, data, still=lambda: self.may_answer(seq), terminal=True)
-        elif how == ownership.TAKEN:
+    async def settled(self, seq: Sequence, then: str, data: bytes, sent: bool, count: str) -> None:
+        """The settling write ended: won (``answers.SEND``: the answer goes now, or ``DONE``)
+        or taken by someone else."""
+        if then == answers.TAKEN:
             self.counts["taken"] += 1
             # after an answer of ours went out, only a ledger out of reach for longer than
             # the lease lets ingest answer too (the client then hears two terminal answers)
             self.log.error("answer_taken", rid=seq.rid, ours_sent=sent)
-        else:
-            self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
+            return
+        self.counts[count] += 1
+        if then == answers.SEND:
+            await self.outbox.send(seq.delivery.reply, data, still=lambda: self.may_answer(seq), terminal=True)
 
     def resend(self, seq: Sequence) -> bool:
         """May the outbox send ``seq``'s terminal answer again (its copy was lost with a
-        connection)? Not when this instance may no longer answer: then, if the settling
-        write proves ours after all, ``settled`` sends it once more."""
-        if self.may_answer(seq):
-            return True
-        seq.withdrawn = True
-        return False
+        connection)?"""
+        return answers.may_resend(seq.delivery, self.may_answer(seq))
 
     async def answer_if_ours(self, seq: Sequence, key: str, done: Any, data: bytes, sent: bool, count: str) -> None:
-        if await ownership.resolve(self.ledger, key, done, asyncio.sleep):
-            self.log.info("settle_resolved", rid=seq.rid)
-            await self.settled(seq, ownership.WON, data, sent, count)
-        elif self.may_answer(seq):
-            # none of our writes landed and the request is still ours under a valid lease:
-            # nobody else will answer it (ingest answers only for a dead holder), so try again
+        ours = await ownership.resolve(self.ledger, key, done, asyncio.sleep)
+        then = answers.after_resolve(seq.delivery, ours, sent, self.may_answer(seq))
+        if then == answers.AGAIN:
             self.log.warning("settle_not_landed", rid=seq.rid, trying="again")
             await self.settle_answer(seq, key, done, data, sent, count)
-        else:
+        elif then == answers.GIVE_UP:
             self.log.warning("settle_not_landed", rid=seq.rid)
             self.give_up(seq, "a settling write did not land")
+        else:
+            self.log.info("settle_resolved", rid=seq.rid)
+            await self.settled(seq, then, data, sent, count)
 
     def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
         """``seq`` may not be answered from here: give up every request of its instance (once)."""
-        if not seq.abandoned and seq.owner == self.instance and (force or not self.lease.valid(time.monotonic())):
+        if answers.give_up(seq.delivery, self.instance, self.lease.valid(time.monotonic()), force):
             self.abandon(why)
-        seq.abandoned = True
 
     def abandon(self, why: str) -> None:
         """This instance lost (or may have lost) its lease: ingest may be answering its
@@ -402,24 +416,14 @@ class Publisher:
         seqs = [*self.sched.take_all(), *self.sched.waiting, *self.moving.values()]
         self.sched.waiting.clear()
         for seq in seqs:
-            seq.abandoned = True
+            seq.delivery.abandoned = True
         self.counts["abandoned"] += len(seqs)
         self.log.error("lease_lost", reason=why, requests=len(seqs), instance=self.instance,
                        rids=[seq.rid for seq in seqs[:100]])
         self.instance = secrets.randbits(62) | 1
         self.lease = LeaseClock(self.s.publisher_timeout)
-        self.drop_flight(GroupFailure(ErrorCode.UNAVAILABLE, why))
-
-    def drop_flight(self, failure: GroupFailure) -> None:
-        """Forget the steps in flight (the epoch ends): a wait for one of them fails."""
-        self.stepper.reset()
-        self.flight.clear()
-        for settling in self.settling.values():
-            if not settling.done():
-                settling.set_exception(failure)
-                settling.exception()  # retrieved here: the step loop may not be waiting for it
-        self.settling.clear()
-        self.sent_at.clear()
+        self.engine.drop(GroupFailure(ErrorCode.UNAVAILABLE, why))  # a wait for one of them fails
+        self.replied.set()
 
     async def lease_loop(self) -> None:
         """Renew the lease every quarter of its length; give everything up when it lapses.
@@ -437,23 +441,23 @@ class Publisher:
             await asyncio.sleep(self.s.publisher_timeout / 4)
 
     async def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        now = time.time()
+        now, d = time.time(), seq.delivery
         timings = Timings(
             queue_ms=round(max(seq.scheduled_at - seq.accepted_at, 0) * 1000, 3) if seq.scheduled_at else 0.0,
-            ttft_ms=round(max(seq.first_token_at - seq.accepted_at, 0) * 1000, 3) if seq.first_token_at else 0.0,
+            ttft_ms=round(max(d.first_token_at - seq.accepted_at, 0) * 1000, 3) if d.first_token_at else 0.0,
             total_ms=round((now - seq.accepted_at) * 1000, 3),
         )
         done = Done(seq.rid, self.g, reason, len(seq.prompt), len(seq.output), timings)
         if seq.scheduled_at:
             self.metrics.queue.observe(timings.queue_ms / 1000)
-        if seq.first_token_at:
+        if d.first_token_at:
             self.metrics.ttft.observe(timings.ttft_ms / 1000)
         room = self.model.max_seq_len - len(seq.prompt)
         if seq.sampling.max_new_tokens > room:  # the context ends the output first: say so
             done.clamped_max_new_tokens = room
-        if not seq.stream:
+        if not d.stream:
             done.token_ids = list(seq.output)
-            done.text = "".join(seq.text_parts)
+            done.text = "".join(d.text_parts)
         await self.answer(seq, done, "done")
 
     async def fail(self, seq: Sequence, code: ErrorCode, message: str) -> None:
@@ -471,30 +475,24 @@ class Publisher:
         return key in self.answered
 
     # ---- the scheduling loop -----------------------------------------------------------
-    async def send_step(self, plan: Plan) -> int:
-        """Number and publish the step of ``plan``; its number."""
-        data = self.stepper.next_step(self.pack_step(plan), (beat.epoch for _, beat in self.beats.values()))
-        n = self.stepper.seq
-        self.settling[n] = asyncio.get_running_loop().create_future()
-        self.sent_at[n] = time.monotonic()
-        self.flight.append((n, plan))
+    async def send_step(self, out: InFlight) -> None:
+        """Publish a step the engine planned."""
+        out.sent_at = time.monotonic()
         try:
-            await bus.publish(self.nc, self.subjects.step(self.g), data)
+            await bus.publish(self.nc, self.subjects.step(self.g), out.data)
         except SendDataError as e:
             raise GroupFailure(ErrorCode.UNAVAILABLE, str(e)) from None
-        return n
 
-    async def settle(self, n: int) -> StepResult:
-        """Wait until every member acknowledged step ``n`` with the same digest;
+    async def settle(self, out: InFlight) -> None:
+        """Wait until every member acknowledged step ``out`` with the same digest;
         re-publish it while acknowledgements are late (workers drop repeats)."""
-        settling = self.settling.get(n)
-        if settling is None:
-            raise GroupFailure(ErrorCode.UNAVAILABLE, f"step {n} of group {self.g} was given up")
+        n = out.number
         start = time.monotonic()
         next_send = start + self.s.resend_interval
-        while not settling.done():
+        while not out.settled and out.dropped is None:
+            self.replied.clear()
             try:
-                await asyncio.wait_for(asyncio.shield(settling), 0.05)
+                await asyncio.wait_for(self.replied.wait(), 0.05)
             except asyncio.TimeoutError:
                 now = time.monotonic()
                 missing = self.missing_members(now)
@@ -505,22 +503,12 @@ class Publisher:
                     raise GroupFailure(ErrorCode.TIMEOUT, f"step {n} of group {self.g}: node(s) "
                                                           f"{self.stepper.silent(n)} did "
                                                           f"not answer within {self.s.step_timeout}s") from None
-                if now >= next_send and n in self.stepper.sent:
+                if now >= next_send:
                     self.counts["resent"] += 1
                     next_send = now + self.s.resend_interval
-                    await bus.publish(self.nc, self.subjects.step(self.g), self.stepper.sent[n])
-        settling.result()  # raises if the step was given up meanwhile
-        del self.settling[n]
-        return self.stepper.outcome(n, lambda leader: token_digest(leader.prefill_tokens, leader.decode_tokens))
-
-    def pack_step(self, plan: Plan):
-        """How to pack ``plan`` as step (epoch, seq): only what changed in the rows' tables
-        (an epoch's first step starts with no rows)."""
-        def pack_as(epoch: int, seq: int) -> bytes:
-            if seq == 1:
-                self.tables.reset()
-            return pack(self.tables.step(epoch, seq, plan, self.sched.running))
-        return pack_as
+                    await bus.publish(self.nc, self.subjects.step(self.g), out.data)
+        if out.dropped is not None:  # given up meanwhile (the lease was lost)
+            raise out.dropped
 
     async def emit(self, events: list) -> None:
         """Chunks in order, then the terminal answers of the requests that finished (their
@@ -528,24 +516,15 @@ class Publisher:
         now = time.time()
         finished = []
         for seq, token, reason in events:
-            if not seq.first_token_at:
-                seq.first_token_at = now
-            elif seq.last_token_at:
-                self.metrics.itl.observe(now - seq.last_token_at)
-            seq.last_token_at = now
-            text, hit = seq.stop_strings.feed(seq.detok.feed([token], final=reason is not None))
-            if hit and reason is None:
+            gap = seq.delivery.stamp(now)
+            if gap is not None:
+                self.metrics.itl.observe(gap)
+            ended = seq.delivery.take(token, reason)
+            if ended is not None and reason is None:  # a stop string: it leaves now
                 self.sched.stop_early(seq)
-                reason = FinishReason.STOP
-            elif reason is not None and not hit:
-                text += seq.stop_strings.flush()  # held as a possible stop string: it was not one
-            if seq.stream:
-                seq.unsent.append(token)
-                seq.unsent_text += text
-                if len(seq.unsent) >= self.s.stream_interval or reason is not None:
-                    await self.stream_unsent(seq)
-            else:
-                seq.text_parts.append(text)
+            reason = ended
+            if seq.delivery.chunk_due(self.s.stream_interval, reason is not None):
+                await self.stream_unsent(seq)
             if reason is not None:
                 finished.append((seq, reason))
         await asyncio.gather(*(self.finish(seq, reason) for seq, reason in finished))
@@ -553,8 +532,8 @@ class Publisher:
     async def reset_group(self, failure: GroupFailure) -> None:
         """Fail what was running (or move it, if it streamed nothing yet), start a new epoch."""
         self.counts["group_failures"] += 1
-        self.drop_flight(failure)  # what the steps in flight would have sampled is lost with the epoch
-        victims = self.sched.take_all()
+        victims = self.engine.on_failure(failure)  # what the steps in flight would have sampled is lost
+        self.replied.set()
         self.log.error("group_failed", code=failure.code.value, reason=failure.message, running=len(victims))
         for seq in victims:
             if await self.move(seq) is None:
@@ -563,7 +542,7 @@ class Publisher:
     def movable(self, seq: Sequence) -> bool:
         """Only a request that has sent nothing to its client, and was not pinned, moves
         (nor one a step in flight still samples for: its token would come here)."""
-        return not seq.output and not seq.pending and not seq.pinned and self.groups > 1
+        return not seq.output and not seq.pending and not seq.delivery.pinned and self.groups > 1
 
     async def move(self, seq: Sequence) -> int | None:
         """Offer ``seq`` (already out of the scheduler) to the other groups; the group that
@@ -577,13 +556,14 @@ class Publisher:
             target = await self.requeue(seq)
         finally:
             self.moving.pop(seq.key, None)
-        if target is not None and seq.aborted and not seq.abandoned:
+        if target is not None and seq.aborted and not seq.delivery.abandoned:
             await self.forward_abort(target, seq)
         return target
 
     async def forward_abort(self, g: int, seq: Sequence) -> None:
         try:
-            await bus.request(self.nc, self.subjects.group_abort(g), pack(GroupAbort(seq.rid, seq.reply)), timeout=2.0)
+            await bus.request(self.nc, self.subjects.group_abort(g), pack(GroupAbort(seq.rid, seq.delivery.reply)),
+                              timeout=2.0)
         except ReceiveDataError as e:
             self.log.warning("abort_not_forwarded", rid=seq.rid, to_group=g, error=e.message)
 
@@ -597,7 +577,7 @@ class Publisher:
             if seq not in self.sched.waiting or not self.movable(seq):
                 continue
             self.sched.waiting.remove(seq)
-            if await self.move(seq) is None and not seq.abandoned:
+            if await self.move(seq) is None and not seq.delivery.abandoned:
                 if seq.aborted:
                     await self.finish(seq, FinishReason.ABORT)
                 else:
@@ -609,11 +589,12 @@ class Publisher:
         answers the client."""
         if not self.movable(seq):
             return None
-        sub = Submit(seq.rid, seq.prompt, seq.sampling, seq.stream, seq.reply, seq.encoding, seq.accepted_at, -1,
-                     client=seq.client, attempt=seq.attempt, moved_from=self.instance)
+        d = seq.delivery
+        sub = Submit(seq.rid, seq.prompt, seq.sampling, d.stream, d.reply, d.encoding, seq.accepted_at, -1,
+                     client=seq.client, attempt=d.attempt, moved_from=self.instance)
         for g in (x for x in range(self.groups) if x != self.g):
             sub.dp_rank = g
-            seq.offered = True
+            d.offered = True
             try:
                 ack = self._ack.decode(await bus.request(self.nc, self.subjects.submit(g), pack(sub), timeout=2.0,
                                                          attempts=1))
@@ -629,8 +610,8 @@ class Publisher:
         """Keep ``steps_in_flight`` steps on the wire; take each one's tokens when it
         settles, then send the next and only then stream what the settled one sampled."""
         events: list = []
-        while not stop.is_set() or self.sched.running or self.flight:
-            aborted = self.sched.take_aborted()  # out of the batch before the next step is planned
+        while not stop.is_set() or self.sched.running or self.engine.in_flight:
+            aborted = self.engine.take_aborted()  # out of the batch before the next step is planned
             failure = None
             try:
                 await self.fill_flight()
@@ -644,7 +625,7 @@ class Publisher:
                 events = []
             for seq in aborted:  # ...then the aborted requests' answers: nothing after them
                 await self.finish(seq, FinishReason.ABORT)
-            if failure is None and self.flight:
+            if failure is None and self.engine.in_flight:
                 try:
                     events = await self.take_oldest_step()
                     continue
@@ -668,27 +649,28 @@ class Publisher:
     async def fill_flight(self) -> None:
         """Plan and send steps until ``steps_in_flight`` are on the wire (or nothing is
         left to plan, or the group is not ready)."""
-        while len(self.flight) < self.s.steps_in_flight and self.sched.has_work() and self.ready():
-            plan = self.sched.build_step(time.time())
-            if not plan:
-                return
-            await self.send_step(plan)
+        while self.ready() and (out := self.engine.plan(time.time(), self.epochs_seen())):
+            await self.send_step(out)
+
+    def epochs_seen(self):
+        """The epochs the members report (a new epoch is numbered above them)."""
+        return (beat.epoch for _, beat in self.beats.values())
 
     async def take_oldest_step(self) -> list:
         """Wait for the oldest step in flight to settle and apply its tokens; the events
         to stream."""
-        n, plan = self.flight[0]
-        result = await self.settle(n)
-        self.flight.popleft()
+        out = self.engine.oldest
+        await self.settle(out)
+        result, events = self.engine.take_settled()
         now = time.monotonic()
-        wall = now - max(self.last_settled, self.sent_at.pop(n, now))
+        wall = now - max(self.last_settled, out.sent_at)
         self.last_settled = now
         self.timing["step_ms"] += wall * 1000
         self.timing["compute_ms"] += result.elapsed_ms
         self.metrics.step.observe(wall)
         self.metrics.delivery.observe(max(wall - result.elapsed_ms / 1000, 0.0))
         self.counts["steps"] += 1
-        return self.sched.apply(plan, result.prefill_tokens, result.decode_tokens)
+        return events
 
     async def _wait_wake(self, stop: asyncio.Event, timeout: float = 1.0) -> None:
         try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dpbus.schemas.errors import ErrorCode
 from dpbus.schemas.internal import Replay, StepFailure, StepResult
@@ -34,13 +35,19 @@ from dpbus.services.errors import GroupFailure
 REPLAY_BYTES = 512 * 1024  # a replay answer holds steps up to this size (always one at least)
 
 
-@dataclass
+@dataclass(eq=False)
 class InFlight:
-    """What the members said about one step sent and not settled yet."""
+    """One step sent and not taken yet: what it is, and what the members said of it."""
 
+    number: int = 0
+    data: bytes = b""  # as sent (and re-sent while acknowledgements are late)
+    plan: Any = None  # the scheduler's plan it was packed from (``GroupEngine``)
+    step: Any = None  # the wire ``Step`` before packing
+    sent_at: float = 0.0  # when it first went out (monotonic), set by whoever sends it
     acks: dict[int, StepResult] = field(default_factory=dict)
     failure: StepFailure | None = None
     settled: bool = False
+    dropped: GroupFailure | None = None  # given up with its epoch: why
 
 
 EPOCH_GAP = 1 << 24  # a publisher's first epoch is 1..EPOCH_GAP above the ones its workers report
@@ -56,10 +63,6 @@ class Stepper:
         self.sent: dict[int, bytes] = {}  # recent steps of this epoch, for replay
         self.flight: dict[int, InFlight] = {}  # steps sent and not yet taken by ``outcome``, by number
 
-    @property
-    def in_flight(self) -> bool:
-        return any(not f.settled for f in self.flight.values())
-
     def next_step(self, pack_step: Callable[[int, int], bytes], epochs_seen: Iterable[int]) -> bytes:
         """Number the next step (starting an epoch when due) and keep it for replay:
         ``pack_step(epoch, seq)`` makes its bytes."""
@@ -70,7 +73,7 @@ class Stepper:
         data = pack_step(self.epoch, self.seq)
         self.sent[self.seq] = data
         self.sent.pop(self.seq - self.replay_window, None)
-        self.flight[self.seq] = InFlight()
+        self.flight[self.seq] = InFlight(self.seq, data)
         return data
 
     def on_reply(self, reply: StepResult | StepFailure) -> int | None:

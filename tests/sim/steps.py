@@ -2,11 +2,11 @@
 a faulty network, run by a seeded event scheduler (see ``tests/sim/world.py`` for the
 request-ledger world).
 
-What is decided is decided by the production code. The publisher owns a
-``Scheduler`` (requests come and go, prompts are prefilled in chunks, pages run out and
-requests are preempted, the prefix cache is on in odd seeds), a ``RowTables`` (wire steps
-carry row deltas) and a ``Stepper`` (numbering, epochs, which replies count, what a
-settled step means, the replay window); each worker owns a ``StepOrder`` (which steps it
+What is decided is decided by the production code. The publisher drives the same
+``GroupEngine`` as the service: its ``Scheduler`` (requests come and go, prompts are
+prefilled in chunks, pages run out and requests are preempted, the prefix cache is on in
+odd seeds), ``RowTables`` (wire steps carry row deltas) and ``Stepper`` (numbering,
+epochs, which replies count, what a settled step means, the replay window); each worker owns a ``StepOrder`` (which steps it
 runs) and a ``PageTables`` (the rows rebuilt from the deltas). This module sequences the
 messages as the services do: the publisher keeps up to ``depth`` steps in flight (2, or 3
 in some seeds), takes them strictly in order, re-sends the oldest while its
@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import deque
 from dataclasses import dataclass, field
 
-from dpbus.schemas import Encoding, FinishReason, SamplingParams
+from dpbus.schemas import FinishReason, SamplingParams
 from dpbus.schemas.errors import ErrorCode
-from dpbus.schemas.internal import LAST_TOKEN, Replay, Step, StepFailure, StepResult, pack, token_digest, unpacker
+from dpbus.schemas.internal import LAST_TOKEN, Replay, Step, StepFailure, StepResult, token_digest, unpacker
 from dpbus.services.errors import GroupFailure
+from dpbus.services.publisher.engine import GroupEngine
 from dpbus.services.publisher.scheduler import Scheduler, Sequence
 from dpbus.services.publisher.stepper import Stepper
 from dpbus.services.publisher.tables import RowTables
@@ -287,8 +287,9 @@ class Worker:
 
 
 class Publisher:
-    """The group's publisher, as ``services/publisher/service.py`` runs it: its scheduler,
-    row tables and stepper, the steps in flight, the members' heartbeats. A restart loses
+    """The group's publisher, as ``services/publisher/service.py`` runs it: its
+    ``GroupEngine`` (scheduler, row tables, stepper and the steps in flight), the members'
+    heartbeats. A restart loses
     everything (its requests are lost, see ``StepWorld.lose``)."""
 
     def __init__(self, world: "StepWorld") -> None:
@@ -299,10 +300,9 @@ class Publisher:
         self.life += 1
         self.alive = True
         self.members = [wk.node for wk in self.w.workers]
-        self.stepper = Stepper(0, self.members, WINDOW, self.w.rng)
-        self.sched = Scheduler(ROWS, PREFILL, QUEUE, MAX_LEN, self.w.pages, PAGE, self.w.prefix_cache)
-        self.tables = RowTables(ROWS)
-        self.flight: deque = deque()  # steps sent, not yet taken: (number, plan), oldest first
+        self.engine = GroupEngine(Scheduler(ROWS, PREFILL, QUEUE, MAX_LEN, self.w.pages, PAGE, self.w.prefix_cache),
+                                  RowTables(ROWS), Stepper(0, self.members, WINDOW, self.w.rng), self.w.depth)
+        self.sched, self.stepper = self.engine.sched, self.engine.stepper
         self.watched: int | None = None  # the step waited for (the oldest in flight)
         self.watching = 0  # bumped whenever the step waited for changes: older timers stop
         self.waiting_since = 0.0
@@ -323,7 +323,7 @@ class Publisher:
             return
         was_whole = not self.missing()
         self.beats[node] = (self.w.t, epoch)
-        if not was_whole and not self.missing() and not self.flight:
+        if not was_whole and not self.missing() and not self.engine.in_flight:
             self.loop()
 
     def on_replay(self, ask: Replay, life: int, node: int, data: bytes) -> None:
@@ -335,53 +335,42 @@ class Publisher:
         """The idle loop: look for work now and then (the service waits for a wake-up, or
         a short while when the group is not whole)."""
         if self.alive and self.life == life:
-            if not self.flight:
+            if not self.engine.in_flight:
                 self.loop()
             self.w.at(POLL, self.poll, life)
 
     def add(self, seq: Sequence) -> bool:
-        if not self.sched.add(seq):
+        if not self.engine.add(seq):
             return False
-        if not self.flight:  # the loop is idle: wake it
+        if not self.engine.in_flight:  # the loop is idle: wake it
             self.loop()
         return True
 
     def abort(self, rid: str) -> None:
         seq = next((s for s in (*self.sched.waiting, *self.sched.running) if s.rid == rid), None)
-        if seq is not None and self.sched.abort(rid, seq.client) is not None and not self.flight:
-            self.loop()
+        if seq is not None:
+            self.engine.abort(seq)
+            if not self.engine.in_flight:
+                self.loop()
 
     # ---- the scheduling loop -----------------------------------------------------------
     def loop(self) -> None:
         """One turn of ``schedule_loop``: answer aborted requests, fill the flight."""
-        for seq in self.sched.take_aborted():
+        for seq in self.engine.take_aborted():
             self.w.ended(seq.rid, FinishReason.ABORT.value)
-        while len(self.flight) < self.w.depth and self.sched.has_work() and not self.missing():
-            plan = self.sched.build_step(self.w.t)
-            if not plan:
-                break
-            self.send_step(plan)
+        while not self.missing() and (out := self.plan()):
+            self.w.sent[(self.stepper.epoch, out.number)] = out.data
+            self.w.overlapped += self.engine.in_flight > 1
+            self.w.deepest = max(self.w.deepest, self.engine.in_flight)
+            self.broadcast(out.data)
+            self.watch_oldest()
 
-    def send_step(self, plan) -> None:
-        data = self.stepper.next_step(self.pack_as(plan), (epoch for _, epoch in self.beats.values()))
-        n = self.stepper.seq
-        self.w.sent[(self.stepper.epoch, n)] = data
-        self.flight.append((n, plan))
-        self.w.overlapped += len(self.flight) > 1
-        self.w.deepest = max(self.w.deepest, len(self.flight))
-        self.broadcast(data)
-        self.watch_oldest()
-
-    def pack_as(self, plan):
-        """As ``Publisher.pack_step``: an epoch's first step starts with no rows."""
-        def pack_step(epoch: int, seq: int) -> bytes:
-            if seq == 1:
-                self.tables.reset()
-            try:
-                return pack(self.tables.step(epoch, seq, plan, self.sched.running))
-            except ValueError as e:
-                raise self.w.violation(f"the publisher cannot make step ({epoch}, {seq}): {e}") from None
-        return pack_step
+    def plan(self):
+        try:
+            return self.engine.plan(self.w.t, (epoch for _, epoch in self.beats.values()))
+        except ValueError as e:  # the row tables refuse the plan
+            raise self.w.violation(f"the publisher cannot make step ({self.stepper.epoch}, "
+                                   f"{self.stepper.seq + 1}): {e}") from None
 
     def broadcast(self, data: bytes) -> None:
         for worker in self.w.workers:
@@ -390,7 +379,7 @@ class Publisher:
     def watch_oldest(self) -> None:
         """Wait for the oldest step in flight (``settle``): from now on it is re-sent while
         its acknowledgements are late, and given up after ``STEP_TIMEOUT``."""
-        oldest = self.flight[0][0] if self.flight else None
+        oldest = self.engine.oldest.number if self.engine.in_flight else None
         if oldest == self.watched:
             return
         self.watched, self.waiting_since = oldest, self.w.t
@@ -401,36 +390,30 @@ class Publisher:
     def watch(self, life: int, watching: int) -> None:
         if not self.alive or self.life != life or self.watching != watching:
             return
-        n = self.flight[0][0]
         if self.missing():
             return self.reset(ErrorCode.WORKER_LOST)
         if self.w.t - self.waiting_since > STEP_TIMEOUT:
             return self.reset(ErrorCode.TIMEOUT)
-        if n in self.stepper.sent:
-            self.w.resent += 1
-            self.broadcast(self.stepper.sent[n])
+        self.w.resent += 1
+        self.broadcast(self.engine.oldest.data)
         self.w.at(RESEND, self.watch, life, watching)
 
     def on_reply(self, reply: StepResult | StepFailure) -> None:
-        if self.alive and self.stepper.on_reply(reply) is not None:
+        if self.alive and self.engine.on_reply(reply) is not None:
             self.take_settled()
 
     def take_settled(self) -> None:
         """Take the oldest steps while they are settled (a later step may settle first: it
         waits), each applied before the next step goes out and its answers are sent."""
-        while self.flight and self.stepper.settled(self.flight[0][0]):
-            n, plan = self.flight.popleft()
-            epoch = self.stepper.epoch
+        while self.engine.in_flight and self.engine.oldest.settled:
+            n, epoch = self.engine.oldest.number, self.stepper.epoch
             try:
-                result = self.stepper.outcome(n, lambda leader: token_digest(leader.prefill_tokens,
-                                                                             leader.decode_tokens))
+                result, events = self.engine.take_settled()
             except GroupFailure as failure:
                 return self.reset(failure.code)
-            self.w.check_settled(epoch, n, result)
-            try:
-                events = self.sched.apply(plan, result.prefill_tokens, result.decode_tokens)
             except ValueError as e:
                 raise self.w.violation(f"step ({epoch}, {n}): {e}") from None
+            self.w.check_settled(epoch, n, result)
             self.loop()  # the next step goes out before the answers
             for seq, token, reason in events:
                 if seq.aborted and seq.finished and reason is None:
@@ -443,11 +426,9 @@ class Publisher:
         with an error, the waiting requests stay, and a new epoch starts."""
         self.w.resets += 1
         self.w.reset_at.append((self.w.t, code))
-        self.stepper.reset()
-        self.flight.clear()
         self.watched = None
         self.watching += 1
-        for seq in self.sched.take_all():
+        for seq in self.engine.on_failure(GroupFailure(code, "the group reset")):
             self.w.ended(seq.rid, "error")
         self.loop()
 
@@ -534,7 +515,7 @@ class StepWorld:
         # three clients: the scheduler's fair share (admission order, preemption for a
         # newcomer) runs under overlapped steps and faults too
         client = f"_INBOX.c{self.rng.randrange(3)}"
-        seq = Sequence(rid, prompt, sampling, True, f"{client}.{rid}", Encoding.JSON, self.t, client=client)
+        seq = Sequence(rid, prompt, sampling, self.t, client=client)
         want, reason = alone(prompt, sampling.max_new_tokens)
         self.requests[rid] = Request(prompt, want, reason, pub.life, self.t)
         if not pub.add(seq):

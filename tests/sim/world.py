@@ -7,7 +7,9 @@ faults are on; services are killed and restarted, and groups fail. The ledger is
 ``dpbus.services.ledger.Ledger`` on a ``MemoryKV``; every ledger call is atomic within one event.
 
 What the services decide is decided by the production code: ``dpbus.services.ownership``
-(take over, settle, may answer, refuse), ``LeaseClock`` (a publisher's lease) and
+(take over, settle, may answer, refuse), the publisher's answer protocol
+(``dpbus.services.publisher.answers``: when to answer, settle, resolve or give up, on the
+publisher's own ``Delivery`` records), ``LeaseClock`` (a publisher's lease) and
 ``SweepView`` (ingest's view of leases and held requests, and which are orphans). This
 module only sequences the calls the services make, and records what they send. A ledger
 call may time out while faults are on, lost or applied without an answer; the services
@@ -27,6 +29,8 @@ from nats.errors import TimeoutError as NatsTimeout
 from dpbus.schemas import Encoding
 from dpbus.services import ownership
 from dpbus.services.ledger import ANSWERED, HELD, Lease, LeaseClock, Ledger, SweepView, decode_entry, request_key
+from dpbus.services.publisher import answers
+from dpbus.services.publisher.answers import Delivery
 from tests.sim.checker import Checker
 from tests.sim.memkv import MemoryKV, run
 
@@ -91,14 +95,13 @@ class Ack:
 
 @dataclass
 class Held:
+    """A request a publisher holds: ``d`` is the publisher's ``Delivery`` (the ledger
+    revision, the holder, and settled/abandoned/offered), decided by ``answers``."""
+
     sub: Sub
-    rev: int
-    owner: int
+    d: Delivery
     output: int = 0
-    settled: bool = False
-    abandoned: bool = False
     moving: int = 0  # the token of the move under way, 0: none
-    offered: bool = False  # offered to another group once: it may have taken the entry over
 
 
 class Service:
@@ -183,7 +186,7 @@ class Publisher(Service):
 
     def abandon(self) -> None:
         for seq in self.held.values():
-            seq.abandoned = True
+            seq.d.abandoned = True
         self.held.clear()
         self.instance = self.new_instance()
         self.lease = LeaseClock(TTL)
@@ -218,18 +221,16 @@ class Publisher(Service):
             self.adopt(sub, rev, instance)
 
     def adopt(self, sub: Sub, rev: int, instance: int) -> None:
-        self.held[sub.key] = Held(sub, rev, instance)
+        self.held[sub.key] = Held(sub, Delivery(sub.reply, sub.encoding, True, ledger_rev=rev, owner=instance))
         self.w.accepted.add(sub.rid)
 
     # ---- answers --------------------------------------------------------------------
     def may_answer(self, seq: Held) -> bool:
-        return ownership.may_answer(seq.settled, seq.abandoned, seq.owner, self.instance,
-                                    self.lease.valid(self.now()))
+        return answers.may_answer(seq.d, self.instance, self.lease.valid(self.now()))
 
     def give_up(self, seq: Held, force: bool = False) -> None:
-        if not seq.abandoned and seq.owner == self.instance and (force or not self.lease.valid(self.now())):
+        if answers.give_up(seq.d, self.instance, self.lease.valid(self.now()), force):
             self.abandon()
-        seq.abandoned = True
 
     def send(self, seq: Held, kind: str, index: int = -1) -> None:
         if not self.may_answer(seq):
@@ -245,46 +246,48 @@ class Publisher(Service):
         if not self.may_answer(seq):
             return self.give_up(seq)
         sub = seq.sub
-        sent = not seq.offered
+        sent = answers.answer_first(seq.d)
         if sent:
             self.w.check.record(self.w.t, self.name, sub.rid, kind)
             self.unsettled.add(sub.rid)
         self.settle(seq, kind, ownership.answered_by(self.instance, self.g, sub.rid, sub.client), sent)
 
     def settle(self, seq: Held, kind: str, done, sent: bool) -> None:
-        still = (lambda: True) if sent else (lambda: self.may_answer(seq))
-        settling = ownership.settle(self.w.ledger, seq.sub.key, done, seq.rev, still, sleep)
+        still = answers.settle_guard(sent, lambda: self.may_answer(seq))
+        settling = ownership.settle(self.w.ledger, seq.sub.key, done, seq.d.ledger_rev, still, sleep)
         self.w.spawn(self, settling, lambda how: self.settled(seq, kind, done, sent, how))
 
     def settled(self, seq: Held, kind: str, done, sent: bool, how: str) -> None:
-        if how != ownership.UNKNOWN:
+        then = answers.after_settle(seq.d, how, sent)
+        if then != answers.RESOLVE:
             self.unsettled.discard(seq.sub.rid)
-        if how == ownership.WON:
-            self.won(seq, kind, done, sent)
-        elif how == ownership.TAKEN:
+        if then == answers.TAKEN:
             self.w.paths["taken after sending" if sent else "taken"] += 1
-        elif how == ownership.UNKNOWN:
+        elif then == answers.RESOLVE:
             resolving = ownership.resolve(self.w.ledger, seq.sub.key, done, sleep)
             self.w.spawn(self, resolving, lambda ours: self.settle_resolved(seq, kind, done, sent, ours))
-        else:
+        elif then == answers.GIVE_UP:
             self.give_up(seq, force=True)
+        else:
+            self.won(seq, kind, done, then)
 
     def settle_resolved(self, seq: Held, kind: str, done, sent: bool, ours: bool) -> None:
-        if ours or not self.may_answer(seq):
+        may = self.may_answer(seq)
+        then = answers.after_resolve(seq.d, ours, sent, may)
+        if ours or not may:
             self.unsettled.discard(seq.sub.rid)
-        if ours:
-            self.w.paths["settle resolved: ours"] += 1
-            self.won(seq, kind, done, sent)
-        elif self.may_answer(seq):
+        if then == answers.AGAIN:
             self.settle(seq, kind, done, sent)
-        else:
+        elif then == answers.GIVE_UP:
             self.give_up(seq)
+        else:
+            self.w.paths["settle resolved: ours"] += 1
+            self.won(seq, kind, done, then)
 
-    def won(self, seq: Held, kind: str, done, sent: bool) -> None:
+    def won(self, seq: Held, kind: str, done, then: str) -> None:
         if seq.sub.rid in self.w.in_doubt.get(done.owner, ()):
             self.w.paths["settle landed unanswered: ours"] += 1
-        seq.settled = True
-        if not sent:
+        if then == answers.SEND:
             self.send(seq, kind)
 
     def step(self, life: int) -> None:
@@ -294,7 +297,7 @@ class Publisher(Service):
             if seq.sub.key not in self.held:
                 continue
             self.send(seq, "chunk", seq.output)
-            if seq.abandoned:
+            if seq.d.abandoned:
                 break  # given up: everything held went with it
             seq.output += 1
             if seq.output == seq.sub.tokens:
@@ -316,7 +319,7 @@ class Publisher(Service):
     def move(self, seq: Held) -> None:
         self.move_token += 1
         seq.moving = token = self.move_token
-        seq.offered = True
+        seq.d.offered = True
         other = self.w.publishers[(self.g + 1) % len(self.w.publishers)]
         sub = Sub(seq.sub.rid, seq.sub.client, seq.sub.reply, seq.sub.attempt, seq.sub.tokens, self.instance)
         life = self.life
@@ -324,7 +327,7 @@ class Publisher(Service):
         self.w.at(MOVE_TIMEOUT, self.moved, life, seq, token, None)
 
     def moved(self, life: int, seq: Held, token: int, ack: Ack | None) -> None:
-        if not self.live(life) or seq.moving != token or seq.abandoned:
+        if not self.live(life) or seq.moving != token or seq.d.abandoned:
             return
         seq.moving = 0
         if ack is not None and ack.accepted:
