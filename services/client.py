@@ -112,7 +112,7 @@ class Streams:
         """Wait (up to ``timeout``) for the aborts under way, then unsubscribe."""
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=timeout)
-        if self._sub is not None:
+        if self._sub is not None and not self.nc.is_closed:
             await self._sub.unsubscribe()
 
     async def send(self, request: dict, msgpack: bool = True) -> Stream:
@@ -122,6 +122,9 @@ class Streams:
         body = msgspec.msgpack.encode(request) if msgpack else msgspec.json.encode(request)
         try:
             await self.nc.publish(self.generate_subject, body, reply=reply)
+        except asyncio.CancelledError:
+            self.abort(stream, "cancelled")  # it may be in the connection's buffer, and go all the same
+            raise
         except BaseException:
             stream.close()
             raise

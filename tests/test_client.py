@@ -68,7 +68,7 @@ async def test_answers_come_in_order_and_another_rid_is_dropped(nc, ingest):
     drops = []
     streams = await Streams(nc, Subjects(PREFIX), 10, on_drop=lambda *a, **kw: drops.append(a[0])).start()
     answers = await streams.send({"rid": "mine", "text": "hi"}, msgpack=False)
-    req, reply = await asyncio.wait_for(ingest.requests.get(), 10)
+    req, reply = await asyncio.wait_for(ingest.requests.get(), 30)
     assert req["rid"] == "mine" and reply.startswith(streams.prefix + ".") and len(reply) > len(streams.prefix) + 30
     await ingest.answer(reply, chunk("theirs", 9, "x"), chunk("mine", 1, "a"), done("mine"))
     got = [a async for a in answers]
@@ -85,9 +85,9 @@ async def test_a_request_without_a_rid_takes_the_rid_of_its_first_answer(nc, ing
         return [a async for a in stream(nc, {"text": "hi"}, subjects=Subjects(PREFIX), timeout=10)]
 
     reading = asyncio.create_task(read())
-    _, reply = await asyncio.wait_for(ingest.requests.get(), 10)
+    _, reply = await asyncio.wait_for(ingest.requests.get(), 30)
     await ingest.answer(reply, chunk("given", 1, "a"), chunk("other", 2, "b"), done("given"))
-    assert [a.rid for a in await asyncio.wait_for(reading, 10)] == ["given", "given"]
+    assert [a.rid for a in await asyncio.wait_for(reading, 30)] == ["given", "given"]
 
 
 async def test_a_cancelled_reader_aborts_its_request(nc, ingest):
@@ -96,11 +96,11 @@ async def test_a_cancelled_reader_aborts_its_request(nc, ingest):
             pass
 
     reading = asyncio.create_task(read())
-    _, reply = await asyncio.wait_for(ingest.requests.get(), 10)
+    _, reply = await asyncio.wait_for(ingest.requests.get(), 30)
     await ingest.answer(reply, chunk("left", 1, "a"))
     await asyncio.sleep(0.2)
     reading.cancel()
-    assert await asyncio.wait_for(ingest.aborts.get(), 10) == {"rid": "left", "reply": reply}
+    assert await asyncio.wait_for(ingest.aborts.get(), 30) == {"rid": "left", "reply": reply}
     with pytest.raises(asyncio.CancelledError):
         await reading
 
@@ -110,10 +110,10 @@ async def test_no_answer_in_time_raises_and_aborts(nc, ingest):
     streams = await Streams(nc, Subjects(PREFIX), 0.3, on_abort=lambda s, reason, found, e: outcomes.append(
         (reason, found))).start()
     answers = await streams.send({"rid": "slow", "text": "hi"})
-    _, reply = await asyncio.wait_for(ingest.requests.get(), 10)
+    _, reply = await asyncio.wait_for(ingest.requests.get(), 30)
     with pytest.raises(TimeoutError, match="within 0.3s"):
         await answers.next()
-    assert await asyncio.wait_for(ingest.aborts.get(), 10) == {"rid": "slow", "reply": reply}
+    assert await asyncio.wait_for(ingest.aborts.get(), 30) == {"rid": "slow", "reply": reply}
     await streams.stop()
     assert outcomes == [("timeout", True)]
 
