@@ -237,10 +237,10 @@ class Cluster:
                                             listen=f"127.0.0.1:{port}", http=None, store_dir=str(store),
                                             url=self.nats_url, tls=self.tls)
             self._spawn("nats-server", None, [nats_server_binary(), "-c", str(conf_dir / "nats.conf"),
-                                        "-a", "127.0.0.1", "-p", str(port)])
+                                              "-a", "127.0.0.1", "-p", str(port)])
         else:
             self._spawn("nats-server", None, [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
-                                        "-sd", str(store)])
+                                              "-sd", str(store)])
         wait_listening(port, self.procs[-1])
 
     def start_nats_cluster(self) -> None:
@@ -276,7 +276,8 @@ class Cluster:
             self._spawn("ingest", None if self.ingests == 1 else i, [*cli, "ingest"], self._service_env("ingest"))
         if self.http_port:
             self.http_port = self.http_port if _port_free(self.http_port) else free_port()
-            self._spawn("gateway", None, [*cli, "gateway", "--http-port", str(self.http_port)], self._service_env("gateway"))
+            self._spawn("gateway", None, [*cli, "gateway", "--http-port", str(self.http_port)],
+                        self._service_env("gateway"))
         # a group of several nodes is one JAX job: its leader hosts the job's coordinator
         coordinators = [f"127.0.0.1:{free_port()}" for _ in range(self.dp_size)]
 
