@@ -370,7 +370,7 @@ def spawn_in(cluster, name: str, argv: list[str], env: dict, cwd: str):
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=cwd,
                                  stdin=subprocess.DEVNULL)
-    proc = Proc(name, popen, log_path, argv, env)
+    proc = Proc(name, None, popen, log_path, argv, env)
     cluster.procs.append(proc)
     return proc
 

@@ -212,7 +212,7 @@ def start_nats(log_dir: Path) -> tuple[subprocess.Popen, str]:
     with open(log_dir / "nats-server.log", "ab") as out:
         proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)], stdout=out,
                                 stderr=subprocess.STDOUT)
-    wait_listening(port, Proc("nats-server", proc, log_dir / "nats-server.log"))
+    wait_listening(port, Proc("nats-server", None, proc, log_dir / "nats-server.log"))
     return proc, f"nats://127.0.0.1:{port}"
 
 

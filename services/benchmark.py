@@ -29,8 +29,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 
 @dataclass
 class Workload:
@@ -128,50 +126,40 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
                        timeout: float = 600.0) -> dict[str, Any]:
     """The workload through a running dpbus (``nc``: a connected client)."""
     from dpbus.schemas import Chunk, Done, Subjects
-    from dpbus.services.bus import request_subjects
-    from dpbus.services.client import decode_answer
+    from dpbus.services.client import NoResponders, Streams
 
-    subject, _ = request_subjects(nc, Subjects(prefix))
+    streams = await Streams(nc, Subjects(prefix), timeout).start()
     run = uuid.uuid4().hex[:8]  # rids unique to this run: a repeated rid is a duplicate, never answered twice
 
     async def run_one(i: int, ids: list[int], n: int, rec: Record) -> None:
-        ended = asyncio.get_running_loop().create_future()
-
-        async def on_answer(msg: Any) -> None:  # a callback, not a wait per message: a light client
-            if ended.done():
-                return
-            if not msg.data:
-                rec.error = "no_responders"
-                ended.set_result(None)
-                return
-            ans = decode_answer(msg.data)
-            now = time.perf_counter()
-            if isinstance(ans, Chunk):
-                if not rec.tokens:
-                    rec.first_chunk = len(ans.token_ids)
-                rec.tokens.extend(token_times(rec.tokens, now, len(ans.token_ids)))
-                return
-            rec.end = now
-            if isinstance(ans, Done):
-                rec.output_tokens = ans.completion_tokens
-            else:
-                rec.error = ans.code.value
-            ended.set_result(None)
-
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, cb=on_answer)
-        body = msgspec.msgpack.encode({"rid": f"bench-{run}-{i}", "input_ids": ids, "stream": True, "sampling": {
-            "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}})
         rec.sent = time.perf_counter()
         try:
-            await nc.publish(subject, body, reply=inbox)
-            await asyncio.wait_for(ended, timeout)
+            answers = await streams.send({"rid": f"bench-{run}-{i}", "input_ids": ids, "stream": True, "sampling": {
+                "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}})
+            async with asyncio.timeout(timeout):
+                async for ans in answers:  # stamped with when it reached this process, not when read
+                    record(rec, ans, answers.arrived)
+        except NoResponders:
+            rec.error = "no_responders"
         except Exception as e:  # noqa: BLE001 - a time-out, a lost connection
             rec.error = type(e).__name__
-        finally:
-            await sub.unsubscribe()
 
-    records, elapsed = await _paced(w, run_one, progress)
+    def record(rec: Record, ans: Any, now: float) -> None:
+        if isinstance(ans, Chunk):
+            if not rec.tokens:
+                rec.first_chunk = len(ans.token_ids)
+            rec.tokens.extend(token_times(rec.tokens, now, len(ans.token_ids)))
+            return
+        rec.end = now
+        if isinstance(ans, Done):
+            rec.output_tokens = ans.completion_tokens
+        else:
+            rec.error = ans.code.value
+
+    try:
+        records, elapsed = await _paced(w, run_one, progress)
+    finally:
+        await streams.stop()
     return summarize(records, elapsed, "system", w)
 
 

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 from typing import Any
 
@@ -168,145 +167,16 @@ def check_model_path(a: argparse.Namespace) -> None:
         raise ValueError(f"--model-path {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def claim_state(note: bool = True) -> None:
-    """Refuse to start next to a running `dpbus up` (its state file would be overwritten);
-    a state file whose `up` is gone is replaced, with a note."""
-    from dpbus.services.userstate import describe, is_up_process, read_raw, state_path
-
-    old = read_raw()
-    if old is None:
-        return
-    if is_up_process(int(old.get("pid", 0) or 0)) and old.get("pid") != os.getpid():
-        raise RuntimeError(f"another dpbus up is running ({describe(old)}); stop it first (Ctrl-C in its "
-                           f"terminal, or kill {old.get('pid')}), or give this one its own state with "
-                           "XDG_STATE_HOME=DIR (client commands then need the same)")
-    if note:
-        say(f"note: replacing {state_path()}, left by a dpbus up that is gone (pid {old.get('pid')})")
-
-
-class UpState:
-    """The state file of this `up` (services/userstate.py): written when NATS listens,
-    updated while the groups warm up and once they are ready."""
-
-    def __init__(self, cluster: Any, a: argparse.Namespace) -> None:
-        self.cluster, self.a, self.doc = cluster, a, {}
-        cluster.on_listening, cluster.on_progress = self.listening, self.progress
-
-    def users(self) -> dict[str, bus.NatsAuth]:
-        from dpbus.services.userstate import STATE_USERS
-
-        creds = self.cluster.credentials
-        return {u: bus.auth_for(creds, u) for u in STATE_USERS if creds and u in creds.passwords}
-
-    def listening(self) -> None:
-        from dpbus.services.userstate import new_state
-
-        claim_state(note=False)  # again: another `up` may have started meanwhile
-        self.doc = new_state(self.cluster.nats_url, self.users(), os.getpid(), log_dir=str(self.cluster.log_dir),
-                             dp_size=self.cluster.dp_size, prefix=self.a.prefix, http_url="")
-        self.write()
-        say(f"state (URL, passwords of client, operator and gateway) in {self.path}")
-
-    def progress(self, said: str) -> None:
-        self.write(progress=said, http_url=self.cluster.http_url)
-
-    def write(self, **changes: Any) -> None:
-        from dpbus.services.userstate import write_state
-
-        if self.doc:
-            self.doc.update(changes)
-            self.path = write_state(self.doc)
-
-
 def cmd_up(a: argparse.Namespace) -> int:
+    from dpbus.services import up
+
     check_model_path(a)
-    claim_state()
-    cluster = cluster_from(a, say=say)
-    state = UpState(cluster, a)
-    try:
-        asyncio.run(serve_up(cluster, state, a))
-    except (RuntimeError, TimeoutError) as e:
-        say(f"dpbus up failed: {e}", err=True)
-        return 1
-    finally:
-        stop_up(cluster)
-    say("stopped")
-    return 0
-
-
-def stop_up(cluster: Any) -> None:
-    """Stop every process `up` started, once (a second Ctrl-C or SIGTERM kills them at once)."""
-    from dpbus.services.userstate import clear_state
-
-    def hurry(*_: Any) -> None:
-        say("second signal: killing every process now")
-        cluster.hurry()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, hurry)
-    say("stopping every process dpbus started ...")
-    clear_state(os.getpid())
-    for problem in cluster.stop():
-        say(f"warning: {problem}")
-
-
-async def serve_up(cluster: Any, state: UpState, a: argparse.Namespace) -> None:
-    from dpbus.services.lifecycle import Stopped, unless_stopped
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        seconds = await unless_stopped(stop, cluster.start())
-    except Stopped:
-        return
-    state.write(ready=True, progress="ready", http_url=cluster.http_url)
-    client = cluster.auth("client") if cluster.credentials else None
-    who = f" as user {client.user!r} (password in {state.path})" if client else ""
-    say(f"dpbus ready in {seconds:.1f}s: publish requests on {a.prefix}.generate at "
-        f"{bus.redact(cluster.nats_url)}{who}; try: dpbus generate 'hello'. Ctrl-C stops everything")
-    if cluster.http_url:
-        say(f"OpenAI-compatible API at {cluster.http_url} (try: curl {cluster.http_url}/models)")
-    watch, nc = await watch_ready_again(cluster, a.prefix)
-    while not stop.is_set():
-        if a.restart:
-            for line in cluster.supervise():
-                say(f"warning: {line}")
-            watch.restarted(cluster.recovering)
-            cluster.recovering.clear()
-        else:
-            for p in [p for p in cluster.procs if p.popen.poll() is not None]:
-                say(f"warning: {p.name} exited with code {p.popen.returncode}; log {p.log_path}")
-                cluster.procs.remove(p)
-        try:
-            await asyncio.wait_for(stop.wait(), 1.0)
-        except asyncio.TimeoutError:
-            pass
-    await nc.close()
-
-
-async def watch_ready_again(cluster: Any, prefix: str) -> Any:
-    """Print "group g ready again" when a group that `up` restarted serves again."""
-    from dpbus.schemas import Subjects
-    from dpbus.schemas.internal import LoadReport, unpacker
-    from dpbus.services.launcher import ReadyAgain
-
-    watch, decode = ReadyAgain(), unpacker(LoadReport)
-    nc = await bus.connect_client(cluster.nats_url, auth=cluster.auth("operator"))
-
-    async def on_load(msg: Any) -> None:
-        report = decode.decode(msg.data)
-        if watch.report(report):
-            say(f"group {report.dp_rank} ready again")
-
-    await nc.subscribe(Subjects(prefix).all_loads, cb=on_load)
-    return watch, nc
+    up.claim_state(say)
+    return up.run(cluster_from(a, say=say), a.restart, say)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     import msgspec
-    import nats.errors
 
     from dpbus.schemas import Chunk, Done
     from dpbus.services.client import stream
@@ -343,7 +213,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                           file=sys.stderr)
                 else:
                     print(f"\nerror {ans.code.value}: {ans.message}", file=sys.stderr)
-        except (ConnectionError, TimeoutError, nats.errors.TimeoutError) as e:
+        except (ConnectionError, TimeoutError) as e:
             print(f"dpbus generate: {e or 'no answer in time'}", file=sys.stderr)
         finally:
             await nc.close()

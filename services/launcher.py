@@ -52,6 +52,10 @@ def nats_server_binary() -> str:
     return found
 
 
+def proc_name(role: str, rank: int | None) -> str:
+    return role if rank is None else f"{role}-{rank}"
+
+
 def _libc_prctl() -> Callable[..., int] | None:
     try:
         import ctypes
@@ -75,11 +79,30 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Proc:
-    name: str
+    """A process ``up`` started: its role (``nats-server``, ``ingest``, ``gateway``,
+    ``publisher``, ``worker`` or ``node``) and rank (a publisher's DP group, a worker's or
+    node's node rank, which of several servers or ingests; None when it is the only one),
+    which also make its name."""
+
+    role: str
+    rank: int | None
     popen: subprocess.Popen
     log_path: Path
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
+
+    @property
+    def name(self) -> str:
+        return proc_name(self.role, self.rank)
+
+    @property
+    def is_server(self) -> bool:
+        return self.role == "nats-server"
+
+    @property
+    def is_node(self) -> bool:
+        """A worker, or a `dpbus node` (worker and maybe publisher): one node of a group."""
+        return self.role in ("worker", "node")
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -124,8 +147,9 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- processes -----------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        if self.metrics and name != "nats-server" and name != "gateway":
+    def _spawn(self, role: str, rank: int | None, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        name = proc_name(role, rank)
+        if self.metrics and role not in ("nats-server", "gateway"):
             self.metrics_ports.setdefault(name, free_port())
             env = {**(env or {}), "DPBUS_METRICS_PORT": str(self.metrics_ports[name])}
             self._write_targets()
@@ -138,7 +162,7 @@ class Cluster:
             popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                      stdin=subprocess.DEVNULL, process_group=0,
                                      preexec_fn=_die_with_parent if tied else None)
-        proc = Proc(name, popen, log_path, argv, env)
+        proc = Proc(role, rank, popen, log_path, argv, env)
         self.procs.append(proc)
         return proc
 
@@ -148,7 +172,7 @@ class Cluster:
         if old.popen.poll() is None:
             raise RuntimeError(f"{name} is still running (pid {old.popen.pid})")
         self.procs.remove(old)
-        return self._spawn(name, old.argv, old.env)
+        return self._spawn(old.role, old.rank, old.argv, old.env)
 
     def _service_url(self) -> str:
         """The NATS URL for the next service: with several servers, each service lists them
@@ -212,11 +236,11 @@ class Cluster:
                                             prefixes=[self.prefix],
                                             listen=f"127.0.0.1:{port}", http=None, store_dir=str(store),
                                             url=self.nats_url, tls=self.tls)
-            self._spawn("nats-server", [nats_server_binary(), "-c", str(conf_dir / "nats.conf"),
-                                        "-a", "127.0.0.1", "-p", str(port)])
+            self._spawn("nats-server", None, [nats_server_binary(), "-c", str(conf_dir / "nats.conf"),
+                                              "-a", "127.0.0.1", "-p", str(port)])
         else:
-            self._spawn("nats-server", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
-                                        "-sd", str(store)])
+            self._spawn("nats-server", None, [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
+                                              "-sd", str(store)])
         wait_listening(port, self.procs[-1])
 
     def start_nats_cluster(self) -> None:
@@ -234,13 +258,13 @@ class Cluster:
                                             prefixes=[self.prefix],
                                         url=self.nats_url, tls=self.tls, peers=peers)
         for i, p in enumerate(peers):
-            self._spawn(f"nats-server-{i}", [nats_server_binary(), "-c", str(conf_dir / p.conf)])
+            self._spawn("nats-server", i, [nats_server_binary(), "-c", str(conf_dir / p.conf)])
         for i, p in enumerate(peers):
             wait_listening(int(p.listen.rsplit(":", 1)[1]), self.procs[-len(peers) + i])
         self.extra.setdefault("DPBUS_LEDGER_REPLICAS", str(min(self.nats_cluster, 5)))
 
     def servers(self) -> list[Proc]:
-        return [p for p in self.procs if is_server(p.name)]
+        return [p for p in self.procs if p.is_server]
 
     def start_services(self) -> None:
         cli = [sys.executable, "-m", "dpbus.services.cli"]
@@ -249,10 +273,11 @@ class Cluster:
             return place_node(r, self.nnodes, self.dp_size).dp_rank
 
         for i in range(self.ingests):
-            self._spawn("ingest" if self.ingests == 1 else f"ingest-{i}", [*cli, "ingest"], self._service_env("ingest"))
+            self._spawn("ingest", None if self.ingests == 1 else i, [*cli, "ingest"], self._service_env("ingest"))
         if self.http_port:
             self.http_port = self.http_port if _port_free(self.http_port) else free_port()
-            self._spawn("gateway", [*cli, "gateway", "--http-port", str(self.http_port)], self._service_env("gateway"))
+            self._spawn("gateway", None, [*cli, "gateway", "--http-port", str(self.http_port)],
+                        self._service_env("gateway"))
         # a group of several nodes is one JAX job: its leader hosts the job's coordinator
         coordinators = [f"127.0.0.1:{free_port()}" for _ in range(self.dp_size)]
 
@@ -264,14 +289,14 @@ class Cluster:
 
         if self.node_processes:
             for r in range(self.nnodes):
-                self._spawn(f"node-{r}", [*cli, "node", *node_args(r)],
+                self._spawn("node", r, [*cli, "node", *node_args(r)],
                             self._service_env(node_user(r, self.nnodes, self.dp_size)))
             return
         for g in range(self.dp_size):
-            self._spawn(f"publisher-{g}", [*cli, "publisher", "--dp-rank", str(g)],
+            self._spawn("publisher", g, [*cli, "publisher", "--dp-rank", str(g)],
                         self._service_env(user_for("publisher", g)))
         for r in range(self.nnodes):
-            self._spawn(f"worker-{r}", [*cli, "worker", *node_args(r)], self._service_env(member_user(group_of(r), r)))
+            self._spawn("worker", r, [*cli, "worker", *node_args(r)], self._service_env(member_user(group_of(r), r)))
 
     async def wait_ready(self, timeout: float = 600.0) -> float:
         """Wait until every group reports ready and ingest answers; returns the seconds it took."""
@@ -306,53 +331,49 @@ class Cluster:
                  f"logs in {self.log_dir}")
         return await self.wait_ready(timeout)
 
-    def leads_a_spanning_group(self, name: str) -> bool:
-        """Whether process ``name`` is the leader of a group spanning several processes: it
-        hosts the group's JAX job. ``stop`` ends its members first: a member whose leader
-        went first is ended by JAX's coordination client itself (SIGABRT), not by dpbus.
-        (A leader whose members left may leave by itself first: exit 70, a broken job.)"""
-        kind, _, rank = name.rpartition("-")
-        if kind not in ("worker", "node") or self.nnodes == self.dp_size:
-            return False
-        g = place_node(int(rank), self.nnodes, self.dp_size).dp_rank
-        return group_nodes(g, self.nnodes, self.dp_size)[0] == int(rank)
+    def _spans(self, p: Proc) -> bool:
+        """Whether ``p`` is one node of a group spanning several processes."""
+        return p.is_node and self.nnodes != self.dp_size
 
-    def _peers(self, name: str) -> list[str]:
-        """Processes that must restart with ``name``: a group spanning several processes is
-        one JAX job, which cannot take a single process back."""
-        kind, _, rank = name.rpartition("-")
-        if kind not in ("worker", "node") or self.nnodes == self.dp_size:
-            return [name]
-        g = place_node(int(rank), self.nnodes, self.dp_size).dp_rank
-        return [f"{kind}-{r}" for r in group_nodes(g, self.nnodes, self.dp_size)]
+    def leads_a_spanning_group(self, p: Proc) -> bool:
+        """Whether ``p`` is the leader of a group spanning several processes: it hosts the
+        group's JAX job. ``stop`` ends its members first: a member whose leader went first
+        is ended by JAX's coordination client itself (SIGABRT), not by dpbus. (A leader
+        whose members left may leave by itself first: exit 70, a broken job.)"""
+        return self._spans(p) and group_nodes(self.group_of(p), self.nnodes, self.dp_size)[0] == p.rank
 
-    def groups_of(self, names: list[str]) -> set[int]:
-        """The DP groups whose service runs in one of the processes ``names``."""
-        groups = set()
-        for name in names:
-            kind, _, rank = name.rpartition("-")
-            if kind == "publisher":
-                groups.add(int(rank))
-            elif kind in ("worker", "node"):
-                groups.add(place_node(int(rank), self.nnodes, self.dp_size).dp_rank)
-        return groups
+    def _peers(self, p: Proc) -> list[str]:
+        """The names of the processes that must restart with ``p``: a group spanning
+        several processes is one JAX job, which cannot take a single process back."""
+        if not self._spans(p):
+            return [p.name]
+        return [proc_name(p.role, r) for r in group_nodes(self.group_of(p), self.nnodes, self.dp_size)]
+
+    def group_of(self, p: Proc) -> int | None:
+        """The DP group whose service runs in ``p`` (None: it serves no one group)."""
+        if p.role == "publisher":
+            return p.rank
+        if p.is_node:
+            return place_node(p.rank, self.nnodes, self.dp_size).dp_rank
+        return None
 
     def supervise(self, min_interval: float = 5.0) -> list[str]:
         """Restart services that exited (with their group's peers when the group spans
         processes), at most once per ``min_interval`` seconds each. Returns what it did."""
         said = []
         now = time.monotonic()
-        for p in [p for p in self.procs if p.popen.poll() is not None and not is_server(p.name)]:
+        for p in [p for p in self.procs if p.popen.poll() is not None and not p.is_server]:
             if p not in self.procs or now - self._restarted.get(p.name, -1e9) < min_interval:
                 continue
-            names = self._peers(p.name)
+            names = self._peers(p)
             for peer in (q for q in self.procs if q.name in names and q.popen.poll() is None):
                 peer.popen.kill()
                 peer.popen.wait()
             for n in names:
                 self._restarted[n] = now
-                self.restart(n)
-            self.recovering.update(self.groups_of(names))
+                group = self.group_of(self.restart(n))
+                if group is not None:
+                    self.recovering.add(group)
             said.append(f"{p.name} exited with code {p.popen.returncode} (log {p.log_path}); restarted "
                         + ", ".join(names))
         return said
@@ -367,8 +388,8 @@ class Cluster:
         """SIGTERM every process started here (services first, the leaders of groups that
         span processes after their members, NATS last), then SIGKILL stragglers. Returns what went wrong: processes killed or failing; when nothing did,
         the log (and JetStream store) directory is removed if it was made here."""
-        services = [p for p in self.procs if not is_server(p.name)]
-        leaders = [p for p in services if self.leads_a_spanning_group(p.name)]
+        services = [p for p in self.procs if not p.is_server]
+        leaders = [p for p in services if self.leads_a_spanning_group(p)]
         servers = self.servers()
         killed = []
         for group in ([p for p in services if p not in leaders], leaders, servers):
@@ -434,10 +455,6 @@ async def wait_groups_ready(nc, prefix: str, dp_size: int, timeout: float, say: 
             await asyncio.sleep(0.5)
     finally:
         await sub.unsubscribe()
-
-
-def is_server(name: str) -> bool:
-    return name.startswith("nats-server")
 
 
 def wait_listening(port: int, proc: Proc, timeout: float = 10.0) -> None:

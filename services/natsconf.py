@@ -212,7 +212,7 @@ def check_password(password: str, hashed: str) -> bool:
 
 # Passwords that examples, defaults and habit put in configs: whoever has read one can log
 # in with it. `dpbus nats-config` will not write them and services will not connect with
-# them (services/bus.py). Compared without case, spaces, '-', '_' or '.'.
+# them (services/bus/auth.py). Compared without case, spaces, '-', '_' or '.'.
 PLACEHOLDER_PASSWORDS = frozenset({
     "changeme", "changeit", "changethis", "replaceme", "password", "passwd", "pass", "passw0rd", "pwd",
     "secret", "s3cret", "s3cr3t", "admin", "administrator", "root", "toor", "guest", "user", "default",

@@ -143,14 +143,19 @@ def test_bad_layouts_are_refused_with_the_numbers(args, numbers):
 
 
 def test_up_restarts_a_spanning_group_as_a_whole(tmp_path):
-    from dpbus.services.launcher import Cluster
+    from dpbus.services.launcher import Cluster, Proc
+
+    def proc(role: str, rank: int | None) -> Proc:
+        return Proc(role, rank, None, tmp_path)
 
     c = Cluster(dp_size=2, nnodes=4, local_devices=1, log_dir=tmp_path, say=lambda _: None)
-    assert c._peers("worker-3") == ["worker-2", "worker-3"]
-    assert c._peers("node-0") == ["node-0", "node-1"]
-    assert c._peers("publisher-1") == ["publisher-1"] and c._peers("ingest") == ["ingest"]
+    assert c._peers(proc("worker", 3)) == ["worker-2", "worker-3"]
+    assert c._peers(proc("node", 0)) == ["node-0", "node-1"]
+    assert c._peers(proc("publisher", 1)) == ["publisher-1"] and c._peers(proc("ingest", None)) == ["ingest"]
+    assert [c.group_of(proc(*p)) for p in (("worker", 3), ("node", 0), ("publisher", 1), ("ingest", None))] \
+        == [1, 0, 1, None]
     one_per_group = Cluster(dp_size=2, nnodes=2, local_devices=1, log_dir=tmp_path, say=lambda _: None)
-    assert one_per_group._peers("worker-1") == ["worker-1"]
+    assert one_per_group._peers(proc("worker", 1)) == ["worker-1"]
 
 
 @pytest.mark.e2e

@@ -11,6 +11,7 @@ Zipf-popular). ``python tests/test_router.py`` prints the table of what each pol
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 from collections import Counter, deque
@@ -21,9 +22,7 @@ import nats.errors
 import pytest
 
 from dpbus.schemas import ErrorCode
-from dpbus.schemas.codec import Encoding
-from dpbus.schemas.internal import LoadReport, Submit, SubmitAck, pack, page_hashes
-from dpbus.schemas.public import SamplingParams
+from dpbus.schemas.internal import LoadReport, SubmitAck, pack, page_hashes
 from dpbus.services.ingest.router import POLICIES, Router
 
 DT = 0.05          # simulated seconds per tick
@@ -471,6 +470,13 @@ class FakeReplies:
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
         return (await self.nc.request(subject, data, timeout)).data
 
+    async def send(self, subject: str, data: bytes, timeout: float, done) -> None:
+        try:
+            got = await self.request(subject, data, timeout)
+        except Exception as e:  # noqa: BLE001 - handed to ``done``, as Replies does
+            got = e
+        done(got)
+
 
 class NoLog:
     def __getattr__(self, _):
@@ -490,14 +496,23 @@ def ingest(policy: str = "least_tokens", dead: set[int] = frozenset(), **kw):
     return ing
 
 
-def submit(rid: str = "r") -> Submit:
-    return Submit(rid, [256, 1, 2, 3], SamplingParams(max_new_tokens=4), True, "_INBOX.client.1", Encoding.JSON, 0.0, -1,
-                  client="_INBOX.client")
+def generate(ing, rid: str = "r", dp_rank: int | None = None) -> None:
+    """One request through ingest's own handler (``on_generate``), to the end of its hand-over."""
+    body = {"rid": rid, "input_ids": [256, 1, 2, 3], "sampling": {"max_new_tokens": 4}}
+    if dp_rank is not None:
+        body["dp_rank"] = dp_rank
+    req = SimpleNamespace(subject="dpbus.generate", data=json.dumps(body).encode(),
+                          _msg=SimpleNamespace(reply="_INBOX.client.1"))
+
+    async def run() -> None:
+        await ing.on_generate(req)
+        while ing.tasks:
+            await asyncio.gather(*ing.tasks)
+
+    asyncio.run(run())
 
 
 def answer(ing) -> dict:
-    import json
-
     assert len(ing.nc.published) == 1
     return json.loads(ing.nc.published[0][1])
 
@@ -516,12 +531,12 @@ def test_ingest_answers_unavailable_at_once_when_no_group_is():
     for g in (0, 1):
         ing.router.on_load(report(g))
     asyncio.run(asyncio.sleep(0.02))
-    asyncio.run(ing.forward(submit(), None))
+    generate(ing)
     a = answer(ing)
     assert a["type"] == "error" and a["code"] == ErrorCode.UNAVAILABLE.value and "no load report" in a["message"]
     assert ing.nc.asked == []  # nothing was offered to a dead group
     ing.nc.published.clear()
-    asyncio.run(ing.forward(submit(), [1]))  # a pin does not revive it
+    generate(ing, dp_rank=1)  # a pin does not revive it
     assert answer(ing)["code"] == "unavailable" and ing.nc.asked == []
 
 
@@ -530,7 +545,7 @@ def test_ingest_skips_unavailable_groups_and_counts_dispatches():
     ing.router.on_load(report(0))
     ing.router.on_load(report(1, ready=False))
     for i in range(5):
-        asyncio.run(ing.forward(submit(f"r{i}"), None))
+        generate(ing, f"r{i}")
     assert ing.nc.asked == [0] * 5 and ing.nc.published == []  # accepted: the publisher answers
     stats = ing.stats()
     assert stats["dispatched"] == {"0": 5, "1": 0} and stats["policy"] == "least_tokens"
@@ -539,12 +554,12 @@ def test_ingest_skips_unavailable_groups_and_counts_dispatches():
 
 def test_ingest_at_start_up_tries_every_group():
     ing = ingest(dead={0, 1})
-    asyncio.run(ing.forward(submit(), None))
+    generate(ing)
     assert sorted(ing.nc.asked) == [0, 1]
     assert answer(ing)["code"] == "unavailable"
     ing = ingest(policy="round_robin", dead={0})
     for i in range(4):
-        asyncio.run(ing.forward(submit(f"r{i}"), None))
+        generate(ing, f"r{i}")
     assert ing.stats()["dispatched"] == {"0": 0, "1": 4} and ing.nc.published == []
 
 

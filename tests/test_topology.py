@@ -307,12 +307,16 @@ def test_seed_and_ours_agree_when_groups_have_one_node_or_dp_is_one(nnodes: int,
 def test_dpbus_up_stops_a_spanning_group_s_leader_after_its_members():
     """The leader hosts the group's JAX job: ``Cluster.stop`` signals it last (a member
     whose leader went first is ended by JAX itself, with SIGABRT)."""
-    from dpbus.services.launcher import Cluster
+    from pathlib import Path
 
+    from dpbus.services.launcher import Cluster, Proc
+
+    procs = [Proc(role, rank, None, Path()) for role, rank in (("worker", 0), ("worker", 1), ("worker", 2),
+                                                                ("worker", 3), ("node", 2), ("publisher", 0),
+                                                                ("ingest", 0))]
     spanning = Cluster(dp_size=2, nnodes=4)
-    assert [n for n in ("worker-0", "worker-1", "worker-2", "worker-3", "node-2", "publisher-0", "ingest-0")
-            if spanning.leads_a_spanning_group(n)] == ["worker-0", "worker-2", "node-2"]
-    assert not any(Cluster(dp_size=2, nnodes=2).leads_a_spanning_group(f"worker-{r}") for r in (0, 1))
+    assert [p.name for p in procs if spanning.leads_a_spanning_group(p)] == ["worker-0", "worker-2", "node-2"]
+    assert not any(Cluster(dp_size=2, nnodes=2).leads_a_spanning_group(p) for p in procs[:2])
 
 
 def test_only_a_group_s_leader_connects_with_publisher_rights():

@@ -22,20 +22,18 @@ import asyncio
 import contextlib
 import hmac
 import json
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from dpbus.schemas import Chunk, Done, Error, ErrorCode, Subjects
-from dpbus.schemas.public import Answer
 from dpbus.services import bus
+from dpbus.services.client import NoResponders, Stream, Streams
 from dpbus.services.gateway import openai as oa
 from dpbus.services.gateway.chat import TemplateError, load_chat_template
 from dpbus.services.metrics import GatewayMetrics
@@ -43,80 +41,24 @@ from dpbus.services.model_config import model_config_for
 from dpbus.services.settings import GatewaySettings
 from dpbus.services.tokenizer import load_tokenizer
 
-_answer = msgspec.msgpack.Decoder(Answer)
-REPLY_TOKEN_BYTES = 16  # 128 random bits after the inbox prefix: a call's subject cannot be guessed
-NO_RESPONDERS = object()  # queued for a call when NATS says nobody serves the generate subject
-
-
-class Call:
-    """One request on the bus: its answers, in order, until the terminal one."""
-
-    def __init__(self, client: "BusClient", rid: str, reply: str) -> None:
-        self.client, self.rid, self.reply = client, rid, reply
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False
-        self.answered = False  # an answer of this call came (the first one may lack the rid, see on_answer)
-
-    async def next(self) -> Chunk | Done | Error:
-        try:
-            answer = await asyncio.wait_for(self.queue.get(), self.client.timeout)
-        except asyncio.TimeoutError:
-            self.client.abort(self, "timeout")  # nobody will read its answers: free its slot in the group
-            raise oa.ApiError(504, f"no answer from dpbus within {self.client.timeout:g}s", "timeout") from None
-        if answer is NO_RESPONDERS:
-            self.close()
-            raise oa.ApiError(503, "no dpbus ingest is running", "service_unavailable", ErrorCode.UNAVAILABLE.value)
-        if isinstance(answer, (Done, Error)):
-            self.close()
-        return answer
-
-    def close(self) -> None:
-        self.finished = True
-        self.client.calls.pop(self.reply, None)
-
 
 class BusClient:
-    """The gateway's NATS side: one connection and one subscription for every call."""
+    """The gateway's NATS side: one connection, and one ``Streams`` for every call (whose
+    drops and aborts it counts)."""
 
     def __init__(self, s: GatewaySettings, log: Any, metrics: GatewayMetrics) -> None:
         self.s, self.log, self.metrics = s, log, metrics
-        self.subjects = Subjects(s.prefix)
-        self.timeout = s.request_timeout
-        self.calls: dict[str, Call] = {}
-        self.tasks: set[asyncio.Task] = set()
         self.warned: dict[str, float] = {}  # reason -> when a dropped answer was last logged
 
     async def start(self) -> None:
         self.nc = await bus.connect(self.s.nats_url, "dpbus-gateway", self.log, auth=bus.auth_from(self.s, "gateway"))
-        self.prefix = self.nc.new_inbox()  # _INBOX.gateway.<unique>: private to this gateway
-        self.generate_subject, self.abort_subject = bus.request_subjects(self.nc, self.subjects)
-        await bus.subscribe(self.nc, self.prefix + ".*", self.on_answer)
+        self.streams = await Streams(self.nc, Subjects(self.s.prefix), self.s.request_timeout, self.drop,
+                                     self.aborted).start()
 
-    async def on_answer(self, msg: Any) -> None:
-        call = self.calls.get(msg.subject)
-        if call is None:  # late answers of a call that ended or was aborted (or a guess)
-            self.drop("no_call", msg.subject)
-            return
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            if call.answered:  # NATS says this before any answer, or never
-                self.drop("unexpected_status", msg.subject, call.rid)
-                return
-            call.answered = True
-            call.queue.put_nowait(NO_RESPONDERS)
-            return
-        try:
-            answer = _answer.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            self.drop("undecodable", msg.subject, call.rid)
-            return
-        # ingest refuses some requests (unknown dp_rank, ...) with an error that has no rid:
-        # taken only as a call's first answer
-        rid_less_refusal = isinstance(answer, Error) and answer.rid is None and not call.answered
-        if answer.rid != call.rid and not rid_less_refusal:
-            self.drop("wrong_rid", msg.subject, call.rid, got=answer.rid)
-            return
-        call.answered = True
-        call.queue.put_nowait(answer)
+    @property
+    def tasks(self) -> set[asyncio.Task]:
+        """The aborts under way."""
+        return self.streams.tasks
 
     def drop(self, reason: str, subject: str, rid: str | None = None, **kw: Any) -> None:
         """Count an answer no HTTP client gets; log it at most once a second per reason."""
@@ -128,37 +70,23 @@ class BusClient:
             self.warned[reason] = now
             self.log.warning("answer_dropped", reason=reason, subject=subject, rid=rid, **kw)
 
-    async def call(self, request: dict) -> Call:
-        reply = f"{self.prefix}.{secrets.token_hex(REPLY_TOKEN_BYTES)}"
-        call = self.calls[reply] = Call(self, request["rid"], reply)
-        try:
-            await self.nc.publish(self.generate_subject, msgspec.msgpack.encode(request), reply=reply)
-        except Exception as e:  # noqa: BLE001 - NATS is down or closing
-            call.close()
-            raise oa.ApiError(503, f"cannot reach NATS: {e!r}", "service_unavailable") from None
-        return call
-
-    def abort(self, call: Call, reason: str) -> None:
-        """Cancel ``call`` on the bus (``reason``: its client went away, or it timed out);
-        runs on its own, whatever happens to the caller."""
-        if call.finished:
+    def aborted(self, call: Stream, reason: str, found: bool | None, error: Exception | None) -> None:
+        if found is None:
+            self.metrics.aborts.labels(reason, "failed").inc()
+            self.log.warning("abort_failed", rid=call.rid, reason=reason, error=repr(error))
             return
-        call.close()
-        body = json.dumps({"rid": call.rid, "reply": call.reply}).encode()
+        self.metrics.aborts.labels(reason, "found" if found else "not_found").inc()
+        self.log.info("request_aborted", rid=call.rid, reason=reason, found=found)
 
-        async def send() -> None:
-            try:
-                ack = json.loads((await self.nc.request(self.abort_subject, body, timeout=5)).data)
-                found = ack.get("found") is True
-                self.metrics.aborts.labels(reason, "found" if found else "not_found").inc()
-                self.log.info("request_aborted", rid=call.rid, reason=reason, found=found)
-            except Exception as e:  # noqa: BLE001
-                self.metrics.aborts.labels(reason, "failed").inc()
-                self.log.warning("abort_failed", rid=call.rid, reason=reason, error=repr(e))
+    async def call(self, request: dict) -> Stream:
+        try:
+            return await self.streams.send(request)
+        except Exception as e:  # noqa: BLE001 - NATS is down or closing
+            raise oa.ApiError(503, f"cannot reach NATS: {e!r}", "service_unavailable") from None
 
-        task = asyncio.create_task(send())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def abort(self, call: Stream, reason: str) -> None:
+        """Cancel ``call`` on the bus (``reason``: its client went away, or it timed out)."""
+        self.streams.abort(call, reason)
 
     async def ingest_ping(self, wait: float = 0.5) -> dict | None:
         """The discovery answer of an ingest of this gateway's prefix (its metadata says
@@ -178,6 +106,17 @@ class BusClient:
             return None
         finally:
             await sub.unsubscribe()
+
+
+async def next_answer(call: Stream) -> Chunk | Done | Error:
+    """The call's next answer; no answer in time (the call is aborted) is a 504, no ingest a 503."""
+    try:
+        return await call.next()
+    except NoResponders:
+        raise oa.ApiError(503, "no dpbus ingest is running", "service_unavailable",
+                          ErrorCode.UNAVAILABLE.value) from None
+    except TimeoutError as e:
+        raise oa.ApiError(504, str(e), "timeout") from None
 
 
 def bearer_matches(header: str, keys: list[str]) -> bool:
@@ -287,9 +226,9 @@ class Gateway:
             self.metrics.requests.labels(endpoint, str(e.status)).inc()
             return JSONResponse(e.body(), status_code=e.status)
 
-    async def first_answer(self, request: Request, call: Call) -> Chunk | Done | Error | None:
+    async def first_answer(self, request: Request, call: Stream) -> Chunk | Done | Error | None:
         """The first answer, or None if the HTTP client disconnected first (then it is aborted)."""
-        waiting = asyncio.create_task(call.next())
+        waiting = asyncio.create_task(next_answer(call))
         gone = asyncio.create_task(until_disconnected(request))
         try:
             await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -301,13 +240,13 @@ class Gateway:
         self.bus.abort(call, "client_gone")
         return None
 
-    async def whole(self, request: Request, call: Call, answer: Any, chat: bool, t0: float, endpoint: str) -> Response:
+    async def whole(self, request: Request, call: Stream, answer: Any, chat: bool, t0: float, endpoint: str) -> Response:
         parts: list[str] = []
         watch = asyncio.create_task(until_disconnected(request))
         try:
             while isinstance(answer, Chunk):
                 parts.append(answer.text)
-                nxt = asyncio.create_task(call.next())
+                nxt = asyncio.create_task(next_answer(call))
                 await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():
                     nxt.cancel()
@@ -324,7 +263,7 @@ class Gateway:
         build = oa.chat_body if chat else oa.completion_body
         return JSONResponse(build(call.rid, self.name, "".join(parts), answer.finish_reason.value, use, answer.dp_rank))
 
-    async def sse(self, call: Call, answer: Any, chat: bool, include_usage: bool, t0: float,
+    async def sse(self, call: Stream, answer: Any, chat: bool, include_usage: bool, t0: float,
                   endpoint: str) -> AsyncIterator[bytes]:
         created = int(time.time())
         last = time.perf_counter()
@@ -339,7 +278,7 @@ class Gateway:
                 if answer.text:
                     yield event(oa.chat_chunk(call.rid, self.name, created, {"content": answer.text}, None) if chat
                                 else oa.completion_chunk(call.rid, self.name, created, answer.text, None))
-                answer = await call.next()
+                answer = await next_answer(call)
                 now = time.perf_counter()
                 self.metrics.itl.observe(now - last)
                 last = now

@@ -331,18 +331,6 @@ class Ingest:
                 return SubmitAck(False, ErrorCode.UNAVAILABLE, repr(e))
         return None
 
-    async def forward(self, sub: Submit, pinned: list[int] | None) -> None:
-        """The whole hand-over in one coroutine (``on_generate`` does its first step
-        without one): route ``sub``, then offer it to its groups in turn."""
-        groups, why = self.route(sub, pinned)
-        if why:
-            await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
-            return
-        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None)
-        sub.dp_rank = groups[0]
-        self.router.sent(groups[0], h.cost, sub.input_ids)
-        await self.offer(h, None)
-
     async def offer(self, h: "Handover", first: Any) -> None:
         """Offer the request to its groups in turn until one acknowledges it (the first
         group is counted as sent to already; ``first``: the answer to an offer made to it

@@ -1,0 +1,86 @@
+"""Many request/reply exchanges over one wildcard subscription (ingest's hot path)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Callable
+
+import nats.errors
+from nats.aio.client import Client
+
+from dpbus.services.bus.messaging import subscribe
+
+
+class Replies:
+    """Request/reply over one wildcard subscription of our inbox: a future per request and
+    one loop that expires them, instead of nats-py's ``request`` (a fresh token from the
+    random source, a timer and two extra callbacks per request). Used on hot paths.
+
+    A reply arriving after its request timed out is dropped. ``NoRespondersError`` and
+    ``TimeoutError`` are nats-py's own, so callers handle them as with ``nc.request``."""
+
+    def __init__(self, nc: Client, tick: float = 0.05) -> None:
+        self.nc, self.tick = nc, tick
+        self.prefix = ""
+        self.waiting: dict[str, Callable[[Any], None]] = {}
+        self.deadlines: dict[float, deque[tuple[float, str]]] = {}  # per time-out, in the order sent
+        self.sent = 0
+        self._expirer: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.prefix = self.nc.new_inbox() + "."
+        await subscribe(self.nc, self.prefix + "*", self.on_reply)
+        self._expirer = asyncio.create_task(self._expire_loop())
+
+    def stop(self) -> None:
+        if self._expirer is not None:
+            self._expirer.cancel()
+
+    async def send(self, subject: str, data: bytes, timeout: float, done: Callable[[Any], None]) -> None:
+        """Publish a request; ``done`` is called once, from the reply's delivery, with the
+        reply's body (bytes) or the exception (no responders, time-out)."""
+        self.sent += 1
+        token = str(self.sent)
+        self.waiting[token] = done
+        self.deadlines.setdefault(timeout, deque()).append((asyncio.get_running_loop().time() + timeout, token))
+        try:
+            await self.nc.publish(subject, data, reply=self.prefix + token)
+        except BaseException:
+            self.waiting.pop(token, None)
+            raise
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(got: Any) -> None:
+            if not fut.done():
+                if isinstance(got, BaseException):
+                    fut.set_exception(got)
+                else:
+                    fut.set_result(got)
+
+        await self.send(subject, data, timeout, done)
+        return await fut
+
+    async def on_reply(self, msg: Any) -> None:
+        done = self.waiting.pop(msg.subject[len(self.prefix):], None)
+        if done is None:
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            done(nats.errors.NoRespondersError())
+        else:
+            done(msg.data)
+
+    def expire(self, now: float) -> None:
+        for queue in self.deadlines.values():
+            while queue and queue[0][0] <= now:
+                done = self.waiting.pop(queue.popleft()[1], None)
+                if done is not None:
+                    done(nats.errors.TimeoutError())
+
+    async def _expire_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick)
+            self.expire(loop.time())
