@@ -134,7 +134,7 @@ class Standins:
                         self.counts["renew_failed"] += 1
 
             await bus.subscribe(nc, subjects.submit(g), on_submit, queue=f"dpbus-publisher-{g}")
-            await nc.flush()
+            await bus.at_server(nc)
             subscribed.append(g)
             await renew()
 

@@ -61,6 +61,8 @@ def zmq_subscriber(pub: str, ack: str, index: int) -> None:
 async def nats_subscriber(url: str, index: int) -> None:
     import nats
 
+    from dpbus.services.bus.messaging import at_server
+
     nc = await nats.connect(url)
     done = asyncio.Event()
 
@@ -71,7 +73,7 @@ async def nats_subscriber(url: str, index: int) -> None:
         await nc.publish("bench.ack", ACK.pack(struct.unpack_from("<Q", msg.data)[0], index))
 
     await nc.subscribe("bench.step", cb=on_step)
-    await nc.flush()
+    await at_server(nc)  # (a plain flush's PING may overtake the subscription)
     print("subscribed", flush=True)
     await done.wait()
     await nc.close()

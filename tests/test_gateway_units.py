@@ -16,6 +16,7 @@ import pytest
 
 from dpbus.schemas import Chunk, Done, Error, FinishReason
 from dpbus.schemas.errors import ErrorCode
+from dpbus.services import bus
 from dpbus.services.gateway import openai as oa
 from dpbus.services.gateway.app import Gateway
 from dpbus.services.gateway.chat import TemplateError, load_chat_template
@@ -159,7 +160,7 @@ async def stand_in(nats_server):
     nc = await nats_server.connect("admin")
     s = StandIn(nc)
     await nc.subscribe(f"{STAND_IN_PREFIX}.>", cb=s.on_msg)
-    await nc.flush()
+    await bus.at_server(nc)
     yield s
     await nc.close()
 

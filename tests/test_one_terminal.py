@@ -70,13 +70,10 @@ class Answers:
 
 
 async def answers_on(nc) -> tuple[str, Answers]:
-    """A new inbox of ``nc`` and what arrives there, subscribed at the server on return.
-    (nats-py's ``flush`` writes its PING ahead of commands still in its buffer, so the
-    buffer is written out first.)"""
+    """A new inbox of ``nc`` and what arrives there, subscribed at the server on return."""
     inbox, answers = nc.new_inbox(), Answers()
     await nc.subscribe(inbox, cb=answers.on)
-    await nc._flush_pending(force_flush=True)
-    await nc.flush()
+    await bus.at_server(nc)
     return inbox, answers
 
 

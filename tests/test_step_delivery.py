@@ -20,7 +20,7 @@ from dpbus.schemas.internal import (
     LAST_TOKEN, DecodeRow, Heartbeat, PrefillChunk, Replay, ReplayReply, RowPages, RowSampling, RowStart, Step, StepFailure,
     StepReply, StepResult, Submit, SubmitAck, client_of, pack, token_digest,
 )
-from dpbus.services import logs
+from dpbus.services import bus, logs
 from dpbus.services.client import decode_answer
 from dpbus.services.publisher.service import Publisher
 from dpbus.services.publisher.stepper import Stepper
@@ -83,7 +83,7 @@ async def test_worker_replays_missed_steps_and_never_runs_a_step_twice(nats_serv
         await msg.respond(pack(ReplayReply([pack(s) for s in steps if ask.first <= s.seq <= ask.last])))
 
     await nc.subscribe(subj.replay(0), cb=on_replay)
-    await nc.flush()
+    await bus.at_server(nc)
     for seq in (1, 3, 3, 4):  # step 2 is "lost"; step 3 arrives twice
         await nc.publish(subj.step(0), pack(steps[seq - 1]))
         await nc.flush()
@@ -120,7 +120,7 @@ async def test_a_worker_that_joins_midway_rebuilds_its_tables_from_the_first_ste
         await msg.respond(pack(ReplayReply([pack(steps[ask.first - 1])])))
 
     await nc.subscribe(subj.replay(0), cb=on_replay)
-    await nc.flush()
+    await bus.at_server(nc)
     for n, seq in enumerate((3, 5)):
         await nc.publish(subj.step(0), pack(steps[seq - 1]))
         await nc.flush()
@@ -298,7 +298,7 @@ async def test_worker_reports_a_gap_it_cannot_fill_and_waits_for_a_new_epoch(nat
         await msg.respond(pack(ReplayReply([])))
 
     await nc.subscribe(subj.replay(0), cb=on_replay)
-    await nc.flush()
+    await bus.at_server(nc)
     old, new = steps_for(epoch=1), steps_for(epoch=2)
     for n, step in enumerate((old[0], old[3], new[0]), 1):  # gap 2..3 cannot be filled; then a new epoch
         await nc.publish(subj.step(0), pack(step))

@@ -43,3 +43,10 @@ async def subscribe(nc: Client, subject: str, cb: Any, queue: str = "") -> Any:
                               pending_msgs_limit=PENDING_MSGS_LIMIT, pending_bytes_limit=PENDING_BYTES_LIMIT)
 
 
+async def at_server(nc: Any, timeout: float = 5.0) -> None:
+    """Return once everything written on ``nc`` so far (subscriptions above all) has reached
+    the server. nats-py's ``flush`` writes its PING straight to the socket, ahead of
+    commands still in its own buffer, so its PONG alone proves nothing about them: the
+    buffer is written out first."""
+    await nc._flush_pending(force_flush=True)
+    await nc.flush(timeout=timeout)

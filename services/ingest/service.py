@@ -532,7 +532,7 @@ class Ingest:
         await svc.add_endpoint(name="generate-own", subject=self.subjects.all_generate, handler=self.on_generate)
         await svc.add_endpoint(name="abort", subject=self.subjects.abort, handler=self.on_abort)
         await svc.add_endpoint(name="abort-own", subject=self.subjects.all_abort, handler=self.on_abort)
-        await self.nc.flush()  # the endpoints' subscriptions are at the server, not only in our buffer
+        await bus.at_server(self.nc)  # the endpoints' subscriptions, not only our buffer
         self.listening.set()
         self.log.info("ingest_ready", subjects=[self.subjects.generate, self.subjects.all_generate,
                                                 self.subjects.abort, self.subjects.all_abort])
