@@ -287,7 +287,8 @@ def cmd_nats_config(a: argparse.Namespace) -> int:
     for r in range(a.nnodes):  # refuse bad layouts, as every service does
         place_node(r, a.nnodes, a.dp_size)
     tls = tls_files(a)
-    limits = Limits(a.max_connections, a.max_subscriptions, size(a.max_payload))
+    limits = Limits(a.max_connections, a.max_subscriptions, size(a.max_payload), a.client_max_connections,
+                    a.client_max_subscriptions, size(a.client_max_payload or 0))
     passwords = {}
     if a.password is not None:  # the same password for every user: only for throwaway setups
         refuse_placeholders({"every user": a.password})
@@ -514,13 +515,20 @@ def parser() -> argparse.ArgumentParser:
                    help="write the server files with every password thrown away (no credentials.json, no "
                         "compose.env): a config nobody can log in to, as infra/nats ships")
     q.add_argument("--max-connections", type=int, default=4096,
-                   help="connections the server takes, every user together (default 4096; a server configured "
-                        "from files has no per-user connection limit)")
+                   help="connections the server takes, every user together (default 4096; see "
+                        "--client-max-connections for one client's share)")
     q.add_argument("--max-subscriptions", type=int, default=65536,
                    help="subscriptions of one connection, whoever it is (default 65536; 0: no limit). A dpbus "
                         "client holds one per request in flight")
     q.add_argument("--max-payload", default="8MB", help="largest message, for every connection (default 8MB, "
                                                         "at most 64MB)")
+    q.add_argument("--client-max-connections", type=int, default=256,
+                   help="connections one client (each --client, and the gateway) may hold at once: its own NATS "
+                        "account's limit (default 256)")
+    q.add_argument("--client-max-subscriptions", type=int, default=65536,
+                   help="subscriptions of one client connection (default 65536; 0: no limit)")
+    q.add_argument("--client-max-payload", default="",
+                   help="largest message a client may send (default: --max-payload)")
     q.add_argument("--tls-ca", default="", help="the CA that signed --tls-cert (and, with --tls-verify, "
                                                 "the clients' certificates)")
     q.add_argument("--tls-cert", default="", help="server certificate: turns TLS on")

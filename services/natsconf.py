@@ -28,6 +28,18 @@ Users, one per role (``g`` = a DP group):
 Services publish answers to every client inbox (they answer reply subjects carried
 inside internal messages, which ``allow_responses`` cannot follow); everyone else
 answers only the requests it received (``allow_responses``).
+
+Accounts: every client (``gateway`` included) has a NATS account of its own,
+``CLIENT_<name>``; the services, ``operator`` and ``admin`` share ``DPBUS``. A client's
+account exports to ``DPBUS`` only the subjects that client may publish (its requests,
+aborts and ``$SRV`` discovery pings) and imports from it only its own inbox
+``_INBOX.<name>.>``: nothing else of the services' account exists for it, so a reply
+subject it names can only ever lead back into its own inbox, and the server, not the
+message, says which client a request came from (the account it crossed over from). The
+account also carries the client's own limits (``Limits.client_*``): connections,
+subscriptions per connection and message size. Stream imports keep reply subjects as
+they are, so answers need no per-request state in the server (service imports would
+rewrite them to ``_R_`` subjects that expire after a silence).
 """
 
 from __future__ import annotations
@@ -129,6 +141,15 @@ def _ingest(s: Subjects, dp_size: int) -> Permissions:
 
 
 ANSWERS = Permissions(publish=[f"{INBOX_ROOT}.>"])  # answering clients, and nothing else
+
+
+def is_client(user: str) -> bool:
+    """Whether ``user`` is a client application (``gateway`` is one): an account of its own."""
+    return user == "gateway" or not RESERVED.match(user)
+
+
+def client_account(user: str) -> str:
+    return f"CLIENT_{user}"
 
 
 def _client(s: Subjects, user: str) -> Permissions:
@@ -263,38 +284,69 @@ def new_nkey() -> tuple[str, str]:
     return seed.decode(), nkeys.from_seed(bytearray(seed)).public_key.decode()
 
 
+def _user_entry(user: str, p: Permissions, hashes: dict[str, str], nkeys: dict[str, str],
+                indent: str) -> list[str]:
+    who = [f"{indent}  nkey: {json.dumps(nkeys[user])}  # {user}"] if user in nkeys else [
+        f"{indent}  user: {json.dumps(user)}", f"{indent}  password: {json.dumps(hashes[user])}"]
+    lines = [
+        f"{indent}{{",
+        *who,
+        f"{indent}  permissions: {{",
+        f"{indent}    publish: {{ allow: {_list(p.publish)} }}",
+        f"{indent}    subscribe: {{ allow: {_list(p.subscribe)} }}",
+    ]
+    if p.allow_responses:
+        lines.append(f"{indent}    allow_responses: true")
+    return lines + [f"{indent}  }}", f"{indent}}}"]
+
+
 def render_auth(users: list[str], hashes: dict[str, str], prefixes: list[str], dp_size: int,
-                sys_hash: str, nkeys: dict[str, str] | None = None) -> str:
+                sys_hash: str, nkeys: dict[str, str] | None = None, limits: Limits | None = None) -> str:
     """``hashes``: user -> bcrypt hash; ``nkeys``: user -> public nkey (instead of a password)."""
     nkeys = nkeys or {}
+    limits = limits or Limits()
+    services = [u for u in users if not is_client(u)]
+    clients = [u for u in users if is_client(u)]
     lines = [
         "# dpbus NATS users, one per role: written by `dpbus nats-config`; do not edit by hand",
         "# (regenerate instead, so the permissions keep matching schemas/subjects.py).",
         f"# layout: dp_size {dp_size}; prefixes {', '.join(prefixes)}. Passwords are bcrypt hashes;",
         "# the clear passwords (or nkey seeds) are in credentials.json next to this file (keep it secret).",
+        "# Each client has an account of its own (CLIENT_<name>): it reaches the services' account",
+        "# DPBUS only through the subjects it exports, and hears back only on its own inbox.",
         "",
         "accounts {",
         "  DPBUS {",
         "    jetstream: enabled",
         "    users: [",
     ]
-    for user in users:
+    for user in services:
+        lines += _user_entry(user, permissions(user, prefixes, dp_size), hashes, nkeys, "      ")
+    lines.append("    ]")
+    if clients:
+        lines.append("    imports: [  # what each client may send in")
+        for user in clients:
+            for subject in permissions(user, prefixes, dp_size).publish:
+                lines.append(f"      {{ stream: {{ account: {client_account(user)}, subject: {json.dumps(subject)} }} }}")
+        lines += ["    ]", "    exports: [  # and where it hears back"]
+        for user in clients:
+            lines.append(f"      {{ stream: {json.dumps(inbox_prefix(user) + '.>')}, accounts: [{client_account(user)}] }}")
+        lines.append("    ]")
+    lines.append("  }")
+    for user in clients:
         p = permissions(user, prefixes, dp_size)
-        who = [f"        nkey: {json.dumps(nkeys[user])}  # {user}"] if user in nkeys else [
-            f"        user: {json.dumps(user)}", f"        password: {json.dumps(hashes[user])}"]
         lines += [
-            "      {",
-            *who,
-            "        permissions: {",
-            f"          publish: {{ allow: {_list(p.publish)} }}",
-            f"          subscribe: {{ allow: {_list(p.subscribe)} }}",
+            f"  {client_account(user)} {{",
+            "    users: [",
+            *_user_entry(user, p, hashes, nkeys, "      "),
+            "    ]",
+            f"    exports: [ {', '.join(f'{{ stream: {json.dumps(x)}, accounts: [DPBUS] }}' for x in p.publish)} ]",
+            f"    imports: [ {{ stream: {{ account: DPBUS, subject: {json.dumps(inbox_prefix(user) + '.>')} }} }} ]",
+            f"    limits: {{ max_connections: {limits.client_connections}, "
+            f"max_subscriptions: {limits.client_subscriptions}, max_payload: {_size_text(limits.client_payload or limits.max_payload)} }}",
+            "  }",
         ]
-        if p.allow_responses:
-            lines.append("          allow_responses: true")
-        lines += ["        }", "      }"]
     lines += [
-        "    ]",
-        "  }",
         "  SYS {",
         f"    users: [ {{ user: \"sys\", password: {json.dumps(sys_hash)} }} ]",
         "  }",
@@ -312,10 +364,10 @@ MAX_PAYLOAD_CEILING = 64 * MB  # nats-server refuses a max_payload above its max
 
 @dataclass
 class Limits:
-    """What the server lets connections hold. A server configured from files (no JWT
-    accounts) has no per-user limits: a user entry takes only a password or nkey,
-    permissions and connection types, and ``limits`` exist per account, where every
-    dpbus user shares one account. So these apply to every connection alike:
+    """What the server lets connections hold. A server configured from files (no JWT)
+    has no per-user limits: a user entry takes only a password or nkey, permissions and
+    connection types, while ``limits`` exist per account. The server's own limits apply
+    to every connection alike:
 
     ``max_connections``   connections to the server, all users together (a new one past
                           it is refused with "maximum connections exceeded")
@@ -323,12 +375,25 @@ class Limits:
                           refused with "maximum subscriptions exceeded", the connection stays
     ``max_payload``       bytes of one message; a bigger one closes the sender's connection
 
+    and each client's account (one per client, see the module's docs) has its own:
+
+    ``client_connections``   connections of that client at once (past it: "maximum account
+                             active connections exceeded"), so that no client holds the
+                             server's whole ``max_connections``
+    ``client_subscriptions`` subscriptions of one of its connections (0: no limit)
+    ``client_payload``       bytes of one of its messages (at most ``max_payload``, which
+                             is what 0 means)
+
     The defaults let a single client use the whole system: dpbus's own clients hold one
-    subscription per request in flight, services a handful each."""
+    connection each and one subscription per request in flight, services a handful each
+    (past ``max_connections`` the server's limit is the one that bites)."""
 
     max_connections: int = 4096
     max_subscriptions: int = 65536
     max_payload: int = 8 * MB
+    client_connections: int = 256
+    client_subscriptions: int = 65536
+    client_payload: int = 0  # 0: max_payload
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -337,6 +402,13 @@ class Limits:
             raise ValueError(f"max_subscriptions must be 0 (no limit) or more, not {self.max_subscriptions}")
         if not 1 <= self.max_payload <= MAX_PAYLOAD_CEILING:
             raise ValueError(f"max_payload must be between 1 byte and 64MB, not {self.max_payload} bytes")
+        if self.client_connections < 1:
+            raise ValueError(f"client_connections must be at least 1, not {self.client_connections}")
+        if self.client_subscriptions < 0:
+            raise ValueError(f"client_subscriptions must be 0 (no limit) or more, not {self.client_subscriptions}")
+        if not 0 <= self.client_payload <= self.max_payload:
+            raise ValueError(f"client_payload must be between 1 byte and max_payload ({_size_text(self.max_payload)}), "
+                             f"not {self.client_payload} bytes")
 
 
 def size(text: str | int) -> int:
@@ -446,7 +518,7 @@ def render_server(listen: str, http: str | None, store_dir: str, tls: Tls | None
             f"http: {json.dumps(http)}",
         ]
     lines += [
-        "# limits of every connection alike: config-file users have no limits of their own",
+        "# limits of every connection alike; each client's account has its own too (auth.conf)",
         f"max_payload: {_size_text(limits.max_payload)}",
         f"max_connections: {limits.max_connections}  # all users together",
         f"max_subscriptions: {limits.max_subscriptions}  # per connection{' (0: no limit)' if not limits.max_subscriptions else ''}",
@@ -570,7 +642,8 @@ def write_config(out: Path, *, dp_size: int, clients: list[str], prefixes: list[
             _write_private(out / p.conf, text)
     if not peers:
         (out / "nats.conf").write_text(note + render_server(listen, http, store_dir, tls, cluster, limits=limits))
-    (out / "auth.conf").write_text(note + render_auth(users, hashes, prefixes, dp_size, hashes.pop("sys"), public))
+    (out / "auth.conf").write_text(note + render_auth(users, hashes, prefixes, dp_size, hashes.pop("sys"), public,
+                                                       limits))
     if sealed:
         return Credentials(url, tls_ca=tls.ca if tls else "")
     creds = Credentials(url, pw, tls.ca if tls else "", seeds)

@@ -256,7 +256,7 @@ def check(conf: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("what", list(USER_LIMITS))
 def test_a_config_file_user_takes_no_limits_of_its_own(tmp_path, what):
     """The research behind natsconf.Limits: nats-server (config files, no JWT) refuses
-    every per-user limit; limits exist per account, and every dpbus user shares one."""
+    every per-user limit; limits exist per account, so each client has one of its own."""
     conf = tmp_path / "user.conf"
     conf.write_text(f"accounts {{ A {{ users: [ {USER_LIMITS[what]} ] }} }}\n")
     r = check(conf)
@@ -280,6 +280,18 @@ def test_nats_config_writes_the_limits_it_is_given(tmp_path):
     for line in (r"max_connections: 100\b", r"max_subscriptions: 0\b.*no limit", r"max_payload: 512KB\b"):
         assert re.search(rf"^{line}", conf, re.M), line
     assert check(tmp_path / "set" / "nats.conf").returncode == 0
+    # each client's account: its own limits, the server's payload unless told
+    auth = (tmp_path / "set" / "auth.conf").read_text()
+    assert "limits: { max_connections: 256, max_subscriptions: 65536, max_payload: 512KB }" in auth
+    r = nats_config(tmp_path / "clients", "--dp-size", "1", "--client", "alice", "--client-max-connections", "4",
+                    "--client-max-subscriptions", "100", "--client-max-payload", "64KB")
+    assert r.returncode == 0, r.stderr
+    auth = (tmp_path / "clients" / "auth.conf").read_text()
+    assert re.findall(r"^  (CLIENT_\w+) \{", auth, re.M) == ["CLIENT_gateway", "CLIENT_alice"]
+    assert auth.count("limits: { max_connections: 4, max_subscriptions: 100, max_payload: 64KB }") == 2
+    assert check(tmp_path / "clients" / "nats.conf").returncode == 0
+    r = nats_config(tmp_path / "bad", "--dp-size", "1", "--client-max-payload", "16MB")
+    assert r.returncode == 2 and "client_payload must be" in r.stderr, r.stderr
     for bad in (["--max-payload", "65MB"], ["--max-payload", "1GB"], ["--max-connections", "0"],
                 ["--max-subscriptions", "-1"]):
         r = nats_config(tmp_path / "bad", "--dp-size", "1", *bad)
@@ -450,15 +462,15 @@ async def test_a_message_past_the_payload_limit_closes_only_its_sender(limited):
 
 
 async def test_the_connection_limit_is_shared_by_every_user(limited):
-    """What config-file NATS can do about connections: a total. A client holding the rest
-    of them leaves the connected services working, but a service that needs a new
-    connection (a restart, a reconnect) is refused as well: per-user connection limits
-    need one account per client (JWT or config accounts), which this deployment does not use.
+    """The server's total: with a client allowed as many connections as the server takes
+    (its account's limit no lower), a client holding the rest of them leaves the connected
+    services working, but a service that needs a new connection (a restart, a reconnect)
+    is refused as well. That is what the client accounts' own limit prevents (next test).
 
     The server refuses a connection right after its INFO, before reading anything: a
     connection expected to be refused sends nothing (bytes the server never reads would
     turn its close into a reset that can swallow the error line)."""
-    server = limited(max_connections=12)
+    server = limited(max_connections=12, client_connections=12)
     async with RunningIngest(server):
         bob = await connect(server, "bob")
         assert isinstance(await answered(bob), (Done, Error))
@@ -492,6 +504,68 @@ async def test_the_connection_limit_is_shared_by_every_user(limited):
             for raw in held:
                 await raw.close()
             await bob.close()
+
+
+async def open_until_refused(server: Server, user: str, most: int) -> list[Raw]:
+    """Connections of ``user``, opened one at a time until the server refuses one (the last)."""
+    held: list[Raw] = []
+    for _ in range(most):
+        raw = await Raw.connect(server, user)
+        held.append(raw)
+        if (text := await raw.until(r"^(PONG|-ERR)")) != "PONG":
+            return held
+    raise AssertionError(f"{user} opened {most} connections and none was refused")
+
+
+async def test_a_client_past_its_own_connection_limit_is_refused_while_everyone_else_connects(limited):
+    """Each client's account has its own connection limit: alice holding all hers
+    takes nothing from bob, the gateway or a service that reconnects."""
+    server = limited(max_connections=40, client_connections=3)
+    async with RunningIngest(server):
+        held = await open_until_refused(server, "alice", 10)
+        try:
+            assert len(held) == 4, "three connections, the fourth refused"
+            assert "maximum account active connections exceeded" in held[-1].lines[-1].lower(), held[-1].lines
+            for raw in held[:3]:  # hers still work
+                raw.send("PING")
+                assert await raw.until("^PONG$") == "PONG"
+            bob = await connect(server, "bob")
+            try:
+                assert isinstance(await answered(bob), (Done, Error)), "bob is served meanwhile"
+            finally:
+                await bob.close()
+            for user in ("gateway", "publisher-0"):
+                assert await until_connects(server, user), user
+            await held.pop().close()  # the refused one
+            await held.pop().close()  # and one of hers: room for her again
+            assert await until_connects(server, "alice")
+        finally:
+            for raw in held:
+                await raw.close()
+
+
+async def test_a_client_payload_limit_below_the_servers_binds_that_client_only(limited):
+    server = limited(max_payload=256 * 1024, client_payload=16 * 1024)
+    async with RunningIngest(server):
+        alice = await Raw.connect(server, "alice")
+        service = await Raw.connect(server, "publisher-0")
+        try:
+            await alice.until("^PONG$")
+            await service.until("^PONG$")
+            # a service may send what the server takes (here to alice's inbox: a long answer)
+            service.send(f"PUB _INBOX.alice.big {64 * 1024}", "x" * (64 * 1024), "PING")
+            assert await service.until(r"^(PONG|-ERR)") == "PONG", service.lines
+            # alice may not: the size in her PUB line is enough (see the payload test above)
+            alice.send(f"PUB dpbus.generate.alice _INBOX.alice.r {16 * 1024 + 1}")
+            assert "maximum payload violation" in (await alice.until("^-ERR")).lower()
+            bob = await connect(server, "bob")
+            try:
+                assert isinstance(await answered(bob), (Done, Error))
+            finally:
+                await bob.close()
+        finally:
+            await alice.close()
+            await service.close()
 
 
 async def until_connects(server: Server, user: str) -> bool:
