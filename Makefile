@@ -28,8 +28,11 @@ $(DEV_STAMP): $(STAMP) pyproject.toml
 demo: install
 	$(BIN)/dpbus demo --local-devices 2
 
+# Most of the suite waits on real processes (services starting, leases lapsing), so two
+# pytest processes take about half the time even on two cores; TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 
 # the benchmarks also need the `bench` extra (pyzmq); `make test` and `make demo` do not
 $(BENCH_STAMP): $(DEV_STAMP) pyproject.toml
