@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -90,6 +91,7 @@ class Proc:
     log_path: Path
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
+    fds: tuple[int, ...] = ()  # file descriptors it inherits (the gateway: its listening socket)
 
     @property
     def name(self) -> str:
@@ -129,6 +131,7 @@ class Cluster:
     nats_cluster: int = 0  # embedded: a cluster of this many servers (free ports) instead of one
     tls: Tls | None = None  # embedded secured server: serve TLS with these files
     http_port: int = 0  # the OpenAI-compatible gateway's port (taken: any free one); 0 = no gateway
+    http_socket: socket.socket | None = field(default=None, repr=False)  # bound here, the gateway's
     metrics: bool = False  # give every service a Prometheus port (listed in log_dir/prometheus-targets.json)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     say: Callable[[str], None] = print
@@ -147,7 +150,8 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- processes -----------------------------------------------------------------------
-    def _spawn(self, role: str, rank: int | None, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+    def _spawn(self, role: str, rank: int | None, argv: list[str], env: dict[str, str] | None = None,
+               fds: tuple[int, ...] = ()) -> Proc:
         name = proc_name(role, rank)
         if self.metrics and role not in ("nats-server", "gateway"):
             self.metrics_ports.setdefault(name, free_port())
@@ -160,9 +164,9 @@ class Cluster:
         tied = threading.current_thread() is threading.main_thread()
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                     stdin=subprocess.DEVNULL, process_group=0,
+                                     stdin=subprocess.DEVNULL, process_group=0, pass_fds=fds,
                                      preexec_fn=_die_with_parent if tied else None)
-        proc = Proc(role, rank, popen, log_path, argv, env)
+        proc = Proc(role, rank, popen, log_path, argv, env, fds)
         self.procs.append(proc)
         return proc
 
@@ -172,7 +176,7 @@ class Cluster:
         if old.popen.poll() is None:
             raise RuntimeError(f"{name} is still running (pid {old.popen.pid})")
         self.procs.remove(old)
-        return self._spawn(old.role, old.rank, old.argv, old.env)
+        return self._spawn(old.role, old.rank, old.argv, old.env, old.fds)
 
     def _service_url(self) -> str:
         """The NATS URL for the next service: with several servers, each service lists them
@@ -275,9 +279,15 @@ class Cluster:
         for i in range(self.ingests):
             self._spawn("ingest", None if self.ingests == 1 else i, [*cli, "ingest"], self._service_env("ingest"))
         if self.http_port:
-            self.http_port = self.http_port if _port_free(self.http_port) else free_port()
-            self._spawn("gateway", None, [*cli, "gateway", "--http-port", str(self.http_port)],
-                        self._service_env("gateway"))
+            # bound here, once, and inherited: no other process can take the port between a
+            # check and the gateway's own bind (two `up`s starting together), and a restarted
+            # gateway listens where the first one did
+            if self.http_socket is None:
+                self.http_socket = listening_socket(self.http_port)
+                self.http_port = self.http_socket.getsockname()[1]
+            fd = self.http_socket.fileno()
+            self._spawn("gateway", None, [*cli, "gateway", "--http-port", str(self.http_port), "--http-fd", str(fd)],
+                        self._service_env("gateway"), fds=(fd,))
         # a group of several nodes is one JAX job: its leader hosts the job's coordinator
         coordinators = [f"127.0.0.1:{free_port()}" for _ in range(self.dp_size)]
 
@@ -410,6 +420,9 @@ class Cluster:
         failed = [f"{p.name} exited with code {p.popen.returncode}" for p in (*services, *servers)
                   if not clean(p) and not any(k.startswith(p.name + " ") for k in killed)]
         self.procs.clear()
+        if self.http_socket is not None:
+            self.http_socket.close()
+            self.http_socket = None
         problems = killed + failed
         if problems:
             self.say(f"logs kept in {self.log_dir}")
@@ -440,7 +453,7 @@ async def wait_groups_ready(nc, prefix: str, dp_size: int, timeout: float, say: 
         while True:
             check()
             ingest_up = await _pong(nc, "dpbus-ingest")
-            http_up = not http_port or not _port_free(http_port)
+            http_up = not http_port or await asyncio.to_thread(_http_answers, http_port)
             said = f"groups ready {len(ready)}/{dp_size}, ingest {'up' if ingest_up else 'starting'}"
             if http_port:
                 said += f", gateway {'up' if http_up else 'starting'}"
@@ -545,6 +558,31 @@ def node_user(node_rank: int, nnodes: int, dp_size: int) -> str:
     for itself)."""
     place = place_node(node_rank, nnodes, dp_size)
     return user_for("node", place.dp_rank) if place.is_leader else member_user(place.dp_rank, node_rank)
+
+
+def listening_socket(port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket listening on ``host:port``, or on any free port when that one is taken."""
+    for want in (port, 0):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, want))
+        except OSError:
+            sock.close()
+            continue
+        sock.listen(1024)
+        sock.set_inheritable(True)
+        return sock
+    raise OSError(f"could not listen on {host}")
+
+
+def _http_answers(port: int) -> bool:
+    """Does an HTTP server answer on 127.0.0.1:``port`` (the gateway's /health)?"""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
 
 
 def _port_free(port: int) -> bool:

@@ -108,6 +108,8 @@ class GatewaySettings(Common):
     http_host: Annotated[str, Help("the address the HTTP API listens on (0.0.0.0: every interface)")] = \
         "127.0.0.1"
     http_port: Annotated[int, Meta(ge=0, le=65535), Help("the HTTP API's port")] = 8000
+    http_fd: Annotated[int, Meta(ge=-1), Help("serve on this inherited listening socket instead of binding "
+                                              "http_host:http_port (dpbus up binds the port itself)")] = -1
     api_key: Annotated[str, Help("when set, /v1/* needs \"Authorization: Bearer <key>\"")] = ""
     served_model_name: Annotated[str, Help("the model's name in the API (empty: the hub id or the model "
                                            "directory's name, or dpbus-builtin)")] = ""

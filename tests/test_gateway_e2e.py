@@ -26,7 +26,7 @@ import pytest
 
 from dpbus.schemas import Chunk, Done, FinishReason, Subjects
 from dpbus.services.client import generate
-from dpbus.services.launcher import free_port
+from dpbus.services.launcher import free_port, listening_socket
 from tests.conftest import client_of, start_cluster
 
 pytestmark = pytest.mark.e2e
@@ -421,3 +421,42 @@ def check_dashboard(scraped: str) -> None:
     used = {re.sub(r"_(bucket|count|sum|total)$", "", m) for e in exprs for m in re.findall(r"dpbus_[a-z_]+", e)}
     assert len(used) >= 10 and used <= exposed, sorted(used - exposed)
 
+
+
+def test_up_binds_the_gateway_s_port_itself_and_a_taken_one_moves_it():
+    """`up` binds the gateway's socket and hands it down (no check-then-bind race between
+    two `up`s or demos starting together): the port asked for, or any free one when
+    another process holds it."""
+    held = listening_socket(0)
+    try:
+        port = held.getsockname()[1]
+        moved = listening_socket(port)
+        try:
+            assert moved.getsockname()[1] not in (port, 0)
+            assert moved.get_inheritable()
+        finally:
+            moved.close()
+    finally:
+        held.close()
+    again = listening_socket(port)  # free now: the port asked for
+    try:
+        assert again.getsockname() == ("127.0.0.1", port)
+    finally:
+        again.close()
+
+
+def test_a_restarted_gateway_serves_on_the_same_port(served, sdk):
+    """The gateway inherits the socket `up` bound, so a restart (a crash, `up`'s own
+    restart) listens where clients already point, and no other process took it meanwhile."""
+    gateway = next(p for p in served.procs if p.role == "gateway")
+    gateway.popen.terminate()
+    gateway.popen.wait(timeout=30)
+    served.restart("gateway")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert [m.id for m in sdk.models.list().data]
+            break
+        except openai.APIConnectionError:
+            assert time.monotonic() < deadline, "the restarted gateway never answered"
+            time.sleep(0.2)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -376,7 +377,9 @@ class Gateway:
         config = uvicorn.Config(self.app, host=self.s.http_host, port=self.s.http_port, log_level="warning",
                                 lifespan="off", access_log=False)
         server = Server(config)
-        serving = asyncio.create_task(server.serve())
+        # a socket `dpbus up` bound for us (the family is read from the descriptor), or our own bind
+        sockets = [socket.socket(fileno=self.s.http_fd)] if self.s.http_fd >= 0 else None
+        serving = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if serving.done():  # could not bind, most often (uvicorn exits then)
