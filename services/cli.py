@@ -172,7 +172,7 @@ def cmd_up(a: argparse.Namespace) -> int:
 
     check_model_path(a)
     up.claim_state(say)
-    return up.run(cluster_from(a, say=say), a.restart, say)
+    return up.run(cluster_from(a, say=say, stop_grace=a.stop_grace), a.restart, say)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -444,6 +444,9 @@ def parser() -> argparse.ArgumentParser:
     layout(q)
     q.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
                    help="restart a service that exits (with its group's peers); default on")
+    q.add_argument("--stop-grace", type=float, default=15.0,
+                   help="on Ctrl-C / SIGTERM, seconds a service may take to drain and stop before it is killed "
+                        "(default 15; a second Ctrl-C kills at once)")
     q.set_defaults(fn=cmd_up)
     q = sub.add_parser("demo", help="up + concurrent requests + summary table + shutdown")
     layout(q)

@@ -132,6 +132,7 @@ class Cluster:
     tls: Tls | None = None  # embedded secured server: serve TLS with these files
     http_port: int = 0  # the OpenAI-compatible gateway's port (taken: any free one); 0 = no gateway
     http_socket: socket.socket | None = field(default=None, repr=False)  # bound here, the gateway's
+    stop_grace: float = 15.0  # seconds a process may take to stop on SIGTERM before it is killed
     metrics: bool = False  # give every service a Prometheus port (listed in log_dir/prometheus-targets.json)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     say: Callable[[str], None] = print
@@ -394,10 +395,11 @@ class Cluster:
             if p.popen.poll() is None:
                 p.popen.kill()
 
-    def stop(self, grace: float = 15.0) -> list[str]:
+    def stop(self, grace: float | None = None) -> list[str]:
         """SIGTERM every process started here (services first, the leaders of groups that
         span processes after their members, NATS last), then SIGKILL stragglers. Returns what went wrong: processes killed or failing; when nothing did,
         the log (and JetStream store) directory is removed if it was made here."""
+        grace = self.stop_grace if grace is None else grace
         services = [p for p in self.procs if not p.is_server]
         leaders = [p for p in services if self.leads_a_spanning_group(p)]
         servers = self.servers()
