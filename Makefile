@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.dev-installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -31,8 +31,13 @@ demo: install
 # Most of the suite waits on real processes (services starting, leases lapsing), so two
 # pytest processes take about half the time even on two cores; TEST_WORKERS=0 runs it in one.
 TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
+	$(BIN)/python -m pytest -q $(XDIST)
+
+# about a minute: no deployments, no model compiles, no waiting out leases (markers e2e, slow)
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e and not slow" $(XDIST)
 
 # the benchmarks also need the `bench` extra (pyzmq); `make test` and `make demo` do not
 $(BENCH_STAMP): $(DEV_STAMP) pyproject.toml

@@ -23,6 +23,7 @@ def test_the_command_lines_parse():
     assert r.skip == "memory,multiturn" and r.ingest_baseline == ""
 
 
+@pytest.mark.slow
 def test_ingest_bench_routes_every_request_through_the_ledger():
     out = ingest.run(groups=1, rates=(200,), seconds=0.3, window=8, rtt_samples=20)
     assert [r["offered_per_s"] for r in out["runs"]] == [None, 200]

@@ -30,6 +30,8 @@ from dpbus.services.worker import attention, model  # noqa: E402
 from dpbus.services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
 from dpbus.services.worker.runner import ModelRunner, make_group_mesh  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles models or waits out leases: not in `make test-fast`
+
 HF_SHAPE = dict(vocab_size=300, hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=2, intermediate_size=256, max_position_embeddings=256,
                 rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)

@@ -174,6 +174,7 @@ def up_process(args: list[str], env: dict[str, str]):
             proc.wait()
 
 
+@pytest.mark.e2e
 def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_path):
     """`dpbus up --tls-*` with the dev CA of infra/tls: every service and `dpbus generate`
     (which learns the URL, the user and the CA from the state file) speak TLS."""
@@ -251,6 +252,7 @@ def test_ready_again_needs_a_not_ready_report_or_a_new_publisher():
     assert watch.report(report(1, 1, True))  # a restarted publisher: its reports start over
 
 
+@pytest.mark.e2e
 def test_bench_runs_twice_against_the_same_deployment(tmp_path):
     """`dpbus bench` as a user runs it against `dpbus up`, twice in a row with the same seed:
     the second run's requests are new requests, not duplicates of the first's (a duplicate

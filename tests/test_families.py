@@ -24,6 +24,8 @@ from dpbus.services import rope  # noqa: E402
 from dpbus.services.worker.checkpoint import config_from_hf, load_hf_weights  # noqa: E402
 from tests.test_checkpoint import Ckpt, _no_eos, greedy_through_services, runner_greedy  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles models or waits out leases: not in `make test-fast`
+
 SHAPE = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 N_NEW = 32

@@ -87,6 +87,10 @@ class Up:
         return subprocess.run([*DPBUS, *args], env={**self.env, **env}, capture_output=True, text=True,
                               timeout=timeout)
 
+    def said(self) -> str:
+        """What up printed so far (stdout, through tee, and stderr)."""
+        return "\n".join(f.read_text(errors="replace") for f in (self.out, self.err) if f.exists())
+
     def ctrl_c(self) -> None:
         """What a terminal does on Ctrl-C: SIGINT to every process of the foreground job."""
         os.killpg(self.proc.pid, signal.SIGINT)
@@ -252,15 +256,20 @@ def argv_of(pid: int) -> str:
         return ""
 
 
+def state_of(pid: int) -> str:
+    """The process's state letter (R running, S sleeping, T stopped, Z zombie; '' if none)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def gone(pid: int) -> bool:
     """No such process, or only its zombie left (its parent has not waited for it yet)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return True
-    return fields[0] == "Z"
+    return state_of(pid) in ("", "Z")
 
 
+@pytest.mark.e2e
 def test_a_second_ctrl_c_kills_what_the_first_is_still_stopping(tmp_path):
     """A service that does not stop on SIGTERM (frozen here with SIGSTOP, as a hung one
     would be) keeps the first Ctrl-C waiting out its grace period; a second Ctrl-C kills
@@ -279,11 +288,15 @@ def test_a_second_ctrl_c_kills_what_the_first_is_still_stopping(tmp_path):
         kids = wait_for("every service started", started, 60)
         worker, other = [p for p in kids if " worker" in argv_of(p)]
         os.kill(worker, signal.SIGSTOP)
+        # stopped for certain before up's SIGTERM comes: a signal sent to a process busy in
+        # the kernel waits, and of two pending SIGTERM (15) goes before SIGSTOP (19), which a
+        # worker still importing (no handler yet) does not survive
+        wait_for("the worker frozen", lambda: state_of(worker) == "T", 30)
         up.ctrl_c()  # (tee goes with it, and what up prints from now on with tee)
         wait_for("up stopping (its state file cleared first)", lambda: not up.state_file.exists(), 30)
         wait_for("the other worker stopped", lambda: gone(other), 30)
         # up waits out the frozen worker's grace period before it stops NATS
-        assert up.proc.poll() is None and not gone(worker)
+        assert up.proc.poll() is None and not gone(worker), up.said()
         os.killpg(up.proc.pid, signal.SIGINT)  # the second Ctrl-C
         up.proc.wait(timeout=10)
         assert gone(worker) and all(gone(p) for p in kids), [argv_of(p) for p in kids if not gone(p)]

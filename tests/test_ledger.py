@@ -23,6 +23,8 @@ from dpbus.services.publisher.service import Publisher
 from dpbus.services.settings import IngestSettings, PublisherSettings
 from tests.test_one_terminal import answer, answers_on, submit
 
+pytestmark = pytest.mark.slow  # compiles models or waits out leases: not in `make test-fast`
+
 LOG = logs.configure("warning", json=True)
 PREFIX = "ledger"
 SUBJ = Subjects(PREFIX)

@@ -33,6 +33,8 @@ from dpbus.services.worker.model import Config  # noqa: E402
 from dpbus.services.worker.runner import ModelRunner, make_group_mesh, prefill_buckets  # noqa: E402
 from dpbus.services.worker.sampling import sample  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles models or waits out leases: not in `make test-fast`
+
 CFG = Config(vocab_size=384, dim=128, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=16, ffn_dim=256,
              max_seq_len=96)
 PAGE = 8

@@ -29,6 +29,8 @@ from tests.test_checkpoint import (Ckpt, _no_eos, assert_logits_match, greedy_th
                                    runner_greedy)
 from tests.test_families import randomize  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles models or waits out leases: not in `make test-fast`
+
 SHAPE = dict(vocab_size=300, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
              moe_intermediate_size=32, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1,
              eos_token_id=2)

@@ -24,6 +24,8 @@ from dpbus.services.publisher.stepper import EPOCH_GAP
 from dpbus.services.settings import IngestSettings, PublisherSettings, WorkerSettings
 from dpbus.services.worker.service import Worker
 
+pytestmark = pytest.mark.slow  # a real publisher and workers taking steps: not in `make test-fast`
+
 LOG = logs.configure("warning", json=True)
 PREFIX = "once"
 SUBJ = Subjects(PREFIX)

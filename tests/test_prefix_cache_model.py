@@ -22,6 +22,8 @@ from dpbus.services.publisher.scheduler import Scheduler, Sequence
 from dpbus.services.worker.model import dummy_weights
 from dpbus.services.worker.runner import ModelRunner, make_group_mesh
 
+pytestmark = pytest.mark.slow  # compiles models or waits out leases: not in `make test-fast`
+
 PAGE, MAX_LEN, MAX_RUNNING, MAX_PREFILL = 16, 256, 4, 64
 NUM_PAGES = MAX_LEN // PAGE + 1  # one context: four requests of ~100 tokens preempt each other
 

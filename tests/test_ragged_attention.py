@@ -13,6 +13,8 @@ import pytest
 
 from dpbus.services.worker import attention
 
+pytestmark = pytest.mark.slow  # compiles models or waits out leases: not in `make test-fast`
+
 ragged_mod = pytest.importorskip("jax.experimental.pallas.ops.tpu.ragged_paged_attention")
 
 

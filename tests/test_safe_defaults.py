@@ -33,6 +33,8 @@ from dpbus.services.natsconf import PLACEHOLDER_PASSWORDS, Credentials, Limits, 
 from dpbus.services.settings import IngestSettings
 from tests.test_deploy_configs import NATS_SERVER, Server, clean_env, connect, until, violation
 
+pytestmark = pytest.mark.slow  # compiles models or waits out leases: not in `make test-fast`
+
 LOG = logs.configure("warning", json=True)
 
 

@@ -28,6 +28,8 @@ from dpbus.services.settings import PublisherSettings, WorkerSettings
 from dpbus.services.worker.ordering import NEXT, REPEAT, STALE, StepOrder
 from dpbus.services.worker.service import Worker, load_runner
 
+pytestmark = pytest.mark.slow  # a real publisher and workers taking steps: not in `make test-fast`
+
 G = RowSampling(0.0, 1.0, 0, 0)
 LOG = logs.configure("warning", json=True)
 
