@@ -39,28 +39,6 @@ TEST_PREFIXES = ["dpbus", "small", "span", "robust", "dpbusrt", "silent", "move"
 CLIENTS = ["client", "alice", "bob"]
 
 
-# The modules that take longest (each a minute or more of real processes, faults and
-# waits), in that order: run first, so that with several pytest processes (`make test`)
-# the short modules fill in at the end instead of one long module running alone.
-LONGEST_FIRST = ("test_chaos", "test_nats_cluster", "test_readme", "test_sigterm", "test_cli",
-                 "test_robustness_e2e", "test_group_spans_processes", "test_engine_e2e")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Longest modules first, then the other modules with deployments (``e2e``), then the
-    rest; each module's tests stay together and in their order."""
-    def weight(module: str) -> tuple[int, int]:
-        if module in LONGEST_FIRST:
-            return 0, LONGEST_FIRST.index(module)
-        return (1 if any(i.get_closest_marker("e2e") for i in by_module[module]) else 2), 0
-
-    by_module: dict[str, list] = {}
-    for item in items:
-        by_module.setdefault(item.module.__name__.rsplit(".", 1)[-1], []).append(item)
-    order = sorted(by_module, key=weight)  # stable: collection order within a weight
-    items[:] = [item for module in order for item in by_module[module]]
-
-
 class NatsServer:
     """A nats-server process owned by a test; stopped by its PID only.
 
