@@ -581,7 +581,7 @@ def listening_socket(port: int, host: str = "127.0.0.1") -> socket.socket:
 def _http_answers(port: int) -> bool:
     """Does an HTTP server answer on 127.0.0.1:``port`` (the gateway's /health)?"""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.3) as r:
             return r.status == 200
     except (OSError, ValueError):
         return False

@@ -78,7 +78,8 @@ def run_services(services: list[Any], log: Any, setup: Any = None) -> int:
     """Run every service's ``run(stop)`` until they return (after a signal); 0 on a clean stop.
     ``setup()`` runs first, on the event loop (e.g. serving metrics)."""
 
-    async def main() -> None:
+    async def main() -> bool:
+        """Whether a service was stopped before it served (nothing of this process to drain)."""
         stop = asyncio.Event()
         install_stop_signals(stop, log)
         if setup is not None:
@@ -87,11 +88,21 @@ def run_services(services: list[Any], log: Any, setup: Any = None) -> int:
             await asyncio.gather(*(s.run(stop) for s in services))
         except Stopped:
             log.info("stopped_before_serving")
+            return True
+        return False
 
     loop = asyncio.new_event_loop()
+    early = False
     try:
-        loop.run_until_complete(main())
+        early = loop.run_until_complete(main())
     finally:
+        if early and _busy_threads():
+            # a thread still loads or compiles (a warm-up): leave now. Waiting for the other
+            # services' tasks to unwind (a publisher beside the worker in `dpbus node`) once
+            # kept a node past its stop bound; none of them holds work yet (the group never
+            # served), and the output is flushed on the way out
+            log.info("stopped")
+            flush_and_exit(0)
         _close(loop)
     log.info("stopped")
     if _busy_threads() or _in_jax_job():

@@ -69,7 +69,8 @@ def small_pool(nats_server, tmp_path_factory):
     c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-small"), dp_size=1, nnodes=1,
                       local_devices=2, prefix="small",
                       extra={"DPBUS_MAX_SEQ_LEN": "256", "DPBUS_PAGE_SIZE": "16", "DPBUS_NUM_PAGES": "41",
-                             "DPBUS_MAX_RUNNING_REQUESTS": "8", "DPBUS_MAX_PREFILL_TOKENS": "64"})
+                             "DPBUS_MAX_RUNNING_REQUESTS": "8", "DPBUS_MAX_PREFILL_TOKENS": "64",
+                             "DPBUS_WARMUP": "true"})  # its compile counts are checked below
     yield c
     c.stop()
 

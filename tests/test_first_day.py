@@ -190,7 +190,8 @@ def test_while_up_warms_up_clients_are_told_and_status_waits(up, tmp_path):
 
 @pytest.mark.e2e
 def test_a_second_up_refuses_and_names_the_running_one(up):
-    state = wait_for("up.json", up.state, 60)
+    # the HTTP address is in the state once the gateway's socket is bound (right after start)
+    state = wait_for("up.json naming the HTTP address", lambda: (doc := up.state()) and doc.get("http_url") and doc, 60)
     before = up.state_file.read_text()
     second = up.run("up", "--dp-size", "1", "--local-devices", "1", "--nats-port", "0", "--http-port", "0",
                     timeout=60)
