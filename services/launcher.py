@@ -395,11 +395,10 @@ class Cluster:
             if p.popen.poll() is None:
                 p.popen.kill()
 
-    def stop(self, grace: float | None = None) -> list[str]:
+    def stop(self) -> list[str]:
         """SIGTERM every process started here (services first, the leaders of groups that
         span processes after their members, NATS last), then SIGKILL stragglers. Returns what went wrong: processes killed or failing; when nothing did,
         the log (and JetStream store) directory is removed if it was made here."""
-        grace = self.stop_grace if grace is None else grace
         services = [p for p in self.procs if not p.is_server]
         leaders = [p for p in services if self.leads_a_spanning_group(p)]
         servers = self.servers()
@@ -408,7 +407,7 @@ class Cluster:
             for p in group:
                 if p.popen.poll() is None:
                     p.popen.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace
+            deadline = time.monotonic() + self.stop_grace
             for p in group:
                 try:
                     p.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))

@@ -306,7 +306,7 @@ def render_auth(users: list[str], hashes: dict[str, str], prefixes: list[str], d
     nkeys = nkeys or {}
     limits = limits or Limits()
     services = [u for u in users if not is_client(u)]
-    clients = [u for u in users if is_client(u)]
+    clients = {u: permissions(u, prefixes, dp_size) for u in users if is_client(u)}
     lines = [
         "# dpbus NATS users, one per role: written by `dpbus nats-config`; do not edit by hand",
         "# (regenerate instead, so the permissions keep matching schemas/subjects.py).",
@@ -325,16 +325,15 @@ def render_auth(users: list[str], hashes: dict[str, str], prefixes: list[str], d
     lines.append("    ]")
     if clients:
         lines.append("    imports: [  # what each client may send in")
-        for user in clients:
-            for subject in permissions(user, prefixes, dp_size).publish:
+        for user, p in clients.items():
+            for subject in p.publish:
                 lines.append(f"      {{ stream: {{ account: {client_account(user)}, subject: {json.dumps(subject)} }} }}")
         lines += ["    ]", "    exports: [  # and where it hears back"]
         for user in clients:
             lines.append(f"      {{ stream: {json.dumps(inbox_prefix(user) + '.>')}, accounts: [{client_account(user)}] }}")
         lines.append("    ]")
     lines.append("  }")
-    for user in clients:
-        p = permissions(user, prefixes, dp_size)
+    for user, p in clients.items():
         lines += [
             f"  {client_account(user)} {{",
             "    users: [",
