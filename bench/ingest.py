@@ -87,10 +87,10 @@ class Standins:
                     await msg.respond(pack(SubmitAck(True, instance=instance)))
                     await nc.publish(sub.reply, DONE)
                     return
-                key = request_key(sub.client, sub.rid)
+                key = request_key(g, sub.client, sub.rid)
                 try:
-                    rev = await ownership.claim(ledger, key, ownership.held_by(instance, g, sub), sub.moved_from,
-                                                sub.attempt)
+                    rev = await ownership.claim(ledger, key, ownership.held_by(instance, g, sub), sub.attempt,
+                                                ownership.source_of(sub))
                 except Exception as e:  # noqa: BLE001 - counted; refused as a publisher refuses it
                     self.counts["claim_failed"] += 1
                     if self.counts["claim_failed"] <= 5:

@@ -37,6 +37,7 @@ class Submit(Struct):
     client: str = ""           # who sent it (client_of(reply)); (client, rid) names the request
     attempt: str = ""          # which admission by ingest (a retry by the client is a new one)
     moved_from: int = 0        # the publisher instance that moves it here (0: from ingest)
+    moved_group: int = -1      # ... and its group (whose ledger entry says it moved it here)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -1,24 +1,35 @@
 """The request ledger: who owns each accepted request's terminal answer, kept where any
 survivor can find it (a JetStream key-value bucket, ``<prefix>_requests``).
 
-One entry per accepted request, keyed by a digest of (client, rid):
+Two kinds of entry per accepted request, both keyed by a digest ``D`` of (client, rid):
 
-* a publisher **claims** the entry (create: the name must be new) before it acknowledges
-  a submit; the entry says ``held`` by that publisher instance and carries the reply
-  subject;
-* a group taking a moved request **takes it over** with compare-and-set from the instance
-  that moved it;
-* the terminal answer belongs to whoever wins the compare-and-set from ``held`` to
-  ``answered``: the holder when it finishes, or an ingest instance when the holder's
-  lease expired. Ingest writes, then sends. The holder, under a valid lease, sends its
-  answer with the write right behind it on the same connection (one write to the
-  server, handled in order), so that its death leaves both or neither; a holder that
-  offered the request to another group writes first;
-* ingest records ``refused`` for a request whose submit it could not get acknowledged and
-  nobody claimed (so a late copy of that submit never runs); a fresh attempt with the
-  same name may take a ``refused`` entry over;
-* ``answered`` and ``refused`` entries are deleted ``KEEP_ANSWERED`` seconds later (copies
-  and retries of the same name are duplicates until then).
+* the **name** ``n.D``, written by ingest only: created when ingest admits the request
+  (the name must be new: a copy of a request, whichever ingest and group it reaches, is
+  a duplicate), it says which group it was handed to and in which attempt;
+* the **request entry** ``r.<g>.D`` of group g, which group g's publisher and ingest write
+  (a publisher's NATS user may write its own group's entries only: no publisher can
+  settle, renew or take over another group's requests):
+
+  - a publisher **claims** ``r.<g>.D`` (create: it must be new) before it acknowledges a
+    submit; the entry says ``held`` by that publisher instance and carries the reply
+    subject;
+  - the terminal answer belongs to whoever wins the compare-and-set from ``held`` to
+    ``answered``: the holder when it finishes, or an ingest instance when the holder's
+    lease expired. Ingest writes, then sends. The holder, under a valid lease, sends its
+    answer with the write right behind it on the same connection (one write to the
+    server, handled in order), so that its death leaves both or neither;
+  - a group **moves** a request by writing its own entry ``moved`` to group h first (from
+    then on it does not answer it), then offering it to h; h claims ``r.<h>.D`` only
+    while ``r.<g>.D`` says ``moved`` to h by that instance. The mover takes the request
+    back (``moved`` to ``held``) only when h refused it outright; a move nobody took for
+    ``MOVE_GRACE`` is revoked by ingest: it creates ``r.<h>.D`` answered (h can no longer
+    claim it), then wins ``r.<g>.D`` and answers the client;
+  - ingest records ``refused`` in ``r.<g>.D`` for a request whose submit it could not get
+    acknowledged and nobody claimed (so a late copy of that submit never runs); a fresh
+    attempt with the same name may take a ``refused`` entry over;
+* settled entries (``answered``, ``refused``, a ``moved`` one its target took) are deleted
+  ``KEEP_ANSWERED`` seconds later, and the name with the last of them (copies and retries
+  of the same name are duplicates until then).
 
 Each publisher instance keeps a **lease** (``lease.<group>.<instance>``: a publisher's NATS
 user may write only its own group's leases), renewed every quarter of
@@ -42,7 +53,7 @@ from msgspec import Struct
 
 from dpbus.schemas.codec import Encoding
 
-HELD, ANSWERED, REFUSED = "held", "answered", "refused"
+HELD, ANSWERED, REFUSED, MOVED = "held", "answered", "refused", "moved"
 CORRUPT = "corrupt"  # a value that is no entry at all (not written by dpbus): taken over by the next claim
 KEEP_ANSWERED = 120.0  # seconds a settled name stays (duplicates are dropped until then)
 # The bucket's limits: a safety net, never the protocol. An entry lives from its claim to
@@ -55,6 +66,8 @@ MAX_BYTES = 128 << 20
 MAX_AGE = 6 * 3600.0
 LEDGER_FULL = (10077, 10047, 10027)  # JetStream: maximum messages / bytes / storage exceeded
 CONFIG_DIFFERS = 10058  # JetStream: the stream exists with another configuration
+MOVE_GRACE = 10.0  # seconds a move may wait for its target's claim before ingest revokes it
+NAME_GRACE = 600.0  # seconds a name may stand without a request entry (an ingest died handing it over)
 MARGIN = 0.5  # seconds between the holder going silent and anyone answering for it
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's error codes for a compare-and-set that lost
 
@@ -68,6 +81,14 @@ class Entry(Struct, omit_defaults=True):
     reply: str = ""
     encoding: Encoding = Encoding.JSON
     attempt: str = ""  # the admission it came from (a refused attempt's copies never run)
+    to: int = -1  # the group a ``moved`` entry was offered to
+
+
+class Name(Struct, omit_defaults=True):
+    """What ingest records when it admits a request: the attempt, and the group it went to."""
+
+    attempt: str
+    group: int
 
 
 class Lease(Struct):
@@ -77,6 +98,7 @@ class Lease(Struct):
 
 
 _entry = msgspec.msgpack.Decoder(Entry)
+_name = msgspec.msgpack.Decoder(Name)
 _lease = msgspec.msgpack.Decoder(Lease)
 _enc = msgspec.msgpack.Encoder()
 
@@ -85,19 +107,38 @@ def bucket_name(prefix: str) -> str:
     return f"{prefix}_requests"
 
 
-def request_key(client: str, rid: str) -> str:
-    """The ledger key of (client, rid): any strings, as a valid key."""
-    return "r." + hashlib.blake2b(f"{client}\0{rid}".encode(), digest_size=16).hexdigest()
+def digest(client: str, rid: str) -> str:
+    """The part of a ledger key that names (client, rid): any strings, as a valid token."""
+    return hashlib.blake2b(f"{client}\0{rid}".encode(), digest_size=16).hexdigest()
+
+
+def name_key(client: str, rid: str) -> str:
+    """The key of a request's name (ingest's)."""
+    return "n." + digest(client, rid)
+
+
+def request_key(group: int, client: str, rid: str) -> str:
+    """The key of (client, rid)'s request entry in ``group``."""
+    return entry_key(group, digest(client, rid))
+
+
+def entry_key(group: int, d: str) -> str:
+    return f"r.{group}.{d}"
+
+
+def parse_key(key: str) -> tuple[str, int, str]:
+    """(kind, group, digest) of a key: kind ``n`` (a name, group -1), ``r`` (a request
+    entry) or ``lease`` (group, and the instance in place of the digest)."""
+    parts = key.split(".")
+    if parts[0] == "n" and len(parts) == 2:
+        return "n", -1, parts[1]
+    if parts[0] in ("r", "lease") and len(parts) == 3:
+        return parts[0], int(parts[1]), parts[2]
+    raise ValueError(f"not a ledger key: {key[:80]!r}")
 
 
 def lease_key(instance: int, group: int) -> str:
     return f"lease.{group}.{instance}"
-
-
-def lease_of(key: str) -> tuple[int, int]:
-    """(instance, group) of a lease key."""
-    _, group, instance = key.split(".")
-    return int(instance), int(group)
 
 
 def encode(value: Struct) -> bytes:
@@ -115,7 +156,16 @@ def read_entry(data: bytes) -> Entry:
         entry = _entry.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return Entry(CORRUPT)
-    return entry if entry.state in (HELD, ANSWERED, REFUSED) else Entry(CORRUPT)
+    return entry if entry.state in (HELD, ANSWERED, REFUSED, MOVED) else Entry(CORRUPT)
+
+
+def read_name(data: bytes) -> Name | None:
+    """The name a value holds, or None when it does not decode (taken over by the next
+    admission of that name)."""
+    try:
+        return _name.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def ledger_full(e: BaseException) -> bool:
@@ -151,31 +201,58 @@ class Seen:
 @dataclass
 class SweepView:
     """What one ingest instance knows of the ledger (from watching it), and what it must do:
-    answer for held requests whose holder's lease expired, delete settled entries after
-    ``KEEP_ANSWERED``, delete leases of holders that are gone."""
+    answer for held requests whose holder's lease expired and for moves nobody took,
+    delete settled entries after ``KEEP_ANSWERED`` (and names whose entries are all gone),
+    delete leases of holders that are gone."""
 
     fallback_ttl: float  # for a holder whose lease this view never saw
+    move_grace: float = MOVE_GRACE
+    name_grace: float = NAME_GRACE
     leases: dict[int, tuple[Seen, float]] = field(default_factory=dict)  # instance -> (seen, ttl)
     lease_groups: dict[int, int] = field(default_factory=dict)  # instance -> its group (names its key)
     held: dict[str, tuple[int, Entry]] = field(default_factory=dict)  # key -> (revision, entry)
     holding: dict[int, set[str]] = field(default_factory=dict)  # holder -> the keys of held it holds
     owner_seen: dict[int, float] = field(default_factory=dict)  # holder -> first seen holding
     settled: dict[str, Seen] = field(default_factory=dict)  # in the order seen (oldest first)
+    moving: dict[str, tuple[int, Entry, float]] = field(default_factory=dict)  # moves not taken yet
+    present: dict[str, dict[str, str]] = field(default_factory=dict)  # digest -> its request entries' key -> state
+    names: dict[str, int] = field(default_factory=dict)  # digest -> its name's revision
+    emptied: dict[str, None] = field(default_factory=dict)  # names whose entries were all deleted
+    unclaimed: dict[str, float] = field(default_factory=dict)  # names with no entry yet -> since (oldest first)
     per_client: dict[str, int] = field(default_factory=dict)  # client -> held requests (fair share)
 
     def update(self, key: str, revision: int, value: bytes | None, now: float) -> None:
-        """Record a change of ``key`` (``value`` None: deleted)."""
-        if key.startswith("lease."):
-            instance, group = lease_of(key)
-            if value is None:
-                self.leases.pop(instance, None)
-                self.lease_groups.pop(instance, None)
-                return
-            old = self.leases.get(instance)
-            if old is None or old[0].revision != revision:
-                self.leases[instance] = (Seen(revision, now), decode_lease(value).ttl)
-                self.lease_groups[instance] = group
+        """Record a change of ``key`` (``value`` None: deleted). Raises ValueError for a key
+        that is not dpbus's."""
+        kind, group, d = parse_key(key)
+        if kind == "lease":
+            self._lease(int(d), group, revision, value, now)
+        elif kind == "n":
+            self._name(d, revision, value, now)
+        else:
+            self._entry(key, group, d, revision, value, now)
+
+    def _lease(self, instance: int, group: int, revision: int, value: bytes | None, now: float) -> None:
+        if value is None:
+            self.leases.pop(instance, None)
+            self.lease_groups.pop(instance, None)
             return
+        old = self.leases.get(instance)
+        if old is None or old[0].revision != revision:
+            self.leases[instance] = (Seen(revision, now), decode_lease(value).ttl)
+            self.lease_groups[instance] = group
+
+    def _name(self, d: str, revision: int, value: bytes | None, now: float) -> None:
+        self.emptied.pop(d, None)
+        self.unclaimed.pop(d, None)
+        if value is None:
+            self.names.pop(d, None)
+            return
+        self.names[d] = revision
+        if d not in self.present:
+            self.unclaimed[d] = now
+
+    def _entry(self, key: str, group: int, d: str, revision: int, value: bytes | None, now: float) -> None:
         was = self.held.pop(key, None)
         if was is not None:
             keys = self.holding[was[1].owner]
@@ -184,14 +261,32 @@ class SweepView:
                 del self.holding[was[1].owner]
             self._count(was[1].client, -1)
         self.settled.pop(key, None)
+        self.moving.pop(key, None)
+        keys = self.present.setdefault(d, {})
         if value is None:
+            keys.pop(key, None)
+            if not keys:
+                del self.present[d]
+                if d in self.names:
+                    self.emptied[d] = None
             return
         entry = read_entry(value)
+        keys[key] = entry.state
+        self.unclaimed.pop(d, None)
+        self.emptied.pop(d, None)
+        if entry.state != REFUSED:  # a claim (or ingest closing it): a move to this group is over
+            for other in keys:
+                move = self.moving.get(other)
+                if move is not None and move[1].to == group:
+                    del self.moving[other]
+                    self.settled[other] = Seen(move[0], now)
         if entry.state == HELD:
             self.held[key] = (revision, entry)
             self.holding.setdefault(entry.owner, set()).add(key)
             self._count(entry.client, 1)
             self.owner_seen.setdefault(entry.owner, now)
+        elif entry.state == MOVED and keys.get(entry_key(entry.to, d), REFUSED) == REFUSED:
+            self.moving[key] = (revision, entry, now)
         else:
             self.settled[key] = Seen(revision, now)
 
@@ -228,6 +323,20 @@ class SweepView:
     def dead_leases(self, now: float) -> list[tuple[str, int]]:
         return [(lease_key(i, self.lease_groups[i]), seen.revision) for i, (seen, ttl) in self.leases.items()
                 if i not in self.holding and now - seen.since > ttl + MARGIN]
+
+    def stale_moves(self, now: float) -> list[tuple[str, int, Entry]]:
+        """Moves whose target has not claimed the request for ``move_grace``: ingest revokes them."""
+        return [(k, rev, e) for k, (rev, e, since) in self.moving.items() if now - since > self.move_grace]
+
+    def stale_names(self, now: float) -> list[tuple[str, int]]:
+        """Names to delete: their entries are all gone, or none came for ``name_grace``
+        (the ingest handing the request over died)."""
+        out = [("n." + d, self.names[d]) for d in self.emptied]
+        for d, since in self.unclaimed.items():
+            if now - since <= self.name_grace:
+                break
+            out.append(("n." + d, self.names[d]))
+        return out
 
 
 class Ledger:
@@ -280,6 +389,28 @@ class Ledger:
             return await self.kv.create(key, encode(entry)), None
         except KeyWrongLastSequenceError:
             return None, await self.get(key)
+
+    async def create_name(self, key: str, name: Name) -> tuple[int | None, tuple[int, Name | None] | None]:
+        """Create the name ``key``: (its revision, None), or (None, the existing (revision,
+        name or None when it does not decode)) (None for both: deleted meanwhile)."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            return await self.kv.create(key, encode(name)), None
+        except KeyWrongLastSequenceError:
+            return None, await self.get_name(key)
+
+    async def get_name(self, key: str) -> tuple[int, Name | None] | None:
+        got = await self.read(key)
+        return None if got is None else (got[0], read_name(got[1]))
+
+    async def swap_name(self, key: str, name: Name, last: int) -> int | None:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            return await self.kv.update(key, encode(name), last=last)
+        except KeyWrongLastSequenceError:
+            return None
 
     async def get(self, key: str) -> tuple[int, Entry] | None:
         from nats.js.errors import KeyNotFoundError

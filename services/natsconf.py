@@ -113,14 +113,15 @@ def member_user(group: int, node_rank: int) -> str:
 def ledger_access(prefix: str, group: int | None = None) -> Permissions:
     """What a user of the request ledger (``services/ledger.py``, a JetStream KV bucket)
     needs, for that bucket only: create/look up its stream, read, write and watch keys.
-    ``group``: a publisher of that group writes request entries and its own group's leases
-    only (no publisher renews or forges another group's lease); ingest (None) any key.
+    ``group``: a publisher of that group writes its own group's request entries and leases
+    only (no publisher settles, takes over or renews another group's); ingest (None) any
+    key, names included.
     Replies come to the user's own inbox (granted to everyone)."""
     from dpbus.services.ledger import bucket_name
 
     bucket = bucket_name(prefix)
     stream = f"KV_{bucket}"
-    writes = [f"$KV.{bucket}.>"] if group is None else [f"$KV.{bucket}.r.>", f"$KV.{bucket}.lease.{group}.>"]
+    writes = [f"$KV.{bucket}.>"] if group is None else [f"$KV.{bucket}.r.{group}.>", f"$KV.{bucket}.lease.{group}.>"]
     return Permissions(publish=[
         *writes,
         f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",

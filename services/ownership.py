@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from dpbus.services.ledger import ANSWERED, CORRUPT, HELD, REFUSED, Entry, SweepView, lease_key, ledger_full
+from dpbus.services.ledger import (ANSWERED, CORRUPT, HELD, MOVED, REFUSED, Entry, Name, SweepView, entry_key,
+                                   lease_key, ledger_full, parse_key, request_key)
 
 Sleep = Callable[[float], Awaitable[None]]
 SETTLE_ATTEMPTS = 200  # x RETRY at most while the ledger is unreachable, then the lease is given up
@@ -45,11 +46,25 @@ def held_by(instance: int, group: int, sub) -> Entry:
     return Entry(HELD, instance, group, sub.rid, sub.client, sub.reply, sub.encoding, sub.attempt)
 
 
-async def claim(ledger, key: str, mine: Entry, moved_from: int, attempt: str) -> int | None:
-    """Make ``mine`` the holder of ``key`` in ``ledger`` (the bucket, or the simulation's
-    store): create the entry, else take it over when ``may_take_over`` allows. Its
-    revision, or None when the name is someone else's. The one place this order of
-    calls is written: the publisher and the simulation both run it."""
+Moved = tuple[str, int]  # a moved submit's source: (the mover's entry key, the mover instance)
+
+
+def source_of(sub) -> Moved | None:
+    """Where a moved submit comes from (None: from ingest)."""
+    if not sub.moved_from:
+        return None
+    return request_key(sub.moved_group, sub.client, sub.rid), sub.moved_from
+
+
+async def claim(ledger, key: str, mine: Entry, attempt: str, moved: Moved | None = None) -> int | None:
+    """Make ``mine`` the holder of ``key`` (its own group's entry) in ``ledger`` (the bucket,
+    or the simulation's store): create the entry, else take it over when
+    ``may_take_over`` allows. A moved request is claimed only while the mover's entry says
+    it was moved here (``offered_here``). Its revision, or None when the name is someone
+    else's. The one place this order of calls is written: the publisher and the
+    simulation both run it."""
+    if moved is not None and not await offered_here(ledger, moved, mine.group):
+        return None
     for _ in range(2):  # a second try when the entry vanished between create and get
         rev, existing = await ledger.claim(key, mine)
         if rev is not None:
@@ -59,20 +74,59 @@ async def claim(ledger, key: str, mine: Entry, moved_from: int, attempt: str) ->
         last, theirs = existing
         if ours(existing, mine):
             return last  # an earlier try of this claim landed; its acknowledgement was lost
-        if may_take_over(theirs, moved_from, attempt):
+        if may_take_over(theirs, attempt):
             return await ledger.swap(key, mine, last)
         return None
     return None
 
 
-def may_take_over(theirs: Entry, moved_from: int, attempt: str) -> bool:
-    """A name already in the ledger may be taken by a submit only when the request was
-    moved here by the instance holding it, or when it is a fresh attempt after a refusal.
-    A ``CORRUPT`` value (not written by dpbus) is nobody's: taken over like a refusal.
-    Anything else is a duplicate: acknowledged, never run."""
-    moved_here = theirs.state == HELD and bool(moved_from) and theirs.owner == moved_from
+async def offered_here(ledger, moved: Moved, group: int) -> bool:
+    """Does the mover's entry say it moved the request to ``group``? Nothing else lets a
+    group run a request that another group holds."""
+    key, instance = moved
+    got = await ledger.get(key)
+    return got is not None and got[1].state == MOVED and got[1].owner == instance and got[1].to == group
+
+
+def may_take_over(theirs: Entry, attempt: str) -> bool:
+    """A name already in the group's entries may be taken by a submit only when it is a
+    fresh attempt after a refusal (a moved request too: the group refused an earlier
+    attempt of it). A ``CORRUPT`` value (not
+    written by dpbus) is nobody's: taken over like a refusal. Anything else is a
+    duplicate: acknowledged, never run."""
     fresh_attempt = theirs.state == REFUSED and theirs.attempt != attempt
-    return moved_here or fresh_attempt or theirs.state == CORRUPT  # nobody's: whoever claims it takes it
+    return fresh_attempt or theirs.state == CORRUPT  # nobody's: whoever claims it takes it
+
+
+def moved_to(held: Entry, group: int) -> Entry:
+    """The mover's entry once it offers the request to ``group``: it answers it no more."""
+    return Entry(MOVED, held.owner, held.group, held.rid, held.client, held.reply, held.encoding, held.attempt,
+                 to=group)
+
+
+def taken_back(moved: Entry) -> Entry:
+    """The mover's entry held again: the group it was offered to refused it outright."""
+    return Entry(HELD, moved.owner, moved.group, moved.rid, moved.client, moved.reply, moved.encoding, moved.attempt)
+
+
+async def rewrite(ledger, key: str, mine: Entry, rev: int, sleep: Sleep, attempts: int = REFUSE_ATTEMPTS) -> int | None:
+    """Compare-and-set our own entry ``key`` from ``rev`` to ``mine`` (a hand-over or a take
+    back): the new revision, or None when the entry is no longer ours at ``rev`` or the
+    write may not be applied (refused, or still unknown after ``attempts`` reads: then
+    the caller goes on as if it had not been, and the ledger arbitrates later)."""
+    try:
+        return await ledger.swap(key, mine, rev)
+    except Exception as e:  # noqa: BLE001 - applied or not: read it back
+        if certainly_not_applied(e):
+            return None
+    for _ in range(attempts):
+        await sleep(RESOLVE_EVERY)
+        try:
+            got = await ledger.get(key)
+        except Exception:  # noqa: BLE001 - still unreachable
+            continue
+        return got[0] if ours(got, mine) else None
+    return None
 
 
 def answered_by(instance: int, group: int, rid: str, client: str) -> Entry:
@@ -97,6 +151,49 @@ def refused(sub, group: int) -> Entry:
     nobody holds the request and ingest answers ``unavailable``; if the name is taken,
     its holder answers."""
     return Entry(REFUSED, group=group, rid=sub.rid, client=sub.client, attempt=sub.attempt)
+
+
+def name_of(sub, group: int) -> Name:
+    return Name(sub.attempt, group)
+
+
+NEW, DUPLICATE = "new", "duplicate"  # how an admission ends
+
+
+async def admit(ledger, key: str, mine: Name, client: str, rid: str) -> tuple[str, int]:
+    """Ingest records a request's name ``key`` (``n.D``) before handing it to a group:
+    (``NEW``, its revision) when the name is this attempt's, (``DUPLICATE``, 0) when a
+    request of that name is held, being handed over or was answered (not run again). A
+    fresh attempt takes over a name whose last attempt was refused and nobody claimed,
+    and a value that is no name. Raises what the ledger raises (a write that timed out
+    is read back first: it may have landed)."""
+    for _ in range(3):
+        try:
+            rev, existing = await ledger.create_name(key, mine)
+        except Exception as e:
+            if certainly_not_applied(e):
+                raise
+            existing = await ledger.get_name(key)
+            if existing is not None and existing[1] == mine:
+                return NEW, existing[0]  # our create landed, its answer lost
+            if existing is None:
+                raise
+            rev = None
+        if rev is not None:
+            return NEW, rev
+        if existing is None:
+            continue  # deleted meanwhile: create again
+        last, theirs = existing
+        if theirs is not None and theirs.attempt == mine.attempt:
+            return NEW, last
+        if theirs is not None:
+            got = await ledger.get(request_key(theirs.group, client, rid))
+            if got is None or got[1].state != REFUSED or got[1].attempt != theirs.attempt:
+                return DUPLICATE, 0
+        took = await ledger.swap_name(key, mine, last)
+        if took is not None:
+            return NEW, took
+    return DUPLICATE, 0
 
 
 WON, TAKEN, SILENCED, UNKNOWN = "won", "taken", "silenced", "unknown"  # how a settle ends
@@ -143,14 +240,14 @@ def landed(got: tuple[int, Entry] | None, mine: Entry) -> bool:
     return own_write_landed(got, mine.owner) if mine.state == ANSWERED else ours(got, mine)
 
 
-async def claim_until_known(ledger, key: str, mine: Entry, moved_from: int, attempt: str, sleep: Sleep,
+async def claim_until_known(ledger, key: str, mine: Entry, attempt: str, moved: Moved | None, sleep: Sleep,
                             still: Callable[[], bool]) -> int | None:
     """``claim`` again until the ledger answers (while ``still``): a claim that timed out
     may have landed, and then the request is ours to run. None: not ours, or ``still``
     turned false (the instance that claimed is gone: ingest answers for it)."""
     while still():
         try:
-            return await claim(ledger, key, mine, moved_from, attempt)
+            return await claim(ledger, key, mine, attempt, moved)
         except Exception:  # noqa: BLE001 - still unreachable
             await sleep(RESOLVE_EVERY)
     return None
@@ -206,9 +303,39 @@ async def sweep(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]],
             await answer_lost(entry)
         else:  # changed since the view saw it, or the view missed a change: look again
             await look_again(ledger, view, key, now)
-    for key, rev in [*view.stale_settled(now), *view.dead_leases(now)]:
+    for key, rev, entry in view.stale_moves(now):
+        await revoke(ledger, view, unsure, instance, key, rev, entry, now, answer_lost)
+    for key, rev in [*view.stale_settled(now), *view.stale_names(now), *view.dead_leases(now)]:
         if not await ledger.delete(key, rev):
             await look_again(ledger, view, key, now)
+
+
+async def revoke(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]], instance: int, key: str, rev: int,
+                 entry: Entry, now: float, answer_lost: Callable[[Entry], Awaitable[None]]) -> None:
+    """A move its target did not take in time: close the target's entry (created answered
+    by this ingest: the target can no longer claim it; if the target got there first, it
+    holds the request and this move is over), then win the mover's entry and answer.
+    The mover may have taken the request back meanwhile: then that compare-and-set loses."""
+    _, _, d = parse_key(key)
+    target = entry_key(entry.to, d)
+    closed = answered_by(instance, entry.to, entry.rid, entry.client)
+    made, existing = await ledger.claim(target, closed)
+    if made is None and existing is not None and not ours(existing, closed):
+        last, theirs = existing
+        if theirs.state not in (REFUSED, CORRUPT) or await ledger.swap(target, closed, last) is None:
+            await look_again(ledger, view, target, now)  # the target took it: its holder answers
+            return
+    mine = answered_by(instance, entry.group, entry.rid, entry.client)
+    try:
+        won = await ledger.swap(key, mine, rev)
+    except Exception as e:
+        if not certainly_not_applied(e):
+            unsure[key] = (mine, entry)
+        raise
+    if won is not None:
+        await answer_lost(entry)
+    else:
+        await look_again(ledger, view, key, now)
 
 
 async def look_again(ledger, view: SweepView, key: str, now: float) -> None:

@@ -91,7 +91,10 @@ class Load:
         admin = await server.connect("admin")
         try:
             ledger = await self.open_ledger(admin)
-            found = {rid: await ledger.get(request_key(INBOX, rid)) for rid in rids}
+            found = {}
+            for rid in rids:
+                for g in range(2):  # every chaos deployment has two groups
+                    found[rid] = await ledger.get(request_key(g, INBOX, rid)) or found.get(rid)
             return {rid: f"{got[1].state} by {got[1].owner} in group {got[1].group} (revision {got[0]})"
                     for rid, got in found.items() if got is not None}
         finally:

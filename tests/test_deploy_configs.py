@@ -207,7 +207,8 @@ def violation(errors: list[str], kind: str, subject: str) -> bool:
 MATRIX = {
     "ingest": (  # services/ingest/service.py
         ["dpbus.dp.0.submit", "dpbus.dp.1.abort",
-         "$KV.dpbus_requests.r.x", "$JS.API.STREAM.INFO.KV_dpbus_requests",  # the request ledger
+         "$KV.dpbus_requests.r.0.x", "$KV.dpbus_requests.r.1.x", "$KV.dpbus_requests.n.x",  # the request ledger
+         "$JS.API.STREAM.INFO.KV_dpbus_requests",
          "$JS.API.CONSUMER.CREATE.KV_dpbus_requests.w.>"],
         ["dpbus.generate", "dpbus.generate.*", "dpbus.abort", "dpbus.abort.*", "dpbus.dp.*.load", "$SRV.PING",
          "_INBOX.ingest.r"],
@@ -223,12 +224,14 @@ MATRIX = {
         ["dpbus.generate", "_INBOX.alice.>", "dpbus.dp.*.load"]),
     "publisher-0": (  # services/publisher/service.py
         ["dpbus.dp.0.step", "dpbus.dp.0.load", "dpbus.dp.1.submit", "dpbus.dp.1.abort",
-         "_INBOX.bob.answer", "$KV.dpbus_requests.lease.0.7", "$KV.dpbus_requests.r.abc",
+         "_INBOX.bob.answer", "$KV.dpbus_requests.lease.0.7", "$KV.dpbus_requests.r.0.abc",
          "$JS.API.DIRECT.GET.KV_dpbus_requests.$KV.x"],
         ["dpbus.dp.0.submit", "dpbus.dp.0.abort", "dpbus.dp.0.result.*", "dpbus.dp.0.heartbeat.*",
          "dpbus.dp.0.replay", "$SRV.PING", "_INBOX.publisher-0.r"],
         ["dpbus.dp.1.step", "dpbus.generate", "dpbus.dp.0.result.0", "dpbus.dp.0.heartbeat.0",
-         "$JS.API.STREAM.DELETE.KV_dpbus_requests", "$KV.dpbus_requests.lease.1.7", "$KV.dpbus_requests.other"],
+         "$JS.API.STREAM.DELETE.KV_dpbus_requests", "$KV.dpbus_requests.lease.1.7", "$KV.dpbus_requests.other",
+         # another group's request entries (settle, renew, take over), and the names (ingest's)
+         "$KV.dpbus_requests.r.1.abc", "$KV.dpbus_requests.n.abc"],
         ["dpbus.dp.1.result.*", "dpbus.generate", "_INBOX.alice.>"]),
     "worker-1-3": (  # services/worker/service.py: member 3 of group 1 (4 nodes, 2 groups)
         ["dpbus.dp.1.result.3", "dpbus.dp.1.heartbeat.3", "dpbus.dp.1.replay"],

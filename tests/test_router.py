@@ -485,12 +485,15 @@ class NoLog:
 
 def ingest(policy: str = "least_tokens", dead: set[int] = frozenset(), **kw):
     from dpbus.services.ingest.service import Ingest
+    from dpbus.services.ledger import Ledger
+    from tests.sim.memkv import MemoryKV
     from dpbus.services.settings import IngestSettings
 
     ing = Ingest(IngestSettings(dp_size=2, policy=policy, **kw), NoLog())
     from dpbus.services.bus import ClientOutbox
 
     ing.nc = FakeBus(dead)
+    ing.ledger = Ledger(MemoryKV())  # where ingest records each request's name (the simulation's bucket)
     ing.replies = FakeReplies(ing.nc)
     ing.outbox = ClientOutbox(ing.nc, NoLog())
     return ing

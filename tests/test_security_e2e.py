@@ -15,7 +15,7 @@ import pytest
 
 from dpbus.schemas import AbortAck, Chunk, Done, Error
 from dpbus.services.client import decode_answer
-from dpbus.services.ledger import decode_entry, request_key
+from dpbus.services.ledger import decode_entry, name_key, read_name, request_key
 from dpbus.services.settings import PublisherSettings
 from tests.conftest import client_of
 
@@ -157,9 +157,10 @@ async def test_a_reply_subject_outside_the_sender_s_inbox_gets_no_answer_anywher
             await admin.subscribe(root, cb=watch)
         await admin.flush()
         before = (await ingest_errors(cluster)).get("foreign_reply", 0)
-        # the poisoned key of alice's own next rid (request_key is public code)
-        poisoned = request_key("_INBOX.alice", "mine-1")
-        foreign = [f"$KV.dpbus_requests.{poisoned}", "$KV.dpbus_requests.r.x",
+        # the poisoned keys of alice's own next rid (request_key and name_key are public code)
+        poisoned = [request_key(g, "_INBOX.alice", "mine-1") for g in (0, 1)]
+        name = name_key("_INBOX.alice", "mine-1")
+        foreign = [*(f"$KV.dpbus_requests.{key}" for key in (*poisoned, name)), "$KV.dpbus_requests.r.x",
                    "_INBOX.bob.stolen", "dpbus.dp.0.step", "_INBOX.alice", "_INBOX.alice.*", "_INBOX.alice.>"]
         for reply in foreign:
             for body in (b"{}", b"not json", json.dumps({"rid": "mine-1", "text": "hi"}).encode()):
@@ -190,7 +191,9 @@ async def test_a_reply_subject_outside_the_sender_s_inbox_gets_no_answer_anywher
         for subject, data in seen:
             if subject.startswith("$KV.dpbus_requests.r.") and data:
                 decode_entry(data)  # a ledger entry the services wrote, never an answer
-        assert decode_entry(await ledger_value(cluster, poisoned)).rid == "mine-1"
+        entries = [await ledger_value(cluster, key) for key in poisoned]
+        assert [decode_entry(value).rid for value in entries if value is not None] == ["mine-1"]
+        assert read_name(await ledger_value(cluster, name)) is not None
         assert not [s for s, _ in seen if s.startswith("_INBOX.bob.")]
         assert not b_all.got, b_all.got
     finally:

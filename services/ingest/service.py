@@ -30,7 +30,7 @@ from dpbus.services import bus, identity, ownership
 from dpbus.services import version as package_version
 from dpbus.services.lifecycle import unless_stopped
 from dpbus.services.errors import Rejected
-from dpbus.services.ledger import Entry, Ledger, SweepView, request_key
+from dpbus.services.ledger import MOVED, NAME_GRACE, Entry, Ledger, Name, SweepView, ledger_full, name_key, request_key
 from dpbus.services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from dpbus.services.model_config import model_config_for
 from dpbus.services.settings import IngestSettings
@@ -67,10 +67,11 @@ class TokenBuckets:
 class Handover:
     """A request on its way to a group: offered to ``groups`` in turn until one takes it."""
 
-    __slots__ = ("sub", "groups", "cost", "pinned", "waiter")
+    __slots__ = ("sub", "groups", "cost", "pinned", "name_rev", "waiter")
 
-    def __init__(self, sub: Submit, groups: list[int], cost: int, pinned: bool) -> None:
+    def __init__(self, sub: Submit, groups: list[int], cost: int, pinned: bool, name_rev: int) -> None:
         self.sub, self.groups, self.cost, self.pinned = sub, groups, cost, pinned
+        self.name_rev = name_rev  # the revision of its name in the ledger (0: a request without a rid has none)
         self.waiter: asyncio.Future | None = None  # made when someone waits (an abort)
 
     def wait(self) -> asyncio.Future:
@@ -223,9 +224,12 @@ class Ingest:
         if why:
             await self.answer_error(reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
             return
+        name_rev = await self.record_name(sub, groups[0])
+        if name_rev is None:
+            return
         # the common case without a task: offer it to the first group; its acknowledgement
         # settles it in the reply's callback, anything else goes on in ``offer``
-        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None)
+        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None, name_rev)
         self.handing[sub.key] = h
         self.client_handing[sub.client] = self.client_handing.get(sub.client, 0) + 1
         g = sub.dp_rank = groups[0]
@@ -235,6 +239,67 @@ class Ingest:
                                     lambda got: self.first_answer(h, got))
         except Exception as e:  # noqa: BLE001 - NATS away: the slow path answers it
             self.first_answer(h, e)
+
+    async def record_name(self, sub: Submit, g: int) -> int | None:
+        """Record the request's name in the ledger before any group sees it: its revision
+        (0 for a request without a rid: never deduplicated, so never named), or None when
+        it is a copy of a request held, being handed over or answered (dropped: the first
+        one's reply subject gets the answer) or the ledger cannot take it (answered)."""
+        if sub.rid == sub.attempt:
+            return 0
+        try:
+            how, rev = await ownership.admit(self.ledger, name_key(sub.client, sub.rid), ownership.name_of(sub, g),
+                                             sub.client, sub.rid)
+        except Exception as e:  # noqa: BLE001 - no ledger, no acceptance
+            full = ledger_full(e)
+            await self.answer_error(sub.reply, sub.encoding, ErrorCode.OVERLOADED if full else ErrorCode.UNAVAILABLE,
+                                    "the request ledger is full" if full else f"the request ledger is unreachable: {e!r}",
+                                    sub.rid)
+            return None
+        if how == ownership.DUPLICATE:
+            self.errors["duplicate_request"] += 1
+            return None
+        return rev
+
+    async def forget_name(self, h: "Handover") -> None:
+        """Every group refused the request outright: nothing holds it, so its name goes (a
+        retry is a new attempt). While the ledger does not answer, tried again in the
+        background (for ``NAME_GRACE`` at most: then the sweep deletes it)."""
+        if not h.name_rev:
+            return
+        key, rev = name_key(h.sub.client, h.sub.rid), h.name_rev
+        try:
+            await self.ledger.delete(key, rev)
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("name_not_forgotten", rid=h.sub.rid, error=repr(e))
+            self.in_background(self.retry(lambda: self.ledger.delete(key, rev)))
+
+    async def retry(self, call) -> None:
+        """Call ``call`` until the ledger answers, every ``RESOLVE_EVERY`` s, for ``NAME_GRACE`` at most."""
+        for _ in range(int(NAME_GRACE / ownership.RESOLVE_EVERY)):
+            await asyncio.sleep(ownership.RESOLVE_EVERY)
+            try:
+                await call()
+                return
+            except Exception:  # noqa: BLE001 - still unreachable
+                continue
+
+    def in_background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def rename(self, h: "Handover", g: int) -> None:
+        """The request is refused in group ``g``'s entries: the name says so, so that a
+        retry finds the refusal and is run as a fresh attempt."""
+        if not h.name_rev or g == h.groups[0]:
+            return
+        try:
+            rev = await self.ledger.swap_name(name_key(h.sub.client, h.sub.rid), Name(h.sub.attempt, g), h.name_rev)
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("name_not_moved", rid=h.sub.rid, error=repr(e))
+            return
+        h.name_rev = rev or h.name_rev
 
     def first_answer(self, h: "Handover", got: Any) -> None:
         """The first group's answer to a submit (its body, or why none came)."""
@@ -345,7 +410,8 @@ class Ingest:
             ack = await self.submit_to(g, sub, first if i == 0 else None)
             if ack is None:  # it may hold the request without our knowing: never offer it elsewhere
                 self.router.unsent(g, cost)
-                await self.refuse_unheard(sub, g)
+                if await self.refuse_unheard(h, g):
+                    await self.rename(h, g)
                 return
             if ack.accepted:
                 self.accepted(g, ack)
@@ -355,33 +421,45 @@ class Ingest:
             codes.add(ack.code)
             if ack.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE) and not h.pinned:
                 continue
+            await self.forget_name(h)
             await self.answer_error(sub.reply, sub.encoding, ack.code or ErrorCode.INTERNAL, f"group {g}: {ack.message}",
                                     sub.rid)
             return
+        await self.forget_name(h)
         overloaded = codes == {ErrorCode.OVERLOADED}
         await self.answer_error(sub.reply, sub.encoding, ErrorCode.OVERLOADED if overloaded else ErrorCode.UNAVAILABLE,
                                 "no group could take the request: " + "; ".join(tried), sub.rid)
 
     # ---- what ingest guarantees after the acknowledgement ---------------------------------
-    async def refuse_unheard(self, sub: Submit, g: int) -> None:
+    async def refuse_later(self, h: "Handover", g: int) -> None:
+        sub = h.sub
+        if await ownership.refuse(self.ledger, request_key(g, sub.client, sub.rid), ownership.refused(sub, g),
+                                  asyncio.sleep, attempts=int(NAME_GRACE / ownership.RESOLVE_EVERY)):
+            await self.rename(h, g)
+
+    async def refuse_unheard(self, h: "Handover", g: int) -> bool:
         """No acknowledgement came: the publisher may hold the request or never have seen
         it. Marking it ``refused`` in the ledger settles which: if that works, nobody holds
         it (and a late copy of the submit will not run), so ingest answers ``unavailable``;
         if the name is taken, its holder answers. While the ledger does not answer, the
         group is asked to abort the request every ``REFUSE_ATTEMPTS`` tries: a group that
         holds it (or is still claiming it) ends it with its own terminal answer; one that
-        does not, or after ``REFUSE_ROUNDS`` rounds, ingest answers ``unavailable``."""
-        key = request_key(sub.client, sub.rid)
+        does not, or after ``REFUSE_ROUNDS`` rounds, ingest answers ``unavailable``.
+        True when the refusal is recorded in the ledger."""
+        sub = h.sub
+        key = request_key(g, sub.client, sub.rid)
+        written = False
         why = f"group {g} did not acknowledge the request within {SUBMIT_ATTEMPTS} x {self.s.submit_timeout}s"
         for _ in range(REFUSE_ROUNDS):
             recorded = await ownership.refuse(self.ledger, key, ownership.refused(sub, g), asyncio.sleep)
             if recorded is not None:
+                written = recorded
                 break
             self.errors["refusal_unrecorded"] += 1
             ack = await self.ask_abort(g, sub.rid, sub.reply)
             if ack is not None and ack.found:
                 self.log.warning("unacknowledged_request_aborted_by_its_holder", rid=sub.rid, dp_rank=g)
-                return
+                return False
             if ack is not None:
                 why += "; the request ledger did not answer and the group does not hold the request"
                 recorded = True
@@ -391,8 +469,12 @@ class Ingest:
             recorded = True
         if recorded:
             await self.answer_error(sub.reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
+            if not written:  # answered without the ledger: record the refusal once it answers again,
+                # so that a retry of this name runs as a fresh attempt (and a late copy of the submit never)
+                self.in_background(self.refuse_later(h, g))
         else:
             self.log.warning("submit_unacknowledged_but_held", rid=sub.rid, dp_rank=g)
+        return written
 
     async def ask_abort(self, g: int, rid: str, reply: str) -> AbortAck | None:
         """Ask group ``g`` to abort the request ``rid`` answered on ``reply``: its answer,
@@ -447,6 +529,12 @@ class Ingest:
 
     async def answer_lost(self, entry: Entry) -> None:
         self.orphaned += 1
+        if entry.state == MOVED:  # a move its target did not take (ownership.revoke)
+            self.log.info("answered_for_revoked_move", rid=entry.rid, dp_rank=entry.group, to_group=entry.to)
+            await self.answer_error(entry.reply, entry.encoding, ErrorCode.UNAVAILABLE,
+                                    f"group {entry.group} moved this request to group {entry.to}, which did not "
+                                    f"take it within {self.view.move_grace}s: send it again", entry.rid)
+            return
         self.log.info("answered_for_lost_holder", rid=entry.rid, dp_rank=entry.group, holder=entry.owner)
         await self.answer_error(entry.reply, entry.encoding, ErrorCode.PUBLISHER_LOST,
                                 f"the publisher of group {entry.group} holding this request went silent for "

@@ -70,6 +70,10 @@ class Admission:
             self.resolving_claims.add(task)
             task.add_done_callback(self.resolving_claims.discard)
             return
+        if rev is None and sub.moved_from:  # not moved here (any more): the mover keeps it
+            self.counts["rejected"] += 1
+            await req.respond(pack(SubmitAck(False, ErrorCode.UNAVAILABLE, "the request is not moved to this group")))
+            return
         if rev is None:  # the name is someone else's (held elsewhere, or answered): never run it twice
             self.counts["duplicates"] += 1
             await req.respond(pack(SubmitAck(True, instance=self.instance, duplicate=True)))
@@ -97,8 +101,8 @@ class Admission:
         instance (then ingest answers for the instance's held requests)."""
         try:
             mine = ownership.held_by(instance, self.g, sub)
-            rev = await ownership.claim_until_known(self.ledger, request_key(sub.client, sub.rid), mine,
-                                                    sub.moved_from, sub.attempt, asyncio.sleep,
+            rev = await ownership.claim_until_known(self.ledger, request_key(self.g, sub.client, sub.rid), mine,
+                                                    sub.attempt, ownership.source_of(sub), asyncio.sleep,
                                                     lambda: self.instance == instance)
             if rev is not None and self.instance == instance:
                 self.log.info("claim_resolved", rid=sub.rid)
@@ -126,11 +130,11 @@ class Admission:
 
     async def claim(self, sub: Submit) -> int | None:
         """Make this instance the holder of ``sub`` in the ledger: its revision, or None
-        when the name belongs to someone else. A moved request is taken over from the
-        instance that moved it; a refused one by a fresh attempt."""
+        when the name belongs to someone else. A moved request only while its mover's
+        entry says it moved it here; a refused one by a fresh attempt."""
         mine = ownership.held_by(self.instance, self.g, sub)
-        return await ownership.claim(self.ledger, request_key(sub.client, sub.rid), mine, sub.moved_from,
-                                     sub.attempt)
+        return await ownership.claim(self.ledger, request_key(self.g, sub.client, sub.rid), mine, sub.attempt,
+                                     ownership.source_of(sub))
 
     def held(self, client: str, rid: str) -> Sequence | None:
         """The request (client, rid) if this publisher holds it: queued, running or moving."""

@@ -57,8 +57,8 @@ class Answering:
         client heard nothing) or an answered one whose answer the server took. Settling
         first would leave a window where the entry says answered and the answer dies with
         the process. When the answer cannot go at once (no connection, or answers held
-        after a reconnection), or when another group may have taken the request over, the
-        write comes first and the answer goes only if it won."""
+        after a reconnection), the write comes first and the answer goes only if it won. (A
+        request this group moved is not answered here at all: its entry says ``moved``.)"""
         self.answered_now(seq.key)  # from now on a copy of it is a duplicate, whoever wins
         if not self.may_answer(seq):
             self.give_up(seq, "the lease expired")
@@ -66,10 +66,8 @@ class Answering:
         await self.stream_unsent(seq)  # what was sampled goes out before the end (an abort, a failure)
         d = seq.delivery
         data = encode_answer(msg, d.encoding)
-        # a request offered to another group may be that group's now (its acknowledgement
-        # lost): only the ledger can say, so its answer waits for the write
-        sent = answers.answer_first(d) and await self.outbox.publish_now(d.reply, data, still=lambda: self.resend(seq))
-        key = request_key(seq.client, seq.rid)
+        sent = await self.outbox.publish_now(d.reply, data, still=lambda: self.resend(seq))
+        key = request_key(self.g, seq.client, seq.rid)
         await self.settle_answer(seq, key, ownership.answered_by(self.instance, self.g, seq.rid, seq.client), data,
                                  sent, count)
 

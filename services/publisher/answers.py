@@ -13,9 +13,9 @@ The answer protocol (the publisher service does the I/O; the protocol simulation
 * a request that may not be answered from here is given up (``give_up``); the first one
   of an instance whose lease lapsed (or ``force``: the ledger stayed out of reach) gives
   up every request of the instance;
-* the terminal answer goes first and its settling write right behind it
-  (``answer_first``), unless the request was offered to another group (that group may
-  hold its entry now): then the write goes first and the answer only if it won;
+* the terminal answer goes first and its settling write right behind it (a request
+  this group moved to another is not answered here: its entry says ``moved``, and it
+  comes back only when the other group refused it, held here again at a new revision);
 * the settling write is retried while ``settle_guard`` holds: always for an answer sent
   already, else while the request may be answered;
 * ``after_settle``/``after_resolve`` say what a settling write's outcome leads to; a won
@@ -48,7 +48,6 @@ class Delivery:
     owner: int = 0  # the publisher instance that claimed it (see services/ledger.py)
     abandoned: bool = False  # its publisher lost the lease: someone else answers it
     settled: bool = False  # its publisher won its terminal answer in the ledger
-    offered: bool = False  # offered to another group once: that group may have taken its entry over
     withdrawn: bool = False  # its terminal answer, sent before it was settled, was lost with a connection
     unsent: list[int] = field(default_factory=list)  # sampled, not streamed yet (see stream_interval)
     unsent_text: str = ""  # their text
@@ -110,12 +109,6 @@ def give_up(d: Delivery, instance: int, lease_valid: bool, force: bool = False) 
     everything = not d.abandoned and d.owner == instance and (force or not lease_valid)
     d.abandoned = True
     return everything
-
-
-def answer_first(d: Delivery) -> bool:
-    """Does the terminal answer go before its settling write? Not for a request offered
-    to another group: only the ledger can say whose it is now."""
-    return not d.offered
 
 
 def settle_guard(sent: bool, may: Callable[[], bool]) -> Callable[[], bool]:

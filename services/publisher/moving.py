@@ -1,6 +1,11 @@
 """Moving requests between DP groups: a request that has sent nothing to its client
 (and was not pinned) is offered to the other groups when its own group fails or is not
-whole; the group that acknowledges it takes its ledger entry over and answers the client.
+whole. Before each offer this group writes its own ledger entry ``moved`` to the group
+offered (from then on it does not answer the request); that group claims its own entry
+only while ours says so, and answers the client. A group that refuses outright is
+followed by the next one; when all refuse, the entry is held here again. An offer that
+gets no answer leaves the request to the ledger: the target claims it, or ingest revokes
+the move and answers (``ownership.revoke``). Never two groups at once.
 
 A part of ``Publisher`` (``service.py``): it uses the service's connection, scheduler,
 instance, counters and log, and ``finish``/``ready`` of its other parts."""
@@ -9,9 +14,14 @@ from __future__ import annotations
 
 from dpbus.schemas import FinishReason
 from dpbus.schemas.internal import GroupAbort, Submit, pack
-from dpbus.services import bus
+import asyncio
+
+from dpbus.services import bus, ownership
 from dpbus.services.errors import ReceiveDataError
+from dpbus.services.ledger import request_key
 from dpbus.services.publisher.scheduler import Sequence
+
+UNANSWERED = -1  # what ``requeue`` returns for an offer that got no answer: the request is not ours any more
 
 
 class Moving:
@@ -32,7 +42,7 @@ class Moving:
             target = await self.requeue(seq)
         finally:
             self.moving.pop(seq.key, None)
-        if target is not None and seq.aborted and not seq.delivery.abandoned:
+        if target is not None and target >= 0 and seq.aborted and not seq.delivery.abandoned:
             await self.forward_abort(target, seq)
         return target
 
@@ -60,24 +70,38 @@ class Moving:
                     self.sched.waiting.appendleft(seq)
 
     async def requeue(self, seq: Sequence) -> int | None:
-        """Hand a request that has sent nothing to its client yet to another group (the
-        one returned). It keeps its rid, reply subject and acceptance time; the other group
-        answers the client."""
+        """Hand a request that has sent nothing to its client yet to another group: the one
+        that took it, ``UNANSWERED`` when an offer got no answer (not ours any more), or
+        None when it stays here. It keeps its rid, reply subject and acceptance time."""
         if not self.movable(seq):
             return None
         d = seq.delivery
         sub = Submit(seq.rid, seq.prompt, seq.sampling, d.stream, d.reply, d.encoding, seq.accepted_at, -1,
-                     client=seq.client, attempt=d.attempt, moved_from=self.instance)
+                     client=seq.client, attempt=d.attempt, moved_from=d.owner, moved_group=self.g)
+        key, rev = request_key(self.g, seq.client, seq.rid), d.ledger_rev
+        ours = ownership.held_by(d.owner, self.g, sub)
         for g in (x for x in range(self.groups) if x != self.g):
-            sub.dp_rank = g
-            d.offered = True
+            offered = ownership.moved_to(ours, g)
+            written = await ownership.rewrite(self.ledger, key, offered, rev, asyncio.sleep)
+            if written is None:
+                break  # not written (or not ours any more): offer it nowhere else
+            rev, ours, sub.dp_rank = written, offered, g
             try:
                 ack = self._ack.decode(await bus.request(self.nc, self.subjects.submit(g), pack(sub), timeout=2.0,
                                                          attempts=1))
-            except ReceiveDataError:
-                continue
+            except ReceiveDataError as e:
+                self.counts["moves_unanswered"] += 1
+                self.log.warning("move_unanswered", rid=seq.rid, to_group=g, error=e.message)
+                return UNANSWERED  # group g may claim it yet; if not, ingest revokes the move
             if ack.accepted:
                 self.counts["requeued"] += 1
                 self.log.info("requeued", rid=seq.rid, to_group=g)
                 return g
+        if ours.state == ownership.MOVED:  # every group refused it outright: it is ours again
+            back = ownership.taken_back(ours)
+            written = await ownership.rewrite(self.ledger, key, back, rev, asyncio.sleep)
+            if written is None:
+                self.log.warning("move_not_taken_back", rid=seq.rid)
+                return UNANSWERED  # ingest revokes the move and answers
+            d.ledger_rev = written
         return None

@@ -99,7 +99,7 @@ class Publisher(Admission, Answering, Moving):
         self.wake = asyncio.Event()
         self.counts = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "steps": 0, "group_failures": 0,
                        "resent": 0, "replayed": 0, "requeued": 0, "duplicates": 0, "abandoned": 0, "taken": 0,
-                       "foreign_reply": 0, "forged": 0}
+                       "foreign_reply": 0, "forged": 0, "moves_unanswered": 0}
         self._unpack = {k: unpacker(t) for k, t in
                         (("submit", Submit), ("abort", GroupAbort), ("beat", Heartbeat), ("result", StepReply),
                          ("replay", Replay))}

@@ -1,7 +1,7 @@
 """The invariants on what the services *send* to clients, checked after every event.
 
 Terminal answers of an accepted request: ``done``, ``error`` (from its publisher) and
-``publisher_lost`` (from an ingest). A publisher sends a terminal answer with its settling
+``publisher_lost`` and ``revoked`` (from an ingest: the holder went silent, or a move nobody took). A publisher sends a terminal answer with its settling
 write right behind it: a death takes both or neither. Only when that write was lost (a
 ledger fault) and the publisher died before writing it again does ingest answer as well:
 the one way a client hears two terminal answers, counted in ``heard_twice``. ``refused`` is ingest's answer to a submit nobody
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-TERMINALS = ("done", "error", "publisher_lost")
+TERMINALS = ("done", "error", "publisher_lost", "revoked")
 
 
 class Violation(AssertionError):

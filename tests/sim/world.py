@@ -28,7 +28,8 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from dpbus.schemas import Encoding
 from dpbus.services import ownership
-from dpbus.services.ledger import ANSWERED, HELD, Lease, LeaseClock, Ledger, SweepView, decode_entry, request_key
+from dpbus.services.ledger import (ANSWERED, HELD, MOVED, Lease, LeaseClock, Ledger, SweepView, decode_entry,
+                                   name_key, request_key)
 from dpbus.services.publisher import answers
 from dpbus.services.publisher.answers import Delivery
 from tests.sim.checker import Checker
@@ -39,6 +40,7 @@ RECONCILE = 0.5  # ingest's sweep interval
 SUBMIT_TIMEOUT = 0.3
 SUBMIT_ATTEMPTS = 3
 MOVE_TIMEOUT = 0.4
+MOVE_GRACE = 2.0  # ingest revokes a move its target has not taken for this long
 STEP = 0.1  # one token per running request per step
 RUNNING = 1  # requests a publisher runs at once; the others wait (and can still move)
 FAULTS_UNTIL = 6.0  # then the network heals, killed services come back and the world settles
@@ -80,11 +82,17 @@ class Sub:
     attempt: str
     tokens: int
     moved_from: int = 0
+    moved_group: int = -1
     encoding: Encoding = Encoding.JSON
 
     @property
     def key(self) -> str:
-        return request_key(self.client, self.rid)
+        """Its name in the ledger (written by ingest), and what names it in every service."""
+        return name_key(self.client, self.rid)
+
+    def entry(self, g: int) -> str:
+        """Its request entry in group ``g``."""
+        return request_key(g, self.client, self.rid)
 
 
 @dataclass
@@ -202,13 +210,16 @@ class Publisher(Service):
             return answer(Ack(False))
         instance = self.instance
         mine = ownership.held_by(instance, self.g, sub)
+        moved = ownership.source_of(sub)
         try:
-            rev = run(ownership.claim(self.w.ledger, sub.key, mine, sub.moved_from, sub.attempt))
+            rev = run(ownership.claim(self.w.ledger, sub.entry(self.g), mine, sub.attempt, moved))
         except NatsTimeout:  # it may have landed: no answer until known (``resolve_claim``)
             self.doubtful.add(sub.key)
-            resolving = ownership.claim_until_known(self.w.ledger, sub.key, mine, sub.moved_from, sub.attempt,
+            resolving = ownership.claim_until_known(self.w.ledger, sub.entry(self.g), mine, sub.attempt, moved,
                                                     sleep, lambda: self.instance == instance)
             return self.w.spawn(self, resolving, lambda rev: self.claim_resolved(sub, rev, instance))
+        if rev is None and moved is not None:
+            return answer(Ack(False))  # not moved here: the mover keeps it
         if rev is None:
             return answer(Ack(True, duplicate=True))
         self.adopt(sub, rev, instance)
@@ -239,22 +250,20 @@ class Publisher(Service):
 
     def finish(self, seq: Held, kind: str) -> None:
         """``Publisher.answer``: send, with the settling write right behind (one write: a
-        death takes both or neither), then settle (or resolve, or give up); a request
-        offered to another group settles first and is sent only if won."""
+        death takes both or neither), then settle (or resolve, or give up)."""
         self.held.pop(seq.sub.key, None)
         self.answered.add(seq.sub.key)  # from now on a copy of it is a duplicate, whoever wins
         if not self.may_answer(seq):
             return self.give_up(seq)
         sub = seq.sub
-        sent = answers.answer_first(seq.d)
-        if sent:
-            self.w.check.record(self.w.t, self.name, sub.rid, kind)
-            self.unsettled.add(sub.rid)
+        sent = True
+        self.w.check.record(self.w.t, self.name, sub.rid, kind)
+        self.unsettled.add(sub.rid)
         self.settle(seq, kind, ownership.answered_by(self.instance, self.g, sub.rid, sub.client), sent)
 
     def settle(self, seq: Held, kind: str, done, sent: bool) -> None:
         still = answers.settle_guard(sent, lambda: self.may_answer(seq))
-        settling = ownership.settle(self.w.ledger, seq.sub.key, done, seq.d.ledger_rev, still, sleep)
+        settling = ownership.settle(self.w.ledger, seq.sub.entry(self.g), done, seq.d.ledger_rev, still, sleep)
         self.w.spawn(self, settling, lambda how: self.settled(seq, kind, done, sent, how))
 
     def settled(self, seq: Held, kind: str, done, sent: bool, how: str) -> None:
@@ -264,7 +273,7 @@ class Publisher(Service):
         if then == answers.TAKEN:
             self.w.paths["taken after sending" if sent else "taken"] += 1
         elif then == answers.RESOLVE:
-            resolving = ownership.resolve(self.w.ledger, seq.sub.key, done, sleep)
+            resolving = ownership.resolve(self.w.ledger, seq.sub.entry(self.g), done, sleep)
             self.w.spawn(self, resolving, lambda ours: self.settle_resolved(seq, kind, done, sent, ours))
         elif then == answers.GIVE_UP:
             self.give_up(seq, force=True)
@@ -317,23 +326,52 @@ class Publisher(Service):
                 self.finish(seq, "error")
 
     def move(self, seq: Held) -> None:
+        """``Moving.requeue`` to the next group: our entry says ``moved`` to it first, then
+        the offer; refused outright: held here again (and failed, as the sim's group
+        failure does); no answer: not ours any more (the target or ingest answers)."""
         self.move_token += 1
         seq.moving = token = self.move_token
-        seq.d.offered = True
         other = self.w.publishers[(self.g + 1) % len(self.w.publishers)]
-        sub = Sub(seq.sub.rid, seq.sub.client, seq.sub.reply, seq.sub.attempt, seq.sub.tokens, self.instance)
-        life = self.life
-        self.w.network(other.on_submit, sub, lambda ack: self.w.network(self.moved, life, seq, token, ack))
-        self.w.at(MOVE_TIMEOUT, self.moved, life, seq, token, None)
+        held = ownership.held_by(seq.d.owner, self.g, seq.sub)
+        offered = ownership.moved_to(held, other.g)
+        writing = ownership.rewrite(self.w.ledger, seq.sub.entry(self.g), offered, seq.d.ledger_rev, sleep)
+        self.w.spawn(self, writing, lambda rev: self.offer(seq, token, other, offered, rev))
 
-    def moved(self, life: int, seq: Held, token: int, ack: Ack | None) -> None:
+    def offer(self, seq: Held, token: int, other: "Publisher", offered, rev: int | None) -> None:
+        if seq.moving != token or seq.d.abandoned:
+            return
+        if rev is None:  # not handed over: it stays here
+            seq.moving = 0
+            return self.finish(seq, "error")
+        seq.d.ledger_rev = rev
+        sub = Sub(seq.sub.rid, seq.sub.client, seq.sub.reply, seq.sub.attempt, seq.sub.tokens, seq.d.owner, self.g)
+        life = self.life
+        self.w.network(other.on_submit, sub, lambda ack: self.w.network(self.moved, life, seq, token, offered, ack),
+                       once=True)
+        self.w.at(MOVE_TIMEOUT, self.moved, life, seq, token, offered, None)
+
+    def moved(self, life: int, seq: Held, token: int, offered, ack: Ack | None) -> None:
         if not self.live(life) or seq.moving != token or seq.d.abandoned:
             return
         seq.moving = 0
-        if ack is not None and ack.accepted:
-            self.held.pop(seq.sub.key, None)  # the other group answers it
-        else:
-            self.finish(seq, "error")
+        if ack is None or ack.accepted:
+            self.held.pop(seq.sub.key, None)  # the other group answers it, or ingest does
+            self.w.paths["move taken" if ack else "move unanswered"] += 1
+            return
+        back = ownership.taken_back(offered)
+        writing = ownership.rewrite(self.w.ledger, seq.sub.entry(self.g), back, seq.d.ledger_rev, sleep)
+        self.w.spawn(self, writing, lambda rev: self.taken_back(seq, rev))
+
+    def taken_back(self, seq: Held, rev: int | None) -> None:
+        if seq.d.abandoned:
+            return
+        if rev is None:  # left moved: ingest revokes the move and answers
+            self.held.pop(seq.sub.key, None)
+            self.w.paths["move not taken back"] += 1
+            return
+        seq.d.ledger_rev = rev
+        self.w.paths["move taken back"] += 1
+        self.finish(seq, "error")
 
 
 @dataclass
@@ -343,6 +381,8 @@ class Forward:
     at: int = 0  # index into groups
     tries: int = 0
     token: int = 0
+    name_rev: int = 0
+    unanswered: bool = False  # a try to the current group went unanswered
 
 
 class Ingest(Service):
@@ -352,7 +392,7 @@ class Ingest(Service):
 
     def start(self) -> None:
         super().start()
-        self.view = SweepView(fallback_ttl=TTL)
+        self.view = SweepView(fallback_ttl=TTL, move_grace=MOVE_GRACE)
         self.instance = self.new_instance()
         self.unsure: dict = {}
         self.handing: dict[str, Forward] = {}
@@ -371,7 +411,15 @@ class Ingest(Service):
         sub = Sub(rid, client, f"_INBOX.{client}.{rid}", f"{self.name}.{self.w.rng.getrandbits(32):08x}", tokens)
         if sub.key in self.handing:
             return  # a copy of a request being handed over now
-        self.handing[sub.key] = Forward(sub, self.w.rng.sample(range(len(self.w.publishers)), len(self.w.publishers)))
+        groups = self.w.rng.sample(range(len(self.w.publishers)), len(self.w.publishers))
+        try:  # ``Ingest.record_name``
+            how, rev = run(ownership.admit(self.w.ledger, sub.key, ownership.name_of(sub, groups[0]), client, rid))
+        except NatsTimeout:
+            return self.w.check.record(self.w.t, self.name, sub.rid, "refused")
+        if how == ownership.DUPLICATE:
+            self.w.paths["copy dropped by its name"] += 1
+            return
+        self.handing[sub.key] = Forward(sub, groups, name_rev=rev)
         self.submit(sub.key)
 
     def submit(self, key: str) -> None:
@@ -382,7 +430,8 @@ class Ingest(Service):
         publisher, life = self.w.publishers[fwd.groups[fwd.at]], self.life
         if not publisher.alive:  # no responders
             return self.w.at(0.0, self.on_ack, life, key, token, Ack(False))
-        self.w.network(publisher.on_submit, fwd.sub, lambda ack: self.w.network(self.on_ack, life, key, token, ack))
+        self.w.network(publisher.on_submit, fwd.sub, lambda ack: self.w.network(self.on_ack, life, key, token, ack),
+                       once=True)
         self.w.at(SUBMIT_TIMEOUT, self.on_ack, life, key, token, None)
 
     def on_ack(self, life: int, key: str, token: int, ack: Ack | None) -> None:
@@ -390,29 +439,40 @@ class Ingest(Service):
         if not self.live(life) or fwd is None or fwd.token != token:
             return  # a late answer: its request timed out
         if ack is None:  # no acknowledgement in time
+            fwd.unanswered = True
             if fwd.tries < SUBMIT_ATTEMPTS:
                 return self.submit(key)
+        if ack is None or (fwd.unanswered and not ack.accepted):  # ``Ingest.submit_to``: as unheard
             del self.handing[key]
-            return self.refuse_unheard(fwd.sub, fwd.groups[fwd.at])
+            return self.refuse_unheard(fwd, fwd.groups[fwd.at])
         if ack.accepted:  # its holder answers it now (for a duplicate: whoever holds the name)
             del self.handing[key]
             self.w.accepted.add(fwd.sub.rid)
             return
-        fwd.at, fwd.tries = fwd.at + 1, 0
+        fwd.at, fwd.tries, fwd.unanswered = fwd.at + 1, 0, False
         if fwd.at < len(fwd.groups):
             return self.submit(key)
         del self.handing[key]
+        try:  # ``Ingest.forget_name``
+            run(self.w.ledger.delete(key, fwd.name_rev))
+        except NatsTimeout:
+            pass
         self.w.check.record(self.w.t, self.name, fwd.sub.rid, "refused")
 
-    def refuse_unheard(self, sub: Sub, g: int) -> None:
-        """``Ingest.refuse_unheard``."""
-        refusing = ownership.refuse(self.w.ledger, sub.key, ownership.refused(sub, g), sleep)
-        self.w.spawn(self, refusing, lambda ours: self.refused(sub, ours))
+    def refuse_unheard(self, fwd: Forward, g: int) -> None:
+        """``Ingest.refuse_unheard`` (and ``rename``)."""
+        refusing = ownership.refuse(self.w.ledger, fwd.sub.entry(g), ownership.refused(fwd.sub, g), sleep)
+        self.w.spawn(self, refusing, lambda ours: self.refused(fwd, g, ours))
 
-    def refused(self, sub: Sub, ours: bool) -> None:
+    def refused(self, fwd: Forward, g: int, ours: bool) -> None:
         self.w.paths[f"refusal {'recorded' if ours else 'found the name taken'}"] += 1
         if ours:
-            self.w.check.record(self.w.t, self.name, sub.rid, "refused")
+            self.w.check.record(self.w.t, self.name, fwd.sub.rid, "refused")
+            if g != fwd.groups[0]:
+                try:
+                    run(self.w.ledger.swap_name(fwd.sub.key, ownership.name_of(fwd.sub, g), fwd.name_rev))
+                except NatsTimeout:
+                    pass
 
     def sweep(self, life: int) -> None:
         """``Ingest.sweep_loop``: ``ownership.sweep`` every ``RECONCILE``."""
@@ -427,7 +487,7 @@ class Ingest(Service):
     async def answer_lost(self, entry) -> None:
         if entry.rid in self.w.in_doubt.get(self.instance, ()):
             self.w.paths["sweep resolved: ours"] += 1
-        self.w.check.record(self.w.t, self.name, entry.rid, "publisher_lost")
+        self.w.check.record(self.w.t, self.name, entry.rid, "revoked" if entry.state == MOVED else "publisher_lost")
 
 
 @dataclass
@@ -497,12 +557,16 @@ class World:
     def on_unanswered(self, key: str, value: bytes | None) -> None:
         """A write landed and its answer was lost: if it won a terminal answer, its writer
         holds that answer without knowing it until it reads the entry back."""
-        entry = decode_entry(value) if value is not None and not key.startswith("lease.") else None
+        entry = decode_entry(value) if value is not None and key.startswith("r.") else None
         if entry is not None and entry.state == ANSWERED:
             self.in_doubt.setdefault(entry.owner, set()).add(entry.rid)
 
-    def network(self, fn, *args) -> None:
-        copies = 2 if self.faulty() and self.rng.random() < self.faults.duplicate else 1
+    def network(self, fn, *args, once: bool = False) -> None:
+        """Deliver a message late, reordered, twice or never. ``once``: a message between
+        services (a submit), which core NATS delivers at most once: a client's copy of a
+        request (its reconnect buffer sending it again) is a new message, a submit never
+        arrives twice."""
+        copies = 2 if not once and self.faulty() and self.rng.random() < self.faults.duplicate else 1
         for _ in range(copies):
             delay = self.deliver_at()
             if delay is not None:
@@ -511,7 +575,7 @@ class World:
     def on_change(self, key: str, rev: int, value: bytes | None) -> None:
         """The ledger's watch: every change reaches every live ingest, in order, late. A
         request held in the ledger is accepted, whoever knows it."""
-        entry = decode_entry(value) if value is not None and not key.startswith("lease.") else None
+        entry = decode_entry(value) if value is not None and key.startswith("r.") else None
         if entry is not None and entry.state == HELD:
             self.accepted.add(entry.rid)
         for ingest in self.ingest:
