@@ -349,7 +349,12 @@ def start(groups: int, ingest_from: str | None, mode: str, log_dir: Path, profil
     cluster.start_nats()
     env = cluster._service_env("ingest")  # noqa: SLF001 - the environment dpbus up gives ingest
     here = str(Path(__file__).resolve().parent.parent)
-    # python -m puts the working directory first on the path: ingest runs the code found there
+    if ingest_from:  # the other checkout's services/ and schemas/ as the dpbus package, ahead of this one's
+        shim = log_dir / "ingest-from" / "dpbus"
+        shim.mkdir(parents=True, exist_ok=True)
+        for part in ("services", "schemas"):
+            (shim / part).symlink_to(Path(ingest_from).resolve() / part)
+        env = {**env, "PYTHONPATH": str(shim.parent)}
     profiler = ["-m", "cProfile", "-o", profile] if profile else []
     ingest = spawn_in(cluster, "ingest", [sys.executable, *profiler, "-m", "dpbus.services.cli", "ingest"], env,
                       ingest_from or here)

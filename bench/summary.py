@@ -64,6 +64,9 @@ def delivery(out: dict) -> list[str]:
     return rows
 
 
+LEDGER_SPLIT = "4092778"  # the last revision before ingest recorded a name per request (issue 18)
+
+
 def ingest(out: dict) -> list[str]:
     rows = ["ingest routing: the real ingest process; stand-in publishers (2 groups) claim every request in the "
             "ledger and settle it (claim+settle) or only acknowledge it (ack)",
@@ -71,6 +74,7 @@ def ingest(out: dict) -> list[str]:
             "CPU us/request: ingest / stand-ins / nats / client | refused"]
     raw = None
     closed: dict[tuple[str, str], float] = {}
+    rate: dict[tuple[str, str], float] = {}
     for r in out["ingest"]["runs"]:
         raw = r
         for run in r["runs"]:
@@ -82,13 +86,19 @@ def ingest(out: dict) -> list[str]:
                         f"{cpu.get('client', 0):4.0f} | {sum(run['refused'].values())}")
             if not run["offered_per_s"]:
                 closed[(r["mode"], r["code"])] = cpu["ingest"]
+                rate[(r["mode"], r["code"])] = run["arrived_per_s"]
     for mode in ("claim+settle", "ack"):
         mine = closed.get((mode, "this checkout"))
-        before = [(code, us) for (m, code), us in closed.items() if m == mode and code != "this checkout"]
+        before = [(code, us) for (m, code), us in closed.items() if m == mode and code not in ("this checkout", LEDGER_SPLIT)]
         if mine and before:
             code, us = before[0]
             rows.append(f"  ingest CPU per request at saturation, {mode}: {code} {us:.0f} us -> this checkout "
                         f"{mine:.0f} us ({us / mine:.1f}x less; one core would route {1e6 / mine:.0f} requests/s)")
+    split, mine = rate.get(("claim+settle", LEDGER_SPLIT)), rate.get(("claim+settle", "this checkout"))
+    if split and mine:
+        rows.append(f"  accepted requests/s with the ledger in the path (claim+settle, closed loop): before the ledger "
+                    f"split ({LEDGER_SPLIT}: no name per request) {split:.0f} -> this checkout {mine:.0f} "
+                    f"({mine / split:.2f}x)")
     if raw:
         rtt, kv = raw["raw_nats_round_trip_ms"], raw.get("raw_kv_create_ms")
         rows.append(f"  raw NATS request/reply round trip on the same server: p50 {rtt['p50']:.3f} ms, p99 "

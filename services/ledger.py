@@ -141,6 +141,31 @@ def lease_key(instance: int, group: int) -> str:
     return f"lease.{group}.{instance}"
 
 
+CREATE_ONLY = {"Nats-Expected-Last-Subject-Sequence": "0"}  # the headers of a key-value create
+
+
+class PubAck(Struct):
+    """JetStream's answer to a publish into the bucket's stream."""
+
+    seq: int = 0
+    error: dict | None = None
+
+
+_pub_ack = msgspec.json.Decoder(PubAck)
+
+
+def created_revision(got: Any) -> int:
+    """The revision a create made, from JetStream's answer to it (bytes), or 0 when it made
+    none (the key exists, the bucket is full, no answer: ``got`` an exception)."""
+    if not isinstance(got, bytes):
+        return 0
+    try:
+        ack = _pub_ack.decode(got)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
+    return 0 if ack.error else ack.seq
+
+
 def encode(value: Struct) -> bytes:
     return _enc.encode(value)
 
@@ -389,6 +414,10 @@ class Ledger:
             return await self.kv.create(key, encode(entry)), None
         except KeyWrongLastSequenceError:
             return None, await self.get(key)
+
+    def subject(self, key: str) -> str:
+        """The subject a write of ``key`` is published on."""
+        return f"$KV.{self.bucket}.{key}"
 
     async def create_name(self, key: str, name: Name) -> tuple[int | None, tuple[int, Name | None] | None]:
         """Create the name ``key``: (its revision, None), or (None, the existing (revision,

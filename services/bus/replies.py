@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import nats.errors
 from nats.aio.client import Client
@@ -26,6 +26,7 @@ class Replies:
         self.waiting: dict[str, Callable[[Any], None]] = {}
         self.deadlines: dict[float, deque[tuple[float, str]]] = {}  # per time-out, in the order sent
         self.sent = 0
+        self.chained: set[asyncio.Future] = set()
         self._expirer: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -37,15 +38,17 @@ class Replies:
         if self._expirer is not None:
             self._expirer.cancel()
 
-    async def send(self, subject: str, data: bytes, timeout: float, done: Callable[[Any], None]) -> None:
+    async def send(self, subject: str, data: bytes, timeout: float, done: Callable[[Any], Awaitable[None] | None],
+                   headers: dict[str, str] | None = None) -> None:
         """Publish a request; ``done`` is called once, from the reply's delivery, with the
-        reply's body (bytes) or the exception (no responders, time-out)."""
+        reply's body (bytes) or the exception (no responders, time-out). What it returns,
+        if anything, is awaited there (e.g. the next request of a chain)."""
         self.sent += 1
         token = str(self.sent)
         self.waiting[token] = done
         self.deadlines.setdefault(timeout, deque()).append((asyncio.get_running_loop().time() + timeout, token))
         try:
-            await self.nc.publish(subject, data, reply=self.prefix + token)
+            await self.nc.publish(subject, data, reply=self.prefix + token, headers=headers)
         except BaseException:
             self.waiting.pop(token, None)
             raise
@@ -68,16 +71,22 @@ class Replies:
         if done is None:
             return
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            done(nats.errors.NoRespondersError())
+            then = done(nats.errors.NoRespondersError())
         else:
-            done(msg.data)
+            then = done(msg.data)
+        if then is not None:
+            await then
 
     def expire(self, now: float) -> None:
         for queue in self.deadlines.values():
             while queue and queue[0][0] <= now:
                 done = self.waiting.pop(queue.popleft()[1], None)
                 if done is not None:
-                    done(nats.errors.TimeoutError())
+                    then = done(nats.errors.TimeoutError())
+                    if then is not None:  # a chain goes on in a task (this loop keeps expiring)
+                        task = asyncio.ensure_future(then)
+                        self.chained.add(task)
+                        task.add_done_callback(self.chained.discard)
 
     async def _expire_loop(self) -> None:
         loop = asyncio.get_running_loop()

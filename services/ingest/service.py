@@ -17,7 +17,7 @@ import itertools
 import secrets
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Awaitable
 
 import nats.errors
 import nats.micro
@@ -30,7 +30,8 @@ from dpbus.services import bus, identity, ownership
 from dpbus.services import version as package_version
 from dpbus.services.lifecycle import unless_stopped
 from dpbus.services.errors import Rejected
-from dpbus.services.ledger import MOVED, NAME_GRACE, Entry, Ledger, Name, SweepView, ledger_full, name_key, request_key
+from dpbus.services.ledger import (CREATE_ONLY, MOVED, NAME_GRACE, Entry, Ledger, Name, SweepView, created_revision,
+                                   encode, ledger_full, name_key, request_key)
 from dpbus.services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from dpbus.services.model_config import model_config_for
 from dpbus.services.settings import IngestSettings
@@ -224,42 +225,61 @@ class Ingest:
         if why:
             await self.answer_error(reply, sub.encoding, ErrorCode.UNAVAILABLE, why, sub.rid)
             return
-        name_rev = await self.record_name(sub, groups[0])
-        if name_rev is None:
-            return
-        # the common case without a task: offer it to the first group; its acknowledgement
-        # settles it in the reply's callback, anything else goes on in ``offer``
-        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None, name_rev)
+        # the common case without a task: record its name in the ledger (a create, answered
+        # in a callback), offer it to the first group, whose acknowledgement settles it in
+        # the reply's callback; anything else goes on in a task (``name_slowly``, ``offer``)
+        h = Handover(sub, groups, len(sub.input_ids) + sub.sampling.max_new_tokens, pinned is not None, 0)
         self.handing[sub.key] = h
         self.client_handing[sub.client] = self.client_handing.get(sub.client, 0) + 1
-        g = sub.dp_rank = groups[0]
-        self.router.sent(g, h.cost, sub.input_ids)  # counted before any await, so a concurrent burst sees it
+        if sub.rid == sub.attempt:  # without a rid: never deduplicated, so never named (one write fewer)
+            await self.hand(h)
+            return
+        name = ownership.name_of(sub, groups[0])
         try:
-            await self.replies.send(self.subjects.submit(g), pack(sub), self.s.submit_timeout,
-                                    lambda got: self.first_answer(h, got))
+            await self.replies.send(self.ledger.subject(name_key(sub.client, sub.rid)), encode(name),
+                                    self.s.submit_timeout, lambda got: self.named(h, got), headers=CREATE_ONLY)
         except Exception as e:  # noqa: BLE001 - NATS away: the slow path answers it
-            self.first_answer(h, e)
+            self.named(h, e)
 
-    async def record_name(self, sub: Submit, g: int) -> int | None:
-        """Record the request's name in the ledger before any group sees it: its revision
-        (0 for a request without a rid: never deduplicated, so never named), or None when
-        it is a copy of a request held, being handed over or answered (dropped: the first
-        one's reply subject gets the answer) or the ledger cannot take it (answered)."""
-        if sub.rid == sub.attempt:
-            return 0
+    def named(self, h: "Handover", got: Any) -> Awaitable[None] | None:
+        """The ledger's answer to the create of ``h``'s name (a body, or why none came):
+        created, it goes to its first group; anything else (a copy, a retry after a
+        refusal, a time-out, a full bucket) is decided by ``ownership.admit`` in a task."""
+        rev = created_revision(got)
+        if rev:
+            h.name_rev = rev
+            return self.hand(h)
+        self.in_background(self.name_slowly(h))
+        return None
+
+    async def name_slowly(self, h: "Handover") -> None:
+        sub = h.sub
         try:
-            how, rev = await ownership.admit(self.ledger, name_key(sub.client, sub.rid), ownership.name_of(sub, g),
-                                             sub.client, sub.rid)
+            how, rev = await ownership.admit(self.ledger, name_key(sub.client, sub.rid),
+                                             ownership.name_of(sub, h.groups[0]), sub.client, sub.rid)
         except Exception as e:  # noqa: BLE001 - no ledger, no acceptance
+            self.handed(h)
             full = ledger_full(e)
             await self.answer_error(sub.reply, sub.encoding, ErrorCode.OVERLOADED if full else ErrorCode.UNAVAILABLE,
                                     "the request ledger is full" if full else f"the request ledger is unreachable: {e!r}",
                                     sub.rid)
-            return None
-        if how == ownership.DUPLICATE:
+            return
+        if how == ownership.DUPLICATE:  # a copy: the first one's reply subject gets the answer
             self.errors["duplicate_request"] += 1
-            return None
-        return rev
+            self.handed(h)
+            return
+        h.name_rev = rev
+        await self.hand(h)
+
+    async def hand(self, h: "Handover") -> None:
+        """Offer a named request to its first group."""
+        g = h.sub.dp_rank = h.groups[0]
+        self.router.sent(g, h.cost, h.sub.input_ids)  # counted before any await, so a concurrent burst sees it
+        try:
+            await self.replies.send(self.subjects.submit(g), pack(h.sub), self.s.submit_timeout,
+                                    lambda got: self.first_answer(h, got))
+        except Exception as e:  # noqa: BLE001 - NATS away: the slow path answers it
+            self.first_answer(h, e)
 
     async def forget_name(self, h: "Handover") -> None:
         """Every group refused the request outright: nothing holds it, so its name goes (a
