@@ -420,6 +420,62 @@ async def test_a_move_its_target_never_took_is_revoked_and_answered_once(nats_se
     assert still == taker and ing.view.stale_moves(100.0) == []
 
 
+async def test_a_move_acknowledged_late_runs_in_one_group_only(nats_server):
+    """Group 0, not whole, offered a queued request to group 1, whose submit endpoint was
+    stalled past the mover's 2 s wait. Group 0 used to put the request back in its queue
+    without a word to the ledger, and once group 1 claimed it late and group 0 was whole
+    again, both ran it: two streams, two terminals. Now group 0's entry says ``moved`` to
+    group 1 before the offer, so group 0 drops a move it heard nothing back from; group 1's
+    late claim wins and the client gets one stream and one terminal."""
+    run, nc = Running(), await nats_server.connect("admin")
+    mover, target = publisher(nats_server, 0), publisher(nats_server, 1)
+    take = target.on_submit
+
+    async def stalled(req):  # the target's submit endpoint is backed up
+        await asyncio.sleep(3.0)
+        await take(req)
+
+    target.on_submit = stalled
+    run.start(mover)
+    run.start(target)
+    await fake_workers(nc, [1], run.stop)
+    await until(lambda: target.ready() and mover.lease.valid(time.monotonic()), 5)
+    ledger = await Ledger.open(nc, PREFIX)
+    inbox, answers = await answers_on(nc)
+    sub = submit("late-ack", inbox, g=0, tokens=3)
+    seq = mover.new_sequence(sub)  # held by group 0, queued while it is not whole
+    rev, _ = await ledger.claim(request_key(0, sub.client, sub.rid), ownership.held_by(mover.instance, 0, sub))
+    seq.delivery.ledger_rev, seq.delivery.owner = rev, mover.instance
+    mover.sched.waiting.append(seq)
+    await until(lambda: mover.counts["moves_unanswered"] == 1, 10)
+    stepped: list[int] = []
+
+    async def on_step(msg):  # group 0 is whole again: a worker runs whatever it is given
+        step = msgspec.msgpack.decode(msg.data, type=Step)
+        stepped.extend(len(item.token_ids) for item in step.prefill)
+        await nc.publish(SUBJ.result(0, 0), pack(answer(step, 0)))
+
+    async def beat():
+        while not run.stop.is_set():
+            await nc.publish(SUBJ.heartbeat(0, 0), pack(Heartbeat(0, 0, 0, True, 0, 0, time.time())))
+            await asyncio.sleep(0.1)
+
+    await nc.subscribe(SUBJ.step(0), cb=on_step)
+    beating = asyncio.create_task(beat())
+    await answers.until_terminal(10)
+    await asyncio.sleep(1.5)  # a second stream or terminal would have come by now
+    whole = mover.ready()
+    _, source = await ledger.get(request_key(0, sub.client, sub.rid))
+    _, taken = await ledger.get(request_key(1, sub.client, sub.rid))
+    await run.close()
+    beating.cancel()
+    await nc.close()
+    answers.check_one_terminal_last()
+    assert isinstance(answers.got[-1], Done) and answers.got[-1].dp_rank == 1, answers.got
+    assert whole and stepped == [], "group 0 ran the request it had moved"
+    assert source.state == MOVED and source.to == 1 and taken.state == ANSWERED and taken.owner == target.instance
+
+
 async def test_a_lagging_watch_does_not_answer_for_a_holder_that_renews(nats_server):
     """While a NATS cluster elects the bucket's new leader, ingest's watch may stall while
     a publisher's renewals are acknowledged: ingest answered ``publisher_lost`` for a
