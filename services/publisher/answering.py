@@ -64,6 +64,9 @@ class Answering:
             self.give_up(seq, "the lease expired")
             return
         await self.stream_unsent(seq)  # what was sampled goes out before the end (an abort, a failure)
+        if not self.may_answer(seq):  # the lease lapsed while that last chunk waited for the connection
+            self.give_up(seq, "the lease expired")
+            return
         d = seq.delivery
         data = encode_answer(msg, d.encoding)
         sent = await self.outbox.publish_now(d.reply, data, still=lambda: self.resend(seq))
