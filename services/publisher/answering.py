@@ -79,22 +79,26 @@ class Answering:
         the lease says meanwhile (winning late still keeps ingest from answering too); one
         not sent goes out only if this instance wins. A write whose outcome is unknown is
         resolved off the step path."""
-        still = answers.settle_guard(sent, lambda: self.may_answer(seq))
-        how = await ownership.settle(self.ledger, key, done, seq.delivery.ledger_rev, still, asyncio.sleep)
-        then = answers.after_settle(seq.delivery, how, sent)
+        may = lambda: self.may_answer(seq)  # noqa: E731
+        then = await answers.settle_terminal(self.ledger, key, done, seq.delivery, sent, may, asyncio.sleep)
         if then == answers.RESOLVE:
             self.log.warning("settle_unknown", rid=seq.rid)
             task = asyncio.create_task(self.answer_if_ours(seq, key, done, data, sent, count))
             self.resolving.add(task)
             task.add_done_callback(self.resolving.discard)
-        elif then == answers.GIVE_UP:
-            self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
         else:
             await self.settled(seq, then, data, sent, count)
 
     async def settled(self, seq: Sequence, then: str, data: bytes, sent: bool, count: str) -> None:
-        """The settling write ended: won (``answers.SEND``: the answer goes now, or ``DONE``)
-        or taken by someone else."""
+        """The settling write ended: won (``answers.SEND``: the answer goes now, or ``DONE``),
+        taken by someone else, or not ours any more (given up)."""
+        if then == answers.GIVE_UP_ALL:
+            self.give_up(seq, "the request ledger stayed unreachable while settling an answer", force=True)
+            return
+        if then == answers.GIVE_UP:
+            self.log.warning("settle_not_landed", rid=seq.rid)
+            self.give_up(seq, "a settling write did not land")
+            return
         if then == answers.TAKEN:
             self.counts["taken"] += 1
             # after an answer of ours went out, only a ledger out of reach for longer than
@@ -111,17 +115,12 @@ class Answering:
         return answers.may_resend(seq.delivery, self.may_answer(seq))
 
     async def answer_if_ours(self, seq: Sequence, key: str, done: Any, data: bytes, sent: bool, count: str) -> None:
-        ours = await ownership.resolve(self.ledger, key, done, asyncio.sleep)
-        then = answers.after_resolve(seq.delivery, ours, sent, self.may_answer(seq))
-        if then == answers.AGAIN:
-            self.log.warning("settle_not_landed", rid=seq.rid, trying="again")
-            await self.settle_answer(seq, key, done, data, sent, count)
-        elif then == answers.GIVE_UP:
-            self.log.warning("settle_not_landed", rid=seq.rid)
-            self.give_up(seq, "a settling write did not land")
-        else:
+        then = await answers.resolve_terminal(
+            self.ledger, key, done, seq.delivery, sent, lambda: self.may_answer(seq), asyncio.sleep,
+            again=lambda: self.log.warning("settle_not_landed", rid=seq.rid, trying="again"))
+        if then in (answers.SEND, answers.DONE):
             self.log.info("settle_resolved", rid=seq.rid)
-            await self.settled(seq, then, data, sent, count)
+        await self.settled(seq, then, data, sent, count)
 
     def give_up(self, seq: Sequence, why: str, force: bool = False) -> None:
         """``seq`` may not be answered from here: give up every request of its instance (once)."""

@@ -18,7 +18,9 @@ The answer protocol (the publisher service does the I/O; the protocol simulation
   comes back only when the other group refused it, held here again at a new revision);
 * the settling write is retried while ``settle_guard`` holds: always for an answer sent
   already, else while the request may be answered;
-* ``after_settle``/``after_resolve`` say what a settling write's outcome leads to; a won
+* ``settle_terminal`` makes the settling write, ``resolve_terminal`` follows one whose
+  outcome is unknown to its end (the publisher off its step path);
+  ``after_settle``/``after_resolve`` say what a settling write's outcome leads to; a won
   answer (``won``) is sent (again) when it did not go first or was withdrawn (lost with a
   connection while this instance could no longer answer: ``may_resend``).
 """
@@ -97,6 +99,7 @@ class Delivery:
 
 # what comes after a settling write (``after_settle``) or a write in doubt (``after_resolve``)
 SEND, DONE, TAKEN, RESOLVE, AGAIN, GIVE_UP = "send", "done", "taken", "resolve", "again", "give up"
+GIVE_UP_ALL = "give up all"  # the ledger stayed out of reach while settling: give up every request
 
 
 def may_answer(d: Delivery, instance: int, lease_valid: bool) -> bool:
@@ -133,6 +136,31 @@ def after_resolve(d: Delivery, ours: bool, sent: bool, may: bool) -> str:
     if ours:
         return won(d, sent)
     return AGAIN if may else GIVE_UP
+
+
+async def settle_terminal(ledger, key: str, done, d: Delivery, sent: bool, may: Callable[[], bool], sleep) -> str:
+    """One settling write of a terminal answer (``ownership.settle``, from the held
+    revision to ``done``) and what it leads to: ``SEND``, ``DONE``, ``TAKEN``, ``RESOLVE``
+    (its outcome is unknown: ``resolve_terminal``) or ``GIVE_UP_ALL``. ``may``: the request
+    may still be answered from here. The publisher and the simulation both run it."""
+    how = await ownership.settle(ledger, key, done, d.ledger_rev, settle_guard(sent, may), sleep)
+    then = after_settle(d, how, sent)
+    return GIVE_UP_ALL if then == GIVE_UP else then
+
+
+async def resolve_terminal(ledger, key: str, done, d: Delivery, sent: bool, may: Callable[[], bool], sleep,
+                           again: Callable[[], None] = lambda: None) -> str:
+    """A settling write in doubt, to its end: read it back (``ownership.resolve``); while
+    it did not land and the request may still be answered, settle again (``again`` is
+    told). ``SEND``, ``DONE``, ``TAKEN``, ``GIVE_UP`` (ours no longer) or ``GIVE_UP_ALL``."""
+    while True:
+        then = after_resolve(d, await ownership.resolve(ledger, key, done, sleep), sent, may())
+        if then != AGAIN:
+            return then
+        again()
+        then = await settle_terminal(ledger, key, done, d, sent, may, sleep)
+        if then != RESOLVE:
+            return then
 
 
 def won(d: Delivery, sent: bool) -> str:

@@ -7,11 +7,13 @@ faults are on; services are killed and restarted, and groups fail. The ledger is
 ``dpbus.services.ledger.Ledger`` on a ``MemoryKV``; every ledger call is atomic within one event.
 
 What the services decide is decided by the production code: ``dpbus.services.ownership``
-(take over, settle, may answer, refuse), the publisher's answer protocol
-(``dpbus.services.publisher.answers``: when to answer, settle, resolve or give up, on the
-publisher's own ``Delivery`` records), ``LeaseClock`` (a publisher's lease) and
-``SweepView`` (ingest's view of leases and held requests, and which are orphans). This
-module only sequences the calls the services make, and records what they send. A ledger
+(admit a name, claim, hand over and take back, settle, may answer, refuse, sweep and
+revoke), the publisher's answer protocol (``dpbus.services.publisher.answers``: when to
+answer, the settling write and its resolution to the end, ``settle_terminal`` and
+``resolve_terminal``, or giving up, on the publisher's own ``Delivery`` records),
+``LeaseClock`` (a publisher's lease) and ``SweepView`` (ingest's view of leases, names and
+held requests, and which are orphans or moves to revoke). This module only delivers the
+messages between those calls, and records what the services send. A ledger
 call may time out while faults are on, lost or applied without an answer; the services
 react as theirs do (a publisher rejects the submit or retries its settle, ingest gives up
 the sweep until the next one).
@@ -262,35 +264,26 @@ class Publisher(Service):
         self.settle(seq, kind, ownership.answered_by(self.instance, self.g, sub.rid, sub.client), sent)
 
     def settle(self, seq: Held, kind: str, done, sent: bool) -> None:
-        still = answers.settle_guard(sent, lambda: self.may_answer(seq))
-        settling = ownership.settle(self.w.ledger, seq.sub.entry(self.g), done, seq.d.ledger_rev, still, sleep)
-        self.w.spawn(self, settling, lambda how: self.settled(seq, kind, done, sent, how))
+        """``Answering.settle_answer``: the production ``answers.settle_terminal``, then
+        (its outcome unknown) ``answers.resolve_terminal``, then what they lead to."""
+        may = lambda: self.may_answer(seq)  # noqa: E731
+        settling = answers.settle_terminal(self.w.ledger, seq.sub.entry(self.g), done, seq.d, sent, may, sleep)
+        self.w.spawn(self, settling, lambda then: self.settled(seq, kind, done, sent, then))
 
-    def settled(self, seq: Held, kind: str, done, sent: bool, how: str) -> None:
-        then = answers.after_settle(seq.d, how, sent)
-        if then != answers.RESOLVE:
-            self.unsettled.discard(seq.sub.rid)
+    def settled(self, seq: Held, kind: str, done, sent: bool, then: str, resolved: bool = False) -> None:
+        """``Answering.settled``."""
+        if then == answers.RESOLVE:  # ``Answering.answer_if_ours``
+            resolving = answers.resolve_terminal(self.w.ledger, seq.sub.entry(self.g), done, seq.d, sent,
+                                                 lambda: self.may_answer(seq), sleep)
+            return self.w.spawn(self, resolving, lambda then: self.settled(seq, kind, done, sent, then, True))
+        self.unsettled.discard(seq.sub.rid)  # what its settling write did is known now
         if then == answers.TAKEN:
             self.w.paths["taken after sending" if sent else "taken"] += 1
-        elif then == answers.RESOLVE:
-            resolving = ownership.resolve(self.w.ledger, seq.sub.entry(self.g), done, sleep)
-            self.w.spawn(self, resolving, lambda ours: self.settle_resolved(seq, kind, done, sent, ours))
-        elif then == answers.GIVE_UP:
-            self.give_up(seq, force=True)
+        elif then in (answers.GIVE_UP, answers.GIVE_UP_ALL):
+            self.give_up(seq, force=then == answers.GIVE_UP_ALL)
         else:
-            self.won(seq, kind, done, then)
-
-    def settle_resolved(self, seq: Held, kind: str, done, sent: bool, ours: bool) -> None:
-        may = self.may_answer(seq)
-        then = answers.after_resolve(seq.d, ours, sent, may)
-        if ours or not may:
-            self.unsettled.discard(seq.sub.rid)
-        if then == answers.AGAIN:
-            self.settle(seq, kind, done, sent)
-        elif then == answers.GIVE_UP:
-            self.give_up(seq)
-        else:
-            self.w.paths["settle resolved: ours"] += 1
+            if resolved:
+                self.w.paths["settle resolved: ours"] += 1
             self.won(seq, kind, done, then)
 
     def won(self, seq: Held, kind: str, done, then: str) -> None:
