@@ -292,17 +292,7 @@ async def sweep(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]],
         if got is not None:
             view.update(lease_key(owner, group), got[0], got[1], now)
     for key, rev, entry in view.orphans(now):
-        mine = answered_by(instance, entry.group, entry.rid, entry.client)
-        try:
-            won = await ledger.swap(key, mine, rev)
-        except Exception as e:
-            if not certainly_not_applied(e):
-                unsure[key] = (mine, entry)
-            raise
-        if won is not None:
-            await answer_lost(entry)
-        else:  # changed since the view saw it, or the view missed a change: look again
-            await look_again(ledger, view, key, now)
+        await answer_for(ledger, view, unsure, instance, key, rev, entry, now, answer_lost)
     for key, rev, entry in view.stale_moves(now):
         await revoke(ledger, view, unsure, instance, key, rev, entry, now, answer_lost)
     for key, rev in [*view.stale_settled(now), *view.stale_names(now), *view.dead_leases(now)]:
@@ -325,6 +315,14 @@ async def revoke(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]]
         if theirs.state not in (REFUSED, CORRUPT) or await ledger.swap(target, closed, last) is None:
             await look_again(ledger, view, target, now)  # the target took it: its holder answers
             return
+    await answer_for(ledger, view, unsure, instance, key, rev, entry, now, answer_lost)
+
+
+async def answer_for(ledger, view: SweepView, unsure: dict[str, tuple[Entry, Entry]], instance: int, key: str,
+                     rev: int, entry: Entry, now: float, answer_lost: Callable[[Entry], Awaitable[None]]) -> None:
+    """Win ``key`` (at ``rev``) for this ingest and answer its client. A write that did not
+    answer goes to ``unsure`` (read back first by the next sweep); one that lost (the entry
+    changed since the view saw it, or the view missed a change) has the entry read again."""
     mine = answered_by(instance, entry.group, entry.rid, entry.client)
     try:
         won = await ledger.swap(key, mine, rev)

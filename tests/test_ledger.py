@@ -142,6 +142,17 @@ def publisher(server, g: int, **kw) -> Publisher:
     return Publisher(s, LOG)
 
 
+async def sweeping_ingest(server):
+    """An ingest whose sweeps the test calls itself (not running): its admin connection,
+    a client's, the ingest and the ledger."""
+    nc = await server.connect("admin")
+    client = await server.connect("client")
+    ing = ingest(server)
+    ing.nc, ing.outbox = nc, bus.ClientOutbox(nc, LOG)
+    ing.ledger = await Ledger.open(nc, PREFIX)
+    return nc, client, ing, ing.ledger
+
+
 class Running:
     """Services run in this process, stopped (and awaited) at the end."""
 
@@ -385,11 +396,7 @@ async def test_a_move_its_target_never_took_is_revoked_and_answered_once(nats_se
     Past ``move_grace`` ingest closes group 1's entry (group 1 can no longer claim it),
     wins the mover's entry and answers ``unavailable`` once; a move whose target took it is
     left to its holder."""
-    nc = await nats_server.connect("admin")
-    client = await nats_server.connect("client")
-    ing = ingest(nats_server)
-    ing.nc, ing.outbox = nc, bus.ClientOutbox(nc, LOG)
-    ing.ledger = ledger = await Ledger.open(nc, PREFIX)
+    nc, client, ing, ledger = await sweeping_ingest(nats_server)
     inbox, answers = await answers_on(client)
     entries = {}
     for rid in ("never-taken", "taken"):
@@ -598,11 +605,7 @@ async def test_a_sweep_whose_write_landed_unanswered_answers_once(nats_server):
     """Ingest's compare-and-set to answered (for a holder whose lease lapsed) landed with
     its answer lost; the sweep failed, and the next one saw the entry settled and moved
     on: nobody answered. Now the next sweep reads its own write back first and answers."""
-    nc = await nats_server.connect("admin")
-    client = await nats_server.connect("client")
-    ing = ingest(nats_server)
-    ing.nc, ing.outbox = nc, bus.ClientOutbox(nc, LOG)
-    ing.ledger = ledger = await Ledger.open(nc, PREFIX)
+    nc, client, ing, ledger = await sweeping_ingest(nats_server)
     inbox, answers = await answers_on(client)
     key = request_key(0, "_INBOX.client", "swept")
     held = Entry(HELD, 5151, 0, "swept", "_INBOX.client", inbox)
