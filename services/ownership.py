@@ -254,7 +254,8 @@ async def claim_until_known(ledger, key: str, mine: Entry, attempt: str, moved: 
 
 
 async def refuse(ledger, key: str, mine: Entry, sleep: Sleep, attempts: int = REFUSE_ATTEMPTS) -> bool | None:
-    """Record ``mine`` (a ``refused`` entry) unless the name is taken: True when the refusal
+    """Record ``mine`` (a ``refused`` entry) unless the name is taken (an earlier attempt's
+    refusal does not take it): True when the refusal
     is recorded (the refuser answers the client), False when someone holds or answered the
     request (they answer it), None when the ledger did not answer ``attempts`` times (the
     caller asks the group instead: see ``Ingest.refuse_unheard``)."""
@@ -268,9 +269,20 @@ async def refuse(ledger, key: str, mine: Entry, sleep: Sleep, attempts: int = RE
             continue
         if rev is not None:
             return True
-        if existing is not None:
-            return ours(existing, mine)  # our earlier try landed unanswered
-        # deleted between create and get: create again
+        if existing is None:
+            continue  # deleted between create and get: create again
+        if ours(existing, mine):
+            return True  # our earlier try landed unanswered
+        last, theirs = existing
+        if not may_take_over(theirs, mine.attempt):
+            return False  # held or answered: its holder answers
+        # an earlier attempt's refusal (or a value that is no entry): nobody holds this
+        # attempt, so its refusal takes the entry over (a retry is refused, not silenced)
+        try:
+            if await ledger.swap(key, mine, last) is not None:
+                return True
+        except Exception:  # noqa: BLE001 - as a create that did not answer: read it back
+            await sleep(RESOLVE_EVERY)
     return None
 
 

@@ -256,6 +256,37 @@ async def test_no_acknowledgement_and_nobody_holds_it_is_answered_once_and_a_lat
     assert ack.accepted and ack.duplicate and pub.counts["steps"] == 0
 
 
+async def test_a_retry_of_a_request_refused_for_want_of_an_acknowledgement_is_answered_too(nats_server):
+    """Ingest recorded ``refused`` for a submit nobody acknowledged and answered
+    ``unavailable``; the client's retry (same rid: a new attempt) went unacknowledged too,
+    and its refusal found the first attempt's entry, took it for someone else's and
+    answered nobody: silence for 120 s. Now a refusal takes an earlier attempt's over."""
+    run, nc = Running(), await nats_server.connect("admin")
+    front = ingest(nats_server, dp_size=1)
+    run.start(front)
+    submits: list[Submit] = []
+
+    async def deaf(msg):  # the group never acknowledges
+        submits.append(msgspec.msgpack.decode(msg.data, type=Submit))
+
+    await nc.subscribe(SUBJ.submit(0), cb=deaf)
+    await until(front.listening.is_set, 5)
+    ledger = await Ledger.open(nc, PREFIX)
+    got = []
+    for _ in range(2):
+        inbox, answers = await answers_on(nc)
+        await request(nc, inbox, "refused-twice")
+        await answers.until_terminal(5)
+        answers.check_one_terminal_last()
+        got.append(answers.got[-1])
+    _, entry = await ledger.get(request_key(0, submits[-1].client, "refused-twice"))
+    await run.close()
+    await nc.close()
+    assert [a.code.value for a in got] == ["unavailable", "unavailable"], got
+    assert len({s.attempt for s in submits}) == 2  # two attempts, each refused
+    assert entry.state == "refused" and entry.attempt == submits[-1].attempt
+
+
 async def test_a_retry_after_overloaded_on_the_same_inbox_is_a_new_attempt(nats_server):
     """The same bytes on the same reply subject were dropped for 120 s as a redelivered
     copy: a client retrying after ``overloaded`` heard nothing more."""
