@@ -44,7 +44,7 @@ def run(concurrencies=(8, 32), requests: int = 64, rounds: int = 3) -> dict:
         async def measure() -> None:
             ncs = {k: await bus.connect_client(c.nats_url, auth=c.auth("client")) for k, c in clusters.items()}
             try:
-                warm = b.Workload(requests=8, concurrency=8, seed=99)
+                warm = b.warm_up_workload(workloads[concurrencies[0]], 8)
                 for nc in ncs.values():
                     await b.bench_system(nc, warm)
                 b.bench_engine(warm, engine)

@@ -345,14 +345,20 @@ def cmd_bench(a: argparse.Namespace) -> int:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("engine only" if a.engine_only else "requests", total=w.requests)
         tick = lambda: bar.advance(task)  # noqa: E731
+        warm = b.warm_up_workload(w, a.warmup_requests)
         if a.engine_only:
             use_local_devices(a.local_devices)
             settings = st.build(st.WorkerSettings, a, seed=int(os.environ.get("DPBUS_SEED", 0)))
-            result = b.bench_engine(w, b.load_engine(settings), tick, a.steps_in_flight)
+            engine = b.load_engine(settings)
+            if warm is not None:
+                b.bench_engine(warm, engine, steps_in_flight=a.steps_in_flight)
+            result = b.bench_engine(w, engine, tick, a.steps_in_flight)
         else:
             async def main() -> dict:
                 nc = await bus.connect_client(*client_target(a))
                 try:
+                    if warm is not None:
+                        await b.bench_system(nc, warm, a.prefix)
                     return await b.bench_system(nc, w, a.prefix, tick)
                 finally:
                     await nc.close()
@@ -481,6 +487,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--rate", type=float, default=0.0, help="requests/s, Poisson arrivals (0: use --concurrency)")
     q.add_argument("--seed", type=int, default=0, help="the workload's seed: lengths and prompts (default 0)")
     q.add_argument("--json", default=None, help="also write the results here")
+    q.add_argument("--warmup-requests", type=int, default=8,
+                   help="requests sent first and not measured (default 8; 0: none): a first run after start-up "
+                        "would otherwise time what it compiles or loads")
     q.add_argument("--engine-only", action="store_true",
                    help="the same workload through the scheduler and model runner in this process, no bus")
     q.add_argument("--local-devices", type=int, default=0,
