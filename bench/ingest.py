@@ -362,8 +362,12 @@ def start(groups: int, ingest_from: str | None, mode: str, log_dir: Path, profil
                                              "--url", cluster.nats_url, "--credentials",
                                              str(log_dir / "nats" / "credentials.json")]
                        + ["--mode", mode], {}, here)
-    wait_line(standin, "standins ready", 30)
-    asyncio.run(wait_ingest(cluster))
+    try:
+        wait_line(standin, "standins ready", 30)
+        asyncio.run(wait_ingest(cluster))
+    except BaseException:  # e.g. an older ingest that does not start: stop what did
+        cluster.stop()
+        raise
     return cluster, {"ingest": ingest.popen.pid, "standins": standin.popen.pid,
                      "nats-server": cluster.procs[0].popen.pid}
 
