@@ -13,8 +13,8 @@
 * delivery: dpbus's ordered step delivery while serving, groups of 1 and 2 processes
   (``bench/delivery.py``): the time the bus adds between two forwards;
 * ingest: routing capacity and latency of the real ingest with stand-in publishers
-  (``bench/ingest.py``), this checkout next to the code before the ledger split (the
-  name ingest records per request: the accepted requests/s it costs);
+  (``bench/ingest.py``), this checkout next to the code before issue 10 and before the
+  ledger split (the name ingest records per request: the accepted requests/s it costs);
 * serving: the whole system against the engine alone at concurrency 8 and 32
   (``bench/serving.py``);
 * memory: resident memory of every process of a running dpbus (``bench/memory.py``);
@@ -229,10 +229,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 PARTS = ("model", "transports", "delivery", "ingest", "serving", "memory", "multiturn", "fairness")
-# ingest before the ledger split (issue 18: ingest records each request's name, one more
-# ledger write), measured next to this checkout's. (Ingest before issue 10, b8a66f6, no
-# longer starts in today's deployment: per-client accounts, its own answering user.)
-INGEST_BASELINE = "4092778"
+# ingest before issue 10's work on its hot path, and before the ledger split (issue 18:
+# ingest records each request's name, one more ledger write): measured next to this checkout's
+INGEST_BASELINE = "b8a66f6,4092778"
 
 
 def checkout(rev: str) -> str | None:
@@ -270,7 +269,7 @@ def bench_ingest(baselines: str) -> dict:
             for label, where in sources:
                 try:
                     r = ingest.run(mode=mode, ingest_from=where, label=f"{label}, stand-ins: {mode}")
-                except RuntimeError as e:  # an old revision that does not start any more
+                except RuntimeError as e:  # a baseline that did not come up: say so, measure the rest
                     if where is None:
                         raise
                     print(f"ingest baseline {label}: {e}; not measured")
