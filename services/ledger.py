@@ -406,56 +406,36 @@ class Ledger:
                 await asyncio.sleep(min(0.5 * attempt, 2.0))
         raise AssertionError("unreachable")
 
-    async def claim(self, key: str, entry: Entry) -> tuple[int | None, tuple[int, Entry] | None]:
-        """Create ``key``: (its revision, None), or (None, the existing (revision, entry))."""
+    async def claim(self, key: str, value: Entry | Name) -> tuple[int | None, tuple[int, Any] | None]:
+        """Create ``key`` (a request entry, or a name): (its revision, None), or (None, the
+        existing (revision, entry or name)); (None, None) when it was deleted meanwhile."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         try:
-            return await self.kv.create(key, encode(entry)), None
+            return await self.kv.create(key, encode(value)), None
         except KeyWrongLastSequenceError:
-            return None, await self.get(key)
+            return None, await (self.get_name(key) if isinstance(value, Name) else self.get(key))
 
     def subject(self, key: str) -> str:
         """The subject a write of ``key`` is published on."""
         return f"$KV.{self.bucket}.{key}"
 
-    async def create_name(self, key: str, name: Name) -> tuple[int | None, tuple[int, Name | None] | None]:
-        """Create the name ``key``: (its revision, None), or (None, the existing (revision,
-        name or None when it does not decode)) (None for both: deleted meanwhile)."""
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        try:
-            return await self.kv.create(key, encode(name)), None
-        except KeyWrongLastSequenceError:
-            return None, await self.get_name(key)
+    async def get(self, key: str) -> tuple[int, Entry] | None:
+        """The current (revision, entry) of ``key``: ``CORRUPT`` for a value that is no entry."""
+        got = await self.read(key)
+        return None if got is None else (got[0], read_entry(got[1]))
 
     async def get_name(self, key: str) -> tuple[int, Name | None] | None:
+        """The current (revision, name) of ``key``: None for a value that is no name."""
         got = await self.read(key)
         return None if got is None else (got[0], read_name(got[1]))
 
-    async def swap_name(self, key: str, name: Name, last: int) -> int | None:
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        try:
-            return await self.kv.update(key, encode(name), last=last)
-        except KeyWrongLastSequenceError:
-            return None
-
-    async def get(self, key: str) -> tuple[int, Entry] | None:
-        from nats.js.errors import KeyNotFoundError
-
-        try:
-            got = await self.kv.get(key)
-        except KeyNotFoundError:  # KeyDeletedError is one
-            return None
-        return got.revision, read_entry(got.value)
-
-    async def swap(self, key: str, entry: Entry, last: int) -> int | None:
+    async def swap(self, key: str, value: Entry | Name, last: int) -> int | None:
         """Compare-and-set: the new revision, or None when ``key`` changed since ``last``."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         try:
-            return await self.kv.update(key, encode(entry), last=last)
+            return await self.kv.update(key, encode(value), last=last)
         except KeyWrongLastSequenceError:
             return None
 

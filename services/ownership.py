@@ -169,7 +169,7 @@ async def admit(ledger, key: str, mine: Name, client: str, rid: str) -> tuple[st
     is read back first: it may have landed)."""
     for _ in range(3):
         try:
-            rev, existing = await ledger.create_name(key, mine)
+            rev, existing = await ledger.claim(key, mine)
         except Exception as e:
             if certainly_not_applied(e):
                 raise
@@ -190,7 +190,7 @@ async def admit(ledger, key: str, mine: Name, client: str, rid: str) -> tuple[st
             got = await ledger.get(request_key(theirs.group, client, rid))
             if got is None or got[1].state != REFUSED or got[1].attempt != theirs.attempt:
                 return DUPLICATE, 0
-        took = await ledger.swap_name(key, mine, last)
+        took = await ledger.swap(key, mine, last)
         if took is not None:
             return NEW, took
     return DUPLICATE, 0

@@ -40,6 +40,7 @@ from dpbus.services.topology import dp_groups
 
 VERSION = package_version()  # announced in NATS discovery
 SUBMIT_ATTEMPTS = 3
+LATER_ATTEMPTS = int(NAME_GRACE / ownership.RESOLVE_EVERY)  # background ledger writes, tried for NAME_GRACE at most
 REFUSE_ROUNDS = 4  # x ownership.REFUSE_ATTEMPTS tries to record a refusal, each round ending by asking the group
 INLINE_TOKENIZE = 16_384  # characters: a longer text is tokenized in a thread
 TEXT_BYTES_PER_TOKEN = 8  # no tokenizer needs more characters per token than this
@@ -296,7 +297,7 @@ class Ingest:
 
     async def retry(self, call) -> None:
         """Call ``call`` until the ledger answers, every ``RESOLVE_EVERY`` s, for ``NAME_GRACE`` at most."""
-        for _ in range(int(NAME_GRACE / ownership.RESOLVE_EVERY)):
+        for _ in range(LATER_ATTEMPTS):
             await asyncio.sleep(ownership.RESOLVE_EVERY)
             try:
                 await call()
@@ -315,7 +316,7 @@ class Ingest:
         if not h.name_rev or g == h.groups[0]:
             return
         try:
-            rev = await self.ledger.swap_name(name_key(h.sub.client, h.sub.rid), Name(h.sub.attempt, g), h.name_rev)
+            rev = await self.ledger.swap(name_key(h.sub.client, h.sub.rid), Name(h.sub.attempt, g), h.name_rev)
         except Exception as e:  # noqa: BLE001
             self.log.warning("name_not_moved", rid=h.sub.rid, error=repr(e))
             return
@@ -454,7 +455,7 @@ class Ingest:
     async def refuse_later(self, h: "Handover", g: int) -> None:
         sub = h.sub
         if await ownership.refuse(self.ledger, request_key(g, sub.client, sub.rid), ownership.refused(sub, g),
-                                  asyncio.sleep, attempts=int(NAME_GRACE / ownership.RESOLVE_EVERY)):
+                                  asyncio.sleep, attempts=LATER_ATTEMPTS):
             await self.rename(h, g)
 
     async def refuse_unheard(self, h: "Handover", g: int) -> bool:

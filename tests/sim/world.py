@@ -463,7 +463,7 @@ class Ingest(Service):
             self.w.check.record(self.w.t, self.name, fwd.sub.rid, "refused")
             if g != fwd.groups[0]:
                 try:
-                    run(self.w.ledger.swap_name(fwd.sub.key, ownership.name_of(fwd.sub, g), fwd.name_rev))
+                    run(self.w.ledger.swap(fwd.sub.key, ownership.name_of(fwd.sub, g), fwd.name_rev))
                 except NatsTimeout:
                     pass
 
