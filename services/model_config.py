@@ -50,6 +50,21 @@ class ModelConfig:
             if getattr(self, name) % tensor:
                 raise ValueError(f"{name}={getattr(self, name)} is not divisible by the tensor axis size {tensor}")
 
+    def check_world_size(self, data: int, tensor: int) -> None:
+        """``--mlp-scope world``: attention is split over ``tensor`` within a group, the MLP's
+        hidden dimension over all ``data * tensor`` devices and the experts over ``data``."""
+        self.check_tensor_size(tensor)
+        names = ["ffn_dim"] if len(self.sparse_layers) < self.n_layers else []
+        if self.shared_expert_ffn_dim:
+            names.append("shared_expert_ffn_dim")
+        for name in names:
+            if getattr(self, name) % (data * tensor):
+                raise ValueError(f"{name}={getattr(self, name)} is not divisible by the world's {data * tensor} "
+                                 "devices (--mlp-scope world splits the MLP over all of them)")
+        if self.sparse_layers and self.n_experts % data:
+            raise ValueError(f"n_experts={self.n_experts} is not divisible by the {data} groups "
+                             "(--mlp-scope world gives each group's devices an equal share of the experts)")
+
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 

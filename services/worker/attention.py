@@ -321,9 +321,10 @@ def tpu_ragged_attention(mesh: jax.sharding.Mesh, q: jax.Array, kv_pages: jax.Ar
     def local(q, kv, kv_lens, pages, cu, n):
         return ragged_paged_attention(q, kv, kv_lens, pages, cu, n, sm_scale=sm_scale)
 
+    # manual over "tensor" only: in the world scope this runs inside the per-group map over "data"
     heads, rep = jax.P(None, TENSOR, None), jax.P()
     return jax.shard_map(local, mesh=mesh, in_specs=(heads, jax.P(None, None, TENSOR, None), rep, rep, rep, rep),
-                         out_specs=heads)(q, kv_pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens,
+                         out_specs=heads, axis_names={TENSOR})(q, kv_pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens,
                                           batch.num_seqs)
 
 

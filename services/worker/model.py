@@ -46,9 +46,10 @@ from dpbus.services.model_config import ModelConfig
 from dpbus.services.worker.attention import BF16_BITS, StepBatch, ragged_attention, write_slots
 
 TENSOR = "tensor"
+DATA = "data"  # --mlp-scope world: the groups, one slice of the world's devices each
 
-# logical axis -> mesh axis (None: replicated)
-AXIS_RULES: dict[str, str | None] = {
+# logical axis -> mesh axis (None: replicated), for a group's own mesh ("tensor" only)
+AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": None,
     "embed": None,
     "q_heads": TENSOR,
@@ -56,14 +57,22 @@ AXIS_RULES: dict[str, str | None] = {
     "head_dim": None,
     "ffn": TENSOR,
     "experts": None,
+    "expert_scores": None,  # the router's output: every device routes every token
     "moe_ffn": TENSOR,
     "pages": None,
     "page_slot": None,
 }
+# ... and for the world's mesh ("data" over the groups, "tensor" inside each): attention and
+# its pages per group (a leading "groups" axis), the dense MLP's hidden dimension over every
+# device of the world and the experts over the groups (expert parallel)
+WORLD_RULES: dict[str, str | tuple[str, ...] | None] = {
+    **AXIS_RULES, "ffn": (DATA, TENSOR), "experts": DATA, "groups": DATA,
+}
+RULES = {"group": AXIS_RULES, "world": WORLD_RULES}
 
 
-def spec(*logical: str) -> jax.P:
-    return jax.P(*(AXIS_RULES[a] for a in logical))
+def spec(*logical: str, scope: str = "group") -> jax.P:
+    return jax.P(*(RULES[scope][a] for a in logical))
 
 
 Config = ModelConfig
@@ -90,7 +99,7 @@ LAYER_AXES = {
     "k_norm": ("head_dim",),
     # sparse (MoE) layers, instead of w_gate/w_up/w_down: the router, every expert's
     # projections stacked on a leading expert axis, and Qwen2-MoE's shared expert
-    "router": ("embed", "experts"),
+    "router": ("embed", "expert_scores"),
     "moe_gate": ("experts", "embed", "moe_ffn"),
     "moe_up": ("experts", "embed", "moe_ffn"),
     "moe_down": ("experts", "moe_ffn", "embed"),
@@ -165,8 +174,8 @@ def dummy_weights(cfg: Config, seed: int = 0) -> dict[str, Any]:
     return weights
 
 
-def weight_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    named = lambda axes: NamedSharding(mesh, spec(*axes))  # noqa: E731
+def weight_shardings(cfg: Config, mesh: jax.sharding.Mesh, scope: str = "group") -> dict[str, Any]:
+    named = lambda axes: NamedSharding(mesh, spec(*axes, scope=scope))  # noqa: E731
     return {
         **{k: named(v) for k, v in TOP_AXES.items()},
         "layers": [{k: named(LAYER_AXES[k]) for k in layer_names(cfg, i)} for i in range(cfg.n_layers)],
@@ -182,29 +191,33 @@ def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def place_weights(host: dict[str, Any], cfg: Config, mesh: jax.sharding.Mesh, dtype: str = "float32"
-                  ) -> dict[str, Any]:
+def place_weights(host: dict[str, Any], cfg: Config, mesh: jax.sharding.Mesh, dtype: str = "float32",
+                  scope: str = "group") -> dict[str, Any]:
     """Put host weights on the mesh in ``dtype``, each array split by its logical axes."""
     want = DTYPES[dtype]
     place = lambda a, sh: global_array(np.asarray(a).astype(want, copy=False), sh)  # noqa: E731
-    return jax.tree.map(place, host, weight_shardings(cfg, mesh))
+    return jax.tree.map(place, host, weight_shardings(cfg, mesh, scope))
 
 
-def cache_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, spec(*CACHE_AXES))
+def cache_sharding(mesh: jax.sharding.Mesh, scope: str = "group") -> NamedSharding:
+    axes = ("groups", *CACHE_AXES) if scope == "world" else CACHE_AXES
+    return NamedSharding(mesh, spec(*axes, scope=scope))
 
 
-def new_cache(cfg: Config, num_pages: int, page_size: int, mesh: jax.sharding.Mesh, dtype: str = "float32"
-              ) -> list[tuple[jax.Array, jax.Array]]:
+def new_cache(cfg: Config, num_pages: int, page_size: int, mesh: jax.sharding.Mesh, dtype: str = "float32",
+              scope: str = "group") -> list[tuple[jax.Array, jax.Array]]:
     """Zeroed K and V page pools for every layer, ``[page, kv_head, page_slot, head_dim]``,
-    split over the KV heads.
+    split over the KV heads; in the world scope one pool per group, ``[group, page, ...]``,
+    each on its group's devices.
 
     Page 0 is the trash page: padding rows and padding tokens write there; a real token
     reads it only where masked. bfloat16 pages are kept as their bits (uint16).
     """
     shape = (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
+    if scope == "world":
+        shape = (mesh.shape[DATA], *shape)
     stored = BF16_BITS if dtype == "bfloat16" else DTYPES[dtype]  # see attention.BF16_BITS
-    make = jax.jit(lambda: jnp.zeros(shape, stored), out_shardings=cache_sharding(mesh))
+    make = jax.jit(lambda: jnp.zeros(shape, stored), out_shardings=cache_sharding(mesh, scope))
     return [(make(), make()) for _ in range(cfg.n_layers)]
 
 
@@ -248,7 +261,7 @@ def swiglu(h: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax
     return mm("tf,fd->td", jax.nn.silu(mm("td,df->tf", h, gate)) * mm("td,df->tf", h, up), down)
 
 
-def moe_mlp(cfg: Config, w: dict[str, Any], h: jax.Array) -> jax.Array:
+def moe_mlp(cfg: Config, w: dict[str, Any], h: jax.Array, first_expert: jax.Array | int = 0) -> jax.Array:
     """A sparse layer's MLP on ``h [T, dim]``: the routed experts, plus the shared expert
     where the family has one.
 
@@ -261,15 +274,21 @@ def moe_mlp(cfg: Config, w: dict[str, Any], h: jax.Array) -> jax.Array:
     routing weight and summed back onto their tokens. With the experts' hidden dimension on
     ``"tensor"``, each device computes its slice for every row and the down projection's
     partial sums are all-reduced, as in the dense MLP.
+
+    ``w`` may hold a run of the experts only, ``first_expert`` onwards (``world_mlp``: each
+    group's devices hold their share): a copy routed elsewhere adds nothing here.
     """
     probs = jax.nn.softmax(mm("td,de->te", h, w["router"]), axis=-1)  # [T, E], float32
-    k = cfg.n_experts_per_tok
+    k, held = cfg.n_experts_per_tok, w["moe_gate"].shape[0]
     top_p, top_e = jax.lax.top_k(probs, k)  # [T, k]
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-    order = jnp.argsort(top_e.reshape(-1))  # the T*k (token, expert) pairs, grouped by expert
+    local = top_e.reshape(-1) - first_expert
+    here = (local >= 0) & (local < held)
+    key = jnp.where(here, local, held)  # copies for experts held elsewhere sort last
+    order = jnp.argsort(key)  # the T*k (token, expert) pairs, grouped by expert
     token = order // k
-    sizes = jnp.bincount(top_e.reshape(-1), length=cfg.n_experts).astype(jnp.int32)
+    sizes = jnp.bincount(key, length=held + 1)[:held].astype(jnp.int32)
     x = h[token]  # [T*k, dim]
 
     def grouped(a: jax.Array, w_stacked: jax.Array) -> jax.Array:  # row r times its expert's matrix
@@ -277,11 +296,49 @@ def moe_mlp(cfg: Config, w: dict[str, Any], h: jax.Array) -> jax.Array:
 
     act = jax.nn.silu(grouped(x, w["moe_gate"])) * grouped(x, w["moe_up"])  # [T*k, moe_ffn]
     rows = grouped(act, w["moe_down"]) * top_p.reshape(-1)[order][:, None]  # [T*k, dim]
+    rows = jnp.where(here[order][:, None], rows, 0.0)
     out = jnp.zeros_like(h).at[token].add(rows)
     if cfg.shared_expert_ffn_dim:
         scale = jax.nn.sigmoid(mm("td,d->t", h, w["shared_router"]))[:, None]
         out = out + scale * swiglu(h, w["shared_gate"], w["shared_up"], w["shared_down"])
     return out
+
+
+def mlp(cfg: Config, w: dict[str, Any], h: jax.Array, layer: int, first_expert: jax.Array | int = 0) -> jax.Array:
+    """Layer ``layer``'s MLP (dense or experts) on the normed residual ``h [T, dim]``."""
+    if cfg.is_sparse(layer):
+        return moe_mlp(cfg, w, h, first_expert)
+    return swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
+
+
+def write_slots_of(batch: StepBatch, page_size: int, max_seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """Where each token's K/V goes: ``page_indices[row, position // page_size]`` at slot
+    ``position % page_size``; padding (position >= max_seq_len) goes to the trash page."""
+    positions = batch.positions
+    valid = positions < max_seq_len
+    page_col = jnp.clip(positions // page_size, 0, batch.page_indices.shape[1] - 1)
+    return (jnp.where(valid, batch.page_indices[batch.rows, page_col], 0),
+            jnp.where(valid, positions % page_size, 0))
+
+
+def attention_block(cfg: Config, w: dict[str, Any], x: jax.Array, pools: tuple[jax.Array, jax.Array],
+                    batch: StepBatch, mesh: jax.sharding.Mesh | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The residual ``x [T, dim]`` after one layer's attention, and its page pools with the
+    step's K/V written in."""
+    k_pages, v_pages = pools
+    write_page, write_off = write_slots_of(batch, k_pages.shape[2], cfg.max_seq_len)
+    h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
+    q, k, v = attention_inputs(cfg, w, h, batch.positions)
+    k_pages = write_slots(k_pages, write_page, write_off, k)
+    v_pages = write_slots(v_pages, write_page, write_off, v)
+    x = x + mm("thk,hkd->td", ragged_attention(q, k_pages, v_pages, batch, mesh), w["wo"])
+    if cfg.o_bias:
+        x = x + w["bo"].astype(jnp.float32)
+    return x, (k_pages, v_pages)
+
+
+def sampled_logits(cfg: Config, weights: dict[str, Any], x: jax.Array) -> jax.Array:
+    return mm("...d,dv->...v", rms_norm(x, weights["final_norm"], cfg.norm_eps), weights["lm_head"])
 
 
 def forward(
@@ -293,33 +350,76 @@ def forward(
 ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
     """One step over the flat tokens of ``batch``: logits ``[S, vocab]`` (float32) of the
     tokens ``batch.sample`` names, and the page pools with every token's K/V written in.
-
-    Each token's K/V goes to ``page_indices[row, position // page_size]`` at slot
-    ``position % page_size``; padding (position >= max_seq_len) goes to the trash page.
     ``mesh`` is needed only for the TPU kernel (on CPU the attention is plain XLA).
     """
-    ps = cache[0][0].shape[2]
-    positions = batch.positions
-    valid = positions < cfg.max_seq_len
-    page_col = jnp.clip(positions // ps, 0, batch.page_indices.shape[1] - 1)
-    write_page = jnp.where(valid, batch.page_indices[batch.rows, page_col], 0)
-    write_off = jnp.where(valid, positions % ps, 0)
     x = weights["embed"][batch.tokens].astype(jnp.float32)  # [T, dim]
     new_cache = []
-    for i, (w, (k_pages, v_pages)) in enumerate(zip(weights["layers"], cache)):
-        h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
-        q, k, v = attention_inputs(cfg, w, h, positions)
-        k_pages = write_slots(k_pages, write_page, write_off, k)
-        v_pages = write_slots(v_pages, write_page, write_off, v)
-        new_cache.append((k_pages, v_pages))
-        attn = ragged_attention(q, k_pages, v_pages, batch, mesh)
-        x = x + mm("thk,hkd->td", attn, w["wo"])
-        if cfg.o_bias:
-            x = x + w["bo"].astype(jnp.float32)
-        h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
-        if cfg.is_sparse(i):
-            x = x + moe_mlp(cfg, w, h)
-        else:
-            x = x + swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
-    x = rms_norm(x[batch.sample], weights["final_norm"], cfg.norm_eps)
-    return mm("td,dv->tv", x, weights["lm_head"]), new_cache
+    for i, (w, pools) in enumerate(zip(weights["layers"], cache)):
+        x, pools = attention_block(cfg, w, x, pools, batch, mesh)
+        new_cache.append(pools)
+        x = x + mlp(cfg, w, rms_norm(x, w["mlp_norm"], cfg.norm_eps), i)
+    return sampled_logits(cfg, weights, x[batch.sample]), new_cache
+
+
+# ---- the world scope: attention per group, the MLP over every group's tokens --------------------
+
+ATTENTION_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm")
+
+
+def world_mlp(cfg: Config, w: dict[str, Any], h: jax.Array, layer: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """Layer ``layer``'s MLP over every group's tokens ``h [group, T, dim]`` (each group's
+    rows on its devices), in the world scope.
+
+    Every device gathers the tokens of all groups, applies the part of the MLP it holds (its
+    slice of the dense hidden dimension, or of its groups' experts and of their hidden
+    dimension), and the partial sums are added over ``tensor`` and reduce-scattered over
+    ``data``, so each group gets back its own rows: DP attention's gather before the MLP and
+    scatter after (every group padded to the same token count, sgl-jax's MAX_LEN layout).
+    """
+    names = [n for n in layer_names(cfg, layer) if n not in ATTENTION_NAMES and n != "mlp_norm"]
+    held = cfg.n_experts // mesh.shape[DATA] if cfg.is_sparse(layer) else 0
+
+    def part(h_group: jax.Array, w_part: dict[str, Any]) -> jax.Array:
+        t = h_group.shape[1]
+        every = jax.lax.all_gather(h_group.reshape(t, -1), DATA, tiled=True)  # [group * T, dim]
+        out = mlp(cfg, w_part, every, layer, jax.lax.axis_index(DATA) * held)
+        out = jax.lax.psum_scatter(jax.lax.psum(out, TENSOR), DATA, scatter_dimension=0, tiled=True)
+        return out.reshape(h_group.shape)
+
+    w_specs = {n: spec(*LAYER_AXES[n], scope="world") for n in names}
+    rows = spec("groups", scope="world")
+    return jax.shard_map(part, mesh=mesh, in_specs=(rows, w_specs), out_specs=rows, check_vma=False)(
+        h, {n: w[n] for n in names})
+
+
+def world_forward(
+    cfg: Config,
+    weights: dict[str, Any],
+    cache: list[tuple[jax.Array, jax.Array]],
+    batch: StepBatch,
+    mesh: jax.sharding.Mesh,
+) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+    """One world step: every group's batch in one forward (``batch``'s arrays and the pools
+    have a leading group axis on ``data``). Attention runs per group on the group's devices,
+    exactly as ``forward`` runs it (each group its own loop bounds); the MLP runs over every
+    group's tokens (``world_mlp``). Logits ``[group, S, vocab]``.
+    """
+    rows = spec("groups", scope="world")
+    weights_here = jax.P()  # attention weights: every group holds them (split over tensor)
+
+    def attend(cfg_w, x, pools, group_batch):
+        one = lambda a: a[0]  # noqa: E731  this device's group
+        x, pools = attention_block(cfg, cfg_w, one(x), jax.tree.map(one, pools), jax.tree.map(one, group_batch),
+                                   mesh)
+        return x[None], jax.tree.map(lambda a: a[None], pools)
+
+    per_group = jax.shard_map(attend, mesh=mesh, in_specs=(weights_here, rows, rows, rows), out_specs=(rows, rows),
+                              axis_names={DATA}, check_vma=False)
+    x = weights["embed"][batch.tokens].astype(jnp.float32)  # [group, T, dim]
+    new_cache = []
+    for i, (w, pools) in enumerate(zip(weights["layers"], cache)):
+        x, pools = per_group({n: w[n] for n in ATTENTION_NAMES if n in w}, x, pools, batch)
+        new_cache.append(pools)
+        x = x + world_mlp(cfg, w, rms_norm(x, w["mlp_norm"], cfg.norm_eps), i, mesh)
+    x = jnp.take_along_axis(x, batch.sample[..., None], axis=1)  # [group, S, dim]
+    return sampled_logits(cfg, weights, x), new_cache

@@ -1,0 +1,158 @@
+"""``--mlp-scope world``'s forward: attention per group, the MLP and the experts over the
+whole world's devices. Every group's part of one world step must give what the group alone
+gives (``model.forward`` on one device), logits and pages, at every layout of the four
+virtual devices, for the dense model and both mixture-of-experts families (Qwen3-MoE's
+renormalised top-k, Qwen2-MoE's gated shared expert)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpbus.services.model_config import ModelConfig
+from dpbus.services.worker import model
+from dpbus.services.worker.attention import Shape, StepBatch, build_batch
+from dpbus.services.worker.runner import make_group_mesh
+
+pytestmark = pytest.mark.slow  # compiles a model per layout
+
+SMALL = dict(vocab_size=128, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=16, ffn_dim=128, max_seq_len=128)
+FAMILIES = {
+    "dense": ModelConfig(**SMALL),
+    # a dense layer, then a sparse one, as decoder_sparse_step / mlp_only_layers give
+    "qwen3_moe": ModelConfig(**SMALL, qk_norm=True, n_experts=8, n_experts_per_tok=2, moe_ffn_dim=32,
+                             norm_topk_prob=True, sparse_layers=(1,)),
+    "qwen2_moe": ModelConfig(**SMALL, qkv_bias=True, n_experts=4, n_experts_per_tok=2, moe_ffn_dim=32,
+                             shared_expert_ffn_dim=64, sparse_layers=(0, 1)),
+}
+LAYOUTS = [(1, 4), (2, 2), (4, 1)]  # (groups, devices per group)
+PAGE, PAGES = 8, 48
+SHAPE = Shape(decode=4, prefill=48, prefill_rows=4, width=16)
+
+
+def world_mesh(groups: int, tensor: int) -> jax.sharding.Mesh:
+    return jax.make_mesh((groups, tensor), (model.DATA, model.TENSOR),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:groups * tensor])
+
+
+def host_weights(cfg: ModelConfig) -> dict:
+    """Dummy weights with non-zero biases, so a bias split the wrong way shows."""
+    w = model.dummy_weights(cfg, 3)
+    rng = np.random.default_rng(4)
+    for layer in w["layers"]:
+        for name in ("bq", "bk", "bv"):
+            if name in layer:
+                layer[name] = rng.standard_normal(layer[name].shape).astype(np.float32) * 0.1
+    return w
+
+
+def prefills(cfg: ModelConfig, group: int) -> list:
+    """Group ``group``'s first step: prompts of its own lengths and tokens on its own pages."""
+    rng = np.random.default_rng(10 + group)
+    lengths = [5 + 3 * group, 17 - group]
+    firsts = [1 + 2 * group, 20 + 2 * group]
+    return [(0, rng.integers(0, cfg.vocab_size, n).tolist(), list(range(p, p + 3))) for n, p in zip(lengths, firsts)]
+
+
+def two_steps(cfg: ModelConfig, run, groups: int) -> tuple[list[np.ndarray], list[np.ndarray], list]:
+    """Each group's prompts in one step, then a decode step for every prompt fed the token
+    the first step picked: the logits of both steps per group, and the pages after them."""
+    chunks = [prefills(cfg, g) for g in range(groups)]
+    first, cache = run([build_batch(SHAPE, PAGE, cfg.max_seq_len, [], c) for c in chunks], None)
+    decode = [[(int(np.argmax(first[g][SHAPE.decode + j])), len(ids), pages) for j, (_, ids, pages) in enumerate(c)]
+              for g, c in enumerate(chunks)]
+    second, cache = run([build_batch(SHAPE, PAGE, cfg.max_seq_len, d, []) for d in decode], cache)
+    return first, second, cache
+
+
+def alone(cfg: ModelConfig, host: dict):
+    """Each group by itself on one device (``model.forward``, the group scope)."""
+    mesh = make_group_mesh(jax.devices()[:1])
+    weights = model.place_weights(host, cfg, mesh)
+    step = jax.jit(lambda c, b: model.forward(cfg, weights, c, b))
+    caches: dict[int, list] = {}
+
+    def run(batches, _):
+        out = []
+        for g, b in enumerate(batches):
+            logits, caches[g] = step(caches.get(g) or model.new_cache(cfg, PAGES, PAGE, mesh),
+                                     jax.tree.map(jnp.asarray, b))
+            out.append(np.asarray(logits))
+        return out, [caches[g] for g in range(len(batches))]
+    return run
+
+
+@functools.cache
+def reference(family: str) -> tuple:
+    """Both steps of all four groups' prompts, each group alone (a layout of fewer groups
+    reads the first of them)."""
+    cfg = FAMILIES[family]
+    return two_steps(cfg, alone(cfg, host_weights(cfg)), 4)
+
+
+def together(cfg: ModelConfig, host: dict, groups: int, tensor: int):
+    """Every group in one world step (``model.world_forward``)."""
+    mesh = world_mesh(groups, tensor)
+    weights = model.place_weights(host, cfg, mesh, scope="world")
+    step = jax.jit(lambda c, b: model.world_forward(cfg, weights, c, b, mesh))
+    rows = jax.sharding.NamedSharding(mesh, jax.P(model.DATA))
+
+    def run(batches, cache):
+        stacked = StepBatch(*(jax.device_put(np.stack([np.asarray(f) for f in field]), rows)
+                              for field in zip(*batches)))
+        logits, cache = step(cache or model.new_cache(cfg, PAGES, PAGE, mesh, scope="world"), stacked)
+        return list(np.asarray(logits)), cache
+    return run, weights
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("groups,tensor", LAYOUTS)
+def test_every_group_of_a_world_step_gives_what_it_gives_alone(family, groups, tensor):
+    if family == "dense" and groups == 1:
+        pytest.skip("one group and the whole world is the group scope (test_model's sharded runner)")
+    cfg = FAMILIES[family]
+    cfg.check_world_size(groups, tensor)
+    host = host_weights(cfg)
+    ref_first, ref_second, ref_cache = reference(family)
+    run, _ = together(cfg, host, groups, tensor)
+    first, second, cache = two_steps(cfg, run, groups)
+    for g in range(groups):
+        for got, want in ((first[g], ref_first[g]), (second[g], ref_second[g])):
+            np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+            assert (got.argmax(-1) == want.argmax(-1)).all()
+        for layer, (k, v) in enumerate(cache):  # each group's pages hold what its own forward wrote
+            np.testing.assert_allclose(np.asarray(k[g]), np.asarray(ref_cache[g][layer][0]), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(v[g]), np.asarray(ref_cache[g][layer][1]), atol=1e-5)
+
+
+def shard_elements(a: jax.Array) -> int:
+    (n,) = {s.data.size for s in a.addressable_shards}
+    return n
+
+
+def test_the_world_holds_each_expert_once_and_attention_per_group():
+    """Two groups of two devices: replicas (the group scope) put every expert on each group
+    (split over its two devices); the world splits the experts over the groups too, so each
+    device holds half as much of them. Attention weights stay a copy per group."""
+    cfg = FAMILIES["qwen2_moe"]
+    host = host_weights(cfg)
+    replica = model.place_weights(host, cfg, make_group_mesh(jax.devices()[:2]))
+    _, world = together(cfg, host, 2, 2)
+    for name in ("moe_gate", "moe_up", "moe_down", "shared_gate", "shared_down"):
+        assert shard_elements(world["layers"][1][name]) * 2 == shard_elements(replica["layers"][1][name]), name
+    assert world["layers"][1]["moe_gate"].sharding.spec == jax.P(model.DATA, None, model.TENSOR)
+    for name in ("wq", "wk", "wo", "router"):
+        assert shard_elements(world["layers"][1][name]) == shard_elements(replica["layers"][1][name]), name
+
+
+def test_a_world_the_model_cannot_be_split_over_is_refused_by_name():
+    with pytest.raises(ValueError, match="n_experts=4 is not divisible by the 3 groups"):
+        FAMILIES["qwen2_moe"].replace(shared_expert_ffn_dim=0, ffn_dim=96).check_world_size(3, 1)
+    with pytest.raises(ValueError, match="ffn_dim=128 is not divisible by the world's 12 devices"):
+        FAMILIES["dense"].check_world_size(3, 4)
+    with pytest.raises(ValueError, match="n_kv_heads=4 is not divisible by the tensor axis size 8"):
+        FAMILIES["dense"].check_world_size(1, 8)
