@@ -142,9 +142,11 @@ CLUSTER_SETTINGS = {"DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"
                     "DPBUS_WARMUP": "true"}  # test_engine_e2e counts what warm-up compiled
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(nats_server, tmp_path_factory):
-    """dpbus with 2 DP groups, each one worker process with 2 devices, on the session's NATS."""
+    """dpbus with 2 DP groups, each one worker process with 2 devices, on the session's NATS:
+    one for every module of a pytest process that only sends it requests (a test that kills
+    or stops a service starts its own)."""
     c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-logs"), dp_size=2, nnodes=2, local_devices=2,
                       extra=dict(CLUSTER_SETTINGS))
     yield c

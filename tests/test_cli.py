@@ -7,9 +7,7 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,53 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import lines_until_ready
+from tests.support import port_open, processes_using
 
 DPBUS = [sys.executable, "-m", "dpbus.services.cli"]
-
-
-def processes_using(nats_url: str) -> list[int]:
-    """PIDs of processes configured with ``nats_url`` or serving its port (scan of /proc)."""
-    port = nats_url.rsplit(":", 1)[1]
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            env = (d / "environ").read_bytes()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"DPBUS_NATS_URL={nats_url}".encode() in env or (b"nats-server" in cmd and f"\0{port}\0".encode() in cmd):
-            found.append(int(d.name))
-    return found
-
-
-def port_open(url: str) -> bool:
-    host, port = url.removeprefix("nats://").split(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.e2e
-def test_demo_prints_a_table_and_exits_zero():
-    out = subprocess.run([*DPBUS, "demo", "--requests", "4", "--max-new-tokens", "6", "--local-devices", "1"],
-                         capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "4/4 requests done; groups that served: [0, 1]" in out.stdout
-    url = re.search(r"listening on (nats://127\.0\.0\.1:\d+)", out.stdout).group(1)
-    assert not port_open(url) and processes_using(url) == []
-    for i in range(4):  # no TTY: 80 columns, and still every cell whole (folded, not cut)
-        assert f"demo-{i}" in out.stdout
-    assert "\u2026" not in out.stdout, out.stdout
-    curl = next(line for line in out.stdout.splitlines() if line.startswith("curl "))  # whole, one line
-    argv = shlex.split(curl)
-    assert argv[argv.index("-H") + 1] == "Content-Type: application/json", curl
-    assert json.loads(argv[argv.index("-d") + 1])["stream"] is True, curl
-    logs = Path(re.search(r"logs in (\S+)", out.stdout).group(1))
-    assert not logs.exists(), "a clean stop leaves no temp directory behind"
 
 
 @pytest.mark.e2e

@@ -17,8 +17,7 @@ import pytest
 
 from dpbus.schemas import Done, Error, Subjects
 from dpbus.services.client import generate
-from dpbus.services.launcher import Cluster
-from tests.conftest import client_of
+from tests.conftest import client_of, start_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -31,14 +30,12 @@ routed_cluster: list = []  # the module's cluster, for the stats helper
 
 @pytest.fixture(scope="module")
 def routed(nats_server, tmp_path_factory):
-    c = Cluster(dp_size=2, nnodes=2, local_devices=1, nats_url=nats_server.url, credentials=nats_server.credentials,
-                prefix=PREFIX,
-                log_dir=tmp_path_factory.mktemp("dpbus-routing-logs"), say=lambda _: None,
-                extra={"DPBUS_POLICY": "least_tokens", "DPBUS_LOAD_STALE_AFTER": str(STALE_AFTER),
-                       "DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"})
+    c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-routing-logs"), dp_size=2, nnodes=2,
+                      local_devices=1, prefix=PREFIX,
+                      extra={"DPBUS_POLICY": "least_tokens", "DPBUS_LOAD_STALE_AFTER": str(STALE_AFTER),
+                             "DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"})
+    routed_cluster[:] = [c]
     try:
-        asyncio.run(c.start(timeout=240))
-        routed_cluster[:] = [c]
         yield c
     finally:
         c.stop()
