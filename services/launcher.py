@@ -289,12 +289,15 @@ class Cluster:
             fd = self.http_socket.fileno()
             self._spawn("gateway", None, [*cli, "gateway", "--http-port", str(self.http_port), "--http-fd", str(fd)],
                         self._service_env("gateway"), fds=(fd,))
-        # a group of several nodes is one JAX job: its leader hosts the job's coordinator
+        # a group of several nodes is one JAX job: its leader hosts the job's coordinator; a
+        # world (--mlp-scope world) is one job of every node, node 0 hosting it
         coordinators = [f"127.0.0.1:{free_port()}" for _ in range(self.dp_size)]
 
         def node_args(r: int) -> list[str]:
             args = ["--node-rank", str(r)]
-            if self.nnodes > self.dp_size:
+            if self.world:
+                args += ["--coordinator", coordinators[0]]
+            elif self.nnodes > self.dp_size:
                 args += ["--coordinator", coordinators[place_node(r, self.nnodes, self.dp_size).dp_rank]]
             return args
 
@@ -342,23 +345,34 @@ class Cluster:
                  f"logs in {self.log_dir}")
         return await self.wait_ready(timeout)
 
+    @property
+    def world(self) -> bool:
+        """Whether every node is one JAX job (``--mlp-scope world`` with several groups)."""
+        return self.extra.get("DPBUS_MLP_SCOPE") == "world" and self.dp_size > 1 and \
+            self.extra.get("DPBUS_ENABLE_DP_ATTENTION", "true") == "true"
+
     def _spans(self, p: Proc) -> bool:
-        """Whether ``p`` is one node of a group spanning several processes."""
-        return p.is_node and self.nnodes != self.dp_size
+        """Whether ``p`` is one node of a JAX job spanning several processes (its group's,
+        or the world's)."""
+        return p.is_node and (self.world or self.nnodes != self.dp_size)
+
+    def _job(self, p: Proc) -> list[int]:
+        """The node ranks of ``p``'s JAX job, its leader (the coordinator's host) first."""
+        return list(range(self.nnodes)) if self.world else group_nodes(self.group_of(p), self.nnodes, self.dp_size)
 
     def leads_a_spanning_group(self, p: Proc) -> bool:
-        """Whether ``p`` is the leader of a group spanning several processes: it hosts the
-        group's JAX job. ``stop`` ends its members first: a member whose leader went first
+        """Whether ``p`` is the leader of a JAX job spanning several processes: it hosts the
+        job's coordinator. ``stop`` ends its members first: a member whose leader went first
         is ended by JAX's coordination client itself (SIGABRT), not by dpbus. (A leader
         whose members left may leave by itself first: exit 70, a broken job.)"""
-        return self._spans(p) and group_nodes(self.group_of(p), self.nnodes, self.dp_size)[0] == p.rank
+        return self._spans(p) and self._job(p)[0] == p.rank
 
     def _peers(self, p: Proc) -> list[str]:
-        """The names of the processes that must restart with ``p``: a group spanning
-        several processes is one JAX job, which cannot take a single process back."""
+        """The names of the processes that must restart with ``p``: a JAX job spanning
+        several processes (a group's, or the world's) cannot take a single process back."""
         if not self._spans(p):
             return [p.name]
-        return [proc_name(p.role, r) for r in group_nodes(self.group_of(p), self.nnodes, self.dp_size)]
+        return [proc_name(p.role, r) for r in self._job(p)]
 
     def group_of(self, p: Proc) -> int | None:
         """The DP group whose service runs in ``p`` (None: it serves no one group)."""

@@ -179,8 +179,12 @@ class WorkerSettings(EngineSettings):
     seed: Annotated[NonNegative, Help("the seed of the dummy weights")] = 0
     heartbeat_interval: Annotated[Seconds, Help("seconds between this worker's heartbeats")] = 0.5
     warmup: Annotated[bool, Help("compile every step shape at start-up")] = True
-    coordinator: Annotated[str, Help("HOST:PORT of the group's JAX job (its leader node), when a group spans "
-                                     "nodes")] = ""
+    mlp_scope: Annotated[Literal["group", "world"], Help("group: each group a whole model (replicas); world: "
+                                                         "attention per group, the MLP and experts split over "
+                                                         "every group's devices, all groups stepping together "
+                                                         "(one JAX job of every node)")] = "group"
+    coordinator: Annotated[str, Help("HOST:PORT of the JAX job (the leader node of the group, or node 0 of the "
+                                     "world), when a job spans nodes")] = ""
     join_timeout: Annotated[Seconds, Help("seconds to wait at start-up for every node of the group")] = 120.0
     stall_timeout: Annotated[Seconds, Help("a step running longer than this many seconds means a peer died "
                                            "mid-collective: exit")] = 120.0

@@ -35,7 +35,7 @@ from dpbus.services.natsconf import Credentials, write_config  # noqa: E402
 
 # every prefix a test cluster or stand-in uses on a shared server (permissions are per prefix)
 TEST_PREFIXES = ["dpbus", "small", "span", "robust", "dpbusrt", "silent", "move", "deliv", "gap", "lonely",
-                 "resend", "diverge", "gw", "gwnone", "gwm", "stop", "once", "ledger"]
+                 "resend", "diverge", "gw", "gwnone", "gwm", "stop", "once", "ledger", "world"]
 CLIENTS = ["client", "alice", "bob"]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
+
+import nats
 
 
 def processes_using(nats_url: str) -> list[int]:
@@ -31,3 +34,32 @@ def port_open(url: str) -> bool:
         return True
     except OSError:
         return False
+
+
+async def service_docs(cluster, service: str, prefix: str) -> list[dict]:
+    """The nats.micro STATS of every ``service`` instance serving ``prefix`` (other
+    deployments share the tests' NATS server), asked as the operator: whole documents,
+    ``metadata`` and ``endpoints``."""
+    from tests.conftest import client_of
+
+    nc = await client_of(cluster, "operator")
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"$SRV.STATS.{service}", b"", reply=inbox)
+    found = []
+    try:
+        while True:
+            doc = json.loads((await sub.next_msg(timeout=1)).data)
+            if doc.get("metadata", {}).get("prefix") == prefix:
+                found.append(doc)
+    except nats.errors.TimeoutError:
+        return found
+    finally:
+        await nc.close()
+
+
+async def service_stats(cluster, service: str, prefix: str, endpoint: str | None = None) -> list[dict]:
+    """The stats of ``endpoint`` (the first one by default) of every ``service`` instance
+    serving ``prefix``."""
+    return [next(e for e in doc["endpoints"] if endpoint in (None, e["name"]))["data"]
+            for doc in await service_docs(cluster, service, prefix)]

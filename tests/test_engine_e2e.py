@@ -8,7 +8,6 @@ import json
 
 import jax
 import msgspec
-import nats
 import pytest
 
 from dpbus.schemas import Chunk, Done
@@ -19,6 +18,7 @@ from dpbus.services.model_config import ModelConfig
 from dpbus.services.worker.model import dummy_weights
 from dpbus.services.worker.runner import ModelRunner, make_group_mesh
 from tests.conftest import CLUSTER_SETTINGS, client_of, start_cluster
+from tests.support import service_stats
 
 pytestmark = pytest.mark.e2e
 GREEDY = RowSampling(0.0, 1.0, 0, 0)
@@ -73,25 +73,6 @@ def small_pool(nats_server, tmp_path_factory):
                              "DPBUS_WARMUP": "true"})  # its compile counts are checked below
     yield c
     c.stop()
-
-
-async def service_stats(cluster, service: str, prefix: str = "small") -> list[dict]:
-    """The stats of every ``service`` instance serving ``prefix`` (other clusters share this
-    NATS server), from the nats.micro STATS verb, asked as the operator."""
-    nc = await client_of(cluster, "operator")
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish(f"$SRV.STATS.{service}", b"", reply=inbox)
-    found = []
-    try:
-        while True:
-            doc = json.loads((await sub.next_msg(timeout=1)).data)
-            if doc.get("metadata", {}).get("prefix") == prefix:
-                found.append(doc["endpoints"][0]["data"])
-    except nats.errors.TimeoutError:
-        return found
-    finally:
-        await nc.close()
 
 
 async def publisher_stats(cluster, prefix: str = "small") -> dict:

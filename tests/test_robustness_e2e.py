@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dpbus.schemas import Subjects
 from tests.conftest import client_of, start_cluster
-from tests.test_engine_e2e import service_stats
+from tests.support import service_stats
 
 pytestmark = pytest.mark.e2e
 PREFIX = "robust"

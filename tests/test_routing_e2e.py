@@ -9,7 +9,6 @@ requests all go to the other group and a request pinned to the dead one is answe
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 
@@ -18,6 +17,7 @@ import pytest
 from dpbus.schemas import Done, Error, Subjects
 from dpbus.services.client import generate
 from tests.conftest import client_of, start_cluster
+from tests.support import service_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -47,13 +47,9 @@ async def ask(nc, request: dict):
 
 
 async def ingest_stats(nc) -> dict:
-    operator = await client_of(routed_cluster[0], "operator")
-    try:
-        msg = await operator.request("$SRV.STATS.dpbus-ingest", b"", timeout=2)
-    finally:
-        await operator.close()
-    endpoint = next(e for e in json.loads(msg.data)["endpoints"] if e["name"] == "generate")
-    return endpoint["data"]
+    """This module's ingest's stats (other deployments share the NATS server)."""
+    (stats,) = await service_stats(routed_cluster[0], "dpbus-ingest", PREFIX, endpoint="generate")
+    return stats
 
 
 def test_requests_spread_over_both_groups_and_pins_win(routed):

@@ -156,3 +156,108 @@ def test_a_world_the_model_cannot_be_split_over_is_refused_by_name():
         FAMILIES["dense"].check_world_size(3, 4)
     with pytest.raises(ValueError, match="n_kv_heads=4 is not divisible by the tensor axis size 8"):
         FAMILIES["dense"].check_world_size(1, 8)
+
+
+# ---- the world's runner: every group's step of a script, against a runner per group ------------
+
+ROWS, PREFILL_TOKENS = 4, 32
+
+
+def script(group: int) -> list:
+    """Steps of one group: prompts in chunks (rows 0 and 1), decodes that feed each row the
+    token it sampled last (``LAST_TOKEN``), a seeded sampling row; a step with nothing
+    (None) lets the group sit out world steps the others run."""
+    from dpbus.schemas.internal import LAST_TOKEN, DecodeItem, PrefillItem, RowSampling
+
+    rng = np.random.default_rng(50 + group)
+    greedy, drawn = RowSampling(0.0, 1.0, 0, 0), RowSampling(0.8, 0.9, 20, 7 + group)
+    a = rng.integers(0, 128, 20 + 6 * group).tolist()
+    b = rng.integers(0, 128, 9).tolist()
+    pa, pb = [1 + 8 * group, 2 + 8 * group, 3 + 8 * group, 4 + 8 * group], [5 + 8 * group, 6 + 8 * group]
+    steps = [([PrefillItem(0, a[:16], False, pa, greedy, row=0)], []),
+             ([PrefillItem(16, a[16:], True, pa, greedy, row=0), PrefillItem(0, b, True, pb, drawn, row=1)], [])]
+    at_a, at_b = len(a), len(b)
+    for i in range(4 + group):
+        if i == 1 and group == 0:
+            steps.append(None)
+        steps.append(([], [DecodeItem(LAST_TOKEN, at_a + i, i, pa, greedy, row=0),
+                           DecodeItem(LAST_TOKEN, at_b + i, i, pb, drawn, row=1)]))
+    return steps
+
+
+def test_a_world_runner_gives_every_group_the_tokens_of_its_own_runner():
+    from dpbus.services.worker.runner import ModelRunner
+    from dpbus.services.worker.world import WorldRunner, make_world_mesh
+
+    cfg = FAMILIES["qwen3_moe"]
+    host = host_weights(cfg)
+    sizes = dict(num_pages=PAGES, page_size=PAGE, max_running_requests=ROWS, max_prefill_tokens=PREFILL_TOKENS)
+    world = WorldRunner(cfg, make_world_mesh(2, jax.devices()[:4]), host_weights=host, **sizes)
+    assert world.groups_here == [0, 1]
+    scripts = {g: script(g) for g in range(2)}
+    want = {}
+    for g, steps in scripts.items():
+        alone_runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:1]), host_weights=host, **sizes)
+        want[g] = [alone_runner.step(*s) for s in steps if s is not None]
+    got, sat_out = {0: [], 1: []}, 0
+    queues = {g: list(steps) for g, steps in scripts.items()}
+    while any(queues.values()):
+        parts = {}
+        for g, q in queues.items():
+            if q:
+                s = q.pop(0)
+                if s is not None:
+                    parts[g] = s
+        for g, tokens in world.step_world(parts).items():
+            if g in parts:
+                got[g].append(tokens)
+            else:
+                assert tokens == ([], []), "a group that sat out a world step has no tokens of it"
+                sat_out += 1
+    assert got == want
+    assert sat_out == 1  # group 0, mid-script, while group 1 decoded
+
+
+def test_agree_gathers_what_every_device_of_the_world_says():
+    from dpbus.services.worker.world import agree, make_world_mesh
+
+    said = agree(make_world_mesh(2, jax.devices()[:4]), [3, 1, 4])
+    assert said.shape == (2, 2, 3) and (said == np.array([3, 1, 4])).all()
+
+
+async def test_the_world_stepper_runs_each_step_of_its_group_once_in_order():
+    """A group's steps handed to its ``WorldStepper`` one at a time, as the worker does: each
+    is applied (its rows changed) exactly once, in order, and gets its own runner's tokens;
+    the other group, with no steps, sits every world step out."""
+    import asyncio
+
+    from dpbus.schemas.internal import DecodeRow, PrefillChunk, Step
+    from dpbus.services.worker.runner import ModelRunner
+    from dpbus.services.worker.world import WorldRunner, WorldStepper, make_world_mesh
+
+    cfg = FAMILIES["dense"]
+    host = host_weights(cfg)
+    sizes = dict(num_pages=PAGES, page_size=PAGE, max_running_requests=ROWS, max_prefill_tokens=PREFILL_TOKENS)
+    world = WorldRunner(cfg, make_world_mesh(2, jax.devices()[:4]), host_weights=host, **sizes)
+    parts = [s for s in script(1) if s is not None]
+    alone_runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:1]), host_weights=host, **sizes)
+    want = [alone_runner.step(*p) for p in parts]
+    # the messages say only what the agreement reads (how many rows, chunks and tokens)
+    steps = [Step(1, i + 1, prefill=[PrefillChunk(c.row, c.start, c.token_ids, c.sample) for c in p[0]],
+                  decode=[DecodeRow(d.row, d.token, d.position, d.counter) for d in p[1]]) for i, p in enumerate(parts)]
+    applied = []
+
+    def apply(step: Step):
+        applied.append(step.seq)
+        return parts[step.seq - 1]
+
+    stepper = WorldStepper(world, 1, apply)
+    running = asyncio.create_task(stepper.run())
+    try:
+        got = [(await stepper.launch(step)).tokens() for step in steps]
+        await asyncio.sleep(0.1)  # idle world steps meanwhile: nothing more is applied
+    finally:
+        running.cancel()
+    assert applied == [s.seq for s in steps]
+    assert got == want
+    assert stepper.counts["ran"] == len(steps) and stepper.counts["sat_out"] == 0 and stepper.counts["idle"] > 0

@@ -76,13 +76,20 @@ def _unpack(flat: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Ar
     return out
 
 
-def _step_fn(cfg: Config, mesh, int_shapes, float_shapes, weights, cache, last_tokens, ints, floats):
+def _inputs(int_shapes, float_shapes, ints, floats, last_tokens):
+    """A step's batch, its sampling rows and where each row keeps its token, unpacked from
+    the two flat inputs; decode slots asking for ``LAST_TOKEN`` fed from ``last_tokens``."""
     *batch, top_k, seeds, counters, held_rows, keep_rows = _unpack(ints, int_shapes)
     temperature, top_p = _unpack(floats, float_shapes)
     batch = StepBatch(*batch)
     batch = batch._replace(tokens=_feed_held(batch.tokens, last_tokens, held_rows))
+    return batch, (temperature, top_p, top_k, seeds, counters), keep_rows
+
+
+def _step_fn(cfg: Config, mesh, int_shapes, float_shapes, weights, cache, last_tokens, ints, floats):
+    batch, sampling, keep_rows = _inputs(int_shapes, float_shapes, ints, floats, last_tokens)
     logits, cache = model.forward(cfg, weights, cache, batch, mesh)
-    tokens = sample(logits, temperature, top_p, top_k, seeds, counters)
+    tokens = sample(logits, *sampling)
     return tokens, logits, cache, last_tokens.at[keep_rows].set(tokens, mode="drop")
 
 
@@ -119,16 +126,7 @@ class ModelRunner:
                  max_running_requests: int, max_prefill_tokens: int, host_weights: dict[str, Any],
                  dtype: str = "float32") -> None:
         cfg.check_tensor_size(mesh.shape[TENSOR])
-        if num_pages < 2:
-            raise ValueError(f"num_pages={num_pages}: the pool needs the trash page and at least one more")
-        if dtype not in model.DTYPES:
-            raise ValueError(f"dtype={dtype!r}: one of {', '.join(model.DTYPES)}")
-        self.cfg, self.mesh, self.dtype = cfg, mesh, dtype
-        self.page_size, self.num_pages = page_size, num_pages
-        self.max_pages = -(-cfg.max_seq_len // page_size)  # page table width: a whole context
-        self.max_rows = max_running_requests
-        self.prefill_sizes = prefill_buckets(max_prefill_tokens)
-        self.decode_sizes = pow2_buckets(1, max_running_requests)
+        self._layout(cfg, mesh, num_pages, page_size, max_running_requests, max_prefill_tokens, dtype)
         self.weights = model.place_weights(host_weights, cfg, mesh, dtype)
         self.cache = model.new_cache(cfg, num_pages, page_size, mesh, dtype)
         replicated = NamedSharding(mesh, jax.P())
@@ -142,6 +140,20 @@ class ModelRunner:
         # has not sampled in the epoch holds 0 or an old token, never read: the page tables
         # refuse to ask for it
         [self.last_tokens] = self._put(np.zeros(self.max_rows, np.int32))
+
+    def _layout(self, cfg: Config, mesh: jax.sharding.Mesh, num_pages: int, page_size: int,
+                max_running_requests: int, max_prefill_tokens: int, dtype: str) -> None:
+        """The sizes every step's shape follows from."""
+        if num_pages < 2:
+            raise ValueError(f"num_pages={num_pages}: the pool needs the trash page and at least one more")
+        if dtype not in model.DTYPES:
+            raise ValueError(f"dtype={dtype!r}: one of {', '.join(model.DTYPES)}")
+        self.cfg, self.mesh, self.dtype = cfg, mesh, dtype
+        self.page_size, self.num_pages = page_size, num_pages
+        self.max_pages = -(-cfg.max_seq_len // page_size)  # page table width: a whole context
+        self.max_rows = max_running_requests
+        self.prefill_sizes = prefill_buckets(max_prefill_tokens)
+        self.decode_sizes = pow2_buckets(1, max_running_requests)
 
     def compiled_shapes(self) -> int:
         """How many shapes the step function has compiled so far."""
@@ -238,11 +250,10 @@ class ModelRunner:
                 keep[shape.decode + j] = it.row
         return held, keep
 
-    def _run(self, shape: Shape, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]
-             ) -> tuple[jax.Array, jax.Array]:
-        """Dispatch one jitted call and return at once (JAX runs it asynchronously): every
-        row's sampled token and its logits, both left on the device, decode rows first
-        (``shape.decode`` of them), then one row per chunk."""
+    def _host_inputs(self, shape: Shape, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]
+                     ) -> tuple[np.ndarray, tuple, np.ndarray, tuple]:
+        """A step's inputs packed on the host: every int array in one, every float in another
+        (with their shapes, which follow from ``shape``)."""
         batch = build_batch(shape, self.page_size, self.cfg.max_seq_len,
                             [(it.token, it.position, self._pages(it.pages)) for it in decode],
                             [(it.start, it.token_ids, self._pages(it.pages)) for it in prefill])
@@ -254,6 +265,14 @@ class ModelRunner:
         ints, int_shapes = _pack([*batch, samp[2], samp[3], counters, *self._held_rows(shape, prefill, decode)],
                                  np.int32)
         floats, float_shapes = _pack(samp[:2], np.float32)
+        return ints, int_shapes, floats, float_shapes
+
+    def _run(self, shape: Shape, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]
+             ) -> tuple[jax.Array, jax.Array]:
+        """Dispatch one jitted call and return at once (JAX runs it asynchronously): every
+        row's sampled token and its logits, both left on the device, decode rows first
+        (``shape.decode`` of them), then one row per chunk."""
+        ints, int_shapes, floats, float_shapes = self._host_inputs(shape, prefill, decode)
         tokens, logits, self.cache, self.last_tokens = self._step(int_shapes, float_shapes, self.weights, self.cache,
                                                                   self.last_tokens, *self._put(ints, floats))
         return tokens, logits
@@ -290,22 +309,26 @@ class ModelRunner:
         tokens, out = self._run(self._shape_for(len(items), 0, 0), [], items)
         return np.asarray(tokens)[:len(items)].tolist(), (out[:len(items)] if logits else None)
 
+    def _warm(self, shape: Shape) -> None:
+        """Compile ``shape``: one step of it, on the first pages."""
+        greedy = RowSampling(0.0, 1.0, 0, 0)
+        pages = list(range(1, min(self.num_pages, self.max_pages + 1)))
+        decode = [DecodeItem(0, 0, 0, [1], greedy)] * shape.decode
+        prefill = []
+        if shape.prefill:
+            n = min(shape.prefill, len(pages) * self.page_size)
+            prefill = [PrefillItem(0, [0] * n, True, pages, greedy)]
+        jax.block_until_ready(self._run(shape, prefill, decode))
+
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> float:
         """Compile every shape now. Its writes land in the first pages, which nobody owns
         yet: the publisher schedules nothing before the group reports ready."""
         t0 = time.perf_counter()
         shapes = self.shapes()
-        greedy = RowSampling(0.0, 1.0, 0, 0)
-        pages = list(range(1, min(self.num_pages, self.max_pages + 1)))
         for i, shape in enumerate(shapes):
             if progress:
                 progress(i, len(shapes), f"decode {shape.decode} prefill {shape.prefill}")
-            decode = [DecodeItem(0, 0, 0, [1], greedy)] * shape.decode
-            prefill = []
-            if shape.prefill:
-                n = min(shape.prefill, len(pages) * self.page_size)
-                prefill = [PrefillItem(0, [0] * n, True, pages, greedy)]
-            jax.block_until_ready(self._run(shape, prefill, decode))
+            self._warm(shape)
         if progress:
             progress(len(shapes), len(shapes), "done")
         return time.perf_counter() - t0

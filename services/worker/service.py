@@ -14,7 +14,7 @@ import asyncio
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.micro
 
@@ -33,6 +33,9 @@ from dpbus.services.topology import dp_groups, group_nodes, place_node
 from dpbus.services.worker.ordering import GAP, REPEAT, STALE, StepOrder
 from dpbus.services.worker.tables import PageTables
 
+if TYPE_CHECKING:
+    from dpbus.services.worker.world import WorldStepper
+
 VERSION = package_version()  # announced in NATS discovery
 LAUNCH_AHEAD = 2  # steps launched whose tokens are not fetched yet (as many as the publisher keeps in flight)
 STEPS_QUIET_S = 1.0  # stopping: no step for this long means the publisher has stopped sending
@@ -43,16 +46,17 @@ LEAVE_WAIT_S = 2.0
 JOB_SHUTDOWN_TIMEOUT = 10
 
 
-def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
+def load_runner(s: WorkerSettings, log: Any, devices: list | None = None, world_groups: int = 0):
     """Build the group's mesh (over ``devices``, default all) and model (imports JAX: call
-    after XLA_FLAGS is set)."""
+    after XLA_FLAGS is set); with ``world_groups``, the world's mesh and runner instead."""
     from dpbus.services.devices import resolve_dtype
     from dpbus.services.worker.model import dummy_weights
     from dpbus.services.worker.runner import ModelRunner, make_group_mesh
+    from dpbus.services.worker.world import WorldRunner, make_world_mesh
 
     use_compile_cache(s.compile_cache, log)
     cfg = model_config_for(s.model_path, s.max_seq_len)
-    mesh = make_group_mesh(devices)
+    mesh = make_world_mesh(world_groups, devices) if world_groups else make_group_mesh(devices)
     platform = mesh.devices.flat[0].platform
     dtype = resolve_dtype(s.dtype, platform)
     log.info("model_loading", devices=mesh.devices.size, platform=platform, dtype=dtype, config=str(cfg),
@@ -65,7 +69,7 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None):
         weights = dummy_weights(cfg, s.seed)
     else:
         raise ValueError(f"load_format={s.load_format!r} needs --model-path; without one use 'dummy'")
-    runner = ModelRunner(cfg, mesh, num_pages=total_pages(s, cfg.max_seq_len), page_size=s.page_size,
+    runner = (WorldRunner if world_groups else ModelRunner)(cfg, mesh, num_pages=total_pages(s, cfg.max_seq_len), page_size=s.page_size,
                          max_running_requests=s.max_running_requests, max_prefill_tokens=s.max_prefill_tokens,
                          host_weights=weights, dtype=dtype)
     if s.warmup:
@@ -137,14 +141,18 @@ class Worker:
     def __init__(self, settings: WorkerSettings, log: Any, auth: bus.NatsAuth | None = None) -> None:
         self.s = settings
         self.place = place_node(settings.node_rank, settings.nnodes, settings.dp_size, settings.enable_dp_attention)
-        if self.place.nodes_per_group > 1 and not settings.coordinator:
+        groups = dp_groups(settings.dp_size, settings.enable_dp_attention)
+        # --mlp-scope world: every node of every group is one JAX job (one group: the group scope)
+        self.world_groups = groups if settings.mlp_scope == "world" and groups > 1 else 0
+        self.job_size = settings.nnodes if self.world_groups else self.place.nodes_per_group
+        if self.job_size > 1 and not settings.coordinator:
             raise ValueError(
-                f"nnodes={settings.nnodes} with dp_size={settings.dp_size} puts {self.place.nodes_per_group} "
-                "processes in each group: they form one JAX job and need --coordinator HOST:PORT "
-                "(the address the group's leader node listens on)"
+                f"nnodes={settings.nnodes} with dp_size={settings.dp_size} and --mlp-scope {settings.mlp_scope} "
+                f"makes {self.job_size} processes one JAX job: they need --coordinator HOST:PORT (the address "
+                f"{'node 0' if self.world_groups else 'the group' + chr(39) + 's leader node'} listens on)"
             )
-        self.members = group_nodes(self.place.dp_rank, settings.nnodes,
-                                   dp_groups(settings.dp_size, settings.enable_dp_attention))
+        self.members = group_nodes(self.place.dp_rank, settings.nnodes, groups)
+        self.world: WorldStepper | None = None  # the world scope's lockstep, once the model is loaded
         self.auth = auth or bus.auth_from(settings, member_user(self.place.dp_rank, settings.node_rank))
         self.subjects = Subjects(settings.prefix)
         self.log = log.bind(dp_rank=self.place.dp_rank, node_rank=settings.node_rank)
@@ -172,12 +180,15 @@ class Worker:
         self.ahead = asyncio.Semaphore(LAUNCH_AHEAD)
         self.stepping: asyncio.Task | None = None
         self.finishing: asyncio.Task | None = None
+        self.world_steps: asyncio.Task | None = None
         self.exit = os._exit  # how the process leaves a broken JAX job (tests replace it)
 
     def stats(self, *_: Any) -> dict:
+        world = {"world": {**self.world.counts, "last": self.world.last}} if self.world else {}
         return {**self.counts, **{k: round(v, 3) for k, v in self.timing.items()}, "epoch": self.order.epoch,
                 "last_seq": self.order.last_seq, "rows": len(self.tables.rows),
-                "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes()}
+                "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes(),
+                **world}
 
     async def wait_for_members(self) -> None:
         """Wait until every node of the group beats (so the JAX job can form), naming the missing."""
@@ -208,10 +219,10 @@ class Worker:
         # JAX's preemption service installs its own SIGTERM handler, which would take SIGTERM
         # away from us; dpbus stops on SIGTERM itself (services/lifecycle.py)
         jax.config.update("jax_enable_preemption_service", False)
-        self.log.info("joining_jax_job", coordinator=self.s.coordinator, processes=self.place.nodes_per_group,
-                      process_id=self.place.attn_tp_rank)
-        jax.distributed.initialize(self.s.coordinator, num_processes=self.place.nodes_per_group,
-                                   process_id=self.place.attn_tp_rank,
+        process_id = self.s.node_rank if self.world_groups else self.place.attn_tp_rank
+        self.log.info("joining_jax_job", coordinator=self.s.coordinator, processes=self.job_size,
+                      process_id=process_id, world=bool(self.world_groups))
+        jax.distributed.initialize(self.s.coordinator, num_processes=self.job_size, process_id=process_id,
                                    initialization_timeout=int(self.s.join_timeout), heartbeat_timeout_seconds=30,
                                    shutdown_timeout_seconds=JOB_SHUTDOWN_TIMEOUT)
         self.log.info("joined_jax_job", devices=len(jax.devices()), local_devices=len(jax.local_devices()))
@@ -224,9 +235,10 @@ class Worker:
         import jax
 
         try:
-            return await unless_stopped(stop, asyncio.to_thread(load_runner, self.s, self.log))
+            return await unless_stopped(stop, asyncio.to_thread(load_runner, self.s, self.log, None,
+                                                                self.world_groups))
         except jax.errors.JaxRuntimeError as e:
-            if self.place.nodes_per_group == 1:
+            if self.job_size == 1:
                 raise
             self.log.error("leaving_broken_group", reason=f"group {self.place.dp_rank}'s JAX job broke while "
                                                           f"warming up ({e}); a member is gone")
@@ -242,9 +254,14 @@ class Worker:
         beating = asyncio.create_task(self.heartbeat_loop(stop))  # not ready yet: tells peers we are here
         if self.place.nodes_per_group > 1:
             await unless_stopped(stop, self.wait_for_members())
+        if self.job_size > 1:  # (a world's other groups are waited for by the job's own start-up)
             await unless_stopped(stop, asyncio.to_thread(self.join_jax_job))
         self.runner = await self.load(stop)
         self.compiled_at_warmup = self.runner.compiled_shapes()
+        if self.world_groups:
+            from dpbus.services.worker.world import WorldStepper
+
+            self.world = WorldStepper(self.runner, g, self.tables.apply)
         steps = await bus.subscribe(self.nc, self.subjects.step(g), self.on_step)
         svc = await nats.micro.add_service(
             self.nc, name="dpbus-worker", version=VERSION,
@@ -259,6 +276,9 @@ class Worker:
         self.stepping = asyncio.create_task(self.step_loop())
         self.finishing = asyncio.create_task(self.finish_loop())
         tasks = [beating, self.stepping, self.finishing, asyncio.create_task(self.watchdog(stop))]
+        if self.world:
+            self.world_steps = asyncio.create_task(self.world_loop())
+            tasks.append(self.world_steps)
         await stop.wait()
         self.stopping = True
         await self.serve_while_draining()
@@ -267,7 +287,7 @@ class Worker:
             t.cancel()
         await svc.stop()
         await bus.close(self.nc)
-        if self.place.nodes_per_group > 1:
+        if self.job_size > 1:
             await asyncio.to_thread(leave_jax_job, self.log)
 
 
@@ -288,8 +308,8 @@ class Worker:
         await req.respond(pack(self.heartbeat()))
 
     def heartbeat(self) -> Heartbeat:
-        # never "ready" without the loops that take and answer steps
-        alive = all(t is None or not t.done() for t in (self.stepping, self.finishing))
+        # never "ready" without the loops that take and answer steps (and step the world)
+        alive = all(t is None or not t.done() for t in (self.stepping, self.finishing, self.world_steps))
         return Heartbeat(self.s.node_rank, self.place.dp_rank, self.place.attn_tp_rank, self.ready and alive,
                          self.order.epoch, self.order.last_seq, time.time())
 
@@ -395,7 +415,10 @@ class Worker:
         self.started[(step.epoch, step.seq)] = time.monotonic()
         error = None
         try:
-            launched = await asyncio.to_thread(self.launch_step, step)
+            if self.world:
+                launched = await self.world.launch(step)
+            else:
+                launched = await asyncio.to_thread(self.launch_step, step)
             self.order.launched(step.seq)
         except Exception as e:  # noqa: BLE001 - reported in order by the finishing loop, the group resets
             launched, error = None, e
@@ -437,7 +460,7 @@ class Worker:
             if step.epoch == self.order.epoch:
                 self.order.lose_sync()
             failure = StepFailure(step.epoch, step.seq, self.s.node_rank, ErrorCode.INTERNAL, repr(error))
-            if self.place.nodes_per_group > 1 and not self.stopping:  # stopping: a peer left first
+            if self.job_size > 1 and not self.stopping:  # stopping: a peer left first
                 await self.leave_broken_job(failure, subject)
             await bus.publish(self.nc, subject, pack(failure))
             return
@@ -448,6 +471,18 @@ class Worker:
         if (step.epoch, step.seq) in self.asked_again:
             self.asked_again.discard((step.epoch, step.seq))
             await bus.publish(self.nc, subject, data)
+
+    async def world_loop(self) -> None:
+        """Take part in every world step; the world's job broken (a process of any group
+        gone mid-collective) ends it for all: leave it like a broken group's job, so the
+        world's processes are restarted as one."""
+        try:
+            await self.world.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a JAX job cannot take a process back
+            self.log.error("leaving_broken_world", reason=f"the world's JAX job broke ({e!r}); a process is gone")
+            self.exit(EXIT_BROKEN_JOB)
 
     async def leave_broken_job(self, failure: StepFailure, subject: str) -> None:
         """A step failing in a group of several processes means its JAX job is broken (most

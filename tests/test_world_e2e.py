@@ -1,0 +1,75 @@
+"""``--mlp-scope world`` through the real services: two groups of one worker process with
+two devices each, the two processes one JAX job (gloo collectives between them), every
+world step run by both. Greedy answers must be the single-device reference's, whichever
+group serves them, and a group with no work must not hold up the other."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dpbus.schemas import Done, Subjects
+from dpbus.services import tokenizer
+from dpbus.services.client import generate
+from tests.conftest import client_of, start_cluster
+from tests.support import service_docs
+from tests.test_engine_e2e import prompt_text, reference_tokens
+
+pytestmark = pytest.mark.e2e
+PREFIX = "world"
+SETTINGS = {"DPBUS_MLP_SCOPE": "world", "DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"}
+
+
+@pytest.fixture(scope="module")
+def world(nats_server, tmp_path_factory):
+    c = start_cluster(nats_server, tmp_path_factory.mktemp("dpbus-world"), dp_size=2, nnodes=2, local_devices=2,
+                      prefix=PREFIX, extra=dict(SETTINGS))
+    yield c
+    c.stop()
+
+
+async def worker_stats(cluster) -> dict[int, dict]:
+    """Each worker's stats, by group."""
+    return {int(doc["metadata"]["dp_rank"]): doc["endpoints"][0]["data"]
+            for doc in await service_docs(cluster, "dpbus-worker", PREFIX)}
+
+
+async def test_both_groups_answer_what_one_device_alone_gives(world):
+    texts = [prompt_text(i) for i in range(12)]
+    n = 10
+    nc = await client_of(world)
+    try:
+        outs = await asyncio.gather(*(
+            generate(nc, {"text": t, "rid": f"w{i}", "dp_rank": i % 2,
+                          "sampling": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}},
+                     subjects=Subjects(PREFIX), timeout=120)
+            for i, t in enumerate(texts)))
+    finally:
+        await nc.close()
+    want = reference_tokens([tokenizer.ByteTokenizer().encode(t) for t in texts], n, 512)
+    for i, (out, ref) in enumerate(zip(outs, want)):
+        assert isinstance(out.terminal, Done), out.terminal
+        assert out.terminal.dp_rank == i % 2
+        assert out.token_ids == ref, f"{texts[i]!r}: {out.token_ids} != {ref}"
+    stats = await worker_stats(world)
+    assert sorted(stats) == [0, 1]
+    for g, s in stats.items():  # every world step is both groups': the same count on each side
+        assert s["world"]["ran"] > 0, (g, s["world"])
+    assert stats[0]["world"]["world_steps"] == stats[1]["world"]["world_steps"]
+
+
+async def test_a_request_pinned_to_one_group_is_answered_while_the_other_has_no_work(world):
+    before = await worker_stats(world)
+    nc = await client_of(world)
+    try:
+        out = await generate(nc, {"text": "only group one", "rid": "w-pinned", "dp_rank": 1,
+                                  "sampling": {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}},
+                             subjects=Subjects(PREFIX), timeout=60)
+    finally:
+        await nc.close()
+    assert isinstance(out.terminal, Done) and out.terminal.dp_rank == 1 and len(out.token_ids) == 8
+    after = await worker_stats(world)
+    ran = after[1]["world"]["ran"] - before[1]["world"]["ran"]
+    sat_out = after[0]["world"]["sat_out"] - before[0]["world"]["sat_out"]
+    assert ran >= 8 and sat_out >= 8, (before, after)  # group 0 took part in each, with an empty batch
