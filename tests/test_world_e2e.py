@@ -6,10 +6,11 @@ group serves them, and a group with no work must not hold up the other."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from dpbus.schemas import Done, Subjects
+from dpbus.schemas import Done, Error, Subjects
 from dpbus.services import tokenizer
 from dpbus.services.client import generate
 from tests.conftest import client_of, start_cluster
@@ -18,7 +19,8 @@ from tests.test_engine_e2e import prompt_text, reference_tokens
 
 pytestmark = pytest.mark.e2e
 PREFIX = "world"
-SETTINGS = {"DPBUS_MLP_SCOPE": "world", "DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512"}
+SETTINGS = {"DPBUS_MLP_SCOPE": "world", "DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512",
+            "DPBUS_HEARTBEAT_TIMEOUT": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +75,45 @@ async def test_a_request_pinned_to_one_group_is_answered_while_the_other_has_no_
     ran = after[1]["world"]["ran"] - before[1]["world"]["ran"]
     sat_out = after[0]["world"]["sat_out"] - before[0]["world"]["sat_out"]
     assert ran >= 8 and sat_out >= 8, (before, after)  # group 0 took part in each, with an empty batch
+
+
+async def test_a_worker_of_either_group_killed_mid_stream_ends_the_world_step_for_all(world):
+    """Runs last: it breaks the world. Requests stream in both groups; group 1's worker is
+    SIGKILLed. Every request ends with one terminal answer (``worker_lost`` where it was
+    running, in either group), group 0's worker leaves the broken world by itself (exit
+    70), and once the world is restarted as one (what `dpbus up` does), both groups serve."""
+    nc = await client_of(world)
+    try:
+        tasks = [asyncio.create_task(generate(
+            nc, {"text": f"long {i}", "rid": f"w-long-{i}", "dp_rank": i % 2,
+                 "sampling": {"max_new_tokens": 400, "ignore_eos": True}}, subjects=Subjects(PREFIX), timeout=90))
+            for i in range(4)]
+        await asyncio.sleep(1.5)  # streaming in both groups
+        procs = {p.name: p for p in world.procs}
+        killed_at = time.monotonic()
+        procs["worker-1"].popen.kill()
+        outs = await asyncio.gather(*tasks)
+        answered_in = time.monotonic() - killed_at
+        print(f"every request answered {answered_in:.1f}s after group 1's worker was killed")
+        for i, out in enumerate(outs):
+            assert out.chunks, f"request {i} was streaming before the kill"
+            assert isinstance(out.terminal, Error) and out.terminal.code.value == "worker_lost", (i, out.terminal)
+        assert await asyncio.to_thread(procs["worker-0"].popen.wait, 60) == 70  # left the broken world
+        deadline = time.monotonic() + 240
+        restarted: list[str] = []
+        while time.monotonic() < deadline:
+            restarted += world.supervise(min_interval=0)
+            if any("worker-0" in line for line in restarted) and any("worker-1" in line for line in restarted):
+                break
+            await asyncio.sleep(0.5)
+        for g in (0, 1):  # refused (`unavailable`) until the world is whole again
+            for attempt in range(240):
+                out = await generate(nc, {"text": f"again {g}", "rid": f"w-again-{g}-{attempt}", "dp_rank": g,
+                                          "sampling": {"max_new_tokens": 4, "ignore_eos": True}},
+                                     subjects=Subjects(PREFIX), timeout=60)
+                if not (isinstance(out.terminal, Error) and out.terminal.code.value == "unavailable"):
+                    break
+                await asyncio.sleep(1.0)
+            assert isinstance(out.terminal, Done), (g, out.terminal, restarted)
+    finally:
+        await nc.close()

@@ -192,7 +192,7 @@ class WorldStepper:
     a core nor keeps a new request waiting more than ``idle_max_s``."""
 
     def __init__(self, runner: WorldRunner, group: int, apply: Callable[[Step], Part],
-                 idle_s: float = 0.001, idle_max_s: float = 0.02) -> None:
+                 idle_s: float = 0.001, idle_max_s: float = 0.05) -> None:
         self.runner, self.group, self.apply = runner, group, apply
         self.idle_s, self.idle_max_s = idle_s, idle_max_s
         self.waiting: tuple[Step, asyncio.Future] | None = None
