@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         out[name] = fn()
         (RESULTS / f"{name}.json").write_text(json.dumps(out[name], indent=2))
 
-    from bench import delivery, fairness, memory, multiturn, serving, transports
+    from bench import delivery, fairness, memory, multiturn, serving, transports, world
 
     part("model", model_part)
     part("transports", transports.run)
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     part("memory", memory.run)
     part("multiturn", multiturn.run)
     part("fairness", fairness.run)
+    part("world", world.run)
     out["seconds"] = time.monotonic() - started
     print()
     print(summary.render(out))

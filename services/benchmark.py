@@ -135,8 +135,9 @@ def token_times(before: list[float], now: float, n: int) -> list[float]:
 
 
 async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lambda: None,
-                       timeout: float = 600.0) -> dict[str, Any]:
-    """The workload through a running dpbus (``nc``: a connected client)."""
+                       timeout: float = 600.0, dp_rank: int | None = None) -> dict[str, Any]:
+    """The workload through a running dpbus (``nc``: a connected client); ``dp_rank``: every
+    request pinned to that group."""
     from dpbus.schemas import Chunk, Done, Subjects
     from dpbus.services.client import NoResponders, Streams
 
@@ -146,8 +147,9 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
     async def run_one(i: int, ids: list[int], n: int, rec: Record) -> None:
         rec.sent = time.perf_counter()
         try:
-            answers = await streams.send({"rid": f"bench-{run}-{i}", "input_ids": ids, "stream": True, "sampling": {
-                "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}})
+            pin = {} if dp_rank is None else {"dp_rank": dp_rank}
+            answers = await streams.send({"rid": f"bench-{run}-{i}", "input_ids": ids, "stream": True, **pin,
+                                          "sampling": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}})
             async with asyncio.timeout(timeout):
                 async for ans in answers:  # stamped with when it reached this process, not when read
                     record(rec, ans, answers.arrived)

@@ -184,7 +184,8 @@ class Worker:
         self.exit = os._exit  # how the process leaves a broken JAX job (tests replace it)
 
     def stats(self, *_: Any) -> dict:
-        world = {"world": {**self.world.counts, "last": self.world.last}} if self.world else {}
+        world = {"world": {**self.world.counts, "agree_ms": round(self.world.agree_ms, 1), "last": self.world.last}
+                 } if self.world else {}
         return {**self.counts, **{k: round(v, 3) for k, v in self.timing.items()}, "epoch": self.order.epoch,
                 "last_seq": self.order.last_seq, "rows": len(self.tables.rows),
                 "compiled_at_warmup": self.compiled_at_warmup, "compiled_now": self.runner.compiled_shapes(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -187,17 +188,20 @@ class WorldStepper:
     their next step, the others sitting out with an empty part.
 
     When no group can run (no work anywhere, or only members still waiting for a step)
-    nothing is launched, and the next agreement follows a pause of ``idle_s`` (doubled each
-    time up to ``idle_max_s``, cut short by a step of its own): an idle world neither spins
-    a core nor keeps a new request waiting more than ``idle_max_s``."""
+    nothing is launched, and the next agreement follows a pause of ``idle_s`` (cut short by
+    a step of its own). Under load that happens between most steps (a publisher's next step
+    often waits for the last one's tokens), so the pause stays short for ``hot_steps`` idle
+    agreements in a row; then it doubles each time up to ``idle_max_s``: an idle world
+    neither spins a core nor keeps a new request waiting more than ``idle_max_s``."""
 
     def __init__(self, runner: WorldRunner, group: int, apply: Callable[[Step], Part],
-                 idle_s: float = 0.001, idle_max_s: float = 0.05) -> None:
+                 idle_s: float = 0.001, idle_max_s: float = 0.05, hot_steps: int = 100) -> None:
         self.runner, self.group, self.apply = runner, group, apply
-        self.idle_s, self.idle_max_s = idle_s, idle_max_s
+        self.idle_s, self.idle_max_s, self.hot_steps = idle_s, idle_max_s, hot_steps
         self.waiting: tuple[Step, asyncio.Future] | None = None
         self.wake = asyncio.Event()
         self.counts = {"world_steps": 0, "ran": 0, "sat_out": 0, "idle": 0}
+        self.agree_ms = 0.0  # the agreements' time, waits for the step before included
         self.last: dict[str, Any] = {}  # the last world step run: each group's sizes, the shape
 
     async def launch(self, step: Step) -> Launched:
@@ -214,11 +218,13 @@ class WorldStepper:
     async def run(self) -> None:
         """Forever, in step with every other process of the world (a failure here means the
         world's job is broken: the caller leaves it)."""
-        pause = self.idle_s
+        pause, idle_streak = self.idle_s, 0
         while True:
             waiting = self.waiting
             mine = (1, waiting[0].epoch, waiting[0].seq, *step_sizes(waiting[0])) if waiting else (0,) * len(SAYS)
+            t0 = time.perf_counter()
             said = await asyncio.to_thread(agree, self.runner.mesh, mine, self.runner.last_tokens)
+            self.agree_ms += (time.perf_counter() - t0) * 1000
             runs, sizes = plan(said)
             self.count(runs, sizes)
             if not any(runs):  # every process sees the same: none of them steps
@@ -228,9 +234,11 @@ class WorldStepper:
                         await asyncio.wait_for(self.wake.wait(), pause)
                     except TimeoutError:
                         pass
-                pause = min(pause * 2, self.idle_max_s)
+                idle_streak += 1
+                if idle_streak > self.hot_steps:  # quiet for a while: back off
+                    pause = min(pause * 2, self.idle_max_s)
                 continue
-            pause = self.idle_s
+            pause, idle_streak = self.idle_s, 0
             shape = self.runner.world_shape(sizes)
             self.last = {"sizes": sizes, "decode": shape.decode, "prefill": shape.prefill}
             parts: dict[int, Part] = {}
