@@ -170,6 +170,49 @@ def test_greedy_tokens_match_generate(moes, name, tensor):
         assert got == ck.hf_greedy(p), f"{name}, tensor={tensor}, prompt of {len(p)} tokens"
 
 
+def world_greedy(cfg, host: dict, groups: int, tensor: int, ps: list[list[int]], n_new: int) -> list[list[int]]:
+    """Greedy tokens of every prompt, prompt i served by group i % groups of one world
+    (``--mlp-scope world``: the experts split over the groups): each prompt's chunks in
+    world steps of its own group, then every group's decode rows in the same world steps."""
+    from dpbus.schemas.internal import DecodeItem, PrefillItem
+    from dpbus.services.worker.world import WorldRunner, make_world_mesh
+    from tests.test_checkpoint import GREEDY, MAX_PREFILL, PAGE_SIZE
+
+    per_seq = -(-cfg.max_seq_len // PAGE_SIZE)
+    runner = WorldRunner(cfg, make_world_mesh(groups, jax.devices()[:groups * tensor]),
+                         num_pages=len(ps) * per_seq + 1, page_size=PAGE_SIZE, max_running_requests=len(ps),
+                         max_prefill_tokens=MAX_PREFILL, host_weights=host)
+    pages = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(ps))]  # in its group's pool
+    out: list[list[int]] = []
+    for i, prompt in enumerate(ps):
+        for start in range(0, len(prompt), MAX_PREFILL):
+            chunk = prompt[start:start + MAX_PREFILL]
+            part = ([PrefillItem(start, chunk, start + len(chunk) == len(prompt), pages[i], GREEDY)], [])
+            (token,), _ = runner.step_world({i % groups: part})[i % groups]
+        out.append([token])
+    for step in range(1, n_new):
+        parts = {g: ([], [DecodeItem(out[i][-1], len(ps[i]) + step - 1, step, pages[i], GREEDY)
+                          for i in range(g, len(ps), groups)]) for g in range(groups)}
+        for g, (_, tokens) in runner.step_world(parts).items():
+            for i, t in zip(range(g, len(ps), groups), tokens):
+                out[i].append(t)
+    return out
+
+
+# every layout against the group scope's forward: tests/test_world.py; here against transformers,
+# the shared expert (Qwen2-MoE) at both layouts that split the experts
+@pytest.mark.parametrize("name,groups,tensor", [("qwen3_moe", 2, 2), ("qwen2_moe", 2, 2), ("qwen2_moe", 4, 1)])
+def test_greedy_tokens_match_generate_in_one_world(moes, name, groups, tensor):
+    """The world scope against transformers itself: the same greedy tokens, whichever group
+    serves a prompt, with each device holding only its groups' share of the experts."""
+    ck = moes[name]
+    cfg = config_from_hf(ck.path)
+    ps = prompts()
+    ours = world_greedy(cfg, load_hf_weights(ck.path, cfg), groups, tensor, ps, 32)
+    for i, (p, got) in enumerate(zip(ps, ours)):
+        assert got == ck.hf_greedy(p), f"{name}, {groups} groups x {tensor}, prompt {i} of {len(p)} tokens"
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family,change,field", [
