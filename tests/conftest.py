@@ -174,3 +174,25 @@ def lines_until_ready(proc: subprocess.Popen, timeout: float = 300.0) -> list[st
         if line.startswith("dpbus ready"):
             return lines
     raise AssertionError("dpbus up was not ready in time:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_per_module(request):
+    """With DPBUS_TEST_CPU_LOG=FILE: each module's wall time and CPU seconds (this process's
+    and its services', counted when they are reaped) appended to FILE, to find what makes
+    the suite slow on a machine that is CPU-bound."""
+    where = os.environ.get("DPBUS_TEST_CPU_LOG")
+    if not where:
+        yield
+        return
+    import resource
+
+    def cpu(who: int) -> float:
+        r = resource.getrusage(who)
+        return r.ru_utime + r.ru_stime
+
+    t0, own0, kids0 = time.monotonic(), cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
+    yield
+    with open(where, "a") as f:
+        f.write(f"{request.module.__name__}\t{time.monotonic() - t0:.1f}\t{cpu(resource.RUSAGE_SELF) - own0:.1f}\t"
+                f"{cpu(resource.RUSAGE_CHILDREN) - kids0:.1f}\n")
