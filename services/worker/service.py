@@ -483,6 +483,13 @@ class Worker:
             raise
         except Exception as e:  # noqa: BLE001 - a JAX job cannot take a process back
             self.log.error("leaving_broken_world", reason=f"the world's JAX job broke ({e!r}); a process is gone")
+            self.ready = False  # say so first: the publisher stops taking work now, not at the heartbeat time-out
+            try:
+                await self.nc.publish(self.subjects.heartbeat(self.place.dp_rank, self.s.node_rank),
+                                      pack(self.heartbeat()))
+                await self.nc.flush(timeout=2)
+            except Exception as e2:  # noqa: BLE001 - the publisher notices our silence too
+                self.log.error("not_ready_unsent", error=repr(e2))
             self.exit(EXIT_BROKEN_JOB)
 
     async def leave_broken_job(self, failure: StepFailure, subject: str) -> None:
