@@ -250,12 +250,42 @@ def cmd_status(a: argparse.Namespace) -> int:
         nc = await bus.connect_client(url, auth=auth)
         try:
             seconds = await wait_groups_ready(nc, prefix, dp_size, a.wait, say)
+            world = await world_steps(nc, prefix)
         finally:
             await nc.close()
         say(f"ready: {dp_size} group(s) and ingest at {bus.redact(url)} (waited {seconds:.1f}s)")
+        for line in world:
+            say(line)
         return 0
 
     return asyncio.run(main())
+
+
+async def world_steps(nc: Any, prefix: str, wait: float = 1.0) -> list[str]:
+    """What the workers of a world (``--mlp-scope world``) say of its steps, a line per
+    group (none for groups stepping alone), from their nats.micro STATS."""
+    import nats.errors
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish("$SRV.STATS.dpbus-worker", b"", reply=inbox)
+    lines = []
+    try:
+        while True:
+            doc = json.loads((await sub.next_msg(timeout=wait)).data)
+            data = doc["endpoints"][0]["data"] if doc.get("endpoints") else {}
+            w = data.get("world")
+            if doc.get("metadata", {}).get("prefix") == prefix and w:
+                last = w.get("last") or {}
+                lines.append(f"  world, group {doc['metadata']['dp_rank']} (node {doc['metadata']['node_rank']}): "
+                             f"{w['world_steps']} world steps: ran {w['ran']}, sat out {w['sat_out']}, idle "
+                             f"{w['idle']}; last: sizes per group {last.get('sizes')} (decode rows, chunks, "
+                             f"tokens), shape decode {last.get('decode')} prefill {last.get('prefill')}")
+    except nats.errors.TimeoutError:  # no more answers
+        pass
+    finally:
+        await sub.unsubscribe()
+    return sorted(lines)
 
 
 def gateway_from_state(a: argparse.Namespace) -> dict[str, str]:

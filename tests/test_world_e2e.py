@@ -6,6 +6,9 @@ group serves them, and a group with no work must not hold up the other."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -75,6 +78,17 @@ async def test_a_request_pinned_to_one_group_is_answered_while_the_other_has_no_
     ran = after[1]["world"]["ran"] - before[1]["world"]["ran"]
     sat_out = after[0]["world"]["sat_out"] - before[0]["world"]["sat_out"]
     assert ran >= 8 and sat_out >= 8, (before, after)  # group 0 took part in each, with an empty batch
+
+
+def test_status_shows_each_group_s_part_of_the_world_steps(world, nats_server):
+    out = subprocess.run([sys.executable, "-m", "dpbus.services.cli", "status", "--dp-size", "2", "--prefix", PREFIX,
+                          "--nats-url", world.nats_url, "--wait", "60",
+                          "--nats-credentials", str(nats_server.store / "conf" / "credentials.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for g in (0, 1):
+        line = next(x for x in out.stdout.splitlines() if f"world, group {g} (node {g})" in x)
+        assert re.search(r"\d+ world steps: ran [1-9]\d*, sat out \d+, idle \d+; last: sizes per group \[", line), line
 
 
 async def test_a_worker_of_either_group_killed_mid_stream_ends_the_world_step_for_all(world):
