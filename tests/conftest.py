@@ -16,6 +16,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("DPBUS_COMPILE_CACHE",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
                                    "dpbus-jax"))
+# ... and so do the tests' own runners: a test that builds a new runner of shapes compiled
+# before (a new jitted function, so JAX's in-memory cache misses) loads them instead (the
+# model, checkpoint and family tests: 15% less CPU)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["DPBUS_COMPILE_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import asyncio  # noqa: E402
 import shutil  # noqa: E402
