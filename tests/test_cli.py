@@ -24,7 +24,9 @@ DPBUS = [sys.executable, "-m", "dpbus.services.cli"]
 @pytest.mark.e2e
 def test_up_with_node_processes_serves_and_stops_everything_on_sigterm(tmp_path):
     """`dpbus up` secures its server; `dpbus generate` finds it (and its credentials) with no flags."""
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    # warm-up is not what this tests (test_first_day and test_sigterm do): each node compiles
+    # what it runs, not every shape, at its start and at its restart
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "DPBUS_WARMUP": "false"}
     logs = tmp_path / "logs"
     proc = subprocess.Popen([*DPBUS, "up", "--dp-size", "2", "--nnodes", "2", "--local-devices", "1",
                              "--node-processes", "--log-dir", str(logs)], env=env,
@@ -136,7 +138,7 @@ def test_up_over_tls_serves_a_client_that_found_it_through_the_state_file(tmp_pa
     made = subprocess.run(["bash", "infra/tls/make-dev-certs.sh", str(certs)], capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert made.returncode == 0, made.stderr
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "DPBUS_WARMUP": "false"}
     with up_process(["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "server.pem"),
                      "--tls-key", str(certs / "server-key.pem"), "--log-dir", str(tmp_path / "logs")], env) as proc:
         lines = lines_until_ready(proc)
