@@ -185,22 +185,26 @@ def script(group: int) -> list:
     return steps
 
 
-def test_a_world_runner_gives_every_group_the_tokens_of_its_own_runner():
+@pytest.fixture(scope="module")
+def moe_world():
+    """A world of 2 groups x 2 devices (Qwen3-MoE) and, for each group's script, the tokens
+    of a runner of its own (one device)."""
     from dpbus.services.worker.runner import ModelRunner
     from dpbus.services.worker.world import WorldRunner, make_world_mesh
 
     cfg = FAMILIES["qwen3_moe"]
     host = host_weights(cfg)
     sizes = dict(num_pages=PAGES, page_size=PAGE, max_running_requests=ROWS, max_prefill_tokens=PREFILL_TOKENS)
-    world = WorldRunner(cfg, make_world_mesh(2, jax.devices()[:4]), host_weights=host, **sizes)
+    alone_runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:1]), host_weights=host, **sizes)
+    want = {g: [alone_runner.step(*s) for s in script(g) if s is not None] for g in range(2)}
+    return WorldRunner(cfg, make_world_mesh(2, jax.devices()[:4]), host_weights=host, **sizes), want
+
+
+def test_a_world_runner_gives_every_group_the_tokens_of_its_own_runner(moe_world):
+    world, want = moe_world
     assert world.groups_here == [0, 1]
-    scripts = {g: script(g) for g in range(2)}
-    want = {}
-    for g, steps in scripts.items():
-        alone_runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:1]), host_weights=host, **sizes)
-        want[g] = [alone_runner.step(*s) for s in steps if s is not None]
     got, sat_out = {0: [], 1: []}, 0
-    queues = {g: list(steps) for g, steps in scripts.items()}
+    queues = {g: list(script(g)) for g in range(2)}
     while any(queues.values()):
         parts = {}
         for g, q in queues.items():
@@ -225,23 +229,17 @@ def test_agree_gathers_what_every_device_of_the_world_says():
     assert said.shape == (2, 2, 3) and (said == np.array([3, 1, 4])).all()
 
 
-async def test_the_world_stepper_runs_each_step_of_its_group_once_in_order():
+async def test_the_world_stepper_runs_each_step_of_its_group_once_in_order(moe_world):
     """A group's steps handed to its ``WorldStepper`` one at a time, as the worker does: each
     is applied (its rows changed) exactly once, in order, and gets its own runner's tokens;
     the other group, with no steps, sits every world step out."""
     import asyncio
 
     from dpbus.schemas.internal import DecodeRow, PrefillChunk, Step
-    from dpbus.services.worker.runner import ModelRunner
-    from dpbus.services.worker.world import WorldRunner, WorldStepper, make_world_mesh
+    from dpbus.services.worker.world import WorldStepper
 
-    cfg = FAMILIES["dense"]
-    host = host_weights(cfg)
-    sizes = dict(num_pages=PAGES, page_size=PAGE, max_running_requests=ROWS, max_prefill_tokens=PREFILL_TOKENS)
-    world = WorldRunner(cfg, make_world_mesh(2, jax.devices()[:4]), host_weights=host, **sizes)
+    world, want = moe_world
     parts = [s for s in script(1) if s is not None]
-    alone_runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:1]), host_weights=host, **sizes)
-    want = [alone_runner.step(*p) for p in parts]
     # the messages say only what the agreement reads (how many rows, chunks and tokens)
     steps = [Step(1, i + 1, prefill=[PrefillChunk(c.row, c.start, c.token_ids, c.sample) for c in p[0]],
                   decode=[DecodeRow(d.row, d.token, d.position, d.counter) for d in p[1]]) for i, p in enumerate(parts)]
@@ -259,5 +257,5 @@ async def test_the_world_stepper_runs_each_step_of_its_group_once_in_order():
     finally:
         running.cancel()
     assert applied == [s.seq for s in steps]
-    assert got == want
+    assert got == want[1]
     assert stepper.counts["ran"] == len(steps) and stepper.counts["sat_out"] == 0 and stepper.counts["idle"] > 0
