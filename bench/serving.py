@@ -12,6 +12,21 @@ import tempfile
 from pathlib import Path
 
 
+def start_clusters(stack, extras: dict[str, dict[str, str]], **layout) -> dict:
+    """One deployment per key of ``extras`` (its services' DPBUS_* settings), each with its
+    own embedded NATS on a free port and a temporary log directory, stopped with ``stack``."""
+    from dpbus.services.launcher import Cluster
+
+    clusters = {}
+    for key, extra in extras.items():
+        d = stack.enter_context(tempfile.TemporaryDirectory(prefix="dpbus-bench-"))
+        cluster = Cluster(**layout, log_dir=Path(d), nats_port=0, say=lambda _: None, extra=extra)
+        stack.callback(cluster.stop)
+        asyncio.run(cluster.start(timeout=600))
+        clusters[key] = cluster
+    return clusters
+
+
 def run(concurrencies=(8, 32), requests: int = 64, rounds: int = 3) -> dict:
     """Both systems (two steps in flight, one) run side by side, idle while the other works;
     each round measures every mode at each concurrency in turn, so that a slow spell of a
@@ -23,7 +38,6 @@ def run(concurrencies=(8, 32), requests: int = 64, rounds: int = 3) -> dict:
 
     from dpbus.services import benchmark as b
     from dpbus.services import bus
-    from dpbus.services.launcher import Cluster
     from dpbus.services.settings import WorkerSettings
 
     workloads = {c: b.Workload(requests=requests, input_len=128, output_len=64, range_ratio=0.0, concurrency=c,
@@ -31,14 +45,8 @@ def run(concurrencies=(8, 32), requests: int = 64, rounds: int = 3) -> dict:
     modes = {"system": "2", "system_one_step": "1"}
     runs: dict = {k: {c: [] for c in concurrencies} for k in (*modes, "engine", "engine_one_step")}
     with contextlib.ExitStack() as stack:
-        clusters = {}
-        for key, in_flight in modes.items():
-            d = stack.enter_context(tempfile.TemporaryDirectory(prefix="dpbus-bench-"))
-            cluster = Cluster(dp_size=1, nnodes=1, local_devices=1, log_dir=Path(d), nats_port=0,
-                              say=lambda _: None, extra={"DPBUS_STEPS_IN_FLIGHT": in_flight})
-            stack.callback(cluster.stop)
-            asyncio.run(cluster.start(timeout=300))
-            clusters[key] = cluster
+        clusters = start_clusters(stack, {key: {"DPBUS_STEPS_IN_FLIGHT": n} for key, n in modes.items()},
+                                  dp_size=1, nnodes=1, local_devices=1)
         engine = b.load_engine(WorkerSettings(), devices=jax.devices()[:1])
 
         async def measure() -> None:

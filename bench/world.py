@@ -20,8 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
@@ -98,21 +96,15 @@ def serving(concurrencies=(8, 32), requests: int = 32, output_len: int = 32, rou
 
     from dpbus.services import benchmark as b
     from dpbus.services import bus
-    from dpbus.services.launcher import Cluster
+    from bench.serving import start_clusters
 
     scopes = ("group", "world")
     loads = {"balanced": None, "skewed": 0}
     runs: dict = {s: {ld: {c: [] for c in concurrencies} for ld in loads} for s in scopes}
     stats: dict = {}
     with contextlib.ExitStack() as stack:
-        clusters = {}
-        for scope in scopes:
-            d = stack.enter_context(tempfile.TemporaryDirectory(prefix="dpbus-bench-world-"))
-            cluster = Cluster(dp_size=2, nnodes=2, local_devices=1, log_dir=Path(d), nats_port=0,
-                              say=lambda _: None, extra={"DPBUS_MLP_SCOPE": scope})
-            stack.callback(cluster.stop)
-            asyncio.run(cluster.start(timeout=600))
-            clusters[scope] = cluster
+        clusters = start_clusters(stack, {scope: {"DPBUS_MLP_SCOPE": scope} for scope in scopes},
+                                  dp_size=2, nnodes=2, local_devices=1)
 
         async def measure() -> None:
             ncs = {s: await bus.connect_client(c.nats_url, auth=c.auth("client")) for s, c in clusters.items()}
@@ -126,7 +118,7 @@ def serving(concurrencies=(8, 32), requests: int = 32, output_len: int = 32, rou
                         for load, pin in loads.items():
                             for scope, nc in ncs.items():
                                 runs[scope][load][c].append(await b.bench_system(nc, w, dp_rank=pin))
-                stats.update(await world_stats(ncs["world"], clusters["world"]))
+                stats.update(await world_stats(clusters["world"]))
             finally:
                 for nc in ncs.values():
                     await nc.close()
@@ -146,29 +138,22 @@ def serving(concurrencies=(8, 32), requests: int = 32, output_len: int = 32, rou
     return out
 
 
-async def world_stats(nc, cluster) -> dict:
+async def world_stats(cluster) -> dict:
     """The world workers' step counts and timings (nats.micro STATS, as the operator)."""
     from dpbus.services import bus
 
     op = await bus.connect_client(cluster.nats_url, auth=cluster.auth("operator"))
     try:
-        inbox = op.new_inbox()
-        sub = await op.subscribe(inbox)
-        await op.publish("$SRV.STATS.dpbus-worker", b"", reply=inbox)
-        found = {}
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            try:
-                doc = json.loads((await sub.next_msg(timeout=0.5)).data)
-            except Exception:  # noqa: BLE001 - nothing more
-                break
-            data = doc["endpoints"][0]["data"]
-            found[doc["metadata"]["dp_rank"]] = {"steps": data["steps"], "device_ms": data["device_ms"],
-                                                 **{k: data["world"][k] for k in ("world_steps", "ran", "sat_out",
-                                                                                  "idle", "agree_ms")}}
-        return found
+        docs = await bus.service_stats(op, "dpbus-worker", cluster.prefix)
     finally:
         await op.close()
+    out = {}
+    for doc in docs:
+        data = doc["endpoints"][0]["data"]
+        out[doc["metadata"]["dp_rank"]] = {"steps": data["steps"], "device_ms": data["device_ms"],
+                                           **{k: data["world"][k] for k in ("world_steps", "ran", "sat_out", "idle",
+                                                                            "agree_ms")}}
+    return out
 
 
 def run() -> dict:

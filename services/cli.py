@@ -261,30 +261,18 @@ def cmd_status(a: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-async def world_steps(nc: Any, prefix: str, wait: float = 1.0) -> list[str]:
+async def world_steps(nc: Any, prefix: str) -> list[str]:
     """What the workers of a world (``--mlp-scope world``) say of its steps, a line per
     group (none for groups stepping alone), from their nats.micro STATS."""
-    import nats.errors
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish("$SRV.STATS.dpbus-worker", b"", reply=inbox)
     lines = []
-    try:
-        while True:
-            doc = json.loads((await sub.next_msg(timeout=wait)).data)
-            data = doc["endpoints"][0]["data"] if doc.get("endpoints") else {}
-            w = data.get("world")
-            if doc.get("metadata", {}).get("prefix") == prefix and w:
-                last = w.get("last") or {}
-                lines.append(f"  world, group {doc['metadata']['dp_rank']} (node {doc['metadata']['node_rank']}): "
-                             f"{w['world_steps']} world steps: ran {w['ran']}, sat out {w['sat_out']}, idle "
-                             f"{w['idle']}; last: sizes per group {last.get('sizes')} (decode rows, chunks, "
-                             f"tokens), shape decode {last.get('decode')} prefill {last.get('prefill')}")
-    except nats.errors.TimeoutError:  # no more answers
-        pass
-    finally:
-        await sub.unsubscribe()
+    for doc in await bus.service_stats(nc, "dpbus-worker", prefix):
+        w = doc["endpoints"][0]["data"].get("world") if doc.get("endpoints") else None
+        if w:
+            last = w.get("last") or {}
+            lines.append(f"  world, group {doc['metadata']['dp_rank']} (node {doc['metadata']['node_rank']}): "
+                         f"{w['world_steps']} world steps: ran {w['ran']}, sat out {w['sat_out']}, idle "
+                         f"{w['idle']}; last: sizes per group {last.get('sizes')} (decode rows, chunks, "
+                         f"tokens), shape decode {last.get('decode')} prefill {last.get('prefill')}")
     return sorted(lines)
 
 

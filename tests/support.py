@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 
-import nats
 
 
 def processes_using(nats_url: str) -> list[int]:
@@ -40,20 +38,12 @@ async def service_docs(cluster, service: str, prefix: str) -> list[dict]:
     """The nats.micro STATS of every ``service`` instance serving ``prefix`` (other
     deployments share the tests' NATS server), asked as the operator: whole documents,
     ``metadata`` and ``endpoints``."""
+    from dpbus.services import bus
     from tests.conftest import client_of
 
     nc = await client_of(cluster, "operator")
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish(f"$SRV.STATS.{service}", b"", reply=inbox)
-    found = []
     try:
-        while True:
-            doc = json.loads((await sub.next_msg(timeout=1)).data)
-            if doc.get("metadata", {}).get("prefix") == prefix:
-                found.append(doc)
-    except nats.errors.TimeoutError:
-        return found
+        return await bus.service_stats(nc, service, prefix)
     finally:
         await nc.close()
 

@@ -12,10 +12,10 @@ The names callers use are taken from here (``from dpbus.services import bus; bus
 from dpbus.services.bus.auth import (FatalConnectError, NatsAuth, PlaceholderPasswordError, answer_auth, auth_for,
                                      auth_from, redact, refuse_placeholder, servers)
 from dpbus.services.bus.connection import close, connect, connect_client, reply_subject, request_subjects
-from dpbus.services.bus.messaging import at_server, publish, request, subscribe
+from dpbus.services.bus.messaging import at_server, publish, request, service_stats, subscribe
 from dpbus.services.bus.outbox import ClientOutbox
 from dpbus.services.bus.replies import Replies
 
 __all__ = ["at_server", "ClientOutbox", "FatalConnectError", "NatsAuth", "PlaceholderPasswordError", "Replies", "answer_auth",
            "auth_for", "auth_from", "close", "connect", "connect_client", "publish", "redact", "refuse_placeholder",
-           "reply_subject", "request", "request_subjects", "servers", "subscribe"]
+           "reply_subject", "request", "request_subjects", "servers", "service_stats", "subscribe"]

@@ -50,3 +50,26 @@ async def at_server(nc: Any, timeout: float = 5.0) -> None:
     buffer is written out first."""
     await nc._flush_pending(force_flush=True)
     await nc.flush(timeout=timeout)
+
+
+async def service_stats(nc: Client, service: str, prefix: str, wait: float = 1.0) -> list[dict]:
+    """The nats.micro STATS of every instance of ``service`` (e.g. ``dpbus-worker``) that
+    serves ``prefix``, whole documents (``metadata``, ``endpoints``): every answer until none
+    came for ``wait`` seconds. Needs a user allowed ``$SRV.>`` (the operator)."""
+    import json
+
+    import nats.errors
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"$SRV.STATS.{service}", b"", reply=inbox)
+    found = []
+    try:
+        while True:
+            doc = json.loads((await sub.next_msg(timeout=wait)).data)
+            if doc.get("metadata", {}).get("prefix") == prefix:
+                found.append(doc)
+    except nats.errors.TimeoutError:  # no more answers
+        return found
+    finally:
+        await sub.unsubscribe()
