@@ -242,6 +242,7 @@ class Heartbeat(Struct):
     epoch: int
     last_seq: int
     time: float
+    stopping: bool = False  # draining after a stop: its silence next is a stop, not a death
 
 
 class LoadReport(Struct):

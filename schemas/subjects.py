@@ -78,6 +78,11 @@ class Subjects:
     def heartbeats(self, g: int) -> str:
         return self.heartbeat(g, "*")
 
+    @property
+    def all_heartbeats(self) -> str:
+        """Every member of every group (a world's members watch each other)."""
+        return f"{self.prefix}.dp.*.heartbeat.*"
+
     @staticmethod
     def member_of(subject: str) -> int | None:
         """The node rank a member's ``result``/``heartbeat`` subject names (None: not one)."""

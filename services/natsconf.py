@@ -100,7 +100,7 @@ def _worker(s: Subjects, g: int, r: int | str) -> Permissions:
     which runs the group's publisher and so decides everything about the group anyway)."""
     return Permissions(
         publish=[s.result(g, r), s.heartbeat(g, r), s.replay(g)],
-        subscribe=[s.step(g), s.heartbeats(g), s.worker_status(g, "*")],
+        subscribe=[s.step(g), s.all_heartbeats, s.worker_status(g, "*")],  # (a world watches all members)
         allow_responses=True,
     )
 

@@ -178,6 +178,8 @@ class WorkerSettings(EngineSettings):
                                                                   "float32 elsewhere")] = "auto"
     seed: Annotated[NonNegative, Help("the seed of the dummy weights")] = 0
     heartbeat_interval: Annotated[Seconds, Help("seconds between this worker's heartbeats")] = 0.5
+    heartbeat_timeout: Annotated[Seconds, Help("a worker silent this many seconds makes its group not "
+                                               "ready")] = 10.0
     warmup: Annotated[bool, Help("compile every step shape at start-up")] = True
     mlp_scope: Annotated[Literal["group", "world"], Help("group: each group a whole model (replicas); world: "
                                                          "attention per group, the MLP and experts split over "

@@ -259,3 +259,26 @@ async def test_the_world_stepper_runs_each_step_of_its_group_once_in_order(moe_w
     assert applied == [s.seq for s in steps]
     assert got == want[1]
     assert stepper.counts["ran"] == len(steps) and stepper.counts["sat_out"] == 0 and stepper.counts["idle"] > 0
+
+
+def test_member_watch_names_a_member_gone_silent_or_leaving_never_one_still_starting():
+    from dpbus.services.worker.world import MemberWatch
+
+    w = MemberWatch([1, 2], timeout=2.0)
+    w.beat(1, False, 0.0)  # starting: not watched yet
+    w.beat(7, True, 0.0)  # not a member of this world
+    assert w.gone(100.0) is None
+    w.beat(1, True, 10.0)
+    w.beat(2, True, 10.0)
+    assert w.gone(11.9) is None
+    w.beat(1, True, 11.0)
+    assert w.gone(12.5) == "node(s) [2] silent for over 2s"
+    w.beat(2, True, 12.6)
+    assert w.gone(12.7) is None
+    w.beat(2, False, 12.8)  # leaving a broken world: gone at once, not at the time-out
+    assert w.gone(12.8) == "node 2 is leaving the world (it said it is not ready)"
+    w.beat(2, True, 12.9)  # what it said stands
+    assert w.gone(12.9) is not None
+    stopped = MemberWatch([1], timeout=2.0)
+    stopped.beat(1, True, 0.0, stopping=True)  # draining after a stop, then gone: stopped, not dead
+    assert stopped.gone(1.0) is None and stopped.gone(2.5) == "node(s) [1] stopped"

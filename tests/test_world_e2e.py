@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -93,9 +94,11 @@ def test_status_shows_each_group_s_part_of_the_world_steps(world, nats_server):
 
 async def test_a_worker_of_either_group_killed_mid_stream_ends_the_world_step_for_all(world):
     """Runs last: it breaks the world. Requests stream in both groups; group 1's worker is
-    SIGKILLed. Every request ends with one terminal answer (``worker_lost`` where it was
-    running, in either group), group 0's worker leaves the broken world by itself (exit
-    70), and once the world is restarted as one (what `dpbus up` does), both groups serve."""
+    frozen (SIGSTOP: its sockets stay open, so group 0's worker waits in a collective that
+    never ends, the case gloo cannot see), then killed. Every request ends with one terminal
+    answer (``worker_lost`` where it was running, in either group), group 0's worker leaves
+    the broken world by itself (exit 70) once its peer's heartbeats stop, and once the world
+    is restarted as one (what `dpbus up` does), both groups serve."""
     nc = await client_of(world)
     try:
         tasks = [asyncio.create_task(generate(
@@ -105,14 +108,20 @@ async def test_a_worker_of_either_group_killed_mid_stream_ends_the_world_step_fo
         await asyncio.sleep(1.5)  # streaming in both groups
         procs = {p.name: p for p in world.procs}
         killed_at = time.monotonic()
-        procs["worker-1"].popen.kill()
-        outs = await asyncio.gather(*tasks)
+        procs["worker-1"].popen.send_signal(signal.SIGSTOP)
+        try:
+            outs = await asyncio.gather(*tasks)
+        finally:
+            procs["worker-1"].popen.kill()
         answered_in = time.monotonic() - killed_at
-        print(f"every request answered {answered_in:.1f}s after group 1's worker was killed")
+        print(f"every request answered {answered_in:.1f}s after group 1's worker was frozen")
         for i, out in enumerate(outs):
             assert out.chunks, f"request {i} was streaming before the kill"
             assert isinstance(out.terminal, Error) and out.terminal.code.value == "worker_lost", (i, out.terminal)
         assert await asyncio.to_thread(procs["worker-0"].popen.wait, 60) == 70  # left the broken world
+        left = [line for line in (world.log_dir / "worker-0.log").read_text().splitlines()
+                if "leaving_broken_world" in line]
+        assert left and "node(s) [1] silent" in left[0], left
         deadline = time.monotonic() + 240
         restarted: list[str] = []
         while time.monotonic() < deadline:

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import nats.micro
 
 from dpbus.schemas import ErrorCode, Subjects
@@ -279,7 +280,7 @@ class Worker:
         tasks = [beating, self.stepping, self.finishing, asyncio.create_task(self.watchdog(stop))]
         if self.world:
             self.world_steps = asyncio.create_task(self.world_loop())
-            tasks.append(self.world_steps)
+            tasks += [self.world_steps, asyncio.create_task(self.watch_world())]
         await stop.wait()
         self.stopping = True
         await self.serve_while_draining()
@@ -312,7 +313,7 @@ class Worker:
         # never "ready" without the loops that take and answer steps (and step the world)
         alive = all(t is None or not t.done() for t in (self.stepping, self.finishing, self.world_steps))
         return Heartbeat(self.s.node_rank, self.place.dp_rank, self.place.attn_tp_rank, self.ready and alive,
-                         self.order.epoch, self.order.last_seq, time.time())
+                         self.order.epoch, self.order.last_seq, time.time(), self.stopping)
 
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
         subject = self.subjects.heartbeat(self.place.dp_rank, self.s.node_rank)
@@ -322,6 +323,10 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - reconnecting; the next beat retries
                 self.log.warning("heartbeat_failed", error=repr(e))
             await asyncio.sleep(self.s.heartbeat_interval)
+        try:  # a last beat: the silence that follows is a stop (a world's peers say so), not a death
+            await self.nc.publish(subject, pack(msgspec.structs.replace(self.heartbeat(), stopping=True)))
+        except Exception as e:  # noqa: BLE001 - then it looks like a death; the outcome is the same
+            self.log.warning("heartbeat_failed", error=repr(e))
 
     async def watchdog(self, stop: asyncio.Event) -> None:
         """Fail-stop when a step hangs: in a group spanning processes that means a peer is gone
@@ -482,15 +487,46 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a JAX job cannot take a process back
-            self.log.error("leaving_broken_world", reason=f"the world's JAX job broke ({e!r}); a process is gone")
-            self.ready = False  # say so first: the publisher stops taking work now, not at the heartbeat time-out
+            await self.leave_broken_world(f"the world's JAX job broke ({e!r}); a process is gone")
+
+    async def watch_world(self) -> None:
+        """Leave the world as soon as a member of any group is gone (``MemberWatch``), even
+        while this process waits in a collective that would never end."""
+        from dpbus.services.worker.world import MemberWatch
+
+        watch = MemberWatch([r for r in range(self.s.nnodes) if r != self.s.node_rank], self.s.heartbeat_timeout)
+        decode = unpacker(Heartbeat)
+
+        async def on_beat(msg: Any) -> None:
             try:
-                await self.nc.publish(self.subjects.heartbeat(self.place.dp_rank, self.s.node_rank),
-                                      pack(self.heartbeat()))
-                await self.nc.flush(timeout=2)
-            except Exception as e2:  # noqa: BLE001 - the publisher notices our silence too
-                self.log.error("not_ready_unsent", error=repr(e2))
-            self.exit(EXIT_BROKEN_JOB)
+                beat = decode.decode(msg.data)
+            except Exception:  # noqa: BLE001 - not a heartbeat: ignore it
+                return
+            if beat.node_rank == Subjects.member_of(msg.subject):  # each speaks for itself
+                watch.beat(beat.node_rank, beat.ready, time.monotonic(), beat.stopping)
+
+        sub = await self.nc.subscribe(self.subjects.all_heartbeats, cb=on_beat)
+        try:
+            while not self.stopping:
+                why = watch.gone(time.monotonic())
+                if why:
+                    await self.leave_broken_world(f"the world is broken: {why}")
+                    return
+                await asyncio.sleep(self.s.heartbeat_interval)
+        finally:
+            await sub.unsubscribe()
+
+    async def leave_broken_world(self, reason: str) -> None:
+        if not self.ready:  # already leaving
+            return
+        self.log.error("leaving_broken_world", reason=reason)
+        self.ready = False  # say so first: the publisher stops taking work now, not at the heartbeat time-out
+        try:
+            await self.nc.publish(self.subjects.heartbeat(self.place.dp_rank, self.s.node_rank), pack(self.heartbeat()))
+            await self.nc.flush(timeout=2)
+        except Exception as e:  # noqa: BLE001 - the publisher notices our silence too
+            self.log.error("not_ready_unsent", error=repr(e))
+        self.exit(EXIT_BROKEN_JOB)
 
     async def leave_broken_job(self, failure: StepFailure, subject: str) -> None:
         """A step failing in a group of several processes means its JAX job is broken (most

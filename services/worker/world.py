@@ -260,3 +260,41 @@ class WorldStepper:
     def count(self, runs: list[bool], sizes: list[tuple[int, int, int]]) -> None:
         self.counts["world_steps"] += 1
         self.counts["idle" if not any(runs) else "ran" if runs[self.group] else "sat_out"] += 1
+
+
+class MemberWatch:
+    """Which member of the world is gone, from the heartbeats every member sends (no I/O).
+
+    Gloo notices a dead peer only while a collective reads from it (a reset connection); a
+    collective still connecting to it waits, and JAX's coordination service later aborts the
+    process. The heartbeats tell sooner and always: a member that was ready is gone once it
+    says it is not (it is leaving a broken world) or stays silent for ``timeout`` seconds.
+    A member never seen ready is still starting, and not watched yet."""
+
+    def __init__(self, members: Sequence[int], timeout: float) -> None:
+        self.members = set(members)
+        self.timeout = timeout
+        self.seen: dict[int, float] = {}  # member -> when it last beat, once it was ready
+        self.left: int | None = None  # a member that said it is not ready after it was
+        self.stopping: set[int] = set()  # members that said they were stopped (draining)
+
+    def beat(self, member: int, ready: bool, now: float, stopping: bool = False) -> None:
+        if member not in self.members:
+            return
+        if stopping:
+            self.stopping.add(member)
+        if ready:
+            self.seen[member] = now
+        elif member in self.seen and self.left is None:
+            self.left = member
+
+    def gone(self, now: float) -> str | None:
+        """Why the world is broken (None: every member watched is here)."""
+        if self.left is not None:
+            return f"node {self.left} is leaving the world (it said it is not ready)"
+        silent = sorted(m for m, at in self.seen.items() if now - at > self.timeout)
+        if not silent:
+            return None
+        if self.stopping.issuperset(silent):
+            return f"node(s) {silent} stopped"
+        return f"node(s) {silent} silent for over {self.timeout:g}s"
