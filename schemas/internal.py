@@ -257,6 +257,8 @@ class LoadReport(Struct):
     free_pages: int = 0          # KV pages free in the group's pool (cached ones no request holds included)
     page_size: int = 0           # positions per KV page (0: no prefix cache)
     cached: bytes = b""          # the prefix cache: PAGE_HASH_BYTES per cached page (see page_hashes)
+    starting: bool = False       # never ready yet since the publisher started, its workers loading
+    ready_for: float = 0.0       # seconds the group has been ready without a break (0: not ready)
 
 
 PAGE_HASH_BYTES = 8

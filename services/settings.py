@@ -92,6 +92,9 @@ class IngestSettings(Common):
                                                      "tokens")] = 32
     load_stale_after: Annotated[Seconds, Help("a group without a load report for this many seconds gets no "
                                               "requests")] = 3.0
+    start_grace: Annotated[Seconds, Help("a deployment coming up opens when every group is ready, or when its "
+                                         "first group has been ready this many seconds (until then requests "
+                                         "get `unavailable`, as before any group is ready)")] = 60.0
     default_client: Annotated[str, Help("the user whose requests come on the plain generate and abort "
                                         "subjects")] = "client"
     max_inflight_per_client: Annotated[NonNegative, Help("requests one client may hold at once (0: no "

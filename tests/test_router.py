@@ -573,3 +573,37 @@ if __name__ == "__main__":
         rs = [simulate(p, seed=s) for s in (1, 2, 3)]
         print(f"{p:16} " + " ".join(f"{max(r[k] for r in rs):6.3f}" for k in ("count", "tokens", "queue", "load"))
               + f" {statistics.mean(r['hit_rate'] for r in rs):8.2f}")
+
+
+def test_a_deployment_coming_up_opens_when_every_group_is_ready_or_after_its_grace():
+    """While group 1's workers still load (``starting``), group 0, ready 5 s, takes nothing:
+    the first requests would all land on it. Group 1 ready, or group 0 ready past the grace,
+    and both are served; a group restarting in a deployment already serving (the other
+    ready for longer than the grace) holds up nothing."""
+    now = [100.0]
+    r = Router(2, "round_robin", start_grace=30.0, clock=lambda: now[0])
+
+    def report(g: int, ready: bool, starting: bool = False, ready_for: float = 0.0) -> None:
+        r.on_load(LoadReport(g, 1, 0.0, ready, 0, 0, 8, 0, starting=starting, ready_for=ready_for))
+
+    report(0, True, ready_for=5.0)
+    report(1, False, starting=True)
+    assert r.order() == [] and r.opening(now[0]) == [1]
+    assert "opens when group(s) [1] are ready" in r.unavailable_reason(0)
+    assert r.unavailable_reason(1) == "starting (its workers are loading)"
+    report(1, True, ready_for=0.0)
+    assert sorted(r.order()) == [0, 1]
+
+    now[0] += 24.0
+    report(0, True, ready_for=29.0)
+    report(1, False, starting=True)  # still loading
+    assert r.order() == []
+    now[0] += 1.5  # group 0 ready 30.5 s (its report 1.5 s old): open without group 1
+    assert r.order() == [0] and r.unavailable_reason(0) is None
+
+    report(0, True, ready_for=600.0)  # serving for long; group 1 restarted and loading again
+    report(1, False, starting=True)
+    assert r.order() == [0]
+    report(1, False, starting=False)  # a group gone (not loading) never held anything up
+    report(0, True, ready_for=1.0)
+    assert r.order() == [0]

@@ -25,7 +25,11 @@ that receive requests at the same moment do not all herd onto one group.
 
 A group is unavailable while no report came from it for ``stale_after`` seconds or its
 latest report says it is not ready. Before any report at all (start-up) every group is
-assumed available.
+assumed available. A deployment coming up opens as one: while a group is ``starting`` (its
+workers still loading, never ready yet) and every ready group became ready less than
+``start_grace`` seconds ago, no group is available, so the first requests do not all land
+on whichever group compiled first. A group that restarts in a deployment already serving
+holds up nothing (the others have been ready longer).
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def _rendezvous(key: bytes, g: int) -> bytes:
 
 class Router:
     def __init__(self, dp_size: int, policy: str = "round_robin", *, stale_after: float = 3.0,
-                 affinity_skew: float = 2.0, prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+                 affinity_skew: float = 2.0, prefix_tokens: int = DEFAULT_PREFIX_TOKENS, start_grace: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r} (--policy / DPBUS_POLICY); "
@@ -82,6 +86,7 @@ class Router:
             raise ValueError(f"dp_size ({dp_size}) and prefix_tokens ({prefix_tokens}) must be at least 1")
         self.dp_size, self.policy = dp_size, policy
         self.stale_after, self.affinity_skew, self.prefix_tokens = stale_after, affinity_skew, prefix_tokens
+        self.start_grace = start_grace
         self.clock = clock
         self.rng = rng or random.Random()
         self.groups = [GroupLoad() for _ in range(dp_size)]
@@ -140,13 +145,31 @@ class Router:
         """Why ``g`` gets nothing new right now, or None when it is available."""
         if all(st.report is None for st in self.groups):
             return None  # start-up: nothing heard yet, let the groups answer for themselves
+        now = self.clock() if now is None else now
         st = self.groups[g]
         if st.report is None:
             return "no load report yet"
-        age = (self.clock() if now is None else now) - st.seen_at
+        age = now - st.seen_at
         if age > self.stale_after:
             return f"no load report for {age:.1f}s (load_stale_after {self.stale_after}s)"
-        return None if st.report.ready else "not ready"
+        if not st.report.ready:
+            return "starting (its workers are loading)" if st.report.starting else "not ready"
+        waited_for = self.opening(now)
+        if waited_for:
+            return (f"the deployment is starting: it opens when group(s) {waited_for} are ready too "
+                    f"(at most {self.start_grace:g}s after its first group was)")
+        return None
+
+    def opening(self, now: float) -> list[int]:
+        """The groups a deployment coming up still waits for (empty: it is open). A group
+        is waited for while it is starting and no ready group has been ready ``start_grace``
+        seconds."""
+        fresh = [st for st in self.groups if st.report is not None and st.seen_at >= now - self.stale_after]
+        starting = [st.report.dp_rank for st in fresh if st.report.starting and not st.report.ready]
+        if not starting:
+            return []
+        ready_for = [st.report.ready_for + (now - st.seen_at) for st in fresh if st.report.ready]
+        return starting if ready_for and max(ready_for) < self.start_grace else []
 
     def available(self, g: int, now: float | None = None) -> bool:
         return self.unavailable_reason(g, now) is None
@@ -157,8 +180,9 @@ class Router:
         if all(st.report is None for st in self.groups):
             return list(range(self.dp_size))
         stale = now - self.stale_after
-        return [g for g, st in enumerate(self.groups)
+        live = [g for g, st in enumerate(self.groups)
                 if st.report is not None and st.report.ready and st.seen_at >= stale]
+        return [] if live and self.opening(now) else live
 
     # ---- the decision ----------------------------------------------------------------
     def order(self, input_ids: Sequence[int] = (), max_new_tokens: int = 0) -> list[int]:

@@ -96,7 +96,7 @@ class Ingest:
         # discovery metadata; groups_ready is kept current (see tell_readiness)
         self.metadata = {"dp_size": str(settings.dp_size), "prefix": settings.prefix, "groups_ready": "0"}
         self.router = Router(self.groups, settings.policy, stale_after=settings.load_stale_after,
-                             affinity_skew=settings.affinity_skew,
+                             affinity_skew=settings.affinity_skew, start_grace=getattr(settings, "start_grace", 60.0),
                              prefix_tokens=getattr(settings, "affinity_prefix_tokens", DEFAULT_PREFIX_TOKENS))
         self.errors: Counter[str] = Counter()
         self._said: dict[str, float] = {}  # error code -> when a refusal was last logged

@@ -86,6 +86,8 @@ class Publisher(Admission, Answering, Moving):
                                   Stepper(self.g, self.members, s.replay_window), s.steps_in_flight)
         self.replied = asyncio.Event()  # set when a step settles or is dropped
         self.beats: dict[int, tuple[float, Heartbeat]] = {}
+        self.ready_since: float | None = None  # when the group last became ready (None: not ready)
+        self.was_ready = False  # ready at least once since this publisher started
         self.instance = secrets.randbits(62) | 1  # identifies this run of the publisher (and its lease)
         self.lease = LeaseClock(s.publisher_timeout)
         self.ledger: Ledger | None = None
@@ -131,6 +133,23 @@ class Publisher(Admission, Answering, Moving):
         """Whole (every member beats, ready) and holding a valid lease in the ledger."""
         now = time.monotonic()
         return not self.missing_members(now) and self.lease.valid(now)
+
+    def starting(self, now: float) -> bool:
+        """Never ready yet, every member beating: the group's workers are still loading (a
+        deployment coming up), not gone."""
+        return not self.was_ready and all(
+            (seen := self.beats.get(node)) is not None and now - seen[0] <= self.s.heartbeat_timeout
+            for node in self.members)
+
+    def ready_for(self, ready: bool, now: float) -> float:
+        """Seconds the group has been ready without a break, given whether it is now."""
+        if not ready:
+            self.ready_since = None
+            return 0.0
+        self.was_ready = True
+        if self.ready_since is None:
+            self.ready_since = now
+        return now - self.ready_since
 
     def not_ready_reason(self) -> str:
         missing = self.missing_members(time.monotonic())
@@ -349,12 +368,12 @@ class Publisher(Admission, Answering, Moving):
             await self.fail(seq, ErrorCode.UNAVAILABLE if missing else ErrorCode.TIMEOUT,
                             f"waited {self.s.queue_timeout}s in group {self.g}'s queue"
                             + (f"; nodes {missing} are not ready" if missing else ""))
-        sched = self.sched
-        report = LoadReport(self.g, n, time.time(), self.ready(), len(sched.waiting), len(sched.running),
+        sched, ready, now = self.sched, self.ready(), time.monotonic()
+        report = LoadReport(self.g, n, time.time(), ready, len(sched.waiting), len(sched.running),
                             sched.max_running - len(sched.running),
                             sum(s.outstanding_tokens for s in (*sched.waiting, *sched.running)),
                             len(sched.free_pages), sched.page_size if sched.pool.cache else 0,
-                            sched.pool.digest())
+                            sched.pool.digest(), self.starting(now), self.ready_for(ready, now))
         try:
             await self.nc.publish(self.subjects.load(self.g), pack(report))
         except Exception as e:  # noqa: BLE001
