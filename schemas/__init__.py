@@ -5,6 +5,7 @@ from dpbus.schemas.errors import ErrorCode
 from dpbus.schemas.public import (
     AbortAck,
     AbortRequest,
+    Accepted,
     Answer,
     Chunk,
     Done,
@@ -17,7 +18,7 @@ from dpbus.schemas.public import (
 from dpbus.schemas.subjects import Subjects
 
 __all__ = [
-    "AbortAck", "AbortRequest", "Answer", "Chunk", "DecodeError", "Done", "Encoding", "Error",
+    "AbortAck", "AbortRequest", "Accepted", "Answer", "Chunk", "DecodeError", "Done", "Encoding", "Error",
     "ErrorCode", "FinishReason", "GenerateRequest", "SamplingParams", "Subjects", "Timings",
     "decode_abort", "decode_request", "encode_answer", "sniff_encoding",
 ]

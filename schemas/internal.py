@@ -38,6 +38,7 @@ class Submit(Struct):
     attempt: str = ""          # which admission by ingest (a retry by the client is a new one)
     moved_from: int = 0        # the publisher instance that moves it here (0: from ingest)
     moved_group: int = -1      # ... and its group (whose ledger entry says it moved it here)
+    ack: bool = False          # the client asked for an ``accepted`` message
 
     @property
     def key(self) -> tuple[str, str]:

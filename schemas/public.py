@@ -50,6 +50,7 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, omit_defaults=True):
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     stream: bool = True
     dp_rank: int | None = None
+    ack: bool = False
 
 
 class AbortRequest(Struct, forbid_unknown_fields=True):
@@ -67,6 +68,18 @@ class Timings(Struct, omit_defaults=True):
     queue_ms: float = 0.0        # accepted by ingest -> first scheduled
     ttft_ms: float = 0.0         # accepted by ingest -> first token
     total_ms: float = 0.0        # accepted by ingest -> terminal message
+
+
+class Accepted(Struct, tag="accepted", tag_field="type"):
+    """With ``ack`` in the request: sent before anything else, once a group holds the
+    request (its answers will come; a copy or a retry with the same ``rid`` is not run
+    again). A request that moves to another group before it runs gets another one from
+    there. No ``accepted`` within a few seconds: the request may be lost before any group
+    took it; a retry with the same ``rid`` is safe."""
+
+    rid: str
+    dp_rank: int
+    position: int                # requests waiting ahead of it in that group's queue
 
 
 class Chunk(Struct, tag="chunk", tag_field="type"):
@@ -105,10 +118,11 @@ class AbortAck(Struct, tag="abort", tag_field="type", omit_defaults=True):
     dp_rank: int | None = None
 
 
-Answer = Union[Chunk, Done, Error]
+Answer = Union[Accepted, Chunk, Done, Error]
 PUBLIC_MESSAGES = {
     "GenerateRequest": GenerateRequest,
     "AbortRequest": AbortRequest,
+    "Accepted": Accepted,
     "Chunk": Chunk,
     "Done": Done,
     "Error": Error,
@@ -144,6 +158,7 @@ FIELD_NOTES = {
     "temperature": "0: greedy", "top_p": "nucleus sampling cut", "top_k": "0: no top-k cut",
     "seed": "none: a fresh random seed per request", "stop_token_ids": "stop after one of these (it is included)",
     "ignore_eos": "keep going past the EOS token",
+    "ack": "send `accepted` first, once a group holds the request",
     "stop": "stop strings: the answer ends before the first one (not included)",
 }
 

@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+ACK_TIMEOUT = 5.0  # each request asks for `accepted` and is sent again while unheard: the retry rule clients follow
+
 
 @dataclass
 class Workload:
@@ -149,7 +151,8 @@ async def bench_system(nc: Any, w: Workload, prefix: str = "dpbus", progress=lam
         try:
             pin = {} if dp_rank is None else {"dp_rank": dp_rank}
             answers = await streams.send({"rid": f"bench-{run}-{i}", "input_ids": ids, "stream": True, **pin,
-                                          "sampling": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}})
+                                          "sampling": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}},
+                                         ack_timeout=ACK_TIMEOUT)
             async with asyncio.timeout(timeout):
                 async for ans in answers:  # stamped with when it reached this process, not when read
                     record(rec, ans, answers.arrived)

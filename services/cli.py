@@ -197,7 +197,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             print(f"dpbus generate: {e}", file=sys.stderr)
             return 1
         try:
-            async for ans in stream(nc, req, msgpack=a.msgpack, timeout=a.timeout):
+            async for ans in stream(nc, req, msgpack=a.msgpack, timeout=a.timeout, with_accepted=a.raw,
+                                    ack_timeout=a.ack_timeout or None):
                 code = 0 if isinstance(ans, Done) else code
                 if a.raw:
                     print(msgspec.json.encode(ans).decode(), flush=True)
@@ -493,6 +494,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--raw", action="store_true", help="print every answer message as JSON")
     q.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for the next answer (default 120)")
+    q.add_argument("--ack-timeout", type=float, default=3.0,
+                   help="ask for `accepted`, and send the request again (same rid) while nothing came back "
+                        "for this many seconds, then twice that, ... (default 3; 0: send it once)")
     q.set_defaults(fn=cmd_generate)
     q = sub.add_parser("bench", help="a serving benchmark: a running deployment, or --engine-only")
     client_flags(q)

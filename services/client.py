@@ -21,12 +21,13 @@ from typing import Any, Callable
 import msgspec
 from nats.aio.client import Client
 
-from dpbus.schemas import Answer, Chunk, Done, Error, Subjects
+from dpbus.schemas import Accepted, Answer, Chunk, Done, Error, Subjects
 from dpbus.services.bus import request_subjects, subscribe
 
 _json_answer = msgspec.json.Decoder(Answer)
 _mp_answer = msgspec.msgpack.Decoder(Answer)
 REPLY_TOKEN_BYTES = 16  # 128 random bits after the inbox prefix: a request's reply subject cannot be guessed
+RESENDS = 4  # with ack_timeout t: resent after t, 3t, 7t and 15t seconds of silence
 _NO_RESPONDERS = object()  # queued for a request when NATS says nobody serves the generate subject
 
 
@@ -48,15 +49,24 @@ class Stream:
         self.finished = False
         self.answered = False  # an answer came (the first one may lack the rid: see Streams.take)
         self.arrived = 0.0
+        self.accepted: list[Accepted] = []  # with ``ack``: each group that held the request said so
+        self.with_accepted = False
+        self.resent = 0  # copies sent while nothing came back (see Streams.send)
 
-    async def next(self) -> Chunk | Done | Error:
+    async def next(self) -> Accepted | Chunk | Done | Error:
         """The next answer. Raises ``TimeoutError`` (the request is aborted) when none
         comes within the time-out, ``NoResponders`` when nothing serves the request."""
-        try:
-            self.arrived, answer = await asyncio.wait_for(self.queue.get(), self.streams.timeout)
-        except asyncio.TimeoutError:
-            self.abort("timeout")  # nobody will read its answers: free its slot in the group
-            raise TimeoutError(f"no answer from dpbus within {self.streams.timeout:g}s") from None
+        while True:
+            try:
+                self.arrived, answer = await asyncio.wait_for(self.queue.get(), self.streams.timeout)
+            except asyncio.TimeoutError:
+                self.abort("timeout")  # nobody will read its answers: free its slot in the group
+                raise TimeoutError(f"no answer from dpbus within {self.streams.timeout:g}s") from None
+            if not isinstance(answer, Accepted):
+                break
+            self.accepted.append(answer)  # kept; returned only to a reader that asked (``stream``)
+            if self.with_accepted:
+                return answer
         if answer is _NO_RESPONDERS:
             self.close()
             raise NoResponders(f"nothing serves {self.streams.generate_subject} (is `dpbus up` running?)")
@@ -100,6 +110,7 @@ class Streams:
         self.generate_subject, self.abort_subject = request_subjects(nc, subjects)
         self.open: dict[str, Stream] = {}  # reply subject -> its request's answers
         self.tasks: set[asyncio.Task] = set()  # aborts under way
+        self.resending: set[asyncio.Task] = set()  # requests sent again while unheard
         self.prefix = ""
         self._sub: Any = None
 
@@ -110,13 +121,25 @@ class Streams:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Wait (up to ``timeout``) for the aborts under way, then unsubscribe."""
+        for t in self.resending:
+            t.cancel()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=timeout)
         if self._sub is not None and not self.nc.is_closed:
             await self._sub.unsubscribe()
 
-    async def send(self, request: dict, msgpack: bool = True) -> Stream:
-        """Publish ``request``; its answers come to the returned ``Stream``."""
+    async def send(self, request: dict, msgpack: bool = True, ack_timeout: float | None = None) -> Stream:
+        """Publish ``request``; its answers come to the returned ``Stream``.
+
+        With ``ack_timeout``, the request asks for ``accepted`` (with a ``rid``, made up
+        when it has none) and is sent again, the same bytes to the same reply subject, while
+        nothing at all came back: after ``ack_timeout`` seconds, then twice that, up to
+        ``RESENDS`` times. A copy of a request that did arrive is not run again (the group
+        holding it answers the same reply subject), so only a request lost on its way (an
+        ingest gone with it in hand) runs because of it: the retry rule of
+        docs/guarantees.md."""
+        if ack_timeout is not None:
+            request = {**request, "ack": True, "rid": request.get("rid") or f"c-{secrets.token_hex(8)}"}
         reply = f"{self.prefix}.{secrets.token_hex(REPLY_TOKEN_BYTES)}"
         stream = self.open[reply] = Stream(self, request.get("rid"), reply)
         body = msgspec.msgpack.encode(request) if msgpack else msgspec.json.encode(request)
@@ -128,7 +151,27 @@ class Streams:
         except BaseException:
             stream.close()
             raise
+        if ack_timeout is not None:
+            self._background(self._resend_while_unheard(stream, body, ack_timeout), self.resending)
         return stream
+
+    async def _resend_while_unheard(self, stream: Stream, body: bytes, wait: float) -> None:
+        for _ in range(RESENDS):
+            await asyncio.sleep(wait)
+            if stream.answered or stream.finished:
+                return
+            try:
+                await self.nc.publish(self.generate_subject, body, reply=stream.reply)
+            except Exception:  # noqa: BLE001 - disconnected: the next round tries again
+                pass
+            stream.resent += 1
+            wait *= 2
+
+    def _background(self, coro: Any, tasks: set[asyncio.Task] | None = None) -> None:
+        tasks = self.tasks if tasks is None else tasks
+        task = asyncio.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def take(self, msg: Any) -> None:
         """Hand an answer to its request, or drop it."""
@@ -140,6 +183,9 @@ class Streams:
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
             if stream.answered:  # NATS says this before any answer, or never
                 self.on_drop("unexpected_status", msg.subject, stream.rid)
+                return
+            if stream.resent:  # a copy found no ingest: one restarting (the first found one); the next copy tries again
+                self.on_drop("no_responders_to_a_copy", msg.subject, stream.rid)
                 return
             stream.answered = True
             stream.queue.put_nowait((arrived, _NO_RESPONDERS))
@@ -172,9 +218,7 @@ class Streams:
         stream.close()
         if stream.rid is None:  # nothing came yet, and it was sent without a rid: nothing to name
             return
-        task = asyncio.create_task(self._send_abort(stream, reason))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._background(self._send_abort(stream, reason))
 
     async def _send_abort(self, stream: Stream, reason: str) -> None:
         body = json.dumps({"rid": stream.rid, "reply": stream.reply}).encode()
@@ -187,15 +231,18 @@ class Streams:
 
 
 async def stream(nc: Client, request: dict, *, msgpack: bool = False, timeout: float = 120.0,
-                 subjects: Subjects = Subjects()) -> AsyncIterator[Any]:
+                 subjects: Subjects = Subjects(), with_accepted: bool = False,
+                 ack_timeout: float | None = None) -> AsyncIterator[Any]:
     """Publish ``request`` on the connection's user's own ``dpbus.generate.<user>`` (plain
-    ``dpbus.generate`` without a user) and yield its answers up to the terminal one.
+    ``dpbus.generate`` without a user) and yield its answers up to the terminal one
+    (``accepted`` messages too with ``with_accepted``); ``ack_timeout``: see ``Streams.send``.
 
     Raises ``TimeoutError`` when no answer comes within ``timeout`` seconds of the last,
     ``NoResponders`` when nothing serves the request. Left early, the request is aborted."""
     streams = await Streams(nc, subjects, timeout).start()
     try:
-        answers = await streams.send(request, msgpack)
+        answers = await streams.send(request, msgpack, ack_timeout)
+        answers.with_accepted = with_accepted
         try:
             async for answer in answers:
                 yield answer
@@ -211,6 +258,7 @@ class Outcome:
 
     chunks: list[Chunk] = field(default_factory=list)
     terminal: Done | Error | None = None
+    accepted: list[Accepted] = field(default_factory=list)  # with ``ack``: what each holding group said
     ttft_s: float = 0.0
     total_s: float = 0.0
 
@@ -230,7 +278,10 @@ class Outcome:
 async def generate(nc: Client, request: dict, **kw: Any) -> Outcome:
     out = Outcome()
     t0 = time.perf_counter()
-    async for answer in stream(nc, request, **kw):
+    async for answer in stream(nc, request, with_accepted=True, **kw):
+        if isinstance(answer, Accepted):
+            out.accepted.append(answer)
+            continue
         if not out.ttft_s:
             out.ttft_s = time.perf_counter() - t0
         if isinstance(answer, Chunk):

@@ -118,6 +118,8 @@ class GatewaySettings(Common):
                                            "directory's name, or dpbus-builtin)")] = ""
     request_timeout: Annotated[Seconds, Help("longest wait in seconds for a request's next answer (then 504, "
                                              "and it is aborted)")] = 600.0
+    ack_timeout: Annotated[Seconds, Help("ask for `accepted` and send a request again (same rid) while nothing "
+                                         "came back for this many seconds, then twice that, ... (0: once)")] = 3.0
     # a whole 128k-token context fits, as a JSON list of ids or as text with every character
     # JSON-escaped (six bytes each)
     max_body_bytes: Annotated[int, Meta(ge=1024), Help("larger request bodies get 413")] = 4 << 20

@@ -313,3 +313,38 @@ async def test_a_publisher_and_the_ingest_that_fed_it_killed_together_lose_nothi
     assert_nothing_lost(report)
     assert report.get("publisher_lost", 0) > 0, report  # the dead publisher held requests: answered for it
     assert back
+
+
+async def test_a_client_following_the_retry_rule_gets_what_a_dead_ingest_took_with_it(own_nats, tmp_path):
+    """Two requests reach an ingest that is frozen (SIGSTOP: they sit unread in its socket)
+    and then SIGKILLed. The client that follows the retry rule (``ack``, the same request
+    sent again to the same reply subject while nothing came back) is served, once, by the
+    restarted ingest; the one sent once hears nothing (what the rule is for)."""
+    from dpbus.schemas import Done
+    from dpbus.services.client import Streams
+
+    cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=1, nnodes=1, local_devices=1,
+                                      extra=dict(SETTINGS))
+    nc = await connect(own_nats)
+    streams = await Streams(nc, timeout=60).start()
+    try:
+        ingest = next(p for p in cluster.procs if p.role == "ingest")
+        ingest.popen.send_signal(signal.SIGSTOP)
+        request = {"text": "kept", "sampling": {"max_new_tokens": 5, "ignore_eos": True}}
+        retrying = await streams.send({**request, "rid": "retried"}, ack_timeout=1.0)
+        once = await streams.send({**request, "rid": "sent-once"})
+        await nc.flush()
+        await asyncio.sleep(0.3)  # in the frozen ingest's socket
+        ingest.popen.kill()
+        await asyncio.to_thread(ingest.popen.wait, 10)
+        assert cluster.supervise(min_interval=0)  # `dpbus up` restarts it
+        answers = [a async for a in retrying]
+        await asyncio.sleep(2.0)  # anything for the other would have come by now
+    finally:
+        await streams.stop()
+        await nc.close()
+        await asyncio.to_thread(cluster.stop)
+    assert retrying.resent >= 1 and [a.rid for a in retrying.accepted] == ["retried"], retrying.accepted
+    assert isinstance(answers[-1], Done) and answers[-1].completion_tokens == 5, answers[-1]
+    assert sum(isinstance(a, Done) for a in answers) == 1 and len(answers) == 6  # 5 chunks, one done
+    assert not once.answered and once.queue.empty()

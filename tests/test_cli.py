@@ -80,7 +80,11 @@ def test_schemas_command_prints_every_public_message():
     out = subprocess.run([*DPBUS, "schemas"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     doc = json.loads(out.stdout)
-    assert set(doc) == {"GenerateRequest", "AbortRequest", "Chunk", "Done", "Error", "AbortAck"}
+    assert set(doc) == {"GenerateRequest", "AbortRequest", "Accepted", "Chunk", "Done", "Error", "AbortAck"}
+    accepted = doc["Accepted"]["$defs"]["Accepted"]
+    assert accepted["properties"]["type"]["enum"] == ["accepted"]
+    assert set(accepted["required"]) >= {"rid", "dp_rank", "position"}
+    assert doc["GenerateRequest"]["$defs"]["GenerateRequest"]["properties"]["ack"]["default"] is False
     done = doc["Done"]["$defs"]["Done"]
     assert done["properties"]["type"]["enum"] == ["done"]
     assert {"rid", "dp_rank", "finish_reason"} <= set(done["required"])

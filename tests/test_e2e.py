@@ -13,7 +13,7 @@ import msgspec
 import nats
 import pytest
 
-from dpbus.schemas import AbortAck, Chunk, Done, Error
+from dpbus.schemas import AbortAck, Accepted, Chunk, Done, Error
 from tests.conftest import CLUSTER_SETTINGS, client_of
 from dpbus.services.client import decode_answer
 
@@ -125,6 +125,29 @@ async def test_non_streaming_request_gets_only_the_terminal_with_the_output(clus
     assert len(done.token_ids) == done.completion_tokens and done.text is not None
 
 
+@pytest.mark.parametrize("packed", [False, True])
+async def test_ack_asks_for_accepted_before_anything_else_and_only_then(cluster, packed):
+    """With ``ack``: one ``accepted`` first, naming the group that holds the request (the
+    pinned one) and how many wait ahead of it; without, no ``accepted`` at all."""
+    nc = await connect(cluster)
+    try:
+        with_ack, without = await asyncio.gather(
+            ask(nc, body({"rid": f"acked-{packed}", "text": "tell me", "dp_rank": 1, "ack": True,
+                          "sampling": {"max_new_tokens": 4}}, packed)),
+            ask(nc, body({"rid": f"unacked-{packed}", "text": "tell me", "sampling": {"max_new_tokens": 4}}, packed)))
+    finally:
+        await nc.close()
+    answers = [decode_answer(m) for m in with_ack]
+    first, rest = answers[0], with_ack[1:]
+    assert isinstance(first, Accepted), answers
+    assert (first.rid, first.dp_rank) == (f"acked-{packed}", 1) and first.position >= 0
+    assert (with_ack[0][:1] == b"{") is not packed  # in the request's encoding, as every answer
+    chunks, done = terminal_of(rest)
+    assert isinstance(done, Done) and done.dp_rank == 1 and len(chunks) == done.completion_tokens
+    assert not any(isinstance(decode_answer(m), Accepted) for m in without)
+    terminal_of(without)
+
+
 async def test_max_new_tokens_past_the_context_is_clamped_and_done_says_so(cluster):
     max_seq_len = int(CLUSTER_SETTINGS["DPBUS_MAX_SEQ_LEN"])
     nc = await connect(cluster)
@@ -225,7 +248,9 @@ def test_generate_command_streams_an_answer(cluster):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [d["type"] for d in lines] == ["chunk"] * (len(lines) - 1) + ["done"]
+    # it asks for `accepted` (the retry rule, docs/guarantees.md), and --raw prints it
+    assert [d["type"] for d in lines] == ["accepted"] + ["chunk"] * (len(lines) - 2) + ["done"]
+    assert lines[0]["dp_rank"] == lines[-1]["dp_rank"] and lines[0]["rid"] == lines[-1]["rid"]
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -81,7 +81,7 @@ class BusClient:
 
     async def call(self, request: dict) -> Stream:
         try:
-            return await self.streams.send(request)
+            return await self.streams.send(request, ack_timeout=self.s.ack_timeout or None)
         except Exception as e:  # noqa: BLE001 - NATS is down or closing
             raise oa.ApiError(503, f"cannot reach NATS: {e!r}", "service_unavailable") from None
 

@@ -170,7 +170,7 @@ class Ingest:
         name = f"{self._origin}{next(self._names):x}"
         rid = req.rid or name  # without a rid, every copy is a new request
         sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None,
-                     client=client, attempt=name)
+                     client=client, attempt=name, ack=req.ack)
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from dpbus.schemas import ErrorCode
+from dpbus.schemas import Accepted, ErrorCode, encode_answer
 from dpbus.schemas.internal import SubmitAck, Submit, client_of, pack
 from dpbus.schemas.public import AbortAck
 from dpbus.services import identity, ownership
@@ -78,19 +78,25 @@ class Admission:
             self.counts["duplicates"] += 1
             await req.respond(pack(SubmitAck(True, instance=self.instance, duplicate=True)))
             return
-        self.adopt(seq, rev, instance)
+        await self.adopt(seq, rev, instance)
         await req.respond(pack(SubmitAck(True, waiting=len(self.sched.waiting), instance=self.instance)))
 
     def new_sequence(self, sub: Submit) -> Sequence:
         """The scheduler's sequence for a submitted request, with its delivery record."""
         delivery = Delivery(sub.reply, sub.encoding, sub.stream, sub.sampling.stop,
-                            self.tokenizer.stream(sub.input_ids), pinned=sub.pinned, attempt=sub.attempt)
+                            self.tokenizer.stream(sub.input_ids), pinned=sub.pinned, attempt=sub.attempt,
+                            ack=sub.ack)
         return Sequence(sub.rid, sub.input_ids, sub.sampling, sub.accepted_at, eos_ids=self.model.eos_token_ids,
                         client=sub.client, delivery=delivery)
 
-    def adopt(self, seq: Sequence, rev: int, instance: int) -> None:
-        """``seq`` is claimed in the ledger by ``instance`` (this one): queue it."""
-        seq.delivery.ledger_rev, seq.delivery.owner = rev, instance
+    async def adopt(self, seq: Sequence, rev: int, instance: int) -> None:
+        """``seq`` is claimed in the ledger by ``instance`` (this one): queue it (and tell
+        its client first, when it asked: nothing of the request can be sent before)."""
+        d = seq.delivery
+        d.ledger_rev, d.owner = rev, instance
+        if d.ack:
+            said = Accepted(seq.rid, self.g, len(self.sched.waiting))
+            await self.outbox.send(d.reply, encode_answer(said, d.encoding), still=lambda: self.may_answer(seq))
         self.sched.waiting.append(seq)  # room was checked when it came; the claim is made
         self.counts["accepted"] += 1
         self.wake.set()
@@ -106,7 +112,7 @@ class Admission:
                                                     lambda: self.instance == instance)
             if rev is not None and self.instance == instance:
                 self.log.info("claim_resolved", rid=sub.rid)
-                self.adopt(seq, rev, instance)
+                await self.adopt(seq, rev, instance)
         finally:
             self.doubtful.pop(sub.key, None)
 

@@ -46,6 +46,7 @@ class Delivery:
     detok: StreamDecoder = field(default_factory=ByteStream)
     pinned: bool = False  # it may not move to another group
     attempt: str = ""  # the admission it came from (see services/ledger.py)
+    ack: bool = False  # the client asked for an ``accepted`` message
     ledger_rev: int = 0  # the revision of its ledger entry held by this publisher
     owner: int = 0  # the publisher instance that claimed it (see services/ledger.py)
     abandoned: bool = False  # its publisher lost the lease: someone else answers it

@@ -77,7 +77,7 @@ class Moving:
             return None
         d = seq.delivery
         sub = Submit(seq.rid, seq.prompt, seq.sampling, d.stream, d.reply, d.encoding, seq.accepted_at, -1,
-                     client=seq.client, attempt=d.attempt, moved_from=d.owner, moved_group=self.g)
+                     client=seq.client, attempt=d.attempt, moved_from=d.owner, moved_group=self.g, ack=d.ack)
         key, rev = request_key(self.g, seq.client, seq.rid), d.ledger_rev
         ours = ownership.held_by(d.owner, self.g, sub)
         for g in (x for x in range(self.groups) if x != self.g):
