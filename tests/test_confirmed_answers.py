@@ -129,3 +129,38 @@ async def test_answers_the_server_took_are_not_sent_again_after_a_reconnection(n
     await proxy.close()
     assert rids == [f"r{i}" for i in range(20)] + ["after"], rids
     assert outbox.resent == 0
+
+
+async def test_a_probe_without_its_echo_is_sent_again_until_the_lost_answer_is_settled(nats_server):
+    """After the reconnection the new connection swallows for a while too (a flapping link):
+    the first probe never comes back. The outbox probes again on the same connection, and
+    the lost terminal answer goes out once the link carries bytes again (it used to wait for
+    the next reconnection, which may never come)."""
+    proxy = Proxy(nats_server.port)
+    nc, outbox, hooks = await outbox_behind(proxy, nats_server)
+    outbox.confirm_timeout = 0.3
+    client, inbox, answers = await listening_client(nats_server)
+    proxy.swallow = True
+    await outbox.send(inbox, encode_answer(Error(ErrorCode.TIMEOUT, "lost", rid="lost"), Encoding.JSON),
+                      terminal=True)
+    await asyncio.sleep(0.3)
+    reconnected: list[float] = []
+
+    def swallow_again() -> None:  # runs before the outbox's own hook: its first probe is swallowed
+        reconnected.append(asyncio.get_running_loop().time())
+        proxy.swallow = True
+
+    hooks.insert(0, swallow_again)
+    proxy.cut()
+    await until(lambda: reconnected, 10)
+    await asyncio.sleep(1.0)  # several probes swallowed
+    swallowed = not answers.got and len(outbox.unconfirmed) == 1
+    proxy.swallow = False
+    await until(lambda: answers.got and not outbox.unconfirmed, 10)
+    await asyncio.sleep(0.5)
+    got = [(type(a).__name__, a.rid) for a in answers.got]
+    await client.close()
+    await nc.close()
+    await proxy.close()
+    assert swallowed and got == [("Error", "lost")], got
+    assert outbox.resent == 1 and not outbox.unconfirmed

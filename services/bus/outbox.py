@@ -52,6 +52,7 @@ class ClientOutbox:
         self._echo_subject = ""
         self._echoes = 0
         self._probes: dict[int, asyncio.Future] = {}
+        self._connection = 0  # reconnections so far: a probe belongs to one connection
         self._tasks: set[asyncio.Task] = set()
         self.refused = 0  # answers to a subject that is not a client inbox: never sent
 
@@ -65,8 +66,9 @@ class ClientOutbox:
 
     def on_reconnect(self) -> None:
         self.hold_until = asyncio.get_running_loop().time() + self.hold
+        self._connection += 1
         if self.unconfirmed:
-            task = asyncio.create_task(self._after_reconnect(list(self.unconfirmed)))
+            task = asyncio.create_task(self._after_reconnect(list(self.unconfirmed), self._connection))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -131,18 +133,16 @@ class ClientOutbox:
         if probe is not None and not probe.done():
             probe.set_result(None)
 
-    async def _after_reconnect(self, before: list[int]) -> None:
+    async def _after_reconnect(self, before: list[int], connection: int) -> None:
         """Once a probe echo came back on the new connection, every terminal answer of
-        ``before`` still unconfirmed was lost with the old one: send it again."""
-        self._echoes += 1
-        n, probe = self._echoes, asyncio.get_running_loop().create_future()
-        self._probes[n] = probe
-        try:
-            await self.nc.publish(self._echo_subject, b"p%d" % n)
-            await asyncio.wait_for(probe, self.confirm_timeout)
-        except Exception as e:  # noqa: BLE001 - disconnected again: the next reconnection looks again
-            self._probes.pop(n, None)
-            self.log.warning("answers_unconfirmed", count=len(self.unconfirmed), error=repr(e))
+        ``before`` still unconfirmed was lost with the old one: send it again. A probe
+        without an echo is sent again (every ``confirm_timeout``) for as long as this
+        connection lasts; the next one's own probe takes over."""
+        while not await self._probe():
+            if connection != self._connection:
+                return
+            self.log.warning("answers_unconfirmed", count=len(self.unconfirmed), action="probing again")
+        if connection != self._connection:
             return
         lost = [(i, self.unconfirmed.pop(i)) for i in before if i in self.unconfirmed]
         if not lost:
@@ -151,6 +151,22 @@ class ClientOutbox:
         self.log.warning("answers_resent", count=len(lost))
         self.held.extendleft((subject, data, still, True) for _, (subject, data, still) in reversed(lost))
         self._start_flusher()
+
+    async def _probe(self) -> bool:
+        """Whether an echo sent now comes back within ``confirm_timeout`` (everything sent
+        before it on this connection then reached the server)."""
+        self._echoes += 1
+        n, probe = self._echoes, asyncio.get_running_loop().create_future()
+        self._probes[n] = probe
+        try:
+            await self.nc.publish(self._echo_subject, b"p%d" % n)
+            await asyncio.wait_for(probe, self.confirm_timeout)
+            return True
+        except Exception:  # noqa: BLE001 - no echo in time, or disconnected again
+            self._probes.pop(n, None)
+            if not self.nc.is_connected:
+                await asyncio.sleep(min(self.confirm_timeout, 0.5))
+            return False
 
     def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
