@@ -17,7 +17,8 @@ as written, in order:
   gets a free port of its own (the two groups' coordinators both use 7070 on different
   hosts);
 * HOME is a fresh directory (the state file of ``dpbus up`` goes there), and the services
-  compile fewer shapes (``DPBUS_MAX_*`` variables, which any user may set).
+  compile fewer shapes, share the suite's compile cache and skip warm-up (``DPBUS_*``
+  variables, which any user may set).
 
 Every background process must stop on a signal within 10 s with exit code 0. Every
 relative link in the README and docs/ names a file that exists and, after ``#``, one of its
@@ -108,7 +109,10 @@ def user_env(tmp_path):
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "XDG_STATE_HOME", "NATS_URL")
            and not k.startswith("DPBUS_")}
-    env.update(SMALL, PATH=f"{bin_dir}:{env['PATH']}", HOME=str(home), PYTHONPATH=str(ROOT))
+    # the suite's compile cache, and no warm-up (what any user may set too): each runbook
+    # deployment would otherwise compile every shape afresh in its new HOME
+    env.update(SMALL, PATH=f"{bin_dir}:{env['PATH']}", HOME=str(home), PYTHONPATH=str(ROOT),
+               DPBUS_COMPILE_CACHE=os.environ["DPBUS_COMPILE_CACHE"], DPBUS_WARMUP="false")
     return env, bin_dir
 
 
