@@ -42,7 +42,7 @@ LISTEN_PAST = float(SETTINGS["DPBUS_PUBLISHER_TIMEOUT"]) + float(SETTINGS["DPBUS
 # would only stretch the test. ``report`` looks again at the end, so one that reaches a group
 # after all is counted as lost, never passed over.
 UNTRACED_AFTER = 10.0
-RESEND_AFTER = 1.0  # the retry rule: a request unheard this long is sent again (then 2 s, 4 s, ...)
+RESEND_AFTER = 2.0  # the retry rule: a request unheard this long is sent again (then 4 s, 8 s, ...)
 
 
 class Load:

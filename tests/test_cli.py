@@ -226,7 +226,8 @@ def test_bench_runs_twice_against_the_same_deployment(tmp_path):
                              capture_output=True, text=True, timeout=120, env=env)
         assert gen.returncode == 0, gen.stderr
         answers = [json.loads(line) for line in gen.stdout.splitlines() if line.startswith("{")]
-        *chunks, done = answers
+        accepted, *chunks, done = answers
+        assert accepted["type"] == "accepted" and accepted["dp_rank"] == done["dp_rank"], answers
         n = done["completion_tokens"]
         assert done["type"] == "done" and n > 3, answers  # greedy: no end of sequence in the first 4 here
         assert [(c["index"], len(c["token_ids"])) for c in chunks] == [(i, min(3, n - 3 * i)) for i in range(-(-n // 3))]
