@@ -136,6 +136,8 @@ class EngineSettings(Common):
     max_prefill_tokens: Annotated[int, Meta(ge=16), Help("prompt tokens prefilled per step, in "
                                                          "all")] = 256
     page_size: Annotated[int, Meta(ge=1, le=4096), Help("positions per KV page")] = 16
+    heartbeat_timeout: Annotated[Seconds, Help("a worker silent this many seconds makes its group not "
+                                               "ready (in a world, every worker leaves the world)")] = 10.0
     num_pages: Annotated[NonNegative, Help("KV pages per group, page 0 included (0: enough for every running "
                                            "request at full context)")] = 0
 
@@ -165,8 +167,6 @@ class PublisherSettings(EngineSettings):
                                               "computes (1: one at a time)")] = 2
     stream_interval: Annotated[Positive, Help("tokens per streamed chunk (the last may have fewer): fewer, "
                                               "larger messages")] = 1
-    heartbeat_timeout: Annotated[Seconds, Help("a worker silent this many seconds makes its group not "
-                                               "ready")] = 10.0
     load_interval: Annotated[Seconds, Help("seconds between the group's load reports to ingest")] = 0.5
     queue_timeout: Annotated[Seconds, Help("a request waiting longer than this many seconds gets an "
                                            "error")] = 300.0
@@ -183,8 +183,6 @@ class WorkerSettings(EngineSettings):
                                                                   "float32 elsewhere")] = "auto"
     seed: Annotated[NonNegative, Help("the seed of the dummy weights")] = 0
     heartbeat_interval: Annotated[Seconds, Help("seconds between this worker's heartbeats")] = 0.5
-    heartbeat_timeout: Annotated[Seconds, Help("a worker silent this many seconds makes its group not "
-                                               "ready")] = 10.0
     warmup: Annotated[bool, Help("compile every step shape at start-up")] = True
     mlp_scope: Annotated[Literal["group", "world"], Help("group: each group a whole model (replicas); world: "
                                                          "attention per group, the MLP and experts split over "

@@ -14,6 +14,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -195,13 +196,8 @@ class Worker:
     async def wait_for_members(self) -> None:
         """Wait until every node of the group beats (so the JAX job can form), naming the missing."""
         seen = {self.s.node_rank}
-        decode = unpacker(Heartbeat)
-
-        async def on_beat(msg: Any) -> None:
-            if decode.decode(msg.data).node_rank == Subjects.member_of(msg.subject):  # each speaks for itself
-                seen.add(Subjects.member_of(msg.subject))
-
-        sub = await self.nc.subscribe(self.subjects.heartbeats(self.place.dp_rank), cb=on_beat)
+        sub = await self.subscribe_beats(self.subjects.heartbeats(self.place.dp_rank),
+                                         lambda beat: seen.add(beat.node_rank))
         deadline = time.monotonic() + self.s.join_timeout
         try:
             while not seen.issuperset(self.members):
@@ -212,6 +208,21 @@ class Worker:
                 await asyncio.sleep(0.2)
         finally:
             await sub.unsubscribe()
+
+    async def subscribe_beats(self, subject: str, take: Callable[[Heartbeat], Any]) -> Any:
+        """Subscribe to members' heartbeats on ``subject``: ``take`` gets each one whose sender
+        speaks for itself (the node rank it names is its subject's); anything else is ignored."""
+        decode = unpacker(Heartbeat)
+
+        async def on_beat(msg: Any) -> None:
+            try:
+                beat = decode.decode(msg.data)
+            except Exception:  # noqa: BLE001 - not a heartbeat
+                return
+            if beat.node_rank == Subjects.member_of(msg.subject):
+                take(beat)
+
+        return await self.nc.subscribe(subject, cb=on_beat)
 
     def join_jax_job(self) -> None:
         """Make the group's processes one JAX program (gloo collectives on CPU)."""
@@ -495,17 +506,8 @@ class Worker:
         from dpbus.services.worker.world import MemberWatch
 
         watch = MemberWatch([r for r in range(self.s.nnodes) if r != self.s.node_rank], self.s.heartbeat_timeout)
-        decode = unpacker(Heartbeat)
-
-        async def on_beat(msg: Any) -> None:
-            try:
-                beat = decode.decode(msg.data)
-            except Exception:  # noqa: BLE001 - not a heartbeat: ignore it
-                return
-            if beat.node_rank == Subjects.member_of(msg.subject):  # each speaks for itself
-                watch.beat(beat.node_rank, beat.ready, time.monotonic(), beat.stopping)
-
-        sub = await self.nc.subscribe(self.subjects.all_heartbeats, cb=on_beat)
+        sub = await self.subscribe_beats(self.subjects.all_heartbeats, lambda beat: watch.beat(
+            beat.node_rank, beat.ready, time.monotonic(), beat.stopping))
         try:
             while not self.stopping:
                 why = watch.gone(time.monotonic())
