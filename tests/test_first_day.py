@@ -47,6 +47,17 @@ def wait_for(what: str, check, timeout: float, every: float = 0.2):
     raise AssertionError(f"not within {timeout:.0f}s: {what}")
 
 
+# `tee OUT` as a terminal starts it: Ctrl-C ends it. A test run started in the background
+# by a non-interactive shell (`make test &`) ignores SIGINT, and every child inherits that:
+# coreutils' tee then ran on to up's end of output and exited 0. This one puts SIGINT's
+# default back first (`dpbus up` sets its own handlers, so it is not affected).
+TEE = ("import os, signal, sys\n"
+       "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+       "out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n"
+       "while chunk := os.read(0, 65536):\n"
+       "    os.write(out, chunk)\n")
+
+
 class Up:
     """`dpbus up ... | tee OUT` in a session of its own (what a terminal starts)."""
 
@@ -62,7 +73,8 @@ class Up:
                                           "--http-port", str(self.http_port), *flags], env=self.env, stdout=subprocess.PIPE,
                                          stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
         # (a process cannot join a group of another session: tee gets the signal by its pid)
-        self.tee = subprocess.Popen(["tee", str(self.out)], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)
+        self.tee = subprocess.Popen([sys.executable, "-c", TEE, str(self.out)], stdin=self.proc.stdout,
+                                    stdout=subprocess.DEVNULL)
         self.proc.stdout.close()  # tee is its only reader: when tee goes, up's writes fail
 
     def stale_state(self) -> int:
