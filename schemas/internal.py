@@ -39,6 +39,7 @@ class Submit(Struct):
     moved_from: int = 0        # the publisher instance that moves it here (0: from ingest)
     moved_group: int = -1      # ... and its group (whose ledger entry says it moved it here)
     ack: bool = False          # the client asked for an ``accepted`` message
+    resend: int = 0            # the client's copy number (the retry rule): a copy is never a new attempt
 
     @property
     def key(self) -> tuple[str, str]:

@@ -51,6 +51,7 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, omit_defaults=True):
     stream: bool = True
     dp_rank: int | None = None
     ack: bool = False
+    resend: Annotated[int, Meta(ge=0, le=1000)] = 0
 
 
 class AbortRequest(Struct, forbid_unknown_fields=True):
@@ -159,6 +160,7 @@ FIELD_NOTES = {
     "seed": "none: a fresh random seed per request", "stop_token_ids": "stop after one of these (it is included)",
     "ignore_eos": "keep going past the EOS token",
     "ack": "send `accepted` first, once a group holds the request",
+    "resend": "which copy this is under the retry rule (0: the first send): a copy never runs as a new attempt",
     "stop": "stop strings: the answer ends before the first one (not included)",
 }
 

@@ -14,7 +14,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -132,17 +132,18 @@ class Streams:
         """Publish ``request``; its answers come to the returned ``Stream``.
 
         With ``ack_timeout``, the request asks for ``accepted`` (with a ``rid``, made up
-        when it has none) and is sent again, the same bytes to the same reply subject, while
-        nothing at all came back: after ``ack_timeout`` seconds, then twice that, up to
-        ``RESENDS`` times. A copy of a request that did arrive is not run again (the group
-        holding it answers the same reply subject), so only a request lost on its way (an
-        ingest gone with it in hand) runs because of it: the retry rule of
-        docs/guarantees.md."""
+        when it has none) and is sent again, the same request to the same reply subject
+        numbered by ``resend``, while nothing at all came back: after ``ack_timeout``
+        seconds, then twice that, up to ``RESENDS`` times. A copy of a request that did
+        arrive is not run again (the group holding it answers the same reply subject, and
+        a copy crossing a refusal is dropped), so only a request lost on its way (an ingest
+        gone with it in hand) runs because of it: the retry rule of docs/guarantees.md."""
         if ack_timeout is not None:
             request = {**request, "ack": True, "rid": request.get("rid") or f"c-{secrets.token_hex(8)}"}
         reply = f"{self.prefix}.{secrets.token_hex(REPLY_TOKEN_BYTES)}"
         stream = self.open[reply] = Stream(self, request.get("rid"), reply)
-        body = msgspec.msgpack.encode(request) if msgpack else msgspec.json.encode(request)
+        encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
+        body = encode(request)
         try:
             await self.nc.publish(self.generate_subject, body, reply=reply)
         except asyncio.CancelledError:
@@ -152,11 +153,12 @@ class Streams:
             stream.close()
             raise
         if ack_timeout is not None:
-            self._background(self._resend_while_unheard(stream, body, ack_timeout), self.resending)
+            copies = (encode({**request, "resend": n}) for n in range(1, RESENDS + 1))
+            self._background(self._resend_while_unheard(stream, copies, ack_timeout), self.resending)
         return stream
 
-    async def _resend_while_unheard(self, stream: Stream, body: bytes, wait: float) -> None:
-        for _ in range(RESENDS):
+    async def _resend_while_unheard(self, stream: Stream, copies: Iterator[bytes], wait: float) -> None:
+        for body in copies:
             await asyncio.sleep(wait)
             if stream.answered or stream.finished:
                 return

@@ -85,10 +85,16 @@ class Entry(Struct, omit_defaults=True):
 
 
 class Name(Struct, omit_defaults=True):
-    """What ingest records when it admits a request: the attempt, and the group it went to."""
+    """What ingest records when it admits a request: the attempt, the group it went to
+    (``REFUSED_BY_INGEST`` once every group refused it outright: nobody holds it), and
+    the reply subject its answers go to (a copy sent there again is that attempt)."""
 
     attempt: str
     group: int
+    reply: str = ""
+
+
+REFUSED_BY_INGEST = -1  # a name's group when ingest answered the refusal itself
 
 
 class Lease(Struct):

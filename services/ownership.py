@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from dpbus.services.ledger import (ANSWERED, CORRUPT, HELD, MOVED, REFUSED, Entry, Name, SweepView, entry_key,
-                                   lease_key, ledger_full, parse_key, request_key)
+from dpbus.services.ledger import (ANSWERED, CORRUPT, HELD, MOVED, REFUSED, REFUSED_BY_INGEST, Entry, Name, SweepView,
+                                   entry_key, lease_key, ledger_full, parse_key, request_key)
 
 Sleep = Callable[[float], Awaitable[None]]
 SETTLE_ATTEMPTS = 200  # x RETRY at most while the ledger is unreachable, then the lease is given up
@@ -154,19 +154,30 @@ def refused(sub, group: int) -> Entry:
 
 
 def name_of(sub, group: int) -> Name:
-    return Name(sub.attempt, group)
+    return Name(sub.attempt, group, sub.reply)
+
+
+def refused_name(sub) -> Name:
+    """The name of a request every group refused outright (ingest answered the refusal):
+    kept, not deleted, so that a copy of it crossing that answer (the retry rule: the same
+    request to the same reply subject) is dropped as a copy, while a new attempt (a new
+    reply subject) takes the name over."""
+    return Name(sub.attempt, REFUSED_BY_INGEST, sub.reply)
 
 
 NEW, DUPLICATE = "new", "duplicate"  # how an admission ends
 
 
-async def admit(ledger, key: str, mine: Name, client: str, rid: str) -> tuple[str, int]:
+async def admit(ledger, key: str, mine: Name, client: str, rid: str, copy: bool = False) -> tuple[str, int]:
     """Ingest records a request's name ``key`` (``n.D``) before handing it to a group:
     (``NEW``, its revision) when the name is this attempt's, (``DUPLICATE``, 0) when a
-    request of that name is held, being handed over or was answered (not run again). A
-    fresh attempt takes over a name whose last attempt was refused and nobody claimed,
-    and a value that is no name. Raises what the ledger raises (a write that timed out
-    is read back first: it may have landed)."""
+    request of that name is held, being handed over or was answered (not run again), and
+    for a ``copy`` (the client's resend under the retry rule) sent to the reply subject of
+    the attempt that has the name, whatever its state: that attempt's answers, a refusal
+    included, went or go there, so a copy crossing a refusal is not run. A fresh attempt takes over
+    a name whose last attempt was refused and nobody claimed, and a value that is no
+    name. Raises what the ledger raises (a write that timed out is read back first: it
+    may have landed)."""
     for _ in range(3):
         try:
             rev, existing = await ledger.claim(key, mine)
@@ -186,7 +197,9 @@ async def admit(ledger, key: str, mine: Name, client: str, rid: str) -> tuple[st
         last, theirs = existing
         if theirs is not None and theirs.attempt == mine.attempt:
             return NEW, last
-        if theirs is not None:
+        if copy and theirs is not None and theirs.reply and theirs.reply == mine.reply:
+            return DUPLICATE, 0
+        if theirs is not None and theirs.group != REFUSED_BY_INGEST:
             got = await ledger.get(request_key(theirs.group, client, rid))
             if got is None or got[1].state != REFUSED or got[1].attempt != theirs.attempt:
                 return DUPLICATE, 0

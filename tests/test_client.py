@@ -88,3 +88,25 @@ async def test_nothing_serving_the_subject_is_no_responders(nc):
     with pytest.raises(NoResponders, match="nothing serves"):
         async for _ in stream(nc, {"text": "hi"}, msgpack=True, subjects=Subjects(PREFIX), timeout=10):
             pass
+
+
+async def test_a_request_unheard_is_sent_again_to_its_reply_subject_numbered_until_accepted(nc, stand_in):
+    """The retry rule as the client follows it: copies go to the same reply subject with
+    ``resend`` 1, 2, ... (so ingest never runs one as a new attempt), and stop once
+    anything came back."""
+    from dpbus.schemas import Accepted
+
+    streams = await Streams(nc, Subjects(PREFIX), 10).start()
+    answers = await streams.send({"rid": "kept", "text": "hi"}, ack_timeout=0.05)
+    sent = [await stand_in.request() for _ in range(3)]  # the first send, then two copies (0.05 s, 0.1 s later)
+    await stand_in.send(sent[0][1], Accepted(rid="kept", dp_rank=0, position=0), chunk("kept", 1, "a"), done("kept"))
+    got = [a async for a in answers]
+    copies = answers.resent  # two, or more if the answers were slow to come
+    await asyncio.sleep(0.05 * 2 ** (copies + 1) + 0.3)  # past when the next copy was due
+    await streams.stop()
+    while not stand_in.requests.empty():
+        sent.append(stand_in.requests.get_nowait())
+    assert answers.resent == copies >= 2 and len(sent) == copies + 1, sent  # none once answered
+    assert [r.get("resend", 0) for r, _ in sent] == list(range(copies + 1))
+    assert {reply for _, reply in sent} == {sent[0][1]} and all(r["ack"] and r["rid"] == "kept" for r, _ in sent)
+    assert [a.rid for a in answers.accepted] == ["kept"] and [type(a).__name__ for a in got] == ["Chunk", "Done"]

@@ -317,6 +317,42 @@ async def test_a_retry_after_overloaded_on_the_same_inbox_is_a_new_attempt(nats_
     assert answers.got[0].code.value == "overloaded"
 
 
+async def test_a_copy_crossing_a_refusal_is_dropped_and_a_new_send_runs(nats_server):
+    """The retry rule's crossing: a copy (``resend`` 1) reaching ingest after the first
+    attempt was refused outright ran as a new attempt on the same inbox, so the client got
+    the refusal and then a whole run (two terminals). A request sent anew (``resend`` 0)
+    after the refusal is still a new attempt."""
+    run, nc = Running(), await nats_server.connect("admin")
+    front = ingest(nats_server, dp_size=1)
+    run.start(front)
+    offers = []
+
+    async def refuse_then_take(msg):
+        sub = msgspec.msgpack.decode(msg.data, type=Submit)
+        offers.append(sub.rid)
+        if len(offers) == 1:
+            await msg.respond(pack(SubmitAck(False, "unavailable", "group 0 is not whole")))
+            return
+        await msg.respond(pack(SubmitAck(True, instance=5)))
+        await nc.publish(sub.reply, msgspec.json.encode(Done(sub.rid, 0, "length", 3, 0)))
+
+    await nc.subscribe(SUBJ.submit(0), cb=refuse_then_take)
+    inbox, answers = await answers_on(nc)
+    await until(front.listening.is_set, 5)
+    await request(nc, inbox, "crossing")
+    await until(lambda: len(answers.terminals()) == 1, 3)
+    await request(nc, inbox, "crossing", resend=1)  # the copy, arriving after the refusal went out
+    await until(lambda: front.errors["duplicate_request"] == 1, 3)
+    dropped = (len(offers), len(answers.got))
+    await request(nc, inbox, "crossing")  # sent anew after the answer
+    await until(lambda: len(answers.terminals()) == 2, 3)
+    await run.close()
+    await nc.close()
+    assert dropped == (1, 1), dropped
+    assert [type(a).__name__ for a in answers.got] == ["Error", "Done"], answers.got
+    assert answers.got[0].code.value == "unavailable" and offers == ["crossing", "crossing"]
+
+
 async def test_copies_and_retries_through_other_ingests_and_groups_run_once(nats_server):
     """A copy of a request (or the client's retry with the same rid, from another inbox)
     reaching another ingest instance, even after the answer, even routed to another group."""

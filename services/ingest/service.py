@@ -30,7 +30,7 @@ from dpbus.services import bus, identity, ownership
 from dpbus.services import version as package_version
 from dpbus.services.lifecycle import unless_stopped
 from dpbus.services.errors import Rejected
-from dpbus.services.ledger import (CREATE_ONLY, MOVED, NAME_GRACE, Entry, Ledger, Name, SweepView, created_revision,
+from dpbus.services.ledger import (CREATE_ONLY, MOVED, NAME_GRACE, Entry, Ledger, SweepView, created_revision,
                                    encode, ledger_full, name_key, request_key)
 from dpbus.services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from dpbus.services.model_config import model_config_for
@@ -170,7 +170,7 @@ class Ingest:
         name = f"{self._origin}{next(self._names):x}"
         rid = req.rid or name  # without a rid, every copy is a new request
         sub = Submit(rid, ids, req.sampling, req.stream, reply, enc, time.time(), -1, pinned=req.dp_rank is not None,
-                     client=client, attempt=name, ack=req.ack)
+                     client=client, attempt=name, ack=req.ack, resend=req.resend)
         return sub, [req.dp_rank] if req.dp_rank is not None else None
 
     # ---- handlers ----------------------------------------------------------------------
@@ -257,7 +257,8 @@ class Ingest:
         sub = h.sub
         try:
             how, rev = await ownership.admit(self.ledger, name_key(sub.client, sub.rid),
-                                             ownership.name_of(sub, h.groups[0]), sub.client, sub.rid)
+                                             ownership.name_of(sub, h.groups[0]), sub.client, sub.rid,
+                                             copy=sub.resend > 0)
         except Exception as e:  # noqa: BLE001 - no ledger, no acceptance
             self.handed(h)
             full = ledger_full(e)
@@ -283,17 +284,18 @@ class Ingest:
             self.first_answer(h, e)
 
     async def forget_name(self, h: "Handover") -> None:
-        """Every group refused the request outright: nothing holds it, so its name goes (a
-        retry is a new attempt). While the ledger does not answer, tried again in the
-        background (for ``NAME_GRACE`` at most: then the sweep deletes it)."""
+        """Every group refused the request outright: nothing holds it, and its name says so
+        (``ownership.refused_name``: a copy crossing the refusal is dropped, a retry with a
+        new reply subject is a new attempt). While the ledger does not answer, tried again
+        in the background (for ``NAME_GRACE`` at most: then the sweep deletes it)."""
         if not h.name_rev:
             return
-        key, rev = name_key(h.sub.client, h.sub.rid), h.name_rev
+        key, rev, name = name_key(h.sub.client, h.sub.rid), h.name_rev, ownership.refused_name(h.sub)
         try:
-            await self.ledger.delete(key, rev)
+            await self.ledger.swap(key, name, rev)
         except Exception as e:  # noqa: BLE001
-            self.log.warning("name_not_forgotten", rid=h.sub.rid, error=repr(e))
-            self.in_background(self.retry(lambda: self.ledger.delete(key, rev)))
+            self.log.warning("name_not_marked_refused", rid=h.sub.rid, error=repr(e))
+            self.in_background(self.retry(lambda: self.ledger.swap(key, name, rev)))
 
     async def retry(self, call) -> None:
         """Call ``call`` until the ledger answers, every ``RESOLVE_EVERY`` s, for ``NAME_GRACE`` at most."""
@@ -316,7 +318,7 @@ class Ingest:
         if not h.name_rev or g == h.groups[0]:
             return
         try:
-            rev = await self.ledger.swap(name_key(h.sub.client, h.sub.rid), Name(h.sub.attempt, g), h.name_rev)
+            rev = await self.ledger.swap(name_key(h.sub.client, h.sub.rid), ownership.name_of(h.sub, g), h.name_rev)
         except Exception as e:  # noqa: BLE001
             self.log.warning("name_not_moved", rid=h.sub.rid, error=repr(e))
             return

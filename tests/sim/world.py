@@ -447,7 +447,7 @@ class Ingest(Service):
             return self.submit(key)
         del self.handing[key]
         try:  # ``Ingest.forget_name``
-            run(self.w.ledger.delete(key, fwd.name_rev))
+            run(self.w.ledger.swap(key, ownership.refused_name(fwd.sub), fwd.name_rev))
         except NatsTimeout:
             pass
         self.w.check.record(self.w.t, self.name, fwd.sub.rid, "refused")
