@@ -24,7 +24,8 @@ from tests.test_engine_e2e import prompt_text, reference_tokens
 pytestmark = pytest.mark.e2e
 PREFIX = "world"
 SETTINGS = {"DPBUS_MLP_SCOPE": "world", "DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512",
-            "DPBUS_HEARTBEAT_TIMEOUT": "2"}
+            "DPBUS_HEARTBEAT_TIMEOUT": "2", "DPBUS_PUBLISHER_TIMEOUT": "2", "DPBUS_RECONCILE_INTERVAL": "0.5"}
+LISTEN_PAST = 4.0  # after the last terminal: a second one (a late publisher_lost) would come by now
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,48 @@ def test_status_shows_each_group_s_part_of_the_world_steps(world, nats_server):
     for g in (0, 1):
         line = next(x for x in out.stdout.splitlines() if f"world, group {g} (node {g})" in x)
         assert re.search(r"\d+ world steps: ran [1-9]\d*, sat out \d+, idle \d+; last: sizes per group \[", line), line
+
+
+async def test_a_publisher_killed_mid_stream_costs_its_own_group_s_requests_once_and_stops_nothing_else(world):
+    """Group 1's publisher SIGKILLed while requests stream in both groups. Its workers go on
+    taking part in every world step (with empty parts), so group 0's requests run to their
+    end; group 1's each get exactly one terminal answer (``publisher_lost``, from ingest
+    once the dead publisher's lease lapsed) and nothing after it; the restarted publisher
+    (alone: the world's job is whole) serves group 1 again."""
+    from dpbus.services.client import Streams
+
+    nc = await client_of(world)
+    dropped: list[tuple] = []  # anything for a request after its terminal
+    streams = await Streams(nc, Subjects(PREFIX), timeout=60, on_drop=lambda *a, **kw: dropped.append(a)).start()
+    publisher = next(p for p in world.procs if p.name == "publisher-1")
+    try:
+        running = [await streams.send({"text": f"busy {i}", "rid": f"w-pub-{i}", "dp_rank": i % 2,
+                                       "sampling": {"max_new_tokens": 150, "ignore_eos": True}}) for i in range(4)]
+        await asyncio.sleep(1.0)  # streaming in both groups
+        publisher.popen.kill()
+        await asyncio.to_thread(publisher.popen.wait, 10)
+        answers = [[a async for a in s] for s in running]
+        await asyncio.sleep(LISTEN_PAST)
+        restarted = world.supervise(min_interval=0)
+        for attempt in range(120):  # `unavailable` until the new publisher has its workers
+            again = [a async for a in await streams.send({"text": "back", "rid": f"w-pub-back-{attempt}", "dp_rank": 1,
+                                                           "sampling": {"max_new_tokens": 4, "ignore_eos": True}})]
+            if not (isinstance(again[-1], Error) and again[-1].code.value == "unavailable"):
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await streams.stop()
+        await nc.close()
+    for i, got in enumerate(answers):
+        chunks, terminal = got[:-1], got[-1]
+        assert chunks, f"request {i} was streaming before the kill"
+        if i % 2 == 0:
+            assert isinstance(terminal, Done) and terminal.completion_tokens == 150, (i, terminal)
+        else:
+            assert isinstance(terminal, Error) and terminal.code.value == "publisher_lost", (i, terminal)
+    assert not dropped, dropped
+    assert len(restarted) == 1 and "publisher-1" in restarted[0], restarted  # the world's workers go on
+    assert isinstance(again[-1], Done) and again[-1].dp_rank == 1, again[-1]
 
 
 async def test_a_worker_of_either_group_killed_mid_stream_ends_the_world_step_for_all(world):
