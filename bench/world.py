@@ -4,10 +4,13 @@
   each group a whole model (replicas) or the experts split over the groups (world);
 * the agreement before each world step: two processes of one JAX job (gloo on CPU)
   gathering what each holds, alone, per call;
-* serving: two deployments of 2 groups x 1 process x 1 device, the built-in model, one
-  with ``--mlp-scope world``, the same workload through each, taking turns: balanced
-  (ingest routes) and skewed (every request pinned to group 0, the other group idle:
-  in the world it still takes part in every step with an empty batch).
+* serving: three deployments of 2 groups x 1 process x 1 device, the built-in model:
+  replicas, a world (``--mlp-scope world``, its MLP layout picked per step:
+  ``--world-layout per_step``) and a world always in the MAX_LEN layout (``max_len``, what
+  ``auto`` picks on a CPU), the same workload through
+  each, taking turns: balanced (ingest routes) and skewed (every request pinned to group
+  0, the other group idle: in a world it still takes part in every step with an empty
+  batch, and SUM_LEN leaves its padding out of the MLP).
 
 Run alone: ``python -m bench.world`` (``make bench`` runs it as its "world" part).
 """
@@ -98,13 +101,15 @@ def serving(concurrencies=(8, 32), requests: int = 32, output_len: int = 32, rou
     from dpbus.services import bus
     from bench.serving import start_clusters
 
-    scopes = ("group", "world")
+    deployments = {"group": {"DPBUS_MLP_SCOPE": "group"},
+                   "world": {"DPBUS_MLP_SCOPE": "world", "DPBUS_WORLD_LAYOUT": "per_step"},
+                   "world_max_len": {"DPBUS_MLP_SCOPE": "world", "DPBUS_WORLD_LAYOUT": "max_len"}}
+    scopes = tuple(deployments)
     loads = {"balanced": None, "skewed": 0}
     runs: dict = {s: {ld: {c: [] for c in concurrencies} for ld in loads} for s in scopes}
     stats: dict = {}
     with contextlib.ExitStack() as stack:
-        clusters = start_clusters(stack, {scope: {"DPBUS_MLP_SCOPE": scope} for scope in scopes},
-                                  dp_size=2, nnodes=2, local_devices=1)
+        clusters = start_clusters(stack, deployments, dp_size=2, nnodes=2, local_devices=1)
 
         async def measure() -> None:
             ncs = {s: await bus.connect_client(c.nats_url, auth=c.auth("client")) for s, c in clusters.items()}
@@ -152,7 +157,7 @@ async def world_stats(cluster) -> dict:
         data = doc["endpoints"][0]["data"]
         out[doc["metadata"]["dp_rank"]] = {"steps": data["steps"], "device_ms": data["device_ms"],
                                            **{k: data["world"][k] for k in ("world_steps", "ran", "sat_out", "idle",
-                                                                            "agree_ms")}}
+                                                                            "sum_len", "max_len", "agree_ms")}}
     return out
 
 
@@ -169,10 +174,12 @@ def run() -> dict:
     s = out["serving"]
     for load in ("balanced", "skewed"):
         for c in s["group"][load]:
-            g, wd = s["group"][load][c], s["world"][load][c]
+            g, wd, wm = s["group"][load][c], s["world"][load][c], s["world_max_len"][load][c]
             print(f"serving {load:8s} concurrency {c:>2}: replicas {g['output_tokens_per_s']:.0f} tok/s "
                   f"(TTFT p50 {g['ttft_ms_p50']:.0f} ms), world {wd['output_tokens_per_s']:.0f} tok/s "
-                  f"(TTFT p50 {wd['ttft_ms_p50']:.0f} ms): {wd['output_tokens_per_s'] / g['output_tokens_per_s']:.2f}x")
+                  f"(TTFT p50 {wd['ttft_ms_p50']:.0f} ms): {wd['output_tokens_per_s'] / g['output_tokens_per_s']:.2f}x; "
+                  f"world always MAX_LEN {wm['output_tokens_per_s']:.0f} tok/s: "
+                  f"{wm['output_tokens_per_s'] / g['output_tokens_per_s']:.2f}x")
     for g, st in s["worker_stats"].items():
         print(f"world worker of group {g}: {st}")
     return out

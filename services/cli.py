@@ -272,8 +272,10 @@ async def world_steps(nc: Any, prefix: str) -> list[str]:
             last = w.get("last") or {}
             lines.append(f"  world, group {doc['metadata']['dp_rank']} (node {doc['metadata']['node_rank']}): "
                          f"{w['world_steps']} world steps: ran {w['ran']}, sat out {w['sat_out']}, idle "
-                         f"{w['idle']}; last: sizes per group {last.get('sizes')} (decode rows, chunks, "
-                         f"tokens), shape decode {last.get('decode')} prefill {last.get('prefill')}")
+                         f"{w['idle']}, MLP on tokens end to end {w.get('sum_len', 0)} (padded "
+                         f"{w.get('max_len', 0)}); last: sizes per group {last.get('sizes')} (decode rows, "
+                         f"chunks, tokens), shape decode {last.get('decode')} prefill {last.get('prefill')}, "
+                         f"{last.get('layout', 'max_len')}")
     return sorted(lines)
 
 

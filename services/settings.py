@@ -188,6 +188,11 @@ class WorkerSettings(EngineSettings):
                                                          "attention per group, the MLP and experts split over "
                                                          "every group's devices, all groups stepping together "
                                                          "(one JAX job of every node)")] = "group"
+    world_layout: Annotated[Literal["auto", "per_step", "max_len"], Help(
+        "with --mlp-scope world, how the MLP sees every group's tokens: per_step (SUM_LEN, the real tokens end "
+        "to end, when they fit in one group's slots, else MAX_LEN, every group's padded slots), max_len "
+        "(always), auto (per_step on TPU and GPU; max_len on CPU, where gloo's all-reduce costs more than "
+        "the padding it saves: measured in make bench)")] = "auto"
     coordinator: Annotated[str, Help("HOST:PORT of the JAX job (the leader node of the group, or node 0 of the "
                                      "world), when a job spans nodes")] = ""
     join_timeout: Annotated[Seconds, Help("seconds to wait at start-up for every node of the group")] = 120.0

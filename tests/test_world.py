@@ -94,11 +94,12 @@ def reference(family: str) -> tuple:
     return two_steps(cfg, alone(cfg, host_weights(cfg)), 4)
 
 
-def together(cfg: ModelConfig, host: dict, groups: int, tensor: int):
-    """Every group in one world step (``model.world_forward``)."""
+def together(cfg: ModelConfig, host: dict, groups: int, tensor: int, sum_len: int = 0):
+    """Every group in one world step (``model.world_forward``; ``sum_len``: the SUM_LEN
+    layout, that many slots for every group's real tokens end to end)."""
     mesh = world_mesh(groups, tensor)
     weights = model.place_weights(host, cfg, mesh, scope="world")
-    step = jax.jit(lambda c, b: model.world_forward(cfg, weights, c, b, mesh))
+    step = jax.jit(lambda c, b: model.world_forward(cfg, weights, c, b, mesh, sum_len))
     rows = jax.sharding.NamedSharding(mesh, jax.P(model.DATA))
 
     def run(batches, cache):
@@ -111,22 +112,32 @@ def together(cfg: ModelConfig, host: dict, groups: int, tensor: int):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("groups,tensor", LAYOUTS)
-def test_every_group_of_a_world_step_gives_what_it_gives_alone(family, groups, tensor):
+@pytest.mark.parametrize("layout", ["max_len", "sum_len"])
+def test_every_group_of_a_world_step_gives_what_it_gives_alone(family, groups, tensor, layout):
     if family == "dense" and groups == 1:
         pytest.skip("one group and the whole world is the group scope (test_model's sharded runner)")
+    if layout == "sum_len" and groups == 1:
+        pytest.skip("one group's tokens end to end are its own slots")
     cfg = FAMILIES[family]
     cfg.check_world_size(groups, tensor)
     host = host_weights(cfg)
     ref_first, ref_second, ref_cache = reference(family)
-    run, _ = together(cfg, host, groups, tensor)
+    # end to end, every group's real tokens (fewer than all its slots) in one buffer that
+    # holds them (not the padded total: the world runner uses one group's slots)
+    sum_len = 26 * groups if layout == "sum_len" else 0
+    run, _ = together(cfg, host, groups, tensor, sum_len)
     first, second, cache = two_steps(cfg, run, groups)
+    # SUM_LEN leaves padding out of the MLP (its rows' logits, and what they write to the
+    # trash page, differ): the real rows (the two chunks, then the two decode rows) and pages
+    real = (slice(SHAPE.decode, SHAPE.decode + 2), slice(0, 2)) if sum_len else (slice(None), slice(None))
+    pages = slice(1, None) if sum_len else slice(None)
     for g in range(groups):
-        for got, want in ((first[g], ref_first[g]), (second[g], ref_second[g])):
-            np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
-            assert (got.argmax(-1) == want.argmax(-1)).all()
+        for got, want, rows in ((first[g], ref_first[g], real[0]), (second[g], ref_second[g], real[1])):
+            np.testing.assert_allclose(got[rows], want[rows], atol=2e-4, rtol=1e-4)
+            assert (got[rows].argmax(-1) == want[rows].argmax(-1)).all()
         for layer, (k, v) in enumerate(cache):  # each group's pages hold what its own forward wrote
-            np.testing.assert_allclose(np.asarray(k[g]), np.asarray(ref_cache[g][layer][0]), atol=1e-5)
-            np.testing.assert_allclose(np.asarray(v[g]), np.asarray(ref_cache[g][layer][1]), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(k[g])[pages], np.asarray(ref_cache[g][layer][0])[pages], atol=1e-5)
+            np.testing.assert_allclose(np.asarray(v[g])[pages], np.asarray(ref_cache[g][layer][1])[pages], atol=1e-5)
 
 
 def shard_elements(a: jax.Array) -> int:
@@ -197,7 +208,7 @@ def moe_world():
     sizes = dict(num_pages=PAGES, page_size=PAGE, max_running_requests=ROWS, max_prefill_tokens=PREFILL_TOKENS)
     alone_runner = ModelRunner(cfg, make_group_mesh(jax.devices()[:1]), host_weights=host, **sizes)
     want = {g: [alone_runner.step(*s) for s in script(g) if s is not None] for g in range(2)}
-    return WorldRunner(cfg, make_world_mesh(2, jax.devices()[:4]), host_weights=host, **sizes), want
+    return WorldRunner(cfg, make_world_mesh(2, jax.devices()[:4]), host_weights=host, layout="per_step", **sizes), want
 
 
 def test_a_world_runner_gives_every_group_the_tokens_of_its_own_runner(moe_world):
@@ -259,6 +270,19 @@ async def test_the_world_stepper_runs_each_step_of_its_group_once_in_order(moe_w
     assert applied == [s.seq for s in steps]
     assert got == want[1]
     assert stepper.counts["ran"] == len(steps) and stepper.counts["sat_out"] == 0 and stepper.counts["idle"] > 0
+
+
+def test_the_world_lays_tokens_end_to_end_when_they_fit_in_one_group_s_slots():
+    """SUM_LEN (the MLP on one group's ``T`` slots) when every group's real tokens fit in
+    them, else MAX_LEN (every group's padded slots): what every process picks alike."""
+    from dpbus.services.worker.world import end_to_end_len
+
+    decode, prefill = Shape(decode=8, prefill=0, prefill_rows=4, width=16), Shape(8, 64, 4, 16)
+    assert end_to_end_len(decode, [(5, 0, 0), (3, 0, 0)]) == 8
+    assert end_to_end_len(decode, [(5, 0, 0), (4, 0, 0)]) == 0
+    assert end_to_end_len(decode, [(8, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)]) == 8
+    assert end_to_end_len(prefill, [(2, 1, 40), (0, 1, 30)]) == 72
+    assert end_to_end_len(prefill, [(2, 1, 40), (0, 1, 31)]) == 0
 
 
 def test_member_watch_names_a_member_gone_silent_or_leaving_never_one_still_starting():

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from dpbus.schemas import Done, Error, Subjects
+from dpbus.schemas import Chunk, Done, Error, Subjects
 from dpbus.services import tokenizer
-from dpbus.services.client import generate
+from dpbus.services.client import Streams, generate
 from tests.conftest import client_of, start_cluster
 from tests.support import service_docs
 from tests.test_engine_e2e import prompt_text, reference_tokens
@@ -24,7 +24,8 @@ from tests.test_engine_e2e import prompt_text, reference_tokens
 pytestmark = pytest.mark.e2e
 PREFIX = "world"
 SETTINGS = {"DPBUS_MLP_SCOPE": "world", "DPBUS_MAX_PREFILL_TOKENS": "64", "DPBUS_MAX_SEQ_LEN": "512",
-            "DPBUS_HEARTBEAT_TIMEOUT": "2", "DPBUS_PUBLISHER_TIMEOUT": "2", "DPBUS_RECONCILE_INTERVAL": "0.5"}
+            "DPBUS_HEARTBEAT_TIMEOUT": "2", "DPBUS_PUBLISHER_TIMEOUT": "2", "DPBUS_RECONCILE_INTERVAL": "0.5",
+            "DPBUS_WORLD_LAYOUT": "per_step"}  # (on a CPU, auto is always MAX_LEN)
 LISTEN_PAST = 4.0  # after the last terminal: a second one (a late publisher_lost) would come by now
 
 
@@ -80,6 +81,8 @@ async def test_a_request_pinned_to_one_group_is_answered_while_the_other_has_no_
     ran = after[1]["world"]["ran"] - before[1]["world"]["ran"]
     sat_out = after[0]["world"]["sat_out"] - before[0]["world"]["sat_out"]
     assert ran >= 8 and sat_out >= 8, (before, after)  # group 0 took part in each, with an empty batch
+    # ... and only group 1's real tokens went through the MLP (SUM_LEN: end to end, no padding)
+    assert after[1]["world"]["sum_len"] - before[1]["world"]["sum_len"] >= 8, (before, after)
 
 
 def test_status_shows_each_group_s_part_of_the_world_steps(world, nats_server):
@@ -90,7 +93,8 @@ def test_status_shows_each_group_s_part_of_the_world_steps(world, nats_server):
     assert out.returncode == 0, out.stdout + out.stderr
     for g in (0, 1):
         line = next(x for x in out.stdout.splitlines() if f"world, group {g} (node {g})" in x)
-        assert re.search(r"\d+ world steps: ran [1-9]\d*, sat out \d+, idle \d+; last: sizes per group \[", line), line
+        assert re.search(r"\d+ world steps: ran [1-9]\d*, sat out \d+, idle \d+, MLP on tokens end to end "
+                         r"[1-9]\d* \(padded \d+\); last: sizes per group \[.*(sum_len|max_len)$", line), line
 
 
 async def test_a_publisher_killed_mid_stream_costs_its_own_group_s_requests_once_and_stops_nothing_else(world):
@@ -99,8 +103,6 @@ async def test_a_publisher_killed_mid_stream_costs_its_own_group_s_requests_once
     end; group 1's each get exactly one terminal answer (``publisher_lost``, from ingest
     once the dead publisher's lease lapsed) and nothing after it; the restarted publisher
     (alone: the world's job is whole) serves group 1 again."""
-    from dpbus.services.client import Streams
-
     nc = await client_of(world)
     dropped: list[tuple] = []  # anything for a request after its terminal
     streams = await Streams(nc, Subjects(PREFIX), timeout=60, on_drop=lambda *a, **kw: dropped.append(a)).start()
@@ -108,10 +110,11 @@ async def test_a_publisher_killed_mid_stream_costs_its_own_group_s_requests_once
     try:
         running = [await streams.send({"text": f"busy {i}", "rid": f"w-pub-{i}", "dp_rank": i % 2,
                                        "sampling": {"max_new_tokens": 150, "ignore_eos": True}}) for i in range(4)]
-        await asyncio.sleep(1.0)  # streaming in both groups
+        answers = [[await s.__anext__()] for s in running]  # streaming in both groups
         publisher.popen.kill()
         await asyncio.to_thread(publisher.popen.wait, 10)
-        answers = [[a async for a in s] for s in running]
+        for got, s in zip(answers, running):
+            got += [a async for a in s]
         await asyncio.sleep(LISTEN_PAST)
         restarted = world.supervise(min_interval=0)
         for attempt in range(120):  # `unavailable` until the new publisher has its workers
@@ -125,7 +128,7 @@ async def test_a_publisher_killed_mid_stream_costs_its_own_group_s_requests_once
         await nc.close()
     for i, got in enumerate(answers):
         chunks, terminal = got[:-1], got[-1]
-        assert chunks, f"request {i} was streaming before the kill"
+        assert chunks and isinstance(chunks[0], Chunk), f"request {i} was streaming before the kill"
         if i % 2 == 0:
             assert isinstance(terminal, Done) and terminal.completion_tokens == 150, (i, terminal)
         else:
@@ -143,24 +146,23 @@ async def test_a_worker_of_either_group_killed_mid_stream_ends_the_world_step_fo
     the broken world by itself (exit 70) once its peer's heartbeats stop, and once the world
     is restarted as one (what `dpbus up` does), both groups serve."""
     nc = await client_of(world)
+    streams = await Streams(nc, Subjects(PREFIX), timeout=90).start()
     try:
-        tasks = [asyncio.create_task(generate(
-            nc, {"text": f"long {i}", "rid": f"w-long-{i}", "dp_rank": i % 2,
-                 "sampling": {"max_new_tokens": 400, "ignore_eos": True}}, subjects=Subjects(PREFIX), timeout=90))
-            for i in range(4)]
-        await asyncio.sleep(1.5)  # streaming in both groups
+        running = [await streams.send({"text": f"long {i}", "rid": f"w-long-{i}", "dp_rank": i % 2,
+                                       "sampling": {"max_new_tokens": 400, "ignore_eos": True}}) for i in range(4)]
+        firsts = [await s.__anext__() for s in running]  # streaming in both groups
         procs = {p.name: p for p in world.procs}
         killed_at = time.monotonic()
         procs["worker-1"].popen.send_signal(signal.SIGSTOP)
         try:
-            outs = await asyncio.gather(*tasks)
+            outs = [[a async for a in s] for s in running]
         finally:
             procs["worker-1"].popen.kill()
         answered_in = time.monotonic() - killed_at
         print(f"every request answered {answered_in:.1f}s after group 1's worker was frozen")
-        for i, out in enumerate(outs):
-            assert out.chunks, f"request {i} was streaming before the kill"
-            assert isinstance(out.terminal, Error) and out.terminal.code.value == "worker_lost", (i, out.terminal)
+        for i, (first, out) in enumerate(zip(firsts, outs)):
+            assert isinstance(first, Chunk), (i, first)
+            assert isinstance(out[-1], Error) and out[-1].code.value == "worker_lost", (i, out[-1])
         assert await asyncio.to_thread(procs["worker-0"].popen.wait, 60) == 70  # left the broken world
         left = [line for line in (world.log_dir / "worker-0.log").read_text().splitlines()
                 if "leaving_broken_world" in line]
@@ -182,4 +184,5 @@ async def test_a_worker_of_either_group_killed_mid_stream_ends_the_world_step_fo
                 await asyncio.sleep(1.0)
             assert isinstance(out.terminal, Done), (g, out.terminal, restarted)
     finally:
+        await streams.stop()
         await nc.close()

@@ -366,30 +366,63 @@ def forward(
 ATTENTION_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm")
 
 
-def world_mlp(cfg: Config, w: dict[str, Any], h: jax.Array, layer: int, mesh: jax.sharding.Mesh) -> jax.Array:
+def world_mlp(cfg: Config, w: dict[str, Any], h: jax.Array, layer: int, mesh: jax.sharding.Mesh,
+              dest: jax.Array | None = None, sum_len: int = 0) -> jax.Array:
     """Layer ``layer``'s MLP over every group's tokens ``h [group, T, dim]`` (each group's
     rows on its devices), in the world scope.
 
     Every device gathers the tokens of all groups, applies the part of the MLP it holds (its
     slice of the dense hidden dimension, or of its groups' experts and of their hidden
-    dimension), and the partial sums are added over ``tensor`` and reduce-scattered over
-    ``data``, so each group gets back its own rows: DP attention's gather before the MLP and
-    scatter after (every group padded to the same token count, sgl-jax's MAX_LEN layout).
+    dimension), and the partial sums are added up, so each group gets back its own rows:
+    DP attention's gather before the MLP and scatter after. Two layouts (sgl-jax's):
+
+    * MAX_LEN (``sum_len`` 0): every group's ``T`` slots, padding included, side by side
+      (an all-gather over ``data``; after it, the sums over ``tensor`` and a reduce-scatter
+      over ``data``);
+    * SUM_LEN: only the real tokens, end to end in ``sum_len`` slots, token ``t`` of group
+      ``g`` at ``dest[g, t]`` (``sum_len`` for padding: dropped, and zero after), so the MLP
+      runs on ``sum_len`` rows instead of ``groups * T`` (each group adds its rows into the
+      buffer, one sum over ``data``; after it, the sums over the world, and each group takes
+      its rows back). Worth it when few groups have many tokens (``world_layout``).
     """
     names = [n for n in layer_names(cfg, layer) if n not in ATTENTION_NAMES and n != "mlp_norm"]
     held = cfg.n_experts // mesh.shape[DATA] if cfg.is_sparse(layer) else 0
 
-    def part(h_group: jax.Array, w_part: dict[str, Any]) -> jax.Array:
+    def max_len(h_group: jax.Array, w_part: dict[str, Any]) -> jax.Array:
         t = h_group.shape[1]
         every = jax.lax.all_gather(h_group.reshape(t, -1), DATA, tiled=True)  # [group * T, dim]
         out = mlp(cfg, w_part, every, layer, jax.lax.axis_index(DATA) * held)
         out = jax.lax.psum_scatter(jax.lax.psum(out, TENSOR), DATA, scatter_dimension=0, tiled=True)
         return out.reshape(h_group.shape)
 
+    def end_to_end(h_group: jax.Array, dest_group: jax.Array, w_part: dict[str, Any]) -> jax.Array:
+        t, d = h_group.shape[1], dest_group.reshape(-1)
+        mine = jnp.zeros((sum_len + 1, h_group.shape[-1]), h_group.dtype).at[d].set(h_group.reshape(t, -1))
+        every = jax.lax.psum(mine[:sum_len], DATA)  # [sum_len, dim]: every group's real tokens
+        out = jax.lax.psum(mlp(cfg, w_part, every, layer, jax.lax.axis_index(DATA) * held), (DATA, TENSOR))
+        out = jnp.concatenate([out, jnp.zeros_like(out[:1])])[d]  # this group's rows (padding: zeros)
+        return out.reshape(h_group.shape)
+
     w_specs = {n: spec(*LAYER_AXES[n], scope="world") for n in names}
     rows = spec("groups", scope="world")
-    return jax.shard_map(part, mesh=mesh, in_specs=(rows, w_specs), out_specs=rows, check_vma=False)(
-        h, {n: w[n] for n in names})
+    weights = {n: w[n] for n in names}
+    if sum_len:
+        return jax.shard_map(end_to_end, mesh=mesh, in_specs=(rows, rows, w_specs), out_specs=rows,
+                             check_vma=False)(h, dest, weights)
+    return jax.shard_map(max_len, mesh=mesh, in_specs=(rows, w_specs), out_specs=rows, check_vma=False)(h, weights)
+
+
+def end_to_end_slots(batch: StepBatch, max_seq_len: int, sum_len: int) -> jax.Array:
+    """Where each group's real tokens go in the SUM_LEN layout: ``[group, T]`` slots,
+    group after group in order, ``sum_len`` for padding: a padding prefill token (its
+    position is ``max_seq_len`` or more) or a padding decode row (its row's pages are the
+    trash page, 0, which no real row has). The caller makes ``sum_len`` hold every real
+    token."""
+    first_page = jnp.take_along_axis(batch.page_indices[..., 0], batch.rows, axis=1)  # [group, T]
+    real = (batch.positions < max_seq_len) & (first_page != 0)
+    n = real.sum(axis=1)
+    first = jnp.cumsum(n) - n
+    return jnp.where(real, first[:, None] + jnp.cumsum(real, axis=1) - 1, sum_len).astype(jnp.int32)
 
 
 def world_forward(
@@ -398,11 +431,13 @@ def world_forward(
     cache: list[tuple[jax.Array, jax.Array]],
     batch: StepBatch,
     mesh: jax.sharding.Mesh,
+    sum_len: int = 0,
 ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
     """One world step: every group's batch in one forward (``batch``'s arrays and the pools
     have a leading group axis on ``data``). Attention runs per group on the group's devices,
     exactly as ``forward`` runs it (each group its own loop bounds); the MLP runs over every
-    group's tokens (``world_mlp``). Logits ``[group, S, vocab]``.
+    group's tokens (``world_mlp``, in the SUM_LEN layout when ``sum_len`` is given: at least
+    the real tokens of all groups together). Logits ``[group, S, vocab]``.
     """
     rows = spec("groups", scope="world")
     weights_here = jax.P()  # attention weights: every group holds them (split over tensor)
@@ -416,10 +451,11 @@ def world_forward(
     per_group = jax.shard_map(attend, mesh=mesh, in_specs=(weights_here, rows, rows, rows), out_specs=(rows, rows),
                               axis_names={DATA}, check_vma=False)
     x = weights["embed"][batch.tokens].astype(jnp.float32)  # [group, T, dim]
+    dest = end_to_end_slots(batch, cfg.max_seq_len, sum_len) if sum_len else None
     new_cache = []
     for i, (w, pools) in enumerate(zip(weights["layers"], cache)):
         x, pools = per_group({n: w[n] for n in ATTENTION_NAMES if n in w}, x, pools, batch)
         new_cache.append(pools)
-        x = x + world_mlp(cfg, w, rms_norm(x, w["mlp_norm"], cfg.norm_eps), i, mesh)
+        x = x + world_mlp(cfg, w, rms_norm(x, w["mlp_norm"], cfg.norm_eps), i, mesh, dest, sum_len)
     x = jnp.take_along_axis(x, batch.sample[..., None], axis=1)  # [group, S, dim]
     return sampled_logits(cfg, weights, x), new_cache

@@ -71,9 +71,14 @@ def load_runner(s: WorkerSettings, log: Any, devices: list | None = None, world_
         weights = dummy_weights(cfg, s.seed)
     else:
         raise ValueError(f"load_format={s.load_format!r} needs --model-path; without one use 'dummy'")
-    runner = (WorldRunner if world_groups else ModelRunner)(cfg, mesh, num_pages=total_pages(s, cfg.max_seq_len), page_size=s.page_size,
-                         max_running_requests=s.max_running_requests, max_prefill_tokens=s.max_prefill_tokens,
-                         host_weights=weights, dtype=dtype)
+    sizes = dict(num_pages=total_pages(s, cfg.max_seq_len), page_size=s.page_size,
+                 max_running_requests=s.max_running_requests, max_prefill_tokens=s.max_prefill_tokens,
+                 host_weights=weights, dtype=dtype)
+    if world_groups:
+        layout = s.world_layout if s.world_layout != "auto" else "max_len" if platform == "cpu" else "per_step"
+        runner = WorldRunner(cfg, mesh, layout=layout, **sizes)
+    else:
+        runner = ModelRunner(cfg, mesh, **sizes)
     if s.warmup:
         seconds = runner.warmup(show.step("compiling", "warmup"))
         show.close()

@@ -6,8 +6,10 @@ whole world (``model.world_forward``). So every group takes part in every world 
 group with nothing to run feeds an empty batch (all padding, written to its trash page).
 
 All groups of one world step share one compiled shape: ``world_shape`` pads them to the
-largest group's sizes (the MAX_LEN layout), which every process computes alike from the
-sizes ``agree`` gathers. A process feeds only the groups whose devices it holds; the other
+largest group's sizes, and ``world_layout`` picks how the MLP sees every group's tokens
+(MAX_LEN: each group's padded slots side by side; SUM_LEN: the real tokens end to end,
+when they fit in one group's slots), which every process computes alike from the sizes
+``agree`` gathers. A process feeds only the groups whose devices it holds; the other
 groups' parts of an input are never asked of it (``model.global_array``'s callback covers
 its own devices only), and it reads back its own groups' tokens only.
 """
@@ -45,11 +47,12 @@ def make_world_mesh(groups: int, devices: Sequence[Any] | None = None) -> jax.sh
                          axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
-def _world_step_fn(cfg: Config, mesh, int_shapes, float_shapes, weights, cache, last_tokens, ints, floats):
-    """``_step_fn`` for every group at once: inputs ``[group, ...]``, tokens ``[group, rows]``."""
+def _world_step_fn(cfg: Config, mesh, int_shapes, float_shapes, sum_len, weights, cache, last_tokens, ints, floats):
+    """``_step_fn`` for every group at once: inputs ``[group, ...]``, tokens ``[group, rows]``
+    (``sum_len``: the SUM_LEN layout's length, 0 for MAX_LEN)."""
     unpack = functools.partial(_inputs, int_shapes, float_shapes)
     batch, sampling, keep_rows = jax.vmap(unpack)(ints, floats, last_tokens)
-    logits, cache = model.world_forward(cfg, weights, cache, batch, mesh)
+    logits, cache = model.world_forward(cfg, weights, cache, batch, mesh, sum_len)
     groups, rows = logits.shape[:2]
     # one batch of every group's rows: the all-greedy fast path holds when every row is greedy
     tokens = sample(logits.reshape(groups * rows, -1), *(a.reshape(groups * rows) for a in sampling))
@@ -65,16 +68,17 @@ class WorldRunner(ModelRunner):
 
     def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, *, num_pages: int, page_size: int,
                  max_running_requests: int, max_prefill_tokens: int, host_weights: dict[str, Any],
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", layout: str = "per_step") -> None:
         self.groups = mesh.shape[DATA]
+        self.layout = layout  # "per_step": SUM_LEN when it fits (``end_to_end_len``); "max_len": never
         cfg.check_world_size(self.groups, mesh.shape[TENSOR])
         self._layout(cfg, mesh, num_pages, page_size, max_running_requests, max_prefill_tokens, dtype)
         self.weights = model.place_weights(host_weights, cfg, mesh, dtype, scope="world")
         self.cache = model.new_cache(cfg, num_pages, page_size, mesh, dtype, scope="world")
         self._rows = NamedSharding(mesh, jax.P(DATA))  # one row of an input per group, on its devices
         cache_sh = [(model.cache_sharding(mesh, "world"),) * 2 for _ in range(cfg.n_layers)]
-        self._step = jax.jit(functools.partial(_world_step_fn, cfg, mesh), static_argnums=(0, 1),
-                             donate_argnums=(3, 4), out_shardings=(self._rows, self._rows, cache_sh, self._rows))
+        self._step = jax.jit(functools.partial(_world_step_fn, cfg, mesh), static_argnums=(0, 1, 2),
+                             donate_argnums=(4, 5), out_shardings=(self._rows, self._rows, cache_sh, self._rows))
         local = {d.id for d in jax.local_devices()}
         self.groups_here = [g for g in range(self.groups) if any(d.id in local for d in mesh.devices[g])]
         self.last_tokens = self._per_group({g: np.zeros(self.max_rows, np.int32) for g in self.groups_here},
@@ -92,6 +96,11 @@ class WorldRunner(ModelRunner):
         tokens): the largest of each, bucketed as one group's step would be."""
         return self._shape_for(max(s[0] for s in sizes), max(s[1] for s in sizes), max(s[2] for s in sizes))
 
+    def world_layout(self, shape: Shape, sizes: Sequence[tuple[int, int, int]]) -> int:
+        """The SUM_LEN layout's length for a world step of ``shape`` whose groups have
+        ``sizes``, or 0 for MAX_LEN (``--world-layout``)."""
+        return end_to_end_len(shape, sizes) if self.layout == "per_step" else 0
+
     @staticmethod
     def sizes(part: Part) -> tuple[int, int, int]:
         prefill, decode = part
@@ -103,17 +112,18 @@ class WorldRunner(ModelRunner):
         in its collectives."""
         self._check(*part)
 
-    def launch_world(self, parts: Mapping[int, Part], shape: Shape) -> dict[int, Launched]:
+    def launch_world(self, parts: Mapping[int, Part], shape: Shape, sum_len: int = 0) -> dict[int, Launched]:
         """Dispatch one world step, every group of this process running its part of
         ``parts`` (none: an empty batch; each part checked by ``check_part``), padded to
-        ``shape``: the launch of each."""
+        ``shape``, its MLP in the layout ``sum_len`` says (``world_layout``): the launch of
+        each."""
         ints, floats = {}, {}
         for g in self.groups_here:
             prefill, decode = parts.get(g, NOTHING)
             ints[g], int_shapes, floats[g], float_shapes = self._host_inputs(shape, prefill, decode)
         n_int, n_float = len(ints[self.groups_here[0]]), len(floats[self.groups_here[0]])
         tokens, _, self.cache, self.last_tokens = self._step(
-            int_shapes, float_shapes, self.weights, self.cache, self.last_tokens,
+            int_shapes, float_shapes, sum_len, self.weights, self.cache, self.last_tokens,
             self._per_group(ints, (n_int,), np.int32), self._per_group(floats, (n_float,), np.float32))
         mine = {s.index[0].start: s.data for s in tokens.addressable_shards}  # group -> [1, rows], on its device
         return {g: Launched(mine[g][0], shape.decode, [it.sample for it in parts.get(g, NOTHING)[0]],
@@ -121,19 +131,35 @@ class WorldRunner(ModelRunner):
 
     def step_world(self, parts: Mapping[int, Part]) -> dict[int, tuple[list[int], list[int]]]:
         """One world step of this process's groups and its tokens per group, in one process
-        that holds every group (tests, benchmarks): the shape from the parts themselves."""
+        that holds every group (tests, benchmarks): the shape and layout from the parts."""
         for part in parts.values():
             self.check_part(part)
-        shape = self.world_shape([self.sizes(parts.get(g, NOTHING)) for g in range(self.groups)])
-        return {g: launched.tokens() for g, launched in self.launch_world(parts, shape).items()}
+        sizes = [self.sizes(parts.get(g, NOTHING)) for g in range(self.groups)]
+        shape = self.world_shape(sizes)
+        launched = self.launch_world(parts, shape, self.world_layout(shape, sizes))
+        return {g: one.tokens() for g, one in launched.items()}
 
     def launch(self, prefill: Sequence[PrefillItem], decode: Sequence[DecodeItem]) -> Launched:
         raise TypeError("a world runs every group's step together: launch_world")
 
     def _warm(self, shape: Shape) -> None:
-        """Compile ``shape`` with every group's part empty (padding only, on the trash pages)."""
-        for launched in self.launch_world({}, shape).values():
-            launched.tokens()
+        """Compile ``shape``, in both layouts, with every group's part empty (padding only,
+        on the trash pages)."""
+        for sum_len in (0, shape.decode + shape.prefill) if self.layout == "per_step" else (0,):
+            for launched in self.launch_world({}, shape, sum_len).values():
+                launched.tokens()
+
+
+def end_to_end_len(shape: Shape, sizes: Sequence[tuple[int, int, int]]) -> int:
+    """SUM_LEN's length for a world step of ``shape`` whose groups have ``sizes`` (decode
+    rows, chunks, prefill tokens), or 0: MAX_LEN. sgl-jax lays the tokens end to end when
+    their sum is at most half the padded total (``sum * 2 <= max * groups``); here the
+    end-to-end buffer is one group's slots (``T``, so each shape compiles one twin, not a
+    shape per sum), taken whenever every group's real tokens fit in it: with two groups
+    the same rule, with more a stricter one. The MLP then runs on ``T`` rows, not
+    ``groups * T``."""
+    slots = shape.decode + shape.prefill
+    return slots if sum(d + t for d, _, t in sizes) <= slots else 0
 
 
 def agree(mesh: jax.sharding.Mesh, mine: Sequence[int], after: jax.Array | None = None) -> np.ndarray:
@@ -200,7 +226,7 @@ class WorldStepper:
         self.idle_s, self.idle_max_s, self.hot_steps = idle_s, idle_max_s, hot_steps
         self.waiting: tuple[Step, asyncio.Future] | None = None
         self.wake = asyncio.Event()
-        self.counts = {"world_steps": 0, "ran": 0, "sat_out": 0, "idle": 0}
+        self.counts = {"world_steps": 0, "ran": 0, "sat_out": 0, "idle": 0, "max_len": 0, "sum_len": 0}
         self.agree_ms = 0.0  # the agreements' time, waits for the step before included
         self.last: dict[str, Any] = {}  # the last world step run: each group's sizes, the shape
 
@@ -240,7 +266,10 @@ class WorldStepper:
                 continue
             pause, idle_streak = self.idle_s, 0
             shape = self.runner.world_shape(sizes)
-            self.last = {"sizes": sizes, "decode": shape.decode, "prefill": shape.prefill}
+            sum_len = self.runner.world_layout(shape, sizes)
+            self.counts["sum_len" if sum_len else "max_len"] += 1
+            self.last = {"sizes": sizes, "decode": shape.decode, "prefill": shape.prefill,
+                         "layout": "sum_len" if sum_len else "max_len"}
             parts: dict[int, Part] = {}
             failed: BaseException | None = None
             if runs[self.group] and waiting:
@@ -250,7 +279,7 @@ class WorldStepper:
                     self.runner.check_part(parts[self.group])
                 except ValueError as e:
                     parts, failed = {}, e
-            launched = await asyncio.to_thread(self.runner.launch_world, parts, shape)
+            launched = await asyncio.to_thread(self.runner.launch_world, parts, shape, sum_len)
             if waiting and runs[self.group] and not waiting[1].done():  # (done: cancelled)
                 if failed is not None:
                     waiting[1].set_exception(failed)
