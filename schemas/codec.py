@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from dpbus.schemas.errors import ErrorCode
-from dpbus.schemas.public import AbortRequest, GenerateRequest
+from dpbus.schemas.public import AbortRequest, Answer, GenerateRequest
 
 T = TypeVar("T")
 MAX_BODY_BYTES = 4 << 20
@@ -100,3 +100,17 @@ def decode_abort(body: bytes) -> tuple[AbortRequest, Encoding]:
 
 def encode_answer(msg: Any, enc: Encoding) -> bytes:
     return _json_enc.encode(msg) if enc is Encoding.JSON else _mp_enc.encode(msg)
+
+
+_json_answer = msgspec.json.Decoder(Answer)
+_mp_answer = msgspec.msgpack.Decoder(Answer)
+
+
+def decode_answer(data: bytes) -> Any:
+    """An answer (``accepted``, ``chunk``, ``done`` or ``error``) in either encoding."""
+    return _json_answer.decode(data) if data[:1] == b"{" else _mp_answer.decode(data)
+
+
+def recode_answer(data: bytes, enc: Encoding) -> bytes:
+    """An encoded answer in the encoding ``enc`` (the same bytes when it is in it already)."""
+    return data if sniff_encoding(data) is enc else encode_answer(decode_answer(data), enc)

@@ -21,18 +21,13 @@ from typing import Any, Callable
 import msgspec
 from nats.aio.client import Client
 
-from dpbus.schemas import Accepted, Answer, Chunk, Done, Error, Subjects
+from dpbus.schemas import Accepted, Chunk, Done, Error, Subjects
+from dpbus.schemas.codec import decode_answer
 from dpbus.services.bus import request_subjects, subscribe
 
-_json_answer = msgspec.json.Decoder(Answer)
-_mp_answer = msgspec.msgpack.Decoder(Answer)
 REPLY_TOKEN_BYTES = 16  # 128 random bits after the inbox prefix: a request's reply subject cannot be guessed
 RESENDS = 4  # with ack_timeout t: resent after t, 3t, 7t and 15t seconds of silence
 _NO_RESPONDERS = object()  # queued for a request when NATS says nobody serves the generate subject
-
-
-def decode_answer(data: bytes) -> Any:
-    return _json_answer.decode(data) if data[:1] == b"{" else _mp_answer.decode(data)
 
 
 class NoResponders(ConnectionError):

@@ -56,13 +56,14 @@ from dpbus.schemas.codec import Encoding
 HELD, ANSWERED, REFUSED, MOVED = "held", "answered", "refused", "moved"
 CORRUPT = "corrupt"  # a value that is no entry at all (not written by dpbus): taken over by the next claim
 KEEP_ANSWERED = 120.0  # seconds a settled name stays (duplicates are dropped until then)
+KEEP_ANSWER_BYTES = 1024  # a terminal answer up to this size is kept with its entry (a retry gets it again)
 # The bucket's limits: a safety net, never the protocol. An entry lives from its claim to
 # KEEP_ANSWERED after its answer, so at ~3k accepted requests/s (one stream leader's rate)
-# the bucket holds ~350k entries of ~250 bytes: 90 MB. Past MAX_BYTES a claim is refused
-# (the client gets ``overloaded``); MAX_AGE only drops what no sweep deleted (no ingest for
+# the bucket holds ~350k entries of ~250 bytes, ~400 with a kept terminal answer (140 MB).
+# Past MAX_BYTES a claim is refused (the client gets ``overloaded``); MAX_AGE only drops what no sweep deleted (no ingest for
 # hours), far beyond the longest request (65k tokens) and renewed leases. JetStream sets
 # MAX_BYTES aside in its store when the bucket is made (a deployment's server has 4 GB).
-MAX_BYTES = 128 << 20
+MAX_BYTES = 192 << 20
 MAX_AGE = 6 * 3600.0
 LEDGER_FULL = (10077, 10047, 10027)  # JetStream: maximum messages / bytes / storage exceeded
 CONFIG_DIFFERS = 10058  # JetStream: the stream exists with another configuration
@@ -82,6 +83,7 @@ class Entry(Struct, omit_defaults=True):
     encoding: Encoding = Encoding.JSON
     attempt: str = ""  # the admission it came from (a refused attempt's copies never run)
     to: int = -1  # the group a ``moved`` entry was offered to
+    answer: bytes = b""  # an ``answered`` entry: the terminal answer sent (when ``KEEP_ANSWER_BYTES`` at most)
 
 
 class Name(Struct, omit_defaults=True):

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from dpbus.services.ledger import (ANSWERED, CORRUPT, HELD, MOVED, REFUSED, REFUSED_BY_INGEST, Entry, Name, SweepView,
-                                   entry_key, lease_key, ledger_full, parse_key, request_key)
+from dpbus.services.ledger import (ANSWERED, CORRUPT, HELD, KEEP_ANSWER_BYTES, MOVED, REFUSED, REFUSED_BY_INGEST,
+                                   Entry, Name, SweepView, entry_key, lease_key, ledger_full, parse_key, request_key)
 
 Sleep = Callable[[float], Awaitable[None]]
 SETTLE_ATTEMPTS = 200  # x RETRY at most while the ledger is unreachable, then the lease is given up
@@ -129,9 +129,24 @@ async def rewrite(ledger, key: str, mine: Entry, rev: int, sleep: Sleep, attempt
     return None
 
 
-def answered_by(instance: int, group: int, rid: str, client: str) -> Entry:
-    """The entry that settles a request: ``instance`` (0 for ingest) sends its terminal."""
-    return Entry(ANSWERED, instance, group, rid, client)
+def answered_by(instance: int, group: int, rid: str, client: str, answer: bytes = b"") -> Entry:
+    """The entry that settles a request: ``instance`` (0 for ingest) sends its terminal,
+    ``answer`` (kept when small: a retry of the request gets it again, ``stored_answer``)."""
+    return Entry(ANSWERED, instance, group, rid, client, answer=answer if len(answer) <= KEEP_ANSWER_BYTES else b"")
+
+
+async def stored_answer(ledger, key: str, reply: str, client: str, rid: str) -> bytes | None:
+    """The terminal answer of the request named ``key`` for a retry of it sent to ``reply``
+    (a new send, not a copy): kept with its entry once answered, if it was small enough;
+    None when it is not answered yet (its answers go to the first reply subject), was sent
+    to ``reply`` already, or was not kept."""
+    named = await ledger.get_name(key)
+    if named is None or named[1] is None or named[1].reply == reply or named[1].group == REFUSED_BY_INGEST:
+        return None
+    got = await ledger.get(request_key(named[1].group, client, rid))
+    if got is None or got[1].state != ANSWERED or not got[1].answer:
+        return None
+    return got[1].answer
 
 
 def own_write_landed(got: tuple[int, Entry] | None, instance: int) -> bool:

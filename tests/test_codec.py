@@ -533,3 +533,15 @@ def test_fuzz_valid_requests_round_trip(text, ids, enc: Encoding) -> None:
     orig = GenerateRequest(text=text) if text is not None else GenerateRequest(input_ids=ids)
     req, got = decode_request(_encode(orig, enc))
     assert req == orig and got is enc
+
+
+def test_an_answer_kept_in_one_encoding_is_sent_again_in_the_retry_s():
+    from dpbus.schemas import Done, FinishReason
+    from dpbus.schemas.codec import decode_answer, encode_answer, recode_answer
+
+    done = Done(rid="r", dp_rank=1, finish_reason=FinishReason.LENGTH, prompt_tokens=3, completion_tokens=2,
+                token_ids=[5, 6], text="ab")
+    kept = encode_answer(done, Encoding.JSON)
+    assert recode_answer(kept, Encoding.JSON) is kept
+    again = recode_answer(kept, Encoding.MSGPACK)
+    assert sniff_encoding(again) is Encoding.MSGPACK and decode_answer(again) == done

@@ -15,7 +15,7 @@ import pytest
 
 from dpbus.schemas import AbortAck, Accepted, Chunk, Done, Error
 from tests.conftest import CLUSTER_SETTINGS, client_of
-from dpbus.services.client import decode_answer
+from dpbus.schemas.codec import decode_answer
 
 pytestmark = pytest.mark.e2e
 

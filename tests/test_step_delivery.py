@@ -21,7 +21,7 @@ from dpbus.schemas.internal import (
     StepReply, StepResult, Submit, SubmitAck, client_of, pack, token_digest,
 )
 from dpbus.services import bus, logs
-from dpbus.services.client import decode_answer
+from dpbus.schemas.codec import decode_answer
 from dpbus.services.publisher.service import Publisher
 from dpbus.services.publisher.stepper import Stepper
 from dpbus.services.settings import PublisherSettings, WorkerSettings

@@ -23,7 +23,7 @@ import nats.errors
 import nats.micro
 
 from dpbus.schemas import AbortAck, DecodeError, Encoding, Error, ErrorCode, Subjects, decode_abort, decode_request
-from dpbus.schemas.codec import encode_answer, sniff_encoding
+from dpbus.schemas.codec import encode_answer, recode_answer, sniff_encoding
 from dpbus.schemas.internal import GroupAbort, LoadReport, Submit, SubmitAck, pack, unpacker
 from dpbus.schemas.subjects import INGEST_QUEUE
 from dpbus.services import bus, identity, ownership
@@ -269,9 +269,26 @@ class Ingest:
         if how == ownership.DUPLICATE:  # a copy: the first one's reply subject gets the answer
             self.errors["duplicate_request"] += 1
             self.handed(h)
+            if not sub.resend:  # a retry, not a copy: its client may have lost the answer
+                await self.answer_again(sub)
             return
         h.name_rev = rev
         await self.hand(h)
+
+    async def answer_again(self, sub: Submit) -> None:
+        """A retry (sent anew, to another reply subject) of a request answered already gets
+        that terminal answer again, when it was kept with its ledger entry (in the retry's
+        encoding); a request still running, or whose answer was not kept, answers its first
+        reply subject only."""
+        try:
+            answer = await ownership.stored_answer(self.ledger, name_key(sub.client, sub.rid), sub.reply, sub.client,
+                                                   sub.rid)
+        except Exception as e:  # noqa: BLE001 - the retry hears nothing more than before
+            self.log.warning("answer_not_read_again", rid=sub.rid, error=repr(e))
+            return
+        if answer is not None:
+            self.errors["answered_again"] += 1
+            await self.outbox.send(sub.reply, recode_answer(answer, sub.encoding), terminal=True)
 
     async def hand(self, h: "Handover") -> None:
         """Offer a named request to its first group."""

@@ -71,8 +71,8 @@ class Answering:
         data = encode_answer(msg, d.encoding)
         sent = await self.outbox.publish_now(d.reply, data, still=lambda: self.resend(seq))
         key = request_key(self.g, seq.client, seq.rid)
-        await self.settle_answer(seq, key, ownership.answered_by(self.instance, self.g, seq.rid, seq.client), data,
-                                 sent, count)
+        await self.settle_answer(seq, key, ownership.answered_by(self.instance, self.g, seq.rid, seq.client, data),
+                                 data, sent, count)
 
     async def settle_answer(self, seq: Sequence, key: str, done: Any, data: bytes, sent: bool, count: str) -> None:
         """Win ``seq``'s entry for ``done``. An answer ``sent`` already is settled whatever
