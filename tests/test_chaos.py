@@ -276,6 +276,54 @@ async def test_chaos(own_nats, tmp_path):
     assert back
 
 
+async def test_chaos_in_a_world(own_nats, tmp_path):
+    """The chaos table for ``--mlp-scope world`` (two groups, one JAX job): a worker of
+    group 1 killed (the world breaks: every group's running requests end with one terminal
+    answer, new ones are refused ``unavailable`` until the world, restarted as one as
+    `dpbus up` does, is whole again), then group 0's publisher killed and restarted (its
+    own group's requests only; the world steps on)."""
+    cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=2, nnodes=2, local_devices=1,
+                                      extra={**SETTINGS, "DPBUS_MLP_SCOPE": "world"})
+    restarted: list[str] = []
+    timings: dict[str, float] = {}
+    try:
+        nc = await connect(own_nats)
+        load = Load(nc, server=own_nats)
+        running = asyncio.create_task(load.run(150, every=0.1, timeout=90))
+        proc = {p.name: p for p in cluster.procs}
+
+        await asyncio.sleep(3)  # 1. a worker of group 1 killed: the whole world restarts
+        t0 = time.monotonic()
+        proc["worker-1"].popen.kill()
+        await asyncio.to_thread(proc["worker-1"].popen.wait, 10)
+        assert await asyncio.to_thread(proc["worker-0"].popen.wait, 30) == 70  # it left the broken world
+        for _ in range(60):
+            restarted += cluster.supervise(min_interval=0)
+            if any("worker-0" in line and "worker-1" in line for line in restarted):
+                break
+            await asyncio.sleep(0.5)
+        assert await serving(nc, 90)
+        timings["world_serving_again_s"] = round(time.monotonic() - t0, 1)
+        proc = {p.name: p for p in cluster.procs}
+
+        proc["publisher-0"].popen.kill()  # 2. a publisher killed and restarted
+        await asyncio.to_thread(proc["publisher-0"].popen.wait, 10)
+        await asyncio.sleep(1)
+        cluster.restart("publisher-0")
+        await running
+        back = await serving(nc, 90)
+        await nc.close()
+    finally:
+        cluster.stop()
+    report = await load.report(own_nats)
+    print(f"chaos in a world: {report} {timings}; {restarted}")
+    assert_nothing_lost(report)
+    outcomes = {k for k, v in report.items() if isinstance(v, int) and v and k not in ("sent", "resent")}
+    assert outcomes <= {"done", "worker_lost", "unavailable", "publisher_lost"}, report
+    assert report.get("worker_lost", 0) >= 1 and report.get("done", 0) >= 10, report
+    assert back
+
+
 async def killed_mid_load(server: NatsServer, log_dir, victims: list[str], after: float,
                           restart: bool) -> tuple[Load, dict, bool]:
     """Two ingests, two groups; 80 requests at 20/s; ``victims`` SIGKILLed together
