@@ -208,6 +208,14 @@ async def connect(server: NatsServer):
     return await server.connect("client", reconnect_time_wait=0.3, max_reconnect_attempts=-1)
 
 
+async def killed_and_restarted(cluster, proc) -> None:
+    """SIGKILL one service, and a second later start it again (as `dpbus up` would)."""
+    proc.popen.kill()
+    await asyncio.to_thread(proc.popen.wait, 10)
+    await asyncio.sleep(1)
+    cluster.restart(proc.name)
+
+
 async def test_a_nats_server_restart_loses_no_accepted_request(own_nats, tmp_path):
     cluster = await asyncio.to_thread(start_cluster, own_nats, tmp_path, dp_size=2, nnodes=2, local_devices=1,
                                       extra=dict(SETTINGS))
@@ -247,10 +255,7 @@ async def test_chaos(own_nats, tmp_path):
         await asyncio.sleep(8)
         proc = {p.name: p for p in cluster.procs}
 
-        proc["publisher-0"].popen.kill()  # 2. a publisher killed and restarted
-        await asyncio.to_thread(proc["publisher-0"].popen.wait, 10)
-        await asyncio.sleep(1)
-        cluster.restart("publisher-0")
+        await killed_and_restarted(cluster, proc["publisher-0"])  # 2. a publisher killed and restarted
         await asyncio.sleep(6)
         proc = {p.name: p for p in cluster.procs}
 
@@ -306,10 +311,7 @@ async def test_chaos_in_a_world(own_nats, tmp_path):
         timings["world_serving_again_s"] = round(time.monotonic() - t0, 1)
         proc = {p.name: p for p in cluster.procs}
 
-        proc["publisher-0"].popen.kill()  # 2. a publisher killed and restarted
-        await asyncio.to_thread(proc["publisher-0"].popen.wait, 10)
-        await asyncio.sleep(1)
-        cluster.restart("publisher-0")
+        await killed_and_restarted(cluster, proc["publisher-0"])  # 2. a publisher killed and restarted
         await running
         back = await serving(nc, 90)
         await nc.close()

@@ -287,24 +287,31 @@ async def test_a_retry_of_a_request_refused_for_want_of_an_acknowledgement_is_an
     assert entry.state == "refused" and entry.attempt == submits[-1].attempt
 
 
+async def group_refusing_its_first_offer(nc, code: str, why: str) -> list[str]:
+    """Group 0, played here: its first submit refused with ``code``, every later one
+    taken and answered ``done`` at once. The rids offered to it, as they come."""
+    offers: list[str] = []
+
+    async def on_submit(msg):
+        sub = msgspec.msgpack.decode(msg.data, type=Submit)
+        offers.append(sub.rid)
+        if len(offers) == 1:
+            await msg.respond(pack(SubmitAck(False, code, why)))
+            return
+        await msg.respond(pack(SubmitAck(True, instance=5)))
+        await nc.publish(sub.reply, msgspec.json.encode(Done(sub.rid, 0, "length", 3, 0)))
+
+    await nc.subscribe(SUBJ.submit(0), cb=on_submit)
+    return offers
+
+
 async def test_a_retry_after_overloaded_on_the_same_inbox_is_a_new_attempt(nats_server):
     """The same bytes on the same reply subject were dropped for 120 s as a redelivered
     copy: a client retrying after ``overloaded`` heard nothing more."""
     run, nc = Running(), await nats_server.connect("admin")
     front = ingest(nats_server, dp_size=1)
     run.start(front)
-    offers = []
-
-    async def full_then_free(msg):
-        sub = msgspec.msgpack.decode(msg.data, type=Submit)
-        offers.append(sub.rid)
-        if len(offers) == 1:
-            await msg.respond(pack(SubmitAck(False, "overloaded", "group 0 has 9 requests waiting")))
-            return
-        await msg.respond(pack(SubmitAck(True, instance=5)))
-        await nc.publish(sub.reply, msgspec.json.encode(Done(sub.rid, 0, "length", 3, 0)))
-
-    await nc.subscribe(SUBJ.submit(0), cb=full_then_free)
+    offers = await group_refusing_its_first_offer(nc, "overloaded", "group 0 has 9 requests waiting")
     inbox, answers = await answers_on(nc)
     await until(front.listening.is_set, 5)
     for _ in range(2):
@@ -325,18 +332,7 @@ async def test_a_copy_crossing_a_refusal_is_dropped_and_a_new_send_runs(nats_ser
     run, nc = Running(), await nats_server.connect("admin")
     front = ingest(nats_server, dp_size=1)
     run.start(front)
-    offers = []
-
-    async def refuse_then_take(msg):
-        sub = msgspec.msgpack.decode(msg.data, type=Submit)
-        offers.append(sub.rid)
-        if len(offers) == 1:
-            await msg.respond(pack(SubmitAck(False, "unavailable", "group 0 is not whole")))
-            return
-        await msg.respond(pack(SubmitAck(True, instance=5)))
-        await nc.publish(sub.reply, msgspec.json.encode(Done(sub.rid, 0, "length", 3, 0)))
-
-    await nc.subscribe(SUBJ.submit(0), cb=refuse_then_take)
+    offers = await group_refusing_its_first_offer(nc, "unavailable", "group 0 is not whole")
     inbox, answers = await answers_on(nc)
     await until(front.listening.is_set, 5)
     await request(nc, inbox, "crossing")
