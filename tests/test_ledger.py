@@ -12,7 +12,7 @@ import nats.errors
 import pytest
 
 from dpbus.schemas import AbortAck, Done, Error, Subjects
-from dpbus.schemas.internal import GroupAbort, Heartbeat, Step, Submit, SubmitAck, pack
+from dpbus.schemas.internal import GroupAbort, Heartbeat, LoadReport, Step, Submit, SubmitAck, pack
 from dpbus.services import bus, logs, ownership
 from dpbus.services.ingest.service import Ingest
 from dpbus.services.ledger import (
@@ -347,6 +347,34 @@ async def test_a_copy_crossing_a_refusal_is_dropped_and_a_new_send_runs(nats_ser
     assert dropped == (1, 1), dropped
     assert [type(a).__name__ for a in answers.got] == ["Error", "Done"], answers.got
     assert answers.got[0].code.value == "unavailable" and offers == ["crossing", "crossing"]
+
+
+async def test_a_copy_crossing_a_refusal_made_before_any_name_is_dropped(nats_server):
+    """A refusal ingest makes before naming the request (here: no group is ready) left
+    nothing in the ledger, so a copy that crossed it (answers held after a reconnection
+    arrive late) ran once a group was back: the client had the error, then a whole run.
+    Ingest remembers what it refused: the copy is dropped; a request sent anew runs."""
+    run, nc = Running(), await nats_server.connect("admin")
+    front = ingest(nats_server, dp_size=1)
+    run.start(front)
+    inbox, answers = await answers_on(nc)
+    await until(front.listening.is_set, 5)
+    front.router.on_load(LoadReport(0, 1, time.time(), False, 0, 0, 16, 0))  # group 0 says: not ready
+    await request(nc, inbox, "early")  # `unavailable` at once, before any name is recorded
+    await until(lambda: len(answers.terminals()) == 1, 3)
+    offers = await group_refusing_its_first_offer(nc, "unavailable", "unused")
+    offers.append("(the first is refused: taken from here on)")
+    front.router.on_load(LoadReport(0, 2, time.time(), True, 0, 0, 16, 0))  # ... and ready again
+    await request(nc, inbox, "early", resend=1)  # the copy, arriving once group 0 is back
+    await until(lambda: front.errors["copy_of_refused"] == 1, 3)
+    dropped = (len(offers), len(answers.got))
+    await request(nc, inbox, "early")  # sent anew after the answer: runs
+    await until(lambda: len(answers.terminals()) == 2, 3)
+    await run.close()
+    await nc.close()
+    assert dropped == (1, 1), dropped
+    assert [type(a).__name__ for a in answers.got] == ["Error", "Done"], answers.got
+    assert answers.got[0].code.value == "unavailable"
 
 
 async def test_copies_and_retries_through_other_ingests_and_groups_run_once(nats_server):

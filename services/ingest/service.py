@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Awaitable
 
 import nats.errors
@@ -30,8 +30,8 @@ from dpbus.services import bus, identity, ownership
 from dpbus.services import version as package_version
 from dpbus.services.lifecycle import unless_stopped
 from dpbus.services.errors import Rejected
-from dpbus.services.ledger import (CREATE_ONLY, MOVED, NAME_GRACE, Entry, Ledger, SweepView, created_revision,
-                                   encode, ledger_full, name_key, request_key)
+from dpbus.services.ledger import (CREATE_ONLY, KEEP_ANSWERED, MOVED, NAME_GRACE, Entry, Ledger, SweepView,
+                                   created_revision, encode, ledger_full, name_key, request_key)
 from dpbus.services.ingest.router import DEFAULT_PREFIX_TOKENS, Router
 from dpbus.services.model_config import model_config_for
 from dpbus.services.settings import IngestSettings
@@ -83,6 +83,25 @@ class Handover:
         return self.waiter
 
 
+class RecentRefusals:
+    """(reply subject, rid) of the requests this ingest answered with an error, for
+    ``KEEP_ANSWERED`` seconds and ``limit`` entries at most (the oldest go first)."""
+
+    def __init__(self, keep: float = KEEP_ANSWERED, limit: int = 65536) -> None:
+        self.keep, self.limit = keep, limit
+        self.at: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def add(self, reply: str, rid: str, now: float) -> None:
+        self.at[(reply, rid)] = now
+        self.at.move_to_end((reply, rid))
+        while len(self.at) > self.limit or (self.at and now - next(iter(self.at.values())) > self.keep):
+            self.at.popitem(last=False)
+
+    def has(self, reply: str, rid: str, now: float) -> bool:
+        when = self.at.get((reply, rid))
+        return when is not None and now - when <= self.keep
+
+
 class Ingest:
     def __init__(self, settings: IngestSettings, log: Any, auth: bus.NatsAuth | None = None) -> None:
         self.s = settings
@@ -106,6 +125,7 @@ class Ingest:
         self.client_handing: dict[str, int] = {}  # client -> how many of handing are its
         self.token_rate = TokenBuckets()  # client -> its tokens per second (client_tokens_per_s)
         self.orphaned = 0
+        self.refused = RecentRefusals()  # refusals ingest answered itself: a copy crossing one is not run
         self.view = SweepView(fallback_ttl=settings.publisher_timeout)
         self.instance = secrets.randbits(62) | 1  # names this ingest in the entries it settles
         self.unsure: dict[str, tuple[Entry, Entry]] = {}  # key -> (our unanswered settling write, the entry)
@@ -178,6 +198,8 @@ class Ingest:
                            retry_after_ms: int | None = None) -> None:
         self.errors[code.value] += 1
         self.log_refusal(code.value, message, rid)
+        if rid:
+            self.refused.add(reply, rid, time.monotonic())
         if reply:
             await self.outbox.send(reply, encode_answer(Error(code, message, rid=rid, retry_after_ms=retry_after_ms),
                                                         enc), terminal=True)
@@ -213,6 +235,12 @@ class Ingest:
             return
         if sub.key in self.handing:  # a copy of a request being handed over right now
             self.errors["duplicate_delivery"] += 1
+            return
+        if sub.resend and self.refused.has(reply, sub.rid, time.monotonic()):
+            # a copy (the retry rule) of a request refused here before it was named (no group
+            # available, over its share, ...): that refusal went to this reply subject, and
+            # the copy may have crossed it on its way back (held answers after a reconnect)
+            self.errors["copy_of_refused"] += 1
             return
         if len(self.handing) >= self.s.max_inflight:
             await self.answer_error(reply, sub.encoding, ErrorCode.OVERLOADED,
