@@ -233,6 +233,15 @@ def test_a_world_runner_gives_every_group_the_tokens_of_its_own_runner(moe_world
     assert sat_out == 1  # group 0, mid-script, while group 1 decoded
 
 
+def test_a_full_decode_batch_in_one_group_and_a_chunk_in_another_share_a_world_step(moe_world):
+    """Each group's part fits its rows, the largest of each size together did not: the
+    world's shape raised, the world loop broke and every worker left the world (the chaos
+    test in a world found it: 16 decode rows in one group, a chunk in the other)."""
+    world, _ = moe_world
+    shape = world.world_shape([(ROWS, 0, 0), (0, 1, 10)])
+    assert shape.decode == ROWS and shape.prefill >= 10 and shape.prefill_rows >= 1
+
+
 def test_agree_gathers_what_every_device_of_the_world_says():
     from dpbus.services.worker.world import agree, make_world_mesh
 

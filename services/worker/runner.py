@@ -172,6 +172,11 @@ class ModelRunner:
     def _shape_for(self, n_decode: int, n_chunks: int, n_tokens: int) -> Shape:
         if n_decode + n_chunks > self.max_rows:
             raise ValueError(f"{n_decode} decode rows and {n_chunks} chunks: more than {self.max_rows} rows")
+        return self._shape_fitting(n_decode, n_chunks, n_tokens)
+
+    def _shape_fitting(self, n_decode: int, n_chunks: int, n_tokens: int) -> Shape:
+        """The compiled shape that holds ``n_decode`` decode rows, ``n_chunks`` chunks and
+        ``n_tokens`` prefill tokens (a step with chunks has every decode slot)."""
         if not n_chunks:
             return self._shape(self._bucket(self.decode_sizes, max(n_decode, 1), "a decode batch"), 0)
         return self._shape(self.decode_sizes[-1], self._bucket(self.prefill_sizes, n_tokens, "a step's prefill"))

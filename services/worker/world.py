@@ -93,8 +93,11 @@ class WorldRunner(ModelRunner):
 
     def world_shape(self, sizes: Sequence[tuple[int, int, int]]) -> Shape:
         """The one shape of a world step from every group's (decode rows, chunks, prefill
-        tokens): the largest of each, bucketed as one group's step would be."""
-        return self._shape_for(max(s[0] for s in sizes), max(s[1] for s in sizes), max(s[2] for s in sizes))
+        tokens): the largest of each, bucketed as one group's step would be. Each group's
+        step fits its rows (checked before: ``check_part``); the largest decode batch of one
+        group and another's chunks together need not (a prefill shape has every decode slot
+        anyway)."""
+        return self._shape_fitting(max(s[0] for s in sizes), max(s[1] for s in sizes), max(s[2] for s in sizes))
 
     def world_layout(self, shape: Shape, sizes: Sequence[tuple[int, int, int]]) -> int:
         """The SUM_LEN layout's length for a world step of ``shape`` whose groups have
