@@ -409,6 +409,34 @@ async def test_copies_and_retries_through_other_ingests_and_groups_run_once(nats
     assert sum(f.errors["duplicate_request"] for f in fronts) == 5, ([f.errors for f in fronts], [p.counts for p in pubs])
 
 
+async def test_another_client_retrying_a_rid_never_gets_the_answer_kept_for_it(nats_server):
+    """The kept answer goes only to a retry from the client that sent the request (the
+    name is (client, rid), the client vouched for by its inbox): another user sending the
+    same rid runs a request of its own, and the first client's inbox hears nothing more."""
+    run, nc = Running(), await nats_server.connect("admin")
+    owner, other = await nats_server.connect("client"), await nats_server.connect("gateway")
+    front, pubs = ingest(nats_server), [publisher(nats_server, 0), publisher(nats_server, 1)]
+    for service in (front, *pubs):
+        run.start(service)
+    await fake_workers(nc, [0, 1], run.stop)
+    await until(lambda: all(p.ready() for p in pubs) and front.listening.is_set()
+                and not any(front.router.unavailable_reason(g) for g in (0, 1)), 5)
+    inbox, answers = await answers_on(owner)
+    other_inbox, theirs = await answers_on(other)
+    await request(owner, inbox, "mine")
+    await until(lambda: len(answers.terminals()) == 1, 5)
+    await request(other, other_inbox, "mine")  # the same rid, from another user's inbox
+    await until(lambda: len(theirs.terminals()) == 1, 5)
+    await asyncio.sleep(0.5)  # anything more for the owner would come by now
+    await run.close()
+    for conn in (nc, owner, other):
+        await conn.close()
+    answers.check_one_terminal_last()
+    theirs.check_one_terminal_last()
+    assert sum(p.counts["accepted"] for p in pubs) == 2, [p.counts for p in pubs]
+    assert front.errors["answered_again"] == 0 and front.errors["duplicate_request"] == 0, front.errors
+
+
 async def test_a_moved_request_whose_second_publisher_goes_silent_is_answered_once(nats_server):
     """A request moved to another group lost ingest's tracking: when the second
     publisher died, nobody answered. Now its holder is in the ledger; when that holder's
